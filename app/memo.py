@@ -1,0 +1,195 @@
+"""The memo cache: node outputs by content key, bounded in bytes, GPU entries under a budget.
+
+Entries are kept in least-recently-used order across all workflows, so switching between
+workflows keeps both sets of results while they fit. Sizes are measured by tensor storage
+(each storage counted once, however many views share it). When accelerator bytes exceed
+the VRAM budget, the coldest accelerator entries are moved to CPU first; when the total
+exceeds the byte budget, the coldest entries are dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+import torch
+
+
+def measure(value: Any) -> dict[str, int]:
+    """Bytes held by ``value`` per device type ("cpu", "cuda", ...), storages counted once."""
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add_tensor(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr() or id(storage)
+        if key in seen:
+            return
+        seen.add(key)
+        device = tensor.device.type
+        totals[device] = totals.get(device, 0) + storage.nbytes()
+
+    def walk(item: Any, depth: int) -> None:
+        if depth > 8 or id(item) in seen:
+            return
+        if isinstance(item, torch.Tensor):
+            add_tensor(item)
+            return
+        seen.add(id(item))
+        if isinstance(item, torch.nn.Module):
+            for tensor in item.state_dict(keep_vars=True).values():
+                add_tensor(tensor)
+            return
+        custom = getattr(item, "cache_nbytes", None)
+        if callable(custom):
+            for device, count in custom().items():
+                totals[device] = totals.get(device, 0) + count
+            return
+        if isinstance(item, (list, tuple, set, frozenset)):
+            for child in item:
+                walk(child, depth + 1)
+        elif isinstance(item, dict):
+            for child in item.values():
+                walk(child, depth + 1)
+        elif is_dataclass(item) and not isinstance(item, type):
+            for f in fields(item):
+                walk(getattr(item, f.name), depth + 1)
+        else:
+            totals["cpu"] = totals.get("cpu", 0) + sys.getsizeof(item)
+
+    walk(value, 0)
+    return totals
+
+
+def move_to_cpu(value: Any) -> Any:
+    """A copy of ``value`` with its accelerator tensors on CPU (modules are moved in place;
+    objects may define ``offload()`` to do it themselves)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, torch.nn.Module):
+        return value.to("cpu")
+    offload = getattr(value, "offload", None)
+    if callable(offload):
+        offload()
+        return value
+    if isinstance(value, tuple):
+        return tuple(move_to_cpu(v) for v in value)
+    if isinstance(value, list):
+        return [move_to_cpu(v) for v in value]
+    if isinstance(value, dict):
+        return {k: move_to_cpu(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        try:
+            return replace(value, **{f.name: move_to_cpu(getattr(value, f.name)) for f in fields(value) if f.init})
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+@dataclass
+class Entry:
+    outputs: tuple
+    ui: dict | None
+    sizes: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(n for device, n in self.sizes.items() if device != "cpu")
+
+
+class MemoCache:
+    """LRU of node outputs, bounded by ``max_bytes`` in all and ``max_device_bytes`` on accelerators."""
+
+    def __init__(self, max_bytes: int = 8 << 30, max_device_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self.max_device_bytes = max_device_bytes if max_device_bytes is not None else default_vram_budget()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._lock = threading.RLock()
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "spills": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(e.device_bytes for e in self._entries.values())
+
+    def get(self, key: str) -> Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats["misses"] += 1
+                return None
+            self._entries.move_to_end(key)
+            self.stats["hits"] += 1
+            return entry
+
+    def put(self, key: str, outputs: tuple, ui: dict | None = None) -> bool:
+        """Store outputs; returns False when the entry alone exceeds the byte budget."""
+        entry = Entry(outputs, ui, measure(outputs))
+        with self._lock:
+            if entry.nbytes > self.max_bytes:
+                return False
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            self._enforce(protect=key)
+            return True
+
+    def _enforce(self, protect: str | None = None) -> None:
+        if self.device_bytes > self.max_device_bytes:
+            for key in list(self._entries):
+                if self.device_bytes <= self.max_device_bytes:
+                    break
+                if key != protect and self._entries[key].device_bytes:
+                    self._spill(key)
+        total = self.nbytes
+        for key in list(self._entries):
+            if total <= self.max_bytes:
+                break
+            if key == protect:
+                continue
+            total -= self._entries.pop(key).nbytes
+            self.stats["evictions"] += 1
+
+    def _spill(self, key: str) -> None:
+        entry = self._entries[key]
+        outputs = move_to_cpu(entry.outputs)
+        self._entries[key] = Entry(outputs, entry.ui, measure(outputs))
+        self.stats["spills"] += 1
+
+    def spill_all(self) -> None:
+        """Move every accelerator entry to CPU (used to recover from out-of-memory)."""
+        with self._lock:
+            for key in list(self._entries):
+                if self._entries[key].device_bytes:
+                    self._spill(key)
+            self._enforce()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def summary(self) -> dict:
+        return {"entries": len(self), "bytes": self.nbytes, "device_bytes": self.device_bytes,
+                "max_bytes": self.max_bytes, "max_device_bytes": self.max_device_bytes, **self.stats}
+
+
+def default_vram_budget() -> int:
+    """80% of the first GPU's memory; 0 without one (nothing to budget)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory * 0.8)
+    return 0

@@ -1,0 +1,1 @@
+"""The built-in node library: every module here is scanned for @node functions."""
