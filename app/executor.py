@@ -125,8 +125,8 @@ class Engine:
         device: str | torch.device | None = None,
         output_dir: str | Path | None = None,
     ):
-        self.registry = registry or default_registry()
-        self.cache = cache or MemoCache()
+        self.registry = registry if registry is not None else default_registry()
+        self.cache = cache if cache is not None else MemoCache()  # an empty cache is falsy
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []
@@ -155,13 +155,13 @@ class Engine:
         return emit
 
     # -- validation and planning ---------------------------------------------------------
-    def validate(self, workflow: Workflow, targets: list[str] | None = None) -> list[Problem]:
-        return validate(workflow, self.registry, targets)
+    def validate(self, workflow: Workflow, targets: list[str] | None = None, graph=None) -> list[Problem]:
+        return validate(workflow, self.registry, targets, graph)
 
-    def plan(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[list[str], list[str]]:
+    def plan(self, workflow: Workflow, targets: list[str] | None = None, graph=None) -> tuple[list[str], list[str]]:
         """(targets, execution order) for a valid workflow."""
         targets = list(targets) if targets is not None else output_nodes(workflow, self.registry)
-        graph = build_graph(workflow)
+        graph = graph if graph is not None else build_graph(workflow)
         needed = upstream_closure(graph, targets)
         order = [n for n in _topological(graph, needed)]
         return targets, order
@@ -186,7 +186,8 @@ class Engine:
         """
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
-        problems = errors(self.validate(workflow, targets))
+        graph = build_graph(workflow)
+        problems = errors(self.validate(workflow, targets, graph))
         if problems:
             raise WorkflowError(problems)
         result = RunResult(run_id or uuid.uuid4().hex[:12])
@@ -197,7 +198,7 @@ class Engine:
         document = workflow.to_dict()
         started = time.perf_counter()
         with self._run_lock:
-            targets, order = self.plan(workflow, targets)
+            targets, order = self.plan(workflow, targets, graph)
             emit({"type": "run_started", "run_id": result.run_id, "nodes": order, "targets": targets})
             values: dict[str, tuple] = {}
             keys: dict[str, str] = {}

@@ -173,7 +173,8 @@ def migrate(document: Any) -> dict:
         raise WorkflowError(
             [Problem(f"version {version} is newer than this ditgraph understands ({VERSION}); upgrade ditgraph", kind="format")]
         )
-    document = copy.deepcopy(document)
+    if version < VERSION:
+        document = copy.deepcopy(document)  # migrations may edit in place; never touch the caller's dict
     while document["version"] < VERSION:
         document = MIGRATIONS[document["version"]](document)
     return document
@@ -291,8 +292,9 @@ def _check_file(kind: str, value: Any) -> str | None:
 def _check_bypass(node_id: str, inst: NodeInstance, nd: NodeDef) -> list[Problem]:
     problems = []
     for out in nd.outputs:
-        if not any(accepts(out.type, decl.type) for decl in nd.inputs.values() if not decl.is_widget):
-            problems.append(Problem(f"cannot bypass: no input can pass through output {out.name!r} ({out.type})", node_id, kind="bypass"))
+        linked = [decl for name, decl in nd.inputs.items() if isinstance(inst.inputs.get(name), Link)]
+        if not any(accepts(out.type, decl.type) for decl in linked):
+            problems.append(Problem(f"cannot bypass: no linked input can pass through output {out.name!r} ({out.type})", node_id, kind="bypass"))
     return problems
 
 
@@ -319,7 +321,9 @@ def upstream_closure(graph: nx.DiGraph, targets: list[str]) -> set[str]:
     return seen
 
 
-def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Problem]:
+def validate(
+    workflow: Workflow, registry: Registry, targets: list[str] | None = None, graph: nx.DiGraph | None = None
+) -> list[Problem]:
     """Every problem of ``workflow`` at once (errors and warnings); an empty list means runnable."""
     problems: list[Problem] = []
     for node_id, inst in workflow.nodes.items():
@@ -330,7 +334,7 @@ def validate(workflow: Workflow, registry: Registry, targets: list[str] | None =
         problems.extend(_check_inputs(node_id, inst, nd, workflow, registry))
         if inst.bypass:
             problems.extend(_check_bypass(node_id, inst, nd))
-    graph = build_graph(workflow)
+    graph = graph if graph is not None else build_graph(workflow)
     cycles = [] if nx.is_directed_acyclic_graph(graph) else list(itertools.islice(nx.simple_cycles(graph), 10))
     for cycle in cycles:
         path = " -> ".join(cycle + [cycle[0]])

@@ -112,6 +112,9 @@ class MemoCache:
         self.max_device_bytes = max_device_bytes if max_device_bytes is not None else default_vram_budget()
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
+        # running totals, so a put costs O(1) rather than a pass over every entry
+        self.nbytes = 0
+        self.device_bytes = 0
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "spills": 0}
 
     def __len__(self) -> int:
@@ -120,13 +123,19 @@ class MemoCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+    def _store(self, key: str, entry: Entry) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            self.nbytes -= old.nbytes
+            self.device_bytes -= old.device_bytes
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        self.device_bytes += entry.device_bytes
 
-    @property
-    def device_bytes(self) -> int:
-        return sum(e.device_bytes for e in self._entries.values())
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        self.device_bytes -= entry.device_bytes
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
@@ -144,31 +153,31 @@ class MemoCache:
         with self._lock:
             if entry.nbytes > self.max_bytes:
                 return False
-            self._entries[key] = entry
+            self._store(key, entry)
             self._entries.move_to_end(key)
             self._enforce(protect=key)
             return True
 
     def _enforce(self, protect: str | None = None) -> None:
         if self.device_bytes > self.max_device_bytes:
-            for key in list(self._entries):
+            for key in list(self._entries):  # oldest first
                 if self.device_bytes <= self.max_device_bytes:
                     break
                 if key != protect and self._entries[key].device_bytes:
                     self._spill(key)
-        total = self.nbytes
+        if self.nbytes <= self.max_bytes:
+            return
         for key in list(self._entries):
-            if total <= self.max_bytes:
+            if self.nbytes <= self.max_bytes:
                 break
-            if key == protect:
-                continue
-            total -= self._entries.pop(key).nbytes
-            self.stats["evictions"] += 1
+            if key != protect:
+                self._drop(key)
+                self.stats["evictions"] += 1
 
     def _spill(self, key: str) -> None:
         entry = self._entries[key]
         outputs = move_to_cpu(entry.outputs)
-        self._entries[key] = Entry(outputs, entry.ui, measure(outputs))
+        self._store(key, Entry(outputs, entry.ui, measure(outputs)))
         self.stats["spills"] += 1
 
     def spill_all(self) -> None:
@@ -182,6 +191,7 @@ class MemoCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.nbytes = self.device_bytes = 0
 
     def summary(self) -> dict:
         return {"entries": len(self), "bytes": self.nbytes, "device_bytes": self.device_bytes,
