@@ -2,12 +2,11 @@
 // The editor talks to /api/... itself; NiceGUI only provides the page and this mount point.
 export default {
   template: `<div class="dg-root"></div>`,
-  props: { staticUrl: String, version: String, examplesUrl: String, defaultWorkflow: String },
+  props: { staticUrl: String, version: String, defaultWorkflow: String },
   async mounted() {
     const module = await import(`${this.staticUrl}/ditgraph/editor.js?v=${this.version}`);
     this.editor = await module.mount(this.$el, {
       staticUrl: this.staticUrl,
-      examplesUrl: this.examplesUrl,
       defaultWorkflow: this.defaultWorkflow,
     });
   },
