@@ -1,0 +1,170 @@
+"""Import ComfyUI API-format workflows ("Save (API Format)", or the ``prompt`` of a /prompt call).
+
+    {"3": {"class_type": "KSampler", "inputs": {"seed": 5, "model": ["4", 0], ...}, "_meta": {"title": "..."}}}
+
+Each ComfyUI node type is mapped by :data:`TABLE` to a ditgraph node type: input names are
+renamed, linked outputs are translated from ComfyUI's output index to our output name,
+and a few values are translated (sampler names). A node type without a mapping, or whose
+ditgraph node is not installed, stops the import with the list of every such type.
+The table is documented in docs/comfy_import.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.graph import FORMAT, VERSION
+
+
+class ComfyImportError(ValueError):
+    """The file cannot be imported; ``unmapped`` lists the ComfyUI types we have no node for."""
+
+    def __init__(self, message: str, unmapped: list[str] | None = None):
+        self.unmapped = unmapped or []
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class NodeMap:
+    """How one ComfyUI node type becomes one ditgraph node."""
+
+    target: str  # the ditgraph node type
+    outputs: tuple[str, ...]  # ComfyUI output index -> our output name
+    inputs: dict[str, str] = field(default_factory=dict)  # ComfyUI input name -> ours (same name if absent)
+    drop: frozenset[str] = frozenset()  # ComfyUI inputs with no counterpart, ignored on purpose
+    values: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # our input name -> value translation
+    fixed: dict[str, Any] = field(default_factory=dict)  # our inputs set regardless of the ComfyUI node
+    note: str = ""
+
+
+def _same(*names: str) -> tuple[str, ...]:
+    return names
+
+
+# ComfyUI's core primitives (comfy_extras/nodes_primitive.py) and PreviewAny.
+TABLE: dict[str, NodeMap] = {
+    "PrimitiveInt": NodeMap("PrimitiveInt", _same("value")),
+    "PrimitiveFloat": NodeMap("PrimitiveFloat", _same("value")),
+    "PrimitiveString": NodeMap("PrimitiveString", _same("value")),
+    "PrimitiveStringMultiline": NodeMap("PrimitiveString", _same("value")),
+    "PrimitiveBoolean": NodeMap("PrimitiveBoolean", _same("value")),
+    "PreviewAny": NodeMap("PreviewAny", (), {"source": "value"}),
+}
+
+
+def is_api_format(document: Any) -> bool:
+    return isinstance(document, dict) and bool(document) and all(
+        isinstance(v, dict) and "class_type" in v for v in document.values()
+    )
+
+
+def _unwrap(document: Any) -> dict:
+    if isinstance(document, dict) and "prompt" in document and is_api_format(document["prompt"]):
+        return document["prompt"]  # the body of a POST /prompt call
+    if isinstance(document, dict) and isinstance(document.get("nodes"), list) and "links" in document:
+        raise ComfyImportError("this is a ComfyUI editor (UI-format) file; in ComfyUI use Workflow > Export (API) "
+                               "and import that file")
+    if isinstance(document, dict) and document.get("format") == FORMAT:
+        raise ComfyImportError("this is already a ditgraph workflow")
+    if not is_api_format(document):
+        raise ComfyImportError("not a ComfyUI API-format workflow: expected an object mapping node ids to "
+                               '{"class_type": ..., "inputs": {...}}')
+    return document
+
+
+def _is_link(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def unmapped_types(document: Any, registry) -> list[str]:
+    """The ComfyUI types in ``document`` that this installation cannot import."""
+    document = _unwrap(document)
+    missing = set()
+    for raw in document.values():
+        mapping = TABLE.get(raw.get("class_type"))
+        if mapping is None or registry.get(mapping.target) is None:
+            missing.add(str(raw.get("class_type")))
+    return sorted(missing)
+
+
+def convert(document: Any, registry, name: str | None = None) -> dict:
+    """A ditgraph workflow document from a ComfyUI API-format one.
+
+    Raises ComfyImportError listing every unmapped node type (nothing is half-imported).
+    """
+    document = _unwrap(document)
+    missing = unmapped_types(document, registry)
+    if missing:
+        ids = {t: sorted(str(k) for k, v in document.items() if str(v.get("class_type")) == t) for t in missing}
+        listed = "; ".join(f"{t} (node {', '.join(ids[t][:5])})" for t in missing)
+        raise ComfyImportError(f"{len(missing)} ComfyUI node type(s) have no ditgraph equivalent here: {listed}. "
+                               "See docs/comfy_import.md for the supported types.", unmapped=missing)
+    notes: list[str] = []
+    nodes: dict[str, dict] = {}
+    for node_id, raw in document.items():
+        node_id = str(node_id)
+        mapping = TABLE[raw["class_type"]]
+        nd = registry.get(mapping.target)
+        raw_inputs = raw.get("inputs") or {}
+        if not isinstance(raw_inputs, dict):
+            raise ComfyImportError(f"node {node_id}: 'inputs' must be an object")
+        inputs: dict[str, Any] = {}
+        for comfy_name, value in raw_inputs.items():
+            if comfy_name in mapping.drop:
+                continue
+            ours = mapping.inputs.get(comfy_name, comfy_name)
+            if ours not in nd.inputs:
+                notes.append(f"node {node_id} ({raw['class_type']}): input {comfy_name!r} has no counterpart in "
+                             f"{mapping.target}; dropped")
+                continue
+            if _is_link(value):
+                source_id = str(value[0])
+                source = document.get(source_id, document.get(value[0]))  # ids may be ints in hand-written files
+                if source is None:
+                    raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to node {source_id}, which does not exist")
+                source_map = TABLE[source["class_type"]]
+                if not 0 <= value[1] < len(source_map.outputs):
+                    raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to output {value[1]} of node "
+                                           f"{source_id} ({source['class_type']}), which has {len(source_map.outputs)} output(s) here")
+                inputs[ours] = {"from": [source_id, source_map.outputs[value[1]]]}
+            else:
+                translate = mapping.values.get(ours)
+                inputs[ours] = translate(value) if translate else value
+        for ours, value in mapping.fixed.items():
+            inputs.setdefault(ours, value)
+        entry: dict[str, Any] = {"type": mapping.target, "inputs": inputs}
+        title = (raw.get("_meta") or {}).get("title") if isinstance(raw.get("_meta"), dict) else None
+        if isinstance(title, str) and title and title != raw["class_type"]:
+            entry["title"] = title
+        nodes[node_id] = entry
+    meta: dict[str, Any] = {"name": name or "imported from ComfyUI", "imported_from": "comfyui"}
+    if notes:
+        meta["import_notes"] = notes
+    return {"format": FORMAT, "version": VERSION, "nodes": nodes, "layout": {"nodes": _layout(nodes)}, "meta": meta}
+
+
+def _layout(nodes: dict[str, dict]) -> dict[str, dict]:
+    """Columns by depth (longest path from a source), rows in id order: a readable start."""
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str, trail: frozenset) -> int:
+        if node_id in depth:
+            return depth[node_id]
+        if node_id in trail:
+            return 0  # a cycle: validation reports it
+        parents = [v["from"][0] for v in nodes[node_id]["inputs"].values() if isinstance(v, dict) and "from" in v]
+        level = 1 + max((visit(p, trail | {node_id}) for p in parents if p in nodes), default=-1)
+        depth[node_id] = level
+        return level
+
+    rows: dict[int, int] = {}
+    layout = {}
+    for node_id in sorted(nodes, key=lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k)):
+        column = visit(node_id, frozenset())
+        row = rows.get(column, 0)
+        rows[column] = row + 1
+        layout[node_id] = {"pos": [40 + 340 * column, 40 + 220 * row]}
+    return layout
