@@ -1,0 +1,177 @@
+"""Images: load from the input folder, save (PNG with the workflow embedded), preview, animations.
+
+IMAGE values are float tensors (B, H, W, 3) in [0, 1] on CPU; MASK values (B, H, W).
+Saved files are never overwritten: names are ``{prefix}_{counter:05d}_.png`` with the next
+free counter, claimed atomically (O_EXCL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+from app import paths
+from app.context import current
+from app.registry import NodeResult, node
+from app.types import IMAGE, MASK, Spec
+
+
+def temp_dir() -> Path:
+    """Where PreviewImage writes (served with type "temp"): DITGRAPH_TEMP or <outputs>/../temp."""
+    env = os.environ.get("DITGRAPH_TEMP")
+    return Path(env).expanduser().resolve() if env else (paths.output_dir().parent / "temp")
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
+    """(folder, subfolder relative to base, file stem prefix), confined to ``base``."""
+    prefix = prefix.strip() or "ditgraph"
+    sub, _, stem = prefix.replace("\\", "/").rpartition("/")
+    folder = paths.confine(base, sub) if sub else base.resolve()
+    stem = re.sub(r"[^\w.\- ]+", "_", stem) or "ditgraph"
+    return folder, sub, stem
+
+
+def claim_path(folder: Path, stem: str, suffix: str) -> Path:
+    """The next ``{stem}_{n:05d}_{suffix}`` that does not exist, created empty so no one else takes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d+)_{re.escape(suffix)}$")
+    counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
+    while True:
+        path = folder / f"{stem}_{counter:05d}_{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            counter += 1
+
+
+def prompt_texts(workflow: dict) -> list[str]:
+    """The prompts typed into text-encode nodes of a workflow document (for PNG metadata)."""
+    texts = []
+    for inst in (workflow.get("nodes") or {}).values():
+        if isinstance(inst, dict) and inst.get("type") in ("TextEncode",):
+            value = (inst.get("inputs") or {}).get("text")
+            if isinstance(value, str) and value:
+                texts.append(value)
+    return texts
+
+
+def _png_info(extra_text: dict[str, str]) -> PngImagePlugin.PngInfo:
+    ctx = current()
+    info = PngImagePlugin.PngInfo()
+    if ctx.workflow:
+        info.add_text("workflow", json.dumps(ctx.workflow, separators=(",", ":")))
+        texts = prompt_texts(ctx.workflow)
+        if texts:
+            info.add_text("prompt", texts[0] if len(texts) == 1 else json.dumps(texts))
+    for key, value in extra_text.items():
+        info.add_text(key, value)
+    return info
+
+
+def _save_pngs(images: torch.Tensor, base: Path, prefix: str, kind: str, compress_level: int) -> list[dict]:
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an IMAGE (B, H, W, 3), got shape {tuple(images.shape)}")
+    folder, sub, stem = _split_prefix(base, prefix)
+    info = _png_info({})
+    saved = []
+    for array in to_uint8(images):
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        path = claim_path(folder, stem, ".png")
+        Image.fromarray(array).save(path, pnginfo=info, compress_level=compress_level)
+        saved.append({"filename": path.name, "subfolder": sub, "type": kind})
+    return saved
+
+
+@node(category="image", outputs={}, output_node=True)
+def SaveImage(
+    images: IMAGE,
+    filename_prefix: Annotated[str, Spec(tooltip="File name prefix; may include a subfolder (e.g. shapes/run).")] = "ditgraph",
+) -> NodeResult:
+    """Save images as PNG into the output folder, with the workflow embedded (drop the PNG on the
+    editor to restore the workflow). Existing files are never overwritten."""
+    saved = _save_pngs(images, current().output_dir, filename_prefix, "output", 4)
+    return NodeResult((), {"images": saved})
+
+
+@node(category="image", outputs={}, output_node=True)
+def PreviewImage(images: IMAGE) -> NodeResult:
+    """Show images on the node without keeping them (written to the temp folder)."""
+    saved = _save_pngs(images, temp_dir(), "preview", "temp", 1)
+    return NodeResult((), {"images": saved})
+
+
+@node(category="image", outputs={"image": IMAGE, "mask": MASK})
+def LoadImage(
+    image: Annotated[str, Spec(file="input", choices=lambda: paths.list_files("input", (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"), folders=False),
+                               tooltip="An image in the input folder.")],
+) -> tuple:
+    """Load an image from the input folder; its alpha channel (if any) becomes the mask
+    (1 where transparent, i.e. the area to fill)."""
+    try:
+        with Image.open(image) as img:
+            img = ImageOps.exif_transpose(img)
+            rgba = img.convert("RGBA")
+            has_alpha = "A" in img.getbands() or "transparency" in img.info
+    except Exception as exc:
+        raise ValueError(f"{image}: not a readable image ({type(exc).__name__}: {exc})") from None
+    array = np.asarray(rgba).astype(np.float32) / 255.0
+    pixels = torch.from_numpy(array[..., :3].copy())[None]
+    if has_alpha:
+        mask = 1.0 - torch.from_numpy(array[..., 3].copy())[None]
+    else:
+        mask = torch.zeros(1, *pixels.shape[1:3])
+    return pixels, mask
+
+
+@node(category="image", outputs={}, output_node=True)
+def SaveAnimated(
+    images: IMAGE,
+    filename_prefix: str = "ditgraph",
+    fps: Annotated[float, Spec(min=0.1, max=120.0, step=0.1)] = 8.0,
+    format: Annotated[str, Spec(choices=["gif", "mp4"], tooltip="mp4 needs the imageio-ffmpeg package.")] = "gif",
+    loop: Annotated[bool, Spec(tooltip="GIF: loop forever.")] = True,
+) -> NodeResult:
+    """Save a batch of images as an animation (each batch item is a frame)."""
+    import imageio.v3 as iio
+
+    frames = to_uint8(images if images.dim() == 4 else images[None])
+    folder, sub, stem = _split_prefix(current().output_dir, filename_prefix)
+    path = claim_path(folder, stem, f".{format}")
+    try:
+        if format == "gif":
+            iio.imwrite(path, frames, extension=".gif", duration=1000.0 / fps, loop=0 if loop else 1)
+        else:
+            try:
+                import imageio_ffmpeg  # noqa: F401
+            except ImportError:
+                raise ValueError("mp4 output needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
+                                 "choose gif otherwise") from None
+            iio.imwrite(path, frames, extension=".mp4", fps=fps)
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    return NodeResult((), {"images": [{"filename": path.name, "subfolder": sub, "type": "output"}], "animated": [True]})
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ImageBatch(first: IMAGE, second: IMAGE) -> torch.Tensor:
+    """Concatenate two image batches (the second is resized to the first's size if needed)."""
+    if first.shape[1:3] != second.shape[1:3]:
+        second = torch.nn.functional.interpolate(second.permute(0, 3, 1, 2), size=first.shape[1:3],
+                                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return torch.cat([first, second])

