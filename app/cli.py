@@ -349,40 +349,25 @@ def _check_device(device: str | None) -> str | None:
     return device
 
 
-def _saved_files(ui: dict, out_dir: Path) -> list[str]:
-    files = []
+def _saved_files(ui: dict, out_root: Path) -> list[str]:
+    from app.queue import file_locations
 
-    def visit(value: Any, depth: int = 0) -> None:
-        if depth > 6:
-            return
-        if isinstance(value, dict):
-            if isinstance(value.get("filename"), str):
-                sub = value.get("subfolder") if isinstance(value.get("subfolder"), str) else ""
-                for candidate in (out_dir / sub / value["filename"], out_dir.parent / sub / value["filename"]):
-                    if candidate.is_file():
-                        files.append(str(candidate))
-                        break
-                return
-            for child in value.values():
-                visit(child, depth + 1)
-        elif isinstance(value, list):
-            for child in value:
-                visit(child, depth + 1)
-
-    visit(ui)
-    return files
+    return [str(target) for _entry, _kind, target in file_locations(ui, out_root)]
 
 
-def _run_one(engine, workflow, targets, out_dir: Path, json_mode: bool, label: str, batch: int | None) -> str:
+def _run_one(engine, workflow, targets, out_dir: Path, out_root: Path, json_mode: bool, label: str,
+             batch: int | None) -> str:
     """Run one workflow with Ctrl-C cancelling it; returns the final status."""
     from app.graph import WorkflowError
-    from app.queue import jsonable_event, make_jsonable
+    from app.queue import annotate_files, jsonable_event, make_jsonable
 
     cancel = threading.Event()
     holder: dict[str, Any] = {}
     progress = ProgressLine(sys.stderr, label) if (not json_mode and sys.stderr.isatty()) else None
 
     def on_event(event: dict) -> None:
+        if event.get("type") == "node_finished" and event.get("ui"):
+            annotate_files(event["ui"], out_dir, out_root)
         if json_mode:
             data = jsonable_event(event)
             if batch is not None:
@@ -418,7 +403,7 @@ def _run_one(engine, workflow, targets, out_dir: Path, json_mode: bool, label: s
             raise UsageError(*(str(p) for p in error.problems))
         raise error
     result = holder["result"]
-    files = _saved_files(result.ui, out_dir)
+    files = _saved_files(result.ui, out_root)
     if json_mode:
         data = {"type": "result", "run_id": result.run_id, "status": result.status, "executed": result.executed,
                 "cached": result.cached, "duration": round(result.duration, 4), "ui": make_jsonable(result.ui),
@@ -485,7 +470,7 @@ def cmd_run(args) -> int:
     for number, workflow in workflows:
         out_dir = out_root if number is None else out_root / f"batch-{number:04d}"
         label = "" if number is None or args.json else f"[line {number}] "
-        status = _run_one(engine, workflow, targets, out_dir, args.json, label, number)
+        status = _run_one(engine, workflow, targets, out_dir, out_root, args.json, label, number)
         statuses.append(status)
         if status == "cancelled":
             break

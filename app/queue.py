@@ -513,6 +513,8 @@ class LocalDispatcher:
         out_dir = Path(root) / (record.output_subfolder or record.id)
 
         def on_event(event: dict) -> None:
+            if event.get("type") == "node_finished" and event.get("ui"):
+                annotate_files(event["ui"], out_dir, Path(root))
             queue.publish(record.client_id, event)
 
         if cancel.is_set():
@@ -536,6 +538,71 @@ class LocalDispatcher:
         queue.complete(record, result.status, ui=make_jsonable(result.ui), error=error,
                        timings={k: round(v, 6) for k, v in result.timings.items()}, reasons=result.reasons,
                        executed=result.executed, cached=result.cached)
+
+
+# -- output files named by UI data ---------------------------------------------------------------
+
+
+def temp_root() -> Path:
+    """Where preview nodes write (UI entries of type "temp"): $DITGRAPH_TEMP or <outputs>/../temp."""
+    from app import paths
+
+    env = os.environ.get("DITGRAPH_TEMP")
+    return Path(env).expanduser().resolve() if env else paths.output_dir().parent / "temp"
+
+
+def _file_entries(value: Any, depth: int = 0):
+    """The dicts with a "filename" inside a node's UI data."""
+    if depth > 8:
+        return
+    if isinstance(value, dict):
+        if isinstance(value.get("filename"), str) and value["filename"]:
+            yield value
+            return
+        for child in value.values():
+            yield from _file_entries(child, depth + 1)
+    elif isinstance(value, list):
+        for child in value:
+            yield from _file_entries(child, depth + 1)
+
+
+def annotate_files(ui: Any, run_dir: Path, output_root: Path) -> None:
+    """Add ``path`` (relative to the output root, or to the temp root for "temp" files) to each file
+    a node just saved (``filename``/``subfolder`` are relative to the run's own folder).
+
+    The UI dict is the one the memo cache keeps, so a later cache hit still finds the file the
+    run that executed the node wrote, whichever run folder that was.
+    """
+    for entry in _file_entries(ui):
+        if "path" in entry:
+            continue
+        sub = entry.get("subfolder") if isinstance(entry.get("subfolder"), str) else ""
+        if entry.get("type") == "temp":
+            root = base = temp_root()
+        else:
+            root, base = output_root, run_dir
+        with contextlib.suppress(OSError, ValueError):
+            candidate = (base / sub / entry["filename"]).resolve()
+            if candidate.is_file():
+                entry["path"] = candidate.relative_to(Path(root).resolve()).as_posix()
+
+
+def file_locations(ui: Any, output_root: Path) -> list[tuple[dict, str, Path]]:
+    """(entry, kind "output"|"temp", real path) for each existing, confined file a run's UI data names."""
+    from app import paths
+
+    found = []
+    for entry in _file_entries(ui):
+        kind = "temp" if entry.get("type") == "temp" else "output"
+        root = temp_root() if kind == "temp" else Path(output_root)
+        relative = entry.get("path")
+        if not isinstance(relative, str):
+            continue
+        with contextlib.suppress(paths.PathRefused, OSError):
+            target = paths.confine(root, relative)
+            if target.is_file():
+                found.append((entry, kind, target))
+    return found
 
 
 # -- event serialisation (shared by the HTTP server and the CLI's --json mode) -----------------

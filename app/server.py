@@ -55,7 +55,16 @@ from pydantic import BaseModel, Field
 import app as app_package
 from app import paths
 from app.graph import FORMAT, Workflow, WorkflowError, atomic_write, errors
-from app.queue import LocalDispatcher, QueueLocked, RunQueue, RunStore, jsonable_event, make_jsonable
+from app.queue import (
+    LocalDispatcher,
+    QueueLocked,
+    RunQueue,
+    RunStore,
+    file_locations,
+    jsonable_event,
+    make_jsonable,
+    temp_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +128,7 @@ def is_loopback(host: str) -> bool:
 # -- the state one server process holds ------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Connection:
     client_id: str
     all_runs: bool
@@ -337,46 +346,14 @@ def _workflow_relpath(name: str) -> str | None:
     return name + ".json"
 
 
-def _url_for_output(root: Path, path: Path) -> str | None:
-    try:
-        relative = path.resolve().relative_to(root.resolve())
-    except (ValueError, OSError):
-        return None
-    return "/api/outputs/" + quote(relative.as_posix())
-
-
 def output_files(record, root: Path) -> list[dict]:
-    """The files a run's UI data names, with URLs under /api/outputs."""
-    found: list[dict] = []
-    run_dir = root / (record.output_subfolder or record.id)
-
-    def visit(node_id: str, value: Any, depth: int = 0) -> None:
-        if depth > 6:
-            return
-        if isinstance(value, dict):
-            filename = value.get("filename")
-            if isinstance(filename, str) and filename:
-                subfolder = value.get("subfolder") if isinstance(value.get("subfolder"), str) else ""
-                for base in (run_dir, root):
-                    try:
-                        candidate = paths.confine(root, str((base / subfolder / filename).relative_to(root)))
-                    except (paths.PathRefused, ValueError):
-                        continue
-                    if candidate.is_file():
-                        url = _url_for_output(root, candidate)
-                        if url:
-                            found.append({"node": node_id, "filename": filename, "url": url,
-                                          "path": url[len("/api/outputs/"):]})
-                        break
-                return
-            for child in value.values():
-                visit(node_id, child, depth + 1)
-        elif isinstance(value, list):
-            for child in value:
-                visit(node_id, child, depth + 1)
-
+    """The files a run's UI data names, with their URLs (/api/outputs/... or /api/temp/...)."""
+    found = []
     for node_id, ui in (record.ui or {}).items():
-        visit(node_id, ui)
+        for entry, kind, _target in file_locations(ui, root):
+            relative = entry["path"]
+            url = f"/api/{'temp' if kind == 'temp' else 'outputs'}/" + quote(relative)
+            found.append({"node": node_id, "filename": entry["filename"], "type": kind, "path": relative, "url": url})
     return found
 
 
@@ -563,13 +540,19 @@ def build_router(state: AppState) -> APIRouter:
 
     @router.get("/outputs/{path:path}", summary="A file of the output folder")
     def get_output(path: str) -> Response:
-        root = state.output_root()
+        return _serve_file(state.output_root(), path)
+
+    @router.get("/temp/{path:path}", summary="A file of the temp folder (previews)")
+    def get_temp(path: str) -> Response:
+        return _serve_file(temp_root(), path)
+
+    def _serve_file(root: Path, path: str) -> Response:
         try:
             target = paths.confine(root, path)
         except paths.PathRefused as exc:
             return _error(403, str(exc))
         if not target.is_file():
-            return _error(404, f"no output file {path!r}")
+            return _error(404, f"no file {path!r}")
         media_type = SAFE_MEDIA_TYPES.get(target.suffix.lower())
         headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
         if media_type is None:  # never let the browser render an unknown file (e.g. .html) as our origin
