@@ -107,7 +107,9 @@ def encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: 
         embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, **kw)
         return Conditioning(embeds, pooled, None, family, tuple(prompts))
     if family in ("pixart", "sana", "lumina2"):
-        kw = {"max_sequence_length": max_length} if max_length else {}
+        kw: dict[str, Any] = {"max_sequence_length": max_length} if max_length else {}
+        if family == "sana":  # the pipeline's __call__ prefixes its "complex human instruction"
+            kw["complex_human_instruction"] = _call_default(pipe, "complex_human_instruction")
         embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, **kw)
         return Conditioning(embeds, None, mask, family, tuple(prompts))
     raise ValueError(f"no text encoding for family {family!r}")
@@ -131,6 +133,10 @@ def encode_negative(encoders: TextEncoders, prompts: list[str], family: str, max
         embeds, mask = pipe._get_gemma_prompt_embeds(prompts, device=encoders.device, max_sequence_length=max_length or 256)
         return Conditioning(embeds, None, mask, family, tuple(prompts))
     return encode(encoders, prompts, family, max_length)
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
 def _family(encoders: TextEncoders, family: str) -> str:
