@@ -1,7 +1,7 @@
 """Images: load from the input folder, save (PNG with the workflow embedded), preview, animations.
 
 IMAGE values are float tensors (B, H, W, 3) in [0, 1] on CPU; MASK values (B, H, W).
-Saved files are never overwritten: names are ``{prefix}_{counter:05d}_.png`` with the next
+Saved files are never overwritten: names are ``{prefix}_{counter:05d}.png`` with the next
 free counter, claimed atomically (O_EXCL).
 """
 
@@ -43,12 +43,12 @@ def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
 
 
 def claim_path(folder: Path, stem: str, suffix: str) -> Path:
-    """The next ``{stem}_{n:05d}_{suffix}`` that does not exist, created empty so no one else takes it."""
+    """The next ``{stem}_{n:05d}{suffix}`` that does not exist, created empty so no one else takes it."""
     folder.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(rf"^{re.escape(stem)}_(\d+)_{re.escape(suffix)}$")
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d+){re.escape(suffix)}$")
     counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
     while True:
-        path = folder / f"{stem}_{counter:05d}_{suffix}"
+        path = folder / f"{stem}_{counter:05d}{suffix}"
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             return path
