@@ -633,6 +633,13 @@ def cmd_import_comfy(args) -> int:
         raise UsageError(f"{args.file}: {exc}") from None
     except ValueError as exc:
         raise UsageError(f"{args.file}: {exc}") from None
+    from app.graph import Workflow, validate
+
+    for note in document["meta"].get("import_notes", []):
+        _err(f"note: {note}")
+    for problem in validate(Workflow.from_dict(document), registry):
+        _err("warning: " + _problem_text(args.output or "output", problem).split(": ", 1)[1]
+             + " (fix it in the editor or with --set)")
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     if args.output in (None, "-"):
         sys.stdout.write(text)

@@ -26,6 +26,10 @@ class ComfyImportError(ValueError):
         super().__init__(message)
 
 
+Translate = Callable[[Any], tuple[Any, str | None]]  # value -> (our value, note for the user or None)
+Fixup = Callable[[str, dict, list, set], None]  # (node id, converted nodes, notes, installed types)
+
+
 @dataclass(frozen=True)
 class NodeMap:
     """How one ComfyUI node type becomes one ditgraph node."""
@@ -34,23 +38,88 @@ class NodeMap:
     outputs: tuple[str, ...]  # ComfyUI output index -> our output name
     inputs: dict[str, str] = field(default_factory=dict)  # ComfyUI input name -> ours (same name if absent)
     drop: frozenset[str] = frozenset()  # ComfyUI inputs with no counterpart, ignored on purpose
-    values: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # our input name -> value translation
-    fixed: dict[str, Any] = field(default_factory=dict)  # our inputs set regardless of the ComfyUI node
+    values: dict[str, Translate] = field(default_factory=dict)  # our input name -> value translation
+    fixup: Fixup | None = None
     note: str = ""
 
 
-def _same(*names: str) -> tuple[str, ...]:
-    return names
+def _choice(table: dict[str, str], default: str, what: str) -> Translate:
+    def translate(value: Any) -> tuple[Any, str | None]:
+        if value in table:
+            return table[value], None
+        return default, f"{what} {value!r} has no ditgraph equivalent; using {default!r}"
+
+    return translate
 
 
-# ComfyUI's core primitives (comfy_extras/nodes_primitive.py) and PreviewAny.
+_SAMPLERS = {"euler": "euler", "euler_ancestral": "euler", "euler_cfg_pp": "euler", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
+             "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_2m_sde_gpu": "dpmpp_2m"}
+_SCHEDULERS = {"karras": "karras", "normal": "auto", "simple": "auto", "sgm_uniform": "auto", "beta": "auto",
+               "linear_quadratic": "linear", "ddim_uniform": "discrete"}
+
+
+def _links_to(nodes: dict, source_id: str) -> list[tuple[str, str, str]]:
+    """(consumer id, consumer input, source output) for each link leaving ``source_id``."""
+    found = []
+    for node_id, node in nodes.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, dict) and value.get("from", [None])[0] == source_id:
+                found.append((node_id, name, value["from"][1]))
+    return found
+
+
+def _negative_only(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """ComfyUI encodes negatives with CLIPTextEncode too; ours has a node for the negative prompt."""
+    consumers = _links_to(nodes, node_id)
+    if consumers and all(name == "negative" for _, name, _ in consumers) and "TextEncodeNegative" in available:
+        nodes[node_id]["type"] = "TextEncodeNegative"
+
+
+def _wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """Our EmptyLatent takes the model and VAE (for channels and scale); ComfyUI's takes neither."""
+    inputs = nodes[node_id]["inputs"]
+    samplers = [c for c, name, _ in _links_to(nodes, node_id) if nodes[c]["type"] in ("Sampler", "SamplerCustom")]
+    if "model" not in inputs:
+        for sampler in samplers:
+            if isinstance(nodes[sampler]["inputs"].get("model"), dict):
+                inputs["model"] = dict(nodes[sampler]["inputs"]["model"])
+                break
+    if "vae" not in inputs:
+        decoders = [c for sampler in samplers for c, name, _ in _links_to(nodes, sampler) if nodes[c]["type"] == "VAEDecode"]
+        decoders += [i for i, n in nodes.items() if n["type"] in ("VAEDecode", "VAEEncode")]
+        for decoder in decoders:
+            if isinstance(nodes[decoder]["inputs"].get("vae"), dict):
+                inputs["vae"] = dict(nodes[decoder]["inputs"]["vae"])
+                break
+    missing = [name for name in ("model", "vae") if name not in inputs]
+    if missing:
+        notes.append(f"node {node_id} (EmptyLatent): could not tell which {' and '.join(missing)} to use; connect it")
+
+
+# ComfyUI type -> ditgraph node. Core primitives first, then the diffusion nodes.
 TABLE: dict[str, NodeMap] = {
-    "PrimitiveInt": NodeMap("PrimitiveInt", _same("value")),
-    "PrimitiveFloat": NodeMap("PrimitiveFloat", _same("value")),
-    "PrimitiveString": NodeMap("PrimitiveString", _same("value")),
-    "PrimitiveStringMultiline": NodeMap("PrimitiveString", _same("value")),
-    "PrimitiveBoolean": NodeMap("PrimitiveBoolean", _same("value")),
+    "PrimitiveInt": NodeMap("PrimitiveInt", ("value",)),
+    "PrimitiveFloat": NodeMap("PrimitiveFloat", ("value",)),
+    "PrimitiveString": NodeMap("PrimitiveString", ("value",)),
+    "PrimitiveStringMultiline": NodeMap("PrimitiveString", ("value",)),
+    "PrimitiveBoolean": NodeMap("PrimitiveBoolean", ("value",)),
     "PreviewAny": NodeMap("PreviewAny", (), {"source": "value"}),
+    "CheckpointLoaderSimple": NodeMap("CheckpointLoader", ("model", "text_encoder", "vae"), {"ckpt_name": "checkpoint"}),
+    "VAELoader": NodeMap("VAELoader", ("vae",), {"vae_name": "vae"}),
+    "CLIPTextEncode": NodeMap("TextEncode", ("conditioning",), {"clip": "text_encoder"}, fixup=_negative_only),
+    "ConditioningZeroOut": NodeMap("ConditioningZeroOut", ("conditioning",)),
+    "FluxGuidance": NodeMap("FluxGuidance", ("conditioning",)),
+    "KSampler": NodeMap(
+        "Sampler", ("latent",), {"latent_image": "latent", "sampler_name": "sampler"},
+        values={"sampler": _choice(_SAMPLERS, "euler", "sampler"), "scheduler": _choice(_SCHEDULERS, "auto", "scheduler")},
+    ),
+    "EmptyLatentImage": NodeMap("EmptyLatent", ("latent",), fixup=_wire_empty_latent),
+    "EmptySD3LatentImage": NodeMap("EmptyLatent", ("latent",), fixup=_wire_empty_latent),
+    "VAEDecode": NodeMap("VAEDecode", ("image",), {"samples": "latent"}),
+    "VAEEncode": NodeMap("VAEEncode", ("latent",), {"pixels": "image"}),
+    "SaveImage": NodeMap("SaveImage", ()),
+    "PreviewImage": NodeMap("PreviewImage", ()),
+    "LoadImage": NodeMap("LoadImage", ("image", "mask"), drop=frozenset({"upload"})),
 }
 
 
@@ -132,14 +201,20 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
                 inputs[ours] = {"from": [source_id, source_map.outputs[value[1]]]}
             else:
                 translate = mapping.values.get(ours)
-                inputs[ours] = translate(value) if translate else value
-        for ours, value in mapping.fixed.items():
-            inputs.setdefault(ours, value)
+                if translate:
+                    value, note = translate(value)
+                    if note:
+                        notes.append(f"node {node_id} ({raw['class_type']}): {note}")
+                inputs[ours] = value
         entry: dict[str, Any] = {"type": mapping.target, "inputs": inputs}
         title = (raw.get("_meta") or {}).get("title") if isinstance(raw.get("_meta"), dict) else None
         if isinstance(title, str) and title and title != raw["class_type"]:
             entry["title"] = title
         nodes[node_id] = entry
+    for node_id, raw in document.items():
+        fixup = TABLE[raw["class_type"]].fixup
+        if fixup is not None:
+            fixup(str(node_id), nodes, notes, set(registry.nodes))
     meta: dict[str, Any] = {"name": name or "imported from ComfyUI", "imported_from": "comfyui"}
     if notes:
         meta["import_notes"] = notes
