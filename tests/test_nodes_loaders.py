@@ -1,0 +1,131 @@
+"""Loaders: folders, single-file safetensors, separate text encoders / VAE, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from app import paths
+from app.executor import Engine
+from nodes import loaders, text
+from tests.test_nodes_tiny import components, save_family
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_family("sd3", root / "checkpoints" / "tiny-sd3")
+    return root
+
+
+@pytest.fixture
+def models(root, monkeypatch):
+    monkeypatch.setitem(paths._overrides, "models", root)
+    return root
+
+
+def _load(name: str, config: str = ""):
+    return loaders.CheckpointLoader(str(paths.resolve("checkpoints", name)), config=config, dtype="fp32", device="cpu")
+
+
+def test_folder_loads_model_text_encoders_and_vae(models):
+    model, encoders, vae = _load("tiny-sd3")
+    assert model.family == "sd3" and model.dtype == torch.float32
+    assert set(encoders.slots) == {"clip_l", "clip_g", "t5"}
+    assert vae.latent_channels == 4 and vae.factor == 2
+    assert model.scheduler_config["shift"] == 3.0
+
+
+def test_transformer_component_folder_loads_model_only(models):
+    model, encoders, vae = _load("tiny-sd3/transformer")
+    assert model.family == "sd3" and encoders is None and vae is None
+
+
+def test_single_file_with_config_folder(models):
+    base, _, _ = _load("tiny-sd3")
+    state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in base.transformer.state_dict().items()}
+    save_file(state, str(models / "checkpoints" / "sd3-single.safetensors"))
+    model, encoders, vae = _load("sd3-single.safetensors", config="tiny-sd3")
+    assert model.family == "sd3"
+    for key, value in base.transformer.state_dict().items():
+        assert torch.equal(model.transformer.state_dict()[key], value)
+    assert encoders is not None and vae is not None  # taken from the config pipeline folder
+
+
+def test_single_file_without_config_is_refused_clearly(models):
+    base, _, _ = _load("tiny-sd3")
+    save_file({k: v.contiguous() for k, v in base.transformer.state_dict().items()}, str(models / "checkpoints" / "x.safetensors"))
+    with pytest.raises(loaders.LoadFailed, match="needs a config folder"):
+        _load("x.safetensors")
+
+
+def test_bad_safetensors_names_the_file(models):
+    bad = models / "checkpoints" / "broken.safetensors"
+    bad.write_bytes(b"not really a safetensors file")
+    with pytest.raises(loaders.LoadFailed, match="broken.safetensors: not a valid safetensors file"):
+        _load("broken.safetensors", config="tiny-sd3")
+
+
+def test_missing_config_and_wrong_class_and_pickles(models, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(loaders.LoadFailed, match="missing config.json"):
+        loaders.load_diffusers_component(empty, torch.float32, torch.device("cpu"))
+    folder = models / "checkpoints" / "tiny-sd3" / "transformer"
+    with pytest.raises(loaders.LoadFailed, match="expected 'FluxTransformer2DModel'"):
+        loaders.load_diffusers_component(folder, torch.float32, torch.device("cpu"), expected="FluxTransformer2DModel")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(loaders.LoadFailed, match="pickle formats are refused"):
+        loaders.load_diffusers_component(pickled, torch.float32, torch.device("cpu"))
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="not a supported transformer"):
+        loaders.load_checkpoint_folder(unknown, torch.float32, torch.device("cpu"))
+
+
+def test_separate_text_encoders_and_vae_match_the_checkpoint(models):
+    parts = components("sd3")
+    for slot, (model_key, tok_key) in {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+                                       "t5": ("text_encoder_3", "tokenizer_3")}.items():
+        folder = models / "text_encoders" / slot
+        parts[model_key].save_pretrained(folder)
+        parts[tok_key].save_pretrained(folder)
+    parts["vae"].save_pretrained(models / "vae" / "tiny-vae")
+    engine = Engine(device="cpu")
+    wf = {"format": "ditgraph/workflow", "version": 1, "nodes": {
+        "l": {"type": "TextEncoderLoader", "inputs": {"text_encoder": "clip_l", "role": "clip_l"}},
+        "g": {"type": "TextEncoderLoader", "inputs": {"text_encoder": "clip_g", "role": "clip_g"}},
+        "t": {"type": "TextEncoderLoader", "inputs": {"text_encoder": "t5"}},
+        "all": {"type": "CombineTextEncoders", "inputs": {"first": {"from": ["l", "text_encoder"]},
+                                                          "second": {"from": ["g", "text_encoder"]},
+                                                          "third": {"from": ["t", "text_encoder"]}}},
+        "enc": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["all", "text_encoder"]}, "text": "a red circle"}},
+        "vae": {"type": "VAELoader", "inputs": {"vae": "tiny-vae"}},
+    }}
+    result = engine.run(wf, targets=["enc", "vae", "t"]).raise_for_status()
+    assert set(result.output("t").slots) == {"t5"}  # auto role from the config
+    ours = result.output("enc")
+    _, encoders, vae = _load("tiny-sd3")
+    reference = text.encode(encoders, ["a red circle"], "sd3")
+    assert torch.allclose(ours.embeds, reference.embeds) and torch.allclose(ours.pooled, reference.pooled)
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.allclose(result.output("vae").decode(z), vae.decode(z))
+
+
+def test_gemma_needs_a_family_choice(models):
+    parts = components("sana")
+    folder = models / "text_encoders" / "gemma"
+    parts["text_encoder"].save_pretrained(folder)
+    parts["tokenizer"].save_pretrained(folder)
+    encoders = loaders.TextEncoderLoader(str(folder), dtype="fp32", device="cpu")
+    assert set(encoders.slots) == {"gemma"}
+    with pytest.raises(ValueError, match="set the 'family' input"):
+        text.TextEncode(encoders, "a cat")
+    assert text.TextEncode(encoders, "a cat", family="lumina2").mask is not None
