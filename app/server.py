@@ -49,7 +49,9 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import JSONResponse as _JSONResponse
 from pydantic import BaseModel, Field
 
 import app as app_package
@@ -76,6 +78,17 @@ SAFE_MEDIA_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
     ".mp4": "video/mp4", ".webm": "video/webm", ".json": "application/json", ".txt": "text/plain; charset=utf-8",
 }
+
+
+class JSONResponse(_JSONResponse):
+    """JSON that never fails to render: NaN/Infinity (which clients may send) become null."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(make_jsonable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": "invalid request body", "detail": exc.errors()}, status_code=422)
 
 
 class ConfigError(ValueError):
@@ -807,6 +820,7 @@ def create_app(engine: Any = None, settings: Settings | None = None) -> FastAPI:
     nicegui_app.include_router(build_router(state))
     nicegui_app.add_route("/openapi.json", lambda request: JSONResponse(nicegui_app.openapi()), include_in_schema=False)
     nicegui_app.add_middleware(Guard, settings=settings)
+    nicegui_app.add_exception_handler(RequestValidationError, _validation_error)
     nicegui_app.on_startup(lambda: state.start())
     nicegui_app.on_shutdown(lambda: state.stop())
     nicegui_app.state.ditgraph = state
