@@ -213,6 +213,14 @@ class RunStore:
             )
         return cursor.rowcount == 1
 
+    def requeue(self, run_id: str) -> bool:
+        """Put a running run back in the queue, keeping its place (the server stopped under it)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE runs SET status='queued', started=NULL, worker=NULL WHERE id = ? AND status='running'", (run_id,)
+            )
+        return cursor.rowcount == 1
+
     def cancel_queued(self, run_id: str) -> bool:
         with self._lock:
             cursor = self._db.execute(
@@ -446,6 +454,7 @@ class LocalDispatcher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._cancel_events: dict[str, threading.Event] = {}
+        self._user_cancelled: set[str] = set()
         self._current: str | None = None
         self._queue: RunQueue | None = None
 
@@ -462,11 +471,14 @@ class LocalDispatcher:
         event = self._cancel_events.get(run_id)
         if event is None:
             return False
+        self._user_cancelled.add(run_id)
         event.set()
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking runs; a run in progress is cancelled (it is kept as cancelled)."""
+        """Stop taking runs. A run in progress stops at its next step boundary and goes back to
+        the queue (the next start runs it again); one that does not stop in ``timeout`` stays
+        ``running`` in the store and is requeued by the next start's recovery."""
         self._stopping.set()
         for event in list(self._cancel_events.values()):
             event.set()
@@ -501,6 +513,7 @@ class LocalDispatcher:
                                                               "detail": traceback.format_exc()})
             finally:
                 self._cancel_events.pop(record.id, None)
+                self._user_cancelled.discard(record.id)
                 self._current = None
 
     def _execute(self, record: RunRecord) -> None:
@@ -534,6 +547,9 @@ class LocalDispatcher:
             return
         error = dict(result.error) if result.error else None
         if result.status == "cancelled":
+            if self._stopping.is_set() and record.id not in self._user_cancelled:
+                queue.store.requeue(record.id)  # interrupted by shutdown, not by a user: run it again later
+                return
             error = {"message": "cancelled"}
         queue.complete(record, result.status, ui=make_jsonable(result.ui), error=error,
                        timings={k: round(v, 6) for k, v in result.timings.items()}, reasons=result.reasons,

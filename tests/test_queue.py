@@ -132,6 +132,20 @@ def test_recovery_requeues_interrupted_runs(tmp_path, make_queue):
     assert queue.get(hopeless.id).status == "failed" and "not retrying" in queue.get(hopeless.id).error["message"]
 
 
+def test_graceful_stop_requeues_the_running_run(make_queue, tmp_path):
+    db = tmp_path / "graceful.sqlite3"
+    queue = make_queue(db=db)
+    queue.start()
+    slow = queue.submit(count_workflow(steps=100, delay=0.01, start=1)).id
+    wait(queue, slow, ("running",))
+    queue.stop(5)
+    record = queue.get(slow)
+    assert record.status == "queued" and record.retries == 0
+    again = make_queue(db=db)
+    again.start()
+    assert wait(again, slow).status == "success"
+
+
 def test_store_is_exclusive_and_wal(tmp_path):
     first = RunStore(tmp_path / "x.sqlite3", exclusive=True)
     try:
