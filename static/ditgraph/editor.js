@@ -60,6 +60,7 @@ class Editor {
     this.name = null; // the saved workflow this tab edits (null = unsaved)
     this.meta = {};
     this.loading = false;
+    this.eventLog = []; // every websocket event of this tab (tests and debugging read it)
   }
 
   // ---------------------------------------------------------------- setup
@@ -102,6 +103,9 @@ class Editor {
     this.events = new EventStream(this.clientId, (e) => this.onEvent(e), (ok) => this.setConnected(ok));
     this.keyHandler = (e) => this.onKey(e);
     window.addEventListener("keydown", this.keyHandler, true);
+    // a new user action first commits the previous one (input events can overtake timers)
+    this.pointerHandler = () => this.flushChange();
+    window.addEventListener("pointerdown", this.pointerHandler, true);
     this.setupDrop();
     await this.loadInitial();
     this.pollTimer = setInterval(() => this.refreshQueue(), 5000);
@@ -116,6 +120,7 @@ class Editor {
     this.events?.close();
     this.resizeObserver?.disconnect();
     window.removeEventListener("keydown", this.keyHandler, true);
+    window.removeEventListener("pointerdown", this.pointerHandler, true);
     this.canvas?.stopRendering?.();
   }
 
@@ -509,8 +514,12 @@ class Editor {
 
   changed(reason) {
     if (this.loading) return;
+    // one commit per user action: litegraph fires several callbacks for one edit, all in one task
     clearTimeout(this.changeTimer);
-    this.changeTimer = setTimeout(() => this.commitChange(reason), 120);
+    this.changeTimer = setTimeout(() => {
+      this.changeTimer = null;
+      this.commitChange(reason);
+    }, 0);
   }
 
   commitChange() {
@@ -524,7 +533,10 @@ class Editor {
       this.setDirty(snap !== this.savedSnapshot);
     }
     this.persist();
-    if (this.showProblems) this.validate(false);
+    if (this.showProblems) {
+      clearTimeout(this.validateTimer);
+      this.validateTimer = setTimeout(() => this.validate(false), 250);
+    }
   }
 
   resetHistory() {
@@ -604,7 +616,8 @@ class Editor {
       if (!doc.layout?.viewport) this.fitView();
     }
     for (const warning of warnings.slice(0, 3)) this.toast(warning, "warning", 6000);
-    this.canvas.setDirty(true, true);
+    // draw now: litegraph hit-tests against bounds computed while drawing
+    this.canvas.draw(true, true);
     return true;
   }
 
@@ -874,6 +887,7 @@ class Editor {
 
   // ---------------------------------------------------------------- keyboard
   onKey(e) {
+    this.flushChange();
     const target = e.target;
     if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA" || target.isContentEditable)) return;
     const mod = e.ctrlKey || e.metaKey;
@@ -978,6 +992,8 @@ class Editor {
     this.flushChange();
     const doc = this.workflow();
     this.showProblems = true;
+    // events may arrive before the POST answers: reset node states first
+    for (const node of this.graph._nodes) this.clearRunState(node, true);
     let answer;
     try {
       answer = await api.queue(doc, this.clientId);
@@ -995,9 +1011,10 @@ class Editor {
     this.setProblems((this.problems ?? []).filter((p) => p.severity === "warning"));
     this.validate(false);
     const runId = answer.run_id;
-    this.runs.set(runId, { nodes: new Set(Object.keys(doc.nodes)), status: "queued" });
+    const ended = this.eventLog.find((e) => e.run_id === runId && e.type.startsWith("run_") && e.type !== "run_queued" && e.type !== "run_started");
+    const status = ended ? { run_finished: "success", run_failed: "failed", run_cancelled: "cancelled" }[ended.type] : "queued";
+    this.runs.set(runId, { nodes: new Set(Object.keys(doc.nodes)), status });
     this.lastRunId = runId;
-    for (const node of this.graph._nodes) this.clearRunState(node, true);
     this.refreshQueue();
     return runId;
   }
@@ -1052,6 +1069,8 @@ class Editor {
   }
 
   onEvent(event) {
+    this.eventLog.push(event.type === "progress" ? { ...event, preview: event.preview ? "(data url)" : undefined } : event);
+    if (this.eventLog.length > 5000) this.eventLog.splice(0, 1000);
     const run = this.runs.get(event.run_id);
     const node = this.nodeFor(event);
     switch (event.type) {

@@ -114,8 +114,8 @@ export class Palette {
       }
     };
     const up = (e) => {
-      window.removeEventListener("pointermove", move);
-      window.removeEventListener("pointerup", up);
+      window.removeEventListener("pointermove", move, true);
+      window.removeEventListener("pointerup", up, true);
       if (ghost) {
         ghost.remove();
         if (this.editor.isOverCanvas(e.clientX, e.clientY)) {
@@ -125,8 +125,9 @@ export class Palette {
         this.editor.addNodeAtCenter(def.type); // a plain click adds it in view
       }
     };
-    window.addEventListener("pointermove", move);
-    window.addEventListener("pointerup", up);
+    // capture phase: the canvas stops propagation of its own pointer events
+    window.addEventListener("pointermove", move, true);
+    window.addEventListener("pointerup", up, true);
   }
 }
 
