@@ -376,18 +376,23 @@ def _run_one(engine, workflow, targets, out_dir: Path, out_root: Path, json_mode
         elif progress is not None:
             progress(event)
 
+    done = threading.Event()
+
     def work() -> None:
         try:
             holder["result"] = engine.run(workflow, targets, cancel=cancel, on_event=on_event, output_dir=out_dir)
         except BaseException as exc:  # handed to the main thread
             holder["error"] = exc
+        finally:
+            done.set()
 
     thread = threading.Thread(target=work, name="ditgraph-cli-run", daemon=True)
     thread.start()
     interrupted = False
-    while thread.is_alive():
+    # wait on an Event, not Thread.join: a join interrupted by Ctrl-C can report the thread dead too early
+    while not done.is_set():
         try:
-            thread.join(0.1)
+            done.wait(0.1)
         except KeyboardInterrupt:
             if interrupted:
                 _err("interrupted again: exiting without waiting")

@@ -190,3 +190,28 @@ def test_console_process_and_help(tmp_path, wf):
     helped = subprocess.run([sys.executable, "-m", "app.cli", "run", "--help"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert helped.returncode == 0 and "130" in helped.stdout and "--batch" in helped.stdout
+
+
+def test_ctrl_c_cancels_with_130(tmp_path, wf):
+    import signal
+
+    env = {"PYTHONPATH": str(REPO), "DITGRAPH_PLUGINS": TEST_NODES, "DITGRAPH_OUTPUTS": str(tmp_path / "o"),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "run", wf, "--json", "--set", "1.steps=1000",
+                                "--set", "1.delay=0.02"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if '"progress"' in line:
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert json.loads(out.splitlines()[-1])["status"] == "cancelled" and "Traceback" not in err
+
+
+def test_cuda_device_without_cuda_exits_2(capsys, wf):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "run", wf, "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err
