@@ -38,7 +38,9 @@ Patch protocol (subclass :class:`ModelPatch`; every method is optional)::
 ``ModelCall`` holds the native inputs of one transformer call: ``kwargs`` (exactly what is
 passed to ``transformer(**kwargs, return_dict=False)``, e.g. hidden_states, timestep,
 encoder_hidden_states; a ControlNet patch adds ``block_controlnet_hidden_states``), plus
-``latents``/``sigma`` (engine convention), ``cond``, ``run`` and ``family``. ``wrap`` may edit
+``latents``/``sigma`` (engine convention, on the device), ``sigma_host`` (the same sigmas on
+CPU: read these rather than calling ``.item()``, which would synchronise the GPU every call),
+``cond``, ``run`` and ``family``. ``wrap`` may edit
 ``call.kwargs`` and call ``forward(call)``, or return a cached output without calling it
 (cache accelerators); its return value is the transformer's native output. Patches are
 applied in list order, the first patch outermost. Block-level hooks (diffusers
@@ -178,6 +180,7 @@ class ModelCall:
     run: SamplingRun
     family: str
     extras: dict = field(default_factory=dict)
+    sigma_host: torch.Tensor | None = None  # the same sigmas on CPU (read these, not .item(): no sync)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +201,7 @@ class ModelHandle(Resident):
     source: str = ""
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
+    _cache: dict = field(default_factory=dict, repr=False)  # small derived tensors (position ids)
 
     # -- views ---------------------------------------------------------------------------------
     def with_patch(self, patch: Any) -> ModelHandle:
@@ -317,18 +321,25 @@ class ModelHandle(Resident):
         run = self._active[-1]
         batch = latents.shape[0]
         latents = latents.to(self.device, torch.float32)
-        sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1)
-        if sigma_t.numel() == 1:
-            sigma_t = sigma_t.expand(batch)
+        if isinstance(sigma, torch.Tensor):
+            sigma_t = sigma.to(self.device, torch.float32).reshape(-1)
+            sigma_t = sigma_t.expand(batch) if sigma_t.numel() == 1 else sigma_t
+            sigma_host = sigma_t.detach().cpu()
+        else:  # a fill kernel, not a host->device copy (which would synchronise every step)
+            sigma_t = torch.full((batch,), float(sigma), device=self.device)
+            sigma_host = torch.full((batch,), float(sigma))
         conds = [_expand_cond(c, batch) for c in conds]
         if len(conds) > 1 and self.info.batch_cfg and _batchable(conds):
             merged = _cat_conds(conds)
-            out = self._evaluate(latents.repeat(len(conds), 1, 1, 1), sigma_t.repeat(len(conds)), merged, run)
-            return list(out.chunk(len(conds)))
-        return [self._evaluate(latents, sigma_t, c, run) for c in conds]
+            n = len(conds)
+            out = self._evaluate(latents.repeat(n, 1, 1, 1), sigma_t.repeat(n), sigma_host.repeat(n), merged, run)
+            return list(out.chunk(n))
+        return [self._evaluate(latents, sigma_t, sigma_host, c, run) for c in conds]
 
-    def _evaluate(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Any, run: SamplingRun) -> torch.Tensor:
-        call = ModelCall(self._native_kwargs(latents, sigma, cond), latents, sigma, cond, run, self.family)
+    def _evaluate(self, latents: torch.Tensor, sigma: torch.Tensor, sigma_host: torch.Tensor, cond: Any,
+                  run: SamplingRun) -> torch.Tensor:
+        kwargs = self._native_kwargs(latents, sigma, sigma_host, cond)
+        call = ModelCall(kwargs, latents, sigma, cond, run, self.family, sigma_host=sigma_host)
         transformer = self.transformer
 
         def base(c: ModelCall) -> torch.Tensor:
@@ -343,7 +354,7 @@ class ModelHandle(Resident):
         out = forward(call)
         return self._to_velocity(out, call)
 
-    def _native_kwargs(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> dict:
+    def _native_kwargs(self, x: torch.Tensor, sigma: torch.Tensor, sigma_host: torch.Tensor, cond: Any) -> dict:
         dtype = self.dtype
         fam = self.info
         embeds = cond.embeds.to(self.device, dtype)
@@ -353,7 +364,7 @@ class ModelHandle(Resident):
             ve = sigma / (1 - sigma).clamp(min=1e-12)
             x_in = x / (1 - sigma).clamp(min=1e-12)[:, None, None, None]  # VE-space sample
             x_in = x_in / (ve**2 + 1).sqrt()[:, None, None, None]  # diffusers' scale_model_input
-            t = self.sigma_to_timestep(sigma).to(self.device, torch.float32)
+            t = self._timesteps_for(sigma_host)
         else:
             x_in = x
         if self.family in ("sd3", "shapes-dit"):
@@ -362,10 +373,7 @@ class ModelHandle(Resident):
         if self.family == "flux":
             b, c, h, w = x.shape
             packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-            img_ids = torch.zeros(h // 2, w // 2, 3)
-            img_ids[..., 1] += torch.arange(h // 2)[:, None]
-            img_ids[..., 2] += torch.arange(w // 2)[None, :]
-            img_ids = img_ids.reshape(-1, 3).to(self.device, dtype)
+            img_ids = self._image_ids(h // 2, w // 2)
             txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
             guidance = None
             if getattr(self.config, "guidance_embeds", False):
@@ -386,6 +394,24 @@ class ModelHandle(Resident):
             return {"hidden_states": x_in.to(dtype), "timestep": (1 - sigma).to(dtype), "encoder_hidden_states": embeds,
                     "encoder_attention_mask": mask}
         raise ValueError(f"no model call for family {self.family!r}")
+
+    def _image_ids(self, h: int, w: int) -> torch.Tensor:
+        """Flux position ids of an h x w token grid (cached: built once per size and device)."""
+        key = ("img_ids", h, w, self.device, self.dtype)
+        if key not in self._cache:
+            ids = torch.zeros(h, w, 3)
+            ids[..., 1] += torch.arange(h)[:, None]
+            ids[..., 2] += torch.arange(w)[None, :]
+            self._cache[key] = ids.reshape(-1, 3).to(self.device, self.dtype)
+        return self._cache[key]
+
+    def _timesteps_for(self, sigma_host: torch.Tensor) -> torch.Tensor:
+        """Eps families: training timesteps for host-side sigmas, put on the device with a fill
+        kernel when all items share one value (no host->device copy, so no synchronisation)."""
+        t = self.sigma_to_timestep(sigma_host).float()
+        if bool((t == t[0]).all()):
+            return torch.full((sigma_host.shape[0],), float(t[0]), device=self.device)
+        return t.to(self.device)
 
     def _to_velocity(self, out: torch.Tensor, call: ModelCall) -> torch.Tensor:
         out = out.float()

@@ -12,6 +12,7 @@ textbook velocity form (Euler: x += (s' - s) v).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ from app.types import CONDITIONING, LATENT, MODEL, SIGMAS, Spec
 from nodes.latent import Latent
 
 SEED_MAX = 2**63 - 1
+PREVIEW_INTERVAL = 0.25  # seconds between latent previews
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +394,15 @@ def sample(
                 v_c, v_u = model.predict(x_t, s, positive), None
             return guide(guidance, x_t, s_t, v_c, v_u, cfg, i, state, options, renorm)
 
-        def callback(i: int, x_t: torch.Tensor, d: Denoised) -> torch.Tensor:
-            image = preview_image(model, d.x0) if preview else None
+        last_preview = [-math.inf]
+
+        def callback(i: int, x_t: torch.Tensor, d: Denoised) -> None:
+            # Previews copy to the host (a GPU sync): at most one per PREVIEW_INTERVAL, plus the last step.
+            image = None
+            now = time.perf_counter()
+            if preview and (i + 1 == steps or now - last_preview[0] >= PREVIEW_INTERVAL):
+                image = preview_image(model, d.x0)
+                last_preview[0] = now
             progress(i + 1, steps, image)
 
         if mask is None:
