@@ -126,7 +126,10 @@ def detect_folder_family(folder: str | Path) -> str:
     if (folder / "transformer" / "config.json").is_file():
         return detect_folder_family(folder / "transformer")
     if (folder / "config.json").is_file():
-        name = read_json(folder / "config.json").get("_class_name", "")
+        config = read_json(folder / "config.json")
+        name = config.get("_class_name", "")
+        if name == "SD3Transformer2DModel" and config.get("joint_attention_dim") == 384 == config.get("pooled_projection_dim"):
+            return "shapes-dit"  # MiniLM-sized text inputs: the bundled model (even before its manifest is written)
         if name in CLASS_TO_FAMILY:
             return CLASS_TO_FAMILY[name]
         raise ValueError(f"{folder / 'config.json'}: _class_name {name!r} is not a supported transformer "
