@@ -459,6 +459,35 @@ class Editor {
     if (body.h < want) node.setSize([node.size[0], node.size[1] + want - body.h]);
   }
 
+  /** Pick an image, upload it (POST /api/uploads) and point ``widget`` at the stored file. */
+  uploadInto(node, widget) {
+    const input = el("input", { type: "file", accept: "image/png,image/jpeg,image/webp", style: "display:none" });
+    input.addEventListener("change", async () => {
+      const file = input.files?.[0];
+      input.remove();
+      if (!file) return;
+      try {
+        const answer = await api.upload(file);
+        const name = answer.name ?? answer.filename;
+        if (Array.isArray(widget.options?.values) && !widget.options.values.includes(name)) widget.options.values.push(name);
+        widget.value = name;
+        const img = new Image();
+        img.onload = () => {
+          node.outputImages = [img];
+          this.ensureImageSpace(node, img);
+          this.canvas.setDirty(true, true);
+        };
+        img.src = URL.createObjectURL(file);
+        this.changed("upload");
+        this.toast(`Uploaded ${name}`, "ok");
+      } catch (error) {
+        this.toast(`Upload failed: ${error.message}`, "error");
+      }
+    });
+    document.body.append(input);
+    input.click();
+  }
+
   // ---------------------------------------------------------------- text overlay (multi-line prompts)
   editText(node, widget) {
     this.closeTextEditor(true);
@@ -621,8 +650,8 @@ class Editor {
     return true;
   }
 
-  fitView() {
-    const nodes = this.graph._nodes;
+  /** Fit ``nodes`` (default: all) into the canvas, zooming in no further than ``maxScale``. */
+  fitView(nodes = this.graph._nodes, maxScale = 1) {
     if (!nodes.length) return;
     let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
     for (const n of nodes) {
@@ -632,7 +661,7 @@ class Editor {
       y1 = Math.max(y1, n.pos[1] + n.size[1]);
     }
     const rect = this.canvasEl.getBoundingClientRect();
-    const scale = Math.max(0.3, Math.min(1, (rect.width - 80) / (x1 - x0), (rect.height - 80) / (y1 - y0)));
+    const scale = Math.max(0.3, Math.min(maxScale, (rect.width - 80) / (x1 - x0), (rect.height - 80) / (y1 - y0)));
     this.canvas.ds.scale = scale;
     this.canvas.ds.offset = [(rect.width / scale - (x1 - x0)) / 2 - x0, (rect.height / scale - (y1 - y0)) / 2 - y0];
     this.canvas.setDirty(true, true);
@@ -655,7 +684,7 @@ class Editor {
       }
     }
     try {
-      this.loadDocument(await api.getWorkflow(this.options.defaultWorkflow, "shipped"));
+      if (this.loadDocument(await api.getWorkflow(this.options.defaultWorkflow, "shipped"))) this.fitView();
     } catch {
       this.loadDocument({ format: FORMAT, version: 1, nodes: {}, layout: {}, meta: {} });
     }
@@ -761,7 +790,10 @@ class Editor {
   async openExample(name) {
     try {
       const doc = await api.getWorkflow(name, "shipped");
-      if (this.loadDocument(doc)) this.persist();
+      if (this.loadDocument(doc)) {
+        this.fitView();
+        this.persist();
+      }
     } catch (error) {
       this.toast(`Cannot open example “${name}”: ${error.message}`, "error");
     }
@@ -1234,6 +1266,19 @@ class Editor {
     const widget = node.widgets.find((w) => w.name === name);
     const h = widget.computedHeight ? widget.computedHeight - 4 : LiteGraph.NODE_WIDGET_HEIGHT;
     return this.graphToClient(node.pos[0] + node.size[0] * fx, node.pos[1] + widget.y + h / 2);
+  }
+
+  /** Client position of a widget's left (-1) or right (+1) arrow, or its middle (0). */
+  widgetArrowClientPos(nodeId, name, side = 1) {
+    const node = nodeByWorkflowId(this.graph, nodeId) ?? this.graph.getNodeById(nodeId);
+    const widget = node.widgets.find((w) => w.name === name);
+    const x = side > 0 ? node.size[0] - 24 : side < 0 ? 24 : node.size[0] / 2;
+    return this.graphToClient(node.pos[0] + x, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2);
+  }
+
+  fitNodes(ids, maxScale = 1) {
+    this.fitView(ids.map((id) => nodeByWorkflowId(this.graph, id)).filter(Boolean), maxScale);
+    this.canvas.draw(true, true);
   }
 
   titleClientPos(nodeId) {

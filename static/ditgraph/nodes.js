@@ -177,7 +177,7 @@ export function registerCatalogue(catalogue, editor) {
         const choices = input.choices;
         if (input.type === "BOOLEAN") {
           widget = this.addWidget("toggle", input.name, Boolean(input.default), onChange, { on: "true", off: "false" });
-        } else if (Array.isArray(choices)) {
+        } else if (Array.isArray(choices) && (choices.length || !input.file)) {
           const value = input.default ?? choices[0] ?? "";
           widget = this.addWidget("combo", input.name, value, onChange, { values: choices });
         } else if (input.type === "INT" || input.type === "FLOAT") {
@@ -199,6 +199,12 @@ export function registerCatalogue(catalogue, editor) {
         }
         widget.tooltip = input.tooltip;
         widget.inputDef = input;
+        if (input.file === "input") {
+          // images for LoadImage-style nodes: upload into the server's input folder
+          const upload = this.addWidget("button", `${input.name}__upload`, null, () => editor.uploadInto(this, widget), {});
+          upload.label = "choose file to upload…";
+          upload.serialize = false;
+        }
         // A socket at the widget so primitives (Seed, PrimitiveInt, ...) can drive it.
         const slot = this.addInput(input.name, input.type, { widget: { name: input.name } });
         if (input.tooltip) slot.tooltip = input.tooltip;
