@@ -1,0 +1,66 @@
+"""LoRA loaders: patch a MODEL with one or more LoRAs (see app/patches/lora.py for formats and
+the patch design). The returned MODEL is a view: the cached input MODEL and its shared
+transformer are never changed; the LoRA is active only while a sampler runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from app import paths
+from app.patches.lora import LoraFile, lora_patch, read_lora
+from app.registry import NodeResult, node
+from app.types import LORA, MODEL, Spec
+
+log = logging.getLogger(__name__)
+
+
+def _lora_choices() -> list[str]:
+    return paths.list_files("loras")
+
+
+STRENGTH = Spec(min=-10.0, max=10.0, step=0.05, tooltip="LoRA weight; negative pushes away from the LoRA, 0 = off.")
+FUSE = Spec(tooltip="Merge into copies of the weights for each run: base speed, but one extra copy of the "
+                    "targeted weights in memory while sampling. Off: applied on the fly (little memory).")
+
+
+def _apply(model, lora: LoraFile, strength: float, fuse: bool) -> NodeResult:
+    patch = lora_patch(lora, model, strength, fuse)
+    summary = patch.report.summary()
+    if patch.report.unmatched or patch.report.wrong_shape:
+        log.warning("%s", summary)
+    return NodeResult((model.with_patch(patch),), {"text": [summary]})
+
+
+@node(category="loaders", outputs={"model": MODEL})
+def LoraLoader(
+    model: MODEL,
+    lora: Annotated[str, Spec(file="loras", choices=_lora_choices,
+                              tooltip="A LoRA .safetensors file (diffusers/peft, kohya, XLabs; Flux, SD3, PixArt, "
+                                      "Sana, Lumina 2, shapes-dit) or a peft adapter folder.")],
+    strength: Annotated[float, STRENGTH] = 1.0,
+    fuse: Annotated[bool, FUSE] = False,
+) -> NodeResult:
+    """Apply a LoRA to the diffusion model. Chain several for a stack, each with its own strength.
+    The node shows how many of the LoRA's layers matched; a LoRA that matches nothing is an error."""
+    return _apply(model, read_lora(lora), strength, fuse)
+
+
+@node(category="loaders", outputs={"lora": LORA})
+def LoadLora(
+    lora: Annotated[str, Spec(file="loras", choices=_lora_choices, tooltip="A LoRA .safetensors file or peft folder.")],
+) -> LoraFile:
+    """Read a LoRA file once (for ApplyLora: changing the strength then does not re-read the file)."""
+    return read_lora(lora)
+
+
+@node(category="loaders", outputs={"model": MODEL})
+def ApplyLora(
+    model: MODEL,
+    lora: LORA,
+    strength: Annotated[float, STRENGTH] = 1.0,
+    fuse: Annotated[bool, FUSE] = False,
+) -> NodeResult:
+    """Apply a LORA (from LoadLora) to the diffusion model at a strength."""
+    return _apply(model, lora, strength, fuse)
