@@ -1,0 +1,402 @@
+"""GPU parity benchmark: ditgraph's decomposed workflow vs the bare diffusers pipeline.
+
+Random full-size PixArt-Σ (611M transformer + T5-XXL) and Flux.1-dev (11.9B + CLIP-L + T5-XXL)
+at 1024², 28 steps, bf16, on one GPU. Both sides share the very same modules in one process;
+"ours" is text encode -> Sampler -> VAE decode run through the Engine (or, if the engine's
+dependencies are missing on the device, the same node functions called in order), "pipeline"
+is ``PixArtSigmaPipeline(...)`` / ``FluxPipeline(...)`` with the same seed's initial noise.
+Reports end-to-end seconds (median of --repeats after a warm-up), the ratio ours/pipeline
+(target <= 1.03), the transformer's TFLOP per step (counted with torch's FlopCounterMode) and
+the achieved TFLOP/s against the 732 TFLOP/s bf16 ceiling measured on this H100, and the
+relative L2 between the two decoded images.
+
+Needs only torch, transformers and diffusers (plus this repository):
+
+    python bench/gpu_parity.py --out $OUT/gpu_parity.json
+    python bench/gpu_parity.py --tiny --out /tmp/gpu_parity_smoke.json     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import string
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CEILING_TFLOPS = 732.0  # bf16 dense matmul ceiling measured on this workplace's H100 (REFERENCE.md)
+PROMPT = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
+WORDS = PROMPT.replace(",", "").split() + ["a", "the", "of", "in", "on"]
+
+FULL = {
+    "pixart": {
+        "transformer": dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72,
+                            caption_channels=4096, cross_attention_dim=1152, in_channels=4, interpolation_scale=2,
+                            norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=32, norm_type="ada_norm_single",
+                            num_attention_heads=16, num_embeds_ada_norm=1000, num_layers=28, out_channels=8,
+                            patch_size=2, sample_size=128, use_additional_conditions=False),
+        "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                    norm_num_groups=32, sample_size=1024, scaling_factor=0.13025),
+        "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6),
+    },
+    "flux": {
+        "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=[16, 56, 56]),
+        "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
+                    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                    norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False),
+        "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+        "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6),
+    },
+}
+TINY = {
+    "pixart": {
+        "transformer": dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=8,
+                            caption_channels=32, cross_attention_dim=16, in_channels=4, norm_elementwise_affine=False,
+                            norm_eps=1e-6, norm_type="ada_norm_single", num_attention_heads=2, num_embeds_ada_norm=1000,
+                            num_layers=1, out_channels=8, patch_size=2, sample_size=8),
+        "vae": dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    sample_size=32, scaling_factor=0.13025),
+        "t5": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=100, relative_attention_num_buckets=8),
+    },
+    "flux": {
+        "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                            guidance_embeds=True, axes_dims_rope=[4, 4, 8]),
+        "vae": dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    sample_size=32, scaling_factor=0.4, shift_factor=0.1),
+        "clip": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                     max_position_embeddings=77, projection_dim=32),
+        "t5": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=100, relative_attention_num_buckets=8),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# building random models (no downloads: tokenizers from a small vocabulary)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -float(i)) for i, w in enumerate(dict.fromkeys(WORDS))]
+    vocab += [(c, -50.0) for c in string.ascii_lowercase] + [("▁", -60.0)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + [w + "</w>" for w in dict.fromkeys(WORDS)]
+    tokens += list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges=[], model_max_length=77)
+
+
+def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random components (diffusers pipeline names), created directly on ``device`` in ``dtype``."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = configs[family]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            parts = {"vae": diffusers.AutoencoderKL(**cfg["vae"]).eval()}
+            t5 = T5EncoderModel(T5Config(**cfg["t5"], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+            if family == "pixart":
+                parts["transformer"] = diffusers.PixArtTransformer2DModel(**cfg["transformer"]).eval()
+                parts["text_encoder"], parts["tokenizer"] = t5, t5_tokenizer()
+                parts["scheduler"] = diffusers.DPMSolverMultistepScheduler()
+            else:
+                parts["transformer"] = diffusers.FluxTransformer2DModel(**cfg["transformer"]).eval()
+                clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"], bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+                parts["text_encoder"], parts["tokenizer"] = clip, clip_tokenizer()
+                parts["text_encoder_2"], parts["tokenizer_2"] = t5, t5_tokenizer()
+                parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096)
+    finally:
+        torch.set_default_dtype(previous)
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device=device, dtype=dtype).requires_grad_(False)
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# the two sides
+
+
+def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float, noise: torch.Tensor):
+    import diffusers
+
+    if family == "pixart":
+        pipe = diffusers.PixArtSigmaPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
+        kwargs = dict(guidance_scale=cfg, use_resolution_binning=False, clean_caption=False,
+                      latents=noise.to(parts["transformer"].device, parts["transformer"].dtype))
+    else:
+        pipe = diffusers.FluxPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                "text_encoder_2", "tokenizer_2", "transformer")})
+        b, c, h, w = noise.shape
+        kwargs = dict(guidance_scale=3.5, latents=pipe._pack_latents(noise, b, c, h, w))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            images = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, output_type="pt", **kwargs).images
+        return images.permute(0, 2, 3, 1).float().cpu()
+
+    return run
+
+
+def ours_runner(family: str, parts: dict, size: int, steps: int, cfg: float, seed: int, device: torch.device,
+                dtype: torch.dtype):
+    """Returns (run() -> image, mode, last_timings()) for our workflow on the prebuilt modules."""
+    from app.families import PIPELINE_TEXT_SLOTS
+    from app.models import ModelHandle, TextEncoders, VAEHandle
+
+    handle = ModelHandle(parts["transformer"], family, device, dtype, scheduler_config=dict(parts["scheduler"].config),
+                         source=f"random {family}")
+    slots = {slot: (parts[comp.replace("text_encoder", "tokenizer")], parts[comp])
+             for slot, comp in PIPELINE_TEXT_SLOTS[family].items() if comp in parts}
+    encoders = TextEncoders(slots, family, device, dtype)
+    vae = VAEHandle(parts["vae"], device, dtype)
+    sampler = "dpmpp_2m" if family == "pixart" else "euler"
+    guided = family != "flux"
+    timings: dict = {}
+    try:
+        from app.executor import Engine
+        from app.registry import Registry, node
+        from app.types import MODEL, TEXT_ENCODER, VAE
+    except ImportError as exc:  # engine deps (networkx) missing on the device: call the nodes directly
+        print(f"engine unavailable ({exc}); calling the node functions in order", flush=True)
+        from nodes.latent import EmptyLatent, VAEDecode
+        from nodes.sampling import Sampler
+        from nodes.text import TextEncode, TextEncodeNegative
+
+        def run_direct() -> torch.Tensor:
+            t0 = time.perf_counter()
+            pos = TextEncode(encoders, PROMPT, family)
+            neg = TextEncodeNegative(encoders, "", family) if guided else None
+            latent = EmptyLatent(handle, vae, size, size, 1)
+            t1 = time.perf_counter()
+            out = Sampler(handle, pos, latent, neg, seed=seed, steps=steps, cfg=cfg if guided else 1.0, sampler=sampler)
+            t2 = time.perf_counter()
+            image = VAEDecode(vae, out)
+            timings.update(encode=t1 - t0, sample=t2 - t1, decode=time.perf_counter() - t2)
+            return image
+
+        return run_direct, "direct node calls", timings
+
+    @node(category="bench", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE}, name="BenchModels")
+    def bench_models(which: str = family):
+        return handle, encoders, vae
+
+    registry = Registry()
+    registry.load_package("nodes")
+    registry.add(bench_models)
+    engine = Engine(registry=registry, device=device)
+    nodes = {
+        "m": {"type": "BenchModels", "inputs": {"which": family}},
+        "pos": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["m", "text_encoder"]}, "text": PROMPT}},
+        "empty": {"type": "EmptyLatent", "inputs": {"model": {"from": ["m", "model"]}, "vae": {"from": ["m", "vae"]},
+                                                    "width": size, "height": size}},
+        "sample": {"type": "Sampler", "inputs": {"model": {"from": ["m", "model"]}, "positive": {"from": ["pos", "conditioning"]},
+                                                 "latent": {"from": ["empty", "latent"]}, "seed": seed, "steps": steps,
+                                                 "cfg": cfg if guided else 1.0, "sampler": sampler, "scheduler": "auto"}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["m", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
+    }
+    if guided:
+        nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["m", "text_encoder"]}, "text": ""}}
+        nodes["sample"]["inputs"]["negative"] = {"from": ["neg", "conditioning"]}
+    workflow = {"format": "ditgraph/workflow", "version": 1, "nodes": nodes, "meta": {"name": f"bench-{family}"}}
+
+    def run_engine() -> torch.Tensor:
+        engine.cache.clear()  # every timed run recomputes encode, sample and decode
+        result = engine.run(workflow, targets=["decode"]).raise_for_status()
+        timings.clear()
+        timings.update({k: round(v, 4) for k, v in result.timings.items()})
+        return result.output("decode")
+
+    return run_engine, "Engine.run (memo cache cleared before each run)", timings
+
+
+def transformer_tflop_per_step(family: str, parts: dict, size: int, guided: bool) -> float | None:
+    """FLOPs of the transformer call(s) of one sampling step, counted by torch (SDPA included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tr = parts["transformer"]
+    dev, dt = tr.device, tr.dtype
+    b = 2 if guided else 1
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if family == "pixart":
+                tr(torch.randn(b, 4, size // 8, size // 8, device=dev, dtype=dt),
+                   encoder_hidden_states=torch.randn(b, 300, tr.config.caption_channels, device=dev, dtype=dt),
+                   encoder_attention_mask=torch.ones(b, 300, device=dev), timestep=torch.full((b,), 500.0, device=dev),
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+            else:
+                n = (size // 16) ** 2
+                ids = torch.zeros(n, 3, device=dev, dtype=dt)
+                tr(torch.randn(b, n, tr.config.in_channels, device=dev, dtype=dt),
+                   encoder_hidden_states=torch.randn(b, 512, tr.config.joint_attention_dim, device=dev, dtype=dt),
+                   pooled_projections=torch.randn(b, tr.config.pooled_projection_dim, device=dev, dtype=dt),
+                   timestep=torch.full((b,), 0.5, device=dev, dtype=dt), img_ids=ids,
+                   txt_ids=torch.zeros(512, 3, device=dev, dtype=dt), guidance=torch.full((b,), 3.5, device=dev),
+                   return_dict=False)
+        return counter.get_total_flops() / 1e12
+    except Exception as exc:  # FLOP counting is informative only
+        print(f"flop counting failed: {exc}", flush=True)
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from nodes.sampling import make_noise
+
+    configs = TINY if args.tiny else FULL
+    t0 = time.perf_counter()
+    parts = build(family, configs, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in parts["transformer"].parameters())
+    size, steps = args.size, args.steps
+    factor = 2 ** (len(configs[family]["vae"]["block_out_channels"]) - 1)
+    channels = configs[family]["vae"]["latent_channels"]
+    noise = make_noise((1, channels, size // factor, size // factor), args.seed)
+    if family == "pixart":
+        # the pipeline multiplies given latents by init_noise_sigma; ours starts from the same noise
+        pass
+    guided = family != "flux"
+    run_pipe = pipeline_runner(family, parts, size, steps, args.cfg, noise)
+    run_ours, mode, timings = ours_runner(family, parts, size, steps, args.cfg, args.seed, device, dtype)
+
+    def timed(fn):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        return time.perf_counter() - start, out
+
+    # warm-up (allocator, kernels, cuBLAS handles) then interleave so drift hits both sides alike
+    timed(run_pipe)
+    timed(run_ours)
+    ours_s, pipe_s, sample_s = [], [], []
+    image_ours = image_pipe = None
+    for _ in range(args.repeats):
+        t, image_pipe = timed(run_pipe)
+        pipe_s.append(t)
+        t, image_ours = timed(run_ours)
+        ours_s.append(t)
+        sample_s.append(timings.get("sample"))
+    ours_med, pipe_med = statistics.median(ours_s), statistics.median(pipe_s)
+    tflop = transformer_tflop_per_step(family, parts, size, guided)
+    diff = float((image_ours - image_pipe).norm() / image_pipe.norm().clamp(min=1e-12))
+    result = {
+        "family": family,
+        "transformer_params": params,
+        "size": size, "steps": steps, "dtype": str(dtype).replace("torch.", ""),
+        "cfg": args.cfg if guided else 1.0, "sampler_ours": "dpmpp_2m" if family == "pixart" else "euler",
+        "scheduler_pipeline": type(parts["scheduler"]).__name__,
+        "ours_mode": mode,
+        "build_s": round(build_s, 2),
+        "ours_s": [round(x, 4) for x in ours_s],
+        "pipeline_s": [round(x, 4) for x in pipe_s],
+        "ours_median_s": round(ours_med, 4),
+        "pipeline_median_s": round(pipe_med, 4),
+        "ratio_ours_over_pipeline": round(ours_med / pipe_med, 4),
+        "ratio_target": 1.03,
+        "ratio_ok": ours_med / pipe_med <= 1.03,
+        "ours_stage_timings_s": dict(timings),
+        "transformer_tflop_per_step": None if tflop is None else round(tflop, 3),
+        "image_rel_l2_ours_vs_pipeline": round(diff, 5) if diff == diff else None,
+    }
+    if tflop is not None:
+        total = tflop * steps
+        result["tflops_end_to_end_ours"] = round(total / ours_med, 1)
+        result["tflops_end_to_end_pipeline"] = round(total / pipe_med, 1)
+        valid = [s for s in sample_s if s]
+        if valid:
+            result["tflops_sampling_ours"] = round(total / statistics.median(valid), 1)
+            result["fraction_of_ceiling_sampling"] = round(total / statistics.median(valid) / CEILING_TFLOPS, 3)
+        result["ceiling_tflops"] = CEILING_TFLOPS
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    del parts, run_pipe, run_ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_parity.json"))
+    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux")
+    parser.add_argument("--size", type=int, default=None, help="image size (default 1024; --tiny: 32)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 28; --tiny: 2)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test of this script)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    args.size = args.size or (32 if args.tiny else 1024)
+    args.steps = args.steps or (2 if args.tiny else 28)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.tiny:
+        print("no CUDA device: run with --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    import diffusers
+    import transformers
+
+    report = {
+        "benchmark": "gpu_parity",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "tiny": args.tiny,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": [],
+    }
+    for family in [m.strip() for m in args.models.split(",") if m.strip()]:
+        report["results"].append(bench_family(family, args, device, dtype))
+    report["all_ratios_ok"] = all(r["ratio_ok"] for r in report["results"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
