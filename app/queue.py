@@ -73,14 +73,18 @@ class RunRecord:
     retries: int = 0
     output_subfolder: str | None = None
     worker: str | None = None
+    name: str = ""
     seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name and isinstance(self.workflow, dict):
+            self.name = str((self.workflow.get("meta") or {}).get("name") or "untitled")
 
     def summary(self, with_workflow: bool = False) -> dict:
         """The JSON shape served by the API (``run_id`` rather than ``id``)."""
         data = asdict(self)
         data["run_id"] = data.pop("id")
         data.pop("seq", None)
-        data["name"] = str((self.workflow.get("meta") or {}).get("name") or "untitled") if isinstance(self.workflow, dict) else "untitled"
         if not with_workflow:
             data.pop("workflow")
         duration = (self.finished - self.started) if self.finished and self.started else None
@@ -90,7 +94,9 @@ class RunRecord:
 
 _JSON_COLUMNS = ("workflow", "targets", "ui", "error", "timings", "reasons", "executed", "cached")
 _COLUMNS = ("seq", "id", "client_id", "workflow", "targets", "status", "created", "started", "finished", "ui", "error",
-            "timings", "reasons", "executed", "cached", "retries", "output_subfolder", "worker")
+            "timings", "reasons", "executed", "cached", "retries", "output_subfolder", "worker", "name")
+# listings leave the (possibly large) workflow out
+_LIST_COLUMNS = ", ".join(c for c in _COLUMNS if c != "workflow")
 
 
 class QueueLocked(RuntimeError):
@@ -129,8 +135,12 @@ class RunStore:
                 ui TEXT, error TEXT, timings TEXT, reasons TEXT, executed TEXT, cached TEXT,
                 retries INTEGER NOT NULL DEFAULT 0,
                 output_subfolder TEXT,
-                worker TEXT)"""
+                worker TEXT,
+                name TEXT)"""
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "name" not in columns:  # databases made before runs had a name column
+            self._db.execute("ALTER TABLE runs ADD COLUMN name TEXT")
         self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, seq)")
         self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_finished ON runs(finished)")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -165,9 +175,10 @@ class RunStore:
         for name in _JSON_COLUMNS:
             if data.get(name) is not None:
                 data[name] = json.loads(data[name])
-        for name, empty in (("ui", {}), ("timings", {}), ("reasons", {}), ("executed", []), ("cached", [])):
+        for name, empty in (("ui", {}), ("timings", {}), ("reasons", {}), ("executed", []), ("cached", []), ("workflow", {})):
             if data.get(name) is None:
                 data[name] = type(empty)()
+        data["name"] = data.get("name") or ""
         return RunRecord(**data)
 
     @staticmethod
@@ -264,7 +275,7 @@ class RunStore:
         """Running runs first, then queued ones in the order they will run."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM runs WHERE status IN ('running', 'queued') ORDER BY status = 'queued', seq"
+                f"SELECT {_LIST_COLUMNS} FROM runs WHERE status IN ('running', 'queued') ORDER BY status = 'queued', seq"
             ).fetchall()
         return [self._record(row) for row in rows]
 
@@ -276,7 +287,8 @@ class RunStore:
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM runs WHERE {where}", args).fetchone()[0]
             rows = self._db.execute(
-                f"SELECT * FROM runs WHERE {where} ORDER BY finished DESC, seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+                f"SELECT {_LIST_COLUMNS} FROM runs WHERE {where} ORDER BY finished DESC, seq DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
             ).fetchall()
         return [self._record(row) for row in rows], total
 

@@ -258,6 +258,7 @@ class Guard:
             # a page visited as /?token=T remembers the token in a same-site cookie
             if explicit_ok and not cookie_ok and not scope["path"].startswith("/api") and scope.get("method") == "GET":
                 send = _with_cookie(send, token)
+            receive = _capped(receive, limit)  # bodies without a Content-Length (chunked) too
         return await self.app(scope, receive, send)
 
     def _host_allowed(self, host: str) -> bool:
@@ -279,6 +280,25 @@ class Guard:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    """A request body went past the cap while it was being read."""
+
+
+def _capped(receive, limit: int):
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message.get("type") == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(f"request body over {limit // MB} MB")
+        return message
+
+    return wrapped
 
 
 def _bearer(value: str) -> str | None:
@@ -424,11 +444,14 @@ def _inflate(data: bytes, limit: int) -> bytes:
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The whole request body, or None once it exceeds ``limit`` bytes."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except BodyTooLarge:
+        return None
     return b"".join(chunks)
 
 

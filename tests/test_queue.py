@@ -136,14 +136,16 @@ def test_graceful_stop_requeues_the_running_run(make_queue, tmp_path):
     db = tmp_path / "graceful.sqlite3"
     queue = make_queue(db=db)
     queue.start()
-    slow = queue.submit(count_workflow(steps=100, delay=0.01, start=1)).id
+    slow = queue.submit(count_workflow(steps=10000, delay=0.01, start=1)).id
     wait(queue, slow, ("running",))
-    queue.stop(5)
+    queue.stop(10)
     record = queue.get(slow)
-    assert record.status == "queued" and record.retries == 0
+    assert record.status == "queued" and record.retries == 0 and record.started is None
     again = make_queue(db=db)
     again.start()
-    assert wait(again, slow).status == "success"
+    wait(again, slow, ("running",))  # picked up again by the next start
+    assert again.cancel(slow) == "cancelling"
+    assert wait(again, slow).status == "cancelled"  # a user's cancel is final
 
 
 def test_store_is_exclusive_and_wal(tmp_path):
