@@ -118,3 +118,33 @@ class ServerProcess:
                 return record
             time.sleep(0.05)
         raise AssertionError(f"run {run_id} did not reach {until} in {timeout}s: {record}")
+
+
+_shared: ServerProcess | None = None
+
+
+def shared_server() -> ServerProcess:
+    """One server (with the test nodes) for every test module that needs no special settings;
+    started on first use, stopped when the test process exits."""
+    global _shared
+    if _shared is None or _shared.process is None or _shared.process.poll() is not None:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="ditgraph-api-test-"))
+        _shared = ServerProcess(root).start()
+        atexit.register(shutil.rmtree, root, True)
+        atexit.register(_shared.stop)
+    return _shared
+
+
+def wait_idle(server: ServerProcess, timeout: float = 60) -> None:
+    """Until nothing is queued or running (earlier tests may have left runs behind)."""
+    deadline = time.monotonic() + timeout
+    with server.client() as client:
+        while time.monotonic() < deadline:
+            if not client.get("/api/runs", params={"limit": 1}).json()["queue"]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the server's queue did not drain")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._server_helpers import ServerProcess
+from tests._server_helpers import shared_server, wait_idle
 
 NODE_TYPES = ["PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveBoolean", "Seed", "MathInt", "Reroute",
               "Note", "PreviewAny", "SaveImage", "LoadImage", "Sampler", "EmptyLatent"]
@@ -42,12 +42,12 @@ bodies = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("fuzz"), plugins=False).start()
+def server():
+    proc = shared_server()
     proc.shared_client = proc.client()
     yield proc
     proc.shared_client.close()
-    proc.stop()
+    wait_idle(proc)
 
 
 def _encode(body) -> bytes:

@@ -17,14 +17,14 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from app.server import png_text_chunks, sniff_image
-from tests._server_helpers import ServerProcess, count_workflow, workflow
+from tests._server_helpers import ServerProcess, count_workflow, shared_server, wait_idle, workflow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("server")).start()
-    yield proc
-    proc.stop()
+def server():
+    proc = shared_server()
+    wait_idle(proc)
+    return proc
 
 
 @pytest.fixture
