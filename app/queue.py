@@ -224,11 +224,13 @@ class RunStore:
             )
         return cursor.rowcount == 1
 
-    def requeue(self, run_id: str) -> bool:
-        """Put a running run back in the queue, keeping its place (the server stopped under it)."""
+    def requeue(self, run_id: str, retry: bool = False) -> bool:
+        """Put a running run back in the queue, keeping its place (the server stopped under it;
+        with ``retry``, its worker died under it: that counts as one more try in ``retries``)."""
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE runs SET status='queued', started=NULL, worker=NULL WHERE id = ? AND status='running'", (run_id,)
+                "UPDATE runs SET status='queued', started=NULL, worker=NULL, retries=retries+? "
+                "WHERE id = ? AND status='running'", (int(retry), run_id)
             )
         return cursor.rowcount == 1
 
