@@ -210,7 +210,10 @@ class AppState:
         targets = [c for c in connections if broadcast or c.all_runs or (client_id is not None and c.client_id == client_id)]
         if not targets:
             return
-        text = json.dumps(jsonable_event(event), ensure_ascii=False)
+        data = jsonable_event(event)
+        if isinstance(data.get("error"), dict):
+            data["error"] = {k: v for k, v in data["error"].items() if k != "detail"}  # tracebacks stay in the record
+        text = json.dumps(data, ensure_ascii=False)
         droppable = event.get("type") == "progress"
         for connection in targets:
             with contextlib.suppress(RuntimeError):  # loop closed while shutting down
@@ -526,8 +529,12 @@ def build_router(state: AppState) -> APIRouter:
                 raise WorkflowError(problems)
         except WorkflowError as exc:
             return _problems_response(exc)
-        targets, order = state.engine.plan(workflow, targets)
-        return JSONResponse({"targets": targets, "order": order, "reasons": state.engine.explain(workflow)})
+        try:
+            targets, order = state.engine.plan(workflow, targets)
+            reasons = state.engine.explain(workflow)
+        except paths.PathRefused as exc:  # a file vanished since validation
+            return _error(400, str(exc))
+        return JSONResponse({"targets": targets, "order": order, "reasons": reasons})
 
     @router.post("/runs", summary="Queue a run", status_code=200)
     def post_run(body: RunRequest) -> JSONResponse:
@@ -670,7 +677,7 @@ def build_router(state: AppState) -> APIRouter:
         try:
             return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
-            return _error(500, f"cannot read {name!r}: {exc}")
+            return _error(422, f"cannot read {name!r}: {exc}")
 
     @router.put("/workflows/{name:path}", summary="Save a workflow into the user folder (replaces it)")
     def put_workflow(name: str, document: Any = Body(...)) -> JSONResponse:  # noqa: B008 - FastAPI's idiom
@@ -854,8 +861,11 @@ def create_app(engine: Any = None, settings: Settings | None = None) -> FastAPI:
     except ImportError:
         ui_module = None
     if ui_module is not None and hasattr(ui_module, "register"):
-        ui_module.register(state)
-        ui_registered = True
+        try:
+            ui_module.register(state)
+            ui_registered = True
+        except Exception:  # a broken editor must not take the API down with it
+            log.exception("the editor UI failed to register; serving the API only")
     if not ui_registered:
         @nicegui_app.get("/", include_in_schema=False)
         def index() -> HTMLResponse:
