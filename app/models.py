@@ -94,6 +94,17 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {choice!r}; expected auto, {', '.join(DTYPES)}") from None
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device (when 0 is the current one)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -108,12 +119,22 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 class Resident:
-    """Mixin for values wrapping modules: ``offload()`` to CPU, ``ensure_device()`` back."""
+    """Mixin for values wrapping modules: ``offload()`` to CPU, ``ensure_device()`` back.
+
+    ``residency`` "resident" keeps the weights on ``device``; "offload" keeps them in RAM and
+    moves them to ``device`` only while they run (``release()`` after each use).
+    """
 
     device: torch.device
+    residency: str
 
     def _modules(self) -> list[torch.nn.Module]:
         return []
+
+    def release(self) -> None:
+        """Called after each use: offloads when the residency policy says so."""
+        if getattr(self, "residency", "resident") == "offload":
+            self.offload()
 
     def offload(self) -> None:
         for m in self._modules():
@@ -122,7 +143,7 @@ class Resident:
 
     def ensure_device(self) -> None:
         for m in self._modules():
-            if module_device(m) != self.device:
+            if not same_device(module_device(m), self.device):
                 m.to(self.device)
 
 
@@ -199,6 +220,7 @@ class ModelHandle(Resident):
     scheduler_config: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
+    residency: str = "resident"
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
     _cache: dict = field(default_factory=dict, repr=False)  # small derived tensors (position ids)
@@ -305,6 +327,8 @@ class ModelHandle(Resident):
                 end = getattr(patch, "end_run", None)
                 if end:
                     end(run, state)
+            if not self._active:
+                self.release()
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -367,8 +391,8 @@ class ModelHandle(Resident):
             t = self._timesteps_for(sigma_host)
         else:
             x_in = x
-        if self.family in ("sd3", "shapes-dit"):
-            return {"hidden_states": x_in.to(dtype), "timestep": (sigma * 1000).to(dtype),
+        if self.family in ("sd3", "shapes-dit"):  # timesteps stay float32, as the pipelines pass them
+            return {"hidden_states": x_in.to(dtype), "timestep": sigma * 1000,
                     "encoder_hidden_states": embeds, "pooled_projections": pooled}
         if self.family == "flux":
             b, c, h, w = x.shape
@@ -391,7 +415,7 @@ class ModelHandle(Resident):
             return {"hidden_states": x_in.to(dtype), "encoder_hidden_states": embeds, "encoder_attention_mask": mask,
                     "timestep": sigma * 1000 * scale}
         if self.family == "lumina2":
-            return {"hidden_states": x_in.to(dtype), "timestep": (1 - sigma).to(dtype), "encoder_hidden_states": embeds,
+            return {"hidden_states": x_in.to(dtype), "timestep": 1 - sigma, "encoder_hidden_states": embeds,
                     "encoder_attention_mask": mask}
         raise ValueError(f"no model call for family {self.family!r}")
 
@@ -492,6 +516,7 @@ class VAEHandle(Resident):
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     source: str = ""
+    residency: str = "resident"
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.vae]
@@ -520,9 +545,12 @@ class VAEHandle(Resident):
         """(B, H, W, 3) in [0, 1] -> normalised latents (B, C, h, w) float32 (posterior mean)."""
         self.ensure_device()
         x = images.permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
-        out = self.vae.encode(x)
-        latent = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
-        return ((latent.float() - self.shift_factor) * self.scaling_factor).cpu()
+        try:
+            out = self.vae.encode(x)
+            latent = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
+            return ((latent.float() - self.shift_factor) * self.scaling_factor).cpu()
+        finally:
+            self.release()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
@@ -530,11 +558,14 @@ class VAEHandle(Resident):
         self.ensure_device()
         z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
         z = z.to(self.dtype)
-        if tiled and hasattr(self.vae, "tiled_decode"):
-            image = self.vae.tiled_decode(z, return_dict=False)[0]
-        else:
-            image = self.vae.decode(z, return_dict=False)[0]
-        return ((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+        try:
+            if tiled and hasattr(self.vae, "tiled_decode"):
+                image = self.vae.tiled_decode(z, return_dict=False)[0]
+            else:
+                image = self.vae.decode(z, return_dict=False)[0]
+            return ((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+        finally:
+            self.release()
 
 
 @dataclass(eq=False)
@@ -548,6 +579,7 @@ class TextEncoders(Resident):
     dtype: torch.dtype = torch.float32
     options: dict = field(default_factory=dict)  # e.g. shapes-dit max_length
     source: str = ""
+    residency: str = "resident"
 
     def _modules(self) -> list[torch.nn.Module]:
         return [model for _, model in self.slots.values()]

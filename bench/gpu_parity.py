@@ -367,6 +367,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test of this script)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     args = parser.parse_args()
     args.size = args.size or (32 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 28)
@@ -374,7 +375,7 @@ def main() -> int:
     if device.type != "cuda" and not args.tiny:
         print("no CUDA device: run with --tiny for a CPU smoke test", file=sys.stderr)
         return 2
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     import diffusers

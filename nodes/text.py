@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import torch
@@ -85,6 +86,13 @@ def _pipeline_for(family: str, encoders: TextEncoders):
 @torch.no_grad()
 def encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: int = 0) -> Conditioning:
     """Encode ``prompts`` the way ``family``'s pipeline does."""
+    try:
+        return _encode(encoders, prompts, family, max_length)
+    finally:
+        encoders.release()
+
+
+def _encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: int) -> Conditioning:
     encoders.ensure_device()
     device = encoders.device
     if family == "shapes-dit":
@@ -97,10 +105,11 @@ def encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: 
     pipe = _pipeline_for(family, encoders)
     if family == "sd3":
         kw = {"max_sequence_length": max_length} if max_length else {}
+        if "t5" not in encoders.slots:  # the pipeline pads with zeros as wide as the transformer's text input
+            width = int(encoders.options.get("joint_attention_dim", 4096))
+            object.__setattr__(pipe, "transformer", SimpleNamespace(config=SimpleNamespace(joint_attention_dim=width)))
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
                                                   do_classifier_free_guidance=False, **kw)
-        if "t5" not in encoders.slots:  # the pipeline pads with zeros of the T5 width it cannot know
-            pass
         return Conditioning(embeds, pooled, None, family, tuple(prompts))
     if family == "flux":
         kw = {"max_sequence_length": max_length} if max_length else {}
@@ -120,6 +129,15 @@ def encode_negative(encoders: TextEncoders, prompts: list[str], family: str, max
     """The unconditional/negative side. Differs from :func:`encode` only where the family's
     pipeline encodes negatives differently (Sana: no complex human instruction; Lumina 2: no
     system prompt)."""
+    if family in ("sana", "lumina2"):
+        try:
+            return _encode_negative_gemma(encoders, prompts, family, max_length)
+        finally:
+            encoders.release()
+    return encode(encoders, prompts, family, max_length)
+
+
+def _encode_negative_gemma(encoders: TextEncoders, prompts: list[str], family: str, max_length: int) -> Conditioning:
     if family == "sana":
         pipe = _pipeline_for(family, encoders)
         encoders.ensure_device()
@@ -132,7 +150,7 @@ def encode_negative(encoders: TextEncoders, prompts: list[str], family: str, max
         encoders.ensure_device()
         embeds, mask = pipe._get_gemma_prompt_embeds(prompts, device=encoders.device, max_sequence_length=max_length or 256)
         return Conditioning(embeds, None, mask, family, tuple(prompts))
-    return encode(encoders, prompts, family, max_length)
+    raise AssertionError(family)
 
 
 def _call_default(pipe: Any, name: str) -> Any:
