@@ -119,11 +119,15 @@ def test_build_txt2img_with_the_mouse_and_run(flow):
     run_id = click_run(tab)
     tab.wait("ed.nodeInfo(arg).runState === 'running'", arg=sampler_id, timeout=120)
     tab.js("ed.fitNodes(arg)", [sampler_id, flow["save"]])
-    tab.shot("23_txt2img_running")
+    # a latent preview from the progress events is drawn on the sampler while it runs
+    tab.wait("ed.graph.getNodeById(Number(arg)).previewImage !== null || ed.nodeInfo(arg).runState === 'done'",
+             arg=sampler_id, timeout=120)
+    tab.shot("23_txt2img_running_latent_preview")
     wait_run_done(tab, run_id, timeout=240)
     tab.wait("ed.nodeInfo(arg).images > 0", arg=flow["save"], timeout=20)
     progress = tab.js("ed.eventLog.filter(e => e.type === 'progress' && e.node === arg)", sampler_id)
     assert progress and progress[-1]["step"] == progress[-1]["total"] == STEPS
+    assert all(p.get("preview") for p in progress), "progress events should carry latent previews"
     tab.js("ed.fitNodes(arg)", [sampler_id, flow["save"]])
     tab.shot("24_txt2img_image_on_save_node")
     flow["workflow"] = tab.js("ed.workflow()")

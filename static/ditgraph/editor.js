@@ -88,6 +88,8 @@ class Editor {
     this.canvas.clear_background_color = "#1f2125";
     this.canvas.render_canvas_border = false;
     this.canvas.show_info = false;
+    // a whole txt2img graph fits at ~0.45: keep titles and widget values readable there
+    this.canvas.low_quality_zoom_threshold = 0.4;
     this.canvas.showSearchBox = (event, opts) => this.openSearch(event, opts);
     this.canvas.getExtraMenuOptions = (_c, options) => this.extraCanvasMenu(options);
     this.canvas.onAfterChange = () => this.changed("after_change");
@@ -134,6 +136,7 @@ class Editor {
     const toolbar = el(
       "header",
       { class: "dg-toolbar" },
+      button("☰", "Show or hide the node palette", () => this.togglePanel("palette"), "btn-toggle-palette"),
       el("span", { class: "dg-brand" }, "ditgraph"),
       this.nameEl,
       this.dirtyEl,
@@ -151,6 +154,7 @@ class Editor {
       button("Validate", "Check the workflow and show problems on the nodes", () => this.validate(true), "btn-validate"),
       el("span", { class: "dg-grow" }),
       this.statusEl,
+      button("Queue", "Show or hide the queue and problems panel", () => this.togglePanel("side"), "btn-toggle-side"),
       button("Cancel", "Cancel this tab's running and queued runs", () => this.cancelMine(), "btn-cancel", "dg-btn-danger"),
       button("▶ Run", "Queue the workflow (Ctrl+Enter)", () => this.run(), "btn-run", "dg-btn-primary"),
     );
@@ -184,8 +188,17 @@ class Editor {
     this.toastEl = el("div", { class: "dg-toasts" });
     this.app = el("div", { class: "dg-app" }, toolbar, el("div", { class: "dg-body" }, paletteEl, this.canvasWrap, side), this.toastEl, this.fileInput);
     this.root.append(this.app);
+    for (const panel of ["palette", "side"]) {
+      if (localStorage.getItem(`ditgraph.hide.${panel}`) === "1") this.app.classList.add(`dg-hide-${panel}`);
+    }
     this.palette = new Palette(paletteEl, this);
     this.search = new SearchPopup(this);
+  }
+
+  togglePanel(panel) {
+    const hidden = this.app.classList.toggle(`dg-hide-${panel}`);
+    localStorage.setItem(`ditgraph.hide.${panel}`, hidden ? "1" : "0");
+    this.resize();
   }
 
   resize() {
@@ -1133,6 +1146,11 @@ class Editor {
           node.progress = undefined;
           node.progressText = "";
           node.previewImage = null;
+          if (node.sizeBeforePreview) {
+            // the latent preview is gone: give back the room it took
+            node.setSize(node.sizeBeforePreview);
+            node.sizeBeforePreview = null;
+          }
           this.setNodeUi(node, event.ui);
         }
         break;
@@ -1154,6 +1172,7 @@ class Editor {
             const img = new Image();
             img.onload = () => {
               node.previewImage = img;
+              node.sizeBeforePreview ??= [...node.size];
               this.ensureImageSpace(node, img);
               this.canvas.setDirty(true, true);
             };
