@@ -356,7 +356,7 @@ def _saved_files(ui: dict, out_root: Path) -> list[str]:
 
 
 def _run_one(engine, workflow, targets, out_dir: Path, out_root: Path, json_mode: bool, label: str,
-             batch: int | None) -> str:
+             batch: int | None, debug: bool = False) -> str:
     """Run one workflow with Ctrl-C cancelling it; returns the final status."""
     from app.graph import WorkflowError
     from app.queue import annotate_files, jsonable_event, make_jsonable
@@ -427,7 +427,7 @@ def _run_one(engine, workflow, targets, out_dir: Path, out_root: Path, json_mode
                 _print(f"{label}node {node_id}: {text}")
     elif result.status == "failed":
         _err(f"{label}error: {result.error['message']}")
-        if getattr(_run_one, "debug", False) and result.error.get("detail"):
+        if debug and result.error.get("detail"):
             _err(result.error["detail"])
     else:
         _err(f"{label}cancelled")
@@ -470,12 +470,11 @@ def cmd_run(args) -> int:
 
     out_root = Path(args.output_dir).expanduser() if args.output_dir else paths.output_dir()
     engine = Engine(registry, device=device, output_dir=out_root)
-    _run_one.debug = args.debug  # type: ignore[attr-defined]
     statuses = []
     for number, workflow in workflows:
         out_dir = out_root if number is None else out_root / f"batch-{number:04d}"
         label = "" if number is None or args.json else f"[line {number}] "
-        status = _run_one(engine, workflow, targets, out_dir, out_root, args.json, label, number)
+        status = _run_one(engine, workflow, targets, out_dir, out_root, args.json, label, number, args.debug)
         statuses.append(status)
         if status == "cancelled":
             break
