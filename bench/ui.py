@@ -94,7 +94,6 @@ def measure(tab: BrowserPage, workflow: dict) -> dict:
 
     # pan: drag on empty canvas between the node columns, count frames
     tab.js("(ed.canvas.ds.scale = 0.6, ed.canvas.ds.offset = [0, 0], ed.canvas.draw(true, true), 0)")
-    rect = tab.js("(() => { const r = ed.canvasEl.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
     start = None
     for gy in range(330, 1200, 20):  # a gap below the first row of nodes
         gx = 290

@@ -284,3 +284,34 @@ def test_progress_goes_to_the_tab_that_queued(tab: BrowserPage, browser):
         other.page.wait_for_selector(f'[data-testid="run"][data-run="{run_id}"]')
     finally:
         other_context.close()
+
+
+def test_export_then_import_json_and_upload_an_image(tab: BrowserPage):
+    new_canvas(tab)
+    ids = build_core_graph(tab)
+    with tab.page.expect_download() as download_info:
+        tab.page.click('[data-testid="btn-export"]')
+    exported = json.loads(Path(download_info.value.path()).read_text())
+    assert exported["format"] == "ditgraph/workflow"
+    assert exported["nodes"] == tab.js("ed.workflow().nodes")
+    new_canvas(tab)
+    with tab.page.expect_file_chooser() as chooser_info:
+        tab.page.click('[data-testid="btn-import"]')
+    chooser_info.value.set_files(files=[{"name": "flow.json", "mimeType": "application/json",
+                                         "buffer": json.dumps(exported).encode()}])
+    tab.wait("ed.graph._nodes.length === arg", arg=len(ids))
+    assert tab.js("ed.workflow().nodes") == exported["nodes"]
+
+    # LoadImage: the upload button stores the picked image in the server's input folder
+    if "LoadImage" not in {d["type"] for d in tab.js("ed.catalogue")}:
+        return
+    rect = tab.js("(() => { const r = ed.canvasEl.getBoundingClientRect(); return [r.left, r.top]; })()")
+    loader = tab.drag_from_palette("LoadImage", (rect[0] + 300, rect[1] + 560))
+    png = _png_with_workflow({"format": "none"})
+    with tab.page.expect_file_chooser() as chooser_info:
+        tab.page.mouse.click(*tab.js("ed.widgetArrowClientPos(arg, 'image__upload', 0)", loader))
+    chooser_info.value.set_files(files=[{"name": "blue.png", "mimeType": "image/png", "buffer": png}])
+    name = tab.wait("ed.nodeInfo(arg).widgets.image", arg=loader)
+    assert (tab.server.root / "input" / name).is_file()
+    tab.wait("ed.nodeInfo(arg).images === 1", arg=loader)
+    tab.shot("10_uploaded_image")

@@ -11,7 +11,6 @@ event stream directly. Python only serves the page and the static files.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 from app.paths import REPO_ROOT

@@ -627,7 +627,10 @@ class Editor {
 
   persist() {
     try {
-      localStorage.setItem(STORAGE_KEY, JSON.stringify({ name: this.name, workflow: this.workflow() }));
+      // this tab's graph survives a reload of this tab; a new tab starts from the last edited one
+      const text = JSON.stringify({ name: this.name, workflow: this.workflow() });
+      sessionStorage.setItem(STORAGE_KEY, text);
+      localStorage.setItem(STORAGE_KEY, text);
     } catch {
       // storage full or disabled: the editor still works, it just will not restore the graph
     }
@@ -687,7 +690,7 @@ class Editor {
   }
 
   async loadInitial() {
-    const stored = localStorage.getItem(STORAGE_KEY);
+    const stored = sessionStorage.getItem(STORAGE_KEY) ?? localStorage.getItem(STORAGE_KEY);
     if (stored) {
       try {
         const { name, workflow } = JSON.parse(stored);
