@@ -109,6 +109,8 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=list)  # extra Host names accepted without a token
     max_retries: int = 2
     keep_history: int = 10000
+    ray: str | None = None  # dispatch to Ray workers at this address ("auto", HOST:PORT); None: in this process
+    ray_device: str | None = None  # the Ray workers' device (default: one GPU each when the cluster has GPUs)
 
     def __post_init__(self) -> None:
         if self.token is None:
@@ -180,7 +182,14 @@ class AppState:
         if self.queue is not None:
             return
         self.store = RunStore(self.settings.db_path, exclusive=True)
-        self.queue = RunQueue(self.store, LocalDispatcher(self.engine, self.output_root()), self.engine.validate,
+        if self.settings.ray:
+            from app.ray_pool import RayDispatcher  # Ray is imported only in this mode
+
+            dispatcher = RayDispatcher.from_engine(self.engine, self.settings.ray, self.output_root(),
+                                                   device=self.settings.ray_device)
+        else:
+            dispatcher = LocalDispatcher(self.engine, self.output_root())
+        self.queue = RunQueue(self.store, dispatcher, self.engine.validate,
                               max_retries=self.settings.max_retries, keep_history=self.settings.keep_history)
         self.queue.subscribe(self._on_event)
         self.queue.start()
