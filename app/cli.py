@@ -463,6 +463,13 @@ def cmd_run(args) -> int:
         if number is None or number == variants[0][0]:
             for warning in warnings:
                 _err(_problem_text(args.workflow, warning))
+    if args.ray:  # Ray is imported only here
+        from app import paths
+        from app.ray_pool import run_workflows
+
+        out_root = Path(args.output_dir).expanduser() if args.output_dir else paths.output_dir()
+        return run_workflows(args.ray, registry, workflows, targets, out_root, json_mode=args.json, device=args.device,
+                             debug=args.debug)
     device = _check_device(args.device)
 
     from app import paths
@@ -665,18 +672,22 @@ def cmd_serve(args) -> int:
         db_path=Path(args.db) if args.db else None,
         workflows_dir=Path(args.workflows_dir) if args.workflows_dir else None,
         allowed_origins=args.allow_origin or [],
+        ray=args.ray,
     )
     try:
         settings.check()
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     _check_port(args.host, args.port)
-    device = _check_device(args.device)
+    device = args.device if args.ray else _check_device(args.device)  # with --ray the device is the workers'
     registry = make_registry(args.plugin)
 
     from app import paths
     from app.executor import Engine
 
+    if args.ray:  # the workers hold the engines that run; this one validates and plans on the CPU
+        settings.ray_device = device
+        device = "cpu"
     engine = Engine(registry, device=device, output_dir=paths.output_dir())
     try:
         serve(args.host, args.port, args.token, engine=engine, settings=settings,
@@ -728,6 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEVICE", help="cuda, cuda:N or cpu (default: cuda if available)")
     run.add_argument("--models", metavar="DIR", help="the models folder (default: $DITGRAPH_MODELS or ~/ditgraph/models)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines on stdout (machine-readable)")
+    run.add_argument("--ray", metavar="ADDRESS", help="run on Ray workers (one per GPU) of the cluster at ADDRESS "
+                     "(HOST:PORT, or 'auto': the one running here, else a new local one); a --batch fans out")
     run.set_defaults(handler=cmd_run)
 
     validate = add("validate", "check a workflow without running it; lists every problem")
@@ -753,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--input-dir", metavar="DIR")
     serve.add_argument("--models", metavar="DIR")
     serve.add_argument("--device", metavar="DEVICE")
+    serve.add_argument("--ray", metavar="ADDRESS", help="dispatch queued runs to Ray workers (one per GPU) of the "
+                       "cluster at ADDRESS (HOST:PORT, or 'auto'); see docs/ray.md")
     serve.set_defaults(handler=cmd_serve)
 
     models = add("models", "list what the models folder holds, by kind")
