@@ -569,6 +569,10 @@ class Editor {
     const snap = this.snapshot();
     const top = this.undoStack[this.undoStack.length - 1];
     if (snap !== top) {
+      // the last run's done/cached marks describe the graph as it was: drop them (images stay)
+      for (const node of this.graph._nodes) {
+        if (node.runState === "done" || node.runState === "cached") node.runState = null;
+      }
       this.undoStack.push(snap);
       if (this.undoStack.length > UNDO_LIMIT) this.undoStack.shift();
       this.redoStack = [];
