@@ -79,7 +79,9 @@ def confine(root: Path, relative: str) -> Path:
 def resolve(kind: str, relative: str) -> Path:
     """The real path of a file or folder of ``kind`` named relative to its roots."""
     searched = []
-    for root in roots(kind):
+    # adapters bundled with the repository (models/shapes-dit-*) resolve too, without being listed
+    bundled = [BUNDLED_MODELS] if kind in ("loras", "controlnets") else []
+    for root in roots(kind) + bundled:
         path = confine(root, relative)
         if path.exists():
             return path
