@@ -232,12 +232,34 @@ def _natural(text: str) -> tuple:
 # -- loading workflows ------------------------------------------------------------------------------------
 
 
+def workflow_search_dirs() -> list[Path]:
+    """Where a bare workflow name is looked up: the editor's saved workflows, then the shipped graphs/."""
+    from app import paths
+
+    user = Path(os.environ.get("DITGRAPH_WORKFLOWS") or Path.home() / "ditgraph" / "workflows").expanduser()
+    return [user, paths.REPO_ROOT / "graphs"]
+
+
+def resolve_workflow_path(name: str) -> str:
+    """``name`` itself if it is a file; else a workflow of that name saved by the editor or shipped."""
+    if name == "-" or Path(name).exists() or "/" in name or os.sep in name:
+        return name
+    filename = name if name.endswith(".json") else name + ".json"
+    for folder in workflow_search_dirs():
+        if (folder / filename).is_file():
+            return str(folder / filename)
+    return name
+
+
 def load_document(path: str) -> dict:
-    """A workflow file as a migrated document; UsageError naming the problem otherwise."""
-    from app.graph import WorkflowError, load
+    """A workflow file (or ``-`` for stdin, or the name of a saved/shipped workflow) as a migrated
+    document; UsageError naming the problem otherwise."""
+    from app.graph import WorkflowError, load, loads
 
     try:
-        return load(path).to_dict()
+        if path == "-":
+            return loads(sys.stdin.read()).to_dict()
+        return load(resolve_workflow_path(path)).to_dict()
     except WorkflowError as exc:
         raise UsageError(*(_problem_text(path, p) for p in exc.problems)) from None
 
@@ -727,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     run = add("run", "run a workflow file (as saved by the editor)")
-    run.add_argument("workflow", metavar="WORKFLOW")
+    run.add_argument("workflow", metavar="WORKFLOW",
+                     help="a workflow file, '-' for stdin, or the name of a workflow saved in the editor or shipped in graphs/")
     run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                      help="override an input; the value is parsed by the input's declared type; repeatable")
     run.add_argument("--batch", metavar="FILE.jsonl",

@@ -215,3 +215,19 @@ def test_cuda_device_without_cuda_exits_2(capsys, wf):
         pytest.skip("this machine has CUDA")
     code, _, err = run(capsys, "run", wf, "--device", "cuda")
     assert code == 2 and "CUDA is not available" in err
+
+
+def test_workflow_by_name_and_stdin(capsys, tmp_path, monkeypatch):
+    saved = tmp_path / "workflows"
+    saved.mkdir()
+    (saved / "counted.json").write_text(json.dumps(count_workflow(steps=2)))
+    monkeypatch.setenv("DITGRAPH_WORKFLOWS", str(saved))
+    code, out, err = run(capsys, "run", "counted")
+    assert code == 0 and "node 4: 2" in out, err
+    code, _, err = run(capsys, "validate", "no-such-workflow")
+    assert code == 2 and "does not exist" in err
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(count_workflow(steps=6))))
+    code, out, _ = run(capsys, "run", "-")
+    assert code == 0 and "node 4: 6" in out
