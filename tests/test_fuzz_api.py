@@ -68,6 +68,24 @@ def test_post_never_500(server, body, route):
         assert answer["problems"]
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+chunk = st.builds(lambda kind, body: len(body).to_bytes(4, "big") + kind + body + b"\0\0\0\0",
+                  st.sampled_from([b"tEXt", b"zTXt", b"iTXt", b"IHDR", b"IDAT", b"IEND"]), st.binary(max_size=64))
+png_like = st.builds(lambda chunks, tail: PNG_MAGIC + b"".join(chunks) + tail, st.lists(chunk, max_size=5),
+                     st.binary(max_size=16))
+uploads = png_like | st.binary(max_size=64) | st.builds(lambda b: b"\xff\xd8\xff" + b, st.binary(max_size=64))
+
+
+@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=uploads, route=st.sampled_from(["/api/uploads", "/api/workflow-from-png"]), multipart=st.booleans())
+def test_uploads_never_500(server, data, route, multipart):
+    if multipart:
+        response = server.shared_client.post(route, files={"image": ("x.png", data, "image/png")})
+    else:
+        response = server.shared_client.post(route, content=data, headers={"content-type": "application/octet-stream"})
+    assert response.status_code < 500, (route, data[:80], response.text[:300])
+
+
 def test_nasty_bodies(server):
     nasty = [b"", b"null", b"[]", b"{", b"\xff\xfe", b'{"workflow": ' + b"[" * 5000 + b"]" * 5000 + b"}",
              b'{"workflow": {"format": "ditgraph/workflow", "version": 1, "nodes": {"1": {"type": "PrimitiveInt", '
