@@ -87,6 +87,19 @@ def build_core_graph(tab: BrowserPage) -> dict[str, str]:
     return ids
 
 
+def assert_same_workflow_nodes(tab: BrowserPage, ours: dict, theirs: dict) -> None:
+    """Same nodes, links and values; inputs ``theirs`` leaves out may only hold the declared defaults."""
+    defaults = {d["type"]: {i["name"]: i.get("default") for i in d["inputs"]} for d in tab.js("ed.catalogue")}
+    assert ours.keys() == theirs.keys()
+    for node_id, node in theirs.items():
+        mine = ours[node_id]
+        assert (mine["type"], mine.get("title"), mine.get("bypass")) == (node["type"], node.get("title"), node.get("bypass"))
+        for name, value in mine["inputs"].items():
+            expected = node["inputs"].get(name, defaults[node["type"]].get(name))
+            assert value == expected, (node_id, name, value, expected)
+        assert set(node["inputs"]) <= set(mine["inputs"]), node_id
+
+
 def test_page_loads_local_files_and_default_workflow(tab: BrowserPage):
     assert tab.page.locator(".dg-palette-item").count() > 5
     assert tab.js("ed.catalogue.length") == len(tab.server.get_json("/api/nodes"))
@@ -189,6 +202,14 @@ def test_save_reload_reopen_gives_same_graph(tab: BrowserPage):
     tab.wait("ed.name === 'ui-renamed'")
     assert (tab.server.root / "workflows" / "ui-renamed.json").is_file()
     assert not saved_file.exists()
+
+    # the shipped examples are listed in the same dialog
+    if BLUEPRINT.is_file():
+        page.click('[data-testid="btn-open"]')
+        page.click('[data-testid="example-workflow"][data-name="shapes-txt2img"] .dg-open-name')
+        shipped = json.loads(BLUEPRINT.read_text())
+        tab.wait("ed.graph._nodes.length === arg", arg=len(shipped["nodes"]))
+        assert_same_workflow_nodes(tab, tab.js("ed.workflow().nodes"), shipped["nodes"])
 
 
 def _png_with_workflow(workflow: dict) -> bytes:

@@ -176,3 +176,20 @@ def test_dropping_the_output_png_restores_its_workflow(flow):
     restored = tab.js("ed.workflow()")
     assert restored["nodes"] == flow["workflow"]["nodes"]
     tab.shot("26_txt2img_restored_from_png")
+
+
+def test_cancel_stops_a_running_sampler(flow):
+    if "sampler" not in flow:
+        pytest.skip("the txt2img graph was not built")
+    tab: BrowserPage = flow["tab"]
+    sampler = flow["sampler"]
+    tab.js("(() => { const n = ed.graph.getNodeById(Number(arg)); n.widgets.find(w => w.name === 'steps').value = 200; ed.changed('test'); })()", sampler)
+    run_id = click_run(tab)
+    tab.wait("ed.eventLog.some(e => e.type === 'progress' && e.run_id === arg)", arg=run_id, timeout=120)
+    tab.page.click('[data-testid="btn-cancel"]')
+    tab.wait("ed.eventLog.some(e => e.type === 'run_cancelled' && e.run_id === arg)", arg=run_id, timeout=60)
+    steps = tab.js("ed.eventLog.filter(e => e.type === 'progress' && e.run_id === arg).length", run_id)
+    assert steps < 200
+    assert tab.js("ed.nodeInfo(arg).runState", sampler) is None and tab.js("ed.nodeInfo(arg).progress", sampler) is None
+    tab.page.wait_for_selector(f'[data-testid="run"][data-run="{run_id}"][data-status="cancelled"]')
+    tab.shot("27_txt2img_cancelled")

@@ -60,6 +60,8 @@ export function graphToWorkflow(graph, { meta = {}, canvas = null } = {}) {
       let value = widget.value;
       if (input.type === "INT" && typeof value === "number") value = Math.round(value);
       if (input.type === "BOOLEAN") value = Boolean(value);
+      // an optional input without a default means "none": an empty widget must not turn it into ""
+      if (!input.required && input.default === undefined && (value === "" || value === null)) continue;
       inputs[input.name] = value;
     }
     const entry = { type: def.type, inputs };
