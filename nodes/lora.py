@@ -9,15 +9,17 @@ import logging
 from typing import Annotated
 
 from app import paths
-from app.patches.lora import LoraFile, lora_patch, read_lora
+from app.patches.lora import LoraFile, lora_patch, read_lora, vae_with_lora
 from app.registry import NodeResult, node
-from app.types import LORA, MODEL, Spec
+from app.types import LORA, MODEL, VAE, Spec
 
 log = logging.getLogger(__name__)
 
 
 def _lora_choices() -> list[str]:
-    return paths.list_files("loras")
+    bundled = sorted(p.relative_to(paths.BUNDLED_MODELS).as_posix()
+                     for p in paths.BUNDLED_MODELS.glob("*lora*/*.safetensors"))
+    return paths.list_files("loras") + bundled
 
 
 STRENGTH = Spec(min=-10.0, max=10.0, step=0.05, tooltip="LoRA weight; negative pushes away from the LoRA, 0 = off.")
@@ -64,3 +66,19 @@ def ApplyLora(
 ) -> NodeResult:
     """Apply a LORA (from LoadLora) to the diffusion model at a strength."""
     return _apply(model, lora, strength, fuse)
+
+
+@node(category="loaders", outputs={"vae": VAE})
+def VAELoraLoader(
+    vae: VAE,
+    lora: Annotated[str, Spec(file="loras", choices=_lora_choices,
+                              tooltip="A LoRA file with VAE-decoder layers ('vae.' keys), e.g. the shapes-dit "
+                                      "outlined style.")],
+    strength: Annotated[float, STRENGTH] = 1.0,
+) -> NodeResult:
+    """Apply the VAE-decoder part of a LoRA: returns a merged copy of the VAE (the input VAE is
+    not changed; costs one more VAE in memory). Use with LoraLoader on the same file when a
+    style needs decoder changes the base VAE cannot reproduce."""
+    patched, report = vae_with_lora(vae, read_lora(lora), strength)
+    text = f"{report.name}: {report.matched}/{report.total} VAE-decoder LoRA layers matched"
+    return NodeResult((patched,), {"text": [text]})

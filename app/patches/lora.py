@@ -111,8 +111,11 @@ def read_lora(path: str | Path) -> LoraFile:
         except ValueError:
             meta = {}
         # diffusers' pipeline save prefixes the config keys with the component ("transformer.r")
-        if any(k.startswith("transformer.") for k in meta):
+        if any(k.startswith(("transformer.", "vae.")) for k in meta):
+            vae_meta = {k[len("vae."):]: v for k, v in meta.items() if k.startswith("vae.")}
             meta = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+            if vae_meta:
+                meta["vae"] = vae_meta
         config = {**meta, **config}
     return LoraFile(path.name, tensors, config, str(path))
 
@@ -156,6 +159,7 @@ class LoraReport:
     modules: int = 0  # transformer modules touched
     text_encoder: int = 0  # text-encoder layers (not applied: MODEL only)
     unsupported: int = 0  # DoRA/LoHa/LoKr/... tensors
+    vae: int = 0  # VAE-decoder layers (applied by VAELoraLoader, not to the MODEL)
     unmatched: list[str] = field(default_factory=list)
     wrong_shape: list[str] = field(default_factory=list)
     ranks: set = field(default_factory=set)
@@ -169,6 +173,8 @@ class LoraReport:
             text += f"; {missing} not matched (e.g. {examples})"
         if self.text_encoder:
             text += f"; {self.text_encoder} text-encoder layers ignored (LoRA applies to the MODEL only)"
+        if self.vae:
+            text += f"; {self.vae} VAE-decoder layers (apply them with VAELoraLoader)"
         if self.unsupported:
             text += f"; {self.unsupported} unsupported tensors ignored (DoRA/LoHa/LoKr/full-diff)"
         return text
@@ -248,10 +254,20 @@ def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
     return default
 
 
-def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str) -> tuple[list[LoraLayer], LoraReport]:
-    """Match a LoRA's tensors to ``transformer``'s modules; raise :class:`LoraMismatch` if none fit."""
-    tensors = _convert_with_diffusers(family, lora.tensors)
+def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str,
+               component: str = "transformer") -> tuple[list[LoraLayer], LoraReport]:
+    """Match a LoRA's tensors to ``transformer``'s modules; raise :class:`LoraMismatch` if none fit.
+
+    ``component="vae"`` matches the file's ``vae.``-prefixed layers (a VAE-decoder LoRA) to a VAE
+    module instead; for the transformer those layers are only counted.
+    """
     report = LoraReport(lora.name)
+    if component == "vae":
+        tensors = {k[len("vae."):]: v for k, v in lora.tensors.items() if k.startswith("vae.")}
+    else:
+        tensors = {k: v for k, v in lora.tensors.items() if not k.startswith("vae.")}
+        report.vae = len({k.rsplit(".lora_", 1)[0] for k in lora.tensors if k.startswith("vae.") and ".lora_" in k})
+        tensors = _convert_with_diffusers(family, tensors)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
         if any(u in key for u in _UNSUPPORTED):
@@ -267,7 +283,7 @@ def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str) -> tup
     modules = dict(transformer.named_modules())
     underscored = {name.replace(".", "_"): name for name in modules if name}
     sd3_table = _sd3_original_names(transformer) if family in ("sd3", "shapes-dit") else {}
-    meta = lora.metadata or {}
+    meta = (lora.metadata or {}).get("vae", {}) if component == "vae" else (lora.metadata or {})
     default_alpha = meta.get("lora_alpha")
     rslora = bool(meta.get("use_rslora", False))
 
@@ -343,6 +359,12 @@ def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str) -> tup
     if not layers:
         examples = ", ".join(list(groups)[:3]) or "none"
         model_names = ", ".join([n for n, m in modules.items() if isinstance(m, torch.nn.Linear)][:3])
+        if component == "vae":
+            raise LoraMismatch(f"LoRA {lora.name!r} has no VAE-decoder layers that fit this VAE "
+                               f"({report.total} found, e.g. {examples})")
+        if report.total == 0 and report.vae:
+            raise LoraMismatch(f"LoRA {lora.name!r} only has VAE-decoder layers ({report.vae}); apply it with "
+                               "VAELoraLoader")
         if report.total == 0 and report.text_encoder:
             raise LoraMismatch(f"LoRA {lora.name!r} only has text-encoder layers ({report.text_encoder}); "
                                "nothing applies to the diffusion model")
@@ -454,3 +476,26 @@ def lora_patch(lora: LoraFile, model: Any, strength: float = 1.0, fuse: bool = F
     """Match ``lora`` to a MODEL (``ModelHandle``) and make the patch."""
     layers, report = match_lora(lora, model.transformer, model.family)
     return LoraPatch(Path(lora.name).stem, layers, strength, fuse, report)
+
+
+def vae_with_lora(vae: Any, lora: LoraFile, strength: float = 1.0) -> tuple[Any, LoraReport]:
+    """A VAE value (``VAEHandle``) whose module is a merged *copy* of ``vae``'s with the file's
+    ``vae.`` LoRA layers. VAEs are small next to transformers, so a copy is the simple way to
+    leave the cached input untouched (memory: one more VAE)."""
+    import copy
+    from dataclasses import replace
+
+    layers, report = match_lora(lora, vae.vae, "vae", component="vae")
+    module = copy.deepcopy(vae.vae)
+    if strength != 0.0:
+        patch = LoraPatch(lora.name, layers, strength, fuse=True)
+        modules = dict(module.named_modules())
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            for name, entries in patch._grouped(device, torch.float32).items():
+                target = modules[name]
+                target.weight.copy_(_merged(target, entries))
+                for _, _, bias in entries:
+                    if bias is not None and target.bias is not None:
+                        target.bias += bias.to(target.bias.dtype)
+    return replace(vae, vae=module.eval(), source=f"{vae.source} + {lora.name}"), report
