@@ -54,12 +54,24 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
 # Families without one use the identity (raw rel-L1); calibrate with the same command.
 TEACACHE_COEFFICIENTS: dict[str, list[float]] = {
     "flux": [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01],
+    # 12 prompts x 50 steps, cfg 2 (588 pairs, x in 0.016..0.112)
+    "shapes-dit": [-1.24731091e04, 2.90862074e03, -2.01141368e02, 6.12144473e00, -4.58872780e-02],
 }
+# Where a fit's data ended: beyond it the polynomial is extended linearly through the origin
+# (a quartic can turn negative outside its data and would then hide large changes).
+TEACACHE_DOMAIN: dict[str, float] = {"shapes-dit": 0.1123}
 IDENTITY_POLY = [1.0, 0.0]
 
 # MagCache magnitude ratios per model (one calibration sample each, resampled to the step
 # count by nearest neighbour). Flux-dev: the MagCache authors' (via diffusers).
-MAGCACHE_RATIOS: dict[str, list[float]] = {}
+MAGCACHE_RATIOS: dict[str, list[float]] = {
+    # one prompt, 50 steps, cfg 2 (python -m bench.cache calibrate-magcache)
+    "shapes-dit": [1.0, 1.04517, 1.04988, 1.02808, 1.01981, 0.99322, 0.98984, 0.99089, 1.00757, 0.99285, 0.99035,
+                   0.99, 0.98735, 0.98905, 0.99748, 0.99316, 0.9899, 0.99541, 0.99082, 0.99109, 0.99794, 0.99016,
+                   0.99336, 0.99412, 0.99307, 0.9882, 0.99153, 0.98929, 0.98768, 0.99125, 0.9889, 0.98678, 0.9882,
+                   0.98121, 0.98647, 0.98239, 0.98186, 0.98199, 0.97698, 0.97366, 0.97398, 0.96926, 0.96646,
+                   0.96089, 0.95371, 0.94372, 0.93203, 0.91182, 0.87925, 0.82536],
+}
 
 
 def _flux_ratios() -> list[float] | None:
@@ -202,7 +214,10 @@ class CacheRun:
         self._last_step: int | None = None
         self._call_in_step = 0
         self.hook_name = f"{HOOK_PREFIX}_{method.name}_{id(self):x}"
-        self.stats = {"calls": 0, "skipped_calls": 0, "blocks": 0, "blocks_skipped": 0}
+        # block cost ~ its parameter count (same tokens per block): Flux's double blocks weigh
+        # ~2.4x its single blocks, which a block count alone would hide
+        self.weights = [sum(p.numel() for p in block.parameters()) or 1 for block in self.blocks]
+        self.stats = {"calls": 0, "skipped_calls": 0, "blocks": 0, "blocks_skipped": 0, "work": 0, "work_skipped": 0}
         self.skipped_steps: set[int] = set()
         self.records: list[dict] = []  # calibration data (per computed call)
 
@@ -259,6 +274,10 @@ class CacheRun:
         self.stats["calls"] += 1
         self.stats["blocks"] += self.n
         self.stats["blocks_skipped"] += skipped
+        self.stats["work"] += sum(self.weights)
+        if skipped:
+            a, b = slot.plan.skip
+            self.stats["work_skipped"] += sum(self.weights[a:b])
         if skipped:
             slot.streak += 1
             slot.since_compute += 1
@@ -354,7 +373,7 @@ class CacheRun:
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict:
         s = self.stats
-        computed = s["blocks"] - s["blocks_skipped"]
+        computed = s["work"] - s["work_skipped"]
         return {
             "method": self.method.name,
             "settings": self.method.settings(),
@@ -364,7 +383,9 @@ class CacheRun:
             "blocks": s["blocks"],
             "blocks_skipped": s["blocks_skipped"],
             "skipped_steps": sorted(self.skipped_steps),
-            "predicted_speedup": (s["blocks"] / computed) if computed else float("inf"),
+            "work_skipped": (s["work_skipped"] / s["work"]) if s["work"] else 0.0,
+            # of the block stack alone: embeddings, final layer and sampler are not counted
+            "predicted_speedup": (s["work"] / computed) if computed else float("inf"),
         }
 
 
@@ -447,7 +468,15 @@ class FirstBlockCache(CacheMethod):
 class TeaCache(CacheMethod):
     threshold: float = 0.4
     coefficients: tuple = ()
+    domain: float = 0.0  # the fit's largest input (0: trust the polynomial everywhere)
     name = "teacache"
+
+    def rescale(self, x: float) -> float:
+        coefficients = self.coefficients or IDENTITY_POLY
+        if self.domain > 0 and x > self.domain:
+            return max(0.0, poly(coefficients, self.domain)) * x / self.domain
+        # a fitted polynomial can dip below zero near its ends: never let it pay back
+        return max(0.0, poly(coefficients, x))
 
     def plan(self, rt, slot, block0, args, kwargs):
         modulated = modulated_input(block0, args, kwargs)
@@ -457,7 +486,7 @@ class TeaCache(CacheMethod):
         if prev is None or full not in slot.residuals:
             slot.m["acc"] = 0.0
             return Plan(track=full)
-        slot.m["acc"] = slot.m.get("acc", 0.0) + poly(self.coefficients or IDENTITY_POLY, rel_l1(modulated, prev))
+        slot.m["acc"] = slot.m.get("acc", 0.0) + self.rescale(rel_l1(modulated, prev))
         if rt.may_skip(slot) and slot.m["acc"] < self.threshold:
             return self.skip(full, slot.residuals[full])
         slot.m["acc"] = 0.0
@@ -728,6 +757,11 @@ def teacache_coefficients(family: str, text: str = "auto") -> tuple:
     if text.lower() == "auto":
         return tuple(TEACACHE_COEFFICIENTS.get(family, IDENTITY_POLY))
     return _numbers(text, "coefficients")
+
+
+def teacache_domain(family: str, text: str = "auto") -> float:
+    """The fitted range's end for the family's own polynomial (0 for user-given ones)."""
+    return TEACACHE_DOMAIN.get(family, 0.0) if (text or "auto").strip().lower() == "auto" else 0.0
 
 
 def magcache_ratios(family: str, text: str = "auto") -> tuple:

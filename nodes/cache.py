@@ -58,8 +58,9 @@ def TeaCache(
     """TeaCache: accumulate a polynomial of the relative change of block 0's timestep-modulated
     input; while it stays under the threshold, reuse the whole stack's residual."""
     coeffs = hooks.teacache_coefficients(model.family, coefficients)
-    return _patch(model, hooks.TeaCache(threshold=threshold, coefficients=coeffs, start=start, end=end,
-                                        max_skips=max_skips))
+    domain = hooks.teacache_domain(model.family, coefficients)
+    return _patch(model, hooks.TeaCache(threshold=threshold, coefficients=coeffs, domain=domain, start=start,
+                                        end=end, max_skips=max_skips))
 
 
 @node(category=CATEGORY, outputs={"model": MODEL}, display_name="MagCache")
