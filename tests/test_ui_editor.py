@@ -123,6 +123,13 @@ def test_core_graph_by_mouse_then_reseed_reruns_only_descendants(tab: BrowserPag
     tab.wait("ed.nodeInfo(arg).text === '0'", arg=ids["preview"])
     tab.shot("02_core_graph_run")
 
+    # hovering a widget shows its declaration: type, range and tooltip
+    tab.page.mouse.move(*tab.js("ed.widgetArrowClientPos(arg, 'seed', 0)", ids["seed"]))
+    tip = tab.page.locator('[data-testid="tooltip"]')
+    tip.wait_for(state="visible")
+    assert "Same seed, same image." in tip.inner_text() and "INT" in tip.inner_text()
+    tab.shot("02b_tooltip")
+
     # one click on the seed widget's right arrow: seed 0 -> 1
     x, y = tab.js("ed.widgetClientPos(arg, 'seed', 0.9)", ids["seed"])
     tab.page.mouse.click(x, y)

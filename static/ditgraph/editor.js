@@ -109,6 +109,7 @@ class Editor {
     this.pointerHandler = () => this.flushChange();
     window.addEventListener("pointerdown", this.pointerHandler, true);
     this.setupDrop();
+    this.setupTooltips();
     await this.loadInitial();
     this.pollTimer = setInterval(() => this.refreshQueue(), 5000);
     this.refreshQueue();
@@ -937,6 +938,68 @@ class Editor {
     });
   }
 
+  // ---------------------------------------------------------------- tooltips from the declarations
+  setupTooltips() {
+    this.tooltip = el("div", { class: "dg-tooltip", "data-testid": "tooltip" });
+    this.tooltip.style.display = "none";
+    this.app.append(this.tooltip);
+    this.canvasEl.addEventListener("pointermove", (e) => {
+      this.tooltip.style.display = "none";
+      clearTimeout(this.tooltipTimer);
+      if (e.buttons) return;
+      this.tooltipTimer = setTimeout(() => this.showTooltip(e.clientX, e.clientY), 450);
+    });
+    this.canvasEl.addEventListener("pointerleave", () => {
+      clearTimeout(this.tooltipTimer);
+      this.tooltip.style.display = "none";
+    });
+  }
+
+  /** What the declaration says about the thing under the pointer (input, output, widget, node). */
+  tooltipAt(clientX, clientY) {
+    const [x, y] = this.clientToGraph(clientX, clientY);
+    const node = this.graph.getNodeOnPos(x, y, this.canvas.visible_nodes);
+    const def = node?.def ?? node?.constructor?.def;
+    if (!def) return null;
+    const near = (pos) => Math.abs(pos[0] - x) < 12 && Math.abs(pos[1] - y) < 9;
+    for (const [i, slot] of (node.inputs ?? []).entries()) {
+      if (slot.widget) continue;
+      if (near(node.getConnectionPos(true, i))) {
+        const input = def.inputs.find((d) => d.name === slot.name);
+        return `${slot.name} (${slot.type}${input && !input.required ? ", optional" : ""})${input?.tooltip ? `\n${input.tooltip}` : ""}`;
+      }
+    }
+    for (const [i, slot] of (node.outputs ?? []).entries()) {
+      if (near(node.getConnectionPos(false, i))) {
+        const output = def.outputs.find((d) => d.name === slot.name);
+        return `${slot.name} (${slot.type})${output?.tooltip ? `\n${output.tooltip}` : ""}`;
+      }
+    }
+    const local = y - node.pos[1];
+    for (const widget of node.widgets ?? []) {
+      const h = widget.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4;
+      if (widget.y !== undefined && local >= widget.y && local < widget.y + h && widget.inputDef) {
+        const input = widget.inputDef;
+        const show = (v) => (Math.abs(v) > Number.MAX_SAFE_INTEGER ? v.toExponential(2) : v);
+        const range = input.min !== undefined || input.max !== undefined ? ` [${show(input.min ?? -Infinity)} … ${show(input.max ?? Infinity)}]` : "";
+        return `${input.name}: ${input.type}${range}${input.tooltip ? `\n${input.tooltip}` : ""}`;
+      }
+    }
+    if (local < 0) return `${def.display_name || def.type} (${def.type})${def.description ? `\n${def.description}` : ""}`;
+    return null;
+  }
+
+  showTooltip(clientX, clientY) {
+    if (!this.graph || this.textEditor) return;
+    const text = this.tooltipAt(clientX, clientY);
+    if (!text) return;
+    const rect = this.app.getBoundingClientRect();
+    this.tooltip.textContent = text;
+    this.tooltip.style.left = `${clientX - rect.left + 14}px`;
+    this.tooltip.style.top = `${clientY - rect.top + 16}px`;
+    this.tooltip.style.display = "block";
+  }
+
   // ---------------------------------------------------------------- keyboard
   onKey(e) {
     this.flushChange();
@@ -1197,6 +1260,10 @@ class Editor {
           n.progress = undefined;
           n.progressText = "";
           n.previewImage = null;
+          if (n.sizeBeforePreview) {
+            n.setSize(n.sizeBeforePreview);
+            n.sizeBeforePreview = null;
+          }
         }
         if (event.type === "run_cancelled") this.toast("Run cancelled", "warning");
         if (event.type === "run_failed" && event.error?.node) {
