@@ -40,6 +40,9 @@ class NodeMap:
     drop: frozenset[str] = frozenset()  # ComfyUI inputs with no counterpart, ignored on purpose
     values: dict[str, Translate] = field(default_factory=dict)  # our input name -> value translation
     fixup: Fixup | None = None
+    # ComfyUI outputs our node lacks that only pass an input through (LoraLoader's CLIP): output
+    # index -> the ComfyUI input whose link its consumers get instead
+    passthrough: dict[int, str] = field(default_factory=dict)
     note: str = ""
 
 
@@ -117,6 +120,27 @@ TABLE: dict[str, NodeMap] = {
     "EmptySD3LatentImage": NodeMap("EmptyLatent", ("latent",), fixup=_wire_empty_latent),
     "VAEDecode": NodeMap("VAEDecode", ("image",), {"samples": "latent"}),
     "VAEEncode": NodeMap("VAEEncode", ("latent",), {"pixels": "image"}),
+    "LoraLoaderModelOnly": NodeMap("LoraLoader", ("model",), {"lora_name": "lora", "strength_model": "strength"}),
+    "LoraLoader": NodeMap("LoraLoader", ("model",), {"lora_name": "lora", "strength_model": "strength"},
+                          drop=frozenset({"clip", "strength_clip"}), passthrough={1: "clip"},
+                          note="the LoRA is applied to the MODEL only; its CLIP output passes the text encoder through"),
+    "BasicScheduler": NodeMap("Scheduler", ("sigmas",),
+                              values={"scheduler": _choice(_SCHEDULERS, "auto", "scheduler")}),
+    "SplitSigmas": NodeMap("SplitSigmas", ("high", "low")),
+    "SetLatentNoiseMask": NodeMap("SetLatentNoiseMask", ("latent",), {"samples": "latent"}),
+    "RepeatLatentBatch": NodeMap("RepeatLatentBatch", ("latent",), {"samples": "latent"}),
+    "LatentFromBatch": NodeMap("LatentFromBatch", ("latent",), {"samples": "latent", "batch_index": "index"}),
+    "LatentBatch": NodeMap("LatentBatch", ("latent",), {"samples1": "first", "samples2": "second"}),
+    "LatentUpscaleBy": NodeMap("UpscaleLatent", ("latent",), {"samples": "latent", "upscale_method": "mode", "scale_by": "scale"},
+                               values={"mode": _choice({"nearest-exact": "nearest-exact", "bilinear": "bilinear",
+                                                        "bicubic": "bicubic", "area": "bilinear", "bislerp": "bilinear"},
+                                                       "bilinear", "upscale method")}),
+    "InvertMask": NodeMap("InvertMask", ("mask",)),
+    "ThresholdMask": NodeMap("ThresholdMask", ("mask",), {"value": "threshold"}),
+    "GrowMask": NodeMap("GrowMask", ("mask",), {"expand": "pixels"}, drop=frozenset({"tapered_corners"})),
+    "SolidMask": NodeMap("SolidMask", ("mask",)),
+    "MaskToImage": NodeMap("MaskToImage", ("image",)),
+    "LoadImageMask": NodeMap("LoadImageMask", ("mask",), drop=frozenset({"upload"})),
     "SaveImage": NodeMap("SaveImage", ()),
     "PreviewImage": NodeMap("PreviewImage", ()),
     "LoadImage": NodeMap("LoadImage", ("image", "mask"), drop=frozenset({"upload"})),
@@ -146,6 +170,25 @@ def _unwrap(document: Any) -> dict:
 def _is_link(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
             and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def _link(document: dict, node_id: str, comfy_name: str, value: list, depth: int = 0) -> dict:
+    """Our link for ComfyUI's ``[source, output index]``, following pass-through outputs."""
+    source_id = str(value[0])
+    source = document.get(source_id, document.get(value[0]))  # ids may be ints in hand-written files
+    if source is None:
+        raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to node {source_id}, which does not exist")
+    source_map = TABLE[source["class_type"]]
+    through = source_map.passthrough.get(value[1])
+    if through is not None and depth < 100:
+        upstream = (source.get("inputs") or {}).get(through)
+        if not _is_link(upstream):
+            raise ComfyImportError(f"node {source_id} ({source['class_type']}): its input {through!r} is not linked")
+        return _link(document, source_id, through, upstream, depth + 1)
+    if not 0 <= value[1] < len(source_map.outputs):
+        raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to output {value[1]} of node "
+                               f"{source_id} ({source['class_type']}), which has {len(source_map.outputs)} output(s) here")
+    return {"from": [source_id, source_map.outputs[value[1]]]}
 
 
 def unmapped_types(document: Any, registry) -> list[str]:
@@ -190,15 +233,7 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
                              f"{mapping.target}; dropped")
                 continue
             if _is_link(value):
-                source_id = str(value[0])
-                source = document.get(source_id, document.get(value[0]))  # ids may be ints in hand-written files
-                if source is None:
-                    raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to node {source_id}, which does not exist")
-                source_map = TABLE[source["class_type"]]
-                if not 0 <= value[1] < len(source_map.outputs):
-                    raise ComfyImportError(f"node {node_id}: input {comfy_name!r} links to output {value[1]} of node "
-                                           f"{source_id} ({source['class_type']}), which has {len(source_map.outputs)} output(s) here")
-                inputs[ours] = {"from": [source_id, source_map.outputs[value[1]]]}
+                inputs[ours] = _link(document, node_id, comfy_name, value)
             else:
                 translate = mapping.values.get(ours)
                 if translate:
@@ -206,6 +241,8 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
                     if note:
                         notes.append(f"node {node_id} ({raw['class_type']}): {note}")
                 inputs[ours] = value
+        if mapping.note:
+            notes.append(f"node {node_id} ({raw['class_type']}): {mapping.note}")
         entry: dict[str, Any] = {"type": mapping.target, "inputs": inputs}
         title = (raw.get("_meta") or {}).get("title") if isinstance(raw.get("_meta"), dict) else None
         if isinstance(title, str) and title and title != raw["class_type"]:

@@ -148,3 +148,22 @@ def test_cli_import_then_run(tmp_path, capsys, monkeypatch):
     finally:
         paths._overrides.clear()
         paths._overrides.update(saved)
+
+
+def test_lora_loader_clip_output_passes_the_text_encoder_through():
+    registry = make_registry()
+    if not {"LoraLoader", "TextEncode", "CheckpointLoader"} <= set(registry.nodes):
+        pytest.skip("diffusion nodes not installed")
+    document = dict(COMFY_TXT2IMG)
+    document["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors",
+                                                             "strength_model": 0.8, "strength_clip": 1.0}}
+    document["11"] = {"class_type": "LoraLoader", "inputs": {"model": ["10", 0], "clip": ["10", 1], "lora_name": "b.safetensors",
+                                                             "strength_model": 0.5, "strength_clip": 1.0}}
+    document["3"] = {**document["3"], "inputs": {**document["3"]["inputs"], "model": ["11", 0]}}
+    document["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["11", 1]}}
+    converted = convert(document, registry)
+    nodes_ = converted["nodes"]
+    assert nodes_["11"]["inputs"] == {"model": {"from": ["10", "model"]}, "lora": "b.safetensors", "strength": 0.5}
+    assert nodes_["6"]["inputs"]["text_encoder"] == {"from": ["4", "text_encoder"]}  # through both loaders
+    assert nodes_["3"]["inputs"]["model"] == {"from": ["11", "model"]}
+    assert any("MODEL only" in note for note in converted["meta"]["import_notes"])
