@@ -229,9 +229,9 @@ def _png_with_workflow(workflow: dict) -> bytes:
     return buffer.getvalue()
 
 
-def drop_file(tab: BrowserPage, data: bytes, name: str, mime: str) -> None:
+def drop_file(tab: BrowserPage, data: bytes, name: str, mime: str, at=None) -> None:
     """Drop a file onto the canvas as the browser does for a file dragged from the desktop."""
-    rect = tab.js("(() => { const r = ed.canvasWrap.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+    rect = at or tab.js("(() => { const r = ed.canvasWrap.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()")
     transfer = tab.page.evaluate_handle(
         """([bytes, name, mime]) => { const dt = new DataTransfer();
              dt.items.add(new File([new Uint8Array(bytes)], name, { type: mime })); return dt; }""",
@@ -343,3 +343,13 @@ def test_export_then_import_json_and_upload_an_image(tab: BrowserPage):
     assert (tab.server.root / "input" / name).is_file()
     tab.wait("ed.nodeInfo(arg).images === 1", arg=loader)
     tab.shot("10_uploaded_image")
+
+    # an image without a workflow dropped onto the Load Image node is uploaded into it
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 40, 40)).save(buffer, "PNG")
+    at = tab.js("ed.graphToClient(ed.graph.getNodeById(Number(arg)).pos[0] + 60, ed.graph.getNodeById(Number(arg)).pos[1] + 10)", loader)
+    drop_file(tab, buffer.getvalue(), "red.png", "image/png", at=at)
+    tab.wait("ed.nodeInfo(arg[0]).widgets.image !== arg[1]", arg=[loader, name])
+    assert tab.js("ed.graph._nodes.length") == len(ids) + 1

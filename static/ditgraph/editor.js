@@ -413,7 +413,8 @@ class Editor {
         const ih = img.naturalHeight * scale;
         const x = 10 + (i % cols) * cw + (cw - iw) / 2;
         const iy = y + Math.floor(i / cols) * ch + (ch - ih) / 2;
-        ctx.imageSmoothingEnabled = img.naturalWidth > iw;
+        // latent previews are tiny: smooth them; outputs shown smaller than they are: smooth too
+        ctx.imageSmoothingEnabled = node.previewImage === img || img.naturalWidth > iw;
         ctx.drawImage(img, x, iy, iw, ih);
       });
     } else if (node.outputText && body.h > 10) {
@@ -476,30 +477,33 @@ class Editor {
   /** Pick an image, upload it (POST /api/uploads) and point ``widget`` at the stored file. */
   uploadInto(node, widget) {
     const input = el("input", { type: "file", accept: "image/png,image/jpeg,image/webp", style: "display:none" });
-    input.addEventListener("change", async () => {
+    input.addEventListener("change", () => {
       const file = input.files?.[0];
       input.remove();
-      if (!file) return;
-      try {
-        const answer = await api.upload(file);
-        const name = answer.name ?? answer.filename;
-        if (Array.isArray(widget.options?.values) && !widget.options.values.includes(name)) widget.options.values.push(name);
-        widget.value = name;
-        const img = new Image();
-        img.onload = () => {
-          node.outputImages = [img];
-          this.ensureImageSpace(node, img);
-          this.canvas.setDirty(true, true);
-        };
-        img.src = URL.createObjectURL(file);
-        this.changed("upload");
-        this.toast(`Uploaded ${name}`, "ok");
-      } catch (error) {
-        this.toast(`Upload failed: ${error.message}`, "error");
-      }
+      if (file) this.uploadFileInto(node, widget, file);
     });
     document.body.append(input);
     input.click();
+  }
+
+  async uploadFileInto(node, widget, file) {
+    try {
+      const answer = await api.upload(file);
+      const name = answer.name ?? answer.filename;
+      if (Array.isArray(widget.options?.values) && !widget.options.values.includes(name)) widget.options.values.push(name);
+      widget.value = name;
+      const img = new Image();
+      img.onload = () => {
+        node.outputImages = [img];
+        this.ensureImageSpace(node, img);
+        this.canvas.setDirty(true, true);
+      };
+      img.src = URL.createObjectURL(file);
+      this.changed("upload");
+      this.toast(`Uploaded ${name}`, "ok");
+    } catch (error) {
+      this.toast(`Upload failed: ${error.message}`, "error");
+    }
   }
 
   // ---------------------------------------------------------------- text overlay (multi-line prompts)
@@ -889,8 +893,23 @@ class Editor {
     downloadText(`${this.name ?? doc.meta.name ?? "workflow"}.json`, `${JSON.stringify(doc, null, 2)}\n`);
   }
 
-  async importFile(file) {
+  /** The node under a client position that takes an uploaded image, and its widget. */
+  imageTargetAt(clientX, clientY) {
+    if (clientX === undefined) return null;
+    const [x, y] = this.clientToGraph(clientX, clientY);
+    const node = this.graph.getNodeOnPos(x, y);
+    const widget = node?.widgets?.find((w) => w.inputDef?.file === "input");
+    return widget ? { node, widget } : null;
+  }
+
+  async importFile(file, at = {}) {
     try {
+      const target = /^image\//.test(file.type) ? this.imageTargetAt(at.x, at.y) : null;
+      if (target) {
+        // an image dropped on a Load Image node goes into that node, not into the graph
+        this.uploadFileInto(target.node, target.widget, file);
+        return;
+      }
       if (file.type === "image/png" || file.name?.toLowerCase().endsWith(".png")) {
         let doc = null;
         try {
@@ -934,7 +953,7 @@ class Editor {
       if (!file) return;
       e.preventDefault();
       e.stopPropagation();
-      this.importFile(file);
+      this.importFile(file, { x: e.clientX, y: e.clientY });
     });
   }
 
