@@ -34,7 +34,7 @@ Fixup = Callable[[str, dict, list, set], None]  # (node id, converted nodes, not
 class NodeMap:
     """How one ComfyUI node type becomes one ditgraph node."""
 
-    target: str  # the ditgraph node type
+    target: str | None  # the ditgraph node type; None: the node dissolves (its outputs all pass through)
     outputs: tuple[str, ...]  # ComfyUI output index -> our output name
     inputs: dict[str, str] = field(default_factory=dict)  # ComfyUI input name -> ours (same name if absent)
     drop: frozenset[str] = frozenset()  # ComfyUI inputs with no counterpart, ignored on purpose
@@ -43,6 +43,9 @@ class NodeMap:
     # ComfyUI outputs our node lacks that only pass an input through (LoraLoader's CLIP): output
     # index -> the ComfyUI input whose link its consumers get instead
     passthrough: dict[int, str] = field(default_factory=dict)
+    # one ComfyUI node that becomes several of ours: (node id, ComfyUI inputs) -> (extra nodes by id,
+    # inputs of the main node); the extra nodes' ids are "<id>.<n>"
+    expand: Callable[[str, dict], tuple[dict[str, dict], dict[str, Any]]] | None = None
     note: str = ""
 
 
@@ -99,6 +102,55 @@ def _wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) -
         notes.append(f"node {node_id} (EmptyLatent): could not tell which {' and '.join(missing)} to use; connect it")
 
 
+def _clip_loaders(count: int) -> Callable[[str, dict], tuple[dict[str, dict], dict[str, Any]]]:
+    """DualCLIPLoader / TripleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
+
+    def expand(node_id: str, raw_inputs: dict) -> tuple[dict[str, dict], dict[str, Any]]:
+        extra, inputs = {}, {}
+        for index, slot in zip(range(1, count + 1), ("first", "second", "third"), strict=False):
+            name = raw_inputs.get(f"clip_name{index}")
+            extra[f"{node_id}.{index}"] = {"type": "TextEncoderLoader", "inputs": {"text_encoder": name}}
+            inputs[slot] = {"from": [f"{node_id}.{index}", "text_encoder"]}
+        return extra, inputs
+
+    return expand
+
+
+# the ComfyUI nodes that only hand a MODEL on (for following ModelSampling* shifts to samplers)
+_MODEL_PASSING = {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux"}
+_SHIFT_TAKERS = {"KSampler", "BasicScheduler"}
+
+
+def _sampler_shifts(document: dict) -> dict[str, float]:
+    """ComfyUI sets the flow shift on the MODEL (ModelSamplingSD3/AuraFlow); ours is a sampler
+    input: the shift each KSampler/BasicScheduler downstream of such a node should get."""
+    consumers: dict[str, list[str]] = {}
+    for node_id, raw in document.items():
+        for value in (raw.get("inputs") or {}).values():
+            if _is_link(value) and value[1] == 0:
+                consumers.setdefault(str(value[0]), []).append(str(node_id))
+    shifts: dict[str, float] = {}
+    for node_id, raw in document.items():
+        if raw.get("class_type") not in ("ModelSamplingSD3", "ModelSamplingAuraFlow"):
+            continue
+        shift = (raw.get("inputs") or {}).get("shift")
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool):
+            continue
+        stack, seen = [str(node_id)], set()
+        while stack:
+            current = stack.pop()
+            for consumer in consumers.get(current, []):
+                if consumer in seen:
+                    continue
+                seen.add(consumer)
+                kind = document[consumer].get("class_type") if consumer in document else None
+                if kind in _SHIFT_TAKERS:
+                    shifts[consumer] = float(shift)
+                elif kind in _MODEL_PASSING and kind not in ("ModelSamplingSD3", "ModelSamplingAuraFlow"):
+                    stack.append(consumer)
+    return shifts
+
+
 # ComfyUI type -> ditgraph node. Core primitives first, then the diffusion nodes.
 TABLE: dict[str, NodeMap] = {
     "PrimitiveInt": NodeMap("PrimitiveInt", ("value",)),
@@ -108,6 +160,17 @@ TABLE: dict[str, NodeMap] = {
     "PrimitiveBoolean": NodeMap("PrimitiveBoolean", ("value",)),
     "PreviewAny": NodeMap("PreviewAny", (), {"source": "value"}),
     "CheckpointLoaderSimple": NodeMap("CheckpointLoader", ("model", "text_encoder", "vae"), {"ckpt_name": "checkpoint"}),
+    "UNETLoader": NodeMap("CheckpointLoader", ("model",), {"unet_name": "checkpoint"}, drop=frozenset({"weight_dtype"}),
+                          note="the diffusion model file loads through CheckpointLoader (dtype: auto)"),
+    "CLIPLoader": NodeMap("TextEncoderLoader", ("text_encoder",), {"clip_name": "text_encoder"},
+                          drop=frozenset({"type", "device"})),
+    "DualCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",), drop=frozenset({"type", "device"}),
+                              expand=_clip_loaders(2)),
+    "TripleCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",), expand=_clip_loaders(3)),
+    "ModelSamplingSD3": NodeMap(None, (), passthrough={0: "model"}),
+    "ModelSamplingAuraFlow": NodeMap(None, (), passthrough={0: "model"}),
+    "ModelSamplingFlux": NodeMap(None, (), passthrough={0: "model"},
+                                 note="dissolved: Flux's resolution-dependent shift is the sampler's scheduler 'auto'"),
     "VAELoader": NodeMap("VAELoader", ("vae",), {"vae_name": "vae"}),
     "CLIPTextEncode": NodeMap("TextEncode", ("conditioning",), {"clip": "text_encoder"}, fixup=_negative_only),
     "ConditioningZeroOut": NodeMap("ConditioningZeroOut", ("conditioning",)),
@@ -197,7 +260,9 @@ def unmapped_types(document: Any, registry) -> list[str]:
     missing = set()
     for raw in document.values():
         mapping = TABLE.get(raw.get("class_type"))
-        if mapping is None or registry.get(mapping.target) is None:
+        if mapping is None or (mapping.target is not None and registry.get(mapping.target) is None):
+            missing.add(str(raw.get("class_type")))
+        elif mapping.expand is not None and registry.get("TextEncoderLoader") is None:
             missing.add(str(raw.get("class_type")))
     return sorted(missing)
 
@@ -216,15 +281,25 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
                                "See docs/comfy_import.md for the supported types.", unmapped=missing)
     notes: list[str] = []
     nodes: dict[str, dict] = {}
+    shifts = _sampler_shifts(document)
     for node_id, raw in document.items():
         node_id = str(node_id)
         mapping = TABLE[raw["class_type"]]
-        nd = registry.get(mapping.target)
         raw_inputs = raw.get("inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise ComfyImportError(f"node {node_id}: 'inputs' must be an object")
+        if mapping.target is None:  # dissolved: consumers are linked past it
+            if mapping.note:
+                notes.append(f"node {node_id} ({raw['class_type']}): {mapping.note}")
+            continue
+        nd = registry.get(mapping.target)
         inputs: dict[str, Any] = {}
+        if mapping.expand is not None:
+            extra, inputs = mapping.expand(node_id, raw_inputs)
+            nodes.update(extra)
         for comfy_name, value in raw_inputs.items():
+            if mapping.expand is not None:
+                break
             if comfy_name in mapping.drop:
                 continue
             ours = mapping.inputs.get(comfy_name, comfy_name)
@@ -241,6 +316,8 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
                     if note:
                         notes.append(f"node {node_id} ({raw['class_type']}): {note}")
                 inputs[ours] = value
+        if node_id in shifts and "shift" in nd.inputs and "shift" not in inputs:
+            inputs["shift"] = shifts[node_id]
         if mapping.note:
             notes.append(f"node {node_id} ({raw['class_type']}): {mapping.note}")
         entry: dict[str, Any] = {"type": mapping.target, "inputs": inputs}

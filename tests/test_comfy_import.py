@@ -167,3 +167,38 @@ def test_lora_loader_clip_output_passes_the_text_encoder_through():
     assert nodes_["6"]["inputs"]["text_encoder"] == {"from": ["4", "text_encoder"]}  # through both loaders
     assert nodes_["3"]["inputs"]["model"] == {"from": ["11", "model"]}
     assert any("MODEL only" in note for note in converted["meta"]["import_notes"])
+
+
+def test_sd3_and_flux_loaders_and_model_sampling():
+    registry = make_registry()
+    if not {"CombineTextEncoders", "TextEncoderLoader", "CheckpointLoader", "Sampler", "VAELoader"} <= set(registry.nodes):
+        pytest.skip("diffusion nodes not installed")
+    document = {
+        "12": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl.safetensors", "clip_name2": "clip_l.safetensors",
+                                                         "type": "flux"}},
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "13": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["12", 0], "shift": 3.0}},
+        "14": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["13", 0], "lora_name": "x.safetensors",
+                                                               "strength_model": 1.0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["11", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                                   "scheduler": "simple", "denoise": 1.0, "model": ["14", 0],
+                                                   "positive": ["6", 0], "negative": ["6", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["10", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "flux"}},
+    }
+    converted = convert(document, registry)
+    nodes_ = converted["nodes"]
+    assert "13" not in nodes_  # ModelSamplingSD3 dissolves into the sampler's shift
+    assert nodes_["14"]["inputs"]["model"] == {"from": ["12", "model"]}
+    assert nodes_["3"]["inputs"]["shift"] == 3.0 and nodes_["3"]["inputs"]["model"] == {"from": ["14", "model"]}
+    assert nodes_["11"] == {"type": "CombineTextEncoders", "inputs": {"first": {"from": ["11.1", "text_encoder"]},
+                                                                     "second": {"from": ["11.2", "text_encoder"]}}}
+    assert nodes_["11.1"]["inputs"] == {"text_encoder": "t5xxl.safetensors"}
+    assert nodes_["5"]["inputs"]["vae"] == {"from": ["10", "vae"]} and nodes_["5"]["inputs"]["model"] == {"from": ["14", "model"]}
+    problems = errors(validate(Workflow.from_dict(converted), registry))
+    # only the model files this machine lacks
+    assert {(p.node, p.input) for p in problems} == {("12", "checkpoint"), ("11.1", "text_encoder"),
+                                                     ("11.2", "text_encoder"), ("10", "vae"), ("14", "lora")}
