@@ -652,10 +652,18 @@ def cmd_import_comfy(args) -> int:
     from app.comfy_import import ComfyImportError, convert
 
     try:
-        source = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        data = Path(args.file).read_bytes()
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):  # an image ComfyUI saved: its graph is the 'prompt' text
+            from app.server import png_text_chunks
+
+            prompt = png_text_chunks(data).get("prompt")
+            if prompt is None:
+                raise UsageError(f"{args.file}: this PNG carries no ComfyUI workflow (no 'prompt' text chunk)")
+            data = prompt.encode("utf-8")
+        source = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"file {args.file!r} does not exist") from None
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{args.file}: not valid JSON ({exc})") from None
     except OSError as exc:
         raise UsageError(f"cannot read {args.file!r}: {exc}") from None
@@ -812,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=cmd_explain)
 
     comfy = add("import-comfy", "convert a ComfyUI API-format workflow into a ditgraph workflow")
-    comfy.add_argument("file", metavar="FILE")
+    comfy.add_argument("file", metavar="FILE", help="an API-format JSON file, or a PNG saved by ComfyUI")
     comfy.add_argument("-o", "--output", metavar="OUT.json", help="write here (default: stdout)")
     comfy.set_defaults(handler=cmd_import_comfy)
     return parser

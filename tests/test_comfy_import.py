@@ -142,6 +142,13 @@ def test_cli_import_then_run(tmp_path, capsys, monkeypatch):
         capsys.readouterr()
         assert main(["run", str(target), "--set", "1.value=41"]) == 0
         assert "node 4: 41" in capsys.readouterr().out
+        from PIL import Image, PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", json.dumps(COMFY_PRIMITIVES))
+        Image.new("RGB", (2, 2)).save(tmp_path / "comfy.png", pnginfo=info)
+        assert main(["import-comfy", str(tmp_path / "comfy.png"), "-o", str(tmp_path / "from_png.json")]) == 0
+        assert json.loads((tmp_path / "from_png.json").read_text())["nodes"]["4"]["type"] == "PreviewAny"
         source.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
         assert main(["import-comfy", str(source)]) == 2
         assert "NoSuchNode" in capsys.readouterr().err
