@@ -15,7 +15,7 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq || true
-  $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
+  $SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null \
     || echo "install-browser: apt-get install chromium failed; UI tests will be skipped" >&2
 fi
 

@@ -45,6 +45,7 @@ export function graphToWorkflow(graph, { meta = {}, canvas = null } = {}) {
       continue;
     }
     const def = node.def ?? node.constructor.def;
+    if (!def) continue; // not a ditgraph node (nothing in the format can hold it)
     const inputs = {};
     for (const input of def.inputs) {
       const slot = node.inputs?.find((s) => s.name === input.name);

@@ -296,15 +296,24 @@ class Editor {
   }
 
   extraCanvasMenu(options) {
-    options.push(null, { content: "Add group for selected nodes (Ctrl+G)", callback: () => this.groupSelected() });
-    options.push({ content: "Arrange (auto layout)", callback: () => this.arrange() });
-    return options;
+    for (let i = options.length - 1; i >= 0; i--) {
+      if (options[i] && /subgraph/i.test(options[i].content ?? "")) options.splice(i, 1);
+    }
+    // litegraph appends what this returns
+    return [
+      null,
+      { content: "Add group for selected nodes (Ctrl+G)", callback: () => this.groupSelected() },
+      { content: "Arrange (auto layout)", callback: () => this.arrange() },
+      { content: "Fit view", callback: () => this.fitView() },
+    ];
   }
 
   patchNodeMenu() {
     const original = this.canvas.getNodeMenuOptions.bind(this.canvas);
+    // subgraphs and litegraph's other run modes have no place in the workflow format
+    const unsupported = (o) => o && /subgraph|^Mode$/i.test(o.content ?? "");
     this.canvas.getNodeMenuOptions = (node) => {
-      const options = original(node);
+      const options = original(node).filter((o) => !unsupported(o));
       options.unshift(
         { content: node.mode === BYPASS_MODE ? "Un-bypass (Ctrl+B)" : "Bypass (Ctrl+B)", callback: () => this.toggleBypass([node]) },
         null,
