@@ -221,6 +221,7 @@ class ModelHandle(Resident):
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
     residency: str = "resident"
+    preview_vae: Any = field(default=None, repr=False)  # the VAE it came with: fits the preview projection
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
     _cache: dict = field(default_factory=dict, repr=False)  # small derived tensors (position ids)
@@ -264,6 +265,19 @@ class ModelHandle(Resident):
         """Image tokens for a latent of (height, width): what dynamic shift is computed from."""
         p = self.patch_size
         return (height // p) * (width // p)
+
+    # -- previews ----------------------------------------------------------------------------------
+    def preview_projection(self) -> torch.Tensor | None:
+        """A (C+1, 3) affine latent->RGB map fitted once from ``preview_vae`` (None without one)."""
+        if "preview" not in self._cache:
+            fitted = None
+            if self.preview_vae is not None:
+                try:
+                    fitted = fit_preview_projection(self.preview_vae)
+                except Exception:  # a preview must never fail a run
+                    fitted = None
+            self._cache["preview"] = fitted
+        return self._cache["preview"]
 
     # -- sigma range -----------------------------------------------------------------------------
     def sigma_table(self) -> torch.Tensor:
@@ -600,6 +614,34 @@ class TextEncoders(Resident):
         if names == {"gemma"}:
             return None  # Sana or Lumina 2: the encode node must be told
         return None
+
+
+ANCHOR_COLOURS = [(1, 1, 1), (0, 0, 0), (0.5, 0.5, 0.5), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1),
+                  (1, 0, 1), (0.9, 0.9, 0.9), (0.2, 0.2, 0.2), (1, 0.5, 0)]
+
+
+@torch.no_grad()
+def fit_preview_projection(vae: VAEHandle, blocks: int = 6, seed: int = 0) -> torch.Tensor:
+    """Least-squares affine map from normalised latents to RGB: encode one image of solid-colour
+    blocks (anchors such as white, black and the primaries, then random colours) and pair each
+    latent pixel inside a block with the block's colour. Approximate (latents also code texture),
+    but good enough to see composition and colours while sampling."""
+    f = vae.factor
+    cell = 4  # latent pixels per block side; the outer ring is dropped (edges mix colours)
+    size = cell * f
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(blocks * blocks, 3, generator=g)
+    colours[: len(ANCHOR_COLOURS)] = torch.tensor(ANCHOR_COLOURS, dtype=torch.float32)
+    colours = colours.reshape(blocks, blocks, 3)
+    image = colours.repeat_interleave(size, 0).repeat_interleave(size, 1)[None]
+    latent = vae.encode(image)[0]
+    c = latent.shape[0]
+    inner = latent.reshape(c, blocks, cell, blocks, cell)[:, :, 1:-1, :, 1:-1]
+    z = inner.permute(1, 3, 2, 4, 0).reshape(blocks, blocks, -1, c)
+    targets = colours[:, :, None, :].expand(blocks, blocks, z.shape[2], 3).reshape(-1, 3)
+    design = torch.cat([z.reshape(-1, c), torch.ones(targets.shape[0], 1)], dim=1)
+    ridge = 1e-3 * torch.eye(c + 1)
+    return torch.linalg.solve(design.T @ design + ridge, design.T @ targets)
 
 
 def finite(value: float) -> bool:

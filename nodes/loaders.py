@@ -289,6 +289,8 @@ def CheckpointLoader(
         if value is not None:
             value.device = dev
             value.residency = "offload" if offload == "cpu" else "resident"
+    model, _, vae = loaded
+    model.preview_vae = vae  # latent previews are fitted from it on first use
     return loaded
 
 

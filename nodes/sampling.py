@@ -43,7 +43,8 @@ def model_shift(model: ModelHandle, shift: float = 0.0) -> float:
     """``shift`` if > 0, else the model's default (manifest, scheduler config, family)."""
     if shift and shift > 0:
         return float(shift)
-    for value in (model.defaults.get("shift"), model.scheduler_config.get("shift")):
+    config = model.scheduler_config
+    for value in (model.defaults.get("shift"), config.get("shift"), config.get("flow_shift")):
         if value:
             return float(value)
     return float(model.info.default_shift)
@@ -282,27 +283,33 @@ _PREVIEW_CACHE: dict[tuple, torch.Tensor] = {}
 def preview_image(model: ModelHandle, x0: torch.Tensor, max_size: int = 64) -> np.ndarray:
     """A cheap RGB preview of a latent: a fixed linear projection of the channels (uint8 HxWx3).
 
-    The projection is per family: a manifest's ``preview_rgb`` matrix when it has one, else a
-    fixed pseudo-random orthogonal projection (seeded by the channel count) so colours are stable.
+    The projection is fitted once per model from its VAE (``ModelHandle.preview_projection``,
+    when the checkpoint came with one), else a manifest's ``preview_rgb`` matrix, else a fixed
+    pseudo-random orthogonal projection (normalised per image) so colours are at least stable.
     """
-    latent = x0[0].float().cpu()
-    c = latent.shape[0]
-    matrix = model.defaults.get("preview_rgb")
-    if matrix is not None:
-        proj = torch.tensor(matrix, dtype=torch.float32)
-    else:
-        key = (model.family, c)
-        if key not in _PREVIEW_CACHE:
-            g = torch.Generator().manual_seed(c)
-            q, _ = torch.linalg.qr(torch.randn(c, max(c, 3), generator=g))
-            _PREVIEW_CACHE[key] = q[:, :3] if c >= 3 else torch.eye(c, 3)
-        proj = _PREVIEW_CACHE[key]
-    rgb = torch.einsum("chw,cd->hwd", latent, proj)
-    lo, hi = rgb.amin(dim=(0, 1)), rgb.amax(dim=(0, 1))
-    rgb = (rgb - lo) / (hi - lo).clamp(min=1e-6)
-    h, w = rgb.shape[:2]
+    latent = x0[0].float()
+    c, h, w = latent.shape
     step = max(1, math.ceil(max(h, w) / max_size))
-    return (rgb[::step, ::step] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    latent = latent[:, ::step, ::step].cpu()
+    fitted = model.preview_projection()
+    if fitted is not None:
+        flat = torch.cat([latent.reshape(c, -1), torch.ones(1, latent[0].numel())]).T
+        rgb = (flat @ fitted).reshape(latent.shape[1], latent.shape[2], 3).clamp(0, 1)
+    else:
+        matrix = model.defaults.get("preview_rgb")
+        if matrix is not None:
+            proj = torch.tensor(matrix, dtype=torch.float32)
+        else:
+            key = (model.family, c)
+            if key not in _PREVIEW_CACHE:
+                g = torch.Generator().manual_seed(c)
+                q, _ = torch.linalg.qr(torch.randn(c, max(c, 3), generator=g))
+                _PREVIEW_CACHE[key] = q[:, :3] if c >= 3 else torch.eye(c, 3)
+            proj = _PREVIEW_CACHE[key]
+        rgb = torch.einsum("chw,cd->hwd", latent, proj)
+        lo, hi = rgb.amin(dim=(0, 1)), rgb.amax(dim=(0, 1))
+        rgb = (rgb - lo) / (hi - lo).clamp(min=1e-6)
+    return (rgb * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
