@@ -18,7 +18,7 @@ from tests.ui_helpers import REPO, VIEWPORT, BrowserPage, Server, browser_skip_r
 
 BLUEPRINT_PATH = REPO / "graphs" / "shapes-txt2img.json"
 PROMPT = "a small green triangle at the bottom right on a white background"
-STEPS = 8  # typed into the Sampler's steps widget: keeps the CPU run short
+STEPS = 4  # typed into the Sampler's steps widget: keeps the CPU run short
 
 pytestmark = [
     pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or ""),
