@@ -120,23 +120,36 @@ class ServerProcess:
         raise AssertionError(f"run {run_id} did not reach {until} in {timeout}s: {record}")
 
 
-_shared: ServerProcess | None = None
+_shared: dict[str, ServerProcess] = {}
+TOKEN = "correct-horse-battery"
 
 
-def shared_server() -> ServerProcess:
-    """One server (with the test nodes) for every test module that needs no special settings;
-    started on first use, stopped when the test process exits."""
-    global _shared
-    if _shared is None or _shared.process is None or _shared.process.poll() is not None:
+def _shared_process(key: str, **kwargs) -> ServerProcess:
+    """One server process per kind for the whole test session (starting one costs seconds);
+    stopped when the test process exits."""
+    server = _shared.get(key)
+    if server is None:
         import atexit
         import shutil
         import tempfile
 
-        root = Path(tempfile.mkdtemp(prefix="ditgraph-api-test-"))
-        _shared = ServerProcess(root).start()
+        root = Path(tempfile.mkdtemp(prefix=f"ditgraph-api-test-{key}-"))
+        server = _shared[key] = ServerProcess(root, **kwargs)
         atexit.register(shutil.rmtree, root, True)
-        atexit.register(_shared.stop)
-    return _shared
+        atexit.register(server.stop)
+    if server.process is None or server.process.poll() is not None:
+        server.start()
+    return server
+
+
+def shared_server() -> ServerProcess:
+    """The server with the test nodes and no token."""
+    return _shared_process("open")
+
+
+def shared_token_server() -> ServerProcess:
+    """The server with the test nodes that requires ``TOKEN``."""
+    return _shared_process("token", token=TOKEN)
 
 
 def wait_idle(server: ServerProcess, timeout: float = 60) -> None:

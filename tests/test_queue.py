@@ -14,7 +14,7 @@ from app.graph import WorkflowError
 from app.memo import MemoCache
 from app.queue import LocalDispatcher, QueueLocked, RunQueue, RunRecord, RunStore, jsonable_event, new_run_id
 from app.registry import Registry
-from tests._server_helpers import ServerProcess, count_workflow, workflow
+from tests._server_helpers import count_workflow, shared_token_server, workflow
 
 
 @pytest.fixture
@@ -187,8 +187,8 @@ def test_jsonable_event_encodes_previews():
     assert "preview" not in jsonable_event({"type": "progress", "preview": object()})
 
 
-def test_server_resumes_queue_after_sigkill(tmp_path):
-    server = ServerProcess(tmp_path).start()
+def test_server_resumes_queue_after_sigkill():
+    server = shared_token_server()  # the token server's queue; it keeps serving afterwards
     try:
         with server.client() as client:
             done = client.post("/api/runs", json={"workflow": count_workflow(steps=1, start=1000)}).json()["run_id"]
@@ -211,4 +211,5 @@ def test_server_resumes_queue_after_sigkill(tmp_path):
             assert {done, slow, *queued} <= {r["run_id"] for r in history["history"]}
             assert client.get(f"/api/runs/{done}").json()["status"] == "success"  # history survived
     finally:
-        server.stop()
+        if server.process.poll() is not None:
+            server.start()

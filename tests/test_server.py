@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from app.server import png_text_chunks, sniff_image
-from tests._server_helpers import ServerProcess, count_workflow, shared_server, wait_idle, workflow
+from tests._server_helpers import ServerProcess, count_workflow, shared_server, shared_token_server, wait_idle, workflow
 
 
 @pytest.fixture(scope="module")
@@ -352,10 +352,8 @@ def test_cross_origin_and_foreign_host_are_refused(server):
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("token"), token="correct-horse-battery", plugins=False).start()
-    yield proc
-    proc.stop()
+def token_server():
+    return shared_token_server()
 
 
 def test_token_is_required_everywhere(token_server):
