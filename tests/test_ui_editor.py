@@ -309,7 +309,12 @@ def test_progress_goes_to_the_tab_that_queued(tab: BrowserPage, browser):
         assert not other.js("ed.eventLog.filter(e => e.run_id === arg && e.type.startsWith('node_')).length", run_id)
         # the other tab still sees the run in its queue panel
         other.js("ed.refreshQueue()")
-        other.page.wait_for_selector(f'[data-testid="run"][data-run="{run_id}"]')
+        row = other.page.locator(f'[data-testid="run"][data-run="{run_id}"]')
+        row.wait_for()
+        # ... and can load the workflow that run used
+        row.locator("button", has_text="Load").click()
+        other.wait("Object.keys(ed.workflow().nodes).length === arg", arg=len(tab.js("ed.workflow().nodes")))
+        assert other.js("ed.workflow().nodes") == tab.js("ed.workflow().nodes")
     finally:
         other_context.close()
 

@@ -38,7 +38,8 @@ const enc = encodeURIComponent;
 export const api = {
   nodes: () => request("GET", "/api/nodes"),
   validate: (workflow) => request("POST", "/api/validate", { workflow }),
-  queue: (workflow, clientId) => request("POST", "/api/runs", { workflow, client_id: clientId }),
+  queue: (workflow, clientId, targets = null) =>
+    request("POST", "/api/runs", targets ? { workflow, client_id: clientId, targets } : { workflow, client_id: clientId }),
   runs: () => request("GET", "/api/runs"),
   run: (id) => request("GET", `/api/runs/${enc(id)}`),
   cancel: (id) => request("DELETE", `/api/runs/${enc(id)}`),

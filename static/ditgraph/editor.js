@@ -316,6 +316,7 @@ class Editor {
       const options = original(node).filter((o) => !unsupported(o));
       options.unshift(
         { content: node.mode === BYPASS_MODE ? "Un-bypass (Ctrl+B)" : "Bypass (Ctrl+B)", callback: () => this.toggleBypass([node]) },
+        { content: "Run up to this node", callback: () => this.run([workflowId(node)]) },
         null,
       );
       return options;
@@ -1129,7 +1130,8 @@ class Editor {
     if (changed) this.changed("seed");
   }
 
-  async run() {
+  /** Queue the workflow; ``targets`` (node ids) limits the run to what they need. */
+  async run(targets = null) {
     this.closeTextEditor(true);
     this.applySeedControls();
     this.flushChange();
@@ -1139,7 +1141,7 @@ class Editor {
     for (const node of this.graph._nodes) this.clearRunState(node, true);
     let answer;
     try {
-      answer = await api.queue(doc, this.clientId);
+      answer = await api.queue(doc, this.clientId, Array.isArray(targets) ? targets : null);
     } catch (error) {
       const problems = error.body?.problems ?? error.body?.detail?.problems;
       if (problems) {
@@ -1313,6 +1315,19 @@ class Editor {
     this.canvas.setDirty(true, true);
   }
 
+  /** Put the workflow a past run used on the canvas, with its output images. */
+  async loadRun(runId) {
+    try {
+      const record = await api.run(runId);
+      if (record?.workflow && this.loadDocument(record.workflow)) {
+        this.persist();
+        await this.fetchOutputs(runId);
+      }
+    } catch (error) {
+      this.toast(`Cannot load run ${runId}: ${error.message}`, "error");
+    }
+  }
+
   /** Output files of a finished run with their URLs (authoritative for where images live). */
   async fetchOutputs(runId) {
     let record;
@@ -1367,7 +1382,7 @@ class Editor {
               el("span", { class: "dg-run-name", title: id }, `${r.name ?? r.workflow_name ?? id}${mine ? " (this tab)" : ""}`),
               live
                 ? el("button", { class: "dg-btn dg-btn-small", onclick: () => api.cancel(id).then(() => this.refreshQueue()) }, "Cancel")
-                : null,
+                : el("button", { class: "dg-btn dg-btn-small", title: "Load the workflow this run used", onclick: () => this.loadRun(id) }, "Load"),
             );
           })
         : [el("div", { class: "dg-muted" }, "No runs yet.")]),
