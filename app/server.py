@@ -901,8 +901,9 @@ def serve(host: str = "127.0.0.1", port: int = 8188, token: str | None = None, *
     probe.close()
     create_app(engine, settings)
     shown_host = f"[{host}]" if ":" in host else host
-    announce(f"ditgraph {app_package.__version__} serving on http://{shown_host}:{port}/"
-             + (" (token required)" if settings.token else ""))
+    url = f"http://{shown_host}:{port}/"
+    announce(f"ditgraph {app_package.__version__} serving on {url}"
+             + (f" (token required: open {url}?token={quote(settings.token)} once in the browser)" if settings.token else ""))
     ui.run(host=host, port=port, reload=False, show=False, title="ditgraph", show_welcome_message=False,
            uvicorn_logging_level=log_level, favicon=None)
 
