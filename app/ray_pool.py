@@ -310,7 +310,8 @@ class RayPool:
                 workers = int(gpus // gpus_per_worker)
             else:
                 workers = max(1, int(resources.get("CPU", 1) // cpus_per_worker))
-                cpus_per_worker = min(cpus_per_worker, resources.get("CPU", 1))
+        if not gpus_per_worker and workers * cpus_per_worker > resources.get("CPU", 1):
+            cpus_per_worker = resources.get("CPU", 1) / workers  # share the CPUs there are rather than wait forever
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.slots = [WorkerSlot(i) for i in range(workers)]
         self._cond = threading.Condition()
