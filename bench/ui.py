@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     pan_ok = result["pan"].get("p95_ms", 1e9) <= TARGET_FRAME_MS
     drag_ok = result["node_drag"].get("p95_ms", 1e9) <= TARGET_FRAME_MS
     data = {"browser": "Debian chromium, headless, --disable-gpu (software raster)", "viewport": VIEWPORT,
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "nodes": args.nodes, **result,
             "targets": {"frame_p95_ms": round(TARGET_FRAME_MS, 1), "pan_within_target": pan_ok, "drag_within_target": drag_ok}}
     path = write_result("ui", data, args.out)

@@ -117,8 +117,10 @@ function multilineWidget(node, input, editor) {
       ctx.font = "12px sans-serif";
       ctx.fillStyle = "#8a8f98";
       ctx.fillText(this.name, margin + 6, y + 13);
-      ctx.fillStyle = this.value ? "#e6e6e6" : "#666";
-      const lines = wrapText(ctx, this.value || "(click to edit)", width - margin * 2 - 12);
+      const linked = drawNode.inputs?.find((i) => i.widget?.name === this.name)?.link != null;
+      ctx.fillStyle = this.value && !linked ? "#e6e6e6" : "#666";
+      const shown = linked ? "(set by the linked input)" : this.value || "(click to edit)";
+      const lines = wrapText(ctx, shown, width - margin * 2 - 12);
       const maxLines = Math.max(1, Math.floor((height - 20) / 15));
       lines.slice(0, maxLines).forEach((line, i) => {
         const text = i === maxLines - 1 && lines.length > maxLines ? `${line} …` : line;
@@ -127,7 +129,8 @@ function multilineWidget(node, input, editor) {
       ctx.restore();
     },
     mouse(event, pos, mouseNode) {
-      if (event.type === "pointerdown" || event.type === "mousedown") {
+      const linked = mouseNode.inputs?.find((i) => i.widget?.name === this.name)?.link != null;
+      if (!linked && (event.type === "pointerdown" || event.type === "mousedown")) {
         editor.editText(mouseNode, this);
         return true;
       }
