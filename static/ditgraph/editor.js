@@ -450,7 +450,7 @@ class Editor {
     }
     // problem messages hang below the node, where they do not cover widgets
     const messages = [...problems.map((p) => `${p.input ? `${p.input}: ` : ""}${p.message}`)];
-    if (node.runState === "error" && node.errorMessage) messages.push(node.errorMessage);
+    if (node.runState === "error" && node.errorMessage && !problems.some((p) => p.kind === "run_failed")) messages.push(node.errorMessage);
     if (messages.length) {
       ctx.font = "12px sans-serif";
       let my = h + 18;
@@ -1261,6 +1261,12 @@ class Editor {
           node.errorMessage = event.message;
         }
         this.toast(event.message ?? "A node failed", "error", 8000);
+        // listed with the problems until the graph changes (then validation replaces the list)
+        this.showProblems = true;
+        this.setProblems([
+          ...this.problems.filter((p) => p.kind !== "run_failed"),
+          { node: event.node ?? null, input: null, kind: "run_failed", severity: "error", message: event.message ?? "failed" },
+        ]);
         break;
       case "progress":
         if (node) {
