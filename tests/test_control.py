@@ -1,0 +1,215 @@
+"""ControlNet residual injection: SD3 / Flux (incl. union) through the Engine equal the diffusers
+ControlNet pipelines with the same ControlNet; several ControlNets at once; the base MODEL stays
+unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import paths
+from app.executor import Engine
+from nodes.sampling import compute_sigmas, make_noise
+from tests.test_nodes_tiny import components, save_family
+
+PROMPT = "a large red circle at the top left on a white background"
+STEPS, SEED, SIZE, CFG = 3, 99, 32, 4.0
+
+
+def make_sd3_controlnet(transformer, seed: int, layers: int = 1, instantx: bool = False):
+    from diffusers import SD3ControlNetModel
+
+    config = dict(transformer.config)  # from_transformer would mutate the base config: build from a copy
+    config.update(num_layers=layers, extra_conditioning_channels=0, force_zeros_for_pooled_projection=instantx)
+    torch.manual_seed(seed)
+    cn = SD3ControlNetModel.from_config(config)
+    cn.pos_embed.load_state_dict(transformer.pos_embed.state_dict())
+    cn.time_text_embed.load_state_dict(transformer.time_text_embed.state_dict())
+    cn.context_embedder.load_state_dict(transformer.context_embedder.state_dict())
+    own = cn.transformer_blocks.state_dict()
+    cn.transformer_blocks.load_state_dict({k: v for k, v in transformer.transformer_blocks.state_dict().items()
+                                           if k in own and own[k].shape == v.shape}, strict=False)
+    with torch.no_grad():  # the zero-initialised outputs, made non-zero so the control has an effect
+        for p in cn.controlnet_blocks.parameters():
+            p.normal_(0, 0.3)
+    return cn.eval()
+
+
+def make_flux_controlnet(transformer, seed: int, union: bool = False):
+    from diffusers import FluxControlNetModel
+
+    config = dict(transformer.config)
+    config.update(num_layers=1, num_single_layers=1, num_mode=4 if union else None)
+    torch.manual_seed(seed)
+    cn = FluxControlNetModel.from_config(config)
+    with torch.no_grad():
+        for p in list(cn.controlnet_blocks.parameters()) + list(cn.controlnet_single_blocks.parameters()):
+            p.normal_(0, 0.3)
+    return cn.eval()
+
+
+def two_layer_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(components("sd3")["transformer"].config)
+    config["num_layers"] = 2
+    torch.manual_seed(5)
+    return SD3Transformer2DModel.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for family in ("sd3", "flux"):
+        save_family(family, root / "checkpoints" / f"tiny-{family}")
+    sd3 = two_layer_sd3()  # a 1-layer SD3's only block is context_pre_only, which takes no residual
+    sd3.save_pretrained(root / "checkpoints" / "tiny-sd3" / "transformer")
+    make_sd3_controlnet(sd3, 1).save_pretrained(root / "controlnets" / "sd3-cn")
+    make_sd3_controlnet(sd3, 2, instantx=True).save_pretrained(root / "controlnets" / "sd3-cn-instantx")
+    make_sd3_controlnet(sd3, 6).save_pretrained(root / "controlnets" / "sd3-cn-b")
+    flux = components("flux")["transformer"]
+    make_flux_controlnet(flux, 3).save_pretrained(root / "controlnets" / "flux-cn")
+    make_flux_controlnet(flux, 4, union=True).save_pretrained(root / "controlnets" / "flux-union")
+    inputs = root / "input"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(inputs / "control.png")
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(inputs / "control2.png")
+    return root
+
+
+@pytest.fixture
+def engine(root, tmp_path, monkeypatch):
+    monkeypatch.setitem(paths._overrides, "models", root)
+    monkeypatch.setitem(paths._overrides, "inputs", root / "input")
+    return Engine(device="cpu", output_dir=tmp_path / "out")
+
+
+def workflow(family: str, controls: list[dict]) -> dict:
+    guided = family != "flux"
+    nodes = {
+        "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
+        "pos": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": PROMPT}},
+        "empty": {"type": "EmptyLatent", "inputs": {"model": {"from": ["ckpt", "model"]}, "vae": {"from": ["ckpt", "vae"]},
+                                                    "width": SIZE, "height": SIZE}},
+        "sample": {"type": "Sampler", "inputs": {
+            "positive": {"from": ["pos", "conditioning"]}, "latent": {"from": ["empty", "latent"]}, "seed": SEED,
+            "steps": STEPS, "cfg": CFG if guided else 1.0, "sampler": "euler", "scheduler": "auto"}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
+    }
+    if guided:
+        nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": ""}}
+        nodes["sample"]["inputs"]["negative"] = {"from": ["neg", "conditioning"]}
+    source = ["ckpt", "model"]
+    for i, c in enumerate(controls):
+        nodes[f"cn{i}"] = {"type": "ControlNetLoader", "inputs": {"controlnet": c["name"]}}
+        nodes[f"img{i}"] = {"type": "LoadImage", "inputs": {"image": c.get("image", "control.png")}}
+        nodes[f"apply{i}"] = {"type": "ApplyControlNet", "inputs": {
+            "model": {"from": source}, "control": {"from": [f"cn{i}", "control"]}, "image": {"from": [f"img{i}", "image"]},
+            "vae": {"from": ["ckpt", "vae"]}, "strength": c.get("strength", 1.0), "start": c.get("start", 0.0),
+            "end": c.get("end", 1.0), "mode": c.get("mode", -1)}}
+        source = [f"apply{i}", "model"]
+    nodes["sample"]["inputs"]["model"] = {"from": source}
+    return {"format": "ditgraph/workflow", "version": 1, "meta": {"name": "control"}, "nodes": nodes}
+
+
+def run_pipeline(family, root, controls, sigmas, noise, monkeypatch):
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxControlNetModel,
+        FluxControlNetPipeline,
+        SD3ControlNetModel,
+        StableDiffusion3ControlNetPipeline,
+    )
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.controlnets import SD3MultiControlNetModel
+
+    # the pipelines sample the control image's posterior; our nodes use its mean
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    cls = SD3ControlNetModel if family == "sd3" else FluxControlNetModel
+    nets = [cls.from_pretrained(root / "controlnets" / c["name"], local_files_only=True) for c in controls]
+    images = []
+    for c in controls:
+        arr = np.asarray(Image.open(root / "input" / c.get("image", "control.png")).convert("RGB"), dtype=np.float32)
+        images.append(torch.from_numpy(arr / 255.0).permute(2, 0, 1)[None] * 2 - 1)
+    pipe_cls = StableDiffusion3ControlNetPipeline if family == "sd3" else FluxControlNetPipeline
+    controlnet = nets[0] if len(nets) == 1 else SD3MultiControlNetModel(nets)
+    pipe = pipe_cls.from_pretrained(root / "checkpoints" / f"tiny-{family}", controlnet=controlnet,
+                                    torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
+                                                                 use_dynamic_shifting=False)
+    one = len(controls) == 1
+    pick = (lambda key, default: controls[0].get(key, default)) if one else \
+        (lambda key, default: [c.get(key, default) for c in controls])
+    kwargs = {"prompt": PROMPT, "height": SIZE, "width": SIZE, "num_inference_steps": STEPS, "output_type": "pt",
+              "sigmas": sigmas[:-1].tolist(), "control_image": images[0] if one else images,
+              "controlnet_conditioning_scale": pick("strength", 1.0),
+              "control_guidance_start": pick("start", 0.0), "control_guidance_end": pick("end", 1.0)}
+    if family == "flux":
+        b, c, h, w = noise.shape
+        kwargs.update(latents=pipe._pack_latents(noise, b, c, h, w), guidance_scale=3.5)
+        if controls[0].get("mode", -1) >= 0:
+            kwargs["control_mode"] = controls[0]["mode"]
+    else:
+        kwargs.update(latents=noise, guidance_scale=CFG)
+    with torch.no_grad():
+        return pipe(**kwargs).images.permute(0, 2, 3, 1).float()
+
+
+def rel_l2(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+CASES = {
+    "sd3": ("sd3", [{"name": "sd3-cn", "strength": 0.8}]),
+    "sd3-instantx-window": ("sd3", [{"name": "sd3-cn-instantx", "strength": 1.2, "start": 0.3, "end": 1.0}]),
+    "sd3-two": ("sd3", [{"name": "sd3-cn", "strength": 0.7, "end": 0.67},
+                        {"name": "sd3-cn-b", "strength": 0.5, "image": "control2.png"}]),
+    "flux": ("flux", [{"name": "flux-cn", "strength": 0.9, "end": 0.67}]),
+    "flux-union": ("flux", [{"name": "flux-union", "strength": 1.0, "mode": 2}]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_controlnet_matches_diffusers_pipeline(case, engine, root, monkeypatch):
+    family, controls = CASES[case]
+    result = engine.run(workflow(family, controls), targets=["decode", "ckpt", "empty"]).raise_for_status()
+    ours = result.output("decode")
+    model = result.output("ckpt", 0)
+    latent = result.output("empty").samples
+    sigmas = compute_sigmas(model, "auto", STEPS, 0.0, tuple(latent.shape[-2:]))
+    reference = run_pipeline(family, root, controls, sigmas, make_noise(tuple(latent.shape), SEED), monkeypatch)
+    plain = engine.run(workflow(family, []), targets=["decode"]).raise_for_status().output("decode")
+    error = rel_l2(ours, reference)
+    print(f"{case}: relative L2 vs diffusers ControlNet pipeline {error:.2e}; control effect {rel_l2(plain, reference):.2e}")
+    assert math.isfinite(error) and error <= 1e-3
+    assert rel_l2(plain, reference) > 1e-2  # the control changed the image
+
+
+def test_base_model_is_unchanged_by_a_controlled_run(engine):
+    plain = engine.run(workflow("sd3", []), targets=["sample", "ckpt"]).raise_for_status()
+    model = plain.output("ckpt", 0)
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    processors = {n: type(p) for n, p in model.transformer.attn_processors.items()}
+    controlled = engine.run(workflow("sd3", [{"name": "sd3-cn"}]), targets=["sample"]).raise_for_status()
+    assert "ckpt" in controlled.cached
+    assert not torch.allclose(controlled.output("sample").samples, plain.output("sample").samples)
+    after = model.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {n: type(p) for n, p in model.transformer.attn_processors.items()} == processors
+    engine.cache.clear()
+    again = engine.run(workflow("sd3", []), targets=["sample"]).raise_for_status().output("sample").samples
+    assert torch.equal(again, plain.output("sample").samples)
+
+
+def test_wrong_family_and_missing_mode_are_clear_errors(engine):
+    wf = workflow("sd3", [{"name": "flux-cn"}])
+    result = engine.run(wf, targets=["sample"])
+    assert result.status == "failed" and "cannot control a sd3 model" in result.error["message"]
+    result = engine.run(workflow("flux", [{"name": "flux-union"}]), targets=["sample"])
+    assert result.status == "failed" and "needs a mode" in result.error["message"]
