@@ -133,6 +133,17 @@ def test_build_txt2img_with_the_mouse_and_run(flow):
     flow["workflow"] = tab.js("ed.workflow()")
     flow["image_url"] = tab.js("ed.nodeInfo(arg).imageUrls[0]", flow["save"])
 
+    # double-clicking the image opens it large
+    body = tab.js("(() => { const n = ed.graph.getNodeById(Number(arg)); return ed.graphToClient(n.pos[0] + n.size[0] / 2, n.pos[1] + n.size[1] - 40); })()",
+                  flow["save"])
+    tab.page.mouse.dblclick(*body)
+    lightbox = tab.page.locator('[data-testid="lightbox"] img')
+    lightbox.wait_for()
+    tab.page.wait_for_function("document.querySelector('[data-testid=\"lightbox\"] img').naturalWidth > 0")
+    tab.shot("24b_txt2img_lightbox")
+    tab.page.click('[data-testid="lightbox"]', position={"x": 5, "y": 5})
+    lightbox.wait_for(state="detached")
+
 
 def test_new_seed_reruns_only_sampler_and_what_follows(flow):
     if "sampler" not in flow:

@@ -41,7 +41,7 @@ function imageUrls(ui) {
     if (typeof item === "string") urls.push(item.startsWith("data:") || item.startsWith("/") ? item : api.outputUrl(item));
     else if (item?.url) urls.push(item.url);
     else if (item?.path) urls.push(api.outputUrl(item.path));
-    else if (item?.filename) urls.push(api.outputUrl(item.subfolder ? `${item.subfolder}/${item.filename}` : item.filename));
+    // bare {filename, subfolder, type} entries are resolved by the server when the run ends (fetchOutputs)
   }
   return urls;
 }
@@ -93,6 +93,9 @@ class Editor {
     this.canvas.showSearchBox = (event, opts) => this.openSearch(event, opts);
     this.canvas.getExtraMenuOptions = (_c, options) => this.extraCanvasMenu(options);
     this.canvas.onAfterChange = () => this.changed("after_change");
+    this.canvas.onNodeDblClicked = (node) => {
+      if (node.outputUrls?.length) this.showImages(node.outputUrls);
+    };
     this.canvas.onNodeMoved = () => this.changed("moved");
     this.graph.onNodeAdded = (node) => this.nodeAdded(node);
     this.graph.onNodeRemoved = () => this.changed("removed");
@@ -1290,7 +1293,7 @@ class Editor {
       case "run_failed":
       case "run_cancelled":
         if (run) run.status = { run_finished: "success", run_failed: "failed", run_cancelled: "cancelled" }[event.type];
-        if (event.type === "run_finished") this.fetchOutputs(event.run_id);
+        if (event.type !== "run_cancelled") this.fetchOutputs(event.run_id);
         for (const n of this.graph._nodes) {
           if (n.runState === "queued" || n.runState === "running") n.runState = event.type === "run_cancelled" ? null : n.runState === "running" ? "error" : null;
           n.progress = undefined;
@@ -1319,6 +1322,17 @@ class Editor {
         break;
     }
     this.canvas.setDirty(true, true);
+  }
+
+  /** A lightbox with a node's images at full size (double-click the node). */
+  showImages(urls) {
+    const close = () => box.remove();
+    const box = el(
+      "div",
+      { class: "dg-modal dg-lightbox", "data-testid": "lightbox", onclick: close },
+      ...urls.map((url) => el("a", { href: url, target: "_blank", onclick: (e) => e.stopPropagation() }, el("img", { src: url }))),
+    );
+    this.app.append(box);
   }
 
   /** Put the workflow a past run used on the canvas, with its output images. */
