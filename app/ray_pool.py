@@ -58,14 +58,21 @@ HIT_EPSILON = 1e-3  # a cached node counts for something even when it was instan
 
 
 class WorkerLost(RuntimeError):
-    """The worker's process died (or became unreachable) during a run."""
+    """The worker's process died (or became unreachable) during a run.
+
+    ``started`` says whether the run had begun there (a death before its first event is not
+    the workflow's doing, so it does not count against the run's retries)."""
+
+    def __init__(self, message: str, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 # -- connecting -----------------------------------------------------------------------------------
 
 
 def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gpus: int | None = None,
-            object_store_bytes: int | None = None) -> bool:
+            object_store_bytes: int | None = None, log_to_driver: bool = True) -> bool:
     """Connect this process to Ray; returns True when it started a local cluster (close it after).
 
     ``address``: ``HOST:PORT`` (or ``ray://...``) of a running cluster; ``auto``: a cluster
@@ -78,7 +85,7 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
         p for p in [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)}}
     if address not in (None, "", "local"):
         try:
-            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
             return False
         except ConnectionError:
             if address != "auto":
@@ -86,7 +93,7 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
             log.warning("no Ray cluster is running here; starting a local one")
     object_store = object_store_bytes or int(os.environ.get("DITGRAPH_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE_BYTES))
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, object_store_memory=object_store,
-             runtime_env=env, logging_level=logging.WARNING)
+             runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     return True
 
 
@@ -320,9 +327,9 @@ class RayPool:
         self._listeners: list[Any] = []  # called (no args) when a worker becomes ready or idle
 
     @classmethod
-    def create(cls, address: str | None, registry, **kwargs) -> RayPool:
+    def create(cls, address: str | None, registry, log_to_driver: bool = True, **kwargs) -> RayPool:
         """Connect to Ray (see :func:`connect`) and make a pool; its actors start in the background."""
-        owns = connect(address)
+        owns = connect(address, log_to_driver=log_to_driver)
         try:
             pool = cls(registry, owns_ray=owns, address=address, **kwargs)
         except BaseException:
@@ -464,6 +471,7 @@ class RayPool:
         started = time.monotonic()
         handle = slot.handle
         summary: dict | None = None
+        started_there = False
         try:
             stream = handle.run.options(num_returns="streaming").remote(
                 run_id, document, targets, str(out_dir), str(out_root), return_outputs)
@@ -472,6 +480,7 @@ class RayPool:
                 if kind == "event":
                     if payload.get("type") == "run_started":
                         payload["worker"] = slot.name
+                        started_there = True
                     if on_event is not None:
                         try:
                             on_event(payload)
@@ -482,7 +491,7 @@ class RayPool:
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
                 ray.exceptions.OwnerDiedError) as exc:
             raise WorkerLost(f"worker {slot.name} (pid {slot.info.get('pid')}) died: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", started_there) from exc
         finally:
             with self._cond:
                 slot.busy_seconds += time.monotonic() - started
@@ -630,7 +639,7 @@ class RayDispatcher:
             summary = self.pool.execute(slot, record.id, record.workflow, record.targets, out_dir, root,
                                         on_event=lambda event: queue.publish(record.client_id, event))
         except WorkerLost as exc:
-            self._lost(record, slot, str(exc))
+            self._lost(record, slot, str(exc), counts=exc.started)
             return
         except Exception as exc:
             log.exception("run %s failed on %s", record.id, slot.name)
@@ -658,7 +667,7 @@ class RayDispatcher:
                        reasons=summary.get("reasons") or {}, executed=summary.get("executed") or [],
                        cached=summary.get("cached") or [])
 
-    def _lost(self, record: RunRecord, slot: WorkerSlot, reason: str) -> None:
+    def _lost(self, record: RunRecord, slot: WorkerSlot, reason: str, counts: bool = True) -> None:
         queue = self._queue
         with self._lock:
             self._runs.pop(record.id, None)
@@ -669,8 +678,8 @@ class RayDispatcher:
         if user_cancelled:
             queue.complete(record, "cancelled", error={"message": "cancelled (its worker died while stopping)"})
             queue.publish(record.client_id, {"type": "run_cancelled", "run_id": record.id, "node": None})
-        elif self._stopping.is_set():
-            queue.store.requeue(record.id)
+        elif self._stopping.is_set() or not counts:
+            queue.store.requeue(record.id)  # not the run's fault: it had not started there
         elif record.retries >= queue.max_retries:
             error = {"message": f"{reason}; the run was tried {record.retries + 1} times, not retrying it again"}
             queue.complete(record, "failed", error=error)
@@ -716,7 +725,8 @@ def run_workflows(address: str, registry, workflows: list[tuple[int | None, Work
     changed = threading.Event()
     progress = cli.ProgressLine(sys.stderr, "") if (not json_mode and sys.stderr.isatty()) else None
     try:
-        pool = RayPool.create(address, registry, device=device, workers=workers)
+        # in --json mode stdout carries only JSON lines: workers' own output stays in Ray's logs
+        pool = RayPool.create(address, registry, device=device, workers=workers, log_to_driver=not json_mode)
         dispatcher = RayDispatcher(pool, out_root)
         queue = RunQueue(store, dispatcher, validator=lambda workflow, wanted: [])
 

@@ -47,22 +47,56 @@ def workflow(seed: int = 0, size: int = 32, steps: int = 4, step_seconds: float 
     }
 
 
+NO_RAY_CHECK = """
+import sys
+from app.cli import main
+code = main(['run', sys.argv[1], '--plugin', 'tests.ray_nodes', '--output-dir', sys.argv[2]])
+assert code == 0, code
+import app.server
+assert 'ray' not in sys.modules, 'a normal run imported ray'
+"""
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def no_ray_check(tmp_path_factory):
+    """A normal `ditgraph run` in a fresh interpreter, started early so it overlaps the cluster start."""
+    folder = tmp_path_factory.mktemp("no-ray")
+    graph = folder / "graph.json"
+    graph.write_text(json.dumps(workflow(size=8, load_seconds=0)))
+    process = subprocess.Popen([sys.executable, "-c", NO_RAY_CHECK, str(graph), str(folder / "out")], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def registry_and_cluster(no_ray_check):
+    holder = {}
+    loader = threading.Thread(target=lambda: holder.update(registry=make_registry(["tests.ray_nodes"])))
+    loader.start()  # importing the node library overlaps the cluster start
     # a short temp dir: Ray's unix socket paths must stay under ~107 characters
     temp_dir = tempfile.mkdtemp(prefix="dgray-", dir="/tmp")
     context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
                        _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, logging_level="warning")
+    loader.join()
     try:
-        yield context
+        yield holder["registry"], context
     finally:
         ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return make_registry(["tests.ray_nodes"])
+def cluster(registry_and_cluster):
+    return registry_and_cluster[1]
+
+
+@pytest.fixture(scope="module")
+def registry(registry_and_cluster):
+    return registry_and_cluster[0]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +210,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_finishes_elsewhere(make
     step_seen = threading.Event()
     queue.subscribe(lambda client, event: step_seen.set() if event.get("type") == "progress"
                     and event.get("step", 0) >= 2 else None)
-    run_id = queue.submit(workflow(seed=5, size=64, steps=40, step_seconds=0.1), client_id="victim").id
+    run_id = queue.submit(workflow(seed=5, size=64, steps=25, step_seconds=0.1), client_id="victim").id
     assert step_seen.wait(60), "the run never reported progress"
     record = queue.get(run_id)
     assert record.status == "running"
@@ -223,17 +257,31 @@ def test_cli_run_batch_on_ray(cluster, pool, tmp_path, capsys, monkeypatch):
         assert any(e.get("type") == "progress" and e.get("batch") == r["batch"] for e in lines)
 
 
-def test_a_normal_run_does_not_import_ray(tmp_path):
-    graph = tmp_path / "graph.json"
-    graph.write_text(json.dumps(workflow(size=8, load_seconds=0)))
-    code = (
-        "import sys\n"
-        "from app.cli import main\n"
-        f"code = main(['run', {str(graph)!r}, '--plugin', 'tests.ray_nodes', '--output-dir', {str(tmp_path / 'o')!r}])\n"
-        "assert code == 0, code\n"
-        "import app.server\n"
-        "assert 'ray' not in sys.modules, 'ray was imported'\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_a_normal_run_does_not_import_ray(no_ray_check):
+    _, stderr = no_ray_check.communicate(timeout=120)
+    assert no_ray_check.returncode == 0, stderr[-2000:]
+
+
+def test_serve_with_ray_dispatches_the_queue_to_the_workers(pool, registry, tmp_path, monkeypatch):
+    """`ditgraph serve --ray`: Settings.ray makes the server's queue dispatch through Ray (the
+    pool is this module's, so no new actors start)."""
+    from app.ray_pool import RayPool
+    from app.server import AppState, Settings
+
+    asked = {}
+    monkeypatch.setattr(RayPool, "create", classmethod(lambda cls, address, reg, **kw: (asked.update(
+        address=address, registry=reg, **kw), pool)[1]))
+    monkeypatch.setattr(pool, "close", lambda: None)  # the module's pool outlives this server
+    engine = Engine(registry, MemoCache(max_device_bytes=0), device="cpu", output_dir=tmp_path / "out")
+    state = AppState(engine, Settings(db_path=tmp_path / "q.sqlite3", workflows_dir=tmp_path / "workflows",
+                                      ray="10.1.2.3:6379", ray_device="cpu"))
+    state.start()
+    try:
+        assert asked == {"address": "10.1.2.3:6379", "registry": registry, "device": "cpu"}
+        status = state.queue.dispatcher.describe()
+        assert status["kind"] == "ray" and len(status["workers"]) == 2
+        record = wait_all(state.queue, [state.queue.submit(workflow(seed=11, size=24)).id])[0]
+        assert record.status == "success" and record.worker in ("ray:w0", "ray:w1")
+        assert (tmp_path / "out" / record.id / "renders.txt").is_file()
+    finally:
+        state.stop()
