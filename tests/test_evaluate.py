@@ -67,8 +67,8 @@ def test_control_style_edit_scores():
 
     b, plain, caps = _gt(40, seed=15)
     outlined = world.render(b, style="outlined").permute(0, 2, 3, 1).numpy()
-    s_out = np.nanmean([ev.style_score(i, c) for i, c in zip(outlined, caps)])
-    s_plain = np.nanmean([ev.style_score(i, c) for i, c in zip(plain, caps)])
+    s_out = np.nanmean([ev.style_score(i, c) for i, c in zip(outlined, caps, strict=False)])
+    s_plain = np.nanmean([ev.style_score(i, c) for i, c in zip(plain, caps, strict=False)])
     assert s_out > 0.8 and s_plain < 0.2
 
     scene = world.parse_caption(caps[0])

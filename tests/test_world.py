@@ -49,7 +49,7 @@ def test_scene_rules():
 
 def test_parser_round_trip():
     b = world.sample_scenes(300, seed=2)
-    for s, cap in zip(b.scenes(), world.captions(b)):
+    for s, cap in zip(b.scenes(), world.captions(b), strict=False):
         p = world.parse_caption(cap)
         assert p.background == s.background
         assert [(o.shape, o.colour, o.size, o.cell) for o in p.objects] == \

@@ -139,7 +139,7 @@ def score_image(image: np.ndarray, caption: str | world.Scene) -> dict:
 
 def score_images(images, captions) -> dict:
     """Aggregate scores over many images: object, background and prompt accuracy."""
-    per = [score_image(im, c) for im, c in zip(images, captions)]
+    per = [score_image(im, c) for im, c in zip(images, captions, strict=True)]
     n = len(per)
     n_obj = sum(p["objects_total"] for p in per)
     return {
@@ -329,7 +329,7 @@ def evaluate_folder(folder: str, per_image: bool = False) -> dict:
     per = summary.pop("per_image")
     summary["skipped"] = skipped
     if per_image:
-        summary["per_image"] = [dict(file=n, caption=c, **p) for n, c, p in zip(names, texts, per)]
+        summary["per_image"] = [dict(file=n, caption=c, **p) for n, c, p in zip(names, texts, per, strict=False)]
     return summary
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -181,9 +180,8 @@ def evaluate(ema, vae, tok, te, dev, n, cfgs, shifts, steps=28, save_grid=None):
                             "object_accuracy": r["object_accuracy"], "background_accuracy": r["background_accuracy"],
                             "prompt_accuracy": r["prompt_accuracy"]})
             if save_grid and cfg == cfgs[0] and shift == shifts[0]:
-                from PIL import Image
-
                 import numpy as np
+                from PIL import Image
 
                 k = min(64, n)
                 grid = imgs[:k].reshape(8, k // 8, 128, 128, 3).transpose(0, 2, 1, 3, 4).reshape(8 * 128, -1, 3)
@@ -295,7 +293,7 @@ def main():
             b = world.sample_scenes(args.batch, gen, dev)
             caps = world.captions(b)
             drop = torch.rand(len(caps), generator=gen, device=dev) < args.cfg_drop
-            caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+            caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=False)]
             h, p = textenc.encode_prompts(tok, te, caps)
             x = world.render(b, out="float")
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):

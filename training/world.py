@@ -113,7 +113,7 @@ class SceneBatch:
     def __len__(self) -> int:
         return int(self.background.shape[0])
 
-    def to(self, device) -> "SceneBatch":
+    def to(self, device) -> SceneBatch:
         return SceneBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
     def scenes(self) -> list[Scene]:
