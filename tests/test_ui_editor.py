@@ -240,6 +240,19 @@ def drop_file(tab: BrowserPage, data: bytes, name: str, mime: str, at=None) -> N
         tab.page.dispatch_event(".dg-canvas-wrap", kind, {"dataTransfer": transfer, "clientX": rect[0], "clientY": rect[1]})
 
 
+def rename_ids(workflow: dict, names: dict[str, str]) -> dict:
+    """The same workflow with node ids replaced (links and layout follow)."""
+    text = json.dumps(workflow)
+    doc = json.loads(text)
+    doc["nodes"] = {names.get(k, k): v for k, v in doc["nodes"].items()}
+    for node in doc["nodes"].values():
+        for value in node["inputs"].values():
+            if isinstance(value, dict) and "from" in value:
+                value["from"][0] = names.get(value["from"][0], value["from"][0])
+    doc["layout"]["nodes"] = {names.get(k, k): v for k, v in doc["layout"]["nodes"].items()}
+    return doc
+
+
 def test_drop_png_restores_its_workflow(tab: BrowserPage):
     new_canvas(tab)
     ids = build_core_graph(tab)
@@ -250,6 +263,19 @@ def test_drop_png_restores_its_workflow(tab: BrowserPage):
     restored = tab.js("ed.workflow()")
     assert restored["nodes"] == original["nodes"]
     tab.shot("07_png_dropped")
+
+    # named ids survive a round trip; an id that is not a plain name is renumbered, links intact
+    hostile = "<img src=x onerror=window.__pwned=1>"
+    named = rename_ids(original, {ids["seed"]: "seed", ids["math"]: "math.1", ids["preview"]: hostile})
+    new_canvas(tab)
+    drop_file(tab, _png_with_workflow(named), "named.png", "image/png")
+    tab.wait("ed.graph._nodes.length === arg", arg=len(ids))
+    again = tab.js("ed.workflow()")["nodes"]
+    assert again["seed"] == named["nodes"]["seed"] and again["math.1"] == named["nodes"]["math.1"]
+    assert hostile not in again
+    (renumbered,) = set(again) - set(named["nodes"])
+    assert again[renumbered] == named["nodes"][hostile]
+    assert not tab.js("window.__pwned ?? false")
 
 
 def test_editing_keys_delete_undo_redo_bypass_copy_paste_group(tab: BrowserPage):

@@ -11,6 +11,7 @@ import { BYPASS_MODE } from "./nodes.js";
 
 export const FORMAT = "ditgraph/workflow";
 export const VERSION = 1;
+const SAFE_ID = /^[\w.:-]{1,100}$/;
 
 function workflowId(node) {
   return node.properties?.wid ?? String(node.id);
@@ -135,12 +136,14 @@ export function workflowToGraph(doc, graph, canvas = null) {
     if (!node) {
       node = LiteGraph.createNode("ditgraph/missing");
       node.title = `${data.title ?? data.type} (missing)`;
-      node.properties.missingType = data.type;
+      node.properties.missingType = String(data.type).replace(/[<>&"']/g, "?");
       node.properties.missingData = structuredClone(data);
       warnings.push(`node ${id}: unknown node type ${data.type}`);
     }
     node.id = /^\d+$/.test(id) ? Number(id) : nextId++;
-    if (!/^\d+$/.test(id)) node.properties.wid = id;
+    // named ids are kept; anything that is not a plain name is renumbered (litegraph puts
+    // properties into menus as HTML, so a hostile file must not smuggle markup in here)
+    if (!/^\d+$/.test(id) && SAFE_ID.test(id)) node.properties.wid = id;
     const look = layoutNodes[id] ?? {};
     node.pos = [...(look.pos ?? placed[id] ?? [100, 100])];
     if (look.size) node.size = [...look.size];
