@@ -1,0 +1,95 @@
+"""shapes-dit quality and speed, measured through ditgraph's own default workflow.
+
+    python -m bench.shapes --n 256 --steps 8 14 28 50 --device cuda --out PATH   # scores (GPU)
+    python -m bench.shapes --n 4 --steps 28 --device cpu --timing-only          # CPU s/image
+
+Held-out captions come from the spec's grammar with a seed never used in training
+(training uses seeds < 10^6 per the training scripts; this uses HELD_OUT_SEED). Each image
+is one run of graphs/shapes-txt2img.json with the prompt, seed and steps overridden, scored
+by training.evaluate (object / background / prompt accuracy of shapes-spec.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app import graph
+from app.executor import Engine
+from app.memo import MemoCache
+from bench.common import write_result
+from training import evaluate, world
+
+HELD_OUT_SEED = 987_654_321
+WORKFLOW = Path(__file__).resolve().parent.parent / "graphs" / "shapes-txt2img.json"
+PROMPT_NODE, SAMPLER_NODE, DECODE_NODE = "2", "5", "6"
+
+
+def held_out_captions(count: int) -> list[str]:
+    return world.captions(world.sample_scenes(count, seed=HELD_OUT_SEED))
+
+
+def generate(engine: Engine, base: graph.Workflow, prompt: str, seed: int, steps: int, cfg: float | None) -> np.ndarray:
+    """One image (H, W, 3) uint8 through the shipped workflow."""
+    workflow = base.copy()
+    workflow.nodes[PROMPT_NODE].inputs["text"] = prompt
+    sampler = workflow.nodes[SAMPLER_NODE].inputs
+    sampler["seed"], sampler["steps"] = seed, steps
+    if cfg is not None:
+        sampler["cfg"] = cfg
+    result = engine.run(workflow, targets=[DECODE_NODE]).raise_for_status()
+    image = result.output(DECODE_NODE)[0]
+    return (image.float().clamp(0, 1).mul(255).round().byte().cpu().numpy())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 14, 28, 50])
+    parser.add_argument("--cfg", type=float, default=None, help="override the workflow's cfg")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timing-only", action="store_true", help="only CPU seconds per image")
+    parser.add_argument("--save-dir", default=None, help="also write the images (PNG) here")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    engine = Engine(cache=MemoCache(max_bytes=2 << 30), device=args.device)
+    base = graph.load(WORKFLOW)
+    base.nodes["1"].inputs["device"] = args.device
+    captions = held_out_captions(args.n)
+    generate(engine, base, captions[0], 0, 2, args.cfg)  # load the model once, outside the timings
+
+    rows = []
+    for steps in args.steps:
+        images, seconds = [], []
+        for index, caption in enumerate(captions):
+            start = time.perf_counter()
+            images.append(generate(engine, base, caption, seed=index, steps=steps, cfg=args.cfg))
+            seconds.append(time.perf_counter() - start)
+        row = {"steps": steps, "images": len(images), "seconds_per_image": round(float(np.median(seconds)), 3)}
+        if not args.timing_only:
+            scores = evaluate.score_images(images, captions)
+            row.update({k: round(float(v), 4) for k, v in scores.items() if isinstance(v, (int, float))})
+        if args.save_dir:
+            folder = Path(args.save_dir) / f"steps{steps}"
+            folder.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            for index, image in enumerate(images):
+                Image.fromarray(image).save(folder / f"{index:04d}.png")
+            (folder / "captions.json").write_text(json.dumps({f"{i:04d}.png": c for i, c in enumerate(captions)}))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cfg = args.cfg if args.cfg is not None else base.nodes[SAMPLER_NODE].inputs.get("cfg")
+    result = {"device": args.device, "workflow": "graphs/shapes-txt2img.json", "cfg": cfg,
+              "held_out_seed": HELD_OUT_SEED, "rows": rows}
+    name = "shapes_cpu_timing" if args.timing_only else "shapes_quality"
+    print(write_result(name, result, args.out))
+
+
+if __name__ == "__main__":
+    main()
