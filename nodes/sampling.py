@@ -355,6 +355,7 @@ def sample(
     noise: torch.Tensor | None = None,
     guidance_options: dict | None = None,
     preview: bool = True,
+    add_noise: bool = True,
 ) -> Latent:
     """Denoise ``latent`` along ``sigmas`` (flow sigmas, decreasing to 0) and return a LATENT.
 
@@ -363,6 +364,8 @@ def sample(
     flow models), else by s0 (img2img). ``denoise`` < 1 keeps only the last fraction of
     ``sigmas``. A ``noise_mask`` in the latent (1 = regenerate) keeps the rest of the input.
     ``progress(step, total, preview)`` is called after each step (defaults to the run context).
+    ``add_noise=False`` takes the latent as already noised to ``sigmas[0]`` (second stage of a
+    split schedule).
     """
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {', '.join(SAMPLERS)}")
@@ -384,7 +387,7 @@ def sample(
     s0 = float(sigmas[0])
     full = s0 >= model.sigma_max - 1e-4
     scale = math.sqrt(s0 * s0 + (1 - s0) ** 2) if full else s0
-    x = (1 - s0) * x0_in + scale * noise
+    x = (1 - s0) * x0_in + scale * noise if add_noise else x0_in.clone()
     mask = _latent_mask(latent.noise_mask, x) if latent.noise_mask is not None else None
     use_uncond = negative is not None and not (guidance == "cfg" and cfg == 1.0)
     renorm = model.info.cfg_renorm
@@ -477,9 +480,11 @@ def SamplerCustom(
     cfg: Annotated[float, Spec(min=0.0, max=100.0, step=0.1)] = 4.0,
     sampler: Annotated[str, Spec(choices=list(SAMPLERS))] = "euler",
     guidance: Annotated[str, Spec(choices=GUIDANCE)] = "cfg",
+    add_noise: Annotated[bool, Spec(tooltip="Off: the latent is already noised to the first sigma "
+                                            "(the second half of a split schedule).")] = True,
 ) -> Latent:
     """Sample along given SIGMAS (from a Scheduler, or split/edited ones)."""
-    return sample(model, latent, positive, negative, sigmas, seed, cfg, guidance, sampler)
+    return sample(model, latent, positive, negative, sigmas, seed, cfg, guidance, sampler, add_noise=add_noise)
 
 
 @node(category="sampling", outputs={"high": SIGMAS, "low": SIGMAS})
