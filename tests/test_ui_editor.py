@@ -142,6 +142,17 @@ def test_core_graph_by_mouse_then_reseed_reruns_only_descendants(tab: BrowserPag
     assert tab.js("ed.nodeInfo(arg).runState", ids["prim"]) == "cached"
     tab.shot("03_core_graph_reseeded")
 
+    # seed control "randomize": a new seed is drawn when Run is pressed, and the run uses it
+    tab.page.mouse.click(*tab.js("ed.widgetArrowClientPos(arg, 'seed__control', 0)", ids["seed"]))
+    tab.page.locator(".litemenu-entry", has_text="randomize").click()
+    tab.wait("ed.nodeInfo(arg).widgets.seed__control === 'randomize'", arg=ids["seed"])
+    run_id = click_run(tab)
+    done = wait_run_done(tab, run_id)
+    seed = tab.js("ed.nodeInfo(arg).widgets.seed", ids["seed"])
+    assert seed != 1 and ids["seed"] in done["executed"]
+    tab.wait("ed.nodeInfo(arg[0]).text === String(arg[1])", arg=[ids["preview"], seed])
+    assert tab.js("ed.workflow().layout.nodes[arg].seed_control", ids["seed"]) == {"seed": "randomize"}
+
 
 def test_type_mismatch_is_refused(tab: BrowserPage):
     new_canvas(tab)
