@@ -243,6 +243,7 @@ def test_cli_run_batch_on_ray(cluster, pool, tmp_path, capsys, monkeypatch):
     graph.write_text(json.dumps(workflow(size=16)))
     batch = tmp_path / "seeds.jsonl"
     batch.write_text("".join(json.dumps({"2.seed": seed}) + "\n" for seed in range(3)))
+    monkeypatch.setattr(paths, "_overrides", dict(paths._overrides))  # the CLI sets folders for the process
     monkeypatch.setenv("DITGRAPH_RAY_WORKERS", "2")
     monkeypatch.setenv("DITGRAPH_RAY_CPUS_PER_WORKER", "0.5")
     out = tmp_path / "cli-out"
