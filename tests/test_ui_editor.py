@@ -184,6 +184,15 @@ def test_invalid_graph_shows_error_on_node_and_input(tab: BrowserPage):
     tab.connect(prim, "value", preview, "value")
     tab.wait("ed.nodeInfo(arg).problems.length === 0", arg=preview)
 
+    # a bad widget value (a choice that does not exist) is shown on that widget after Validate
+    math = tab.drag_from_palette("MathInt", (rect[0] + 20, rect[1] + 420))
+    tab.js("(() => { const n = ed.graph.getNodeById(Number(arg)); n.widgets.find(w => w.name === 'operation').value = 'divide'; ed.changed('test'); })()", math)
+    tab.page.click('[data-testid="btn-validate"]')
+    problems = tab.wait("ed.nodeInfo(arg).problems.length && ed.nodeInfo(arg).problems", arg=math)
+    assert ("operation", "bad_value") in [(p["input"], p["kind"]) for p in problems]
+    assert tab.js("ed.isProblemWidget(ed.graph.getNodeById(Number(arg)), 'operation')", math)
+    tab.shot("05b_bad_widget_value")
+
 
 def test_save_reload_reopen_gives_same_graph(tab: BrowserPage):
     new_canvas(tab)

@@ -452,15 +452,17 @@ class Editor {
       }
     }
     // problem messages hang below the node, where they do not cover widgets
-    const messages = [...problems.map((p) => `${p.input ? `${p.input}: ` : ""}${p.message}`)];
-    if (node.runState === "error" && node.errorMessage && !problems.some((p) => p.kind === "run_failed")) messages.push(node.errorMessage);
+    const messages = problems.map((p) => ({ text: `${p.input ? `${p.input}: ` : ""}${p.message}`, warning: p.severity === "warning" }));
+    if (node.runState === "error" && node.errorMessage && !problems.some((p) => p.kind === "run_failed")) {
+      messages.push({ text: node.errorMessage, warning: false });
+    }
     if (messages.length) {
       ctx.font = "12px sans-serif";
       let my = h + 18;
       for (const message of messages.slice(0, 4)) {
-        const text = message.length > 90 ? `${message.slice(0, 87)}…` : message;
+        const text = message.text.length > 90 ? `${message.text.slice(0, 87)}…` : message.text;
         const tw = ctx.measureText(text).width + 12;
-        ctx.fillStyle = errors.length || node.runState === "error" ? "rgba(120, 20, 24, 0.92)" : "rgba(110, 80, 10, 0.92)";
+        ctx.fillStyle = message.warning ? "rgba(110, 80, 10, 0.92)" : "rgba(120, 20, 24, 0.92)";
         ctx.beginPath();
         ctx.roundRect(0, my - 13, Math.max(tw, 40), 18, 4);
         ctx.fill();
