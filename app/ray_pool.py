@@ -751,9 +751,11 @@ def run_workflows(address: str, registry, workflows: list[tuple[int | None, Work
                                workflow=workflow.to_dict(), targets=targets, output_subfolder=sub)
             numbers[record.id] = number
             store.add(record)
+        if pool.wait_ready(count=1) == 0:
+            errors = sorted({slot.error or "did not start in time" for slot in pool.slots})
+            raise cli.UsageError(*(f"--ray {address}: no worker started: {error}" for error in errors))
         if not json_mode:
-            ready = len(pool.slots)
-            cli._err(f"ray: {len(workflows)} run(s) on {ready} worker(s)")
+            cli._err(f"ray: {len(workflows)} run(s) on {len(pool.slots)} worker(s)")
         queue.start()
         statuses = _wait(queue, store, numbers, changed, out_root, json_mode, progress)
     finally:

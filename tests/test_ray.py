@@ -234,6 +234,22 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_finishes_elsewhere(make
     assert victim.restarts == 1 and victim.info["pid"] != 0
 
 
+def test_cancelling_a_run_on_a_worker_stops_it_at_a_step(make_queue, pool):
+    queue, events = make_queue()
+    step_seen = threading.Event()
+    queue.subscribe(lambda client, event: step_seen.set() if event.get("type") == "progress" else None)
+    run_id = queue.submit(workflow(seed=6, size=40, steps=200, step_seconds=0.05)).id
+    assert step_seen.wait(60)
+    assert queue.cancel(run_id) == "cancelling"
+    record = wait_all(queue, [run_id], timeout=30)[0]
+    assert record.status == "cancelled" and record.error == {"message": "cancelled"}
+    assert "run_cancelled" in [e["type"] for _, e in events if e.get("run_id") == run_id]
+    deadline = time.monotonic() + 10
+    while len(pool.idle()) < 2 and time.monotonic() < deadline:  # the worker is free again
+        time.sleep(0.02)
+    assert len(pool.idle()) == 2
+
+
 def client_of(events, event) -> str | None:
     return next(client for client, e in events if e is event)
 
