@@ -144,6 +144,7 @@ class BrowserPage:
         self.errors: list[str] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("dialog", lambda dialog: dialog.accept())  # confirm() prompts: answer yes
         self.page.route("**/*", self._route)
 
     def _route(self, route) -> None:

@@ -777,6 +777,9 @@ class Editor {
     if (!name || asNew) {
       name = await this.ask("Save workflow as", name ?? this.meta.name ?? "my-workflow");
       if (!name) return;
+      const existing = await api.workflows().catch(() => null);
+      const taken = (existing?.workflows ?? []).some((w) => w.source === "user" && w.name === name);
+      if (taken && !confirm(`A workflow named “${name}” exists. Replace it?`)) return;
     }
     const doc = this.workflow();
     doc.meta.name = name;
@@ -1315,6 +1318,9 @@ class Editor {
           }
         }
         this.refreshQueue();
+        break;
+      case "hello":
+        this.queueCountEl.textContent = String((event.queued ?? 0) + (event.running ?? 0));
         break;
       case "queue":
         this.queueCountEl.textContent = String((event.queued ?? 0) + (event.running ?? 0));
