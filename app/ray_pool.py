@@ -92,8 +92,10 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
                 raise
             log.warning("no Ray cluster is running here; starting a local one")
     object_store = object_store_bytes or int(os.environ.get("DITGRAPH_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE_BYTES))
+    # a cluster of this machine alone: 127.0.0.1 also works where no network route exists
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, object_store_memory=object_store,
-             runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
+             runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver,
+             _node_ip_address="127.0.0.1")
     return True
 
 

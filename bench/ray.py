@@ -8,8 +8,9 @@ Each configuration starts a pool of N workers (one actor per GPU) on a local Ray
 one warm-up run per worker (each loads the model: the "cold" time), then submits ``--runs``
 shapes-dit txt2img runs with different seeds at once through the run queue and times them to
 the last one finished. Runs go through the same RunQueue + RayDispatcher as ``ditgraph serve
---ray``. ``--model pixart-size`` swaps in a random-weight transformer of PixArt's size (28
-layers, width 1152) at 512x512, so each run is GPU-bound rather than launch-bound.
+--ray``. ``--model pixart-size`` swaps in a random-weight transformer of PixArt's depth and width
+(28 layers of 1152: PixArt's FLOPs per image token; 1.3B parameters, as SD3-style blocks carry a
+second stream for the text) at 512x512, so each run is GPU-bound rather than launch-bound.
 
 The model folder is built in a temp dir from models/shapes-dit; when the MiniLM text encoder
 package is not installed (the GPU machine), a random BERT of MiniLM's shape with a generated
@@ -65,7 +66,7 @@ def _random_text_encoder(folder: Path) -> None:
     BertModel(config).save_pretrained(folder, safe_serialization=True)
 
 
-def build_model(models_root: Path, kind: str, text_encoder: str) -> str:
+def build_model(models_root: Path, kind: str, text_encoder: str, layers: int = 28) -> str:
     """A checkpoint folder under ``models_root/checkpoints``; returns its name for the loader node."""
     import torch
 
@@ -77,7 +78,7 @@ def build_model(models_root: Path, kind: str, text_encoder: str) -> str:
 
         shutil.rmtree(folder / "transformer")
         config = json.loads((SHAPES / "transformer" / "config.json").read_text())
-        config.update(num_layers=28, num_attention_heads=18, attention_head_dim=64, caption_projection_dim=1152,
+        config.update(num_layers=layers, num_attention_heads=18, attention_head_dim=64, caption_projection_dim=1152,
                       sample_size=64, pos_embed_max_size=64)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         torch.manual_seed(0)
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--size", type=int, default=None, help="image side (default 128 shapes, 512 pixart-size)")
     parser.add_argument("--text-encoder", choices=["auto", "package", "random"], default="auto")
+    parser.add_argument("--layers", type=int, default=28, help="transformer depth of --model pixart-size")
     parser.add_argument("--timeout", type=float, default=540)
     parser.add_argument("--no-local", action="store_true", help="skip the single-process baseline")
     parser.add_argument("--prepare-carry", metavar="DIR", help="download what the GPU machine lacks, then exit")
@@ -246,7 +248,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="ditgraph-bench-ray-"))
     os.environ["DITGRAPH_MODELS"] = str(scratch / "models")
     paths.configure(models=scratch / "models", outputs=scratch / "out")
-    checkpoint = build_model(scratch / "models", args.model, args.text_encoder)
+    checkpoint = build_model(scratch / "models", args.model, args.text_encoder, args.layers)
     registry = make_registry()
     gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
     counts = [int(n) for n in args.workers.split(",")] if args.workers else sorted({1, max(1, gpus)})
@@ -259,6 +261,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     data = {"runs": args.runs, "model": args.model, "steps": args.steps, "size": args.size, "gpus": gpus,
+            **({"layers": args.layers} if args.model == "pixart-size" else {}),
             "device": args.device or ("cuda" if gpus else "cpu"), "results": results}
     if len(counts) > 1:
         base = results[str(counts[0])]["runs_per_s"]
