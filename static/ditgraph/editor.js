@@ -1206,8 +1206,11 @@ class Editor {
   setNodeUi(node, ui) {
     if (!ui) return;
     const urls = imageUrls(ui);
+    const isVideo = (url) => /\.(mp4|webm)(\?|$)/i.test(url);
+    node.outputVideos = urls.filter(isVideo);
+    if (node.outputVideos.length) node.outputText = `▶ ${node.outputVideos.length} video(s): double-click to play`;
     if (urls.length) {
-      node.outputImages = urls.map((url) => {
+      node.outputImages = urls.filter((url) => !isVideo(url)).map((url) => {
         const img = new Image();
         img.onload = () => {
           this.ensureImageSpace(node, img);
@@ -1335,11 +1338,11 @@ class Editor {
   /** A lightbox with a node's images at full size (double-click the node). */
   showImages(urls) {
     const close = () => box.remove();
-    const box = el(
-      "div",
-      { class: "dg-modal dg-lightbox", "data-testid": "lightbox", onclick: close },
-      ...urls.map((url) => el("a", { href: url, target: "_blank", onclick: (e) => e.stopPropagation() }, el("img", { src: url }))),
-    );
+    const media = (url) =>
+      /\.(mp4|webm)(\?|$)/i.test(url)
+        ? el("video", { src: url, controls: "", autoplay: "", loop: "", muted: "", onclick: (e) => e.stopPropagation() })
+        : el("a", { href: url, target: "_blank", onclick: (e) => e.stopPropagation() }, el("img", { src: url }));
+    const box = el("div", { class: "dg-modal dg-lightbox", "data-testid": "lightbox", onclick: close }, ...urls.map(media));
     this.app.append(box);
   }
 
