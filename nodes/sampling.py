@@ -338,6 +338,19 @@ def _latent_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return m.to(like.device).expand(like.shape[0], 1, *like.shape[-2:]) if m.shape[0] in (1, like.shape[0]) else m
 
 
+def check_inputs(model: ModelHandle, latent: Latent, positive: Any, negative: Any | None) -> None:
+    """Clear errors for wiring mistakes that would otherwise fail deep inside the transformer."""
+    channels = latent.samples.shape[1]
+    if channels != model.latent_channels:
+        raise ValueError(f"the latent has {channels} channels but the {model.family} model expects "
+                         f"{model.latent_channels}: make the latent with EmptyLatent/VAEEncode of the same family")
+    for name, cond in (("positive", positive), ("negative", negative)):
+        family = getattr(cond, "family", "") if cond is not None else ""
+        if family and family != model.family:
+            raise ValueError(f"the {name} conditioning was encoded for {family} but the model is {model.family}: "
+                             "encode with the text encoder(s) of this model's family")
+
+
 @torch.no_grad()
 def sample(
     model: ModelHandle,
@@ -371,6 +384,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {', '.join(SAMPLERS)}")
     if guidance not in GUIDANCE:
         raise ValueError(f"unknown guidance {guidance!r}; expected one of {', '.join(GUIDANCE)}")
+    check_inputs(model, latent, positive, negative)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
     if denoise < 1.0:
         keep = max(1, round((len(sigmas) - 1) * denoise))

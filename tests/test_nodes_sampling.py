@@ -93,3 +93,11 @@ def test_flux_dynamic_schedule_matches_diffusers():
 
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 28, 28), mu=dynamic_mu(64 * 64, dict(sched.config)))
     assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
+
+
+def test_wiring_mistakes_get_clear_errors(model):
+    with pytest.raises(ValueError, match="expects 4"):
+        Sampler(model, cond(1), Latent(torch.zeros(1, 16, 8, 8)))
+    flux_cond = Conditioning(torch.zeros(1, 7, 32), torch.zeros(1, 32), family="flux")
+    with pytest.raises(ValueError, match="encoded for flux but the model is sd3"):
+        Sampler(model, flux_cond, Latent(torch.zeros(1, 4, 8, 8)))
