@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2, help="controlnet: joint blocks copied from the base")
     ap.add_argument("--rank", type=int, default=32, help="tokens: LoRA rank of the condition branch")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (controlnet), 1e-3 (tokens)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--sigma-bias", type=float, default=0.5, help="logit-normal mean: >0 favours noisy steps (layout)")
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
+    if args.lr is None:
+        args.lr = 3e-4 if args.kind == "controlnet" else 1e-3
     dev = device_of(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

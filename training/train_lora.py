@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--vae-rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
