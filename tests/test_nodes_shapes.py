@@ -152,3 +152,18 @@ def test_missing_checkpoint_is_a_validation_error(engine):
     wf["nodes"]["ckpt"]["inputs"]["checkpoint"] = "does-not-exist"
     with pytest.raises(WorkflowError, match="not found"):
         engine.run(wf)
+
+
+def test_cancel_during_sampling_stops_at_a_step_and_leaves_the_engine_usable(engine):
+    import threading
+
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "progress" and event["node"] == "sample" and event["step"] == 2:
+            cancel.set()
+
+    result = engine.run(txt2img(steps=6, seed=21), cancel=cancel, on_event=on_event)
+    assert result.status == "cancelled" and "sample" not in result.executed
+    again = engine.run(txt2img(steps=6, seed=21)).raise_for_status()
+    assert "sample" in again.executed and "ckpt" in again.cached
