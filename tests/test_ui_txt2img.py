@@ -189,6 +189,24 @@ def test_dropping_the_output_png_restores_its_workflow(flow):
     tab.shot("26_txt2img_restored_from_png")
 
 
+def test_preview_node_added_by_mouse_shows_its_image(flow):
+    if "image_url" not in flow:
+        pytest.skip("the txt2img graph did not run")
+    tab: BrowserPage = flow["tab"]
+    blueprint = flow["blueprint"]
+    decode = next(flow["ids"][b] for b, n in blueprint["nodes"].items() if n["type"] == "VAEDecode")
+    tab.js("ed.fitNodes(arg)", [decode, flow["save"]])
+    at = tab.js("(() => { const n = ed.graph.getNodeById(Number(arg)); return ed.graphToClient(n.pos[0], n.pos[1] + n.size[1] + 80); })()", decode)
+    preview = tab.drag_from_palette("PreviewImage", at)
+    tab.connect(decode, "image", preview, "images")
+    tab.wait("ed.workflow().nodes[arg[0]].inputs.images?.from?.[0] === arg[1]", arg=[preview, decode])
+    run_id = click_run(tab)
+    done = wait_run_done(tab, run_id, timeout=240)
+    assert done["executed"] == [preview]  # everything else is a cache hit
+    tab.wait("ed.nodeInfo(arg).images > 0", arg=preview, timeout=20)
+    tab.shot("27_txt2img_preview_node")
+
+
 def test_cancel_stops_a_running_sampler(flow):
     if "sampler" not in flow:
         pytest.skip("the txt2img graph was not built")
@@ -203,4 +221,4 @@ def test_cancel_stops_a_running_sampler(flow):
     assert steps < 200
     assert tab.js("ed.nodeInfo(arg).runState", sampler) is None and tab.js("ed.nodeInfo(arg).progress", sampler) is None
     tab.page.wait_for_selector(f'[data-testid="run"][data-run="{run_id}"][data-status="cancelled"]')
-    tab.shot("27_txt2img_cancelled")
+    tab.shot("28_txt2img_cancelled")

@@ -40,7 +40,7 @@ function imageUrls(ui) {
   for (const item of ui?.images ?? []) {
     if (typeof item === "string") urls.push(item.startsWith("data:") || item.startsWith("/") ? item : api.outputUrl(item));
     else if (item?.url) urls.push(item.url);
-    else if (item?.path) urls.push(api.outputUrl(item.path));
+    else if (item?.path) urls.push(item.type === "temp" ? `/api/temp/${item.path.split("/").map(encodeURIComponent).join("/")}` : api.outputUrl(item.path));
     // bare {filename, subfolder, type} entries are resolved by the server when the run ends (fetchOutputs)
   }
   return urls;
