@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OBJECT_STORE_BYTES = 200 * 1024 * 1024
 READY_TIMEOUT = float(os.environ.get("DITGRAPH_RAY_READY_TIMEOUT", "600"))
+START_ATTEMPTS = 3  # per worker slot, before it is reported as failed
 HIT_EPSILON = 1e-3  # a cached node counts for something even when it was instant to compute
 
 
@@ -284,6 +285,7 @@ class WorkerSlot:
     busy_seconds: float = 0.0
     restarts: int = 0
     generation: int = 0
+    start_failures: int = 0
 
     @property
     def name(self) -> str:
@@ -327,6 +329,7 @@ class RayPool:
         self._planners: dict[str, Any] = {}
         self._closed = False
         self._listeners: list[Any] = []  # called (no args) when a worker becomes ready or idle
+        self._remote_class = None
 
     @classmethod
     def create(cls, address: str | None, registry, log_to_driver: bool = True, **kwargs) -> RayPool:
@@ -349,7 +352,9 @@ class RayPool:
     def _launch(self, slot: WorkerSlot) -> None:
         options = {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker, "max_concurrency": 4,
                    "max_restarts": 0, "max_task_retries": 0}
-        remote_class = ray.remote(EngineWorker)
+        if self._remote_class is None:
+            self._remote_class = ray.remote(EngineWorker)
+        remote_class = self._remote_class
         with self._cond:
             slot.generation += 1
             slot.ready, slot.error, slot.keys, slot.info = False, None, {}, {}
@@ -363,14 +368,26 @@ class RayPool:
             info = ray.get(handle.info.remote(), timeout=READY_TIMEOUT)
         except Exception as exc:
             with self._cond:
-                if slot.generation == generation:
-                    slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    log.error("ray worker %s did not start: %s", slot.name, slot.error)
+                current = slot.generation == generation and not self._closed
+                retry = current and slot.start_failures < START_ATTEMPTS - 1
+                if current:
+                    slot.start_failures += 1
+                    if not retry:
+                        slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 self._cond.notify_all()
+            if retry:  # a transient failure (a node going away, a slow start): try again a few times
+                log.warning("ray worker %s did not start (%s); trying again", slot.name, str(exc).splitlines()[0])
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
+                time.sleep(2.0 * slot.start_failures)
+                if not self._closed:
+                    self._launch(slot)
+            elif current:
+                log.error("ray worker %s did not start: %s", slot.name, slot.error)
             return
         with self._cond:
             if slot.generation == generation and not self._closed:
-                slot.info, slot.ready = info, True
+                slot.info, slot.ready, slot.start_failures = info, True, 0
                 for error in info.get("load_errors") or []:
                     log.warning("worker %s: node source skipped: %s", slot.name, error)
             self._cond.notify_all()
@@ -383,7 +400,7 @@ class RayPool:
             ray.kill(slot.handle, no_restart=True)
         with self._cond:
             slot.restarts += 1
-            slot.running = None
+            slot.running, slot.ready = None, False
         if not self._closed:
             self._launch(slot)
 
