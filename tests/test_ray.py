@@ -302,3 +302,44 @@ def test_serve_with_ray_dispatches_the_queue_to_the_workers(pool, registry, tmp_
         assert (tmp_path / "out" / record.id / "renders.txt").is_file()
     finally:
         state.stop()
+
+
+class _StubPool:
+    """Stands in for a RayPool where only the bookkeeping of lost workers is under test."""
+
+    def __init__(self):
+        self.replaced: list[str] = []
+
+    def on_change(self, callback) -> None:
+        pass
+
+    def replace(self, slot, reason: str) -> None:
+        self.replaced.append(slot.name)
+
+
+def test_worker_deaths_count_as_retries_up_to_the_limit(tmp_path):
+    from app.ray_pool import RayDispatcher, WorkerSlot
+
+    pool = _StubPool()
+    dispatcher = RayDispatcher(pool, tmp_path / "out", close_pool=False)
+    queue = RunQueue(RunStore(tmp_path / "q.sqlite3"), dispatcher, lambda workflow, targets: [], max_retries=2)
+    dispatcher._queue = queue  # not started: runs are claimed by hand below
+    events = []
+    queue.subscribe(lambda client, event: events.append(event))
+    run_id = queue.submit(workflow(), client_id="c").id
+    slot = WorkerSlot(0)
+    try:
+        # died before the run started there: not the run's fault, no retry counted
+        dispatcher._lost(queue.claim(slot.name), slot, "gone", counts=False)
+        assert queue.get(run_id).status == "queued" and queue.get(run_id).retries == 0
+        for attempt in (1, 2):  # died mid-run: counted, requeued at its place
+            dispatcher._lost(queue.claim(slot.name), slot, f"killed {attempt}")
+            record = queue.get(run_id)
+            assert record.status == "queued" and record.retries == attempt
+        dispatcher._lost(queue.claim(slot.name), slot, "killed 3")
+        record = queue.get(run_id)
+        assert record.status == "failed" and "tried 3 times" in record.error["message"]
+        assert [e["retry"] for e in events if e["type"] == "run_retrying"] == [1, 2]
+        assert events[-1]["type"] in ("run_failed", "queue") and pool.replaced == ["ray:w0"] * 4
+    finally:
+        queue.store.close()
