@@ -286,3 +286,25 @@ def test_through_the_engine_cached_model_reports_the_same_skips(tmp_path, monkey
     assert len(reports) == 2 and reports[0]["node"] == "sample"
     assert reports[0]["blocks_skipped"] == reports[1]["blocks_skipped"] > 0
     assert reports[0]["skipped_steps"] == reports[1]["skipped_steps"]
+
+
+def test_shipped_cache_graph_runs_on_a_tiny_shapes_model(tmp_path, monkeypatch):
+    import copy
+    import json
+    from pathlib import Path
+
+    from app import paths
+    from app.executor import Engine
+    from tests.test_nodes_tiny import save_family
+
+    save_family("shapes-dit", tmp_path / "models" / "checkpoints" / "tiny-shapes")
+    monkeypatch.setitem(paths._overrides, "models", tmp_path / "models")
+    document = json.loads((Path(__file__).resolve().parent.parent / "graphs" / "shapes-cache.json").read_text())
+    document = copy.deepcopy(document)
+    document["nodes"]["1"]["inputs"]["checkpoint"] = "tiny-shapes"
+    document["nodes"]["4"]["inputs"].update(width=32, height=32)
+    document["nodes"]["5"]["inputs"]["steps"] = 6
+    events: list[dict] = []
+    Engine(device="cpu", output_dir=tmp_path / "out").run(document, on_event=events.append).raise_for_status()
+    report = [e for e in events if e["type"] == "cache"]
+    assert len(report) == 1 and report[0]["method"] == "taylorseer" and report[0]["skipped_calls"] > 0
