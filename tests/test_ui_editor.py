@@ -101,7 +101,9 @@ def assert_same_workflow_nodes(tab: BrowserPage, ours: dict, theirs: dict) -> No
 
 
 def test_page_loads_local_files_and_default_workflow(tab: BrowserPage):
-    assert tab.page.locator(".dg-palette-item").count() > 5
+    assert tab.page.locator(".dg-category").count() >= 3
+    tab.page.locator(".dg-category", has_text="core/primitives").click()  # categories start folded
+    assert tab.page.locator(".dg-palette-item").count() >= 5
     assert tab.js("ed.catalogue.length") == len(tab.server.get_json("/api/nodes"))
     if BLUEPRINT.is_file():
         shipped = json.loads(BLUEPRINT.read_text())

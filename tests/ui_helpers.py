@@ -186,7 +186,7 @@ class BrowserPage:
 
     def drag_from_palette(self, node_type: str, client_xy) -> str:
         """Drag a palette entry onto the canvas with the mouse; returns the new node's id."""
-        self.page.fill('[data-testid="palette-search"]', "")
+        self.page.fill('[data-testid="palette-search"]', node_type)  # as a user would: search, then drag
         item = self.palette_item(node_type)
         item.scroll_into_view_if_needed()
         box = item.bounding_box()
@@ -195,6 +195,7 @@ class BrowserPage:
         after = self.wait("ed.graph._nodes.length > arg", arg=len(before)) and self.js(
             "ed.graph._nodes.map(n => String(n.id))")
         (new,) = set(after) - before
+        self.page.fill('[data-testid="palette-search"]', "")
         return new
 
     def connect(self, source: str, output: str, target: str, input_name: str) -> None:

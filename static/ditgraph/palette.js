@@ -45,7 +45,8 @@ export class Palette {
     });
     this.list = el("div", { class: "dg-palette-list" });
     container.append(el("div", { class: "dg-panel-title" }, "Nodes"), this.search, this.list);
-    this.collapsed = new Set();
+    // categories start folded; the ones the user opened are remembered
+    this.opened = new Set(JSON.parse(localStorage.getItem("ditgraph.palette.open") ?? "[]"));
   }
 
   setCatalogue(catalogue) {
@@ -64,14 +65,15 @@ export class Palette {
     }
     this.list.replaceChildren();
     for (const category of [...groups.keys()].sort()) {
-      const open = query || !this.collapsed.has(category);
+      const open = Boolean(query) || this.opened.has(category);
       const header = el(
         "div",
         {
           class: `dg-category${open ? " open" : ""}`,
           onclick: () => {
-            if (this.collapsed.has(category)) this.collapsed.delete(category);
-            else this.collapsed.add(category);
+            if (this.opened.has(category)) this.opened.delete(category);
+            else this.opened.add(category);
+            localStorage.setItem("ditgraph.palette.open", JSON.stringify([...this.opened]));
             this.render();
           },
         },
