@@ -208,6 +208,7 @@ def prepare_carry(folder: Path, python_version: str = "3.12") -> None:
                 entry = tarfile.TarInfo(info.filename)
                 entry.size = len(data)
                 entry.mode = 0o755 if (info.external_attr >> 16) & 0o111 else 0o644
+                entry.mtime = int(time.mktime((*info.date_time, 0, 0, -1)))
                 archive.addfile(entry, __import__("io").BytesIO(data))
     subprocess.run([*download, "-d", str(folder), *CARRY_WHEELS], check=True)
     total = sum(p.stat().st_size for p in folder.iterdir())
