@@ -39,7 +39,7 @@ from app.graph import (
 )
 from app.memo import MemoCache
 from app.registry import NodeDef, NodeResult, Registry, default_registry
-from app.types import accepts
+from app.types import FLOAT, accepts
 
 Event = dict[str, Any]
 
@@ -234,6 +234,8 @@ class Engine:
             if isinstance(value, Link):
                 links[name] = f"{keys[value.node]}:{value.output}"
                 continue
+            if decl.type == FLOAT and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # JSON from a browser turns 2.0 into 2: one value, one key
             constants[name] = value
             if decl.spec.file and value is not None:
                 resolved = paths.resolve(decl.spec.file, value)

@@ -194,6 +194,13 @@ def test_default_written_out_is_the_same_key(engine):
     assert engine.run(explicit).executed == []
 
 
+def test_whole_number_floats_share_a_key(engine):
+    doc = wf({"1": {"type": "Scale", "inputs": {"x": 2.0}}, "2": {"type": "PreviewAny", "inputs": {"value": link("1")}}})
+    assert engine.run(doc).ui["2"] == {"text": ["4.0"]}
+    doc["nodes"]["1"]["inputs"]["x"] = 2  # what a browser's JSON.stringify sends for 2.0
+    assert engine.run(doc).executed == []
+
+
 def test_switching_workflows_keeps_both_cached(engine):
     other = wf({"x": {"type": "Const", "inputs": {"value": 7}}, "y": {"type": "Sink", "inputs": {"value": link("x")}}}, "other")
     engine.run(chain())
