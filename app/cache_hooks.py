@@ -258,9 +258,17 @@ class CacheRun:
         self._call_in_step += 1
         slot = self.slots.setdefault(key, Slot())
         slot.step = step
-        slot.sigma = float(call.sigma.flatten()[0])
+        slot.sigma = self._sigma(call, step)
         slot.plan = Plan()
         self.slot = slot
+
+    def _sigma(self, call: ModelCall, step: int) -> float:
+        # reading a CUDA tensor would sync every call and stall the kernel queue; the
+        # schedule on the CPU gives the step's sigma (Heun's second evaluation, a slot of its
+        # own, then uses its step's first sigma: a close stand-in for the Taylor variable)
+        if call.sigma.device.type != "cpu" and self.run.sigmas is not None and 0 <= step < len(self.run.sigmas):
+            return float(self.run.sigmas[step])
+        return float(call.sigma.flatten()[0])
 
     def end_call(self) -> None:
         slot = self.slot
@@ -772,6 +780,8 @@ def magcache_ratios(family: str, text: str = "auto") -> tuple:
         if ratios is None and family == "flux":
             ratios = _flux_ratios()
         if ratios is None:
+            log.warning("MagCache: no calibrated ratios for family %r; using shapes-dit's curve "
+                        "(connect MagCache Calibrate for this model's own)", family)
             ratios = MAGCACHE_RATIOS.get("shapes-dit")
         return tuple(ratios or ())
     return _numbers(text, "ratios")
