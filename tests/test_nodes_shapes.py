@@ -22,14 +22,22 @@ def models_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def shared_cache():
+    """One memo cache for the module: the checkpoint loads once (as it would in a server)."""
+    from app.memo import MemoCache
+
+    return MemoCache()
+
+
 @pytest.fixture
-def engine(models_root, tmp_path, monkeypatch):
+def engine(models_root, shared_cache, tmp_path, monkeypatch):
     monkeypatch.setitem(paths._overrides, "models", models_root)
     monkeypatch.setitem(paths._overrides, "outputs", tmp_path / "out")
-    return Engine(device="cpu", output_dir=tmp_path / "out")
+    return Engine(cache=shared_cache, device="cpu", output_dir=tmp_path / "out")
 
 
-def txt2img(steps=2, seed=7, sampler="euler", scheduler="auto", guidance="cfg", cfg=4.0, size=32):
+def txt2img(steps=2, seed=7, sampler="euler", scheduler="auto", guidance="cfg", cfg=4.0, size=32, prefix="shapes"):
     return {
         "format": "ditgraph/workflow", "version": 1, "meta": {"name": "tiny-shapes"},
         "nodes": {
@@ -44,13 +52,13 @@ def txt2img(steps=2, seed=7, sampler="euler", scheduler="auto", guidance="cfg", 
                 "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler,
                 "guidance": guidance}},
             "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
-            "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": "shapes"}},
+            "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": prefix}},
         },
     }
 
 
 def test_txt2img_runs_and_saves_png_with_workflow(engine, tmp_path):
-    result = engine.run(txt2img()).raise_for_status()
+    result = engine.run(txt2img(prefix="saved-once")).raise_for_status()
     images = result.ui["save"]["images"]
     assert len(images) == 1 and images[0]["type"] == "output"
     path = tmp_path / "out" / images[0]["subfolder"] / images[0]["filename"]
@@ -60,14 +68,14 @@ def test_txt2img_runs_and_saves_png_with_workflow(engine, tmp_path):
     assert json.loads(meta["workflow"])["nodes"]["sample"]["type"] == "Sampler"
     assert meta["prompt"] == PROMPT
     # a second identical run is all cache hits and writes nothing new
-    again = engine.run(txt2img()).raise_for_status()
+    again = engine.run(txt2img(prefix="saved-once")).raise_for_status()
     assert again.executed == []
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def test_changing_seed_reruns_only_the_sampler_and_after(engine):
-    engine.run(txt2img(seed=1)).raise_for_status()
-    result = engine.run(txt2img(seed=2)).raise_for_status()
+    engine.run(txt2img(seed=1, prefix="reseed")).raise_for_status()
+    result = engine.run(txt2img(seed=2, prefix="reseed")).raise_for_status()
     assert set(result.executed) == {"sample", "decode", "save"}
     assert "seed" in result.reasons["sample"]
 
@@ -75,8 +83,8 @@ def test_changing_seed_reruns_only_the_sampler_and_after(engine):
 def test_same_seed_same_latent_and_different_seed_differs(engine):
     wf = txt2img(seed=3)
     a = engine.run(wf, targets=["sample"]).raise_for_status().output("sample").samples
-    engine.cache.clear()
-    b = engine.run(wf, targets=["sample"]).raise_for_status().output("sample").samples
+    fresh = Engine(device="cpu")  # an empty cache: everything recomputed
+    b = fresh.run(wf, targets=["sample"]).raise_for_status().output("sample").samples
     c = engine.run(txt2img(seed=4), targets=["sample"]).raise_for_status().output("sample").samples
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
@@ -138,7 +146,7 @@ def test_schedulers_run(engine, scheduler):
 
 def test_progress_events_carry_previews(engine):
     events = []
-    engine.run(txt2img(steps=3), on_event=events.append).raise_for_status()
+    engine.run(txt2img(steps=3, seed=33), on_event=events.append).raise_for_status()
     steps = [e for e in events if e["type"] == "progress" and e["node"] == "sample"]
     assert [e["step"] for e in steps] == [1, 2, 3]
     preview = steps[-1]["preview"]
