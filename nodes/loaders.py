@@ -11,6 +11,7 @@ encoders and VAE are loaded too when they are present.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,10 +74,17 @@ def load_diffusers_component(folder: Path, dtype: torch.dtype, device: torch.dev
         raise LoadFailed(f"{folder}: unknown diffusers class {class_name!r} in config.json")
     _require_safetensors(folder)
     try:
-        model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+        model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
+                                    low_cpu_mem_usage=_accelerate_available())
     except Exception as exc:
         raise LoadFailed(f"{folder}: could not load {class_name}: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval()
+
+
+def _accelerate_available() -> bool:
+    """With accelerate, diffusers builds models on the meta device (no random init first):
+    much faster and lighter for large checkpoints. Without it, loading still works."""
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def _text_slot_of(config: dict, hint: str = "auto") -> str:
@@ -225,9 +233,14 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
         from safetensors.torch import load_file
 
         raw = load_file(str(file))
-        state = {k: raw[stripped[k]].to(dtype) for k in wanted}
-        model = cls.from_config(config).to(dtype)
-        model.load_state_dict(state, strict=True)
+        state = {k: raw.pop(stripped[k]).to(dtype) for k in wanted}
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+        try:  # built directly in the target dtype: half the memory of an fp32 build for bf16
+            model = cls.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.load_state_dict(state, strict=True, assign=True)
     else:
         try:
             model = cls.from_single_file(str(file), config=str(config_dir),
