@@ -82,11 +82,17 @@ def root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def shared_engine(root, tmp_path_factory):
+    """One engine for the module: checkpoints, prompts and uncontrolled runs stay memoized."""
+    return Engine(device="cpu", output_dir=tmp_path_factory.mktemp("out"))
+
+
 @pytest.fixture
-def engine(root, tmp_path, monkeypatch):
+def engine(root, shared_engine, monkeypatch):
     monkeypatch.setitem(paths._overrides, "models", root)
     monkeypatch.setitem(paths._overrides, "inputs", root / "input")
-    return Engine(device="cpu", output_dir=tmp_path / "out")
+    return shared_engine
 
 
 def workflow(family: str, controls: list[dict]) -> dict:
@@ -191,7 +197,8 @@ def test_controlnet_matches_diffusers_pipeline(case, engine, root, monkeypatch):
     assert rel_l2(plain, reference) > 1e-2  # the control changed the image
 
 
-def test_base_model_is_unchanged_by_a_controlled_run(engine):
+def test_base_model_is_unchanged_by_a_controlled_run(engine, tmp_path):
+    engine = Engine(device="cpu", output_dir=tmp_path / "out")
     plain = engine.run(workflow("sd3", []), targets=["sample", "ckpt"]).raise_for_status()
     model = plain.output("ckpt", 0)
     before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
