@@ -220,3 +220,44 @@ def test_wrong_family_and_missing_mode_are_clear_errors(engine):
     assert result.status == "failed" and "cannot control a sd3 model" in result.error["message"]
     result = engine.run(workflow("flux", [{"name": "flux-union"}]), targets=["sample"])
     assert result.status == "failed" and "needs a mode" in result.error["message"]
+
+
+def test_sana_controlnet_residuals_as_the_pipeline_passes_them():
+    """Sana: the patch calls the ControlNet and the transformer exactly as SanaControlNetPipeline
+    does per step (same inputs, residuals as controlnet_block_samples); two stack."""
+    import inspect
+
+    from diffusers import SanaControlNetModel, SanaTransformer2DModel
+
+    from app.models import ModelHandle, VAEHandle
+    from app.patches.controlnet import ControlNetPatch, LoadedControlNet
+    from nodes.text import Conditioning
+
+    parts = components("sana")
+    config = dict(parts["transformer"].config)
+    config["num_layers"] = 2  # block 0 takes no residual
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel.from_config(config).eval()
+    accepted = inspect.signature(SanaControlNetModel.__init__).parameters
+    cn = SanaControlNetModel(**{**{k: v for k, v in config.items() if k in accepted}, "num_layers": 1}).eval()
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if "controlnet_blocks" in name or "input_block" in name:
+                p.normal_(0, 0.3)
+    handle, vae = ModelHandle(transformer, "sana"), VAEHandle(parts["vae"].eval())
+    control = LoadedControlNet(cn, "sana", source="sana-cn")
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(1, 5, 8, generator=g), None, torch.ones(1, 5, dtype=torch.long), family="sana")
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ours = handle.with_patch(ControlNetPatch(control, image, vae, 0.8)).predict(x, 0.5, cond)
+    with torch.no_grad():
+        t = torch.tensor([500.0])
+        residuals = cn(x, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=t,
+                       controlnet_cond=vae.encode(image), conditioning_scale=0.8, return_dict=False)[0]
+        reference = transformer(x, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=t,
+                                controlnet_block_samples=tuple(residuals), return_dict=False)[0]
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert not torch.allclose(ours, handle.predict(x, 0.5, cond), atol=1e-3)
+    two = handle.with_patch(ControlNetPatch(control, image, vae, 0.4)).with_patch(ControlNetPatch(control, image, vae, 0.4))
+    assert torch.allclose(two.predict(x, 0.5, cond), ours, atol=1e-4)  # residuals add: 0.4 + 0.4 = 0.8
