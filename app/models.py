@@ -118,11 +118,34 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+GROUP_OFFLOAD_FLAG = "_ditgraph_group_offload"
+
+
+def is_group_offloaded(module: torch.nn.Module) -> bool:
+    """Weights managed block by block by diffusers' group-offloading hooks (never moved whole)."""
+    return bool(getattr(module, GROUP_OFFLOAD_FLAG, False))
+
+
+def apply_block_offload(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Keep ``module``'s weights in RAM and stream them to ``device`` one block at a time
+    (diffusers group offloading; overlapping copies on a CUDA stream). For models larger
+    than the GPU: slower, but only one block is resident at a time."""
+    from diffusers.hooks import apply_group_offloading
+
+    module.to("cpu")
+    apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1,
+                           use_stream=device.type == "cuda")
+    setattr(module, GROUP_OFFLOAD_FLAG, True)
+    return module
+
+
 class Resident:
     """Mixin for values wrapping modules: ``offload()`` to CPU, ``ensure_device()`` back.
 
     ``residency`` "resident" keeps the weights on ``device``; "offload" keeps them in RAM and
-    moves them to ``device`` only while they run (``release()`` after each use).
+    moves them to ``device`` only while they run (``release()`` after each use); "blocks"
+    streams them block by block (:func:`apply_block_offload`).
     """
 
     device: torch.device
@@ -138,12 +161,12 @@ class Resident:
 
     def offload(self) -> None:
         for m in self._modules():
-            if module_device(m).type != "cpu":
+            if module_device(m).type != "cpu" and not is_group_offloaded(m):
                 m.to("cpu")
 
     def ensure_device(self) -> None:
         for m in self._modules():
-            if not same_device(module_device(m), self.device):
+            if not is_group_offloaded(m) and not same_device(module_device(m), self.device):
                 m.to(self.device)
 
 

@@ -20,13 +20,13 @@ import torch
 
 from app import families, paths
 from app.context import current
-from app.models import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
+from app.models import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
 from app.registry import node
 from app.types import MODEL, TEXT_ENCODER, VAE, Spec
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-OFFLOAD_CHOICES = ["none", "cpu"]
+OFFLOAD_CHOICES = ["none", "cpu", "blocks"]
 TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
@@ -284,12 +284,13 @@ def CheckpointLoader(
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="auto: bf16 on CUDA, fp32 on CPU.")] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
     offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip="cpu: keep weights in RAM and move each model to "
-                                 "the device only while it runs (less VRAM, slower).")] = "none",
+                                 "the device only while it runs (less VRAM, slower). blocks: stream the transformer "
+                                 "and text encoders block by block (least VRAM, slowest).")] = "none",
 ) -> tuple:
     """Load a DiT checkpoint (PixArt-Σ, SD3/3.5, Flux.1, Sana, Lumina 2, shapes-dit): the
     transformer as MODEL plus the text encoder(s) and VAE when the checkpoint has them."""
     dev, dt = _device_dtype(device, dtype)
-    load_on = torch.device("cpu") if offload == "cpu" else dev
+    load_on = torch.device("cpu") if offload in ("cpu", "blocks") else dev
     path = Path(checkpoint)
     if path.is_dir():
         loaded = load_checkpoint_folder(path, dt, load_on)
@@ -301,8 +302,12 @@ def CheckpointLoader(
     for value in loaded:
         if value is not None:
             value.device = dev
-            value.residency = "offload" if offload == "cpu" else "resident"
-    model, _, vae = loaded
+            value.residency = "offload" if offload in ("cpu", "blocks") else "resident"
+    model, encoders, vae = loaded
+    if offload == "blocks":
+        apply_block_offload(model.transformer, dev)
+        for _, text_model in (encoders.slots.values() if encoders is not None else ()):
+            apply_block_offload(text_model, dev)
     model.preview_vae = vae  # latent previews are fitted from it on first use
     return loaded
 

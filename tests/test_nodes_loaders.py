@@ -152,3 +152,15 @@ def test_sd3_without_t5_pads_with_zeros(models):
     cond = text.encode(clip_only, ["a red circle"], "sd3")
     assert cond.embeds.shape == (1, 77 + 256, 32) and cond.pooled.shape == (1, 32)
     assert cond.embeds[:, 77:].abs().sum() == 0
+
+
+def test_block_offload_gives_the_same_predictions(models):
+    """offload=blocks streams weights block by block (diffusers group offloading); on a
+    CPU-only machine the "device" is the CPU, which still exercises the hooks."""
+    base, encoders, _ = _load("tiny-sd3")
+    streamed, streamed_encoders, _ = loaders.CheckpointLoader(str(paths.resolve("checkpoints", "tiny-sd3")),
+                                                              dtype="fp32", device="cpu", offload="blocks")
+    cond = text.encode(encoders, ["a red circle"], "sd3")
+    assert torch.allclose(text.encode(streamed_encoders, ["a red circle"], "sd3").embeds, cond.embeds, atol=1e-6)
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.allclose(streamed.predict(x, 0.4, cond), base.predict(x, 0.4, cond), atol=1e-5)
