@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="output file (default bench/results/lora_control.json)")
     args = ap.parse_args()

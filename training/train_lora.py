@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=28)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--shift", type=float, default=3.0)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
