@@ -57,13 +57,22 @@ def claim_path(folder: Path, stem: str, suffix: str) -> Path:
 
 
 def prompt_texts(workflow: dict) -> list[str]:
-    """The prompts typed into text-encode nodes of a workflow document (for PNG metadata)."""
+    """The prompts of the positive text-encode nodes of a workflow document (for PNG metadata),
+    following a link to a primitive (e.g. one PrimitiveString feeding several encoders)."""
+    nodes = workflow.get("nodes") or {}
     texts = []
-    for inst in (workflow.get("nodes") or {}).values():
-        if isinstance(inst, dict) and inst.get("type") in ("TextEncode",):
-            value = (inst.get("inputs") or {}).get("text")
-            if isinstance(value, str) and value:
-                texts.append(value)
+    for inst in nodes.values():
+        if not (isinstance(inst, dict) and inst.get("type") == "TextEncode"):
+            continue
+        value = (inst.get("inputs") or {}).get("text")
+        for _ in range(8):  # follow primitive/reroute chains
+            if not (isinstance(value, dict) and isinstance(value.get("from"), list) and value["from"]):
+                break
+            source = nodes.get(str(value["from"][0])) or {}
+            inputs = source.get("inputs") or {}
+            value = inputs.get("value", inputs.get("text"))
+        if isinstance(value, str) and value and value not in texts:
+            texts.append(value)
     return texts
 
 

@@ -168,3 +168,11 @@ def test_save_animated_gif(tmp_path):
     with Image.open(tmp_path / ui["images"][0]["filename"]) as gif:
         assert gif.n_frames == 4
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_prompt_metadata_follows_primitive_links():
+    wf = {"nodes": {"p": {"type": "PrimitiveString", "inputs": {"value": "a blue square"}},
+                    "r": {"type": "Reroute", "inputs": {"value": {"from": ["p", "value"]}}},
+                    "e": {"type": "TextEncode", "inputs": {"text": {"from": ["r", "value"]}}},
+                    "n": {"type": "TextEncodeNegative", "inputs": {"text": "blurry"}}}}
+    assert image_nodes.prompt_texts(wf) == ["a blue square"]
