@@ -85,12 +85,16 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)}}
     if address not in (None, "", "local"):
+        _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
             return False
-        except ConnectionError:
+        except ConnectionError as exc:
             if address != "auto":
-                raise
+                hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                    "; if the cluster uses token authentication (clusters made by `ray start` do, since Ray 2.59), "
+                    "set RAY_AUTH_MODE=token here (the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+                raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {exc}{hint}") from None
             log.warning("no Ray cluster is running here; starting a local one")
     object_store = object_store_bytes or int(os.environ.get("DITGRAPH_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE_BYTES))
     # a cluster of this machine alone: 127.0.0.1 also works where no network route exists
@@ -98,6 +102,19 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
              runtime_env=env, logging_level=logging.WARNING, log_to_driver=log_to_driver,
              _node_ip_address="127.0.0.1")
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at HOST:PORT (Ray retries for long)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                              f"({exc.strerror or exc}); start one with `ray start --head --port {port}`") from None
 
 
 # -- what the workers need to build the same registry and folders as the driver ---------------------
@@ -745,7 +762,10 @@ def run_workflows(address: str, registry, workflows: list[tuple[int | None, Work
     progress = cli.ProgressLine(sys.stderr, "") if (not json_mode and sys.stderr.isatty()) else None
     try:
         # in --json mode stdout carries only JSON lines: workers' own output stays in Ray's logs
-        pool = RayPool.create(address, registry, device=device, workers=workers, log_to_driver=not json_mode)
+        try:
+            pool = RayPool.create(address, registry, device=device, workers=workers, log_to_driver=not json_mode)
+        except ConnectionError as exc:
+            raise _Refused(f"--ray {address}: {exc}") from None
         dispatcher = RayDispatcher(pool, out_root)
         queue = RunQueue(store, dispatcher, validator=lambda workflow, wanted: [])
 
@@ -772,11 +792,15 @@ def run_workflows(address: str, registry, workflows: list[tuple[int | None, Work
             store.add(record)
         if pool.wait_ready(count=1) == 0:
             errors = sorted({slot.error or "did not start in time" for slot in pool.slots})
-            raise cli.UsageError(*(f"--ray {address}: no worker started: {error}" for error in errors))
+            raise _Refused(*(f"--ray {address}: no worker started: {error}" for error in errors))
         if not json_mode:
             cli._err(f"ray: {len(workflows)} run(s) on {len(pool.slots)} worker(s)")
         queue.start()
         statuses = _wait(queue, store, numbers, changed, out_root, json_mode, progress)
+    except _Refused as exc:  # printed here: `python -m app.cli` and app.cli are two modules with two UsageErrors
+        for message in exc.messages:
+            cli._err(f"error: {message}")
+        return cli.EXIT_INVALID
     finally:
         if progress is not None:
             progress.clear()
@@ -793,6 +817,12 @@ def run_workflows(address: str, registry, workflows: list[tuple[int | None, Work
             cli._err(f"{statuses.count('failed')} of {len(workflows)} runs failed")
         return cli.EXIT_FAILED
     return cli.EXIT_OK
+
+
+class _Refused(Exception):
+    def __init__(self, *messages: str):
+        super().__init__("; ".join(messages))
+        self.messages = messages
 
 
 def _label(number: int | None) -> str:
