@@ -82,6 +82,7 @@ def connect(address: str | None = "auto", *, num_cpus: int | None = None, num_gp
     """
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network at run time: Ray's telemetry stays off
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)}}
     if address not in (None, "", "local"):

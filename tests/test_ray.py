@@ -80,6 +80,7 @@ def registry_and_cluster(no_ray_check):
     loader.start()  # importing the node library overlaps the cluster start
     # a short temp dir: Ray's unix socket paths must stay under ~107 characters
     temp_dir = tempfile.mkdtemp(prefix="dgray-", dir="/tmp")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
                        _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, logging_level="warning")
