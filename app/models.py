@@ -57,7 +57,6 @@ moves them back before the next call (``ensure_device``).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -665,7 +664,3 @@ def fit_preview_projection(vae: VAEHandle, blocks: int = 6, seed: int = 0) -> to
     design = torch.cat([z.reshape(-1, c), torch.ones(targets.shape[0], 1)], dim=1)
     ridge = 1e-3 * torch.eye(c + 1)
     return torch.linalg.solve(design.T @ design + ridge, design.T @ targets)
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 
 from app import families
-from app.models import ModelHandle, VAEHandle
+from app.models import VAEHandle
 from app.registry import Link, node
 from app.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
 
@@ -160,7 +160,3 @@ def UpscaleLatent(
     size = (max(2, round(h * scale / 2) * 2), max(2, round(w * scale / 2) * 2))
     samples = torch.nn.functional.interpolate(latent.samples, size=size, mode=mode)
     return Latent(samples, None, latent.batch_index)
-
-
-def model_latent_factor(model: ModelHandle) -> int:
-    return families.get(model.family).vae_factor
