@@ -51,7 +51,14 @@ Residency
 ---------
 Handles load on the device they were created for (auto: CUDA in bf16, else CPU fp32).
 The memo cache may call ``offload()`` (move weights to CPU) under VRAM pressure; ``predict``
-moves them back before the next call (``ensure_device``).
+moves them back before the next call (``ensure_device``). ``residency`` per value:
+"resident" (stay on the device), "offload" (RAM between uses: moved in for each sampling
+run / encode / decode, out after), or group-offloaded modules (CheckpointLoader
+``offload=blocks``: diffusers streams them block by block; never moved whole).
+
+Other values here: :class:`VAEHandle` (the VAE value: ``encode(images) -> latents``,
+``decode(latents) -> images`` with the family's latent normalisation) and
+:class:`TextEncoders` (the TEXT_ENCODER value: (tokenizer, model) per slot).
 """
 
 from __future__ import annotations
