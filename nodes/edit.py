@@ -412,6 +412,7 @@ def edit_from_inversion(
             return v + eta * ((x - y0) / max(s, 1e-6) - v)
 
     m = _blend_mask(mask, inversion.latent)
+    m = None if m is None else m.to(device)
     after_step = None
     if m is not None:
         def after_step(j: int, x: torch.Tensor) -> torch.Tensor:
