@@ -199,6 +199,25 @@ class AttentionValuePatch(ModelPatch):
 # the ODE loop shared by inversion and editing (steps with nodes/sampling.py's solvers)
 
 
+def sample_rf_solver_eps(x: torch.Tensor, sigmas: torch.Tensor, fn: Callable, callback: Callable) -> torch.Tensor:
+    """RF-Solver for eps (VP) models such as PixArt, taken in the coordinates where their ODE is
+    dx̄/dσ = ε (x̄ = x/(1 - s), σ = s/(1 - s)): there Euler is DDIM, and RF-Solver's step
+    x̄ += Δ ε + ½ Δ² ε' with ε' from a half step is the midpoint rule. In the velocity form
+    the derivative of v = (ε - x)/(1 - s) is stiff near the model's top sigma."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        ve, ve_next = s / (1 - s), s_next / (1 - s_next)
+        d = fn(x, s, i)
+        x_bar = x / (1 - s)
+        delta = ve_next - ve
+        ve_mid = ve + 0.5 * delta
+        s_mid = ve_mid / (1 + ve_mid)
+        d_mid = fn((x_bar + 0.5 * delta * d.noise) * (1 - s_mid), s_mid, i)
+        x = (x_bar + delta * d_mid.noise) * (1 - s_next)
+        callback(i, x, d)
+    return x
+
+
 def _velocity_pair(x: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> Denoised:
     return Denoised(x - s * v, x + (1 - s) * v)
 
@@ -242,7 +261,7 @@ def integrate(
     options = dict(guidance_options or {})
     renorm = model.info.cfg_renorm
     progress = progress or current().progress
-    step_fn = SAMPLERS[solver]
+    step_fn = sample_rf_solver_eps if solver == "rf_solver" and model.info.prediction == "eps" else SAMPLERS[solver]
 
     with model.sampling_run(sigmas, seed=seed) as run:
         evaluations: dict[int, int] = {}
