@@ -9,7 +9,8 @@ outputs are turned into velocities by ``ModelHandle.predict``.
   The mask may be grown and feathered first; a latent pixel is regenerated as much as the
   most-masked image pixel it covers, so nothing masked is ever kept.
 - Inversion (:func:`invert`): integrate dx/ds = v(x, s) from the image (s = 0) up to the noise
-  end with Euler or RF-Solver (2nd order: x += Δ v + ½ Δ² v', v' from a half step). RF-Edit
+  end with Euler or RF-Solver (2nd order: x += Δ v + ½ Δ² v', v' from a half step; for eps models
+  the same step is taken in DDIM's coordinates, see :func:`sample_rf_solver_eps`). RF-Edit
   (Wang et al. 2024) also records the attention values V of late blocks during the last
   inversion steps (an :class:`AttentionValuePatch` in record mode) and substitutes them during
   the first editing steps (inject mode). Record and inject are paired by *interval*: inversion
