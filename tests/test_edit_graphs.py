@@ -90,3 +90,20 @@ def test_inpaint_graph_edits_the_cell_on_the_bundled_model(tmp_path):
     score = evaluate.edit_score(source, edited, target, 0)
     assert score["changed"] and score["psnr_outside"] >= 28, score
     assert world.parse_caption(target).objects[0].colour == world.COLOUR_NAMES.index("green")
+
+
+def test_cancelling_an_inversion_mid_way_leaves_the_cache_consistent(engine):
+    import threading
+
+    document = _tiny(json.loads((GRAPHS[0].parent / "edit-rf-solver.json").read_text()))
+    document["nodes"]["10"]["inputs"]["seed"] = 12345  # a fresh cache key for node 10 and after
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event.get("type") == "progress" and event.get("node") == "10" and event.get("step") == 1:
+            cancel.set()
+
+    result = engine.run(document, targets=["11"], cancel=cancel, on_event=on_event)
+    assert result.status == "cancelled" and "10" not in result.executed
+    finished = engine.run(document, targets=["11"]).raise_for_status()
+    assert "10" in finished.executed and torch.isfinite(finished.output("11").samples).all()
