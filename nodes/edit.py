@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from app.context import current
 from app.models import ModelHandle, ModelPatch, SamplingRun, _batchable, _cat_conds, _expand_cond
 from app.registry import Link, node
-from app.types import CONDITIONING, LATENT, MASK, MODEL, Spec
+from app.types import CONDITIONING, IMAGE, LATENT, MASK, MODEL, Spec
 from nodes.latent import Latent
 from nodes.mask import as_mask, blur, grow
 from nodes.sampling import (
@@ -689,3 +689,23 @@ def FlowEdit(
                   target_cfg=target_cfg, n_max=n_max, n_min=n_min, n_avg=n_avg, seed=seed, guidance=guidance,
                   mask=mask, batch_index=latent.batch_index)
     return Latent(x, None, latent.batch_index)
+
+
+@node(category="edit", outputs={"image": IMAGE})
+def PasteMasked(
+    original: Link(IMAGE, "The image that was edited."),
+    edited: Link(IMAGE, "The decoded edit (resized to the original when sizes differ)."),
+    mask: Link(MASK, "1 = take the edit, 0 = keep the original."),
+    grow_pixels: Annotated[int, Spec(min=0, max=512, tooltip="Grow the mask first (covers the decoder's seam).")] = 0,
+    feather: Annotated[float, Spec(min=0.0, max=256.0, step=0.5, tooltip="Blend width at the mask edge (pixels).")] = 0.0,
+) -> torch.Tensor:
+    """Paste an inpainted/edited image back over the original through the mask, so pixels outside
+    it are exactly the original's (the VAE round trip otherwise changes them slightly)."""
+    if edited.shape[1:3] != original.shape[1:3]:
+        edited = F.interpolate(edited.permute(0, 3, 1, 2), size=original.shape[1:3], mode="bilinear",
+                               align_corners=False).permute(0, 2, 3, 1)
+    m = as_mask(mask)
+    if m.shape[-2:] != original.shape[1:3]:
+        m = F.interpolate(m[:, None], size=original.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    m = blur(grow(m, grow_pixels), feather)[..., None]
+    return (original * (1 - m) + edited * m).clamp(0, 1)

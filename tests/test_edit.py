@@ -255,3 +255,15 @@ def test_rf_solver_on_an_eps_model_beats_euler(handles):
     h, x0, c = handles["pixart"], source(), cond("pixart", 3)
     rf, euler = roundtrip(h, x0, c, 12, "rf_solver", 0.5), roundtrip(h, x0, c, 24, "euler", 0.5)
     assert rf < euler / 2, (rf, euler)
+
+
+def test_paste_masked_keeps_the_original_outside():
+    from nodes.edit import PasteMasked
+
+    original, edited = torch.rand(2, 16, 16, 3), torch.rand(2, 8, 8, 3)
+    mask = rectangle(16, 16, 4, 4, 6, 6)[None]
+    out = PasteMasked(original, edited, mask)
+    assert out.shape == original.shape
+    assert torch.equal(out[:, :4], original[:, :4]) and not torch.equal(out[:, 4:10, 4:10], original[:, 4:10, 4:10])
+    feathered = PasteMasked(original, edited, mask, grow_pixels=1, feather=2.0)
+    assert torch.equal(feathered[:, :, 14:], original[:, :, 14:])
