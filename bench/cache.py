@@ -140,13 +140,13 @@ def _chunk(cond, i: int, j: int):
 class ShapesRunner:
     """Samples a fixed prompt set in chunks and decodes it; times only the sampling."""
 
-    def __init__(self, handle, encoders, vae, n: int, batch: int, cfg: float):
+    def __init__(self, handle, encoders, vae, n: int, batch: int, cfg: float, first: int = 0):
         from nodes.text import encode
         from training import world
 
         self.handle, self.vae, self.batch, self.cfg = handle, vae, batch, cfg
-        scenes = world.sample_scenes(n, SEED)
-        self.captions = world.captions(scenes)
+        scenes = world.sample_scenes(first + n, SEED)
+        self.captions = world.captions(scenes)[first:]
         self.pos = encode(encoders, self.captions, "shapes-dit")
         self.neg = encode(encoders, [""], "shapes-dit")
         size = int(handle.config.sample_size)
@@ -193,9 +193,10 @@ def cpu_bench(args) -> dict:
     torch.set_num_threads(args.threads)
     handle, encoders, vae, source = load_shapes(args.model)
     args.cfg = args.cfg or float(handle.defaults.get("cfg") or handle.info.default_cfg)
-    runner = ShapesRunner(handle, encoders, vae, args.n, args.batch, args.cfg)
-    methods = args.methods or list(CPU_SETTINGS)
-    report: dict = {"model": source, "n": args.n, "batch": args.batch, "cfg": args.cfg, "threads": args.threads,
+    runner = ShapesRunner(handle, encoders, vae, args.n, args.batch, args.cfg, args.first_scene)
+    settings_table = {**CPU_SETTINGS, **(json.loads(args.settings) if args.settings else {})}
+    methods = args.methods or list(settings_table)
+    report: dict = {"model": source, "n": args.n, "first_scene": args.first_scene, "batch": args.batch, "cfg": args.cfg, "threads": args.threads,
                     "timing": "process CPU seconds of the sampling loop (text encoding and VAE decoding excluded)",
                     "steps": {}}
     print(f"shapes-dit cache benchmark on CPU: {source}, {args.n} prompts, batch {args.batch}", flush=True)
@@ -209,7 +210,7 @@ def cpu_bench(args) -> dict:
               f"object acc {base_scores['object_accuracy']:.3f}", flush=True)
         print(f"{'method':46s} {'speedup':>7s} {'wall':>5s} {'skip':>5s} {'PSNR':>6s} {'SSIM':>6s} {'obj':>6s} {'prompt':>6s}")
         for name in methods:
-            for settings in CPU_SETTINGS[name]:
+            for settings in settings_table[name]:
                 method = make_method(name, handle.family, settings)
                 out = runner.run(handle.with_patch(hooks.CachePatch(method)), steps)
                 scores = runner.score(out["images"])
@@ -564,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: the model's default)")
     cpu.add_argument("--threads", type=int, default=1)
     cpu.add_argument("--methods", nargs="*", default=None, choices=list(CPU_SETTINGS))
+    cpu.add_argument("--settings", default=None,
+                     help='JSON replacing settings lists, e.g. \'{"taylorseer": [{"interval": 4, "order": 2}]}\'')
+    cpu.add_argument("--first-scene", type=int, default=0, help="skip this many held-out scenes (a fresh prompt set)")
     cpu.add_argument("--out", default=str(RESULTS / "cache.json"))
     cpu.add_argument("--plot", default=str(RESULTS / "cache_pareto.png"))
     gpu = sub.add_parser("gpu", help="full-size random Flux.1-dev and PixArt-Σ on one GPU")

@@ -97,8 +97,8 @@ def EasyCache(
 @node(category=CATEGORY, outputs={"model": MODEL}, display_name="TaylorSeer")
 def TaylorSeer(
     model: MODEL,
-    interval: Annotated[int, Spec(min=1, max=100, tooltip="Compute fully every N steps, forecast between (1 = never skip).")] = 4,
-    order: Annotated[int, Spec(min=0, max=4, tooltip="Taylor order of the forecast (0 = reuse, 1 linear, 2 quadratic).")] = 1,
+    interval: Annotated[int, Spec(min=1, max=100, tooltip="Compute fully every N steps, forecast between (1 = never skip). Long intervals at few steps extrapolate too far.")] = 3,
+    order: Annotated[int, Spec(min=0, max=4, tooltip="Taylor order of the forecast (0 = reuse, 1 linear, 2 quadratic).")] = 2,
     start: Annotated[float, START] = 0.0,
     end: Annotated[float, END] = 1.0,
     max_skips: Annotated[int, MAX_SKIPS] = 0,
