@@ -127,15 +127,17 @@ def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) 
             if family == "pixart":
                 parts["transformer"] = diffusers.PixArtTransformer2DModel(**cfg["transformer"]).eval()
                 parts["text_encoder"], parts["tokenizer"] = t5, t5_tokenizer()
-                parts["scheduler"] = diffusers.DPMSolverMultistepScheduler()
+                with torch.device("cpu"):  # its tables must live on the CPU (set_timesteps calls .numpy())
+                    parts["scheduler"] = diffusers.DPMSolverMultistepScheduler()
             else:
                 parts["transformer"] = diffusers.FluxTransformer2DModel(**cfg["transformer"]).eval()
                 clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"], bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
                 parts["text_encoder"], parts["tokenizer"] = clip, clip_tokenizer()
                 parts["text_encoder_2"], parts["tokenizer_2"] = t5, t5_tokenizer()
-                parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
-                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                    base_image_seq_len=256, max_image_seq_len=4096)
+                with torch.device("cpu"):
+                    parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
+                        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                        base_image_seq_len=256, max_image_seq_len=4096)
     finally:
         torch.set_default_dtype(previous)
     for module in parts.values():
