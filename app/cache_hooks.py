@@ -585,7 +585,10 @@ class EasyCache(CacheMethod):
 def _taylor_update(history: dict, value: tuple, x: float, order: int) -> None:
     """Recursive finite differences: D0 = value, D(k+1) = (Dk - Dk_prev) / (x - x_prev)."""
     prev, prev_x = history.get("d"), history.get("x")
-    derivs = [value]
+    # differences of bf16 tensors divided by small sigma steps lose most of their digits: keep
+    # the series in float32 and cast the forecast back
+    history["dtypes"] = tuple(None if v is None else v.dtype for v in value)
+    derivs = [tuple(None if v is None else v.float() for v in value)]
     if prev is not None and prev_x is not None and abs(x - prev_x) > 1e-12:
         dx = x - prev_x
         for k in range(min(order, len(prev))):
@@ -601,7 +604,7 @@ def _taylor_forecast(history: dict, x: float) -> tuple:
     for k in range(1, len(derivs)):
         factor = dx**k / math.factorial(k)
         out = [None if (o is None or d is None) else o + factor * d for o, d in zip(out, derivs[k], strict=True)]
-    return tuple(out)
+    return tuple(None if o is None else o.to(t) for o, t in zip(out, history["dtypes"], strict=True))
 
 
 @dataclass(frozen=True)

@@ -587,11 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("inputs", nargs="+")
     merge.add_argument("--out", default=str(RESULTS / "cache.json"))
     merge.add_argument("--plot", default=str(RESULTS / "cache_pareto.png"))
+    merge.add_argument("--confirm", nargs="*", default=[],
+                       help="runs of a few settings on a fresh, larger prompt set, kept under 'confirmation'")
     args = parser.parse_args(argv)
     if args.command == "merge":
         parts = [json.loads(Path(p).read_text())["cpu"] for p in args.inputs]
         report = {**parts[0], "steps": {k: v for part in parts for k, v in part["steps"].items()}}
         report["targets"] = check_targets(report)
+        if args.confirm:
+            confirm = [json.loads(Path(p).read_text())["cpu"] for p in args.confirm]
+            extra = {**confirm[0], "steps": {k: v for part in confirm for k, v in part["steps"].items()}}
+            extra["targets"] = check_targets(extra)
+            report["confirmation"] = extra
+            print("confirmation:", json.dumps(extra["targets"], indent=1))
         write({"cpu": report}, args.out)
         pareto_png(report, Path(args.plot))
         print(json.dumps(report["targets"], indent=1))
