@@ -59,3 +59,25 @@ def test_graph_runs(name, models, tmp_path, monkeypatch):
     if "control" in name:
         outline = engine.run(document, targets=["24"]).raise_for_status().output("24")
         assert outline.shape == (1, 128, 128, 3) and 0.02 < float(outline.mean()) < 0.2
+
+
+BUNDLED = paths.BUNDLED_MODELS
+HAVE_BUNDLED = all((BUNDLED / p).exists() for p in (
+    "shapes-dit/ditgraph.json", "shapes-dit-outlined-lora/shapes-dit-outlined.safetensors",
+    "shapes-dit-outline-control/config.json"))
+
+
+@pytest.mark.skipif(not HAVE_BUNDLED, reason="bundled shapes-dit adapters not present")
+def test_lora_control_graph_on_the_bundled_weights(tmp_path):
+    """Style LoRA and outline ControlNet at once on the real weights: shapes follow the drawn
+    (off-grid) outlines and carry the outline style."""
+    from training import evaluate
+
+    document = json.loads((GRAPHS / "shapes-lora-control.json").read_text())
+    document["nodes"]["5"]["inputs"]["steps"] = 12
+    engine = Engine(device="cpu", output_dir=tmp_path / "out")
+    result = engine.run(document, targets=["6", "24"]).raise_for_status()
+    image = (result.output("6")[0].clamp(0, 1) * 255).round().byte().numpy()
+    outline = result.output("24")[0, ..., 0].numpy()
+    assert evaluate.control_score(image, outline) >= 0.7
+    assert evaluate.style_score(image, document["nodes"]["2"]["inputs"]["text"]) >= 0.5
