@@ -461,10 +461,14 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
 
     timed(handle, sigmas[-4:])  # warm-up (kernels, allocator)
     base = min(timed(handle)[0] for _ in range(2))
-    hooked = min(timed(handle.with_patch(hooks.CachePatch(hooks.FORA(interval=1))))[0] for _ in range(2))
+    # short runs (PixArt: ~0.3 s cached) jitter by several %: best of 3 there
+    repeats = 3 if base < 2.0 else 1
+    base = min([base] + [timed(handle)[0] for _ in range(repeats - 1)])
+    hooked = min(timed(handle.with_patch(hooks.CachePatch(hooks.FORA(interval=1))))[0] for _ in range(max(2, repeats)))
     # everything but the first call skipped: splits a run into fixed cost (embeddings, final
     # layer, sampler, hooks) F and block-stack cost B: base = F + B, all_skipped = F + B / steps
-    all_skipped = timed(handle.with_patch(hooks.CachePatch(hooks.FORA(interval=10**9))))[0]
+    all_skipped = min(timed(handle.with_patch(hooks.CachePatch(hooks.FORA(interval=10**9))))[0]
+                      for _ in range(repeats))
     blocks_s = max(base - all_skipped, 0.0) * steps / (steps - 1)
     fixed_s = base - blocks_s
     rows = []
@@ -473,7 +477,8 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
             method = make_method(name, family, settings)
             if name == "magcache" and not method.ratios:
                 continue
-            seconds, found = timed(handle.with_patch(hooks.CachePatch(method)))
+            model = handle.with_patch(hooks.CachePatch(method))
+            seconds, found = min((timed(model) for _ in range(repeats)), key=lambda r: r[0])
         except Exception as exc:  # one failing method must not lose the others
             rows.append({"method": name, "settings": settings, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -488,7 +493,7 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
                      "skipped_calls": summary.get("skipped_calls"), "calls": summary.get("calls"),
                      "work_skipped": summary.get("work_skipped")})
     fixed = [r for r in rows if r.get("fixed")]
-    result = {"steps": steps, "size": size * 8, "cfg": cfg, "build_s": build_s, "uncached_s": base,
+    result = {"steps": steps, "size": size * 8, "cfg": cfg, "build_s": build_s, "repeats": repeats, "uncached_s": base,
               "uncached_ms_per_step": 1000 * base / steps, "hooked_never_skip_s": hooked,
               "hook_overhead": hooked / base - 1, "all_skipped_s": all_skipped, "fixed_cost_share": fixed_s / base,
               "runs": rows,
