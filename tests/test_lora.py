@@ -300,3 +300,34 @@ def test_engine_reports_a_mismatched_lora(models_root, tmp_path, monkeypatch):
     result = engine.run(_workflow([("wrong", 1.0, False)]), targets=["sample"])
     assert result.status == "failed" and result.error["node"] == "lora0"
     assert "matches none of the layers" in result.error["message"]
+
+
+@pytest.mark.parametrize("family", ["pixart", "sana", "lumina2"])
+def test_peft_lora_on_other_families_equals_peft(family, tmp_path):
+    """The peft path for PixArt / Sana / Lumina 2 (no diffusers loader mixin needed): module names
+    as in the diffusers model, applied by our hooks exactly as peft's own layers compute."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    transformer = components(family)["transformer"].eval()
+    adapted = copy.deepcopy(transformer)
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                       init_lora_weights=False), adapted)
+    state = get_peft_model_state_dict(adapted)
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(tmp_path / "l.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 4})})
+    handle = ModelHandle(transformer, family)
+    patch = lora_patch(read_lora(tmp_path / "l.safetensors"), handle)
+    assert patch.report.matched == patch.report.total == len(state) // 2 > 0
+    g = torch.Generator().manual_seed(1)
+    dims = {"pixart": 32, "sana": 8, "lumina2": 8}
+    mask = torch.ones(1, 6, dtype=torch.long)
+    cond = Conditioning(torch.randn(1, 6, dims[family], generator=g), None, mask, family=family)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    capture = _Capture()
+    handle.with_patch(patch).with_patch(capture).predict(x, 0.5, cond)
+    with torch.no_grad():
+        reference = adapted(**capture.kwargs, return_dict=False)[0]
+    assert torch.allclose(capture.out, reference, atol=1e-5)
+    handle.with_patch(capture).predict(x, 0.5, cond)
+    assert not torch.allclose(capture.out, reference, atol=1e-4)
