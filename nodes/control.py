@@ -22,8 +22,8 @@ from app.types import CONTROL, IMAGE, MODEL, VAE, Spec
 def _control_choices() -> list[str]:
     bundled = sorted(p.parent.relative_to(paths.BUNDLED_MODELS).as_posix()
                      for p in paths.BUNDLED_MODELS.glob("*control*/config.json"))
-    bundled += sorted(p.relative_to(paths.BUNDLED_MODELS).as_posix()
-                      for p in paths.BUNDLED_MODELS.glob("*control*/*.safetensors")
+    bundled += sorted(p.relative_to(paths.BUNDLED_MODELS).as_posix()  # condition-token adapters (single files)
+                      for p in paths.BUNDLED_MODELS.glob("*control*/**/*.safetensors")
                       if not (p.parent / "config.json").is_file())
     return paths.list_files("controlnets") + bundled
 
