@@ -127,7 +127,8 @@ def test_build_txt2img_with_the_mouse_and_run(flow):
     tab.wait("ed.nodeInfo(arg).images > 0", arg=flow["save"], timeout=20)
     progress = tab.js("ed.eventLog.filter(e => e.type === 'progress' && e.node === arg)", sampler_id)
     assert progress and progress[-1]["step"] == progress[-1]["total"] == STEPS
-    assert all(p.get("preview") for p in progress), "progress events should carry latent previews"
+    # previews are rate-limited (nodes/sampling.py: one per PREVIEW_INTERVAL, plus the last step)
+    assert progress[-1].get("preview"), "the last progress event should carry a latent preview"
     tab.js("ed.fitNodes(arg)", [sampler_id, flow["save"]])
     tab.shot("24_txt2img_image_on_save_node")
     flow["workflow"] = tab.js("ed.workflow()")
