@@ -331,3 +331,19 @@ def test_peft_lora_on_other_families_equals_peft(family, tmp_path):
     assert torch.allclose(capture.out, reference, atol=1e-5)
     handle.with_patch(capture).predict(x, 0.5, cond)
     assert not torch.allclose(capture.out, reference, atol=1e-4)
+
+
+def test_dropping_the_patched_model_unloads_the_lora(base, tmp_path):
+    import gc
+    import weakref
+
+    state, config, _ = _peft_lora(base, seed=13)
+    handle = ModelHandle(base, "shapes-dit")
+    lora = read_lora(_save_diffusers(tmp_path, state, config))
+    patched = handle.with_patch(lora_patch(lora, handle))
+    x, cond = _inputs(5)
+    patched.predict(x, 0.5, cond)
+    refs = [weakref.ref(layer.down) for layer in patched.patches[0].layers]
+    del lora, patched
+    gc.collect()
+    assert all(r() is None for r in refs)  # nothing of the LoRA is kept by the shared transformer
