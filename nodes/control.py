@@ -60,6 +60,9 @@ def ApplyControlNet(
     its own strength and step window; they compose with LoRAs."""
     if start > end:
         raise ValueError(f"start ({start}) is after end ({end})")
+    pixel_input = isinstance(control, LoadedControlNet) and getattr(control.controlnet, "input_hint_block", None) is not None
+    if vae is None and not pixel_input:
+        raise ValueError("this control encodes its image with the VAE: connect the 'vae' input")
     if isinstance(control, LoadedControlNet):
         control.check_model(model.family)
         patch = ControlNetPatch(control, image, vae, strength, start, end, mode)
