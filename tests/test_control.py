@@ -15,24 +15,15 @@ from app import paths
 from app.executor import Engine
 from nodes.sampling import compute_sigmas, make_noise
 from tests.test_nodes_tiny import components, save_family
+from training.train_control import controlnet_from_transformer
 
 PROMPT = "a large red circle at the top left on a white background"
 STEPS, SEED, SIZE, CFG = 3, 99, 32, 4.0
 
 
 def make_sd3_controlnet(transformer, seed: int, layers: int = 1, instantx: bool = False):
-    from diffusers import SD3ControlNetModel
-
-    config = dict(transformer.config)  # from_transformer would mutate the base config: build from a copy
-    config.update(num_layers=layers, extra_conditioning_channels=0, force_zeros_for_pooled_projection=instantx)
     torch.manual_seed(seed)
-    cn = SD3ControlNetModel.from_config(config)
-    cn.pos_embed.load_state_dict(transformer.pos_embed.state_dict())
-    cn.time_text_embed.load_state_dict(transformer.time_text_embed.state_dict())
-    cn.context_embedder.load_state_dict(transformer.context_embedder.state_dict())
-    own = cn.transformer_blocks.state_dict()
-    cn.transformer_blocks.load_state_dict({k: v for k, v in transformer.transformer_blocks.state_dict().items()
-                                           if k in own and own[k].shape == v.shape}, strict=False)
+    cn = controlnet_from_transformer(transformer, layers, force_zeros_pooled=instantx)
     with torch.no_grad():  # the zero-initialised outputs, made non-zero so the control has an effect
         for p in cn.controlnet_blocks.parameters():
             p.normal_(0, 0.3)

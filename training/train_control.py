@@ -48,12 +48,16 @@ def control_pixels(outline: torch.Tensor) -> torch.Tensor:
     return outline.expand(-1, 3, -1, -1) * 2 - 1
 
 
-def make_controlnet(transformer, layers: int):
-    """An SD3ControlNetModel with the first ``layers`` blocks of ``transformer`` (config copied)."""
+def controlnet_from_transformer(transformer, layers: int, force_zeros_pooled: bool = False):
+    """An SD3ControlNetModel whose embedders and first ``layers`` blocks copy ``transformer``.
+
+    diffusers' ``from_transformer`` mutates the base config dict, so this builds from a copy.
+    The control-input embedding and output projections keep their fresh initialisation.
+    """
     from diffusers import SD3ControlNetModel
 
     config = dict(transformer.config)
-    config.update(num_layers=layers, extra_conditioning_channels=0, force_zeros_for_pooled_projection=False)
+    config.update(num_layers=layers, extra_conditioning_channels=0, force_zeros_for_pooled_projection=force_zeros_pooled)
     cn = SD3ControlNetModel.from_config(config)
     cn.pos_embed.load_state_dict(transformer.pos_embed.state_dict())
     cn.time_text_embed.load_state_dict(transformer.time_text_embed.state_dict())
@@ -61,6 +65,12 @@ def make_controlnet(transformer, layers: int):
     own = cn.transformer_blocks.state_dict()
     cn.transformer_blocks.load_state_dict({k: v for k, v in transformer.transformer_blocks.state_dict().items()
                                            if k in own and own[k].shape == v.shape}, strict=False)
+    return cn
+
+
+def make_controlnet(transformer, layers: int):
+    """The adapter to train: a copy of the base's first blocks whose control input starts at zero."""
+    cn = controlnet_from_transformer(transformer, layers)
     with torch.no_grad():
         for p in cn.pos_embed_input.parameters():
             p.zero_()
