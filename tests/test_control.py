@@ -15,10 +15,11 @@ from app import paths
 from app.executor import Engine
 from nodes.sampling import compute_sigmas, make_noise
 from tests.test_nodes_tiny import components, save_family
+from tests.test_parity import CFG, PROMPT, SIZE, STEPS
+from tests.test_parity import workflow as parity_workflow
 from training.train_control import controlnet_from_transformer
 
-PROMPT = "a large red circle at the top left on a white background"
-STEPS, SEED, SIZE, CFG = 3, 99, 32, 4.0
+SEED = 99  # prompt, steps, size and cfg are the parity tests' (their workflow is reused here)
 
 
 def make_sd3_controlnet(transformer, seed: int, layers: int = 1, instantx: bool = False):
@@ -87,20 +88,10 @@ def engine(root, shared_engine, monkeypatch):
 
 
 def workflow(family: str, controls: list[dict]) -> dict:
-    guided = family != "flux"
-    nodes = {
-        "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
-        "pos": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": PROMPT}},
-        "empty": {"type": "EmptyLatent", "inputs": {"model": {"from": ["ckpt", "model"]}, "vae": {"from": ["ckpt", "vae"]},
-                                                    "width": SIZE, "height": SIZE}},
-        "sample": {"type": "Sampler", "inputs": {
-            "positive": {"from": ["pos", "conditioning"]}, "latent": {"from": ["empty", "latent"]}, "seed": SEED,
-            "steps": STEPS, "cfg": CFG if guided else 1.0, "sampler": "euler", "scheduler": "auto"}},
-        "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
-    }
-    if guided:
-        nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": ""}}
-        nodes["sample"]["inputs"]["negative"] = {"from": ["neg", "conditioning"]}
+    """The parity tests' txt2img graph with ControlNets chained between the checkpoint and the sampler."""
+    document = parity_workflow(family, seed=SEED)
+    document["meta"]["name"] = "control"
+    nodes = document["nodes"]
     source = ["ckpt", "model"]
     for i, c in enumerate(controls):
         nodes[f"cn{i}"] = {"type": "ControlNetLoader", "inputs": {"controlnet": c["name"]}}
@@ -111,7 +102,7 @@ def workflow(family: str, controls: list[dict]) -> dict:
             "end": c.get("end", 1.0), "mode": c.get("mode", -1)}}
         source = [f"apply{i}", "model"]
     nodes["sample"]["inputs"]["model"] = {"from": source}
-    return {"format": "ditgraph/workflow", "version": 1, "meta": {"name": "control"}, "nodes": nodes}
+    return document
 
 
 def run_pipeline(family, root, controls, sigmas, noise, monkeypatch):

@@ -40,7 +40,8 @@ def engine(models_root, tmp_path, monkeypatch):
     return Engine(device="cpu", output_dir=tmp_path / "out")
 
 
-def workflow(family: str) -> dict:
+def workflow(family: str, seed: int = SEED) -> dict:
+    """The txt2img graph of a tiny family, as nodes named ckpt/pos/neg/empty/sample/decode/save."""
     guided = family != "flux"
     nodes = {
         "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
@@ -49,7 +50,7 @@ def workflow(family: str) -> dict:
                                                     "width": SIZE, "height": SIZE}},
         "sample": {"type": "Sampler", "inputs": {
             "model": {"from": ["ckpt", "model"]}, "positive": {"from": ["pos", "conditioning"]},
-            "latent": {"from": ["empty", "latent"]}, "seed": SEED, "steps": STEPS, "cfg": CFG if guided else 1.0,
+            "latent": {"from": ["empty", "latent"]}, "seed": seed, "steps": STEPS, "cfg": CFG if guided else 1.0,
             "sampler": "euler", "scheduler": "auto"}},
         "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
         "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": family}},
