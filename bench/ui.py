@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from tests.ui_helpers import VIEWPORT, BrowserPage, Server, browser_skip_reason, chromium  # noqa: E402
+from tests.ui_helpers import VIEWPORT, BrowserPage, browser_skip_reason, editor_tab  # noqa: E402
 
 NODES = 300
 TARGET_FRAME_MS = 1000 / 30  # the target: pans and drags stay above 30 fps on this 2-core CI box
@@ -160,19 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"bench/ui.py: cannot run: {reason}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="ditgraph-bench-ui-") as tmp:
-        server = Server(Path(tmp))
-        try:
-            server.wait_ready()
-            with chromium() as browser:
-                context = browser.new_context(viewport=VIEWPORT)
-                tab = BrowserPage(context, server)
-                tab.open()
-                result = measure(tab, big_workflow(args.nodes))
-                assert not tab.external, tab.external
-                context.close()
-        finally:
-            server.stop()
+    with editor_tab("ditgraph-bench-ui-") as tab:
+        result = measure(tab, big_workflow(args.nodes))
     pan_ok = result["pan"].get("p95_ms", 1e9) <= TARGET_FRAME_MS
     drag_ok = result["node_drag"].get("p95_ms", 1e9) <= TARGET_FRAME_MS
     data = {"browser": "Debian chromium, headless, --disable-gpu (software raster)", "viewport": VIEWPORT,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.ui_helpers import REPO, VIEWPORT, BrowserPage, Server, browser_skip_reason, chromium
+from tests.ui_helpers import REPO, VIEWPORT, BrowserPage, browser_skip_reason, chromium, running_server
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 
@@ -24,13 +23,8 @@ BLUEPRINT = REPO / "graphs" / "shapes-txt2img.json"
 
 @pytest.fixture(scope="module")
 def server():
-    with tempfile.TemporaryDirectory(prefix="ditgraph-ui-") as tmp:
-        srv = Server(Path(tmp))
-        try:
-            srv.wait_ready()
-            yield srv
-        finally:
-            srv.stop()
+    with running_server("ditgraph-ui-") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ test places and wires every node itself. Screenshots go to test-artifacts/ui/.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from tests.test_ui_editor import click_run, drop_file, new_canvas, wait_run_done
-from tests.ui_helpers import REPO, VIEWPORT, BrowserPage, Server, browser_skip_reason, chromium
+from tests.ui_helpers import REPO, BrowserPage, browser_skip_reason, editor_tab
 
 BLUEPRINT_PATH = REPO / "graphs" / "shapes-txt2img.json"
 PROMPT = "a small green triangle at the bottom right on a white background"
@@ -33,20 +31,8 @@ def is_link(value) -> bool:
 @pytest.fixture(scope="module")
 def flow():
     """One tab kept across the tests of this module (they continue each other's work)."""
-    with tempfile.TemporaryDirectory(prefix="ditgraph-ui-txt2img-") as tmp:
-        server = Server(Path(tmp))
-        try:
-            server.wait_ready()
-            with chromium() as browser:
-                context = browser.new_context(viewport=VIEWPORT)
-                tab = BrowserPage(context, server)
-                tab.open()
-                state = {"tab": tab, "blueprint": json.loads(BLUEPRINT_PATH.read_text())}
-                yield state
-                assert tab.external == [], tab.external
-                context.close()
-        finally:
-            server.stop()
+    with editor_tab("ditgraph-ui-txt2img-") as tab:
+        yield {"tab": tab, "blueprint": json.loads(BLUEPRINT_PATH.read_text())}
 
 
 def test_build_txt2img_with_the_mouse_and_run(flow):

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -218,6 +219,30 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def running_server(prefix: str):
+    """``ditgraph serve`` in a fresh temporary root; stopped (and the root removed) afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        server = Server(Path(tmp))
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def editor_tab(prefix: str):
+    """A server, a browser and one open editor tab; checks that no request left 127.0.0.1."""
+    with running_server(prefix) as server, chromium() as browser:
+        context = browser.new_context(viewport=VIEWPORT)
+        tab = BrowserPage(context, server)
+        tab.open()
+        yield tab
+        assert tab.external == [], tab.external
+        context.close()
 
 
 def require_browser() -> None:
