@@ -37,13 +37,7 @@ COND_SHAPES = {"shapes-dit": (384, 384, False), "sd3": (32, 32, False), "flux": 
 QUIET = dict(progress=lambda *a: None, preview=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is faster, and two spin-waiting threads on a busy 2-core box are far slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ FAST = {"Sampler": {"steps": 2}, "ImageToImage": {"steps": 2}, "Inpaint": {"step
         "FlowEdit": {"steps": 4, "n_max": 3}, "EmptyLatent": {"width": 32, "height": 32}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_one_graph_per_editing_method():
