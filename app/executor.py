@@ -224,11 +224,12 @@ class Engine:
                 result.duration = time.perf_counter() - started
         return result
 
-    def _node_key(self, inst, nd: NodeDef, keys: dict[str, str]) -> tuple[str, dict, dict]:
-        """(cache key, key parts for explanations, call arguments without link values)."""
+    def _node_key(self, inst, nd: NodeDef, keys: dict[str, str]) -> tuple[str, dict, dict, dict]:
+        """(cache key, key parts for explanations, constant arguments, resolved file paths)."""
         constants: dict[str, Any] = {}
         links: dict[str, str] = {}
         files: dict[str, str] = {}
+        resolved: dict[str, Path] = {}
         for name, decl in nd.inputs.items():
             value = inst.inputs.get(name, decl.default)
             if isinstance(value, Link):
@@ -238,18 +239,18 @@ class Engine:
                 value = float(value)  # JSON from a browser turns 2.0 into 2: one value, one key
             constants[name] = value
             if decl.spec.file and value is not None:
-                resolved = paths.resolve(decl.spec.file, value)
-                files[name] = paths.fingerprint(resolved)
+                resolved[name] = paths.resolve(decl.spec.file, value)
+                files[name] = paths.fingerprint(resolved[name])
         parts = {"type": nd.type, "version": nd.version, "constants": constants, "links": links, "files": files,
                  "salt": self.salt, "bypass": inst.bypass}
         key = hashlib.blake2b(_canonical(parts).encode(), digest_size=16).hexdigest()
-        return key, parts, constants
+        return key, parts, constants, resolved
 
     def _run_node(self, workflow, node_id, values, keys, result, scope, emit, cancel, out_dir, document) -> None:
         inst = workflow.nodes[node_id]
         nd = self.registry.get(inst.type)
         try:
-            key, parts, constants = self._node_key(inst, nd, keys)
+            key, parts, constants, resolved = self._node_key(inst, nd, keys)
         except paths.PathRefused as exc:
             raise NodeFailed(node_id, inst.type, str(exc)) from None
         keys[node_id] = key
@@ -274,12 +275,8 @@ class Engine:
         result.reasons[node_id] = _diff_reason(previous, parts)
         kwargs = dict(constants)
         for name, link in inst.links().items():
-            source_def = self.registry.get(workflow.nodes[link.node].type)
-            index = [o.name for o in source_def.outputs].index(link.output)
-            kwargs[name] = values[link.node][index]
-        for name, decl in nd.inputs.items():
-            if decl.spec.file and kwargs.get(name) is not None:
-                kwargs[name] = str(paths.resolve(decl.spec.file, kwargs[name]))
+            kwargs[name] = self._link_value(workflow, link, values)
+        kwargs.update((name, str(path)) for name, path in resolved.items())
         emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
         ctx = RunContext(result.run_id, node_id, nd.type, self.device, out_dir, document, emit, cancel)
         started = time.perf_counter()
@@ -318,6 +315,11 @@ class Engine:
             reset_current(token)
         raise AssertionError("unreachable")
 
+    def _link_value(self, workflow: Workflow, link: Link, values: dict[str, tuple]) -> Any:
+        """The value a link carries: output ``link.output`` of the already-computed upstream node."""
+        source_def = self.registry.get(workflow.nodes[link.node].type)
+        return values[link.node][[o.name for o in source_def.outputs].index(link.output)]
+
     def _bypass_outputs(self, workflow: Workflow, inst, nd: NodeDef, values: dict[str, tuple]) -> tuple:
         """A bypassed node passes, for each output, the first linked input of a matching type."""
         passed = []
@@ -326,8 +328,7 @@ class Engine:
             for name, decl in nd.inputs.items():
                 link = inst.inputs.get(name)
                 if isinstance(link, Link) and accepts(out.type, decl.type):
-                    source_def = self.registry.get(workflow.nodes[link.node].type)
-                    chosen = values[link.node][[o.name for o in source_def.outputs].index(link.output)]
+                    chosen = self._link_value(workflow, link, values)
                     break
             passed.append(chosen)
         return tuple(passed)
@@ -340,7 +341,7 @@ class Engine:
         report = {}
         for node_id in order:
             inst = workflow.nodes[node_id]
-            key, parts, _ = self._node_key(inst, self.registry.get(inst.type), keys)
+            key, parts, _, _ = self._node_key(inst, self.registry.get(inst.type), keys)
             keys[node_id] = key
             if key in self.cache:
                 report[node_id] = "cache hit"

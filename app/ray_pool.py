@@ -161,7 +161,7 @@ def node_keys(engine, workflow: Workflow, targets: list[str] | None = None) -> d
     keys: dict[str, str] = {}
     for node_id in order:
         inst = workflow.nodes[node_id]
-        keys[node_id], _, _ = engine._node_key(inst, engine.registry.get(inst.type), keys)
+        keys[node_id], _, _, _ = engine._node_key(inst, engine.registry.get(inst.type), keys)
     return keys
 
 
