@@ -47,10 +47,10 @@ from nodes.sampling import (
     SEED_MAX,
     Denoised,
     GuidanceState,
+    Previewer,
     compute_sigmas,
     guide,
     make_noise,
-    preview_image,
     sample,
 )
 
@@ -264,6 +264,7 @@ def integrate(
     progress = progress or current().progress
     step_fn = sample_rf_solver_eps if solver == "rf_solver" and model.info.prediction == "eps" else SAMPLERS[solver]
 
+    previews = Previewer(model, preview)
     with model.sampling_run(sigmas, seed=seed) as run:
         evaluations: dict[int, int] = {}
 
@@ -284,7 +285,7 @@ def integrate(
             return d
 
         def callback(i: int, x_t: torch.Tensor, d: Denoised) -> None:
-            progress(i + 1, steps, preview_image(model, d.x0) if preview else None)
+            progress(i + 1, steps, previews(i + 1, steps, d.x0))
 
         if after_step is None:
             x = step_fn(x, sigmas, denoise_fn, callback)
@@ -493,6 +494,7 @@ def flow_edit(
     both = _stack(source_cond, target_cond, batch)
     negatives = _stack(negative, negative, batch) if uses_uncond else None
     start = total - n_max
+    previews = Previewer(model, preview)
 
     def velocities(i: int, s: float, z_src: torch.Tensor | None, z_tar: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Guided source velocity at z_src (None: skip) and target velocity at z_tar."""
@@ -546,7 +548,7 @@ def flow_edit(
                 if m is not None:
                     x_tar = m * x_tar + (1 - m) * ((1 - s_next) * x_src + s_next * regen_noise)
                 shown = x_tar
-            progress(i - start + 1, n_max, preview_image(model, shown) if preview else None)
+            progress(i - start + 1, n_max, previews(i - start + 1, n_max, shown))
     out = z if x_tar is None else x_tar
     return out.float().cpu()
 

@@ -7,7 +7,17 @@ import torch
 
 from app.models import ModelHandle
 from nodes.latent import Latent
-from nodes.sampling import GuidanceState, Sampler, SamplerCustom, Scheduler, SplitSigmas, compute_sigmas, guide, sample
+from nodes.sampling import (
+    GuidanceState,
+    Previewer,
+    Sampler,
+    SamplerCustom,
+    Scheduler,
+    SplitSigmas,
+    compute_sigmas,
+    guide,
+    sample,
+)
 from nodes.text import Conditioning
 from tests.test_nodes_tiny import components
 
@@ -101,3 +111,26 @@ def test_wiring_mistakes_get_clear_errors(model):
     flux_cond = Conditioning(torch.zeros(1, 7, 32), torch.zeros(1, 32), family="flux")
     with pytest.raises(ValueError, match="encoded for flux but the model is sd3"):
         Sampler(model, flux_cond, Latent(torch.zeros(1, 4, 8, 8)))
+
+
+def test_previews_never_wait_for_a_pending_copy(model, monkeypatch):
+    """A preview whose device->host copy has not landed is delivered at a later step, never
+    waited for; at most one copy is in flight; the last step always gets the final latent's."""
+    landed = {"now": False}
+    started = []
+
+    def slow_copy(latent):
+        started.append(latent.clone())
+        return latent.clone(), lambda: landed["now"]
+
+    monkeypatch.setattr(Previewer, "_start_copy", staticmethod(slow_copy))
+    previews = Previewer(model, interval=0.0)
+    x0 = [torch.full((1, 16, 8, 8), float(i)) for i in range(4)]
+    assert previews(1, 4, x0[0]) is None and len(started) == 1
+    assert previews(2, 4, x0[1]) is None and len(started) == 1  # still in flight: no second copy
+    landed["now"] = True
+    image = previews(3, 4, x0[2])  # the step-1 copy landed: its image, and a new copy started
+    assert image is not None and image.dtype.name == "uint8" and len(started) == 2
+    final = previews(4, 4, x0[3])
+    assert final.shape == image.shape
+    assert Previewer(model, enabled=False)(4, 4, x0[3]) is None
