@@ -40,8 +40,9 @@ def engine(models_root, tmp_path, monkeypatch):
     return Engine(device="cpu", output_dir=tmp_path / "out")
 
 
-def workflow(family: str, seed: int = SEED) -> dict:
-    """The txt2img graph of a tiny family, as nodes named ckpt/pos/neg/empty/sample/decode/save."""
+def workflow(family: str, seed: int = SEED, paired: bool = False) -> dict:
+    """The txt2img graph of a tiny family, as nodes named ckpt/pos/neg/empty/sample/decode/save
+    (``paired``: one TextEncodePair node "pos" encodes both prompts)."""
     guided = family != "flux"
     nodes = {
         "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
@@ -55,7 +56,12 @@ def workflow(family: str, seed: int = SEED) -> dict:
         "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
         "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": family}},
     }
-    if guided:
+    if guided and paired:
+        nodes["pos"] = {"type": "TextEncodePair", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]},
+                                                             "prompt": PROMPT, "negative_prompt": ""}}
+        nodes["sample"]["inputs"]["positive"] = {"from": ["pos", "positive"]}
+        nodes["sample"]["inputs"]["negative"] = {"from": ["pos", "negative"]}
+    elif guided:
         nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": ""}}
         nodes["sample"]["inputs"]["negative"] = {"from": ["neg", "conditioning"]}
     return {"format": "ditgraph/workflow", "version": 1, "meta": {"name": f"tiny-{family}"}, "nodes": nodes}
@@ -96,10 +102,11 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_end_to_end_matches_diffusers_pipeline(family, engine, models_root, tmp_path):
-    result = engine.run(workflow(family)).raise_for_status()
+    paired = family == "pixart"  # the GPU benchmark's graph: prompt and negative in one TextEncodePair
+    result = engine.run(workflow(family, paired=paired)).raise_for_status()
     saved = result.ui["save"]["images"]
     assert len(saved) == 1 and (tmp_path / "out" / saved[0]["filename"]).is_file()
-    ours = engine.run(workflow(family), targets=["decode", "ckpt", "empty"]).raise_for_status()
+    ours = engine.run(workflow(family, paired=paired), targets=["decode", "ckpt", "empty"]).raise_for_status()
     assert ours.executed == []  # everything memoized
     image = ours.output("decode")
     model = ours.output("ckpt", 0)
@@ -114,3 +121,22 @@ def test_family_end_to_end_matches_diffusers_pipeline(family, engine, models_roo
     error = rel_l2(image, reference)
     print(f"{family}: relative L2 vs {family} pipeline = {error:.2e}")
     assert math.isfinite(error) and error <= 1e-3, f"{family}: relative L2 {error:.3e}"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "flux"])
+def test_text_encode_pair_matches_two_encode_nodes(family, engine):
+    """One batched pass gives the conditionings of TextEncode + TextEncodeNegative."""
+    nodes = {"ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}}}
+    te = {"from": ["ckpt", "text_encoder"]}
+    nodes["pos"] = {"type": "TextEncode", "inputs": {"text_encoder": te, "text": PROMPT}}
+    nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": te, "text": "blurry"}}
+    nodes["pair"] = {"type": "TextEncodePair", "inputs": {"text_encoder": te, "prompt": PROMPT, "negative_prompt": "blurry"}}
+    wf = {"format": "ditgraph/workflow", "version": 1, "nodes": nodes}
+    result = engine.run(wf, targets=["pos", "neg", "pair"]).raise_for_status()
+    for single, paired in ((result.output("pos"), result.output("pair", 0)), (result.output("neg"), result.output("pair", 1))):
+        assert paired.texts == single.texts and paired.family == single.family == family
+        for name in ("embeds", "pooled", "mask"):
+            a, b = getattr(single, name), getattr(paired, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5), f"{family} {name}"
