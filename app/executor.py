@@ -333,21 +333,35 @@ class Engine:
             passed.append(chosen)
         return tuple(passed)
 
-    def explain(self, workflow: Workflow, scope: str | None = None) -> dict[str, str]:
-        """Without running: for each node, would it be a cache hit, and if not, why not."""
-        scope = scope or workflow.name()
-        targets, order = self.plan(workflow)
+    def _keys(self, workflow: Workflow, targets: list[str] | None = None) -> dict[str, tuple[str, dict]]:
+        """node id -> (cache key, key parts) for the nodes ``targets`` need, in run order."""
         keys: dict[str, str] = {}
-        report = {}
-        for node_id in order:
+        found = {}
+        for node_id in self.plan(workflow, targets)[1]:
             inst = workflow.nodes[node_id]
             key, parts, _, _ = self._node_key(inst, self.registry.get(inst.type), keys)
             keys[node_id] = key
+            found[node_id] = (key, parts)
+        return found
+
+    def explain(self, workflow: Workflow, scope: str | None = None) -> dict[str, str]:
+        """Without running: for each node, would it be a cache hit, and if not, why not."""
+        scope = scope or workflow.name()
+        report = {}
+        for node_id, (key, parts) in self._keys(workflow).items():
             if key in self.cache:
                 report[node_id] = "cache hit"
             else:
                 report[node_id] = _diff_reason(self._last_parts.get((scope, node_id)), parts)
         return report
+
+    def forget(self, workflow: Workflow | dict, node_ids: list[str]) -> list[str]:
+        """Drop the memoized outputs of ``node_ids`` so the next run recomputes them (nodes
+        downstream stay cached unless named too). Returns the ids that were cached."""
+        if isinstance(workflow, dict):
+            workflow = Workflow.from_dict(workflow)
+        keys = self._keys(workflow, list(node_ids))
+        return [node_id for node_id in node_ids if self.cache.discard(keys[node_id][0])]
 
 
 def _normalise(nd: NodeDef, returned: Any) -> tuple[tuple, dict | None]:

@@ -180,6 +180,14 @@ class MemoCache:
         self._store(key, Entry(outputs, entry.ui, measure(outputs)))
         self.stats["spills"] += 1
 
+    def discard(self, key: str) -> bool:
+        """Drop one entry; True if it was there."""
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._drop(key)
+            return True
+
     def spill_all(self) -> None:
         """Move every accelerator entry to CPU (used to recover from out-of-memory)."""
         with self._lock:

@@ -209,6 +209,13 @@ def test_switching_workflows_keeps_both_cached(engine):
     assert engine.run(other).executed == []
 
 
+def test_forget_recomputes_only_the_named_nodes(engine):
+    engine.run(chain())
+    assert engine.forget(chain(), ["2", "3"]) == ["2", "3"]
+    assert engine.forget(chain(), ["2"]) == []  # already gone
+    assert sorted(engine.run(chain()).executed) == ["2", "3"]  # "4" (downstream of 3) stays cached
+
+
 def test_only_requested_targets_run(engine):
     result = engine.run(chain(), targets=["6"])
     assert sorted(result.executed) == ["5", "6"]
