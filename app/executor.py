@@ -238,7 +238,7 @@ class Engine:
             if decl.type == FLOAT and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # JSON from a browser turns 2.0 into 2: one value, one key
             constants[name] = value
-            if decl.spec.file and value is not None:
+            if decl.names_file(value):
                 resolved[name] = paths.resolve(decl.spec.file, value)
                 files[name] = paths.fingerprint(resolved[name])
         parts = {"type": nd.type, "version": nd.version, "constants": constants, "links": links, "files": files,

@@ -274,7 +274,7 @@ def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workf
             continue
         else:
             reason = decl.check_value(value)
-            if reason is None and decl.spec.file:
+            if reason is None and decl.names_file(value):
                 reason = _check_file(decl.spec.file, value)
             if reason:
                 problems.append(Problem(reason, node_id, name, "bad_value"))

@@ -98,6 +98,11 @@ class InputDef:
     def is_widget(self) -> bool:
         return self.type in (INT, FLOAT, STRING, BOOLEAN)
 
+    def names_file(self, value: Any) -> bool:
+        """Whether ``value`` names a file to resolve, confine and fingerprint: a file input's
+        value, unless it is empty where the default is empty (an optional file left unset)."""
+        return bool(self.spec.file) and value is not None and not (value == "" and self.default == "")
+
     def check_value(self, value: Any) -> str | None:
         """Return why a constant ``value`` is unacceptable for this input, or None."""
         if not self.is_widget:

@@ -280,7 +280,8 @@ def _config_choices() -> list[str]:
 def CheckpointLoader(
     checkpoint: Annotated[str, Spec(file="checkpoints", choices=_checkpoint_choices,
                                     tooltip="A diffusers/ditgraph model folder or a single .safetensors file.")],
-    config: Annotated[str, Spec(choices=_config_choices, tooltip="Single files only: the folder with the model's config.json.")] = "",
+    config: Annotated[str, Spec(file="checkpoints", choices=_config_choices,
+                                tooltip="Single files only: the folder with the model's config.json.")] = "",
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="auto: bf16 on CUDA, fp32 on CPU.")] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
     offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip="cpu: keep weights in RAM and move each model to "
@@ -297,7 +298,7 @@ def CheckpointLoader(
     elif path.suffix != ".safetensors":
         raise LoadFailed(f"{path}: only .safetensors files or model folders can be loaded (never pickles)")
     else:
-        config_dir = paths.resolve("checkpoints", config) if config else None
+        config_dir = Path(config) if config else None  # resolved, confined and fingerprinted by the engine
         loaded = load_single_file(path, config_dir, dt, load_on)
     for value in loaded:
         if value is not None:

@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 
 from app import paths
 from app.executor import Engine
+from app.graph import WorkflowError
 from nodes import loaders, text
+from tests.original_formats import flux_to_original, sd3_to_original
 from tests.test_nodes_tiny import components, save_family
 
 
@@ -28,6 +30,8 @@ def models(root, monkeypatch):
 
 
 def _load(name: str, config: str = ""):
+    """CheckpointLoader called as the engine calls it: file inputs resolved to real paths."""
+    config = str(paths.resolve("checkpoints", config)) if config else ""
     return loaders.CheckpointLoader(str(paths.resolve("checkpoints", name)), config=config, dtype="fp32", device="cpu")
 
 
@@ -53,6 +57,74 @@ def test_single_file_with_config_folder(models):
     for key, value in base.transformer.state_dict().items():
         assert torch.equal(model.transformer.state_dict()[key], value)
     assert encoders is not None and vae is not None  # taken from the config pipeline folder
+
+
+def test_original_format_single_file_is_converted_offline(models):
+    """An SD3 file in Stability's MMDiT layout (not diffusers') goes through diffusers' converter,
+    configured from the local folder: the same weights come out, nothing is downloaded."""
+    base, _, _ = _load("tiny-sd3")
+    original = sd3_to_original(base.transformer.state_dict())
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in original
+    save_file({f"model.diffusion_model.{k}": v for k, v in original.items()},
+              str(models / "checkpoints" / "sd3-original.safetensors"))
+    model, _, _ = _load("sd3-original.safetensors", config="tiny-sd3")
+    assert model.family == "sd3"
+    converted = model.transformer.state_dict()
+    for key, value in base.transformer.state_dict().items():
+        assert torch.equal(converted[key], value), key
+
+
+def test_original_format_flux_file_loads_offline(models):
+    """A Flux.1 file in Black Forest Labs' layout (what most fine-tunes ship as), at Flux's true
+    width (diffusers' converter assumes 3072) but one block of each kind: 531M bf16 weights."""
+    import diffusers
+
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32,
+                  axes_dims_rope=[16, 56, 56], guidance_embeds=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in diffusers.FluxTransformer2DModel(**config).state_dict().items()}
+    # distinct, exactly representable values (randn would take seconds at this size): any
+    # misplaced q/k/v slice or swapped half shows up as a mismatch
+    state = {key: ((torch.arange(shape.numel(), dtype=torch.int32) * 7 + i) % 251).to(torch.bfloat16).view(shape)
+             for i, (key, shape) in enumerate(shapes.items())}
+    folder = models / "checkpoints" / "flux-config" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+    file = models / "checkpoints" / "flux1-original.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in flux_to_original(state).items()}, str(file))
+    try:
+        model = loaders.CheckpointLoader(str(file), config=str(folder.parent), dtype="bf16", device="cpu")[0]
+        assert model.family == "flux"
+        loaded = model.transformer.state_dict()
+        assert [k for k, v in state.items() if not torch.equal(loaded[k], v)] == []
+    finally:
+        file.unlink()
+
+
+def test_single_file_config_is_confined_and_fingerprinted(models):
+    base, _, _ = _load("tiny-sd3")
+    save_file({k: v.contiguous() for k, v in base.transformer.state_dict().items()},
+              str(models / "checkpoints" / "fp.safetensors"))
+    engine = Engine(device="cpu")
+
+    def wf(config: str) -> dict:
+        return {"format": "ditgraph/workflow", "version": 1, "nodes": {
+            "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": "fp.safetensors", "config": config}}}}
+
+    assert engine.run(wf("tiny-sd3"), targets=["ckpt"]).raise_for_status().executed == ["ckpt"]
+    assert engine.run(wf("tiny-sd3"), targets=["ckpt"]).executed == []
+    scheduler = models / "checkpoints" / "tiny-sd3" / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    scheduler.write_text(json.dumps({**config, "shift": 2.5}))  # the config folder changed: load again
+    try:
+        result = engine.run(wf("tiny-sd3"), targets=["ckpt"]).raise_for_status()
+        assert result.executed == ["ckpt"] and "config" in result.reasons["ckpt"]
+        assert result.output("ckpt").scheduler_config["shift"] == 2.5
+    finally:
+        scheduler.write_text(json.dumps(config))
+    with pytest.raises(WorkflowError, match="outside"):
+        engine.run(wf("../vae"), targets=["ckpt"])
 
 
 def test_single_file_without_config_is_refused_clearly(models):
