@@ -152,7 +152,7 @@ def SaveAnimated(
     images: IMAGE,
     filename_prefix: str = "ditgraph",
     fps: Annotated[float, Spec(min=0.1, max=120.0, step=0.1)] = 8.0,
-    format: Annotated[str, Spec(choices=["gif", "mp4"], tooltip="mp4 needs the imageio-ffmpeg package.")] = "gif",
+    format: Annotated[str, Spec(choices=["gif", "mp4"], tooltip="mp4: H.264 through imageio-ffmpeg.")] = "gif",
     loop: Annotated[bool, Spec(tooltip="GIF: loop forever.")] = True,
 ) -> NodeResult:
     """Save a batch of images as an animation (each batch item is a frame)."""

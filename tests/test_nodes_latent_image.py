@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -152,7 +150,7 @@ def test_load_image_with_alpha_gives_mask(tmp_path):
     assert no_alpha.eq(0).all()
 
 
-def test_save_animated_gif(tmp_path):
+def test_save_animated_gif_and_mp4(tmp_path):
     import threading
 
     from app.context import RunContext, reset_current, set_current
@@ -160,14 +158,15 @@ def test_save_animated_gif(tmp_path):
     token = set_current(RunContext("r", "n", "SaveAnimated", torch.device("cpu"), tmp_path, {}, lambda e: None, threading.Event()))
     try:
         ui = image_nodes.SaveAnimated(torch.rand(4, 16, 16, 3), "anim", fps=4.0).ui
-        if importlib.util.find_spec("imageio_ffmpeg") is None:
-            with pytest.raises(ValueError, match="imageio-ffmpeg"):
-                image_nodes.SaveAnimated(torch.rand(2, 16, 16, 3), "anim", format="mp4")
+        mp4 = image_nodes.SaveAnimated(torch.rand(3, 16, 16, 3), "anim", fps=4.0, format="mp4").ui
     finally:
         reset_current(token)
     with Image.open(tmp_path / ui["images"][0]["filename"]) as gif:
         assert gif.n_frames == 4
-    assert not list(tmp_path.glob("*.mp4"))
+    import imageio.v3 as iio
+
+    video = iio.imread(tmp_path / mp4["images"][0]["filename"], plugin="FFMPEG", index=None)
+    assert video.shape == (3, 16, 16, 3)
 
 
 def test_prompt_metadata_follows_primitive_links():
