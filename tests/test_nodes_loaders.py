@@ -59,6 +59,21 @@ def test_single_file_with_config_folder(models):
     assert encoders is not None and vae is not None  # taken from the config pipeline folder
 
 
+@pytest.mark.parametrize("family", ["shapes-dit", "flux", "pixart", "sana", "lumina2"])
+def test_single_file_in_diffusers_layout_for_every_family(family, models):
+    """A transformer saved as one file (diffusers names, ComfyUI's prefix) loads with its config folder."""
+    folder = models / "checkpoints" / f"tiny-{family}"
+    if not folder.exists():
+        save_family(family, folder)
+    base = components(family)["transformer"]
+    file = models / "checkpoints" / f"{family}-single.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in base.state_dict().items()}, str(file))
+    model, encoders, vae = _load(file.name, config=folder.name)
+    assert model.family == family and vae is not None
+    loaded = model.transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in base.state_dict().items())
+
+
 def test_original_format_single_file_is_converted_offline(models):
     """An SD3 file in Stability's MMDiT layout (not diffusers') goes through diffusers' converter,
     configured from the local folder: the same weights come out, nothing is downloaded."""
