@@ -200,6 +200,22 @@ def _strip(key: str) -> str:
     return key
 
 
+def _config_hint(family: str | None) -> str:
+    """Which folders in checkpoints could configure a single file of ``family`` (for errors)."""
+    if family is None:
+        return ""
+    matches = []
+    for name in paths.list_files("checkpoints", suffixes=()):
+        try:
+            if families.detect_folder_family(paths.resolve("checkpoints", name)) == family:
+                matches.append(name)
+        except (ValueError, OSError):  # unreadable or foreign folders are no candidates
+            continue
+    if matches:
+        return f"; its tensors look like {family}; folders with a {family} config: {', '.join(matches[:8])}"
+    return f"; its tensors look like {family}, and no folder in checkpoints has a {family} config yet"
+
+
 def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, device: torch.device):
     """A transformer from one .safetensors file plus a config folder."""
     import diffusers
@@ -212,7 +228,8 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
         raise LoadFailed(f"{file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
     if config_dir is None:
         raise LoadFailed(f"{file}: a single-file checkpoint needs a config folder; set 'config' to a folder in "
-                         "checkpoints holding the model's config.json (e.g. a diffusers pipeline folder without weights)")
+                         "checkpoints holding the model's config.json (e.g. a diffusers pipeline folder without weights)"
+                         + _config_hint(families.detect_state_dict_family(keys)))
     transformer_cfg_dir = config_dir / "transformer" if (config_dir / "transformer" / "config.json").is_file() else config_dir
     config = _read_config(transformer_cfg_dir)
     class_name = config.get("_class_name", "")
