@@ -113,16 +113,11 @@ class ConditionAdapterModule(torch.nn.Module):
             q = self._linear(attn.to_q, f"{prefix}.to_q", norm_c)
             k = self._linear(attn.to_k, f"{prefix}.to_k", norm_c)
             v = self._linear(attn.to_v, f"{prefix}.to_v", norm_c)
-            head_dim = k.shape[-1] // attn.heads
-            q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
+            q, k, v = split_heads(attn, q, k, v, attn.norm_q, attn.norm_k)
             out.append((k, v))
             if i == len(blocks) - 1:
                 break
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, attn.heads * k.shape[-1])
             o = self._linear(attn.to_out[0], f"{prefix}.to_out.0", o.to(q.dtype))
             c = c + gate_msa.unsqueeze(1) * o
             n2 = block.norm2(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -170,6 +165,13 @@ class ConditionKV:
         self.bias: float = 0.0
 
 
+def split_heads(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norm_q, norm_k) -> tuple:
+    """(B, N, heads * d) projections -> (B, heads, N, d) each, with the block's QK norms if it has them."""
+    batch, head_dim = q.shape[0], k.shape[-1] // attn.heads
+    q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
 class ConditionAttnProcessor:
     """JointAttnProcessor2_0 plus the condition tokens' keys/values appended to the joint
     attention of the image and text tokens (with an additive logit bias)."""
@@ -185,22 +187,12 @@ class ConditionAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         residual = hidden_states
         batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states), attn.norm_q, attn.norm_k)
+        head_dim = key.shape[-1]
         if encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states)
-            ek = attn.add_k_proj(encoder_hidden_states)
-            ev = attn.add_v_proj(encoder_hidden_states)
-            eq, ek, ev = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (eq, ek, ev))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = split_heads(attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                                     attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k)
             query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
         keys, values, biases = [key], [value], [torch.zeros(key.shape[2], device=key.device, dtype=query.dtype)]
         for holder in extra:
