@@ -398,7 +398,7 @@ GPU_SETTINGS = [
 def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> dict:
     import diffusers
 
-    from app.models import ModelHandle
+    from app.models.handles import ModelHandle
     from nodes.latent import Latent
     from nodes.sampling import compute_sigmas, sample
     from nodes.text import Conditioning

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.models import ModelHandle, TextEncoders, VAEHandle
+from app.models.handles import ModelHandle, TextEncoders, VAEHandle
 from bench.common import write_result
 from nodes import edit
 from nodes import mask as masks

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import random
 
-from app.executor import Engine
-from app.graph import Workflow
-from app.memo import MemoCache
-from app.registry import default_registry
+from app.core.executor import Engine
+from app.core.workflow import Workflow
+from app.core.memo import MemoCache
+from app.core.registry import default_registry
 from bench.common import median_seconds, write_result
 
 

@@ -175,8 +175,8 @@ def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float,
 def ours_runner(family: str, parts: dict, size: int, steps: int, cfg: float, seed: int, device: torch.device,
                 dtype: torch.dtype):
     """Returns (run() -> image, mode, last_timings()) for our workflow on the prebuilt modules."""
-    from app.families import PIPELINE_TEXT_SLOTS
-    from app.models import ModelHandle, TextEncoders, VAEHandle
+    from app.models.families import PIPELINE_TEXT_SLOTS
+    from app.models.handles import ModelHandle, TextEncoders, VAEHandle
 
     handle = ModelHandle(parts["transformer"], family, device, dtype, scheduler_config=dict(parts["scheduler"].config),
                          source=f"random {family}")
@@ -188,9 +188,9 @@ def ours_runner(family: str, parts: dict, size: int, steps: int, cfg: float, see
     guided = family != "flux"
     timings: dict = {}
     try:
-        from app.executor import Engine
-        from app.registry import Registry, node
-        from app.types import MODEL, TEXT_ENCODER, VAE
+        from app.core.executor import Engine
+        from app.core.registry import Registry, node
+        from app.core.types import MODEL, TEXT_ENCODER, VAE
     except ImportError as exc:  # engine deps (networkx) missing on the device: call the nodes directly
         print(f"engine unavailable ({exc}); calling the node functions in order", flush=True)
         from nodes.latent import EmptyLatent, VAEDecode

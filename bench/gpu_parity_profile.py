@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     import diffusers
 
-    from app.models import ModelHandle, TextEncoders, VAEHandle
+    from app.models.handles import ModelHandle, TextEncoders, VAEHandle
     from nodes.latent import EmptyLatent, VAEDecode
     from nodes.sampling import compute_sigmas, make_noise, sample
     from nodes.text import TextEncode, TextEncodeNegative, TextEncodePair

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.models import ModelHandle, TextEncoders, VAEHandle
-from app.patches.condition_tokens import ConditionTokenPatch, load_condition_adapter
-from app.patches.controlnet import ControlNetPatch, load_controlnet
-from app.patches.lora import lora_patch, read_lora, vae_with_lora
+from app.models.handles import ModelHandle, TextEncoders, VAEHandle
+from app.models.patches.condition_tokens import ConditionTokenPatch, load_condition_adapter
+from app.models.patches.controlnet import ControlNetPatch, load_controlnet
+from app.models.patches.lora import lora_patch, read_lora, vae_with_lora
 from bench.common import write_result
 from nodes.latent import Latent
 from nodes.sampling import compute_sigmas, sample

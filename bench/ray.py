@@ -126,10 +126,10 @@ def _wait(queue, run_ids: list[str], timeout: float) -> list:
 
 
 def measure(workers: int, registry, checkpoint: str, args, scratch: Path) -> dict:
-    from app.executor import Engine
-    from app.memo import MemoCache
-    from app.queue import RunQueue, RunStore
-    from app.ray_pool import RayDispatcher, RayPool
+    from app.core.executor import Engine
+    from app.core.memo import MemoCache
+    from app.runs.queue import RunQueue, RunStore
+    from app.runs.ray_pool import RayDispatcher, RayPool
 
     started = time.perf_counter()
     pool = RayPool(registry, workers=workers, device=args.device, cpus_per_worker=1 if args.device == "cpu" else None)
@@ -168,7 +168,7 @@ def measure(workers: int, registry, checkpoint: str, args, scratch: Path) -> dic
 
 def local_baseline(registry, checkpoint: str, args, scratch: Path) -> dict:
     """The same runs in this process with one Engine, no Ray: what dispatch costs."""
-    from app.executor import Engine
+    from app.core.executor import Engine
 
     device = args.device or None
     engine = Engine(registry, device=device, output_dir=scratch / "local")
@@ -241,9 +241,9 @@ def main() -> None:
     import ray
     import torch
 
-    from app import paths
-    from app.cli import make_registry
-    from app.ray_pool import connect
+    from app.core import paths
+    from app.fronts.cli import make_registry
+    from app.runs.ray_pool import connect
     from bench.common import write_result
 
     scratch = Path(tempfile.mkdtemp(prefix="ditgraph-bench-ray-"))

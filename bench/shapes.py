@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app import graph
-from app.executor import Engine
-from app.memo import MemoCache
+from app.core import workflow as graph
+from app.core.executor import Engine
+from app.core.memo import MemoCache
 from bench.common import write_result
 from training import evaluate, world
 

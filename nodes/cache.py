@@ -1,7 +1,7 @@
 """Cache accelerators: training-free MODEL patches that skip transformer blocks between steps.
 
 Each node takes a MODEL and returns a new MODEL view carrying one cache patch (the input is
-never changed). The machinery is in app/cache_hooks.py: diffusers-style hooks on the block
+never changed). The machinery is in app/models/accelerators/: diffusers-style hooks on the block
 stack of every family (SD3/shapes-dit, Flux, PixArt, Sana, Lumina 2), per-run state made fresh
 for every sampling run. Common widgets: ``start``/``end`` (fraction of the steps where skipping
 is allowed), ``max_skips`` (most calls skipped in a row; 0 = no limit). After a run the
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from app import cache_hooks as hooks
-from app.models import ModelHandle
-from app.registry import Link, node
-from app.types import CONDITIONING, LATENT, MODEL, STRING, Spec
+from app.models import accelerators as hooks
+from app.models.handles import ModelHandle
+from app.core.registry import Link, node
+from app.core.types import CONDITIONING, LATENT, MODEL, STRING, Spec
 
 START = Spec(min=0.0, max=1.0, step=0.01, tooltip="No skipping before this fraction of the steps.")
 END = Spec(min=0.0, max=1.0, step=0.01, tooltip="No skipping from this fraction of the steps on.")

@@ -1,6 +1,6 @@
 """ControlNet-style injectors: a CONTROL (a diffusers ControlNet, or a condition-token adapter)
 applied to a MODEL with a control image. The result is a MODEL view; the control acts only
-while a sampler runs (app/patches/controlnet.py, app/patches/condition_tokens.py).
+while a sampler runs (app/models/patches/controlnet.py, app/models/patches/condition_tokens.py).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import Annotated
 
 import torch
 
-from app import paths
-from app.context import current
-from app.models import resolve_device, resolve_dtype
-from app.patches.condition_tokens import ConditionAdapter, ConditionTokenPatch, load_condition_adapter
-from app.patches.controlnet import ControlNetPatch, LoadedControlNet, load_controlnet
-from app.registry import Link, NodeResult, node
-from app.types import CONTROL, IMAGE, MODEL, VAE, Spec
+from app.core import paths
+from app.core.context import current
+from app.models.handles import resolve_device, resolve_dtype
+from app.models.patches.condition_tokens import ConditionAdapter, ConditionTokenPatch, load_condition_adapter
+from app.models.patches.controlnet import ControlNetPatch, LoadedControlNet, load_controlnet
+from app.core.registry import Link, NodeResult, node
+from app.core.types import CONTROL, IMAGE, MODEL, VAE, Spec
 
 
 def _control_choices() -> list[str]:

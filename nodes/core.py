@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from app.registry import NodeResult, node
-from app.types import ANY, BOOLEAN, FLOAT, INT, STRING, Spec
+from app.core.registry import NodeResult, node
+from app.core.types import ANY, BOOLEAN, FLOAT, INT, STRING, Spec
 
 SEED_MAX = 2**63 - 1
 

@@ -34,10 +34,10 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-from app.context import current
-from app.models import ModelHandle, ModelPatch, SamplingRun, _batchable, _cat_conds, _expand_cond
-from app.registry import Link, node
-from app.types import CONDITIONING, IMAGE, LATENT, MASK, MODEL, Spec
+from app.core.context import current
+from app.models.handles import ModelHandle, ModelPatch, SamplingRun, _batchable, _cat_conds, _expand_cond
+from app.core.registry import Link, node
+from app.core.types import CONDITIONING, IMAGE, LATENT, MASK, MODEL, Spec
 from nodes.latent import Latent
 from nodes.mask import as_mask, blur, grow
 from nodes.sampling import (

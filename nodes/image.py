@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from app import paths
-from app.context import current
-from app.registry import NodeResult, node
-from app.types import IMAGE, MASK, Spec
+from app.core import paths
+from app.core.context import current
+from app.core.registry import NodeResult, node
+from app.core.types import IMAGE, MASK, Spec
 
 
 def temp_dir() -> Path:

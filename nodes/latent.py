@@ -7,10 +7,10 @@ from typing import Annotated
 
 import torch
 
-from app import families
-from app.models import VAEHandle
-from app.registry import Link, node
-from app.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
+from app.models import families
+from app.models.handles import VAEHandle
+from app.core.registry import Link, node
+from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
 
 
 @dataclass(eq=False)

@@ -18,11 +18,12 @@ from typing import Annotated, Any
 
 import torch
 
-from app import families, paths
-from app.context import current
-from app.models import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
-from app.registry import node
-from app.types import MODEL, TEXT_ENCODER, VAE, Spec
+from app.models import families
+from app.core import paths
+from app.core.context import current
+from app.models.handles import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
+from app.core.registry import node
+from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]

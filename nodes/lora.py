@@ -1,4 +1,4 @@
-"""LoRA loaders: patch a MODEL with one or more LoRAs (see app/patches/lora.py for formats and
+"""LoRA loaders: patch a MODEL with one or more LoRAs (see app/models/patches/lora.py for formats and
 the patch design). The returned MODEL is a view: the cached input MODEL and its shared
 transformer are never changed; the LoRA is active only while a sampler runs.
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from app import paths
-from app.patches.lora import LoraFile, lora_patch, read_lora, vae_with_lora
-from app.registry import NodeResult, node
-from app.types import LORA, MODEL, VAE, Spec
+from app.core import paths
+from app.models.patches.lora import LoraFile, lora_patch, read_lora, vae_with_lora
+from app.core.registry import NodeResult, node
+from app.core.types import LORA, MODEL, VAE, Spec
 
 log = logging.getLogger(__name__)
 

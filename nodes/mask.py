@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageOps
 
-from app import paths
-from app.registry import Link, node
-from app.types import IMAGE, MASK, Spec
+from app.core import paths
+from app.core.registry import Link, node
+from app.core.types import IMAGE, MASK, Spec
 
 GRID_POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 CHANNELS = ["alpha", "red", "green", "blue", "luminance"]

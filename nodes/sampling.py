@@ -20,11 +20,11 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
-from app import families
-from app.context import current
-from app.models import ModelHandle
-from app.registry import Link, node
-from app.types import CONDITIONING, LATENT, MODEL, SIGMAS, Spec
+from app.models import families
+from app.core.context import current
+from app.models.handles import ModelHandle
+from app.core.registry import Link, node
+from app.core.types import CONDITIONING, LATENT, MODEL, SIGMAS, Spec
 from nodes.latent import Latent
 
 SEED_MAX = 2**63 - 1

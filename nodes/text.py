@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 import torch
 
-from app import families
-from app.models import TextEncoders
-from app.registry import node
-from app.types import CONDITIONING, TEXT_ENCODER, Spec
+from app.models import families
+from app.models.handles import TextEncoders
+from app.core.registry import node
+from app.core.types import CONDITIONING, TEXT_ENCODER, Spec
 
 FAMILY_CHOICES = ["auto", *families.FAMILIES]
 

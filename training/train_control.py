@@ -10,7 +10,7 @@ base's config) with the first --layers joint blocks copied from the base, zero-i
 output linears and input embedding, VAE latents of the outline map (drawn white on black) as
 ``controlnet_cond``, pooled text kept (force_zeros_for_pooled_projection=False). Written with
 save_pretrained (fp16 safetensors + config.json): ControlNetLoader loads the folder.
---kind tokens: app/patches/condition_tokens.py's adapter (condition-token LoRA + patch
+--kind tokens: app/models/patches/condition_tokens.py's adapter (condition-token LoRA + patch
 embedding), written as one safetensors file.
 
 Training renders scenes on the fly (training/world.py, control=True), the base transformer is
@@ -85,7 +85,7 @@ class Control:
         if kind == "controlnet":
             self.module = make_controlnet(transformer, layers)
         else:
-            from app.patches.condition_tokens import ConditionAdapterModule, ConditionKV, install_processors
+            from app.models.patches.condition_tokens import ConditionAdapterModule, ConditionKV, install_processors
 
             self.module = ConditionAdapterModule(transformer, rank=rank)
             self.holder = ConditionKV()
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         control.module.float()
         files = [f for f in os.listdir(args.out) if f.endswith(".safetensors")]
     else:
-        from app.patches.condition_tokens import save_condition_adapter
+        from app.models.patches.condition_tokens import save_condition_adapter
 
         save_condition_adapter(control.module, os.path.join(args.out, TOKENS_FILE), info)
         files = [TOKENS_FILE]

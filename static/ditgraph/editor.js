@@ -1,5 +1,5 @@
 // The ditgraph editor application: canvas, toolbar, palette, queue, workflows, run events.
-// Mounted by app/ui/editor_component.js; everything talks to the server through api.js.
+// Mounted by app/fronts/ui/editor_component.js; everything talks to the server through api.js.
 import { LiteGraph, LGraph, LGraphCanvas, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
 import { api, EventStream, workflowFromPngBytes } from "./api.js";
 import { FORMAT, graphToWorkflow, nodeByWorkflowId, workflowId, workflowToGraph } from "./convert.js";

@@ -36,7 +36,7 @@ export const TYPE_COLOURS = {
   BOOLEAN: "#90caf9",
 };
 
-/** Same rule as app/types.py accepts(): unions with "|", "*" matches all, INT widens to FLOAT. */
+/** Same rule as app/core/types.py accepts(): unions with "|", "*" matches all, INT widens to FLOAT. */
 export function accepts(inputType, outputType) {
   if (inputType === undefined || outputType === undefined) return true;
   const a = String(inputType || "*");

@@ -1,0 +1,121 @@
+"""Where files live: the models folder (by kind), inputs and outputs, with confinement.
+
+The models folder comes from ``DITGRAPH_MODELS`` (or :func:`configure`), default
+``~/ditgraph/models``. Its subfolders are the kinds: checkpoints/, text_encoders/, vae/,
+loras/, controlnets/. The repository's bundled ``models/`` folder is a second, read-only
+root for checkpoints so shapes-dit works with nothing configured. Every path a workflow
+names is resolved with symlinks followed and must stay inside one of its roots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+MODEL_KINDS = ("checkpoints", "text_encoders", "vae", "loras", "controlnets")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_MODELS = REPO_ROOT / "models"
+
+_overrides: dict[str, Path] = {}
+
+
+class PathRefused(ValueError):
+    """A path that is missing, or escapes the folder it must stay in."""
+
+
+def configure(models: str | os.PathLike | None = None, inputs=None, outputs=None) -> None:
+    """Set folders for this process (CLI flags); None leaves a setting as it is."""
+    for key, value in (("models", models), ("inputs", inputs), ("outputs", outputs)):
+        if value is not None:
+            _overrides[key] = Path(value).expanduser().resolve()
+
+
+def _folder(key: str, env: str, default: str) -> Path:
+    if key in _overrides:
+        return _overrides[key]
+    return Path(os.environ.get(env) or Path.home() / "ditgraph" / default).expanduser().resolve()
+
+
+def models_dir() -> Path:
+    return _folder("models", "DITGRAPH_MODELS", "models")
+
+
+def input_dir() -> Path:
+    return _folder("inputs", "DITGRAPH_INPUTS", "input")
+
+
+def output_dir() -> Path:
+    return _folder("outputs", "DITGRAPH_OUTPUTS", "output")
+
+
+def roots(kind: str) -> list[Path]:
+    """Folders searched for a kind, user folder first."""
+    if kind == "input":
+        return [input_dir()]
+    if kind == "output":
+        return [output_dir()]
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown file kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+    found = [models_dir() / kind]
+    if kind == "checkpoints":
+        found.append(BUNDLED_MODELS)
+    return found
+
+
+def confine(root: Path, relative: str) -> Path:
+    """Resolve ``relative`` under ``root``; refuse absolute paths and escapes (../, symlinks)."""
+    if not relative or "\x00" in relative:
+        raise PathRefused("empty or invalid file name")
+    if Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ":" in Path(relative).parts[0]:
+        raise PathRefused(f"{relative!r}: absolute paths are refused; name a file inside {root}")
+    real_root = root.resolve()
+    candidate = (real_root / relative).resolve()
+    if candidate != real_root and real_root not in candidate.parents:
+        raise PathRefused(f"{relative!r} resolves outside {real_root} (../ or a symlink); refused")
+    return candidate
+
+
+def resolve(kind: str, relative: str) -> Path:
+    """The real path of a file or folder of ``kind`` named relative to its roots."""
+    searched = []
+    # adapters bundled with the repository (models/shapes-dit-*) resolve too, without being listed
+    bundled = [BUNDLED_MODELS] if kind in ("loras", "controlnets") else []
+    for root in roots(kind) + bundled:
+        path = confine(root, relative)
+        if path.exists():
+            return path
+        searched.append(str(root))
+    raise PathRefused(f"{kind} {relative!r} not found (looked in {', '.join(searched)})")
+
+
+def list_files(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders: bool = True) -> list[str]:
+    """Names (relative paths) of the models of one kind: files with ``suffixes`` and, when
+    ``folders``, diffusers-style folders (those holding a config.json or model_index.json)."""
+    names: set[str] = set()
+    for root in roots(kind):
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            here = Path(dirpath)
+            rel = here.relative_to(root)
+            if folders and rel != Path(".") and {"config.json", "model_index.json", "ditgraph.json"} & set(filenames):
+                names.add(rel.as_posix())
+                dirnames.clear()  # a model folder's inner files are not separate models
+                continue
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            names.update((rel / f).as_posix() for f in filenames if f.endswith(suffixes))
+    return sorted(names)
+
+
+def fingerprint(path: Path) -> str:
+    """Cheap identity of a file or folder: names, sizes and mtimes (ns) of its files.
+
+    Changing, replacing or touching a file changes it, so nodes that read files re-run.
+    """
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,136 @@
+"""Samplers, schedules and guidance: identities, convergence order, composable nodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.models.handles import ModelHandle
+from nodes.latent import Latent
+from nodes.sampling import (
+    GuidanceState,
+    Previewer,
+    Sampler,
+    SamplerCustom,
+    Scheduler,
+    SplitSigmas,
+    compute_sigmas,
+    guide,
+    sample,
+)
+from nodes.text import Conditioning
+from tests.nodes.test_nodes_tiny import components
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelHandle(components("sd3")["transformer"], "sd3", scheduler_config={"shift": 3.0})
+
+
+def cond(seed):
+    g = torch.Generator().manual_seed(seed)
+    return Conditioning(torch.randn(1, 7, 32, generator=g), torch.randn(1, 32, generator=g), family="sd3")
+
+
+def _quiet(*_):
+    return None
+
+
+def test_guidance_identities():
+    g = torch.Generator().manual_seed(0)
+    x, v_c, v_u = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    s = torch.full((2, 1, 1, 1), 0.6)
+    state = GuidanceState()
+    cfg1 = guide("cfg", x, s, v_c, v_u, 1.0, 3, state, {})
+    assert torch.allclose(cfg1.velocity, v_c, atol=1e-5)
+    cfg4 = guide("cfg", x, s, v_c, v_u, 4.0, 3, state, {})
+    assert torch.allclose(cfg4.velocity, v_u + 4 * (v_c - v_u), atol=1e-5)
+    assert torch.allclose(guide("cfg++", x, s, v_c, v_u, 1.0, 3, state, {}).x0, cfg1.x0, atol=1e-5)
+    plus = guide("cfg++", x, s, v_c, v_u, 4.0, 3, state, {})
+    assert torch.allclose(plus.x0, cfg4.x0) and torch.allclose(plus.noise, x + 0.4 * v_u, atol=1e-5)
+    # APG with eta=1 and no threshold/momentum is CFG (the update is the whole difference)
+    apg = guide("apg", x, s, v_c, v_u, 4.0, 3, state, {"eta": 1.0})
+    assert torch.allclose(apg.velocity, cfg4.velocity, atol=1e-4)
+    # CFG-Zero*: zero velocity on the first step; when v_c is a multiple of v_u, s* absorbs it
+    assert guide("cfg_zero_star", x, s, v_c, v_u, 4.0, 0, state, {}).velocity.abs().max() == 0
+    zs = guide("cfg_zero_star", x, s, 2 * v_u, v_u, 4.0, 1, state, {})
+    assert torch.allclose(zs.velocity, 2 * v_u, atol=1e-4)
+
+
+def test_second_order_samplers_converge_faster(model):
+    latent = Latent(torch.zeros(1, 4, 8, 8))
+    pos = cond(1)
+
+    def run(name, steps):
+        sigmas = compute_sigmas(model, "shifted", steps)
+        return sample(model, latent, pos, None, sigmas, 3, 1.0, sampler_name=name, progress=_quiet).samples
+
+    reference = run("euler", 96)
+    error = {name: float((run(name, 6) - reference).norm()) for name in ("euler", "heun", "rf_solver", "dpmpp_2m")}
+    assert error["heun"] < error["euler"] and error["rf_solver"] < error["euler"] and error["dpmpp_2m"] < error["euler"], error
+
+
+def test_scheduler_and_sampler_custom_match_sampler(model):
+    latent = Latent(torch.zeros(1, 4, 8, 8))
+    pos, neg = cond(1), cond(2)
+    plain = Sampler(model, pos, latent, neg, seed=4, steps=4, cfg=3.0, scheduler="shifted")
+    sigmas = Scheduler(model, steps=4, scheduler="shifted")
+    custom = SamplerCustom(model, pos, latent, sigmas, neg, seed=4, cfg=3.0)
+    assert torch.equal(plain.samples, custom.samples)
+    high, low = SplitSigmas(sigmas, 2)
+    assert torch.equal(high[-1], low[0]) and len(high) + len(low) == len(sigmas) + 1
+    first = SamplerCustom(model, pos, latent, high, neg, seed=4, cfg=3.0)
+    second = SamplerCustom(model, pos, first, low, neg, seed=4, cfg=3.0, add_noise=False)
+    assert torch.allclose(second.samples, plain.samples, atol=1e-5)
+
+
+def test_dynamic_shift_grows_with_resolution(model):
+    small = compute_sigmas(model, "dynamic", 10, latent_hw=(32, 32))
+    large = compute_sigmas(model, "dynamic", 10, latent_hw=(128, 128))
+    assert bool((large[1:-1] > small[1:-1]).all())
+
+
+def test_flux_dynamic_schedule_matches_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    parts = components("flux")
+    flux = ModelHandle(parts["transformer"], "flux", scheduler_config=dict(parts["scheduler"].config))
+    ours = compute_sigmas(flux, "auto", 28, latent_hw=(128, 128))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler"].config)
+    import numpy as np
+
+    from app.models.families import dynamic_mu
+
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 28, 28), mu=dynamic_mu(64 * 64, dict(sched.config)))
+    assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
+
+
+def test_wiring_mistakes_get_clear_errors(model):
+    with pytest.raises(ValueError, match="expects 4"):
+        Sampler(model, cond(1), Latent(torch.zeros(1, 16, 8, 8)))
+    flux_cond = Conditioning(torch.zeros(1, 7, 32), torch.zeros(1, 32), family="flux")
+    with pytest.raises(ValueError, match="encoded for flux but the model is sd3"):
+        Sampler(model, flux_cond, Latent(torch.zeros(1, 4, 8, 8)))
+
+
+def test_previews_never_wait_for_a_pending_copy(model, monkeypatch):
+    """A preview whose device->host copy has not landed is delivered at a later step, never
+    waited for; at most one copy is in flight; the last step always gets the final latent's."""
+    landed = {"now": False}
+    started = []
+
+    def slow_copy(latent):
+        started.append(latent.clone())
+        return latent.clone(), lambda: landed["now"]
+
+    monkeypatch.setattr(Previewer, "_start_copy", staticmethod(slow_copy))
+    previews = Previewer(model, interval=0.0)
+    x0 = [torch.full((1, 16, 8, 8), float(i)) for i in range(4)]
+    assert previews(1, 4, x0[0]) is None and len(started) == 1
+    assert previews(2, 4, x0[1]) is None and len(started) == 1  # still in flight: no second copy
+    landed["now"] = True
+    image = previews(3, 4, x0[2])  # the step-1 copy landed: its image, and a new copy started
+    assert image is not None and image.dtype.name == "uint8" and len(started) == 2
+    final = previews(4, 4, x0[3])
+    assert final.shape == image.shape
+    assert Previewer(model, enabled=False)(4, 4, x0[3]) is None
