@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app import cache_hooks as hooks  # noqa: E402
+from app.models import accelerators as hooks  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SEED = 20261123

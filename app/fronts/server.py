@@ -866,7 +866,7 @@ def create_app(engine: Any = None, settings: Settings | None = None) -> FastAPI:
 
     ui_registered = False
     try:
-        from app import ui as ui_module  # built separately; optional
+        from app.fronts import ui as ui_module  # built separately; optional
     except ImportError:
         ui_module = None
     if ui_module is not None and hasattr(ui_module, "register"):

@@ -25,7 +25,7 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from app import paths  # noqa: E402
+from app.core import paths  # noqa: E402
 from app.fronts.cli import main as cli_main  # noqa: E402
 from app.fronts.cli import make_registry  # noqa: E402
 from app.core.executor import Engine  # noqa: E402
