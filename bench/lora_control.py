@@ -92,8 +92,15 @@ def style_scores(images, captions) -> dict:
             "object_accuracy": scores["object_accuracy"], "prompt_accuracy": scores["prompt_accuracy"]}
 
 
-def control_scores(images, maps, backgrounds) -> float:
-    return float(np.mean([evaluate.control_score(im, m, int(bg)) for im, m, bg in zip(images, maps, backgrounds, strict=True)]))
+def control_scores(images, maps, backgrounds, scenes=None, masks=None) -> dict:
+    """IoU of the controlled geometry, and (given the scenes) colour binding per object and per scene."""
+    result = {"iou": float(np.mean([evaluate.control_score(im, m, int(bg))
+                                    for im, m, bg in zip(images, maps, backgrounds, strict=True)]))}
+    if scenes is not None:
+        scores = [evaluate.binding_score(im, s, m) for im, s, m in zip(images, scenes, masks, strict=True)]
+        result["binding_objects"] = sum(s["objects_right"] for s in scores) / max(1, sum(s["objects_total"] for s in scores))
+        result["binding_scenes"] = float(np.mean([s["scene_right"] for s in scores]))
+    return result
 
 
 def _unplaced(scene: world.Scene) -> world.Scene:
@@ -114,6 +121,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="style,control,timing", help="comma-separated subset to run")
     ap.add_argument("--json", default=None, help="output file (default bench/results/lora_control.json)")
     args = ap.parse_args()
 
@@ -124,7 +132,7 @@ def main() -> None:
     result: dict = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "device": str(device), "skipped": []}
 
     lora = read_lora(args.lora) if Path(args.lora).exists() else None
-    lora_vae = None
+    lora_vae = lora_model_patch = None
     if lora is None:
         result["skipped"].append(f"LoRA {args.lora} not found")
     else:
@@ -133,8 +141,22 @@ def main() -> None:
         if lora_model_patch.report.vae:
             lora_vae, _ = vae_with_lora(vae, lora, 1.0)
 
-    # --- style ---------------------------------------------------------------------------------
+    parts = set(args.parts.split(","))
     captions = world.captions(world.sample_scenes(args.n, seed=STYLE_SEED))
+    if "style" in parts:
+        run_style(model, vae, encoders, captions, lora, lora_model_patch, lora_vae, run, result)
+    adapters = control_adapters(args, model, vae, device, result)
+    if "control" in parts:
+        run_control(model, vae, encoders, args.n, adapters, lora, lora_model_patch, lora_vae, run,
+                    result)
+    if "timing" in parts:
+        run_timing(model, vae, encoders, captions, adapters, lora, lora_model_patch, run, device,
+                   result)
+    target = write_result("lora_control", result, args.json)
+    print(f"wrote {target}")
+
+
+def run_style(model, vae, encoders, captions, lora, lora_model_patch, lora_vae, run, result) -> None:
     style = {"none": style_scores(generate(model, vae, encoders, captions, **run), captions)}
     if lora is not None:
         style["lora"] = style_scores(generate(model, vae, encoders, captions, patches=[lora_model_patch],
@@ -147,14 +169,19 @@ def main() -> None:
     result["style"] = style
     print(json.dumps({"style": style}, indent=1), flush=True)
 
-    # --- control -------------------------------------------------------------------------------
-    scenes = world.sample_scenes(args.n, seed=CONTROL_SEED, control=True)
-    control_caps = world.captions(scenes)
+
+def control_scenes(n: int):
+    """Held-out control placements: off-grid, captions never name positions (the case where only the
+    words bind colours to the controlled shapes)."""
+    scenes = world.sample_scenes(n, seed=CONTROL_SEED, control=True, p_name_position=0.0)
     maps = world.outline_map(scenes)  # (N, 1, 128, 128)
+    return scenes, maps
+
+
+def control_adapters(args, model, vae, device, result) -> list:
+    """(name, controls(start, stop) -> patches) for each control adapter found."""
+    scenes, maps = control_scenes(args.n)
     control_images = maps[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
-    maps_np = maps[:, 0].numpy()
-    backgrounds = scenes.background.tolist()
-    control = {"none": {"iou": control_scores(generate(model, vae, encoders, control_caps, **run), maps_np, backgrounds)}}
     adapters = []
     if Path(args.control, "config.json").is_file():
         net = load_controlnet(args.control, model.dtype, device)
@@ -164,19 +191,34 @@ def main() -> None:
     if args.tokens:
         adapter = load_condition_adapter(args.tokens, model.dtype, device)
         adapters.append(("tokens", lambda s, e, a=adapter: [ConditionTokenPatch(a, control_images[s:e], vae)]))
+    return adapters
+
+
+def run_control(model, vae, encoders, n, adapters, lora, lora_model_patch, lora_vae, run, result) -> None:
+    scenes, maps = control_scenes(n)
+    control_caps = world.captions(scenes)
+    maps_np = maps[:, 0].numpy()
+    masks = world.object_masks(scenes).numpy()
+    scene_list = scenes.scenes()
+    backgrounds = scenes.background.tolist()
+
+    def scores(images):
+        return control_scores(images, maps_np, backgrounds, scene_list, masks)
+
+    control = {"none": scores(generate(model, vae, encoders, control_caps, **run))}
     for name, controls in adapters:
-        images = generate(model, vae, encoders, control_caps, controls=controls, **run)
-        control[name] = {"iou": control_scores(images, maps_np, backgrounds)}
+        control[name] = scores(generate(model, vae, encoders, control_caps, controls=controls, **run))
         if lora is not None:
             images = generate(model, vae, encoders, control_caps, patches=[lora_model_patch], vae_override=lora_vae,
                               controls=controls, **run)
-            control[f"{name}+lora"] = {"iou": control_scores(images, maps_np, backgrounds),
+            control[f"{name}+lora"] = {**scores(images),
                                        "style": nanmean(evaluate.style_score(im, _unplaced(s))
-                                                        for im, s in zip(images, scenes.scenes(), strict=True))}
+                                                        for im, s in zip(images, scene_list, strict=True))}
     result["control"] = control
     print(json.dumps({"control": control}, indent=1), flush=True)
 
-    # --- timing --------------------------------------------------------------------------------
+
+def run_timing(model, vae, encoders, captions, adapters, lora, lora_model_patch, run, device, result) -> None:
     timing_caps = captions[: min(8, args.n)]
     variants = {"base": ([], None)}
     if lora is not None:
@@ -198,8 +240,6 @@ def main() -> None:
         timing[name] = round(time.perf_counter() - start, 4)
     result["seconds_per_batch"] = {"batch": len(timing_caps), **timing}
     print(json.dumps({"seconds_per_batch": result["seconds_per_batch"]}, indent=1), flush=True)
-    target = write_result("lora_control", result, args.json)
-    print(f"wrote {target}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Library:
     score_image(image, caption) -> dict       one image (H, W, 3) uint8, 128x128
     score_images(images, captions) -> dict    aggregate object / background / prompt accuracy
     control_score(image, control_map, background=None) -> IoU
+    binding_score(image, scene, masks) -> dict(objects_right, objects_total, scene_right): the colour
+        each controlled shape is painted, against the colour its words name
     style_score(image, caption) -> fraction of object boundary pixels that are outline-dark
     edit_score(source, edited, target_caption, edited_index) -> dict(changed, psnr_outside)
 
@@ -189,6 +191,34 @@ def control_score(image: np.ndarray, control_map: np.ndarray, background: int | 
     target = fill_outline(control_map)
     union = (objects | target).sum()
     return float((objects & target).sum() / union) if union else 1.0
+
+
+def _descriptor(o: world.SceneObject) -> tuple:
+    """What a position-free caption says of an object: objects with equal descriptors are interchangeable."""
+    return (o.shape, o.size, o.cell)
+
+
+def binding_score(image: np.ndarray, scene: world.Scene, masks: np.ndarray) -> dict:
+    """Colour binding under control: is each shape painted the colour its words name?
+
+    ``masks`` (K, H, W) bool are the scene's true object masks (world.object_masks), in the order of
+    ``scene.objects``. An object is right when the most common non-background palette label inside its
+    mask is its colour. Objects the caption cannot tell apart (same shape and size, no position) may
+    swap: the better of the two assignments counts.
+    """
+    labels = palette_labels(image)
+
+    def dominant(mask: np.ndarray) -> int:
+        inside = labels[mask]
+        inside = inside[inside != scene.background]
+        return int(np.bincount(inside, minlength=8).argmax()) if inside.size else -1
+
+    painted = [dominant(m) for m in masks[: len(scene.objects)]]
+    wanted = [o.colour for o in scene.objects]
+    right = sum(p == w for p, w in zip(painted, wanted, strict=True))
+    if len(wanted) == 2 and _descriptor(scene.objects[0]) == _descriptor(scene.objects[1]):
+        right = max(right, sum(p == w for p, w in zip(painted, wanted[::-1], strict=True)))
+    return {"objects_right": right, "objects_total": len(wanted), "scene_right": right == len(wanted)}
 
 
 def style_score(image: np.ndarray, caption: str | world.Scene, ring: int = 2) -> float:

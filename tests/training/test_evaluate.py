@@ -103,3 +103,21 @@ def test_command_line(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 6 and out["object_accuracy"] >= 0.99 and out["prompt_accuracy"] == 1.0
     assert [s["file"] for s in out["skipped"]] == ["nocap.png"]
+
+
+def test_binding_score_right_on_ground_truth_and_wrong_on_swapped_colours():
+    b = world.sample_scenes(60, seed=16, control=True, p_two=1.0, p_name_position=0.0)
+    masks = world.object_masks(b).numpy()
+    scenes = b.scenes()
+    truth = world.render(b).permute(0, 2, 3, 1).numpy()
+    gt = [ev.binding_score(truth[i], scenes[i], masks[i]) for i in range(60)]
+    assert all(s["scene_right"] for s in gt)
+    # paint each scene with its two colours swapped: only scenes whose objects the caption cannot
+    # tell apart (same shape and size) or that share one colour stay right
+    b.colour = b.colour.flip(1)
+    swapped = world.render(b).permute(0, 2, 3, 1).numpy()
+    for i, scene in enumerate(scenes):
+        score = ev.binding_score(swapped[i], scene, masks[i])
+        a, c = scene.objects
+        same_words = (a.shape, a.size) == (c.shape, c.size) or a.colour == c.colour
+        assert score["scene_right"] == same_words, (i, score)
