@@ -137,10 +137,12 @@ def sample_controlled(transformer, control: Control | None, h, p, uh, up, cond, 
 def evaluate_control(transformer, control, vae, tok, te, dev, n, steps, cfg, shift) -> dict:
     import numpy as np
 
-    from training.evaluate import control_score, score_images
+    from training.evaluate import binding_score, control_score, score_images
 
-    b = world.sample_scenes(n, HELD_OUT_SEED, dev, control=True)
+    # positions never named: only the words can bind each colour to its controlled shape
+    b = world.sample_scenes(n, HELD_OUT_SEED, dev, control=True, p_name_position=0.0)
     caps = world.captions(b)
+    scenes, masks = b.scenes(), world.object_masks(b).cpu().numpy()
     maps = world.outline_map(b)
     cond = sampler.encode(vae, control_pixels(maps))
     h, p = textenc.encode_prompts(tok, te, caps)
@@ -154,7 +156,10 @@ def evaluate_control(transformer, control, vae, tok, te, dev, n, steps, cfg, shi
         iou = [control_score(im, m[0].cpu().numpy(), int(bg))
                for im, m, bg in zip(images, maps, b.background.tolist(), strict=True)]
         scores = score_images(images, caps)
-        out[name] = {"iou": float(np.mean(iou)), "object_accuracy": scores["object_accuracy"]}
+        binding = [binding_score(im, s, m) for im, s, m in zip(images, scenes, masks, strict=True)]
+        out[name] = {"iou": float(np.mean(iou)), "object_accuracy": scores["object_accuracy"],
+                     "binding_objects": sum(x["objects_right"] for x in binding) / sum(x["objects_total"] for x in binding),
+                     "binding_scenes": float(np.mean([x["scene_right"] for x in binding]))}
     return out
 
 
@@ -173,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--sigma-bias", type=float, default=0.5, help="logit-normal mean: >0 favours noisy steps (layout)")
+    ap.add_argument("--p-name-position", type=float, default=0.5,
+                    help="share of training captions that name positions (the rest bind by words alone)")
+    ap.add_argument("--init", default=None, help="controlnet: resume from this ControlNet folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=28)
@@ -191,6 +199,10 @@ def main(argv=None) -> int:
     vae, transformer = load_base(args.base, dev)
     tok, te = load_text(args.base, args.minilm, dev)
     control = Control(args.kind, transformer, args.layers, args.rank)
+    if args.init:
+        from diffusers import SD3ControlNetModel
+
+        control.module.load_state_dict(SD3ControlNetModel.from_pretrained(args.init).state_dict())
     control.module.to(dev).train()
     params = [p for p in control.module.parameters() if p.requires_grad]
     log(f"{args.kind}: {sum(p.numel() for p in params) / 1e6:.3f}M trainable parameters")
@@ -202,7 +214,7 @@ def main(argv=None) -> int:
     while time.time() - start < budget and not (args.max_steps and step >= args.max_steps):
         opt.param_groups[0]["lr"] = lr_at(step, (time.time() - start) / budget, args.lr, args.warmup)
         with torch.no_grad():
-            b = world.sample_scenes(args.batch, gen, dev, control=True)
+            b = world.sample_scenes(args.batch, gen, dev, control=True, p_name_position=args.p_name_position)
             caps = drop_captions(world.captions(b), args.cfg_drop, gen, dev)
             h, p = textenc.encode_prompts(tok, te, caps)
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
@@ -232,7 +244,7 @@ def main(argv=None) -> int:
             "batch": args.batch, "layers": args.layers if args.kind == "controlnet" else None,
             "rank": args.rank if args.kind == "tokens" else None}
     if args.kind == "controlnet":
-        control.module.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+        control.module.to(torch.float16).save_pretrained(args.out, safe_serialization=True, max_shard_size="12MB")
         control.module.float()
         files = [f for f in os.listdir(args.out) if f.endswith(".safetensors")]
     else:
@@ -245,7 +257,8 @@ def main(argv=None) -> int:
     evaluation = evaluate_control(transformer, control, vae, tok, te, dev, args.eval_n, args.eval_steps, args.cfg,
                                   args.shift)
     for name, r in evaluation.items():
-        log(f"eval {name}: control IoU {r['iou']:.3f} object acc {r['object_accuracy']:.3f}")
+        log(f"eval {name}: control IoU {r['iou']:.3f} object acc {r['object_accuracy']:.3f} "
+            f"binding {r['binding_objects']:.3f} objects / {r['binding_scenes']:.3f} scenes")
     state = dict(info, args=vars(args), eval=evaluation, files=files, bytes=size)
     with open(os.path.join(args.out, "train_state.json"), "w") as fh:
         json.dump(state, fh, indent=1)
