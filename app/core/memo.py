@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 
+_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+
+
 def measure(value: Any) -> dict[str, int]:
     """Bytes held by ``value`` per device type ("cpu", "cuda", ...), storages counted once."""
     totals: dict[str, int] = {}
@@ -33,6 +36,9 @@ def measure(value: Any) -> dict[str, int]:
         totals[device] = totals.get(device, 0) + storage.nbytes()
 
     def walk(item: Any, depth: int) -> None:
+        if type(item) in _SCALARS:  # the common small outputs (ints, strings): no bookkeeping
+            totals["cpu"] = totals.get("cpu", 0) + sys.getsizeof(item)
+            return
         if depth > 8 or id(item) in seen:
             return
         if isinstance(item, torch.Tensor):

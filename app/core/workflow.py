@@ -12,6 +12,7 @@ naming the node, the input and the reason.
 from __future__ import annotations
 
 import copy
+import heapq
 import itertools
 import json
 import os
@@ -23,9 +24,7 @@ from typing import Any
 
 import networkx as nx
 
-from app.core import paths
-from app.core.registry import NodeDef, Registry
-from app.core.types import accepts
+from app.core.registry import Registry
 
 FORMAT = "ditgraph/workflow"
 VERSION = 1
@@ -67,8 +66,12 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Link:
-    """A connection from output ``output`` of node ``node``."""
+class Connection:
+    """An input wired to output ``output`` of node ``node`` (``{"from": [node, output]}``).
+
+    Not to be confused with :class:`app.core.registry.Link`, the annotation a node author
+    writes to declare a socket input.
+    """
 
     node: str
     output: str
@@ -78,12 +81,12 @@ class Link:
 class NodeInstance:
     id: str
     type: str
-    inputs: dict[str, Any] = field(default_factory=dict)  # constant or Link
+    inputs: dict[str, Any] = field(default_factory=dict)  # constant or Connection
     bypass: bool = False
     title: str | None = None
 
-    def links(self) -> dict[str, Link]:
-        return {k: v for k, v in self.inputs.items() if isinstance(v, Link)}
+    def links(self) -> dict[str, Connection]:
+        return {k: v for k, v in self.inputs.items() if isinstance(v, Connection)}
 
 
 @dataclass
@@ -121,7 +124,7 @@ class Workflow:
                     ):
                         problems.append(Problem('a link must be {"from": [node_id, output_name]}', node_id, name, "format"))
                         continue
-                    inputs[name] = Link(str(source[0]), str(source[1]))
+                    inputs[name] = Connection(str(source[0]), str(source[1]))
                 else:
                     inputs[name] = value
             nodes[str(node_id)] = NodeInstance(
@@ -137,7 +140,7 @@ class Workflow:
         nodes = {}
         for node_id, inst in self.nodes.items():
             inputs = {
-                name: {"from": [v.node, v.output]} if isinstance(v, Link) else v for name, v in inst.inputs.items()
+                name: {"from": [v.node, v.output]} if isinstance(v, Connection) else v for name, v in inst.inputs.items()
             }
             entry: dict[str, Any] = {"type": inst.type, "inputs": inputs}
             if inst.bypass:
@@ -155,6 +158,64 @@ class Workflow:
 
     def name(self) -> str:
         return str(self.meta.get("name") or "untitled")
+
+    # -- the graph -----------------------------------------------------------------------------
+    def graph(self) -> nx.DiGraph:
+        """Edges run from producer to consumer, for connections to nodes that exist."""
+        return build_graph(self)
+
+    def output_nodes(self, registry: Registry) -> list[str]:
+        """The nodes a run computes by default: every non-bypassed output node."""
+        return output_nodes(self, registry)
+
+    def needed(self, targets: list[str]) -> set[str]:
+        """``targets`` and every node they depend on."""
+        return set(self._producers(targets))
+
+    def _producers(self, targets: list[str]) -> dict[str, set[str]]:
+        """For ``targets`` and everything they depend on: node id -> the nodes it reads."""
+        producers: dict[str, set[str]] = {}
+        stack = [t for t in targets if t in self.nodes]
+        while stack:
+            node_id = stack.pop()
+            if node_id in producers:
+                continue
+            found = producers[node_id] = {
+                c.node for c in self.nodes[node_id].inputs.values() if isinstance(c, Connection) and c.node in self.nodes
+            }
+            stack.extend(p for p in found if p not in producers)
+        return producers
+
+    def cycles(self, limit: int = 10) -> list[list[str]]:
+        """Up to ``limit`` cycles, each as its node ids in link order; [] for a DAG."""
+        ordered = set(self.execution_order(list(self.nodes)))
+        if len(ordered) == len(self.nodes):
+            return []
+        stuck = self.graph().subgraph(n for n in self.nodes if n not in ordered)
+        return list(itertools.islice(nx.simple_cycles(stuck), limit))
+
+    def execution_order(self, targets: list[str]) -> list[str]:
+        """The nodes ``targets`` need, producers before consumers (Kahn's algorithm), ties
+        broken by declaration order so a run is deterministic. Nodes on a cycle are left out
+        (validation reports cycles before anything runs)."""
+        producers = self._producers(targets)
+        position = {node_id: i for i, node_id in enumerate(self.nodes)}
+        waiting = {node_id: len(found) for node_id, found in producers.items()}
+        consumers: dict[str, list[str]] = {}
+        for node_id, found in producers.items():
+            for producer in found:
+                consumers.setdefault(producer, []).append(node_id)
+        ready = [(position[n], n) for n, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            node_id = heapq.heappop(ready)[1]
+            order.append(node_id)
+            for consumer in consumers.get(node_id, ()):
+                waiting[consumer] -= 1
+                if waiting[consumer] == 0:
+                    heapq.heappush(ready, (position[consumer], consumer))
+        return order
 
 
 def migrate(document: Any) -> dict:
@@ -224,78 +285,7 @@ def save(workflow: Workflow, path: str | os.PathLike) -> None:
     atomic_write(path, (workflow.to_json() + "\n").encode("utf-8"))
 
 
-# -- validation ------------------------------------------------------------------------------
-
-
-def output_nodes(workflow: Workflow, registry: Registry) -> list[str]:
-    return [
-        node_id
-        for node_id, inst in workflow.nodes.items()
-        if not inst.bypass and (nd := registry.get(inst.type)) is not None and nd.output_node
-    ]
-
-
-def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workflow, registry: Registry) -> list[Problem]:
-    problems = []
-    for name in inst.inputs:
-        if name not in nd.inputs:
-            known = ", ".join(nd.inputs) or "none"
-            problems.append(Problem(f"{inst.type} has no input {name!r} (its inputs: {known})", node_id, name, "unknown_input"))
-    for name, decl in nd.inputs.items():
-        value = inst.inputs.get(name)
-        if isinstance(value, Link):
-            source = workflow.nodes.get(value.node)
-            if source is None:
-                problems.append(Problem(f"linked to node {value.node!r}, which does not exist", node_id, name, "bad_link"))
-                continue
-            source_def = registry.get(source.type)
-            if source_def is None:
-                continue  # reported on the source node
-            out_type = source_def.output_type(value.output)
-            if out_type is None:
-                outs = ", ".join(o.name for o in source_def.outputs) or "none"
-                problems.append(
-                    Problem(f"node {value.node} ({source.type}) has no output {value.output!r} (its outputs: {outs})", node_id, name, "bad_link")
-                )
-            elif not accepts(decl.type, out_type):
-                problems.append(
-                    Problem(
-                        f"type mismatch: expects {decl.type}, linked to {out_type} output {value.output!r} of node {value.node} ({source.type})",
-                        node_id,
-                        name,
-                        "type_mismatch",
-                    )
-                )
-        elif name not in inst.inputs:
-            if decl.required and decl.default is None:
-                what = f"a link from a {decl.type} output" if not decl.is_widget else "a value"
-                problems.append(Problem(f"required input is missing: needs {what}", node_id, name, "missing_input"))
-        elif value is None and decl.optional_link:
-            continue
-        else:
-            reason = decl.check_value(value)
-            if reason is None and decl.names_file(value):
-                reason = _check_file(decl.spec.file, value)
-            if reason:
-                problems.append(Problem(reason, node_id, name, "bad_value"))
-    return problems
-
-
-def _check_file(kind: str, value: Any) -> str | None:
-    try:
-        paths.resolve(kind, value)
-    except paths.PathRefused as exc:
-        return str(exc)
-    return None
-
-
-def _check_bypass(node_id: str, inst: NodeInstance, nd: NodeDef) -> list[Problem]:
-    problems = []
-    for out in nd.outputs:
-        linked = [decl for name, decl in nd.inputs.items() if isinstance(inst.inputs.get(name), Link)]
-        if not any(accepts(out.type, decl.type) for decl in linked):
-            problems.append(Problem(f"cannot bypass: no linked input can pass through output {out.name!r} ({out.type})", node_id, kind="bypass"))
-    return problems
+# -- the graph ------------------------------------------------------------------------------
 
 
 def build_graph(workflow: Workflow) -> nx.DiGraph:
@@ -309,54 +299,19 @@ def build_graph(workflow: Workflow) -> nx.DiGraph:
     return graph
 
 
-def upstream_closure(graph: nx.DiGraph, targets: list[str]) -> set[str]:
-    """``targets`` and everything they depend on, in one traversal."""
-    seen = set(targets)
-    stack = list(targets)
-    while stack:
-        for parent in graph.predecessors(stack.pop()):
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
+def output_nodes(workflow: Workflow, registry: Registry) -> list[str]:
+    return [
+        node_id
+        for node_id, inst in workflow.nodes.items()
+        if not inst.bypass and (nd := registry.get(inst.type)) is not None and nd.output_node
+    ]
 
 
-def validate(
-    workflow: Workflow, registry: Registry, targets: list[str] | None = None, graph: nx.DiGraph | None = None
-) -> list[Problem]:
-    """Every problem of ``workflow`` at once (errors and warnings); an empty list means runnable."""
-    problems: list[Problem] = []
-    for node_id, inst in workflow.nodes.items():
-        nd = registry.get(inst.type)
-        if nd is None:
-            problems.append(Problem(f"unknown node type {inst.type!r} (is its plugin installed?)", node_id, kind="unknown_type"))
-            continue
-        problems.extend(_check_inputs(node_id, inst, nd, workflow, registry))
-        if inst.bypass:
-            problems.extend(_check_bypass(node_id, inst, nd))
-    graph = graph if graph is not None else build_graph(workflow)
-    cycles = [] if nx.is_directed_acyclic_graph(graph) else list(itertools.islice(nx.simple_cycles(graph), 10))
-    for cycle in cycles:
-        path = " -> ".join(cycle + [cycle[0]])
-        problems.append(Problem(f"cycle: {path}", cycle[0], kind="cycle"))
-    if targets is not None:
-        for target in targets:
-            if target not in workflow.nodes:
-                problems.append(Problem(f"requested output node {target!r} does not exist", target, kind="bad_target"))
-    else:
-        outputs = output_nodes(workflow, registry)
-        if not outputs and workflow.nodes:
-            problems.append(Problem("nothing to run: the workflow has no output node (e.g. SaveImage or PreviewAny)", kind="no_output"))
-        if not cycles:
-            needed = upstream_closure(graph, outputs)
-            for node_id in workflow.nodes:
-                nd = registry.get(workflow.nodes[node_id].type)
-                if node_id not in needed and nd is not None and nd.extra.get("passive") is not True:
-                    problems.append(
-                        Problem("nothing requests this node's outputs; it will not run", node_id, kind="unused", severity="warning")
-                    )
-    return problems
+def __getattr__(name: str):
+    # Validation lives in app.core.validation (which imports this module); the fronts import
+    # it from here, so resolve those names lazily rather than with a circular import.
+    if name in ("validate", "errors"):
+        from app.core import validation
 
-
-def errors(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.severity == "error"]
+        return getattr(validation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
