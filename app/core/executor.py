@@ -28,7 +28,8 @@ from app.core.memo import MemoCache
 from app.core.registry import NodeDef, Registry, default_registry
 from app.core.runstate import Event, NodeFailed, RunResult, RunState
 from app.core.types import accepts
-from app.core.validation import errors, validate
+from app.core.subgraphs import expand, resolve_targets
+from app.core.validation import errors, validate, validate_flat
 from app.core.workflow import Connection, NodeInstance, Problem, Workflow, WorkflowError
 
 __all__ = ["Engine", "NodeFailed", "RunResult"]
@@ -78,9 +79,11 @@ class Engine:
         return validate(workflow, self.registry, targets)
 
     def plan(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[list[str], list[str]]:
-        """(targets, execution order) for a valid workflow."""
-        targets = list(targets) if targets is not None else workflow.output_nodes(self.registry)
-        return targets, workflow.execution_order(targets)
+        """(targets, execution order) for a valid workflow, in expanded (namespaced) node ids."""
+        flat = expand(workflow)
+        targets = resolve_targets(flat, targets)
+        targets = list(targets) if targets is not None else flat.output_nodes(self.registry)
+        return targets, flat.execution_order(targets)
 
     def key_of(self, inst: NodeInstance, keys: dict[str, str]) -> NodeKey:
         """The cache key of one node instance, given the keys of the nodes it reads."""
@@ -99,6 +102,7 @@ class Engine:
     def _keys(self, workflow: Workflow, targets: list[str] | None = None) -> dict[str, NodeKey]:
         keys: dict[str, str] = {}
         found: dict[str, NodeKey] = {}
+        workflow = expand(workflow)
         for node_id in self.plan(workflow, targets)[1]:
             found[node_id] = self.key_of(workflow.nodes[node_id], keys)
             keys[node_id] = found[node_id].key
@@ -124,11 +128,13 @@ class Engine:
         """
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
-        problems = errors(self.validate(workflow, targets))
+        flat = expand(workflow)
+        targets = resolve_targets(flat, targets)
+        problems = errors(validate_flat(flat, self.registry, targets))
         if problems:
             raise WorkflowError(problems)
         state = RunState(
-            workflow, RunResult(run_id or uuid.uuid4().hex[:12]), scope or workflow.name(), self._emitter(on_event),
+            flat, RunResult(run_id or uuid.uuid4().hex[:12]), scope or workflow.name(), self._emitter(on_event),
             cancel or threading.Event(), Path(output_dir) if output_dir else (self.output_dir or paths.output_dir()),
             workflow.to_dict(),
         )
@@ -245,4 +251,4 @@ class Engine:
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
         keys = self._keys(workflow, list(node_ids))
-        return [node_id for node_id in node_ids if self.cache.discard(keys[node_id].key)]
+        return [node_id for node_id in node_ids if node_id in keys and self.cache.discard(keys[node_id].key)]

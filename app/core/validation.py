@@ -12,7 +12,8 @@ from typing import Any
 from app.core import paths
 from app.core.registry import NodeDef, Registry
 from app.core.types import accepts
-from app.core.workflow import Connection, NodeInstance, Problem, Workflow, output_nodes
+from app.core.subgraphs import expand, resolve_targets
+from app.core.workflow import Connection, NodeInstance, Problem, Workflow, WorkflowError, output_nodes
 
 
 def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workflow, registry: Registry) -> list[Problem]:
@@ -79,7 +80,17 @@ def _check_bypass(node_id: str, inst: NodeInstance, nd: NodeDef) -> list[Problem
 
 
 def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Problem]:
-    """Every problem of ``workflow`` at once (errors and warnings); an empty list means runnable."""
+    """Every problem of ``workflow`` at once (errors and warnings); an empty list means runnable.
+    Subgraph instances are expanded first, so problems inside one name the inner node (``up/3``)."""
+    try:
+        flat = expand(workflow)
+    except WorkflowError as exc:
+        return exc.problems
+    return validate_flat(flat, registry, resolve_targets(flat, targets))
+
+
+def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Problem]:
+    """:func:`validate` for a workflow without subgraph instances."""
     problems: list[Problem] = []
     for node_id, inst in workflow.nodes.items():
         nd = registry.get(inst.type)

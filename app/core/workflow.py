@@ -27,11 +27,16 @@ import networkx as nx
 from app.core.registry import Registry
 
 FORMAT = "ditgraph/workflow"
-VERSION = 1
+VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 
 # MIGRATIONS[n] turns a version-n document into version n+1 (pure dict -> dict).
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+def _v1_to_v2(document: dict) -> dict:
+    """Version 2 added top-level ``subgraphs``; a version-1 document has none."""
+    return {**document, "version": 2}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
 
 
 class WorkflowError(ValueError):
@@ -89,66 +94,141 @@ class NodeInstance:
         return {k: v for k, v in self.inputs.items() if isinstance(v, Connection)}
 
 
+SUBGRAPH_PREFIX = "subgraph:"  # an instance node's type: "subgraph:NAME"
+SUBGRAPH_INPUTS = "@in"  # inside a definition, {"from": ["@in", name]} reads the instance's input
+
+
+def _parse_input(value: Any) -> Connection | Any:
+    """A raw input value: a constant, or a Connection for {"from": [node, output]} (None if malformed)."""
+    if not (isinstance(value, dict) and "from" in value):
+        return value
+    source = value["from"]
+    if not isinstance(source, list) or len(source) != 2 or not all(
+        isinstance(part, (str, int)) and not isinstance(part, bool) for part in source
+    ):
+        return None
+    return Connection(str(source[0]), str(source[1]))
+
+
+def parse_nodes(raw_nodes: Any, where: str = "") -> tuple[dict[str, NodeInstance], list[Problem]]:
+    """The ``nodes`` object of a workflow (or of a subgraph ``where``) as NodeInstances."""
+    if not isinstance(raw_nodes, dict):
+        return {}, [Problem(f"{where}'nodes' must be an object mapping node ids to nodes", kind="format")]
+    problems: list[Problem] = []
+    nodes: dict[str, NodeInstance] = {}
+    for node_id, raw in raw_nodes.items():
+        shown = f"{where}{node_id}"
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            problems.append(Problem("must be an object with a string 'type'", shown, kind="format"))
+            continue
+        if "/" in str(node_id):
+            problems.append(Problem("node ids may not contain '/' (it separates subgraph levels)", shown, kind="format"))
+            continue
+        raw_inputs = raw.get("inputs", {})
+        if not isinstance(raw_inputs, dict):
+            problems.append(Problem("'inputs' must be an object keyed by input name", shown, kind="format"))
+            continue
+        inputs: dict[str, Any] = {}
+        for name, value in raw_inputs.items():
+            parsed = _parse_input(value)
+            if parsed is None and value is not None:
+                problems.append(Problem('a link must be {"from": [node_id, output_name]}', shown, name, "format"))
+                continue
+            inputs[name] = parsed
+        nodes[str(node_id)] = NodeInstance(str(node_id), raw["type"], inputs, bool(raw.get("bypass", False)), raw.get("title"))
+    return nodes, problems
+
+
+def nodes_to_dict(nodes: dict[str, NodeInstance]) -> dict:
+    out = {}
+    for node_id, inst in nodes.items():
+        inputs = {name: {"from": [v.node, v.output]} if isinstance(v, Connection) else v for name, v in inst.inputs.items()}
+        entry: dict[str, Any] = {"type": inst.type, "inputs": inputs}
+        if inst.bypass:
+            entry["bypass"] = True
+        if inst.title:
+            entry["title"] = inst.title
+        out[node_id] = entry
+    return out
+
+
+@dataclass
+class SubgraphDef:
+    """A reusable graph with named inputs and outputs (docs/workflow-format.md, "Subgraphs").
+
+    ``inputs``: name -> {"type": socket type, "default"?: value, "tooltip"?: text};
+    ``outputs``: name -> the inner node output it exposes; ``extra`` keeps everything else
+    (description, layout) verbatim for round trips.
+    """
+
+    name: str
+    inputs: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, Connection] = field(default_factory=dict)
+    nodes: dict[str, NodeInstance] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Any) -> tuple[SubgraphDef, list[Problem]]:
+        where = f"{SUBGRAPH_PREFIX}{name}/"
+        if not isinstance(raw, dict):
+            return cls(name), [Problem(f"subgraph {name!r} must be an object", kind="format")]
+        nodes, problems = parse_nodes(raw.get("nodes"), where)
+        inputs = raw.get("inputs") or {}
+        if not isinstance(inputs, dict) or not all(isinstance(v, dict) and isinstance(v.get("type"), str) for v in inputs.values()):
+            problems.append(Problem(f"subgraph {name!r}: 'inputs' must map names to {{\"type\": ..., \"default\"?: ...}}", kind="format"))
+            inputs = {}
+        outputs: dict[str, Connection] = {}
+        for out_name, value in (raw.get("outputs") or {}).items():
+            parsed = _parse_input(value)
+            if not isinstance(parsed, Connection):
+                problems.append(Problem(f"subgraph {name!r}: output {out_name!r} must be {{\"from\": [inner_id, output]}}", kind="format"))
+                continue
+            outputs[str(out_name)] = parsed
+        extra = {k: v for k, v in raw.items() if k not in ("inputs", "outputs", "nodes")}
+        return cls(name, {str(k): dict(v) for k, v in inputs.items()}, outputs, nodes, extra), problems
+
+    def to_dict(self) -> dict:
+        outputs = {name: {"from": [c.node, c.output]} for name, c in self.outputs.items()}
+        return {**self.extra, "inputs": self.inputs, "outputs": outputs, "nodes": nodes_to_dict(self.nodes)}
+
+
 @dataclass
 class Workflow:
     nodes: dict[str, NodeInstance] = field(default_factory=dict)
     layout: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    subgraphs: dict[str, SubgraphDef] = field(default_factory=dict)  # name -> definition (format v2)
+    # after expansion: subgraph instance id -> output name -> the flat value it stands for
+    instance_outputs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
     # -- reading and writing -------------------------------------------------------------
     @classmethod
     def from_dict(cls, document: Any) -> Workflow:
         """Parse (and migrate) a workflow document; raise WorkflowError naming what is wrong."""
         document = migrate(document)
-        problems: list[Problem] = []
-        nodes: dict[str, NodeInstance] = {}
-        raw_nodes = document.get("nodes")
-        if not isinstance(raw_nodes, dict):
-            raise WorkflowError([Problem("'nodes' must be an object mapping node ids to nodes", kind="format")])
-        for node_id, raw in raw_nodes.items():
-            if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-                problems.append(Problem("must be an object with a string 'type'", node_id, kind="format"))
-                continue
-            raw_inputs = raw.get("inputs", {})
-            if not isinstance(raw_inputs, dict):
-                problems.append(Problem("'inputs' must be an object keyed by input name", node_id, kind="format"))
-                continue
-            inputs: dict[str, Any] = {}
-            for name, value in raw_inputs.items():
-                if isinstance(value, dict) and "from" in value:
-                    source = value["from"]
-                    if (
-                        not isinstance(source, list)
-                        or len(source) != 2
-                        or not all(isinstance(part, (str, int)) and not isinstance(part, bool) for part in source)
-                    ):
-                        problems.append(Problem('a link must be {"from": [node_id, output_name]}', node_id, name, "format"))
-                        continue
-                    inputs[name] = Connection(str(source[0]), str(source[1]))
-                else:
-                    inputs[name] = value
-            nodes[str(node_id)] = NodeInstance(
-                str(node_id), raw["type"], inputs, bool(raw.get("bypass", False)), raw.get("title")
-            )
+        nodes, problems = parse_nodes(document.get("nodes"))
+        subgraphs: dict[str, SubgraphDef] = {}
+        raw_subgraphs = document.get("subgraphs") or {}
+        if not isinstance(raw_subgraphs, dict):
+            problems.append(Problem("'subgraphs' must be an object mapping names to definitions", kind="format"))
+            raw_subgraphs = {}
+        for name, raw in raw_subgraphs.items():
+            definition, found = SubgraphDef.from_dict(str(name), raw)
+            subgraphs[str(name)] = definition
+            problems.extend(found)
         if problems:
             raise WorkflowError(problems)
         layout = document.get("layout") or {}
         meta = document.get("meta") or {}
-        return cls(nodes, layout if isinstance(layout, dict) else {}, meta if isinstance(meta, dict) else {})
+        return cls(nodes, layout if isinstance(layout, dict) else {}, meta if isinstance(meta, dict) else {}, subgraphs)
 
     def to_dict(self) -> dict:
-        nodes = {}
-        for node_id, inst in self.nodes.items():
-            inputs = {
-                name: {"from": [v.node, v.output]} if isinstance(v, Connection) else v for name, v in inst.inputs.items()
-            }
-            entry: dict[str, Any] = {"type": inst.type, "inputs": inputs}
-            if inst.bypass:
-                entry["bypass"] = True
-            if inst.title:
-                entry["title"] = inst.title
-            nodes[node_id] = entry
-        return {"format": FORMAT, "version": VERSION, "nodes": nodes, "layout": self.layout, "meta": self.meta}
+        document = {"format": FORMAT, "version": VERSION, "nodes": nodes_to_dict(self.nodes),
+                    "layout": self.layout, "meta": self.meta}
+        if self.subgraphs:
+            document["subgraphs"] = {name: sg.to_dict() for name, sg in self.subgraphs.items()}
+        return document
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
