@@ -1,7 +1,10 @@
-"""Calling one node function: its run context, out-of-memory recovery, output normalising."""
+"""Calling one node function: its run context, list mapping, async functions, out-of-memory
+recovery, output normalising."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gc
 import traceback
 from typing import Any
@@ -9,33 +12,84 @@ from typing import Any
 import torch
 
 from app.core.context import RunCancelled, RunContext, reset_current, set_current
+from app.core.lists import combine, element_kwargs, mapped_length, map_calls, wrap_outputs
 from app.core.memo import MemoCache
-from app.core.registry import NodeDef, NodeResult
+from app.core.registry import Expansion, NodeDef, NodeResult
 from app.core.runstate import NodeFailed
+
+Returned = tuple[tuple | Expansion, dict | None]
 
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
-def call_node(nd: NodeDef, kwargs: dict, ctx: RunContext, cache: MemoCache) -> tuple[tuple, dict | None]:
-    """Run ``nd`` with ``kwargs`` under ``ctx``; returns (outputs, ui). On out-of-memory,
-    move the memo cache's GPU entries to CPU and try once more; any failure becomes NodeFailed."""
-    token = set_current(ctx)
+def call_node(nd: NodeDef, kwargs: dict, ctx: RunContext, cache: MemoCache) -> Returned:
+    """Run a synchronous node (once, or once per list element); returns (outputs or an
+    Expansion, ui). On out-of-memory, move the memo cache's GPU entries to CPU and try once
+    more; any failure becomes NodeFailed naming the node."""
+
+    def one(arguments: dict, index: int | None) -> Returned:
+        token = set_current(_element_ctx(ctx, index, kwargs, nd))
+        try:
+            for attempt in (1, 2):
+                try:
+                    return normalise(nd, nd.function(**arguments), mapped=index is not None)
+                except RunCancelled:
+                    raise
+                except Exception as exc:
+                    if is_oom(exc) and attempt == 1:
+                        free_device_memory(cache)
+                        continue
+                    raise _failed(nd, ctx, exc) from None
+        finally:
+            reset_current(token)
+        raise AssertionError("unreachable")
+
     try:
-        for attempt in (1, 2):
-            try:
-                return normalise(nd, nd.function(**kwargs))
-            except RunCancelled:
-                raise
-            except Exception as exc:
-                if is_oom(exc) and attempt == 1:
-                    free_device_memory(cache)
-                    continue
-                raise NodeFailed(ctx.node_id, nd.type, _failure_message(exc, ctx), traceback.format_exc()) from None
-    finally:
-        reset_current(token)
-    raise AssertionError("unreachable")
+        return map_calls(nd, kwargs, one)
+    except ValueError as exc:  # lists that do not zip
+        raise NodeFailed(ctx.node_id, nd.type, str(exc)) from None
+
+
+async def call_async_node(nd: NodeDef, kwargs: dict, ctx: RunContext) -> Returned:
+    """Run an ``async def`` node on the engine's event loop; list elements run concurrently."""
+
+    async def one(arguments: dict, index: int | None) -> Returned:
+        token = set_current(_element_ctx(ctx, index, kwargs, nd))
+        try:
+            return normalise(nd, await nd.function(**arguments), mapped=index is not None)
+        except RunCancelled:
+            raise
+        except Exception as exc:
+            raise _failed(nd, ctx, exc) from None
+        finally:
+            reset_current(token)
+
+    try:
+        count = mapped_length(nd, kwargs)
+    except ValueError as exc:
+        raise NodeFailed(ctx.node_id, nd.type, str(exc)) from None
+    if count is None:
+        outputs, ui = await one(element_kwargs(nd, kwargs, None), None)
+        return (outputs if isinstance(outputs, Expansion) else wrap_outputs(nd, outputs)), ui
+    results = await asyncio.gather(*(one(element_kwargs(nd, kwargs, i), i) for i in range(count)))
+    return combine(nd, list(results))
+
+
+def _element_ctx(ctx: RunContext, index: int | None, kwargs: dict, nd: NodeDef) -> RunContext:
+    if index is None:
+        return ctx
+    return dataclasses.replace(ctx, list_index=index, list_size=mapped_length(nd, kwargs))
+
+
+def _failed(nd: NodeDef, ctx: RunContext, exc: Exception) -> NodeFailed:
+    if is_oom(exc):
+        message = (f"out of memory on {ctx.device} even after freeing cached GPU results: {exc}. "
+                   "Lower the resolution or batch size, or run with --device cpu.")
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    return NodeFailed(ctx.node_id, nd.type, message, traceback.format_exc())
 
 
 def free_device_memory(cache: MemoCache) -> None:
@@ -46,15 +100,13 @@ def free_device_memory(cache: MemoCache) -> None:
         torch.cuda.empty_cache()
 
 
-def _failure_message(exc: Exception, ctx: RunContext) -> str:
-    if is_oom(exc):
-        return (f"out of memory on {ctx.device} even after freeing cached GPU results: {exc}. "
-                "Lower the resolution or batch size, or run with --device cpu.")
-    return f"{type(exc).__name__}: {exc}"
-
-
-def normalise(nd: NodeDef, returned: Any) -> tuple[tuple, dict | None]:
-    """A node's return value as (outputs tuple in declaration order, ui data or None)."""
+def normalise(nd: NodeDef, returned: Any, mapped: bool = False) -> Returned:
+    """A node's return value as (outputs tuple in declaration order, ui data or None), or
+    (Expansion, None) for a node that returned a graph."""
+    if isinstance(returned, Expansion):
+        if mapped:
+            raise TypeError(f"{nd.type} returned an Expansion while mapped over a list; expand once and map inside")
+        return returned, None
     ui = None
     if isinstance(returned, NodeResult):
         ui, returned = returned.ui, returned.outputs

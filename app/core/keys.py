@@ -47,11 +47,13 @@ def node_key(
     upstream: Mapping[str, str],
     salt: str,
     bypass: bool = False,
+    nonce: str | None = None,
 ) -> NodeKey:
     """The key of one node instance of type ``nd``.
 
     ``inputs`` are the instance's inputs (constants, or connections with ``node`` and
-    ``output`` attributes); ``upstream`` maps each connected node id to its key. Raises
+    ``output`` attributes); ``upstream`` maps each connected node id to its key. ``nonce``
+    (a run id, for ``always_run`` nodes) makes the key unique to one run. Raises
     :class:`paths.PathRefused` when a named file is missing or outside its folder.
     """
     constants: dict[str, Any] = {}
@@ -72,12 +74,16 @@ def node_key(
             fingerprints[name] = paths.fingerprint(resolved[name])
     parts = {"type": nd.type, "version": nd.version, "constants": constants, "links": links,
              "files": fingerprints, "salt": salt, "bypass": bypass}
+    if nonce is not None:
+        parts["nonce"] = nonce
     key = hashlib.blake2b(canonical(parts).encode(), digest_size=16).hexdigest()
     return NodeKey(key, parts, constants, resolved)
 
 
 def diff_reason(old: dict | None, new: dict) -> str:
     """Say in words which part of a node's key changed since its last run."""
+    if new.get("nonce") is not None:
+        return "always runs (declared always_run: not idempotent)"
     if old is None:
         return "first run of this node"
     if old["type"] != new["type"] or old["version"] != new["version"]:

@@ -153,6 +153,10 @@ class MemoCache:
             self.stats["hits"] += 1
             return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """An entry without counting a hit or refreshing its recency (for explanations)."""
+        return self._entries.get(key)
+
     def put(self, key: str, outputs: tuple, ui: dict | None = None) -> bool:
         """Store outputs; returns False when the entry alone exceeds the byte budget."""
         entry = Entry(outputs, ui, measure(outputs))

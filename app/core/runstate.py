@@ -30,6 +30,7 @@ class RunResult:
     ui: dict[str, dict] = field(default_factory=dict)  # node id -> data for the UI (saved images, ...)
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # not needed: lazy branches nothing asked for
     reasons: dict[str, str] = field(default_factory=dict)  # node id -> why it ran or was a hit
     timings: dict[str, float] = field(default_factory=dict)
     error: dict | None = None
@@ -47,6 +48,7 @@ class RunResult:
 
     def summary(self) -> dict:
         return {"run_id": self.run_id, "status": self.status, "executed": self.executed, "cached": self.cached,
+                "skipped": self.skipped,
                 "ui": self.ui, "error": self.error, "duration": round(self.duration, 4), "reasons": self.reasons}
 
 
@@ -64,6 +66,7 @@ class RunState:
     document: dict  # the workflow as saved (embedded in images)
     values: dict[str, tuple] = field(default_factory=dict)  # node id -> outputs
     keys: dict[str, str] = field(default_factory=dict)  # node id -> cache key
+    current: str | None = None  # the node being scheduled (named when a run is cancelled)
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():

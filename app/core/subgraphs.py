@@ -154,6 +154,28 @@ def expand(workflow: Workflow, library: bool = True) -> Workflow:
     return Workflow(run.nodes, workflow.layout, workflow.meta, {}, run.instance_outputs)
 
 
+def expand_result(owner_id: str, owner_inputs: dict[str, Any], raw_nodes: Any, raw_outputs: Any,
+                  workflow: Workflow | None = None) -> tuple[dict[str, NodeInstance], dict[str, Any]]:
+    """The nodes a node's returned Expansion adds (ids ``<owner_id>/<local id>``, ``@in`` bound to
+    ``owner_inputs``) and its outputs as flat values. Raises WorkflowError naming what is wrong."""
+    raw_outputs = raw_outputs if isinstance(raw_outputs, dict) else {}
+    definition, problems = SubgraphDef.from_dict(f"expansion of {owner_id}", {
+        "inputs": {name: {"type": "*"} for name in owner_inputs},
+        "outputs": {name: {"from": source} for name, source in raw_outputs.items()},
+        "nodes": raw_nodes,
+    })
+    if problems:
+        raise WorkflowError(problems)
+    run = _Expansion(_lookup(workflow or Workflow(), True))
+    bindings = {name: (lambda value=value: value) for name, value in owner_inputs.items()}
+    child = _Level(run, definition.nodes, owner_id + "/", bindings, (definition.name,))
+    child.expand_all()
+    outputs = {name: child.value(connection, owner_id) for name, connection in definition.outputs.items()}
+    if run.problems:
+        raise WorkflowError(run.problems)
+    return run.nodes, outputs
+
+
 def resolve_targets(flat: Workflow, targets: list[str] | None) -> list[str] | None:
     """Targets of an expanded workflow: a subgraph instance id stands for the inner nodes its
     outputs come from."""

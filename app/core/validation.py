@@ -13,10 +13,13 @@ from app.core import paths
 from app.core.registry import NodeDef, Registry
 from app.core.types import accepts
 from app.core.subgraphs import expand, resolve_targets
-from app.core.workflow import Connection, NodeInstance, Problem, Workflow, WorkflowError, output_nodes
+from app.core.workflow import Connection, Follow, NodeInstance, Problem, Workflow, WorkflowError, output_nodes
 
 
-def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workflow, registry: Registry) -> list[Problem]:
+def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workflow, registry: Registry,
+                  eager: bool = True) -> list[Problem]:
+    """Problems of one node's inputs. A node only a lazy input may ask for (``eager`` False) need
+    not be runnable now: its missing files are warnings (an error if it is asked for)."""
     problems = []
     for name in inst.inputs:
         if name not in nd.inputs:
@@ -57,6 +60,10 @@ def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workf
             reason = decl.check_value(value)
             if reason is None and decl.names_file(value):
                 reason = _check_file(decl.spec.file, value)
+                if reason and not eager:
+                    problems.append(Problem(f"{reason} (needed only if a lazy input asks for it)", node_id, name,
+                                            "bad_value", "warning"))
+                    continue
             if reason:
                 problems.append(Problem(reason, node_id, name, "bad_value"))
     return problems
@@ -91,15 +98,9 @@ def validate(workflow: Workflow, registry: Registry, targets: list[str] | None =
 
 def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Problem]:
     """:func:`validate` for a workflow without subgraph instances."""
-    problems: list[Problem] = []
-    for node_id, inst in workflow.nodes.items():
-        nd = registry.get(inst.type)
-        if nd is None:
-            problems.append(Problem(f"unknown node type {inst.type!r} (is its plugin installed?)", node_id, kind="unknown_type"))
-            continue
-        problems.extend(_check_inputs(node_id, inst, nd, workflow, registry))
-        if inst.bypass:
-            problems.extend(_check_bypass(node_id, inst, nd))
+    outputs = output_nodes(workflow, registry)
+    eager = workflow.needed(targets if targets is not None else outputs, eager_inputs(registry, workflow))
+    problems = check_nodes(workflow, registry, list(workflow.nodes), eager)
     cycles = workflow.cycles()
     for cycle in cycles:
         path = " -> ".join(cycle + [cycle[0]])
@@ -109,7 +110,6 @@ def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | N
             if target not in workflow.nodes:
                 problems.append(Problem(f"requested output node {target!r} does not exist", target, kind="bad_target"))
     else:
-        outputs = output_nodes(workflow, registry)
         if not outputs and workflow.nodes:
             problems.append(Problem("nothing to run: the workflow has no output node (e.g. SaveImage or PreviewAny)", kind="no_output"))
         if not cycles:
@@ -121,6 +121,31 @@ def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | N
                         Problem("nothing requests this node's outputs; it will not run", node_id, kind="unused", severity="warning")
                     )
     return problems
+
+
+def check_nodes(workflow: Workflow, registry: Registry, node_ids: list[str], eager: set[str] | None = None) -> list[Problem]:
+    """The problems of some nodes of ``workflow`` (types, inputs, links, bypass)."""
+    problems: list[Problem] = []
+    for node_id in node_ids:
+        inst = workflow.nodes[node_id]
+        nd = registry.get(inst.type)
+        if nd is None:
+            problems.append(Problem(f"unknown node type {inst.type!r} (is its plugin installed?)", node_id, kind="unknown_type"))
+            continue
+        problems.extend(_check_inputs(node_id, inst, nd, workflow, registry, eager is None or node_id in eager))
+        if inst.bypass:
+            problems.extend(_check_bypass(node_id, inst, nd))
+    return problems
+
+
+def eager_inputs(registry: Registry, workflow: Workflow) -> Follow | None:
+    """A traversal filter (Workflow.needed's ``follow``) that skips lazy inputs; None (follow
+    everything) when no node of ``workflow`` has one."""
+    lazy = {t: nd.lazy_inputs for t in {inst.type for inst in workflow.nodes.values()}
+            if (nd := registry.get(t)) is not None and nd.lazy_inputs}
+    if not lazy:
+        return None
+    return lambda inst, name: name not in lazy.get(inst.type, ())
 
 
 def errors(problems: list[Problem]) -> list[Problem]:

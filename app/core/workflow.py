@@ -27,6 +27,7 @@ import networkx as nx
 from app.core.registry import Registry
 
 FORMAT = "ditgraph/workflow"
+Follow = Callable[["NodeInstance", str], bool]  # which inputs a traversal follows
 VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 
@@ -248,20 +249,24 @@ class Workflow:
         """The nodes a run computes by default: every non-bypassed output node."""
         return output_nodes(self, registry)
 
-    def needed(self, targets: list[str]) -> set[str]:
-        """``targets`` and every node they depend on."""
-        return set(self._producers(targets))
+    def needed(self, targets: list[str], follow: Follow | None = None) -> set[str]:
+        """``targets`` and every node they depend on (through the inputs ``follow`` accepts)."""
+        return set(self._producers(targets, follow))
 
-    def _producers(self, targets: list[str]) -> dict[str, set[str]]:
-        """For ``targets`` and everything they depend on: node id -> the nodes it reads."""
+    def _producers(self, targets: list[str], follow: Follow | None = None, done=frozenset()) -> dict[str, set[str]]:
+        """For ``targets`` and everything they depend on: node id -> the nodes it reads.
+        Inputs ``follow(inst, name)`` rejects are not followed; nodes in ``done`` are left out."""
         producers: dict[str, set[str]] = {}
-        stack = [t for t in targets if t in self.nodes]
+        stack = [t for t in targets if t in self.nodes and t not in done]
         while stack:
             node_id = stack.pop()
             if node_id in producers:
                 continue
+            inst = self.nodes[node_id]
             found = producers[node_id] = {
-                c.node for c in self.nodes[node_id].inputs.values() if isinstance(c, Connection) and c.node in self.nodes
+                c.node for name, c in inst.inputs.items()
+                if isinstance(c, Connection) and c.node in self.nodes and c.node not in done
+                and (follow is None or follow(inst, name))
             }
             stack.extend(p for p in found if p not in producers)
         return producers
@@ -274,11 +279,12 @@ class Workflow:
         stuck = self.graph().subgraph(n for n in self.nodes if n not in ordered)
         return list(itertools.islice(nx.simple_cycles(stuck), limit))
 
-    def execution_order(self, targets: list[str]) -> list[str]:
+    def execution_order(self, targets: list[str], follow: Follow | None = None, done=frozenset()) -> list[str]:
         """The nodes ``targets`` need, producers before consumers (Kahn's algorithm), ties
         broken by declaration order so a run is deterministic. Nodes on a cycle are left out
-        (validation reports cycles before anything runs)."""
-        producers = self._producers(targets)
+        (validation reports cycles before anything runs). ``follow``/``done``: as for
+        :meth:`needed` (the executor leaves lazy inputs and finished nodes out)."""
+        producers = self._producers(targets, follow, done)
         position = {node_id: i for i, node_id in enumerate(self.nodes)}
         waiting = {node_id: len(found) for node_id, found in producers.items()}
         consumers: dict[str, list[str]] = {}
