@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from app.core import paths
+from app.core.cache_policies import CachePolicy, parse_cache_policy
 from app.core.context import RunCancelled
 from app.core.explain import static_keys
 from app.core.keys import NodeKey, diff_reason, engine_salt, node_key
@@ -44,9 +45,15 @@ class Engine:
         cache: MemoCache | None = None,
         device: str | torch.device | None = None,
         output_dir: str | Path | None = None,
+        cache_policy: CachePolicy | str | None = None,
     ):
+        """``cache_policy`` (app/core/cache_policies.py: "lru", "lru:8G", "workflows:3",
+        "ram:0.2", "none") replaces the cache's policy when given."""
         self.registry = registry if registry is not None else default_registry()
         self.cache = cache if cache is not None else MemoCache()  # an empty cache is falsy
+        if cache_policy is not None:
+            self.cache.policy = parse_cache_policy(cache_policy)
+            self.cache.max_bytes = self.cache.policy.max_bytes or self.cache.max_bytes
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []
@@ -136,6 +143,7 @@ class Engine:
         started = time.perf_counter()
         with self._run_lock:
             try:
+                self.cache.begin_run(state.scope)
                 self._run_all(state, targets)
             finally:
                 state.result.duration = time.perf_counter() - started
