@@ -7,14 +7,16 @@ import sys
 from typing import Annotated, Any
 
 import pytest
+import torch
 
 import nodes.core
+import nodes.image
 from app.core import paths
 from app.core.context import current
 from app.core.executor import Engine
 from app.core.memo import MemoCache
 from app.core.registry import NodeResult, Registry, node
-from app.core.types import INT, STRING, Spec
+from app.core.types import IMAGE, INT, STRING, Spec
 from app.core.workflow import Workflow
 from tests.fixtures import engine_nodes
 
@@ -42,6 +44,11 @@ def CollectList(values: Annotated[Any, Spec(whole_list=True)]) -> NodeResult:
     return NodeResult((), {"values": [list(values)]})
 
 
+@node(category="test", outputs={"image": IMAGE})
+def SeedImage(seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.full((batch, 4, 4, 3), (seed % 10) / 10)
+
+
 @node(category="test", outputs={"value": INT})
 def ListIndex(value: int = 0) -> int:
     """Its value times 100 plus the list element index it ran for."""
@@ -61,6 +68,7 @@ def wf(nodes_: dict) -> dict:
 def engine() -> Engine:
     registry = Registry()
     registry.add_module(nodes.core)
+    registry.add_module(nodes.image)
     registry.add_module(engine_nodes)
     registry.add_module(sys.modules[__name__])
     engine_nodes.calls.clear()
@@ -183,3 +191,19 @@ def test_always_run_nodes_are_never_cache_hits(engine):
     assert len(stamps) == 2 and "t" in second.executed and {"c", "k"} <= set(second.cached)
     assert second.reasons["t"].startswith("always runs")
     assert engine.explain(Workflow.from_dict(doc))["t"].startswith("always runs")
+
+
+def test_save_image_names_each_sweep_element_and_batch_image(engine, tmp_path):
+    doc = wf({
+        "seeds": {"type": "SeedList", "inputs": {"start": 1, "count": 3}},
+        "img": {"type": "SeedImage", "inputs": {"seed": link("seeds", "seed"), "batch": 2}},
+        "save": {"type": "SaveImage", "inputs": {"images": link("img", "image"), "filename_prefix": "sweep/run"}},
+        "tagged": {"type": "SaveImage", "inputs": {"images": link("img", "image"), "filename_prefix": "t-{item}-{batch}"}},
+    })
+    result = engine.run(doc, output_dir=tmp_path)
+    names = [entry["filename"] for entry in result.ui["save"]["images"]]
+    assert names == ["run_000_00001.png", "run_000_00002.png", "run_001_00001.png", "run_001_00002.png",
+                     "run_002_00001.png", "run_002_00002.png"]
+    assert [e["filename"] for e in result.ui["tagged"]["images"]][:3] == ["t-000-00_00001.png", "t-000-01_00001.png",
+                                                                         "t-001-00_00001.png"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == sorted(names)
