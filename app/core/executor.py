@@ -130,11 +130,7 @@ class Engine:
         """
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
-        flat = expand(workflow)
-        targets = resolve_targets(flat, targets)
-        problems = errors(validate_flat(flat, self.registry, targets))
-        if problems:
-            raise WorkflowError(problems)
+        flat, targets, order = self.prepare(workflow, targets)
         state = RunState(
             flat, RunResult(run_id or uuid.uuid4().hex[:12]), scope or workflow.name(), self._emitter(on_event),
             cancel or threading.Event(), Path(output_dir) if output_dir else (self.output_dir or paths.output_dir()),
@@ -144,21 +140,30 @@ class Engine:
         with self._run_lock:
             try:
                 self.cache.begin_run(state.scope)
-                self._run_all(state, targets)
+                self._run_all(state, targets, order)
             finally:
                 state.result.duration = time.perf_counter() - started
         return state.result
 
-    def _run_all(self, state: RunState, targets: list[str] | None) -> None:
+    def prepare(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[Workflow, list[str], list[str]]:
+        """Expand subgraphs, validate (raising WorkflowError with every problem) and schedule:
+        (flat workflow, targets, the order of every node the targets may need)."""
+        flat = expand(workflow)
+        targets = resolve_targets(flat, targets)
+        problems = errors(validate_flat(flat, self.registry, targets))
+        if problems:
+            raise WorkflowError(problems)
+        targets = list(targets) if targets is not None else flat.output_nodes(self.registry)
+        return flat, targets, flat.execution_order(targets)
+
+    def _run_all(self, state: RunState, targets: list[str], order: list[str]) -> None:
         result, emit = state.result, state.emit
-        workflow = state.workflow
-        targets = list(targets) if targets is not None else workflow.output_nodes(self.registry)
-        emit({"type": "run_started", "run_id": result.run_id, "nodes": workflow.execution_order(targets), "targets": targets})
+        emit({"type": "run_started", "run_id": result.run_id, "nodes": order, "targets": targets})
         try:
-            Scheduler(self, state).run(targets)
+            Scheduler(self, state).run(targets, order)
             result.status = "success"
             result.outputs = {t: state.values[t] for t in targets}
-            result.skipped = [n for n in state.workflow.execution_order(targets) if n not in state.values]
+            result.skipped = [n for n in order if n not in state.values]
             result.reasons.update((n, "not needed") for n in result.skipped)
             emit({"type": "run_finished", "run_id": result.run_id, "executed": result.executed, "cached": result.cached})
         except RunCancelled:

@@ -89,16 +89,18 @@ def diff_reason(old: dict | None, new: dict) -> str:
     if old["type"] != new["type"] or old["version"] != new["version"]:
         return f"node type/version changed ({old['type']} v{old['version']} -> {new['type']} v{new['version']})"
     changes = []
-    for name in sorted(set(old["constants"]) | set(new["constants"])):
-        before, after = old["constants"].get(name), new["constants"].get(name)
-        if before != after:
-            changes.append(f"input {name!r} changed {_short(before)} -> {_short(after)}")
-    for name in sorted(set(old["links"]) | set(new["links"])):
-        if old["links"].get(name) != new["links"].get(name):
-            changes.append(f"upstream of {name!r} changed")
-    for name in sorted(set(old["files"]) | set(new["files"])):
-        if old["files"].get(name) != new["files"].get(name):
-            changes.append(f"file of {name!r} changed on disk")
+    for part in ("constants", "links", "files"):
+        before_part, after_part = old[part], new[part]
+        if before_part == after_part:
+            continue  # the common case: compare whole dicts before looking at names
+        for name in sorted(set(before_part) | set(after_part)):
+            before, after = before_part.get(name), after_part.get(name)
+            if before == after:
+                continue
+            if part == "constants":
+                changes.append(f"input {name!r} changed {_short(before)} -> {_short(after)}")
+            else:
+                changes.append(f"upstream of {name!r} changed" if part == "links" else f"file of {name!r} changed on disk")
     if old["salt"] != new["salt"]:
         changes.append("engine settings (device/dtype) changed")
     return "; ".join(changes) or "same key as before, but the cached result was evicted"

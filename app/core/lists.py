@@ -55,6 +55,9 @@ def wrap_outputs(nd: NodeDef, outputs: tuple) -> tuple:
 
 def map_calls(nd: NodeDef, kwargs: dict, call: Callable[[dict, int | None], tuple[tuple, dict | None]]) -> tuple[tuple, dict | None]:
     """Call ``call(element kwargs, index)`` once, or once per list element, and combine."""
+    if not nd.whole_list_inputs and not any(type(v) is ValueList for v in kwargs.values()):
+        outputs, ui = call(kwargs, None)  # the common case: no lists involved
+        return (wrap_outputs(nd, outputs) if nd.has_list_outputs and isinstance(outputs, tuple) else outputs), ui
     count = mapped_length(nd, kwargs)
     if count is None:
         outputs, ui = call(element_kwargs(nd, kwargs, None), None)

@@ -104,13 +104,9 @@ class Entry:
     sizes: dict[str, int]
     scope: str | None = None  # the workflow (run scope) that used it last
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes.values())
-
-    @property
-    def device_bytes(self) -> int:
-        return sum(n for device, n in self.sizes.items() if device != "cpu")
+    def __post_init__(self) -> None:
+        self.nbytes = sum(self.sizes.values())
+        self.device_bytes = self.nbytes - self.sizes.get("cpu", 0)
 
 
 class MemoCache:

@@ -89,13 +89,13 @@ class NodeDef:
     # it is called again after each evaluation until it asks for nothing new.
     needs: Callable[..., list[str]] | None = None
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.function)
-
-    @property
-    def lazy_inputs(self) -> frozenset[str]:
-        return frozenset(name for name, decl in self.inputs.items() if decl.spec.lazy)
+    def __post_init__(self) -> None:
+        # looked up for every node of every run: computed once
+        self.lazy_inputs = frozenset(name for name, decl in self.inputs.items() if decl.spec.lazy)
+        self.whole_list_inputs = frozenset(name for name, decl in self.inputs.items() if decl.spec.whole_list)
+        self.has_list_outputs = any(out.is_list for out in self.outputs)
+        self.output_index = {out.name: i for i, out in enumerate(self.outputs)}
+        self.is_async = inspect.iscoroutinefunction(self.function)
 
     def output_type(self, name: str) -> str | None:
         for out in self.outputs:

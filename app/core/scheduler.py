@@ -59,19 +59,23 @@ class Scheduler:
         self.follow = eager_inputs(self.registry, state.workflow)
 
     # -- driving ---------------------------------------------------------------------------------
-    def run(self, targets: list[str]) -> None:
-        """Compute ``targets`` (and what they need), then wait for async work still running."""
+    def run(self, targets: list[str], order: list[str]) -> None:
+        """Compute ``targets`` (and what they need), then wait for async work still running.
+        ``order`` is every node the targets may need, in run order."""
         try:
-            self.ensure(targets)
+            self.ensure(targets, order if self.follow is None else None)
             self.settle(list(self.pending))
         finally:
             for pending in self.pending.values():  # a failure or cancellation: stop what still runs
                 pending.future.cancel()
 
-    def ensure(self, node_ids: list[str]) -> None:
-        """Run (or take from the cache) ``node_ids`` and their eager dependencies."""
-        done = self.state.values.keys() | self.pending.keys()
-        for node_id in self.state.workflow.execution_order(node_ids, self.follow, done):
+    def ensure(self, node_ids: list[str], order: list[str] | None = None) -> None:
+        """Run (or take from the cache) ``node_ids`` and their eager dependencies (``order``:
+        those, already scheduled)."""
+        if order is None:
+            done = self.state.values.keys() | self.pending.keys()
+            order = self.state.workflow.execution_order(node_ids, self.follow, done)
+        for node_id in order:
             self.state.check_cancelled()
             self.state.current = node_id
             self.step(node_id)
@@ -88,7 +92,7 @@ class Scheduler:
         """The value a connection carries: an output of an already-computed upstream node."""
         self.settle([connection.node])
         source_def = self.registry.get(self.state.workflow.nodes[connection.node].type)
-        return self.state.values[connection.node][[o.name for o in source_def.outputs].index(connection.output)]
+        return self.state.values[connection.node][source_def.output_index[connection.output]]
 
     # -- one node --------------------------------------------------------------------------------
     def step(self, node_id: str) -> None:

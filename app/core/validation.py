@@ -99,7 +99,8 @@ def validate(workflow: Workflow, registry: Registry, targets: list[str] | None =
 def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Problem]:
     """:func:`validate` for a workflow without subgraph instances."""
     outputs = output_nodes(workflow, registry)
-    eager = workflow.needed(targets if targets is not None else outputs, eager_inputs(registry, workflow))
+    follow = eager_inputs(registry, workflow)
+    eager = workflow.needed(targets if targets is not None else outputs, follow)
     problems = check_nodes(workflow, registry, list(workflow.nodes), eager)
     cycles = workflow.cycles()
     for cycle in cycles:
@@ -113,7 +114,7 @@ def validate_flat(workflow: Workflow, registry: Registry, targets: list[str] | N
         if not outputs and workflow.nodes:
             problems.append(Problem("nothing to run: the workflow has no output node (e.g. SaveImage or PreviewAny)", kind="no_output"))
         if not cycles:
-            needed = workflow.needed(outputs)
+            needed = eager if follow is None else workflow.needed(outputs)
             for node_id in workflow.nodes:
                 nd = registry.get(workflow.nodes[node_id].type)
                 if node_id not in needed and nd is not None and nd.extra.get("passive") is not True:

@@ -31,10 +31,15 @@ Follow = Callable[["NodeInstance", str], bool]  # which inputs a traversal follo
 VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 
-# MIGRATIONS[n] turns a version-n document into version n+1 (pure dict -> dict).
+# MIGRATIONS[n] turns a version-n document into version n+1 (dict -> dict). A migration that
+# builds new objects instead of editing nested ones in place sets ``.pure = True``: then the
+# caller's document is not deep-copied first.
 def _v1_to_v2(document: dict) -> dict:
     """Version 2 added top-level ``subgraphs``; a version-1 document has none."""
     return {**document, "version": 2}
+
+
+_v1_to_v2.pure = True  # type: ignore[attr-defined]  # edits nothing in place: no deep copy needed
 
 
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
@@ -321,7 +326,8 @@ def migrate(document: Any) -> dict:
             [Problem(f"version {version} is newer than this ditgraph understands ({VERSION}); upgrade ditgraph", kind="format")]
         )
     if version < VERSION:
-        document = copy.deepcopy(document)  # migrations may edit in place; never touch the caller's dict
+        in_place = any(not getattr(MIGRATIONS[v], "pure", False) for v in range(version, VERSION))
+        document = copy.deepcopy(document) if in_place else document  # never touch the caller's dict
     while document["version"] < VERSION:
         document = MIGRATIONS[document["version"]](document)
     return document
