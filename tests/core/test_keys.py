@@ -52,3 +52,13 @@ def test_execution_order_covers_only_what_targets_need():
     workflow = Workflow.from_dict(doc())
     assert workflow.execution_order(["sum"]) == ["b", "a", "sum"]
     assert workflow.cycles() == []
+
+
+def test_a_long_chain_needs_no_recursion():
+    count = 3000  # recursive validators and key builders fail near 1,000 (Python's recursion limit)
+    nodes_ = {"0": {"type": "Const", "inputs": {"value": 0}}}
+    for index in range(1, count):
+        nodes_[str(index)] = {"type": "Increment", "inputs": {"value": {"from": [str(index - 1), "value"]}}}
+    nodes_["sink"] = {"type": "Sink", "inputs": {"value": {"from": [str(count - 1), "value"]}}}
+    result = engine().run({"format": "ditgraph/workflow", "version": 2, "nodes": nodes_})
+    assert result.ui["sink"] == {"value": [count - 1]}
