@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import nodes.core
 from app.core.cache_policies import CACHE_POLICIES, KeepWorkflows, RamPressure, parse_cache_policy
 from app.core.executor import Engine
-from app.core.memo import MemoCache
-from app.core.registry import Registry
-from tests.fixtures import engine_nodes
+from tests.core._engines import small_engine
 
 
 def workflow(name: str, value: int) -> dict:
@@ -19,10 +16,7 @@ def workflow(name: str, value: int) -> dict:
 
 
 def engine(policy) -> Engine:
-    registry = Registry()
-    registry.add_module(nodes.core)
-    registry.add_module(engine_nodes)
-    return Engine(registry, MemoCache(max_bytes=1 << 26, max_device_bytes=0), device="cpu", cache_policy=policy)
+    return small_engine(cache_policy=policy)
 
 
 def test_parse_cache_policy_specs():

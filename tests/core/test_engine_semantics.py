@@ -9,15 +9,14 @@ from typing import Annotated, Any
 import pytest
 import torch
 
-import nodes.core
 import nodes.image
 from app.core import paths
 from app.core.context import current
 from app.core.executor import Engine
-from app.core.memo import MemoCache
-from app.core.registry import NodeResult, Registry, node
+from app.core.registry import NodeResult, node
 from app.core.types import IMAGE, INT, STRING, Spec
 from app.core.workflow import Workflow
+from tests.core._engines import small_engine
 from tests.fixtures import engine_nodes
 
 rendezvous: dict[str, asyncio.Event] = {}
@@ -66,13 +65,7 @@ def wf(nodes_: dict) -> dict:
 
 @pytest.fixture
 def engine() -> Engine:
-    registry = Registry()
-    registry.add_module(nodes.core)
-    registry.add_module(nodes.image)
-    registry.add_module(engine_nodes)
-    registry.add_module(sys.modules[__name__])
-    engine_nodes.calls.clear()
-    return Engine(registry, MemoCache(max_bytes=1 << 26, max_device_bytes=0), device="cpu")
+    return small_engine(nodes.image, sys.modules[__name__])
 
 
 # -- lazy inputs -----------------------------------------------------------------------------------

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import nodes.core
 from app.core.executor import Engine
 from app.core.keys import engine_salt, node_key
-from app.core.memo import MemoCache
-from app.core.registry import Registry
 from app.core.workflow import Connection, Workflow
-from tests.fixtures import engine_nodes
+from tests.core._engines import small_engine
 
 
 def engine() -> Engine:
-    registry = Registry()
-    registry.add_module(nodes.core)
-    registry.add_module(engine_nodes)
-    return Engine(registry, MemoCache(max_bytes=1 << 26, max_device_bytes=0), device="cpu")
+    return small_engine()
 
 
 def doc(b: int = 2) -> dict:

@@ -8,11 +8,10 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import nodes.core
 from app.core.executor import Engine
-from app.core.memo import MemoCache
-from app.core.registry import Registry, node
+from app.core.registry import node
 from app.core.types import INT, ListOf
+from tests.core._engines import small_engine
 from tests.fixtures import engine_nodes
 
 
@@ -22,11 +21,7 @@ def IntList(values: str = "") -> list[int]:
 
 
 def fresh_engine() -> Engine:
-    registry = Registry()
-    for module in (nodes.core, engine_nodes, sys.modules[__name__]):
-        registry.add_module(module)
-    engine_nodes.calls.clear()
-    return Engine(registry, MemoCache(max_bytes=1 << 26, max_device_bytes=0), device="cpu")
+    return small_engine(sys.modules[__name__])
 
 
 def link(node_id: str, output: str = "value") -> dict:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import nodes.core
 from app.core import paths
 from app.core.executor import Engine
-from app.core.memo import MemoCache
-from app.core.registry import Registry
 from app.core.subgraphs import list_blueprints, load_blueprint, save_blueprint
 from app.core.validation import validate
 from app.core.workflow import Workflow, WorkflowError
-from tests.fixtures import engine_nodes
+from tests.core._engines import small_engine
 
 
 def link(node_id: str, output: str = "value") -> dict:
@@ -42,11 +39,7 @@ def doc(nodes: dict, **subgraphs) -> dict:
 
 @pytest.fixture
 def engine() -> Engine:
-    registry = Registry()
-    registry.add_module(nodes.core)
-    registry.add_module(engine_nodes)
-    engine_nodes.calls.clear()
-    return Engine(registry, MemoCache(max_bytes=1 << 26, max_device_bytes=0), device="cpu")
+    return small_engine()
 
 
 def test_instance_runs_its_inner_nodes_under_namespaced_ids(engine):
