@@ -99,7 +99,11 @@ class Scheduler:
         state, result = self.state, self.state.result
         inst = state.workflow.nodes[node_id]
         nd = self.registry.get(inst.type)
-        inputs = self._resolve_lazy(inst, nd) if nd.lazy_inputs and not inst.bypass else inst.inputs
+        inputs = inst.inputs
+        if nd.lazy_inputs and inst.bypass:  # a bypassed node passes an input on: compute them all
+            self.ensure([c.node for c in inst.links().values()])
+        elif nd.lazy_inputs:
+            inputs = self._resolve_lazy(inst, nd)
         self.settle([c.node for c in inputs.values() if isinstance(c, Connection)])
         try:
             found = node_key(nd, inputs, state.keys, self.engine.salt, inst.bypass,

@@ -103,7 +103,10 @@ class _Level:
         name = inst.type[len(SUBGRAPH_PREFIX):]
         definition = self.run.lookup(name)
         outputs: dict[str, Any] = {}
-        if name in self.stack:
+        if inst.bypass:
+            self.run.problems.append(Problem("a subgraph instance cannot be bypassed; bypass nodes inside it",
+                                             flat_id, kind="bypass"))
+        elif name in self.stack:
             chain = " -> ".join((*self.stack[self.stack.index(name):], name))
             self.run.problems.append(Problem(f"subgraph recursion: {chain}", flat_id, kind="subgraph_recursion"))
         elif definition is None:

@@ -107,6 +107,13 @@ def test_switch_and_select_first_available(engine):
     assert "b" not in engine_nodes.calls and "c" not in engine_nodes.calls
 
 
+def test_a_bypassed_lazy_node_passes_its_first_input_on(engine):
+    doc = wf({"a": {"type": "Const", "inputs": {"value": 4}}, "b": {"type": "Const", "inputs": {"value": 5}},
+              "if": {"type": "If", "inputs": {"condition": False, "if_true": link("a"), "if_false": link("b")}, "bypass": True},
+              "s": {"type": "Sink", "inputs": {"value": link("if")}}})
+    assert engine.run(doc).ui["s"] == {"value": [4]}
+
+
 # -- lists -----------------------------------------------------------------------------------------
 
 

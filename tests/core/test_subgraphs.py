@@ -85,6 +85,11 @@ def test_problems_inside_an_instance_name_the_inner_node(engine):
     assert problems == [("up/add", "b", "bad_value")]
 
 
+def test_a_bypassed_instance_is_refused_by_name(engine):
+    workflow = doc({"up": {"type": "subgraph:AddBias", "inputs": {"x": 1}, "bypass": True}})
+    assert [(p.node, p.kind) for p in validate(Workflow.from_dict(workflow), engine.registry)] == [("up", "bypass")]
+
+
 def test_recursion_is_refused_with_the_chain_named(engine):
     loop_a = {"inputs": {}, "outputs": {}, "nodes": {"b": {"type": "subgraph:B", "inputs": {}}}}
     loop_b = {"inputs": {}, "outputs": {}, "nodes": {"a": {"type": "subgraph:A", "inputs": {}}}}
