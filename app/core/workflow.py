@@ -1,12 +1,14 @@
-"""The workflow model: one canonical JSON format, its migrations, and validation.
+"""The workflow model: one canonical JSON format (docs/workflow-format.md), its migrations,
+reading and writing, and the graph (dependencies, cycles, execution order).
 
-    {"format": "ditgraph/workflow", "version": 1,
+    {"format": "ditgraph/workflow", "version": 2,
      "nodes": {"3": {"type": "Sampler", "inputs": {"steps": 28, "model": {"from": ["1", "model"]}}}},
-     "layout": {...}, "meta": {...}}
+     "subgraphs": {...}, "layout": {...}, "meta": {...}}
 
 Inputs are keyed by name, never by position. ``layout`` (positions, groups, viewport) is
-kept verbatim and never affects what runs. Validation reports every problem at once, each
-naming the node, the input and the reason.
+kept verbatim and never affects what runs. Validation (app/core/validation.py) reports every
+problem at once, each naming the node, the input and the reason; subgraph instances are
+expanded first (app/core/subgraphs.py).
 """
 
 from __future__ import annotations
