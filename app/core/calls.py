@@ -1,5 +1,5 @@
-"""Calling one node function: its run context, list mapping, async functions, out-of-memory
-recovery, output normalising."""
+"""Calling one node function: its run context, async functions, out-of-memory recovery,
+output normalising."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from app.core.context import RunCancelled, RunContext, reset_current, set_current
-from app.core.lists import combine, element_kwargs, mapped_length, map_calls, wrap_outputs
 from app.core.memo import MemoCache
 from app.core.registry import Expansion, NodeDef, NodeResult
 from app.core.runstate import NodeFailed
@@ -25,62 +24,47 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def call_node(nd: NodeDef, kwargs: dict, ctx: RunContext, cache: MemoCache) -> Returned:
-    """Run a synchronous node (once, or once per list element); returns (outputs or an
-    Expansion, ui). On out-of-memory, move the memo cache's GPU entries to CPU and try once
-    more; any failure becomes NodeFailed naming the node."""
-
-    def one(arguments: dict, index: int | None) -> Returned:
-        token = set_current(_element_ctx(ctx, index, kwargs, nd))
-        try:
-            for attempt in (1, 2):
-                try:
-                    return normalise(nd, nd.function(**arguments), mapped=index is not None)
-                except RunCancelled:
-                    raise
-                except Exception as exc:
-                    if is_oom(exc) and attempt == 1:
-                        free_device_memory(cache)
-                        continue
-                    raise _failed(nd, ctx, exc) from None
-        finally:
-            reset_current(token)
-        raise AssertionError("unreachable")
-
+    """Run a synchronous node once; returns (outputs or an Expansion, ui). On out-of-memory,
+    move the memo cache's GPU entries to CPU and try once more; any failure becomes NodeFailed
+    naming the node."""
+    token = set_current(ctx)
     try:
-        return map_calls(nd, kwargs, one)
-    except ValueError as exc:  # lists that do not zip
-        raise NodeFailed(ctx.node_id, nd.type, str(exc)) from None
+        for attempt in (1, 2):
+            try:
+                return normalise(nd, nd.function(**kwargs), mapped=ctx.list_index is not None)
+            except RunCancelled:
+                raise
+            except Exception as exc:
+                if is_oom(exc) and attempt == 1:
+                    free_device_memory(cache)
+                    continue
+                raise _failed(nd, ctx, exc) from None
+    finally:
+        reset_current(token)
+    raise AssertionError("unreachable")
 
 
 async def call_async_node(nd: NodeDef, kwargs: dict, ctx: RunContext) -> Returned:
-    """Run an ``async def`` node on the engine's event loop; list elements run concurrently."""
-
-    async def one(arguments: dict, index: int | None) -> Returned:
-        token = set_current(_element_ctx(ctx, index, kwargs, nd))
-        try:
-            return normalise(nd, await nd.function(**arguments), mapped=index is not None)
-        except RunCancelled:
-            raise
-        except Exception as exc:
-            raise _failed(nd, ctx, exc) from None
-        finally:
-            reset_current(token)
-
+    """Run an ``async def`` node once, on the engine's event loop."""
+    token = set_current(ctx)
     try:
-        count = mapped_length(nd, kwargs)
-    except ValueError as exc:
-        raise NodeFailed(ctx.node_id, nd.type, str(exc)) from None
-    if count is None:
-        outputs, ui = await one(element_kwargs(nd, kwargs, None), None)
-        return (outputs if isinstance(outputs, Expansion) else wrap_outputs(nd, outputs)), ui
-    results = await asyncio.gather(*(one(element_kwargs(nd, kwargs, i), i) for i in range(count)))
-    return combine(nd, list(results))
+        return normalise(nd, await nd.function(**kwargs), mapped=ctx.list_index is not None)
+    except RunCancelled:
+        raise
+    except Exception as exc:
+        raise _failed(nd, ctx, exc) from None
+    finally:
+        reset_current(token)
 
 
-def _element_ctx(ctx: RunContext, index: int | None, kwargs: dict, nd: NodeDef) -> RunContext:
-    if index is None:
-        return ctx
-    return dataclasses.replace(ctx, list_index=index, list_size=mapped_length(nd, kwargs))
+async def call_async_elements(nd: NodeDef, calls: list[tuple[dict, RunContext]]) -> list[Returned]:
+    """Several calls of an async node (list elements), concurrently."""
+    return list(await asyncio.gather(*(call_async_node(nd, kwargs, ctx) for kwargs, ctx in calls)))
+
+
+def element_ctx(ctx: RunContext, index: int, count: int) -> RunContext:
+    """The context of the call for list element ``index`` of ``count``."""
+    return dataclasses.replace(ctx, list_index=index, list_size=count)
 
 
 def _failed(nd: NodeDef, ctx: RunContext, exc: Exception) -> NodeFailed:

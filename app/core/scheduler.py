@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app.core import paths
-from app.core.calls import call_async_node, call_node
+from app.core.calls import call_async_elements, call_async_node, call_node, element_ctx
 from app.core.context import RunContext
 from app.core.keys import NodeKey, diff_reason, node_key
+from app.core.lists import combine, element_keys, element_kwargs, label_outputs, mapped_length
 from app.core.registry import Expansion, NodeDef
 from app.core.runstate import NodeFailed, RunState
 from app.core.subgraphs import expand_result
@@ -50,6 +52,8 @@ class _Pending:
     nd: NodeDef
     found: NodeKey
     started: float
+    complete: Callable[[Any], tuple]  # the future's result -> (outputs, ui)
+    store: bool = True  # memoize under the node key (mapped nodes memoize per element instead)
 
 
 class Scheduler:
@@ -85,8 +89,8 @@ class Scheduler:
         for node_id in node_ids:
             pending = self.pending.pop(node_id, None)
             if pending is not None:
-                outputs, ui = pending.future.result()
-                self._finish(node_id, pending.nd, pending.found, outputs, ui, pending.started)
+                outputs, ui = pending.complete(pending.future.result())
+                self._finish(node_id, pending.nd, pending.found, outputs, ui, pending.started, pending.store)
 
     def value(self, connection: Connection) -> Any:
         """The value a connection carries: an output of an already-computed upstream node."""
@@ -118,15 +122,19 @@ class Scheduler:
             return
         entry = None if nd.always_run else self.engine.cache.get(found.key)
         if entry is not None:
-            state.values[node_id] = entry.outputs
-            result.cached.append(node_id)
-            result.reasons[node_id] = "cache hit"
-            if entry.ui is not None:
-                result.ui[node_id] = entry.ui
-            state.emit({"type": "node_cached", "run_id": result.run_id, "node": node_id, "ui": entry.ui})
+            self._hit(node_id, entry.outputs, entry.ui, "cache hit")
             return
         result.reasons[node_id] = diff_reason(previous, found.parts)
-        self._execute(node_id, inst, nd, found, inputs)
+        self._execute(node_id, nd, found, inputs)
+
+    def _hit(self, node_id: str, outputs: tuple, ui: dict | None, reason: str) -> None:
+        state, result = self.state, self.state.result
+        state.values[node_id] = outputs
+        result.cached.append(node_id)
+        result.reasons[node_id] = reason
+        if ui is not None:
+            result.ui[node_id] = ui
+        state.emit({"type": "node_cached", "run_id": result.run_id, "node": node_id, "ui": ui})
 
     def _resolve_lazy(self, inst: NodeInstance, nd: NodeDef) -> dict[str, Any]:
         """Evaluate the lazy inputs the node's ``needs`` asks for; returns the inputs to key and
@@ -141,7 +149,7 @@ class Scheduler:
             self.ensure([inst.inputs[n].node for n in new if isinstance(inst.inputs.get(n), Connection)])
             evaluated.update(new)
 
-    def _execute(self, node_id: str, inst: NodeInstance, nd: NodeDef, found: NodeKey, inputs: dict) -> None:
+    def _execute(self, node_id: str, nd: NodeDef, found: NodeKey, inputs: dict) -> None:
         """Call the node (a cache miss); async nodes finish later (see :meth:`settle`)."""
         state, result = self.state, self.state.result
         kwargs = dict(found.constants)
@@ -149,25 +157,69 @@ class Scheduler:
             if isinstance(connection, Connection):
                 kwargs[name] = self.value(connection)
         kwargs.update((name, str(path)) for name, path in found.files.items())
-        state.emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
+        try:
+            count = mapped_length(nd, kwargs)
+        except ValueError as exc:
+            raise NodeFailed(node_id, nd.type, str(exc)) from None
         ctx = RunContext(result.run_id, node_id, nd.type, self.engine.device, state.output_dir, state.document,
                          state.emit, state.cancel)
+        if count is not None:
+            self._execute_mapped(node_id, nd, found, kwargs, ctx, count)
+            return
+        state.emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
         started = time.perf_counter()
+
+        def complete(returned: tuple) -> tuple:
+            outputs, ui = returned
+            return (label_outputs(nd, outputs, found.key) if isinstance(outputs, tuple) else outputs), ui
+
         if nd.is_async:
             future = asyncio.run_coroutine_threadsafe(call_async_node(nd, kwargs, ctx), self.engine.event_loop())
-            self.pending[node_id] = _Pending(future, nd, found, started)
+            self.pending[node_id] = _Pending(future, nd, found, started, complete)
             return
-        outputs, ui = call_node(nd, kwargs, ctx, self.engine.cache)
+        outputs, ui = complete(call_node(nd, kwargs, ctx, self.engine.cache))
         self._finish(node_id, nd, found, outputs, ui, started)
 
+    def _execute_mapped(self, node_id: str, nd: NodeDef, found: NodeKey, kwargs: dict, ctx: RunContext, count: int) -> None:
+        """One call per list element, each memoized under its element key: only misses run."""
+        cache, result = self.engine.cache, self.state.result
+        keys = element_keys(nd, kwargs, found.parts, count)
+        done: dict[int, tuple] = {}
+        for index, key in enumerate(keys):
+            entry = None if nd.always_run else cache.get(key)
+            if entry is not None:
+                done[index] = (entry.outputs, entry.ui)
+        missing = [index for index in range(count) if index not in done]
+        if not missing:
+            self._hit(node_id, *combine(nd, [done[i] for i in range(count)], keys), "cache hit (every list element)")
+            return
+        result.reasons[node_id] += f" ({len(missing)} of {count} list elements run)"
+        self.state.emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
+        started = time.perf_counter()
+        calls = [(element_kwargs(nd, kwargs, index), element_ctx(ctx, index, count)) for index in missing]
+
+        def complete(returned: list) -> tuple:
+            for index, (outputs, ui) in zip(missing, returned, strict=True):
+                cache.put(keys[index], outputs, ui)
+                done[index] = (outputs, ui)
+            return combine(nd, [done[i] for i in range(count)], keys)
+
+        if nd.is_async:
+            future = asyncio.run_coroutine_threadsafe(call_async_elements(nd, calls), self.engine.event_loop())
+            self.pending[node_id] = _Pending(future, nd, found, started, complete, store=False)
+            return
+        outputs, ui = complete([call_node(nd, arguments, element, cache) for arguments, element in calls])
+        self._finish(node_id, nd, found, outputs, ui, started, store=False)
+
     def _finish(self, node_id: str, nd: NodeDef, found: NodeKey, outputs: tuple | Expansion, ui: dict | None,
-                started: float) -> None:
+                started: float, store: bool = True) -> None:
         state, result = self.state, self.state.result
         if isinstance(outputs, Expansion):
             outputs = self._run_expansion(node_id, nd, outputs)
         elapsed = time.perf_counter() - started
         state.values[node_id] = outputs
-        self.engine.cache.put(found.key, outputs, ui)
+        if store:
+            self.engine.cache.put(found.key, outputs, ui)
         result.executed.append(node_id)
         result.timings[node_id] = elapsed
         if ui is not None:

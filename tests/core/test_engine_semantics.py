@@ -132,6 +132,22 @@ def test_a_list_maps_the_nodes_it_feeds_zipping_and_broadcasting(engine):
     assert engine_nodes.calls["add"] == 3 and engine_nodes.calls["s"] == 3
 
 
+def test_each_list_element_is_memoized_on_its_own(engine):
+    doc = wf({
+        "seeds": {"type": "SeedList", "inputs": {"start": 5, "count": 3}},
+        "inc": {"type": "Increment", "inputs": {"value": link("seeds", "seed")}},
+        "s": {"type": "Sink", "inputs": {"value": link("inc")}},
+    })
+    engine.run(doc)
+    engine_nodes.calls.clear()
+    doc["nodes"]["seeds"]["inputs"]["count"] = 4  # one more seed: only its element runs
+    result = engine.run(doc)
+    assert result.ui["s"] == {"value": [6, 7, 8, 9]} and engine_nodes.calls == {"inc": 1, "s": 1}
+    assert result.reasons["inc"].endswith("(1 of 4 list elements run)")
+    engine_nodes.calls.clear()
+    assert engine.run(doc).cached == ["seeds", "inc", "s"] and not engine_nodes.calls
+
+
 def test_lists_of_different_lengths_fail_naming_both(engine):
     doc = wf({
         "x": {"type": "SeedList", "inputs": {"count": 2}},
