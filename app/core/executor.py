@@ -23,7 +23,7 @@ import torch
 from app.core import paths
 from app.core.cache_policies import CachePolicy, parse_cache_policy
 from app.core.context import RunCancelled
-from app.core.explain import static_keys
+from app.core.explain import cached_outputs, static_keys
 from app.core.keys import NodeKey, diff_reason, engine_salt, node_key
 from app.core.memo import MemoCache
 from app.core.registry import NodeDef, Registry, default_registry
@@ -200,7 +200,7 @@ class Engine:
         for node_id in expand(workflow).execution_order(list(found) + list(notes)):
             if node_id in notes:
                 report[node_id] = notes[node_id]
-            elif found[node_id].key in self.cache:
+            elif cached_outputs(self, self.registry.get(found[node_id].parts["type"]), found[node_id].key) is not None:
                 report[node_id] = "cache hit"
             else:
                 report[node_id] = diff_reason(self._last_parts.get((scope, node_id)), found[node_id].parts)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core import paths
 from app.core.keys import NodeKey, node_key
+from app.core.lists import Manifest, from_manifest
 from app.core.registry import NodeDef
 from app.core.scheduler import wanted_lazy
 from app.core.workflow import Connection, NodeInstance, Workflow
@@ -70,13 +71,20 @@ def _predict_needs(engine: Engine, inst: NodeInstance, nd: NodeDef, found: dict[
         evaluated |= new
 
 
+def cached_outputs(engine: Engine, nd: NodeDef, key: str) -> tuple | None:
+    """A node's memoized outputs, without touching the cache's recency (None: not cached)."""
+    entry = engine.cache.peek(key)
+    if entry is not None and isinstance(entry.outputs, Manifest):
+        rebuilt = from_manifest(nd, entry.outputs, engine.cache.peek)
+        return rebuilt[0] if rebuilt is not None else None
+    return entry.outputs if entry is not None else None
+
+
 def _peek(engine: Engine, connection: Connection, found: dict[str, NodeKey]) -> Any:
     key = found.get(connection.node)
-    entry = engine.cache.peek(key.key) if key is not None else None
-    if entry is None:
-        return _UNKNOWN
-    source = engine.registry.get(key.parts["type"])
-    return entry.outputs[[o.name for o in source.outputs].index(connection.output)]
+    source = engine.registry.get(key.parts["type"]) if key is not None else None
+    outputs = cached_outputs(engine, source, key.key) if key is not None else None
+    return _UNKNOWN if outputs is None else outputs[source.output_index[connection.output]]
 
 
 def _needed(engine: Engine, flat: Workflow, targets: list[str], chosen: dict[str, set[str] | None]) -> set[str]:

@@ -17,6 +17,8 @@ runs one new element, not five.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from app.core.keys import canonical
@@ -121,3 +123,22 @@ def combine(nd: NodeDef, results: list[tuple[tuple, dict | None]], keys: list[st
             merged = merged if merged is not None else {}
             merged.setdefault(key, []).extend(value if isinstance(value, list) else [value])
     return tuple(outputs), merged
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the memo cache holds under a mapped node's own key: the keys of its elements (each
+    memoized on its own), so nothing is stored twice."""
+
+    keys: tuple[str, ...]
+
+
+def from_manifest(nd: NodeDef, manifest: Manifest, lookup: Callable[[str], Any]) -> tuple[tuple, dict | None] | None:
+    """A mapped node's (outputs, ui) rebuilt from its element entries; None if one is gone."""
+    results = []
+    for key in manifest.keys:
+        entry = lookup(key)
+        if entry is None:
+            return None
+        results.append((entry.outputs, entry.ui))
+    return combine(nd, results, list(manifest.keys))

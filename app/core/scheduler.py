@@ -22,7 +22,7 @@ from app.core import paths
 from app.core.calls import call_async_elements, call_async_node, call_node, element_ctx
 from app.core.context import RunContext
 from app.core.keys import NodeKey, diff_reason, node_key
-from app.core.lists import combine, element_keys, element_kwargs, label_outputs, mapped_length
+from app.core.lists import Manifest, combine, element_keys, element_kwargs, from_manifest, label_outputs, mapped_length
 from app.core.registry import Expansion, NodeDef
 from app.core.runstate import NodeFailed, RunState
 from app.core.subgraphs import expand_result
@@ -53,7 +53,7 @@ class _Pending:
     found: NodeKey
     started: float
     complete: Callable[[Any], tuple]  # the future's result -> (outputs, ui)
-    store: bool = True  # memoize under the node key (mapped nodes memoize per element instead)
+    manifest: Manifest | None = None  # a mapped node: memoized per element, this under its own key
 
 
 class Scheduler:
@@ -90,7 +90,7 @@ class Scheduler:
             pending = self.pending.pop(node_id, None)
             if pending is not None:
                 outputs, ui = pending.complete(pending.future.result())
-                self._finish(node_id, pending.nd, pending.found, outputs, ui, pending.started, pending.store)
+                self._finish(node_id, pending.nd, pending.found, outputs, ui, pending.started, pending.manifest)
 
     def value(self, connection: Connection) -> Any:
         """The value a connection carries: an output of an already-computed upstream node."""
@@ -121,7 +121,12 @@ class Scheduler:
             result.reasons[node_id] = "bypassed"
             return
         entry = None if nd.always_run else self.engine.cache.get(found.key)
-        if entry is not None:
+        if entry is not None and isinstance(entry.outputs, Manifest):  # a mapped node: rebuild from its elements
+            rebuilt = from_manifest(nd, entry.outputs, self.engine.cache.get)
+            if rebuilt is not None:
+                self._hit(node_id, *rebuilt, "cache hit (every list element)")
+                return
+        elif entry is not None:
             self._hit(node_id, entry.outputs, entry.ui, "cache hit")
             return
         result.reasons[node_id] = diff_reason(previous, found.parts)
@@ -192,6 +197,7 @@ class Scheduler:
         missing = [index for index in range(count) if index not in done]
         if not missing:
             self._hit(node_id, *combine(nd, [done[i] for i in range(count)], keys), "cache hit (every list element)")
+            cache.put(found.key, Manifest(tuple(keys)))
             return
         result.reasons[node_id] += f" ({len(missing)} of {count} list elements run)"
         self.state.emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
@@ -206,19 +212,21 @@ class Scheduler:
 
         if nd.is_async:
             future = asyncio.run_coroutine_threadsafe(call_async_elements(nd, calls), self.engine.event_loop())
-            self.pending[node_id] = _Pending(future, nd, found, started, complete, store=False)
+            self.pending[node_id] = _Pending(future, nd, found, started, complete, Manifest(tuple(keys)))
             return
         outputs, ui = complete([call_node(nd, arguments, element, cache) for arguments, element in calls])
-        self._finish(node_id, nd, found, outputs, ui, started, store=False)
+        self._finish(node_id, nd, found, outputs, ui, started, Manifest(tuple(keys)))
 
     def _finish(self, node_id: str, nd: NodeDef, found: NodeKey, outputs: tuple | Expansion, ui: dict | None,
-                started: float, store: bool = True) -> None:
+                started: float, manifest: Manifest | None = None) -> None:
         state, result = self.state, self.state.result
         if isinstance(outputs, Expansion):
             outputs = self._run_expansion(node_id, nd, outputs)
         elapsed = time.perf_counter() - started
         state.values[node_id] = outputs
-        if store:
+        if manifest is not None:
+            self.engine.cache.put(found.key, manifest)
+        else:
             self.engine.cache.put(found.key, outputs, ui)
         result.executed.append(node_id)
         result.timings[node_id] = elapsed

@@ -146,6 +146,7 @@ def test_each_list_element_is_memoized_on_its_own(engine):
     assert result.reasons["inc"].endswith("(1 of 4 list elements run)")
     engine_nodes.calls.clear()
     assert engine.run(doc).cached == ["seeds", "inc", "s"] and not engine_nodes.calls
+    assert set(engine.explain(Workflow.from_dict(doc)).values()) == {"cache hit"}
 
 
 def test_lists_of_different_lengths_fail_naming_both(engine):
