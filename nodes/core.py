@@ -153,16 +153,16 @@ def Repeat(
     value: Any,
     node_type: Annotated[str, Spec(tooltip="The node type applied each time (one input, one output).")],
     times: Annotated[int, Spec(min=1, max=1000)] = 2,
-    input: str = "value",
-    output: str = "value",
+    input_name: Annotated[str, Spec(tooltip="The input of node_type that receives the value.")] = "value",
+    output_name: Annotated[str, Spec(tooltip="The output of node_type passed on.")] = "value",
 ) -> Expansion:
     """Apply a node ``times`` times in a chain (``value`` -> node -> node ...). The chain runs as
     ordinary nodes (``<id>/1``, ``<id>/2`` ...), each memoized."""
     nodes = {}
     for step in range(1, times + 1):
-        source = ["@in", "value"] if step == 1 else [str(step - 1), output]
-        nodes[str(step)] = {"type": node_type, "inputs": {input: {"from": source}}}
-    return Expansion(nodes, {"value": [str(times), output]})
+        source = ["@in", "value"] if step == 1 else [str(step - 1), output_name]
+        nodes[str(step)] = {"type": node_type, "inputs": {input_name: {"from": source}}}
+    return Expansion(nodes, {"value": [str(times), output_name]})
 
 
 @node(category="core/utility", outputs={"text": STRING}, always_run=True)

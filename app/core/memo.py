@@ -19,7 +19,6 @@ import torch
 
 from app.core.cache_policies import CachePolicy, parse_cache_policy
 
-
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from app.core import paths
 from app.core.registry import NodeDef, Registry
-from app.core.types import accepts
 from app.core.subgraphs import expand, resolve_targets
+from app.core.types import accepts
 from app.core.workflow import Connection, Follow, NodeInstance, Problem, Workflow, WorkflowError, output_nodes
 
 
