@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,9 +67,13 @@ class KeepWorkflows(CachePolicy):
 
 
 def available_ram_fraction() -> float:
-    """Free (available) system memory as a fraction of the total."""
-    import psutil
-
+    """Free (available) system memory as a fraction of the total (psutil when installed,
+    else Linux's /proc/meminfo)."""
+    try:
+        import psutil
+    except ImportError:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) / int(fields["MemTotal"].split()[0])
     memory = psutil.virtual_memory()
     return memory.available / memory.total
 

@@ -108,8 +108,7 @@ class Scheduler:
             self.ensure([c.node for c in inst.links().values()])
         elif nd.lazy_inputs:
             inputs = self._resolve_lazy(inst, nd)
-        self.settle([c.node for c in inputs.values() if isinstance(c, Connection)])
-        try:
+        try:  # keys need only upstream keys: an async producer may still be running
             found = node_key(nd, inputs, state.keys, self.engine.salt, inst.bypass,
                              result.run_id if nd.always_run else None)
         except paths.PathRefused as exc:
