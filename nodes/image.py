@@ -2,7 +2,10 @@
 
 IMAGE values are float tensors (B, H, W, 3) in [0, 1] on CPU; MASK values (B, H, W).
 Saved files are never overwritten: names are ``{prefix}_{counter:05d}.png`` with the next
-free counter, claimed atomically (O_EXCL).
+free counter, claimed atomically (O_EXCL). A prefix may contain ``{item}`` (the element of a
+list sweep this call saves, 0 outside a sweep) and ``{batch}`` (the image's index in its
+batch); in a sweep a prefix without ``{item}`` gets ``_{item:03d}`` appended, so each
+element's files are told apart.
 """
 
 from __future__ import annotations
@@ -89,17 +92,25 @@ def _png_info(extra_text: dict[str, str]) -> PngImagePlugin.PngInfo:
     return info
 
 
+def batch_prefix(prefix: str, batch: int) -> str:
+    """``prefix`` with ``{item}`` (list sweep element) and ``{batch}`` (index in the batch) filled."""
+    item = current().list_index
+    if item is not None and "{item}" not in prefix:
+        prefix = f"{prefix.rstrip()}_{item:03d}"
+    return prefix.replace("{item}", f"{item or 0:03d}").replace("{batch}", f"{batch:02d}")
+
+
 def _save_pngs(images: torch.Tensor, base: Path, prefix: str, kind: str, compress_level: int) -> list[dict]:
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an IMAGE (B, H, W, 3), got shape {tuple(images.shape)}")
-    folder, sub, stem = _split_prefix(base, prefix)
     info = _png_info({})
     saved = []
-    for array in to_uint8(images):
+    for batch, array in enumerate(to_uint8(images)):
         if array.shape[-1] == 1:
             array = array[..., 0]
+        folder, sub, stem = _split_prefix(base, batch_prefix(prefix, batch))
         path = claim_path(folder, stem, ".png")
         Image.fromarray(array).save(path, pnginfo=info, compress_level=compress_level)
         saved.append({"filename": path.name, "subfolder": sub, "type": kind})
@@ -109,7 +120,8 @@ def _save_pngs(images: torch.Tensor, base: Path, prefix: str, kind: str, compres
 @node(category="image", outputs={}, output_node=True)
 def SaveImage(
     images: IMAGE,
-    filename_prefix: Annotated[str, Spec(tooltip="File name prefix; may include a subfolder (e.g. shapes/run).")] = "ditgraph",
+    filename_prefix: Annotated[str, Spec(tooltip="File name prefix; may include a subfolder (e.g. shapes/run), "
+                                                 "{item} (list sweep element) and {batch} (image in the batch).")] = "ditgraph",
 ) -> NodeResult:
     """Save images as PNG into the output folder, with the workflow embedded (drop the PNG on the
     editor to restore the workflow). Existing files are never overwritten."""

@@ -31,6 +31,9 @@ class RunContext:
     workflow: dict  # the workflow document being run (embedded in saved images)
     emit: Callable[[dict], None]
     cancel_event: threading.Event
+    # when the node is mapped over a list (app/core/lists.py): this call's element and the count
+    list_index: int | None = None
+    list_size: int | None = None
     _started: float = field(default_factory=time.perf_counter)
 
     def check_cancelled(self) -> None:

@@ -1,118 +1,39 @@
 """The executor: validate, schedule, memoize, report progress, cancel, recover.
 
-A run computes only what its target nodes (by default every output node) need, in
-topological order. Each node's cache key is a content hash of its type, version, constant
-inputs, the keys of its upstream outputs and the fingerprints of the files it reads, so a
-changed widget re-runs that node and its descendants and nothing else. The engine
-remembers each node's last key parts and can say why a node re-ran.
+A run computes only what its target nodes (by default every output node) need, in the
+order the workflow graph gives (:meth:`Workflow.execution_order`). Each node's cache key
+(:func:`app.core.keys.node_key`) hashes its type, version, constant inputs, the keys of its
+upstream outputs and the fingerprints of the files it reads, so a changed widget re-runs
+that node and its descendants and nothing else. The engine remembers each node's last key
+parts and can say why a node re-ran.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import heapq
-import json
+import asyncio
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from app.core import paths
-from app.core.context import RunCancelled, RunContext, reset_current, set_current
-from app.core.workflow import (
-    Link,
-    Problem,
-    Workflow,
-    WorkflowError,
-    build_graph,
-    errors,
-    output_nodes,
-    upstream_closure,
-    validate,
-)
+from app.core.cache_policies import CachePolicy, parse_cache_policy
+from app.core.context import RunCancelled
+from app.core.explain import cached_outputs, static_keys
+from app.core.keys import NodeKey, diff_reason, engine_salt, node_key
 from app.core.memo import MemoCache
-from app.core.registry import NodeDef, NodeResult, Registry, default_registry
-from app.core.types import FLOAT, accepts
+from app.core.registry import NodeDef, Registry, default_registry
+from app.core.runstate import Event, NodeFailed, RunResult, RunState
+from app.core.scheduler import Scheduler
+from app.core.subgraphs import expand, resolve_targets
+from app.core.validation import errors, validate, validate_flat
+from app.core.workflow import NodeInstance, Problem, Workflow, WorkflowError
 
-Event = dict[str, Any]
-
-
-class NodeFailed(Exception):
-    """A node raised; the message names the node and says what went wrong."""
-
-    def __init__(self, node_id: str, node_type: str, message: str, detail: str = ""):
-        self.node_id, self.node_type, self.detail = node_id, node_type, detail
-        super().__init__(f"node {node_id} ({node_type}) failed: {message}")
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    status: str = "running"  # success | failed | cancelled
-    outputs: dict[str, tuple] = field(default_factory=dict)  # target node id -> output values
-    ui: dict[str, dict] = field(default_factory=dict)  # node id -> data for the UI (saved images, ...)
-    executed: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    reasons: dict[str, str] = field(default_factory=dict)  # node id -> why it ran or was a hit
-    timings: dict[str, float] = field(default_factory=dict)
-    error: dict | None = None
-    duration: float = 0.0
-
-    def output(self, node_id: str, name_or_index: int = 0) -> Any:
-        return self.outputs[node_id][name_or_index]
-
-    def raise_for_status(self) -> RunResult:
-        if self.status == "failed":
-            raise NodeFailed(self.error["node"], self.error["type"], self.error["message"], self.error.get("detail", ""))
-        if self.status == "cancelled":
-            raise RunCancelled(f"run {self.run_id} was cancelled")
-        return self
-
-    def summary(self) -> dict:
-        return {"run_id": self.run_id, "status": self.status, "executed": self.executed, "cached": self.cached,
-                "ui": self.ui, "error": self.error, "duration": round(self.duration, 4), "reasons": self.reasons}
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
-
-
-def _diff_reason(old: dict | None, new: dict) -> str:
-    """Say in words which part of a node's key changed since its last run."""
-    if old is None:
-        return "first run of this node"
-    if old["type"] != new["type"] or old["version"] != new["version"]:
-        return f"node type/version changed ({old['type']} v{old['version']} -> {new['type']} v{new['version']})"
-    changes = []
-    for name in sorted(set(old["constants"]) | set(new["constants"])):
-        before, after = old["constants"].get(name), new["constants"].get(name)
-        if before != after:
-            changes.append(f"input {name!r} changed {_short(before)} -> {_short(after)}")
-    for name in sorted(set(old["links"]) | set(new["links"])):
-        if old["links"].get(name) != new["links"].get(name):
-            changes.append(f"upstream of {name!r} changed")
-    for name in sorted(set(old["files"]) | set(new["files"])):
-        if old["files"].get(name) != new["files"].get(name):
-            changes.append(f"file of {name!r} changed on disk")
-    if old["salt"] != new["salt"]:
-        changes.append("engine settings (device/dtype) changed")
-    return "; ".join(changes) or "same key as before, but the cached result was evicted"
-
-
-def _short(value: Any) -> str:
-    text = _canonical(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+__all__ = ["Engine", "NodeFailed", "RunResult"]
 
 
 class Engine:
@@ -124,15 +45,23 @@ class Engine:
         cache: MemoCache | None = None,
         device: str | torch.device | None = None,
         output_dir: str | Path | None = None,
+        cache_policy: CachePolicy | str | None = None,
     ):
+        """``cache_policy`` (app/core/cache_policies.py: "lru", "lru:8G", "workflows:3",
+        "ram:0.2", "none") replaces the cache's policy when given."""
         self.registry = registry if registry is not None else default_registry()
         self.cache = cache if cache is not None else MemoCache()  # an empty cache is falsy
+        if cache_policy is not None:
+            self.cache.policy = parse_cache_policy(cache_policy)
+            self.cache.max_bytes = self.cache.policy.max_bytes or self.cache.max_bytes
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []
         self._last_parts: dict[tuple[str, str], dict] = {}
         self._run_lock = threading.Lock()
-        self.salt = _canonical({"device": self.device.type})
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self.salt = engine_salt(self.device.type)
 
     # -- events ------------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -154,17 +83,32 @@ class Engine:
 
         return emit
 
-    # -- validation and planning ---------------------------------------------------------
-    def validate(self, workflow: Workflow, targets: list[str] | None = None, graph=None) -> list[Problem]:
-        return validate(workflow, self.registry, targets, graph)
+    # -- validation, planning, keys ------------------------------------------------------------
+    def validate(self, workflow: Workflow, targets: list[str] | None = None) -> list[Problem]:
+        return validate(workflow, self.registry, targets)
 
-    def plan(self, workflow: Workflow, targets: list[str] | None = None, graph=None) -> tuple[list[str], list[str]]:
-        """(targets, execution order) for a valid workflow."""
-        targets = list(targets) if targets is not None else output_nodes(workflow, self.registry)
-        graph = graph if graph is not None else build_graph(workflow)
-        needed = upstream_closure(graph, targets)
-        order = [n for n in _topological(graph, needed)]
-        return targets, order
+    def plan(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """(targets, execution order) for a valid workflow, in expanded (namespaced) node ids."""
+        flat = expand(workflow)
+        targets = resolve_targets(flat, targets)
+        targets = list(targets) if targets is not None else flat.output_nodes(self.registry)
+        return targets, flat.execution_order(targets)
+
+    def node_keys(self, workflow: Workflow, targets: list[str] | None = None) -> dict[str, str]:
+        """Node id -> cache key of every node the run needs whose key is known before running
+        (all of them unless a lazy choice depends on values not computed yet), in run order."""
+        return {node_id: found.key for node_id, found in self._keys(workflow, targets)[0].items()}
+
+    def _node_key(self, inst: NodeInstance, nd: NodeDef, keys: dict[str, str]) -> tuple[str, dict, dict, dict]:
+        # Kept only for app/runs/ray_pool.py's copy of the key loop until it calls
+        # Engine.node_keys(); remove with that copy.
+        found = node_key(nd, inst.inputs, keys, self.salt, inst.bypass)
+        return found.key, found.parts, found.constants, found.files
+
+    def _keys(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[dict[str, NodeKey], dict[str, str]]:
+        flat = expand(workflow)
+        targets, _ = self.plan(flat, targets)
+        return static_keys(self, flat, targets)
 
     # -- running -------------------------------------------------------------------------------
     def run(
@@ -186,173 +130,80 @@ class Engine:
         """
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
-        graph = build_graph(workflow)
-        problems = errors(self.validate(workflow, targets, graph))
-        if problems:
-            raise WorkflowError(problems)
-        result = RunResult(run_id or uuid.uuid4().hex[:12])
-        cancel = cancel or threading.Event()
-        emit = self._emitter(on_event)
-        scope = scope or workflow.name()
-        out_dir = Path(output_dir) if output_dir else (self.output_dir or paths.output_dir())
-        document = workflow.to_dict()
+        flat, targets, order = self.prepare(workflow, targets)
+        state = RunState(
+            flat, RunResult(run_id or uuid.uuid4().hex[:12]), scope or workflow.name(), self._emitter(on_event),
+            cancel or threading.Event(), Path(output_dir) if output_dir else (self.output_dir or paths.output_dir()),
+            workflow.to_dict(),
+        )
         started = time.perf_counter()
         with self._run_lock:
-            targets, order = self.plan(workflow, targets, graph)
-            emit({"type": "run_started", "run_id": result.run_id, "nodes": order, "targets": targets})
-            values: dict[str, tuple] = {}
-            keys: dict[str, str] = {}
-            current_node = None
             try:
-                for node_id in order:
-                    current_node = node_id
-                    if cancel.is_set():
-                        raise RunCancelled(f"run {result.run_id} cancelled")
-                    self._run_node(workflow, node_id, values, keys, result, scope, emit, cancel, out_dir, document)
-                result.status = "success"
-                result.outputs = {t: values[t] for t in targets}
-                emit({"type": "run_finished", "run_id": result.run_id, "executed": result.executed, "cached": result.cached})
-            except RunCancelled:
-                result.status = "cancelled"
-                emit({"type": "run_cancelled", "run_id": result.run_id, "node": current_node})
-            except NodeFailed as exc:
-                result.status = "failed"
-                result.error = {"node": exc.node_id, "type": exc.node_type, "message": str(exc), "detail": exc.detail}
-                emit({"type": "node_failed", "run_id": result.run_id, "node": exc.node_id, "message": str(exc)})
-                emit({"type": "run_failed", "run_id": result.run_id, "error": result.error})
+                self.cache.begin_run(state.scope)
+                self._run_all(state, targets, order)
             finally:
-                result.duration = time.perf_counter() - started
-        return result
+                state.result.duration = time.perf_counter() - started
+        return state.result
 
-    def _node_key(self, inst, nd: NodeDef, keys: dict[str, str]) -> tuple[str, dict, dict, dict]:
-        """(cache key, key parts for explanations, constant arguments, resolved file paths)."""
-        constants: dict[str, Any] = {}
-        links: dict[str, str] = {}
-        files: dict[str, str] = {}
-        resolved: dict[str, Path] = {}
-        for name, decl in nd.inputs.items():
-            value = inst.inputs.get(name, decl.default)
-            if isinstance(value, Link):
-                links[name] = f"{keys[value.node]}:{value.output}"
-                continue
-            if decl.type == FLOAT and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)  # JSON from a browser turns 2.0 into 2: one value, one key
-            constants[name] = value
-            if decl.names_file(value):
-                resolved[name] = paths.resolve(decl.spec.file, value)
-                files[name] = paths.fingerprint(resolved[name])
-        parts = {"type": nd.type, "version": nd.version, "constants": constants, "links": links, "files": files,
-                 "salt": self.salt, "bypass": inst.bypass}
-        key = hashlib.blake2b(_canonical(parts).encode(), digest_size=16).hexdigest()
-        return key, parts, constants, resolved
+    def prepare(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[Workflow, list[str], list[str]]:
+        """Expand subgraphs, validate (raising WorkflowError with every problem) and schedule:
+        (flat workflow, targets, the order of every node the targets may need)."""
+        flat = expand(workflow)
+        targets = resolve_targets(flat, targets)
+        problems = errors(validate_flat(flat, self.registry, targets))
+        if problems:
+            raise WorkflowError(problems)
+        targets = list(targets) if targets is not None else flat.output_nodes(self.registry)
+        return flat, targets, flat.execution_order(targets)
 
-    def _run_node(self, workflow, node_id, values, keys, result, scope, emit, cancel, out_dir, document) -> None:
-        inst = workflow.nodes[node_id]
-        nd = self.registry.get(inst.type)
+    def _run_all(self, state: RunState, targets: list[str], order: list[str]) -> None:
+        result, emit = state.result, state.emit
+        emit({"type": "run_started", "run_id": result.run_id, "nodes": order, "targets": targets})
         try:
-            key, parts, constants, resolved = self._node_key(inst, nd, keys)
-        except paths.PathRefused as exc:
-            raise NodeFailed(node_id, inst.type, str(exc)) from None
-        keys[node_id] = key
+            Scheduler(self, state).run(targets, order)
+            result.status = "success"
+            result.outputs = {t: state.values[t] for t in targets}
+            result.skipped = [n for n in order if n not in state.values]
+            result.reasons.update((n, "not needed") for n in result.skipped)
+            emit({"type": "run_finished", "run_id": result.run_id, "executed": result.executed, "cached": result.cached})
+        except RunCancelled:
+            result.status = "cancelled"
+            emit({"type": "run_cancelled", "run_id": result.run_id, "node": state.current})
+        except NodeFailed as exc:
+            result.status = "failed"
+            result.error = {"node": exc.node_id, "type": exc.node_type, "message": str(exc), "detail": exc.detail}
+            emit({"type": "node_failed", "run_id": result.run_id, "node": exc.node_id, "message": str(exc)})
+            emit({"type": "run_failed", "run_id": result.run_id, "error": result.error})
+
+    def remember(self, scope: str, node_id: str, parts: dict) -> dict | None:
+        """Record a node's key parts for explanations; returns those of its previous run."""
         previous = self._last_parts.get((scope, node_id))
         self._last_parts[(scope, node_id)] = parts
+        return previous
 
-        if inst.bypass:
-            values[node_id] = self._bypass_outputs(workflow, inst, nd, values)
-            result.reasons[node_id] = "bypassed"
-            return
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop async nodes run on (a daemon thread, started on first use)."""
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="ditgraph-async-nodes", daemon=True).start()
+                self._loop = loop
+            return self._loop
 
-        entry = self.cache.get(key)
-        if entry is not None:
-            values[node_id] = entry.outputs
-            result.cached.append(node_id)
-            result.reasons[node_id] = "cache hit"
-            if entry.ui is not None:
-                result.ui[node_id] = entry.ui
-            emit({"type": "node_cached", "run_id": result.run_id, "node": node_id, "ui": entry.ui})
-            return
-
-        result.reasons[node_id] = _diff_reason(previous, parts)
-        kwargs = dict(constants)
-        for name, link in inst.links().items():
-            kwargs[name] = self._link_value(workflow, link, values)
-        kwargs.update((name, str(path)) for name, path in resolved.items())
-        emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
-        ctx = RunContext(result.run_id, node_id, nd.type, self.device, out_dir, document, emit, cancel)
-        started = time.perf_counter()
-        outputs, ui = self._call(nd, node_id, kwargs, ctx)
-        elapsed = time.perf_counter() - started
-        values[node_id] = outputs
-        self.cache.put(key, outputs, ui)
-        result.executed.append(node_id)
-        result.timings[node_id] = elapsed
-        if ui is not None:
-            result.ui[node_id] = ui
-        emit({"type": "node_finished", "run_id": result.run_id, "node": node_id, "seconds": elapsed, "ui": ui})
-
-    def _call(self, nd: NodeDef, node_id: str, kwargs: dict, ctx: RunContext) -> tuple[tuple, dict | None]:
-        token = set_current(ctx)
-        try:
-            for attempt in (1, 2):
-                try:
-                    return _normalise(nd, nd.function(**kwargs))
-                except RunCancelled:
-                    raise
-                except Exception as exc:
-                    if _is_oom(exc) and attempt == 1:
-                        # Free what the memo cache holds on the GPU, then try once more.
-                        self.cache.spill_all()
-                        gc.collect()
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        continue
-                    message = f"{type(exc).__name__}: {exc}"
-                    if _is_oom(exc):
-                        message = f"out of memory on {ctx.device} even after freeing cached GPU results: {exc}. " \
-                                  "Lower the resolution or batch size, or run with --device cpu."
-                    raise NodeFailed(node_id, nd.type, message, traceback.format_exc()) from None
-        finally:
-            reset_current(token)
-        raise AssertionError("unreachable")
-
-    def _link_value(self, workflow: Workflow, link: Link, values: dict[str, tuple]) -> Any:
-        """The value a link carries: output ``link.output`` of the already-computed upstream node."""
-        source_def = self.registry.get(workflow.nodes[link.node].type)
-        return values[link.node][[o.name for o in source_def.outputs].index(link.output)]
-
-    def _bypass_outputs(self, workflow: Workflow, inst, nd: NodeDef, values: dict[str, tuple]) -> tuple:
-        """A bypassed node passes, for each output, the first linked input of a matching type."""
-        passed = []
-        for out in nd.outputs:
-            chosen = None
-            for name, decl in nd.inputs.items():
-                link = inst.inputs.get(name)
-                if isinstance(link, Link) and accepts(out.type, decl.type):
-                    chosen = self._link_value(workflow, link, values)
-                    break
-            passed.append(chosen)
-        return tuple(passed)
-
-    def _keys(self, workflow: Workflow, targets: list[str] | None = None) -> dict[str, tuple[str, dict]]:
-        """node id -> (cache key, key parts) for the nodes ``targets`` need, in run order."""
-        keys: dict[str, str] = {}
-        found = {}
-        for node_id in self.plan(workflow, targets)[1]:
-            inst = workflow.nodes[node_id]
-            key, parts, _, _ = self._node_key(inst, self.registry.get(inst.type), keys)
-            keys[node_id] = key
-            found[node_id] = (key, parts)
-        return found
-
+    # -- explanations and invalidation ---------------------------------------------------------
     def explain(self, workflow: Workflow, scope: str | None = None) -> dict[str, str]:
-        """Without running: for each node, would it be a cache hit, and if not, why not."""
+        """Without running: for each node, would it be a cache hit, and if not, why not (or
+        "not needed": a lazy branch nothing asks for)."""
         scope = scope or workflow.name()
+        found, notes = self._keys(workflow)
         report = {}
-        for node_id, (key, parts) in self._keys(workflow).items():
-            if key in self.cache:
+        for node_id in expand(workflow).execution_order(list(found) + list(notes)):
+            if node_id in notes:
+                report[node_id] = notes[node_id]
+            elif cached_outputs(self, self.registry.get(found[node_id].parts["type"]), found[node_id].key) is not None:
                 report[node_id] = "cache hit"
             else:
-                report[node_id] = _diff_reason(self._last_parts.get((scope, node_id)), parts)
+                report[node_id] = diff_reason(self._last_parts.get((scope, node_id)), found[node_id].parts)
         return report
 
     def forget(self, workflow: Workflow | dict, node_ids: list[str]) -> list[str]:
@@ -360,41 +211,5 @@ class Engine:
         downstream stay cached unless named too). Returns the ids that were cached."""
         if isinstance(workflow, dict):
             workflow = Workflow.from_dict(workflow)
-        keys = self._keys(workflow, list(node_ids))
-        return [node_id for node_id in node_ids if self.cache.discard(keys[node_id][0])]
-
-
-def _normalise(nd: NodeDef, returned: Any) -> tuple[tuple, dict | None]:
-    ui = None
-    if isinstance(returned, NodeResult):
-        ui, returned = returned.ui, returned.outputs
-    count = len(nd.outputs)
-    if isinstance(returned, dict) and count and set(returned) == {o.name for o in nd.outputs}:
-        outputs = tuple(returned[o.name] for o in nd.outputs)
-    elif count == 1 and not (isinstance(returned, tuple) and len(returned) == 1):
-        outputs = (returned,)
-    elif count == 0:
-        outputs = ()
-    else:
-        outputs = tuple(returned)
-    if len(outputs) != count:
-        raise TypeError(f"{nd.type} returned {len(outputs)} values for {count} outputs")
-    return outputs, ui
-
-
-def _topological(graph, needed: set[str]) -> list[str]:
-    """Kahn's algorithm over the needed nodes, ties broken by workflow order (deterministic)."""
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    indegree = {n: sum(1 for p in graph.predecessors(n) if p in needed) for n in needed}
-    order = []
-    heap = [(position[n], n) for n, degree in indegree.items() if degree == 0]
-    heapq.heapify(heap)
-    while heap:
-        _, node_id = heapq.heappop(heap)
-        order.append(node_id)
-        for child in graph.successors(node_id):
-            if child in indegree:
-                indegree[child] -= 1
-                if indegree[child] == 0:
-                    heapq.heappush(heap, (position[child], child))
-    return order
+        keys = self._keys(workflow, list(node_ids))[0]
+        return [node_id for node_id in node_ids if node_id in keys and self.cache.discard(keys[node_id].key)]

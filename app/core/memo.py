@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+from app.core.cache_policies import CachePolicy, parse_cache_policy
+
+_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+
 
 def measure(value: Any) -> dict[str, int]:
     """Bytes held by ``value`` per device type ("cpu", "cuda", ...), storages counted once."""
@@ -33,6 +37,9 @@ def measure(value: Any) -> dict[str, int]:
         totals[device] = totals.get(device, 0) + storage.nbytes()
 
     def walk(item: Any, depth: int) -> None:
+        if type(item) in _SCALARS:  # the common small outputs (ints, strings): no bookkeeping
+            totals["cpu"] = totals.get("cpu", 0) + sys.getsizeof(item)
+            return
         if depth > 8 or id(item) in seen:
             return
         if isinstance(item, torch.Tensor):
@@ -94,21 +101,21 @@ class Entry:
     outputs: tuple
     ui: dict | None
     sizes: dict[str, int]
+    scope: str | None = None  # the workflow (run scope) that used it last
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes.values())
-
-    @property
-    def device_bytes(self) -> int:
-        return sum(n for device, n in self.sizes.items() if device != "cpu")
+    def __post_init__(self) -> None:
+        self.nbytes = sum(self.sizes.values())
+        self.device_bytes = self.nbytes - self.sizes.get("cpu", 0)
 
 
 class MemoCache:
     """LRU of node outputs, bounded by ``max_bytes`` in all and ``max_device_bytes`` on accelerators."""
 
-    def __init__(self, max_bytes: int = 8 << 30, max_device_bytes: int | None = None):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = 8 << 30, max_device_bytes: int | None = None,
+                 policy: CachePolicy | str | None = None):
+        self.policy = parse_cache_policy(policy)
+        self.max_bytes = self.policy.max_bytes or max_bytes
+        self.scope: str | None = None
         self.max_device_bytes = max_device_bytes if max_device_bytes is not None else default_vram_budget()
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
@@ -144,19 +151,50 @@ class MemoCache:
                 self.stats["misses"] += 1
                 return None
             self._entries.move_to_end(key)
+            entry.scope = self.scope
             self.stats["hits"] += 1
             return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """An entry without counting a hit or refreshing its recency (for explanations)."""
+        return self._entries.get(key)
+
     def put(self, key: str, outputs: tuple, ui: dict | None = None) -> bool:
         """Store outputs; returns False when the entry alone exceeds the byte budget."""
-        entry = Entry(outputs, ui, measure(outputs))
+        entry = Entry(outputs, ui, measure(outputs), self.scope)
         with self._lock:
-            if entry.nbytes > self.max_bytes:
+            if entry.nbytes > self.max_bytes or not self.policy.admit(self, key, entry):
                 return False
             self._store(key, entry)
             self._entries.move_to_end(key)
             self._enforce(protect=key)
+            self.policy.after_put(self, key)
             return True
+
+    def begin_run(self, scope: str) -> None:
+        """A run of workflow ``scope`` starts (entries it uses are tagged with it)."""
+        with self._lock:
+            self.scope = scope
+            self.policy.begin_run(self, scope)
+
+    def drop_where(self, condition) -> int:
+        """Drop every entry for which ``condition(entry)`` holds; returns how many."""
+        with self._lock:
+            doomed = [key for key, entry in self._entries.items() if condition(entry)]
+            for key in doomed:
+                self._drop(key)
+            self.stats["evictions"] += len(doomed)
+            return len(doomed)
+
+    def drop_oldest(self, protect: str | None = None) -> bool:
+        """Drop the least recently used entry other than ``protect``; False if none."""
+        with self._lock:
+            for key in self._entries:
+                if key != protect:
+                    self._drop(key)
+                    self.stats["evictions"] += 1
+                    return True
+            return False
 
     def _enforce(self, protect: str | None = None) -> None:
         if self.device_bytes > self.max_device_bytes:
@@ -177,7 +215,7 @@ class MemoCache:
     def _spill(self, key: str) -> None:
         entry = self._entries[key]
         outputs = move_to_cpu(entry.outputs)
-        self._store(key, Entry(outputs, entry.ui, measure(outputs)))
+        self._store(key, Entry(outputs, entry.ui, measure(outputs), entry.scope))
         self.stats["spills"] += 1
 
     def discard(self, key: str) -> bool:
@@ -203,6 +241,7 @@ class MemoCache:
 
     def summary(self) -> dict:
         return {"entries": len(self), "bytes": self.nbytes, "device_bytes": self.device_bytes,
+                "policy": self.policy.describe(),
                 "max_bytes": self.max_bytes, "max_device_bytes": self.max_device_bytes, **self.stats}
 
 

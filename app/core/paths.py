@@ -24,9 +24,9 @@ class PathRefused(ValueError):
     """A path that is missing, or escapes the folder it must stay in."""
 
 
-def configure(models: str | os.PathLike | None = None, inputs=None, outputs=None) -> None:
+def configure(models: str | os.PathLike | None = None, inputs=None, outputs=None, subgraphs=None) -> None:
     """Set folders for this process (CLI flags); None leaves a setting as it is."""
-    for key, value in (("models", models), ("inputs", inputs), ("outputs", outputs)):
+    for key, value in (("models", models), ("inputs", inputs), ("outputs", outputs), ("subgraphs", subgraphs)):
         if value is not None:
             _overrides[key] = Path(value).expanduser().resolve()
 
@@ -47,6 +47,12 @@ def input_dir() -> Path:
 
 def output_dir() -> Path:
     return _folder("outputs", "DITGRAPH_OUTPUTS", "output")
+
+
+def subgraphs_dir() -> Path:
+    """The blueprint library: reusable subgraphs saved by name (``<name>.json``), beside the
+    models and workflows folders."""
+    return _folder("subgraphs", "DITGRAPH_SUBGRAPHS", "subgraphs")
 
 
 def roots(kind: str) -> list[Path]:

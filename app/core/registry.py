@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.types import ANY, WIDGET_TYPES, InputDef, OutputDef, Spec
+from app.core.types import ANY, WIDGET_TYPES, InputDef, ListOf, OutputDef, Spec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,20 @@ class NodeResult:
 
 
 @dataclass
+class Expansion:
+    """What a node may return instead of outputs: a small graph that computes them.
+
+    ``nodes`` uses the workflow format (ids local to this expansion; ``{"from": ["@in", name]}``
+    reads the expanding node's input ``name``); ``outputs`` maps each of the node's output
+    names to ``[local_id, output_name]``. The engine runs the nodes under ids
+    ``<node id>/<local id>``, memoized like any other node.
+    """
+
+    nodes: dict
+    outputs: dict[str, list]
+
+
+@dataclass
 class NodeDef:
     """Everything the engine knows about one node type, derived from its function."""
 
@@ -69,6 +83,19 @@ class NodeDef:
     output_node: bool = False
     module: str = ""
     extra: dict = field(default_factory=dict)
+    always_run: bool = False  # not idempotent (clocks, cameras, fetches): never a cache hit
+    # For nodes with lazy inputs: needs(**values) -> names of the lazy inputs still to evaluate.
+    # It gets the non-lazy inputs and the lazy ones evaluated so far (the others are absent);
+    # it is called again after each evaluation until it asks for nothing new.
+    needs: Callable[..., list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        # looked up for every node of every run: computed once
+        self.lazy_inputs = frozenset(name for name, decl in self.inputs.items() if decl.spec.lazy)
+        self.whole_list_inputs = frozenset(name for name, decl in self.inputs.items() if decl.spec.whole_list)
+        self.has_list_outputs = any(out.is_list for out in self.outputs)
+        self.output_index = {out.name: i for i, out in enumerate(self.outputs)}
+        self.is_async = inspect.iscoroutinefunction(self.function)
 
     def output_type(self, name: str) -> str | None:
         for out in self.outputs:
@@ -95,8 +122,9 @@ class NodeDef:
                     entry[key] = value
             if spec.multiline:
                 entry["multiline"] = True
-            if spec.seed:
-                entry["seed"] = True
+            for flag in ("seed", "lazy", "whole_list"):
+                if getattr(spec, flag):
+                    entry[flag] = True
             choices = _safe_choices(spec)
             if choices is not None:
                 entry["choices"] = choices
@@ -108,8 +136,9 @@ class NodeDef:
             "description": self.description,
             "version": self.version,
             "output_node": self.output_node,
+            "always_run": self.always_run,
             "inputs": inputs,
-            "outputs": [{"name": o.name, "type": o.type, "tooltip": o.tooltip} for o in self.outputs],
+            "outputs": [{"name": o.name, "type": o.type, "tooltip": o.tooltip, "list": o.is_list} for o in self.outputs],
         }
 
 
@@ -161,6 +190,8 @@ def node(
     version: int = 1,
     output_node: bool = False,
     name: str | None = None,
+    always_run: bool = False,
+    needs: Callable[..., list[str]] | None = None,
     **extra: Any,
 ) -> Callable[[Callable], Callable]:
     """Declare a node. The function's name is its type unless ``name`` is given.
@@ -168,6 +199,10 @@ def node(
     ``outputs`` maps output names to socket types, in order. The function returns one value
     (one output), a tuple (several, in order), a dict keyed by output name, or a NodeResult.
     Bump ``version`` when the node's behaviour changes so memoized results are not reused.
+    ``always_run`` marks a node that is not idempotent (it is never a cache hit); ``needs``
+    decides which ``Spec(lazy=True)`` inputs to evaluate (default: every connected one). The
+    function may be ``async def`` (run on the engine's event loop, concurrently with other
+    nodes) and may return an :class:`Expansion` (a small graph computing its outputs).
     """
 
     def decorate(function: Callable) -> Callable:
@@ -180,7 +215,8 @@ def node(
             type=type_name,
             function=function,
             inputs=inputs,
-            outputs=[OutputDef(k, v) for k, v in (outputs or {}).items()],
+            outputs=[OutputDef(k, v.type, is_list=True) if isinstance(v, ListOf) else OutputDef(k, v)
+                     for k, v in (outputs or {}).items()],
             category=category,
             display_name=display_name or _display_name(type_name),
             description=inspect.cleandoc(function.__doc__ or ""),
@@ -188,6 +224,8 @@ def node(
             output_node=output_node,
             module=function.__module__,
             extra=extra,
+            always_run=always_run,
+            needs=needs,
         )
         return function
 

@@ -76,6 +76,10 @@ class Spec:
     tooltip: str = ""
     # An input whose value the engine must not hash as-is (e.g. a file picked by the user)
     hidden: bool = False
+    # Evaluated only when the node asks for it (its ``needs`` function): an unneeded branch never runs
+    lazy: bool = False
+    # Receives a whole list (engine list semantics) instead of the node being mapped over it
+    whole_list: bool = False
 
     def choice_list(self) -> list[Any] | None:
         if self.choices is None:
@@ -139,3 +143,13 @@ class OutputDef:
     name: str
     type: str
     tooltip: str = ""
+    is_list: bool = False  # the node returns a Python list here; consumers are mapped over it
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """An output declaration ``outputs={"seed": ListOf(INT)}``: a list of values, each a ``type``.
+
+    A consumer whose input is not declared ``Spec(whole_list=True)`` runs once per element."""
+
+    type: str

@@ -1,17 +1,20 @@
-"""The workflow model: one canonical JSON format, its migrations, and validation.
+"""The workflow model: one canonical JSON format (docs/workflow-format.md), its migrations,
+reading and writing, and the graph (dependencies, cycles, execution order).
 
-    {"format": "ditgraph/workflow", "version": 1,
+    {"format": "ditgraph/workflow", "version": 2,
      "nodes": {"3": {"type": "Sampler", "inputs": {"steps": 28, "model": {"from": ["1", "model"]}}}},
-     "layout": {...}, "meta": {...}}
+     "subgraphs": {...}, "layout": {...}, "meta": {...}}
 
 Inputs are keyed by name, never by position. ``layout`` (positions, groups, viewport) is
-kept verbatim and never affects what runs. Validation reports every problem at once, each
-naming the node, the input and the reason.
+kept verbatim and never affects what runs. Validation (app/core/validation.py) reports every
+problem at once, each naming the node, the input and the reason; subgraph instances are
+expanded first (app/core/subgraphs.py).
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
 import itertools
 import json
 import os
@@ -23,16 +26,25 @@ from typing import Any
 
 import networkx as nx
 
-from app.core import paths
-from app.core.registry import NodeDef, Registry
-from app.core.types import accepts
+from app.core.registry import Registry
 
 FORMAT = "ditgraph/workflow"
-VERSION = 1
+Follow = Callable[["NodeInstance", str], bool]  # which inputs a traversal follows
+VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 
-# MIGRATIONS[n] turns a version-n document into version n+1 (pure dict -> dict).
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# MIGRATIONS[n] turns a version-n document into version n+1 (dict -> dict). A migration that
+# builds new objects instead of editing nested ones in place sets ``.pure = True``: then the
+# caller's document is not deep-copied first.
+def _v1_to_v2(document: dict) -> dict:
+    """Version 2 added top-level ``subgraphs``; a version-1 document has none."""
+    return {**document, "version": 2}
+
+
+_v1_to_v2.pure = True  # type: ignore[attr-defined]  # edits nothing in place: no deep copy needed
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
 
 
 class WorkflowError(ValueError):
@@ -67,8 +79,12 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Link:
-    """A connection from output ``output`` of node ``node``."""
+class Connection:
+    """An input wired to output ``output`` of node ``node`` (``{"from": [node, output]}``).
+
+    Not to be confused with :class:`app.core.registry.Link`, the annotation a node author
+    writes to declare a socket input.
+    """
 
     node: str
     output: str
@@ -78,12 +94,110 @@ class Link:
 class NodeInstance:
     id: str
     type: str
-    inputs: dict[str, Any] = field(default_factory=dict)  # constant or Link
+    inputs: dict[str, Any] = field(default_factory=dict)  # constant or Connection
     bypass: bool = False
     title: str | None = None
 
-    def links(self) -> dict[str, Link]:
-        return {k: v for k, v in self.inputs.items() if isinstance(v, Link)}
+    def links(self) -> dict[str, Connection]:
+        return {k: v for k, v in self.inputs.items() if isinstance(v, Connection)}
+
+
+SUBGRAPH_PREFIX = "subgraph:"  # an instance node's type: "subgraph:NAME"
+SUBGRAPH_INPUTS = "@in"  # inside a definition, {"from": ["@in", name]} reads the instance's input
+
+
+def _parse_input(value: Any) -> Connection | Any:
+    """A raw input value: a constant, or a Connection for {"from": [node, output]} (None if malformed)."""
+    if not (isinstance(value, dict) and "from" in value):
+        return value
+    source = value["from"]
+    if not isinstance(source, list) or len(source) != 2 or not all(
+        isinstance(part, (str, int)) and not isinstance(part, bool) for part in source
+    ):
+        return None
+    return Connection(str(source[0]), str(source[1]))
+
+
+def parse_nodes(raw_nodes: Any, where: str = "") -> tuple[dict[str, NodeInstance], list[Problem]]:
+    """The ``nodes`` object of a workflow (or of a subgraph ``where``) as NodeInstances."""
+    if not isinstance(raw_nodes, dict):
+        return {}, [Problem(f"{where}'nodes' must be an object mapping node ids to nodes", kind="format")]
+    problems: list[Problem] = []
+    nodes: dict[str, NodeInstance] = {}
+    for node_id, raw in raw_nodes.items():
+        shown = f"{where}{node_id}"
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            problems.append(Problem("must be an object with a string 'type'", shown, kind="format"))
+            continue
+        if "/" in str(node_id):
+            problems.append(Problem("node ids may not contain '/' (it separates subgraph levels)", shown, kind="format"))
+            continue
+        raw_inputs = raw.get("inputs", {})
+        if not isinstance(raw_inputs, dict):
+            problems.append(Problem("'inputs' must be an object keyed by input name", shown, kind="format"))
+            continue
+        inputs: dict[str, Any] = {}
+        for name, value in raw_inputs.items():
+            parsed = _parse_input(value)
+            if parsed is None and value is not None:
+                problems.append(Problem('a link must be {"from": [node_id, output_name]}', shown, name, "format"))
+                continue
+            inputs[name] = parsed
+        nodes[str(node_id)] = NodeInstance(str(node_id), raw["type"], inputs, bool(raw.get("bypass", False)), raw.get("title"))
+    return nodes, problems
+
+
+def nodes_to_dict(nodes: dict[str, NodeInstance]) -> dict:
+    out = {}
+    for node_id, inst in nodes.items():
+        inputs = {name: {"from": [v.node, v.output]} if isinstance(v, Connection) else v for name, v in inst.inputs.items()}
+        entry: dict[str, Any] = {"type": inst.type, "inputs": inputs}
+        if inst.bypass:
+            entry["bypass"] = True
+        if inst.title:
+            entry["title"] = inst.title
+        out[node_id] = entry
+    return out
+
+
+@dataclass
+class SubgraphDef:
+    """A reusable graph with named inputs and outputs (docs/workflow-format.md, "Subgraphs").
+
+    ``inputs``: name -> {"type": socket type, "default"?: value, "tooltip"?: text};
+    ``outputs``: name -> the inner node output it exposes; ``extra`` keeps everything else
+    (description, layout) verbatim for round trips.
+    """
+
+    name: str
+    inputs: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, Connection] = field(default_factory=dict)
+    nodes: dict[str, NodeInstance] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Any) -> tuple[SubgraphDef, list[Problem]]:
+        where = f"{SUBGRAPH_PREFIX}{name}/"
+        if not isinstance(raw, dict):
+            return cls(name), [Problem(f"subgraph {name!r} must be an object", kind="format")]
+        nodes, problems = parse_nodes(raw.get("nodes"), where)
+        inputs = raw.get("inputs") or {}
+        if not isinstance(inputs, dict) or not all(isinstance(v, dict) and isinstance(v.get("type"), str) for v in inputs.values()):
+            problems.append(Problem(f"subgraph {name!r}: 'inputs' must map names to {{\"type\": ..., \"default\"?: ...}}", kind="format"))
+            inputs = {}
+        outputs: dict[str, Connection] = {}
+        for out_name, value in (raw.get("outputs") or {}).items():
+            parsed = _parse_input(value)
+            if not isinstance(parsed, Connection):
+                problems.append(Problem(f"subgraph {name!r}: output {out_name!r} must be {{\"from\": [inner_id, output]}}", kind="format"))
+                continue
+            outputs[str(out_name)] = parsed
+        extra = {k: v for k, v in raw.items() if k not in ("inputs", "outputs", "nodes")}
+        return cls(name, {str(k): dict(v) for k, v in inputs.items()}, outputs, nodes, extra), problems
+
+    def to_dict(self) -> dict:
+        outputs = {name: {"from": [c.node, c.output]} for name, c in self.outputs.items()}
+        return {**self.extra, "inputs": self.inputs, "outputs": outputs, "nodes": nodes_to_dict(self.nodes)}
 
 
 @dataclass
@@ -92,60 +206,37 @@ class Workflow:
     layout: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    subgraphs: dict[str, SubgraphDef] = field(default_factory=dict)  # name -> definition (format v2)
+    # after expansion: subgraph instance id -> output name -> the flat value it stands for
+    instance_outputs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
     # -- reading and writing -------------------------------------------------------------
     @classmethod
     def from_dict(cls, document: Any) -> Workflow:
         """Parse (and migrate) a workflow document; raise WorkflowError naming what is wrong."""
         document = migrate(document)
-        problems: list[Problem] = []
-        nodes: dict[str, NodeInstance] = {}
-        raw_nodes = document.get("nodes")
-        if not isinstance(raw_nodes, dict):
-            raise WorkflowError([Problem("'nodes' must be an object mapping node ids to nodes", kind="format")])
-        for node_id, raw in raw_nodes.items():
-            if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
-                problems.append(Problem("must be an object with a string 'type'", node_id, kind="format"))
-                continue
-            raw_inputs = raw.get("inputs", {})
-            if not isinstance(raw_inputs, dict):
-                problems.append(Problem("'inputs' must be an object keyed by input name", node_id, kind="format"))
-                continue
-            inputs: dict[str, Any] = {}
-            for name, value in raw_inputs.items():
-                if isinstance(value, dict) and "from" in value:
-                    source = value["from"]
-                    if (
-                        not isinstance(source, list)
-                        or len(source) != 2
-                        or not all(isinstance(part, (str, int)) and not isinstance(part, bool) for part in source)
-                    ):
-                        problems.append(Problem('a link must be {"from": [node_id, output_name]}', node_id, name, "format"))
-                        continue
-                    inputs[name] = Link(str(source[0]), str(source[1]))
-                else:
-                    inputs[name] = value
-            nodes[str(node_id)] = NodeInstance(
-                str(node_id), raw["type"], inputs, bool(raw.get("bypass", False)), raw.get("title")
-            )
+        nodes, problems = parse_nodes(document.get("nodes"))
+        subgraphs: dict[str, SubgraphDef] = {}
+        raw_subgraphs = document.get("subgraphs") or {}
+        if not isinstance(raw_subgraphs, dict):
+            problems.append(Problem("'subgraphs' must be an object mapping names to definitions", kind="format"))
+            raw_subgraphs = {}
+        for name, raw in raw_subgraphs.items():
+            definition, found = SubgraphDef.from_dict(str(name), raw)
+            subgraphs[str(name)] = definition
+            problems.extend(found)
         if problems:
             raise WorkflowError(problems)
         layout = document.get("layout") or {}
         meta = document.get("meta") or {}
-        return cls(nodes, layout if isinstance(layout, dict) else {}, meta if isinstance(meta, dict) else {})
+        return cls(nodes, layout if isinstance(layout, dict) else {}, meta if isinstance(meta, dict) else {}, subgraphs)
 
     def to_dict(self) -> dict:
-        nodes = {}
-        for node_id, inst in self.nodes.items():
-            inputs = {
-                name: {"from": [v.node, v.output]} if isinstance(v, Link) else v for name, v in inst.inputs.items()
-            }
-            entry: dict[str, Any] = {"type": inst.type, "inputs": inputs}
-            if inst.bypass:
-                entry["bypass"] = True
-            if inst.title:
-                entry["title"] = inst.title
-            nodes[node_id] = entry
-        return {"format": FORMAT, "version": VERSION, "nodes": nodes, "layout": self.layout, "meta": self.meta}
+        document = {"format": FORMAT, "version": VERSION, "nodes": nodes_to_dict(self.nodes),
+                    "layout": self.layout, "meta": self.meta}
+        if self.subgraphs:
+            document["subgraphs"] = {name: sg.to_dict() for name, sg in self.subgraphs.items()}
+        return document
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -155,6 +246,69 @@ class Workflow:
 
     def name(self) -> str:
         return str(self.meta.get("name") or "untitled")
+
+    # -- the graph -----------------------------------------------------------------------------
+    def graph(self) -> nx.DiGraph:
+        """Edges run from producer to consumer, for connections to nodes that exist."""
+        return build_graph(self)
+
+    def output_nodes(self, registry: Registry) -> list[str]:
+        """The nodes a run computes by default: every non-bypassed output node."""
+        return output_nodes(self, registry)
+
+    def needed(self, targets: list[str], follow: Follow | None = None) -> set[str]:
+        """``targets`` and every node they depend on (through the inputs ``follow`` accepts)."""
+        return set(self._producers(targets, follow))
+
+    def _producers(self, targets: list[str], follow: Follow | None = None, done=frozenset()) -> dict[str, set[str]]:
+        """For ``targets`` and everything they depend on: node id -> the nodes it reads.
+        Inputs ``follow(inst, name)`` rejects are not followed; nodes in ``done`` are left out."""
+        producers: dict[str, set[str]] = {}
+        stack = [t for t in targets if t in self.nodes and t not in done]
+        while stack:
+            node_id = stack.pop()
+            if node_id in producers:
+                continue
+            inst = self.nodes[node_id]
+            found = producers[node_id] = {
+                c.node for name, c in inst.inputs.items()
+                if isinstance(c, Connection) and c.node in self.nodes and c.node not in done
+                and (follow is None or follow(inst, name))
+            }
+            stack.extend(p for p in found if p not in producers)
+        return producers
+
+    def cycles(self, limit: int = 10) -> list[list[str]]:
+        """Up to ``limit`` cycles, each as its node ids in link order; [] for a DAG."""
+        ordered = set(self.execution_order(list(self.nodes)))
+        if len(ordered) == len(self.nodes):
+            return []
+        stuck = self.graph().subgraph(n for n in self.nodes if n not in ordered)
+        return list(itertools.islice(nx.simple_cycles(stuck), limit))
+
+    def execution_order(self, targets: list[str], follow: Follow | None = None, done=frozenset()) -> list[str]:
+        """The nodes ``targets`` need, producers before consumers (Kahn's algorithm), ties
+        broken by declaration order so a run is deterministic. Nodes on a cycle are left out
+        (validation reports cycles before anything runs). ``follow``/``done``: as for
+        :meth:`needed` (the executor leaves lazy inputs and finished nodes out)."""
+        producers = self._producers(targets, follow, done)
+        position = {node_id: i for i, node_id in enumerate(self.nodes)}
+        waiting = {node_id: len(found) for node_id, found in producers.items()}
+        consumers: dict[str, list[str]] = {}
+        for node_id, found in producers.items():
+            for producer in found:
+                consumers.setdefault(producer, []).append(node_id)
+        ready = [(position[n], n) for n, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            node_id = heapq.heappop(ready)[1]
+            order.append(node_id)
+            for consumer in consumers.get(node_id, ()):
+                waiting[consumer] -= 1
+                if waiting[consumer] == 0:
+                    heapq.heappush(ready, (position[consumer], consumer))
+        return order
 
 
 def migrate(document: Any) -> dict:
@@ -174,7 +328,8 @@ def migrate(document: Any) -> dict:
             [Problem(f"version {version} is newer than this ditgraph understands ({VERSION}); upgrade ditgraph", kind="format")]
         )
     if version < VERSION:
-        document = copy.deepcopy(document)  # migrations may edit in place; never touch the caller's dict
+        in_place = any(not getattr(MIGRATIONS[v], "pure", False) for v in range(version, VERSION))
+        document = copy.deepcopy(document) if in_place else document  # never touch the caller's dict
     while document["version"] < VERSION:
         document = MIGRATIONS[document["version"]](document)
     return document
@@ -224,78 +379,7 @@ def save(workflow: Workflow, path: str | os.PathLike) -> None:
     atomic_write(path, (workflow.to_json() + "\n").encode("utf-8"))
 
 
-# -- validation ------------------------------------------------------------------------------
-
-
-def output_nodes(workflow: Workflow, registry: Registry) -> list[str]:
-    return [
-        node_id
-        for node_id, inst in workflow.nodes.items()
-        if not inst.bypass and (nd := registry.get(inst.type)) is not None and nd.output_node
-    ]
-
-
-def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workflow, registry: Registry) -> list[Problem]:
-    problems = []
-    for name in inst.inputs:
-        if name not in nd.inputs:
-            known = ", ".join(nd.inputs) or "none"
-            problems.append(Problem(f"{inst.type} has no input {name!r} (its inputs: {known})", node_id, name, "unknown_input"))
-    for name, decl in nd.inputs.items():
-        value = inst.inputs.get(name)
-        if isinstance(value, Link):
-            source = workflow.nodes.get(value.node)
-            if source is None:
-                problems.append(Problem(f"linked to node {value.node!r}, which does not exist", node_id, name, "bad_link"))
-                continue
-            source_def = registry.get(source.type)
-            if source_def is None:
-                continue  # reported on the source node
-            out_type = source_def.output_type(value.output)
-            if out_type is None:
-                outs = ", ".join(o.name for o in source_def.outputs) or "none"
-                problems.append(
-                    Problem(f"node {value.node} ({source.type}) has no output {value.output!r} (its outputs: {outs})", node_id, name, "bad_link")
-                )
-            elif not accepts(decl.type, out_type):
-                problems.append(
-                    Problem(
-                        f"type mismatch: expects {decl.type}, linked to {out_type} output {value.output!r} of node {value.node} ({source.type})",
-                        node_id,
-                        name,
-                        "type_mismatch",
-                    )
-                )
-        elif name not in inst.inputs:
-            if decl.required and decl.default is None:
-                what = f"a link from a {decl.type} output" if not decl.is_widget else "a value"
-                problems.append(Problem(f"required input is missing: needs {what}", node_id, name, "missing_input"))
-        elif value is None and decl.optional_link:
-            continue
-        else:
-            reason = decl.check_value(value)
-            if reason is None and decl.names_file(value):
-                reason = _check_file(decl.spec.file, value)
-            if reason:
-                problems.append(Problem(reason, node_id, name, "bad_value"))
-    return problems
-
-
-def _check_file(kind: str, value: Any) -> str | None:
-    try:
-        paths.resolve(kind, value)
-    except paths.PathRefused as exc:
-        return str(exc)
-    return None
-
-
-def _check_bypass(node_id: str, inst: NodeInstance, nd: NodeDef) -> list[Problem]:
-    problems = []
-    for out in nd.outputs:
-        linked = [decl for name, decl in nd.inputs.items() if isinstance(inst.inputs.get(name), Link)]
-        if not any(accepts(out.type, decl.type) for decl in linked):
-            problems.append(Problem(f"cannot bypass: no linked input can pass through output {out.name!r} ({out.type})", node_id, kind="bypass"))
-    return problems
+# -- the graph ------------------------------------------------------------------------------
 
 
 def build_graph(workflow: Workflow) -> nx.DiGraph:
@@ -309,54 +393,19 @@ def build_graph(workflow: Workflow) -> nx.DiGraph:
     return graph
 
 
-def upstream_closure(graph: nx.DiGraph, targets: list[str]) -> set[str]:
-    """``targets`` and everything they depend on, in one traversal."""
-    seen = set(targets)
-    stack = list(targets)
-    while stack:
-        for parent in graph.predecessors(stack.pop()):
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
+def output_nodes(workflow: Workflow, registry: Registry) -> list[str]:
+    return [
+        node_id
+        for node_id, inst in workflow.nodes.items()
+        if not inst.bypass and (nd := registry.get(inst.type)) is not None and nd.output_node
+    ]
 
 
-def validate(
-    workflow: Workflow, registry: Registry, targets: list[str] | None = None, graph: nx.DiGraph | None = None
-) -> list[Problem]:
-    """Every problem of ``workflow`` at once (errors and warnings); an empty list means runnable."""
-    problems: list[Problem] = []
-    for node_id, inst in workflow.nodes.items():
-        nd = registry.get(inst.type)
-        if nd is None:
-            problems.append(Problem(f"unknown node type {inst.type!r} (is its plugin installed?)", node_id, kind="unknown_type"))
-            continue
-        problems.extend(_check_inputs(node_id, inst, nd, workflow, registry))
-        if inst.bypass:
-            problems.extend(_check_bypass(node_id, inst, nd))
-    graph = graph if graph is not None else build_graph(workflow)
-    cycles = [] if nx.is_directed_acyclic_graph(graph) else list(itertools.islice(nx.simple_cycles(graph), 10))
-    for cycle in cycles:
-        path = " -> ".join(cycle + [cycle[0]])
-        problems.append(Problem(f"cycle: {path}", cycle[0], kind="cycle"))
-    if targets is not None:
-        for target in targets:
-            if target not in workflow.nodes:
-                problems.append(Problem(f"requested output node {target!r} does not exist", target, kind="bad_target"))
-    else:
-        outputs = output_nodes(workflow, registry)
-        if not outputs and workflow.nodes:
-            problems.append(Problem("nothing to run: the workflow has no output node (e.g. SaveImage or PreviewAny)", kind="no_output"))
-        if not cycles:
-            needed = upstream_closure(graph, outputs)
-            for node_id in workflow.nodes:
-                nd = registry.get(workflow.nodes[node_id].type)
-                if node_id not in needed and nd is not None and nd.extra.get("passive") is not True:
-                    problems.append(
-                        Problem("nothing requests this node's outputs; it will not run", node_id, kind="unused", severity="warning")
-                    )
-    return problems
+def __getattr__(name: str):
+    # Validation lives in app.core.validation (which imports this module); the fronts import
+    # it from here, so resolve those names lazily rather than with a circular import.
+    if name in ("validate", "errors"):
+        from app.core import validation
 
-
-def errors(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.severity == "error"]
+        return getattr(validation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import nodes.core
-from app.core import workflow as graph
 from app.core import paths
+from app.core import workflow as graph
 from app.core.executor import Engine
-from app.core.workflow import Workflow, WorkflowError
 from app.core.memo import MemoCache, measure
 from app.core.registry import Registry
+from app.core.workflow import Workflow, WorkflowError
 from tests.fixtures import engine_nodes
 
 
