@@ -176,20 +176,19 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
     slots: dict[str, tuple[Any, torch.nn.Module]] = {}
     options: dict = {}
-    if family == "shapes-dit":
+    if fam.manifest_text_encoder:
         te_dir = _minilm_folder(manifest, folder)
         _, tok, model = load_text_encoder(te_dir, None, dtype, device, "minilm")
         slots["minilm"] = (tok, model)
         options["max_length"] = int((manifest.get("text_encoder") or {}).get("max_length", 40))
     else:
-        for slot, component in families.PIPELINE_TEXT_SLOTS[family].items():
+        for slot, component in fam.pipeline_text_slots.items():
             te_dir = folder / component
             if (te_dir / "config.json").is_file():
                 tok_dir = folder / component.replace("text_encoder", "tokenizer")
                 _, tok, model = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
                 slots[slot] = (tok, model)
-    if family == "sd3":  # SD3 without T5 pads with zeros this wide
-        options["joint_attention_dim"] = int(transformer.config.joint_attention_dim)
+    options.update(fam.text_options(transformer))
     encoders = TextEncoders(slots, family, device, dtype, options, str(folder)) if slots else None
     return handle, encoders, vae
 
@@ -234,13 +233,13 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     transformer_cfg_dir = config_dir / "transformer" if (config_dir / "transformer" / "config.json").is_file() else config_dir
     config = _read_config(transformer_cfg_dir)
     class_name = config.get("_class_name", "")
-    family = families.CLASS_TO_FAMILY.get(class_name)
+    family = families.detect_config_family(config)
     if family is None:
         raise LoadFailed(f"{transformer_cfg_dir / 'config.json'}: _class_name {class_name!r} is not a supported transformer")
     if (config_dir / "ditgraph.json").is_file():
         family = families.detect_folder_family(config_dir)
     guessed = families.detect_state_dict_family(keys)
-    if guessed and guessed != family and not (family == "shapes-dit" and guessed == "sd3"):
+    if guessed and not families.get(family).accepts_state_dict_of(guessed):
         raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
     cls = getattr(diffusers, class_name)
     with torch.device("meta"):
@@ -273,7 +272,7 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     encoders, vae = None, None
     if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
         slots = {}
-        for slot, component in families.PIPELINE_TEXT_SLOTS.get(family, {}).items():
+        for slot, component in families.get(family).pipeline_text_slots.items():
             te_dir = config_dir / component
             if (te_dir / "config.json").is_file() and _has_safetensors(te_dir):
                 tok_dir = config_dir / component.replace("text_encoder", "tokenizer")
