@@ -96,7 +96,9 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
     if model_type in ("clip_text_model", "clip"):
         hidden = int(config.get("hidden_size", config.get("text_config", {}).get("hidden_size", 768)))
         return "clip_g" if hidden >= 1280 or "CLIPTextModelWithProjection" in archs and hidden > 768 else "clip_l"
-    if model_type in ("t5", "umt5", "mt5"):
+    if model_type == "umt5":
+        return "umt5"  # Wan's (its tokenizer and vocabulary differ from T5's)
+    if model_type in ("t5", "mt5"):
         return "t5"
     if model_type.startswith("gemma"):
         return "gemma"
@@ -160,6 +162,17 @@ def _minilm_folder(manifest: dict, folder: Path) -> Path:
     return Path(module.get_model_path())
 
 
+def _experts(folder: Path, fam: families.Family, dtype: torch.dtype, device: torch.device) -> dict:
+    """A pipeline's second expert (Wan 2.2: ``transformer_2`` below ``boundary_ratio``), if any."""
+    if not (folder / "transformer_2" / "config.json").is_file() or not (folder / "model_index.json").is_file():
+        return {}
+    index = families.read_json(folder / "model_index.json")
+    if index.get("boundary_ratio") is None:
+        return {}
+    expert = load_diffusers_component(folder / "transformer_2", dtype, device, expected=fam.transformer_class)
+    return {"transformer_2": expert, "boundary_ratio": float(index["boundary_ratio"])}
+
+
 def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:
     try:
         family = families.detect_folder_family(folder)
@@ -170,7 +183,7 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
-                         defaults=dict(manifest.get("defaults") or {}), source=str(folder))
+                         defaults=dict(manifest.get("defaults") or {}), source=str(folder), **_experts(folder, fam, dtype, device))
     vae = None
     if (folder / "vae" / "config.json").is_file():
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))

@@ -162,6 +162,8 @@ class ModelHandle(Resident):
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
     residency: str = "resident"
+    transformer_2: torch.nn.Module | None = None  # Wan 2.2: the low-noise expert (shared like transformer)
+    boundary_ratio: float | None = None  # ... used below this fraction of the training timesteps
     preview_vae: Any = field(default=None, repr=False)  # the VAE it came with: fits the preview projection
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
@@ -184,7 +186,7 @@ class ModelHandle(Resident):
         return self.transformer.config
 
     def _modules(self) -> list[torch.nn.Module]:
-        return [self.transformer]
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
 
     def __repr__(self) -> str:
         patches = ", ".join(getattr(p, "key", type(p).__name__) for p in self.patches)
@@ -199,10 +201,9 @@ class ModelHandle(Resident):
     def patch_size(self) -> int:
         return self.info.patch_size(self.config)
 
-    def image_seq_len(self, height: int, width: int) -> int:
-        """Image tokens for a latent of (height, width): what dynamic shift is computed from."""
-        p = self.patch_size
-        return (height // p) * (width // p)
+    def image_seq_len(self, *dims: int) -> int:
+        """Tokens for a latent of (height, width) or (frames, height, width): what dynamic shift is computed from."""
+        return self.info.seq_len(self.config, tuple(dims))
 
     # -- previews ----------------------------------------------------------------------------------
     def preview_projection(self) -> torch.Tensor | None:
@@ -308,7 +309,7 @@ class ModelHandle(Resident):
         if len(conds) > 1 and self.info.batch_cfg and _batchable(conds):
             merged = _cat_conds(conds)
             n = len(conds)
-            out = self._evaluate(latents.repeat(n, 1, 1, 1), sigma_t.repeat(n), sigma_host.repeat(n), merged, run)
+            out = self._evaluate(latents.repeat(n, *[1] * (latents.dim() - 1)), sigma_t.repeat(n), sigma_host.repeat(n), merged, run)
             return list(out.chunk(n))
         return [self._evaluate(latents, sigma_t, sigma_host, c, run) for c in conds]
 
@@ -316,7 +317,7 @@ class ModelHandle(Resident):
                   run: SamplingRun) -> torch.Tensor:
         kwargs = self._native_kwargs(latents, sigma, sigma_host, cond)
         call = ModelCall(kwargs, latents, sigma, cond, run, self.family, sigma_host=sigma_host)
-        transformer = self.transformer
+        transformer = self.info.pick_transformer(self, sigma_host)
 
         def base(c: ModelCall) -> torch.Tensor:
             return transformer(**c.kwargs, return_dict=False)[0]
@@ -357,7 +358,7 @@ class ModelHandle(Resident):
         return t.to(self.device)
 
     def _to_velocity(self, out: torch.Tensor, call: ModelCall) -> torch.Tensor:
-        return self.info.to_velocity(out, call.latents, call.sigma)
+        return self.info.to_velocity(out, call.latents, call.sigma, self.config)
 
 
 def _bind(wrap: Callable, state: Any, forward: Callable) -> Callable:

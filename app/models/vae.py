@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.models import families
+from app.models.families import Family
 from app.models.residency import Resident
 
 
 @dataclass(eq=False)
 class VAEHandle(Resident):
-    """A VAE with its latent normalisation: z = (mean - shift) * scale (SD3/Flux style;
-    shift 0 for PixArt/Sana)."""
+    """A VAE with its latent normalisation, which comes from the family owning the VAE class
+    (SD3/Flux: z = (mean - shift) * scale; Wan/LTX: per-channel mean and std). Image VAEs work
+    on (B, C, h, w) latents, video VAEs on (B, C, f, h, w)."""
 
     vae: torch.nn.Module
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -24,6 +27,11 @@ class VAEHandle(Resident):
         return [self.vae]
 
     @property
+    def family(self) -> Family:
+        """The family whose conventions this VAE's latents follow (by its class)."""
+        return families.for_vae(type(self.vae).__name__)
+
+    @property
     def scaling_factor(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
 
@@ -33,39 +41,62 @@ class VAEHandle(Resident):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        c = self.vae.config
+        return int(getattr(c, "latent_channels", None) or c.z_dim)  # Wan calls it z_dim
 
     @property
     def factor(self) -> int:
+        """Spatial downsampling."""
+        ratio = getattr(self.vae, "spatial_compression_ratio", None)  # video VAEs, DC-AE
+        if ratio:
+            return int(ratio)
         c = self.vae.config
-        if hasattr(c, "encoder_block_out_channels"):  # AutoencoderDC
-            return 2 ** (len(c.encoder_block_out_channels) - 1)
         return 2 ** (len(c.block_out_channels) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Temporal downsampling (1 for image VAEs)."""
+        return int(getattr(self.vae, "temporal_compression_ratio", None) or getattr(self.vae.config, "scale_factor_temporal", None) or 1)
+
+    @property
+    def is_video(self) -> bool:
+        return self.family.video
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) in [0, 1] -> normalised latents (B, C, h, w) float32 (posterior mean)."""
+        """(B, H, W, 3) in [0, 1] -> normalised latents (B, C, h, w) float32 (posterior mean);
+        a video VAE encodes each image as a one-frame video: (B, C, 1, h, w)."""
+        return self.encode_video(images[:, None]) if self.is_video else self._encode(images.permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, F, H, W, 3) in [0, 1] -> normalised latents (B, C, f, h, w) float32."""
+        return self._encode(frames.permute(0, 4, 1, 2, 3))
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         self.ensure_device()
-        x = images.permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
+        x = pixels.to(self.device, self.dtype) * 2 - 1
         try:
             out = self.vae.encode(x)
             latent = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
-            return ((latent.float() - self.shift_factor) * self.scaling_factor).cpu()
+            return self.family.normalise_latents(self.vae, latent.float()).cpu()
         finally:
             self.release()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-        """Normalised latents -> (B, H, W, 3) float in [0, 1] on CPU."""
+        """Normalised latents -> (B, H, W, 3) float in [0, 1] on CPU; video latents (B, C, f, h, w)
+        -> (B, F, H, W, 3)."""
         self.ensure_device()
-        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-        z = z.to(self.dtype)
+        z = self.family.denormalise_latents(self.vae, latents.to(self.device, torch.float32)).to(self.dtype)
+        kwargs = self.family.decode_kwargs(self.vae, z)
         try:
             if tiled and hasattr(self.vae, "tiled_decode"):
-                image = self.vae.tiled_decode(z, return_dict=False)[0]
+                pixels = self.vae.tiled_decode(z, return_dict=False, **kwargs)[0]
             else:
-                image = self.vae.decode(z, return_dict=False)[0]
-            return ((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+                pixels = self.vae.decode(z, return_dict=False, **kwargs)[0]
+            channels_last = (0, 2, 3, 4, 1) if pixels.dim() == 5 else (0, 2, 3, 1)
+            return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(*channels_last).cpu()
         finally:
             self.release()
 

@@ -56,6 +56,7 @@ def _discover(package: str = __name__, path: list[str] | None = None) -> dict[st
 
 FAMILIES: dict[str, Family] = _discover()
 _BY_PRIORITY = sorted(FAMILIES.values(), key=lambda f: -f.detect_priority)
+_IMAGE_VAE = Family()  # unknown VAE classes: scale and shift from the VAE's config
 
 
 def get(name: str) -> Family:
@@ -122,10 +123,15 @@ def detect_state_dict_family(keys: list[str]) -> str | None:
     return next((f.name for f in _BY_PRIORITY if f.matches_state_dict(joined)), None)
 
 
+def for_vae(class_name: str) -> Family:
+    """The family whose latent conventions a VAE class follows (the base ones for shared classes)."""
+    return next((f for f in _BY_PRIORITY if f.vae_class == class_name), _IMAGE_VAE)
+
+
 def families_for_text_slots(slots: set[str]) -> list[str]:
     """Families whose text encoders are exactly (up to optional slots) ``slots``."""
-    return [f.name for f in _BY_PRIORITY
-            if set(f.text_slots) - set(f.optional_text_slots) <= slots <= set(f.text_slots)]
+    return [f.name for f in _BY_PRIORITY if f.guessed_from_text
+            and set(f.text_slots) - set(f.optional_text_slots) <= slots <= set(f.text_slots)]
 
 
 # Flux/SD3.5-style resolution-dependent shift: mu grows linearly with the token count.

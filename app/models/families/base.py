@@ -35,9 +35,11 @@ class Family:
     latent_channels: ClassVar[int] = 16
     vae_factor: ClassVar[int] = 8  # VAE spatial downsampling
     temporal_factor: ClassVar[int] = 1  # VAE temporal downsampling (video families; 1 = images)
+    video: ClassVar[bool] = False  # latents are (B, C, F, H, W): frames = (F - 1) * temporal_factor + 1
     pack: ClassVar[int] = 1  # Flux: pack x pack latent patches become tokens outside the transformer
     # -- text ------------------------------------------------------------------------------------
     text_slots: ClassVar[tuple[str, ...]] = ()  # text encoders the conditioning uses, in order
+    guessed_from_text: ClassVar[bool] = True  # may "auto" pick this family from the text encoders alone?
     optional_text_slots: ClassVar[tuple[str, ...]] = ()  # slots the pipeline can do without
     pipeline_text_slots: ClassVar[dict[str, str]] = {}  # slot -> diffusers pipeline component
     manifest_text_encoder: ClassVar[bool] = False  # the text encoder is named by ditgraph.json
@@ -48,6 +50,8 @@ class Family:
     default_steps: ClassVar[int] = 28
     default_cfg: ClassVar[float] = 4.5
     default_size: ClassVar[int] = 1024
+    default_frames: ClassVar[int] = 1  # video families: pixel frames (a multiple of temporal_factor, plus 1)
+    default_fps: ClassVar[float] = 16.0
     batch_cfg: ClassVar[bool] = True  # evaluate cond+uncond as one batch (as the pipeline does)
     cfg_renorm: ClassVar[bool] = False  # Lumina 2: rescale the guided prediction to the conditional norm
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
@@ -81,7 +85,50 @@ class Family:
         return int(config.in_channels) // (self.pack * self.pack)
 
     def patch_size(self, config: Any) -> int:
+        """Spatial patch size (tokens per latent pixel side)."""
         return self.pack if self.pack > 1 else int(getattr(config, "patch_size", 1) or 1)
+
+    def temporal_patch_size(self, config: Any) -> int:
+        return 1
+
+    def seq_len(self, config: Any, dims: tuple[int, ...]) -> int:
+        """Image/video tokens of a latent with spatial (or frames, height, width) ``dims``."""
+        p = self.patch_size(config)
+        tokens = (dims[-2] // p) * (dims[-1] // p)
+        return tokens * (dims[-3] // self.temporal_patch_size(config) if len(dims) >= 3 else 1)
+
+    def latent_shape(self, config: Any, batch: int, width: int, height: int, frames: int = 1) -> tuple[int, ...]:
+        """The zero latent's shape for a ``width`` x ``height`` (x ``frames``) output."""
+        channels, f = self.model_latent_channels(config), self.vae_factor
+        if not self.video:
+            return batch, channels, height // f, width // f
+        return batch, channels, (frames - 1) // self.temporal_factor + 1, height // f, width // f
+
+    def size_problem(self, config: Any, width: int, height: int, frames: int = 1) -> str | None:
+        """Why this output size does not fit the VAE and patch grid (None when it does)."""
+        multiple = self.vae_factor * self.patch_size(config)
+        if width % multiple or height % multiple:
+            return f"width and height must be multiples of {multiple} for {self.name} (got {width}x{height})"
+        if self.video and (frames - 1) % self.temporal_factor:
+            return (f"frames must be a multiple of {self.temporal_factor} plus 1 for {self.name} "
+                    f"(e.g. {self.default_frames}; got {frames})")
+        return None
+
+    # -- VAE latent normalisation ----------------------------------------------------------------
+    def normalise_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """VAE posterior latents -> the model's normalised latent space (SD3/Flux: (z - shift) * scale)."""
+        return (z - _config_float(vae, "shift_factor", 0.0)) * _config_float(vae, "scaling_factor", 1.0)
+
+    def denormalise_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        return z / _config_float(vae, "scaling_factor", 1.0) + _config_float(vae, "shift_factor", 0.0)
+
+    def decode_kwargs(self, vae: torch.nn.Module, z: torch.Tensor) -> dict:
+        """Extra arguments of ``vae.decode`` (LTX's timestep-conditioned decoder)."""
+        return {}
+
+    def pick_transformer(self, handle: Any, sigma_host: torch.Tensor) -> torch.nn.Module:
+        """Which transformer evaluates this call (Wan 2.2: a high- and a low-noise expert)."""
+        return handle.transformer
 
     # -- model call ------------------------------------------------------------------------------
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -103,13 +150,13 @@ class Family:
         """Exactly what is passed to ``transformer(**kwargs, return_dict=False)``."""
         raise NotImplementedError(f"no model call for family {self.name!r}")
 
-    def unpack_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def unpack_output(self, out: torch.Tensor, x: torch.Tensor, config: Any) -> torch.Tensor:
         """The transformer's output in the latent layout of ``x`` (packed families unpack)."""
         return out
 
-    def to_velocity(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def to_velocity(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, config: Any = None) -> torch.Tensor:
         """Native output -> flow velocity v = noise - x0 (float32)."""
-        out = self.unpack_output(out.float(), x)
+        out = self.unpack_output(out.float(), x, config)
         if out.shape[1] == 2 * x.shape[1]:  # learned sigma (PixArt, Sana variants): keep the mean
             out = out[:, : x.shape[1]]
         if self.prediction == "flow":
@@ -164,6 +211,15 @@ class Family:
     def magcache_ratios(self) -> list[float] | None:
         """Published MagCache ratios for this family, if any."""
         return None
+
+
+def _config_float(module: torch.nn.Module, name: str, default: float) -> float:
+    return float(getattr(module.config, name, default) or default)
+
+
+def channel_view(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel statistics shaped to broadcast over (B, C, ...) latents like ``like``."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, *([1] * (like.dim() - 2)))
 
 
 def convert_lora_with(mixin: Any, tensors: dict[str, torch.Tensor], return_alphas: bool) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ class Flux(Family):
                 "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": txt_ids,
                 "img_ids": handle.cached(("img_ids", h // 2, w // 2), lambda: image_ids(h // 2, w // 2))}
 
-    def unpack_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def unpack_output(self, out: torch.Tensor, x: torch.Tensor, config: Any) -> torch.Tensor:
         b, c, h, w = x.shape
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
