@@ -6,7 +6,6 @@ VIDEO values are :class:`app.core.media.Video` (frames (F, H, W, 3) in [0, 1] pl
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated
 
 import torch
@@ -15,7 +14,7 @@ from app.core import paths
 from app.core.context import current
 from app.core.media import FORMATS, Video, read_video, write_video
 from app.core.registry import NodeResult, node
-from app.core.types import CONDITIONING, FLOAT, IMAGE, INT, LATENT, VAE, VIDEO, Spec
+from app.core.types import CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, VAE, VIDEO, Spec
 from nodes.image import _split_prefix, claim_path
 from nodes.latent import Latent
 
@@ -99,3 +98,30 @@ def ExtractFrame(
     if not -count <= index < count:
         raise ValueError(f"frame {index} is out of range: the video has {count} frames")
     return video.frames[index][None]
+
+
+@node(category="video", outputs={"positive": CONDITIONING, "negative": CONDITIONING, "latent": LATENT})
+def ImageToVideo(
+    model: MODEL,
+    vae: VAE,
+    positive: CONDITIONING,
+    negative: CONDITIONING,
+    start_image: IMAGE,
+    width: Annotated[int, Spec(min=16, max=8192, step=16, snap=True)] = 832,
+    height: Annotated[int, Spec(min=16, max=8192, step=16, snap=True)] = 480,
+    frames: Annotated[int, Spec(min=1, max=1025, step=4, snap=True)] = 81,
+    batch_size: Annotated[int, Spec(min=1, max=64)] = 1,
+) -> tuple:
+    """Image-to-video: the video starts from ``start_image`` (Wan I2V models: its latents and a
+    first-frame mask become extra input channels). Returns both conditionings and the empty latent."""
+    fam = model.info
+    problem = fam.size_problem(model.config, width, height, frames)
+    if problem:
+        raise ValueError(problem)
+    image = start_image[:1]
+    if tuple(image.shape[1:3]) != (height, width):
+        image = torch.nn.functional.interpolate(image.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                                                align_corners=False, antialias=True).permute(0, 2, 3, 1).clamp(0, 1)
+    extras = fam.image_to_video_condition(vae, image.expand(batch_size, -1, -1, -1), frames)
+    latent = Latent(torch.zeros(fam.latent_shape(model.config, batch_size, width, height, frames)))
+    return positive.with_extras(**extras), negative.with_extras(**extras), latent

@@ -11,7 +11,7 @@ Samplers call exactly one function::
 
     handle.predict(latents, sigma, cond) -> velocity
 
-``latents`` is (B, C, H, W) in the family's normalised latent space, ``sigma`` a float or (B,)
+``latents`` is (B, C, H, W), or (B, C, F, H, W) for video families, in the family's normalised latent space, ``sigma`` a float or (B,)
 tensor in the engine's flow convention (x_s = (1-s) x0 + s noise), ``cond`` a CONDITIONING
 (:class:`nodes.text.Conditioning` or anything with ``embeds``/``pooled``/``mask``/``extras``).
 It returns the flow-matching velocity v = noise - x0 as float32, whatever the family's native

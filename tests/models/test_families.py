@@ -100,6 +100,7 @@ def test_shapes_dit_accepts_sd3_named_weights_but_not_flux():
 @pytest.mark.parametrize("slots, expected", [
     ({"clip_l", "clip_g", "t5"}, "sd3"), ({"clip_l", "clip_g"}, "sd3"), ({"clip_l", "t5"}, "flux"),
     ({"t5"}, "pixart"), ({"minilm"}, "shapes-dit"), ({"gemma"}, None),  # Gemma: Sana or Lumina 2
+    ({"umt5"}, "wan"),  # LTX's lone T5 is never guessed (PixArt's too): it comes from the checkpoint
 ])
 def test_text_encoder_slots_guess_the_family(slots, expected):
     encoders = TextEncoders({s: (None, None) for s in slots})

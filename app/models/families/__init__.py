@@ -12,17 +12,20 @@ Adding a family
 1. Create ``app/models/families/<name>.py`` with a ``Family`` subclass:
    - facts: ``name``, ``transformer_class``, ``pipeline_class`` (+ ``pipeline_aliases``),
      ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps"), ``latent_channels``,
-     ``vae_factor`` (+ ``temporal_factor`` for video), ``pack``, ``text_slots`` and
+     ``vae_factor``, ``pack``; video families set ``video = True``, ``temporal_factor``,
+     ``default_frames``/``default_fps`` (latents become (B, C, F, H, W)); ``text_slots`` and
      ``pipeline_text_slots`` (slot -> pipeline component), defaults (``default_steps``,
      ``default_shift``, ``default_cfg``, ``default_scheduler``, ``default_size``), ``batch_cfg``;
    - behaviours: ``native_kwargs`` (the transformer call), ``encode_text`` (and
      ``encode_negative`` with ``negative_differs`` if negatives differ); override
-     ``timestep``, ``unpack_output``, ``matches_state_dict``, ``convert_lora`` /
-     ``lora_name_table``, ``text_options`` only where the defaults do not fit;
+     ``timestep``, ``unpack_output``, ``normalise_latents``/``denormalise_latents`` (VAE
+     statistics), ``matches_state_dict``, ``convert_lora``/``lora_name_table``,
+     ``image_to_video_condition``, ``pick_transformer`` only where the defaults do not fit;
    - ``FAMILY = YourFamily()`` at the bottom.
 2. Set ``detect_priority`` above a family whose detection yours refines (shapes-dit > sd3).
 3. Add a parity test against the family's diffusers pipeline with a tiny random model
-   (see tests/models/test_parity.py); tests/models/test_families.py checks the registration.
+   (tests/models/test_parity.py, test_video_parity.py); tests/models/test_families.py checks
+   the registration.
 Nothing else changes: loaders, text encoders, samplers and latent nodes read the family.
 """
 

@@ -126,6 +126,11 @@ class Family:
         """Extra arguments of ``vae.decode`` (LTX's timestep-conditioned decoder)."""
         return {}
 
+    def image_to_video_condition(self, vae: Any, image: torch.Tensor, frames: int) -> dict:
+        """Conditioning extras that make a text-to-video call image-to-video (first frame ``image``
+        (B, H, W, 3) in [0, 1], already at the output size)."""
+        raise ValueError(f"{self.name} has no image-to-video conditioning")
+
     def pick_transformer(self, handle: Any, sigma_host: torch.Tensor) -> torch.nn.Module:
         """Which transformer evaluates this call (Wan 2.2: a high- and a low-noise expert)."""
         return handle.transformer

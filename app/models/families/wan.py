@@ -63,6 +63,18 @@ class Wan(Family):
         high_noise = float(sigma_host[0]) * train_steps >= boundary * train_steps
         return handle.transformer if high_noise else handle.transformer_2
 
+    def image_to_video_condition(self, vae: Any, image: torch.Tensor, frames: int) -> dict:
+        # as WanImageToVideoPipeline.prepare_latents: the first frame, then grey frames (0 in [-1, 1])
+        batch, height, width, _ = image.shape
+        video = torch.cat([image[:, None], image.new_full((batch, frames - 1, height, width, 3), 0.5)], dim=1)
+        latent = vae.encode_video(video)
+        t, h, w = self.temporal_factor, latent.shape[-2], latent.shape[-1]
+        mask = torch.zeros(batch, 1, frames, h, w)
+        mask[:, :, 0] = 1  # the given frame, repeated to fill the first latent frame's t slots
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(t, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch, -1, t, h, w).transpose(1, 2)
+        return {"concat_latent": torch.cat([mask, latent], dim=1)}
+
     def encode_text(self, encoders: Any, prompts: list[str], max_length: int = 0) -> tuple:
         pipe = self.text_pipeline(encoders)
         length = max_length or call_default(pipe, "max_sequence_length")  # what __call__ passes (512)
