@@ -19,6 +19,7 @@ from app.core.executor import Engine
 from app.core.media import read_video, read_workflow
 from nodes.sampling import compute_sigmas, make_noise
 from tests.fixtures.tiny_video import save_video_family
+from tests.models.test_parity import engine, rel_l2  # noqa: F401  (engine: a fixture over models_root)
 
 PROMPT = "a large red circle at the top left on a white background"
 NEGATIVE = "blurry"
@@ -33,12 +34,6 @@ def models_root(tmp_path_factory):
     for family in FAMILIES:
         save_video_family(family, root / "checkpoints" / f"tiny-{family}")
     return root
-
-
-@pytest.fixture
-def engine(models_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(paths._overrides, "models", models_root)
-    return Engine(device="cpu", output_dir=tmp_path / "out")
 
 
 def workflow(family: str) -> dict:
@@ -85,10 +80,6 @@ def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor)
     with torch.no_grad():
         video = pipe(**kwargs).frames
     return video[0].permute(0, 2, 3, 1).float()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -55,6 +55,9 @@ class Family:
     batch_cfg: ClassVar[bool] = True  # evaluate cond+uncond as one batch (as the pipeline does)
     cfg_renorm: ClassVar[bool] = False  # Lumina 2: rescale the guided prediction to the conditional norm
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
+    # -- patches -----------------------------------------------------------------------------------
+    controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
+    joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
     # -- detection -------------------------------------------------------------------------------
     detect_priority: ClassVar[int] = 0  # higher is asked first (a specific family before its base)
     state_dict_aliases: ClassVar[tuple[str, ...]] = ()  # state-dict guesses that also fit this family

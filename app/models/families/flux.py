@@ -20,6 +20,7 @@ class Flux(Family):
     default_scheduler = "dynamic"
     default_cfg = 1.0
     distilled_guidance = 3.5
+    controlnet_class = "FluxControlNetModel"
     detect_priority = 40  # its diffusers names include sd3's (context_embedder, pos_embed)
 
     def matches_state_dict(self, joined_keys: str) -> bool:

@@ -20,6 +20,7 @@ class Sana(Family):
     pipeline_text_slots = {"gemma": "text_encoder"}
     negative_differs = True  # negatives skip the instruction prefix
     default_steps = 20
+    controlnet_class = "SanaControlNetModel"
     detect_priority = 5  # its keys also match PixArt's (caption_projection, adaln_single)
 
     def matches_state_dict(self, joined_keys: str) -> bool:

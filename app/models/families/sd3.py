@@ -19,6 +19,8 @@ class SD3(Family):
     optional_text_slots = ("t5",)  # without T5 the pipeline pads with zeros
     pipeline_text_slots = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
     default_cfg = 7.0
+    controlnet_class = "SD3ControlNetModel"
+    joint_attention = True
     detect_priority = 20
 
     def matches_state_dict(self, joined_keys: str) -> bool:
