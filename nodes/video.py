@@ -125,3 +125,12 @@ def ImageToVideo(
     extras = fam.image_to_video_condition(vae, image.expand(batch_size, -1, -1, -1), frames)
     latent = Latent(torch.zeros(fam.latent_shape(model.config, batch_size, width, height, frames)))
     return positive.with_extras(**extras), negative.with_extras(**extras), latent
+
+
+@node(category="video", outputs={"conditioning": CONDITIONING})
+def ConditioningFrameRate(
+    conditioning: CONDITIONING,
+    frame_rate: Annotated[float, Spec(min=1.0, max=240.0, step=1.0, tooltip="The video's frame rate (LTX: sets the time scale of its positions).")] = 25.0,
+) -> object:
+    """Tell a frame-rate-aware video model (LTX-Video) the frame rate to generate at (default 25)."""
+    return conditioning.with_extras(frame_rate=float(frame_rate))

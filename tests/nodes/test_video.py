@@ -93,3 +93,15 @@ def test_family_size_rules():
     wan_config = SimpleNamespace(patch_size=(1, 2, 2), in_channels=36, out_channels=16)
     assert wan.latent_shape(wan_config, 1, 832, 480, 81) == (1, 16, 21, 60, 104)
     assert wan.seq_len(wan_config, (21, 60, 104)) == 21 * 30 * 52
+
+
+def test_ltx_frame_rate_sets_the_time_scale_of_positions():
+    ltx = families.get("ltx")
+    handle = SimpleNamespace(config=SimpleNamespace(patch_size=1, patch_size_t=1), dtype=torch.float32,
+                             cond_tensors=lambda cond: (torch.zeros(1, 3, 4), None, torch.ones(1, 3)))
+    x = torch.zeros(1, 8, 2, 2, 3)
+    default = ltx.native_kwargs(handle, x, torch.zeros(1), SimpleNamespace(extras={}))
+    slow = ltx.native_kwargs(handle, x, torch.zeros(1), SimpleNamespace(extras={"frame_rate": 8.0}))
+    assert default["rope_interpolation_scale"] == (8 / 25, 32, 32) and slow["rope_interpolation_scale"][0] == 1.0
+    assert tuple(default["hidden_states"].shape) == (1, 2 * 2 * 3, 8)  # packed tokens (F*H*W, C)
+    assert (default["num_frames"], default["height"], default["width"]) == (2, 2, 3)

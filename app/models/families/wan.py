@@ -51,7 +51,10 @@ class Wan(Family):
             concat = extras["concat_latent"].to(x_in.device, x_in.dtype)
             x_in = torch.cat([x_in, concat.expand(x_in.shape[0], *concat.shape[1:])], dim=1)
         kwargs = {"hidden_states": x_in.to(handle.dtype), "timestep": timestep, "encoder_hidden_states": embeds}
-        if extras.get("image_embeds") is not None:  # Wan 2.1 I2V: CLIP image tokens
+        if getattr(handle.config, "image_dim", None) is not None:  # Wan 2.1 I2V: CLIP image tokens
+            if extras.get("image_embeds") is None:
+                raise ValueError("this Wan image-to-video model (2.1 I2V) also needs CLIP image embeddings, which "
+                                 "ditgraph does not compute yet; use a Wan 2.2 I2V model")
             kwargs["encoder_hidden_states_image"] = extras["image_embeds"].to(handle.device, handle.dtype)
         return kwargs
 
