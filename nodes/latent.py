@@ -55,7 +55,7 @@ def EmptyLatent(
     if width % multiple or height % multiple:
         raise ValueError(f"width and height must be multiples of {multiple} for this model (got {width}x{height})")
     samples = torch.zeros(batch_size, channels, height // factor, width // factor)
-    return Latent(samples)
+    return Latent(samples[:, :, None] if vae is not None and vae.is_video else samples)  # video VAE: one frame
 
 
 def _video_shape(model, width: int, height: int, frames: int, batch_size: int) -> tuple[int, ...]:
