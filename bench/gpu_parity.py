@@ -175,13 +175,13 @@ def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float,
 def ours_runner(family: str, parts: dict, size: int, steps: int, cfg: float, seed: int, device: torch.device,
                 dtype: torch.dtype):
     """Returns (run() -> image, mode, last_timings()) for our workflow on the prebuilt modules."""
-    from app.models.families import PIPELINE_TEXT_SLOTS
+    from app.models import families
     from app.models.handles import ModelHandle, TextEncoders, VAEHandle
 
     handle = ModelHandle(parts["transformer"], family, device, dtype, scheduler_config=dict(parts["scheduler"].config),
                          source=f"random {family}")
     slots = {slot: (parts[comp.replace("text_encoder", "tokenizer")], parts[comp])
-             for slot, comp in PIPELINE_TEXT_SLOTS[family].items() if comp in parts}
+             for slot, comp in families.get(family).pipeline_text_slots.items() if comp in parts}
     encoders = TextEncoders(slots, family, device, dtype)
     vae = VAEHandle(parts["vae"], device, dtype)
     sampler = "dpmpp_2m" if family == "pixart" else "euler"

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import torch
 
-from app.models import families
 from app.models.handles import VAEHandle
 from app.core.registry import Link, node
 from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
@@ -15,8 +14,8 @@ from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
 
 @dataclass(eq=False)
 class Latent:
-    """The LATENT value: ``samples`` (B, C, H, W) float32 on CPU in the model's normalised latent
-    space; ``noise_mask`` (B, H, W) or None, 1 where the sampler may change the latent;
+    """The LATENT value: ``samples`` (B, C, H, W), or (B, C, F, H, W) for video models, float32 on
+    CPU in the model's normalised latent space; ``noise_mask`` (B, H, W) or None, 1 where the sampler may change the latent;
     ``batch_index`` which noise each item takes (so item k of a batch reproduces alone)."""
 
     samples: torch.Tensor
@@ -44,17 +43,41 @@ def EmptyLatent(
     """A blank (zero) latent for text-to-image, sized for the model's latent space."""
     if model is None and vae is None:
         raise ValueError("EmptyLatent needs a model or a VAE to know the latent size")
+    if model is not None and model.info.video:  # one frame of a video model (text-to-image)
+        return Latent(torch.zeros(_video_shape(model, width, height, 1, batch_size)))
     if vae is not None:
         channels, factor = vae.latent_channels, vae.factor
     else:
-        channels, factor = model.latent_channels, families.get(model.family).vae_factor
+        channels, factor = model.latent_channels, model.info.vae_factor
     if model is not None:
         channels = model.latent_channels
     multiple = factor * (model.patch_size if model is not None else 1)
     if width % multiple or height % multiple:
         raise ValueError(f"width and height must be multiples of {multiple} for this model (got {width}x{height})")
     samples = torch.zeros(batch_size, channels, height // factor, width // factor)
-    return Latent(samples)
+    return Latent(samples[:, :, None] if vae is not None and vae.is_video else samples)  # video VAE: one frame
+
+
+def _video_shape(model, width: int, height: int, frames: int, batch_size: int) -> tuple[int, ...]:
+    problem = model.info.size_problem(model.config, width, height, frames)
+    if problem:
+        raise ValueError(problem)
+    return model.info.latent_shape(model.config, batch_size, width, height, frames)
+
+
+@node(category="latent", outputs={"latent": LATENT})
+def EmptyVideoLatent(
+    model: MODEL,
+    width: Annotated[int, Spec(min=16, max=8192, step=16, snap=True)] = 832,
+    height: Annotated[int, Spec(min=16, max=8192, step=16, snap=True)] = 480,
+    frames: Annotated[int, Spec(min=1, max=1025, step=4, snap=True,
+                                tooltip="Pixel frames: the VAE's temporal factor times n, plus 1 (Wan 4n+1, LTX 8n+1).")] = 81,
+    batch_size: Annotated[int, Spec(min=1, max=64)] = 1,
+) -> Latent:
+    """A blank video latent (B, C, f, h, w) for text-to-video, sized by the model family's VAE factors."""
+    if not model.info.video:
+        raise ValueError(f"EmptyVideoLatent needs a video model; {model.family} makes images (use EmptyLatent)")
+    return Latent(torch.zeros(_video_shape(model, width, height, frames, batch_size)))
 
 
 @node(category="latent", outputs={"latent": LATENT})
@@ -83,13 +106,15 @@ def VAEDecode(
     latent: LATENT,
     tiled: Annotated[str, Spec(choices=["auto", "on", "off"], tooltip="Decode in tiles (less memory); auto: above 4 megapixels.")] = "auto",
 ) -> torch.Tensor:
-    """Decode a latent into an image (B, H, W, 3) in [0, 1]."""
+    """Decode a latent into an image (B, H, W, 3) in [0, 1]; a video latent gives all its frames
+    (clip after clip) as the image batch."""
     _need(vae, "VAE", "connect a VAELoader or a checkpoint with a VAE")
     samples = latent.samples
     if samples.shape[1] != vae.latent_channels:
         raise ValueError(f"latent has {samples.shape[1]} channels but the VAE expects {vae.latent_channels}: "
                          "are the model and the VAE from the same family?")
-    return vae.decode(samples, tiled=_tiled_needed(samples, vae, tiled))
+    images = vae.decode(samples, tiled=_tiled_needed(samples, vae, tiled))
+    return images.flatten(0, 1) if images.dim() == 5 else images
 
 
 @node(category="latent", outputs={"latent": LATENT})

@@ -96,7 +96,9 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
     if model_type in ("clip_text_model", "clip"):
         hidden = int(config.get("hidden_size", config.get("text_config", {}).get("hidden_size", 768)))
         return "clip_g" if hidden >= 1280 or "CLIPTextModelWithProjection" in archs and hidden > 768 else "clip_l"
-    if model_type in ("t5", "umt5", "mt5"):
+    if model_type == "umt5":
+        return "umt5"  # Wan's (its tokenizer and vocabulary differ from T5's)
+    if model_type in ("t5", "mt5"):
         return "t5"
     if model_type.startswith("gemma"):
         return "gemma"
@@ -160,6 +162,17 @@ def _minilm_folder(manifest: dict, folder: Path) -> Path:
     return Path(module.get_model_path())
 
 
+def _experts(folder: Path, fam: families.Family, dtype: torch.dtype, device: torch.device) -> dict:
+    """A pipeline's second expert (Wan 2.2: ``transformer_2`` below ``boundary_ratio``), if any."""
+    if not (folder / "transformer_2" / "config.json").is_file() or not (folder / "model_index.json").is_file():
+        return {}
+    index = families.read_json(folder / "model_index.json")
+    if index.get("boundary_ratio") is None:
+        return {}
+    expert = load_diffusers_component(folder / "transformer_2", dtype, device, expected=fam.transformer_class)
+    return {"transformer_2": expert, "boundary_ratio": float(index["boundary_ratio"])}
+
+
 def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:
     try:
         family = families.detect_folder_family(folder)
@@ -170,26 +183,25 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
-                         defaults=dict(manifest.get("defaults") or {}), source=str(folder))
+                         defaults=dict(manifest.get("defaults") or {}), source=str(folder), **_experts(folder, fam, dtype, device))
     vae = None
     if (folder / "vae" / "config.json").is_file():
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
     slots: dict[str, tuple[Any, torch.nn.Module]] = {}
     options: dict = {}
-    if family == "shapes-dit":
+    if fam.manifest_text_encoder:
         te_dir = _minilm_folder(manifest, folder)
         _, tok, model = load_text_encoder(te_dir, None, dtype, device, "minilm")
         slots["minilm"] = (tok, model)
         options["max_length"] = int((manifest.get("text_encoder") or {}).get("max_length", 40))
     else:
-        for slot, component in families.PIPELINE_TEXT_SLOTS[family].items():
+        for slot, component in fam.pipeline_text_slots.items():
             te_dir = folder / component
             if (te_dir / "config.json").is_file():
                 tok_dir = folder / component.replace("text_encoder", "tokenizer")
                 _, tok, model = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
                 slots[slot] = (tok, model)
-    if family == "sd3":  # SD3 without T5 pads with zeros this wide
-        options["joint_attention_dim"] = int(transformer.config.joint_attention_dim)
+    options.update(fam.text_options(transformer))
     encoders = TextEncoders(slots, family, device, dtype, options, str(folder)) if slots else None
     return handle, encoders, vae
 
@@ -234,13 +246,13 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     transformer_cfg_dir = config_dir / "transformer" if (config_dir / "transformer" / "config.json").is_file() else config_dir
     config = _read_config(transformer_cfg_dir)
     class_name = config.get("_class_name", "")
-    family = families.CLASS_TO_FAMILY.get(class_name)
+    family = families.detect_config_family(config)
     if family is None:
         raise LoadFailed(f"{transformer_cfg_dir / 'config.json'}: _class_name {class_name!r} is not a supported transformer")
     if (config_dir / "ditgraph.json").is_file():
         family = families.detect_folder_family(config_dir)
     guessed = families.detect_state_dict_family(keys)
-    if guessed and guessed != family and not (family == "shapes-dit" and guessed == "sd3"):
+    if guessed and not families.get(family).accepts_state_dict_of(guessed):
         raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
     cls = getattr(diffusers, class_name)
     with torch.device("meta"):
@@ -273,7 +285,7 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     encoders, vae = None, None
     if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
         slots = {}
-        for slot, component in families.PIPELINE_TEXT_SLOTS.get(family, {}).items():
+        for slot, component in families.get(family).pipeline_text_slots.items():
             te_dir = config_dir / component
             if (te_dir / "config.json").is_file() and _has_safetensors(te_dir):
                 tok_dir = config_dir / component.replace("text_encoder", "tokenizer")

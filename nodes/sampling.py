@@ -61,7 +61,7 @@ def auto_scheduler(model: ModelHandle) -> str:
 
 
 def compute_sigmas(model: ModelHandle, scheduler: str, steps: int, shift: float = 0.0,
-                   latent_hw: tuple[int, int] | None = None, denoise: float = 1.0) -> torch.Tensor:
+                   latent_hw: tuple[int, ...] | None = None, denoise: float = 1.0) -> torch.Tensor:
     """Flow sigmas (steps + 1 values, decreasing, last 0) for ``model``.
 
     shifted: s = 1 - i/n, then s' = shift*s/(1+(shift-1)s) (static shift; shapes-dit, SD3).
@@ -81,8 +81,8 @@ def compute_sigmas(model: ModelHandle, scheduler: str, steps: int, shift: float 
     elif scheduler in ("linear", "simple"):
         s = t
     elif scheduler == "dynamic":
-        h, w = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
-        mu = families.dynamic_mu(model.image_seq_len(h, w), model.scheduler_config)
+        dims = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
+        mu = families.dynamic_mu(model.image_seq_len(*dims), model.scheduler_config)
         if shift and shift > 0:  # an explicit shift overrides the resolution rule
             s = _shift(t, shift)
         else:
@@ -181,9 +181,9 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
                 diff = diff + momentum * state.momentum
             state.momentum = diff
         if threshold > 0:
-            norm = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.dim() - 1)))
             diff = diff * torch.clamp(threshold / (norm + 1e-8), max=1.0)
-        unit = x0_c / (x0_c.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-8)
+        unit = x0_c / (x0_c.flatten(1).norm(dim=1).view(-1, *([1] * (x0_c.dim() - 1))) + 1e-8)
         parallel = _bdot(diff, unit) * unit
         update = (diff - parallel) + eta * parallel
         x0 = x0_c + (cfg - 1) * update
@@ -282,7 +282,7 @@ _PREVIEW_CACHE: dict[tuple, torch.Tensor] = {}
 
 def _preview_latent(x0: torch.Tensor, max_size: int) -> torch.Tensor:
     """The first item of ``x0``, subsampled to at most ``max_size`` pixels a side (on its device)."""
-    latent = x0[0]
+    latent = x0[0] if x0.dim() == 4 else x0[0, :, 0]  # videos: the first frame
     step = max(1, math.ceil(max(latent.shape[-2:]) / max_size))
     return latent[:, ::step, ::step].float()
 
@@ -403,7 +403,7 @@ def check_inputs(model: ModelHandle, latent: Latent, positive: Any, negative: An
                          f"{model.latent_channels}: make the latent with EmptyLatent/VAEEncode of the same family")
     for name, cond in (("positive", positive), ("negative", negative)):
         family = getattr(cond, "family", "") if cond is not None else ""
-        if family and family != model.family:
+        if family not in ("", model.family):  # unset, or encoded for this model's family
             raise ValueError(f"the {name} conditioning was encoded for {family} but the model is {model.family}: "
                              "encode with the text encoder(s) of this model's family")
 
@@ -468,7 +468,7 @@ def sample(
 
         def denoise_fn(x_t: torch.Tensor, s: float, i: int) -> Denoised:
             run.step = i
-            s_t = torch.full((x_t.shape[0], 1, 1, 1), s, device=device)
+            s_t = torch.full((x_t.shape[0],) + (1,) * (x_t.dim() - 1), s, device=device)  # images and videos
             if use_uncond:
                 v_u, v_c = model.predict_many(x_t, s, [negative, positive])
             else:
@@ -514,8 +514,8 @@ def Sampler(
     """Denoise a latent with a flow-matching ODE sampler and classifier-free guidance."""
     if denoise <= 0:
         return latent
-    h, w = latent.samples.shape[-2:]
-    sigmas = compute_sigmas(model, scheduler, steps, shift, (h, w), denoise)
+    dims = tuple(latent.samples.shape[2:])  # (h, w), or (frames, h, w) for videos
+    sigmas = compute_sigmas(model, scheduler, steps, shift, dims, denoise)
     return sample(model, latent, positive, negative, sigmas, seed, cfg, guidance, sampler)
 
 
@@ -530,7 +530,7 @@ def Scheduler(
     height: Annotated[int, Spec(min=16, max=16384, step=16, tooltip="Image height (dynamic shift only).")] = 1024,
 ) -> torch.Tensor:
     """The noise levels (flow sigmas) a sampler will step through."""
-    factor = 8 if model.family != "sana" else 32
+    factor = model.info.vae_factor
     return compute_sigmas(model, scheduler, steps, shift, (height // factor, width // factor), denoise)
 
 

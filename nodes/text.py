@@ -4,14 +4,13 @@ shapes-dit: MiniLM (all-MiniLM-L6-v2), 40 tokens, padded positions zeroed, maske
 SD3: CLIP-L + CLIP-G (penultimate layer, pooled) + T5; Flux: CLIP-L pooled + T5;
 PixArt-Σ: T5 with mask; Sana / Lumina 2: Gemma with mask. The real families reuse the
 ``encode_prompt`` code of their diffusers pipelines (built with only the text components),
-so the embeddings are exactly those the pipelines compute.
+so the embeddings are exactly those the pipelines compute. Each family's recipe lives in its
+module in app/models/families/ (``encode_text`` / ``encode_negative``).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 import torch
@@ -48,80 +47,9 @@ class Conditioning:
 
 
 @torch.no_grad()
-def encode_minilm(tokenizer, model, prompts: list[str], max_length: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """shapes-dit convention (training/text.py): hidden states with padding zeroed, mean pooled."""
-    device = next(model.parameters()).device
-    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    mask = tok["attention_mask"].to(device)
-    token_types = tok.get("token_type_ids")
-    if token_types is None:
-        token_types = torch.zeros_like(tok["input_ids"])
-    out = model(input_ids=tok["input_ids"].to(device), attention_mask=mask, token_type_ids=token_types.to(device))
-    hidden = out.last_hidden_state
-    m = mask[..., None].to(hidden.dtype)
-    hidden = hidden * m
-    pooled = hidden.sum(1) / m.sum(1).clamp(min=1)
-    return hidden, pooled
-
-
-def _pipeline_for(family: str, encoders: TextEncoders):
-    """A diffusers pipeline object holding only the text components (no weights copied)."""
-    import diffusers
-
-    cls = getattr(diffusers, families.get(family).pipeline_class)
-    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    kwargs: dict[str, Any] = {n: None for n in names}
-    for slot, component in families.PIPELINE_TEXT_SLOTS[family].items():
-        if slot in encoders.slots:
-            tokenizer, model = encoders.slots[slot]
-            kwargs[component] = model
-            kwargs[component.replace("text_encoder", "tokenizer")] = tokenizer
-    missing = [s for s in families.get(family).text_slots if s not in encoders.slots and not (family == "sd3" and s == "t5")]
-    if missing:
-        raise ValueError(f"{family} needs text encoder(s) {', '.join(missing)}; this TEXT_ENCODER has "
-                         f"{', '.join(encoders.slots) or 'none'} (load them with TextEncoderLoader)")
-    return cls(**kwargs)
-
-
-@torch.no_grad()
 def encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: int = 0) -> Conditioning:
     """Encode ``prompts`` the way ``family``'s pipeline does."""
-    try:
-        return _encode(encoders, prompts, family, max_length)
-    finally:
-        encoders.release()
-
-
-def _encode(encoders: TextEncoders, prompts: list[str], family: str, max_length: int) -> Conditioning:
-    encoders.ensure_device()
-    device = encoders.device
-    if family == "shapes-dit":
-        if "minilm" not in encoders.slots:
-            raise ValueError(f"shapes-dit needs the MiniLM text encoder; got {', '.join(encoders.slots) or 'none'}")
-        tokenizer, model = encoders.slots["minilm"]
-        length = max_length or int(encoders.options.get("max_length", 40))
-        hidden, pooled = encode_minilm(tokenizer, model, prompts, length)
-        return Conditioning(hidden, pooled, None, family, tuple(prompts))
-    pipe = _pipeline_for(family, encoders)
-    if family == "sd3":
-        kw = {"max_sequence_length": max_length} if max_length else {}
-        if "t5" not in encoders.slots:  # the pipeline pads with zeros as wide as the transformer's text input
-            width = int(encoders.options.get("joint_attention_dim", 4096))
-            object.__setattr__(pipe, "transformer", SimpleNamespace(config=SimpleNamespace(joint_attention_dim=width)))
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
-                                                  do_classifier_free_guidance=False, **kw)
-        return Conditioning(embeds, pooled, None, family, tuple(prompts))
-    if family == "flux":
-        kw = {"max_sequence_length": max_length} if max_length else {}
-        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, **kw)
-        return Conditioning(embeds, pooled, None, family, tuple(prompts))
-    if family in ("pixart", "sana", "lumina2"):
-        kw: dict[str, Any] = {"max_sequence_length": max_length} if max_length else {}
-        if family == "sana":  # the pipeline's __call__ prefixes its "complex human instruction"
-            kw["complex_human_instruction"] = _call_default(pipe, "complex_human_instruction")
-        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, **kw)
-        return Conditioning(embeds, None, mask, family, tuple(prompts))
-    raise ValueError(f"no text encoding for family {family!r}")
+    return _conditioning(encoders, prompts, family, max_length, negative=False)
 
 
 @torch.no_grad()
@@ -129,28 +57,18 @@ def encode_negative(encoders: TextEncoders, prompts: list[str], family: str, max
     """The unconditional/negative side. Differs from :func:`encode` only where the family's
     pipeline encodes negatives differently (Sana: no complex human instruction; Lumina 2: no
     system prompt)."""
-    if family in ("sana", "lumina2"):
-        try:
-            return _encode_negative_gemma(encoders, prompts, family, max_length)
-        finally:
-            encoders.release()
-    return encode(encoders, prompts, family, max_length)
+    return _conditioning(encoders, prompts, family, max_length, negative=True)
 
 
-def _encode_negative_gemma(encoders: TextEncoders, prompts: list[str], family: str, max_length: int) -> Conditioning:
-    if family == "sana":
-        pipe = _pipeline_for(family, encoders)
-        encoders.ensure_device()
-        length = max_length or 300
-        embeds, mask = pipe._get_gemma_prompt_embeds(prompts, device=encoders.device, dtype=encoders.dtype,
-                                                     max_sequence_length=length, complex_human_instruction=False)
-        return Conditioning(embeds, None, mask, family, tuple(prompts))
-    if family == "lumina2":
-        pipe = _pipeline_for(family, encoders)
-        encoders.ensure_device()
-        embeds, mask = pipe._get_gemma_prompt_embeds(prompts, device=encoders.device, max_sequence_length=max_length or 256)
-        return Conditioning(embeds, None, mask, family, tuple(prompts))
-    raise AssertionError(family)
+def _conditioning(encoders: TextEncoders, prompts: list[str], family: str, max_length: int, negative: bool) -> Conditioning:
+    fam = families.get(family)
+    recipe = fam.encode_negative if negative else fam.encode_text
+    encoders.ensure_device()
+    try:
+        embeds, pooled, mask = recipe(encoders, prompts, max_length)
+    finally:
+        encoders.release()
+    return Conditioning(embeds, pooled, mask, family, tuple(prompts))
 
 
 @torch.no_grad()
@@ -159,7 +77,7 @@ def encode_pair(encoders: TextEncoders, positive: str, negative: str, family: st
     family's pipeline encodes them alike (both padded to the same length). On a GPU, T5-XXL's
     forward is bound by Python overhead, so two prompts in one batch take about the time of one
     (H100: 51 ms for the pair, 48 + 48 ms as two calls; bench/results/gpu_parity_profile.json)."""
-    if family in ("sana", "lumina2"):  # their negatives skip the instruction prefix: two passes
+    if families.get(family).negative_differs:  # e.g. negatives skip an instruction prefix: two passes
         return encode(encoders, [positive], family), encode_negative(encoders, [negative], family)
     both = encode(encoders, [positive, negative], family)
 
@@ -171,13 +89,9 @@ def encode_pair(encoders: TextEncoders, positive: str, negative: str, family: st
     return row(0), row(1)
 
 
-def _call_default(pipe: Any, name: str) -> Any:
-    return inspect.signature(type(pipe).__call__).parameters[name].default
-
-
-def _family(encoders: TextEncoders, family: str) -> str:
-    if family != "auto":
-        return family
+def _family(encoders: TextEncoders, choice: str) -> str:
+    if choice != "auto":
+        return choice
     guessed = encoders.guess_family()
     if guessed is None:
         raise ValueError(f"cannot tell the family from text encoders {', '.join(encoders.slots)}; "

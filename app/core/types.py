@@ -21,6 +21,7 @@ VAE = "VAE"
 CONDITIONING = "CONDITIONING"
 LATENT = "LATENT"
 IMAGE = "IMAGE"  # float tensor (B, H, W, C) in [0, 1]
+VIDEO = "VIDEO"  # app.core.media.Video: frames (F, H, W, C) float in [0, 1] plus fps
 MASK = "MASK"  # float tensor (B, H, W) in [0, 1]
 CONTROL = "CONTROL"
 LORA = "LORA"
@@ -72,6 +73,7 @@ class Spec:
     choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
     multiline: bool = False
     seed: bool = False
+    snap: bool = False  # the value must be min + a multiple of step (validation rejects others)
     file: str | None = None
     tooltip: str = ""
     # An input whose value the engine must not hash as-is (e.g. a file picked by the user)
@@ -131,6 +133,8 @@ class InputDef:
             return f"value {value!r} is below the minimum {spec.min!r}"
         if spec.max is not None and value > spec.max:
             return f"value {value!r} is above the maximum {spec.max!r}"
+        if spec.snap and spec.step and (value - (spec.min or 0)) % spec.step:
+            return f"value {value!r} must be {spec.min or 0} plus a multiple of {spec.step}"
         choices = spec.choice_list()
         if choices is not None and spec.file is None and value not in choices:
             shown = ", ".join(map(repr, choices[:12])) + (" ..." if len(choices) > 12 else "")

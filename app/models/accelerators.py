@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.models import families
 from app.models.handles import ModelCall, ModelPatch, SamplingRun
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ MAGCACHE_RATIOS: dict[str, list[float]] = {
                    0.98428, 0.98495, 0.98582, 0.97948, 0.98147, 0.981, 0.97529, 0.97567, 0.9728, 0.96861, 0.9661,
                    0.95941, 0.95277, 0.94331, 0.93048, 0.90974, 0.87617, 0.81144],
 }
-
-
-def _flux_ratios() -> list[float] | None:
-    try:
-        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
-    except Exception:  # older diffusers
-        return None
-    return [float(v) for v in FLUX_MAG_RATIOS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,8 +773,8 @@ def magcache_ratios(family: str, text: str = "auto") -> tuple:
     text = (text or "auto").strip()
     if text.lower() == "auto":
         ratios = MAGCACHE_RATIOS.get(family)
-        if ratios is None and family == "flux":
-            ratios = _flux_ratios()
+        if ratios is None and families.FAMILIES.get(family) is not None:
+            ratios = families.get(family).magcache_ratios()
         if ratios is None:
             log.warning("MagCache: no calibrated ratios for family %r; using shapes-dit's curve "
                         "(connect MagCache Calibrate for this model's own)", family)

@@ -1,91 +1,65 @@
-"""Per-family facts: which classes, latent layout, time convention, defaults, text encoders.
+"""Model families: one module per family, discovered and registered here.
 
-A *family* is a model architecture plus its conventions. Everything the loaders, text
-encoders, samplers and latent nodes need to know about one is here, so adding a family is
-one entry (plus its text-encoding and model-call code).
+A *family* is a model architecture plus its conventions: its diffusers classes, latent
+layout, VAE factors, time convention, text-encoding recipe, native forward kwargs, sampling
+defaults, detection hints and LoRA key maps. :class:`base.Family` documents every fact and
+behaviour; each module in this package subclasses it and exposes one instance as ``FAMILY``.
+Code outside this package never branches on a family's name: it asks ``get(name)`` (or
+``handle.info``) for the fact or behaviour it needs.
 
-Time conventions (``prediction``), all mapped to the engine's flow-matching convention
-x_s = (1 - s) x0 + s noise, velocity v = noise - x0:
-  "flow"          the transformer takes timestep s*1000 (Flux: s) and predicts v
-  "flow_reversed" Lumina 2: timestep 1 - s, predicts x0 - noise (= -v)
-  "eps"           PixArt: a discrete-time epsilon model (VP); s is mapped to the VE sigma
-                  s/(1-s), then to its (fractional) training timestep.
+Adding a family
+---------------
+1. Create ``app/models/families/<name>.py`` with a ``Family`` subclass:
+   - facts: ``name``, ``transformer_class``, ``pipeline_class`` (+ ``pipeline_aliases``),
+     ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps"), ``latent_channels``,
+     ``vae_factor``, ``pack``; video families set ``video = True``, ``temporal_factor``,
+     ``default_frames``/``default_fps`` (latents become (B, C, F, H, W)); ``text_slots`` and
+     ``pipeline_text_slots`` (slot -> pipeline component), defaults (``default_steps``,
+     ``default_shift``, ``default_cfg``, ``default_scheduler``, ``default_size``), ``batch_cfg``;
+   - behaviours: ``native_kwargs`` (the transformer call), ``encode_text`` (and
+     ``encode_negative`` with ``negative_differs`` if negatives differ); override
+     ``timestep``, ``unpack_output``, ``normalise_latents``/``denormalise_latents`` (VAE
+     statistics), ``matches_state_dict``, ``convert_lora``/``lora_name_table``,
+     ``image_to_video_condition``, ``pick_transformer`` only where the defaults do not fit;
+   - ``FAMILY = YourFamily()`` at the bottom.
+2. Set ``detect_priority`` above a family whose detection yours refines (shapes-dit > sd3).
+3. Add a parity test against the family's diffusers pipeline with a tiny random model
+   (tests/models/test_parity.py, test_video_parity.py); tests/models/test_families.py checks
+   the registration.
+Nothing else changes: loaders, text encoders, samplers and latent nodes read the family.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass, field
+import pkgutil
 from pathlib import Path
 
+from app.models.families.base import Family
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    transformer_class: str
-    pipeline_class: str | None
-    prediction: str  # "flow" | "flow_reversed" | "eps"
-    latent_channels: int
-    vae_factor: int
-    text_slots: tuple[str, ...]  # text encoders the family's conditioning uses, in order
-    default_scheduler: str = "shifted"
-    default_shift: float = 3.0
-    default_steps: int = 28
-    default_cfg: float = 4.5
-    default_size: int = 1024
-    packed: bool = False  # Flux: 2x2 latent patches become tokens outside the transformer
-    batch_cfg: bool = True  # evaluate cond+uncond as one batch (as the family's pipeline does)
-    cfg_renorm: bool = False  # Lumina 2: rescale the guided prediction to the conditional norm
-    distilled_guidance: float | None = None  # Flux-dev's guidance embedding default
-    vae_class: str = "AutoencoderKL"
-    extras: dict = field(default_factory=dict)
+__all__ = ["FAMILIES", "Family", "get", "detect_folder_family", "detect_config_family", "detect_state_dict_family",
+           "families_for_text_slots", "dynamic_mu"]
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("shapes-dit", "SD3Transformer2DModel", None, "flow", 4, 8, ("minilm",),
-               default_shift=3.0, default_steps=28, default_cfg=4.0, default_size=128),
-        Family("sd3", "SD3Transformer2DModel", "StableDiffusion3Pipeline", "flow", 16, 8, ("clip_l", "clip_g", "t5"),
-               default_shift=3.0, default_cfg=7.0),
-        Family("flux", "FluxTransformer2DModel", "FluxPipeline", "flow", 16, 8, ("clip_l", "t5"),
-               default_scheduler="dynamic", default_cfg=1.0, packed=True, distilled_guidance=3.5),
-        Family("pixart", "PixArtTransformer2DModel", "PixArtSigmaPipeline", "eps", 4, 8, ("t5",),
-               default_scheduler="discrete", default_shift=1.0, default_steps=20),
-        Family("sana", "SanaTransformer2DModel", "SanaPipeline", "flow", 32, 32, ("gemma",),
-               default_shift=3.0, default_steps=20, vae_class="AutoencoderDC"),
-        Family("lumina2", "Lumina2Transformer2DModel", "Lumina2Pipeline", "flow_reversed", 16, 8, ("gemma",),
-               default_shift=6.0, default_steps=30, default_cfg=4.0,
-               batch_cfg=False, cfg_renorm=True),
-    )
-}
+def _discover(package: str = __name__, path: list[str] | None = None) -> dict[str, Family]:
+    """Every module of ``package`` that defines ``FAMILY``, by name (duplicates are errors)."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__ if path is None else path), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        family = getattr(importlib.import_module(f"{package}.{info.name}"), "FAMILY", None)
+        if family is None:
+            continue
+        if family.name in found:
+            raise RuntimeError(f"family {family.name!r} is defined twice ({info.name})")
+        found[family.name] = family
+    return found
 
-# Which diffusers pipeline component holds which text-encoder slot, per family.
-PIPELINE_TEXT_SLOTS: dict[str, dict[str, str]] = {
-    "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"},
-    "flux": {"clip_l": "text_encoder", "t5": "text_encoder_2"},
-    "pixart": {"t5": "text_encoder"},
-    "sana": {"gemma": "text_encoder"},
-    "lumina2": {"gemma": "text_encoder"},
-    "shapes-dit": {"minilm": "text_encoder"},
-}
 
-CLASS_TO_FAMILY = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "PixArtTransformer2DModel": "pixart",
-    "SanaTransformer2DModel": "sana",
-    "Lumina2Transformer2DModel": "lumina2",
-}
-PIPELINE_TO_FAMILY = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "PixArtSigmaPipeline": "pixart",
-    "PixArtAlphaPipeline": "pixart",
-    "SanaPipeline": "sana",
-    "Lumina2Pipeline": "lumina2",
-    "Lumina2Text2ImgPipeline": "lumina2",
-}
+FAMILIES: dict[str, Family] = _discover()
+_BY_PRIORITY = sorted(FAMILIES.values(), key=lambda f: -f.detect_priority)
+_IMAGE_VAE = Family()  # unknown VAE classes: scale and shift from the VAE's config
 
 
 def get(name: str) -> Family:
@@ -104,36 +78,44 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
 
 
+def detect_config_family(config: dict) -> str | None:
+    """The family of a transformer ``config.json`` (None when no family claims it)."""
+    return next((f.name for f in _BY_PRIORITY if f.matches_config(config)), None)
+
+
+def detect_pipeline_family(class_name: str) -> str | None:
+    """The family of a pipeline class name from ``model_index.json``."""
+    return next((f.name for f in _BY_PRIORITY if f.matches_pipeline(class_name)), None)
+
+
 def detect_folder_family(folder: str | Path) -> str:
     """The family of a model folder: a ditgraph.json manifest, a pipeline's model_index.json,
     or a transformer component folder's config.json (by ``_class_name``)."""
     folder = Path(folder)
     if (folder / "ditgraph.json").is_file():
-        manifest = read_json(folder / "ditgraph.json")
-        family = manifest.get("family")
+        family = read_json(folder / "ditgraph.json").get("family")
         if family not in FAMILIES:
             raise ValueError(f"{folder / 'ditgraph.json'}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
         return family
     if (folder / "model_index.json").is_file():
-        index = read_json(folder / "model_index.json")
-        name = index.get("_class_name", "")
-        if name in PIPELINE_TO_FAMILY:
-            return PIPELINE_TO_FAMILY[name]
+        name = read_json(folder / "model_index.json").get("_class_name", "")
+        family = detect_pipeline_family(name)
+        if family:
+            return family
         if (folder / "transformer" / "config.json").is_file():
             return detect_folder_family(folder / "transformer")
-        raise ValueError(f"{folder}: pipeline {name!r} is not a supported family "
-                         f"(supported: {', '.join(sorted(PIPELINE_TO_FAMILY))})")
+        supported = sorted(p for f in FAMILIES.values() for p in (f.pipeline_class, *f.pipeline_aliases) if p)
+        raise ValueError(f"{folder}: pipeline {name!r} is not a supported family (supported: {', '.join(supported)})")
     if (folder / "transformer" / "config.json").is_file():
         return detect_folder_family(folder / "transformer")
     if (folder / "config.json").is_file():
         config = read_json(folder / "config.json")
-        name = config.get("_class_name", "")
-        if name == "SD3Transformer2DModel" and config.get("joint_attention_dim") == 384 == config.get("pooled_projection_dim"):
-            return "shapes-dit"  # MiniLM-sized text inputs: the bundled model (even before its manifest is written)
-        if name in CLASS_TO_FAMILY:
-            return CLASS_TO_FAMILY[name]
-        raise ValueError(f"{folder / 'config.json'}: _class_name {name!r} is not a supported transformer "
-                         f"(supported: {', '.join(CLASS_TO_FAMILY)})")
+        family = detect_config_family(config)
+        if family:
+            return family
+        supported = sorted({f.transformer_class for f in FAMILIES.values()})
+        raise ValueError(f"{folder / 'config.json'}: _class_name {config.get('_class_name', '')!r} is not a supported "
+                         f"transformer (supported: {', '.join(supported)})")
     raise ValueError(f"{folder}: not a model folder (expected ditgraph.json, model_index.json, "
                      "transformer/config.json or config.json)")
 
@@ -141,15 +123,18 @@ def detect_folder_family(folder: str | Path) -> str:
 def detect_state_dict_family(keys: list[str]) -> str | None:
     """Guess a family from the tensor names of a single-file checkpoint (original or diffusers naming)."""
     joined = "\n".join(keys[:4000])
-    if "double_blocks." in joined or "single_transformer_blocks." in joined or "single_blocks." in joined:
-        return "flux"
-    if "joint_blocks." in joined or "context_embedder." in joined and "pos_embed" in joined:
-        return "sd3"
-    if "cap_embedder." in joined or "noise_refiner." in joined:
-        return "lumina2"
-    if "caption_projection." in joined and "adaln_single." in joined:
-        return "sana" if "conv_inverted" in joined or "glumb" in joined.lower() else "pixart"
-    return None
+    return next((f.name for f in _BY_PRIORITY if f.matches_state_dict(joined)), None)
+
+
+def for_vae(class_name: str) -> Family:
+    """The family whose latent conventions a VAE class follows (the base ones for shared classes)."""
+    return next((f for f in _BY_PRIORITY if f.vae_class == class_name), _IMAGE_VAE)
+
+
+def families_for_text_slots(slots: set[str]) -> list[str]:
+    """Families whose text encoders are exactly (up to optional slots) ``slots``."""
+    return [f.name for f in _BY_PRIORITY if f.guessed_from_text
+            and set(f.text_slots) - set(f.optional_text_slots) <= slots <= set(f.text_slots)]
 
 
 # Flux/SD3.5-style resolution-dependent shift: mu grows linearly with the token count.

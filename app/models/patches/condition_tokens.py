@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.models import families
 from app.models.handles import ModelCall, ModelPatch, Resident, SamplingRun
 from app.models.patches.controlnet import encode_image, repeat_to, step_active
 
@@ -256,9 +257,10 @@ class ConditionAdapter(Resident):
 
     def check_model(self, model: Any) -> None:
         blocks = getattr(model.transformer, "transformer_blocks", None)
-        if model.family not in ("sd3", "shapes-dit") or blocks is None:
+        if not model.info.joint_attention or blocks is None:
+            joint = ", ".join(f.name for f in families.FAMILIES.values() if f.joint_attention)
             raise ValueError(f"{self.source}: condition tokens need an SD3-type joint-attention model "
-                             f"(sd3, shapes-dit); got {model.family}")
+                             f"({joint}); got {model.family}")
         c = model.transformer.config
         dim = c.num_attention_heads * c.attention_head_dim
         cfg = self.module.config

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.models import families
 from app.models.handles import ModelCall, ModelPatch, Resident, SamplingRun
 
 CONTROLNET_CLASSES = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux", "SanaControlNetModel": "sana"}
-COMPATIBLE = {"sd3": ("sd3", "shapes-dit"), "flux": ("flux",), "sana": ("sana",)}
 
 
 @dataclass(eq=False)
@@ -41,9 +41,11 @@ class LoadedControlNet(Resident):
         return [self.controlnet]
 
     def check_model(self, family: str) -> None:
-        if family not in COMPATIBLE[self.kind]:
+        cls = type(self.controlnet).__name__
+        if families.get(family).controlnet_class != cls:
+            served = [f.name for f in families.FAMILIES.values() if f.controlnet_class == cls]
             raise ValueError(f"{self.source}: a {self.kind} ControlNet cannot control a {family} model "
-                             f"(it serves {', '.join(COMPATIBLE[self.kind])})")
+                             f"(it serves {', '.join(served)})")
 
 
 def step_active(run: SamplingRun, start: float, end: float) -> bool:

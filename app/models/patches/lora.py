@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.models import families
 from app.models.handles import ModelPatch, SamplingRun
 
 
@@ -180,68 +181,6 @@ class LoraReport:
         return text
 
 
-def _sd3_original_names(transformer: torch.nn.Module) -> dict[str, list[tuple[str, int, int, bool]]]:
-    """SD3 reference-code module names -> [(diffusers module, chunk index, chunks, swap halves)]."""
-    table: dict[str, list[tuple[str, int, int, bool]]] = {}
-    blocks = getattr(transformer, "transformer_blocks", [])
-
-    def one(name: str, target: str, swap: bool = False) -> None:
-        table[name] = [(target, 0, 1, swap)]
-
-    def qkv(name: str, targets: tuple[str, str, str]) -> None:
-        table[name] = [(t, i, 3, False) for i, t in enumerate(targets)]
-
-    for i, block in enumerate(blocks):
-        x, c, t = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
-        qkv(f"{x}.attn.qkv", (f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v"))
-        one(f"{x}.attn.proj", f"{t}.attn.to_out.0")
-        qkv(f"{x}.attn2.qkv", (f"{t}.attn2.to_q", f"{t}.attn2.to_k", f"{t}.attn2.to_v"))
-        one(f"{x}.attn2.proj", f"{t}.attn2.to_out.0")
-        one(f"{x}.mlp.fc1", f"{t}.ff.net.0.proj")
-        one(f"{x}.mlp.fc2", f"{t}.ff.net.2")
-        one(f"{x}.adaLN_modulation.1", f"{t}.norm1.linear")
-        qkv(f"{c}.attn.qkv", (f"{t}.attn.add_q_proj", f"{t}.attn.add_k_proj", f"{t}.attn.add_v_proj"))
-        one(f"{c}.attn.proj", f"{t}.attn.to_add_out")
-        one(f"{c}.mlp.fc1", f"{t}.ff_context.net.0.proj")
-        one(f"{c}.mlp.fc2", f"{t}.ff_context.net.2")
-        # the last block's context norm is AdaLayerNormContinuous: (scale, shift) vs (shift, scale)
-        one(f"{c}.adaLN_modulation.1", f"{t}.norm1_context.linear", swap=bool(getattr(block, "context_pre_only", False)))
-    one("x_embedder.proj", "pos_embed.proj")
-    one("context_embedder", "context_embedder")
-    one("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
-    one("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
-    one("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
-    one("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
-    one("final_layer.linear", "proj_out")
-    one("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
-    table.update({k.replace(".", "_"): v for k, v in list(table.items())})
-    return table
-
-
-def _convert_with_diffusers(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run diffusers' format converters for the families that have them (Flux, Lumina 2)."""
-    import diffusers.loaders.lora_pipeline as lp
-
-    mixin = {"flux": lp.FluxLoraLoaderMixin, "lumina2": lp.Lumina2LoraLoaderMixin}.get(family)
-    if mixin is None:
-        return tensors
-    keys = list(tensors)
-    if all((".lora_A." in k or ".lora_B." in k or k.endswith(".alpha")) and not k.startswith("diffusion_model.")
-           for k in keys):
-        return tensors  # already diffusers/peft naming
-    try:
-        if family == "flux":
-            converted, alphas = mixin.lora_state_dict(dict(tensors), return_alphas=True)
-        else:
-            converted, alphas = mixin.lora_state_dict(dict(tensors)), None
-    except Exception:
-        return tensors  # not a format the converter knows: matched generically (and reported)
-    out = dict(converted)
-    for key, value in (alphas or {}).items():
-        out[key if key.endswith(".alpha") else key + ".alpha"] = torch.as_tensor(value)
-    return out
-
-
 def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
     """peft's rank_pattern / alpha_pattern lookup: exact name, dotted suffix, or ^regex."""
     for pattern, value in (patterns or {}).items():
@@ -254,20 +193,14 @@ def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
     return default
 
 
-def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str,
-               component: str = "transformer") -> tuple[list[LoraLayer], LoraReport]:
-    """Match a LoRA's tensors to ``transformer``'s modules; raise :class:`LoraMismatch` if none fit.
-
-    ``component="vae"`` matches the file's ``vae.``-prefixed layers (a VAE-decoder LoRA) to a VAE
-    module instead; for the transformer those layers are only counted.
-    """
-    report = LoraReport(lora.name)
+def _group_tensors(lora: LoraFile, family: str, component: str, report: LoraReport) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's LoRA tensors by layer name and role (down/up/alpha/up_bias), in diffusers naming."""
     if component == "vae":
         tensors = {k[len("vae."):]: v for k, v in lora.tensors.items() if k.startswith("vae.")}
     else:
         tensors = {k: v for k, v in lora.tensors.items() if not k.startswith("vae.")}
         report.vae = len({k.rsplit(".lora_", 1)[0] for k in lora.tensors if k.startswith("vae.") and ".lora_" in k})
-        tensors = _convert_with_diffusers(family, tensors)
+        tensors = families.get(family).convert_lora(tensors)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
         if any(u in key for u in _UNSUPPORTED):
@@ -279,14 +212,79 @@ def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str,
                 break
         else:
             report.unsupported += 1  # not a LoRA tensor at all (e.g. a full weight)
+    return groups
 
+
+def _strip_prefixes(name: str) -> str:
+    for prefixes in (_MODEL_PREFIXES, _KOHYA_PREFIXES):
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+    return name
+
+
+def _lora_scale(parts: dict, name: str, meta: dict, rank: int) -> float:
+    """alpha / rank (alpha / sqrt(rank) for rsLoRA); 1 without an alpha."""
+    if "alpha" in parts:
+        alpha = float(parts["alpha"])
+    else:
+        alpha = _pattern_value(meta.get("alpha_pattern") or {}, name, meta.get("lora_alpha"))
+        alpha = float(alpha) if alpha is not None else None
+    rslora = bool(meta.get("use_rslora", False))
+    return 1.0 if alpha is None else alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _swap_halves(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor, rank: int) -> bool:
+    weight = module.weight
+    if isinstance(module, torch.nn.Linear):
+        return down.dim() == 2 and up.dim() == 2 and down.shape[1] == weight.shape[1] \
+            and up.shape[0] == weight.shape[0] and up.shape[1] == rank
+    return down.dim() == 4 and down.shape[1] == weight.shape[1] and down.shape[2:] == weight.shape[2:] \
+        and up.shape[0] == weight.shape[0]
+
+
+def _build_layers(targets: list, parts: dict, modules: dict, scale: float) -> list[LoraLayer] | None:
+    """One LoraLayer per target (fused QKV files split into chunks); None if any does not fit."""
+    down, up = parts["down"], parts["up"]
+    rank = down.shape[0]
+    built = []
+    for target, index, chunks, swap in targets:
+        module = modules.get(target)
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            return None
+        up_part = up.chunk(chunks, dim=0)[index] if chunks > 1 else up
+        bias = parts.get("up_bias")
+        if bias is not None and chunks > 1:
+            bias = bias.chunk(chunks, dim=0)[index]
+        if swap:
+            up_part, bias = _swap_halves(up_part), _swap_halves(bias)
+        if not _fits(module, down, up_part, rank):
+            return None
+        built.append(LoraLayer(target, down, up_part, scale, bias))
+    return built
+
+
+def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str,
+               component: str = "transformer") -> tuple[list[LoraLayer], LoraReport]:
+    """Match a LoRA's tensors to ``transformer``'s modules; raise :class:`LoraMismatch` if none fit.
+
+    ``component="vae"`` matches the file's ``vae.``-prefixed layers (a VAE-decoder LoRA) to a VAE
+    module instead; for the transformer those layers are only counted.
+    """
+    report = LoraReport(lora.name)
+    groups = _group_tensors(lora, family, component, report)
     modules = dict(transformer.named_modules())
     underscored = {name.replace(".", "_"): name for name in modules if name}
-    sd3_table = _sd3_original_names(transformer) if family in ("sd3", "shapes-dit") else {}
+    table = families.get(family).lora_name_table(transformer) if component != "vae" else {}
     meta = (lora.metadata or {}).get("vae", {}) if component == "vae" else (lora.metadata or {})
-    default_alpha = meta.get("lora_alpha")
-    rslora = bool(meta.get("use_rslora", False))
-
     layers: list[LoraLayer] = []
     for raw_name, parts in groups.items():
         if "down" not in parts or "up" not in parts:
@@ -295,87 +293,50 @@ def match_lora(lora: LoraFile, transformer: torch.nn.Module, family: str,
             report.text_encoder += 1
             continue
         report.total += 1
-        name = raw_name
-        for prefix in _MODEL_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        for prefix in _KOHYA_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
+        name = _strip_prefixes(raw_name)
         if name in modules and name:
             targets = [(name, 0, 1, False)]
         elif name in underscored:
             targets = [(underscored[name], 0, 1, False)]
-        elif name in sd3_table:
-            targets = sd3_table[name]
+        elif name in table:
+            targets = table[name]
         else:
             report.unmatched.append(raw_name)
             continue
-        down, up = parts["down"], parts["up"]
-        rank = down.shape[0]
+        rank = parts["down"].shape[0]
         report.ranks.add(int(rank))
-        if "alpha" in parts:
-            alpha = float(parts["alpha"])
-        else:
-            alpha = _pattern_value(meta.get("alpha_pattern") or {}, name, default_alpha)
-            alpha = float(alpha) if alpha is not None else None
-        scale = 1.0 if alpha is None else alpha / (math.sqrt(rank) if rslora else rank)
-        ok = True
-        built = []
-        for target, index, chunks, swap in targets:
-            module = modules.get(target)
-            if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                ok = False
-                break
-            up_part = up.chunk(chunks, dim=0)[index] if chunks > 1 else up
-            bias = parts.get("up_bias")
-            if bias is not None and chunks > 1:
-                bias = bias.chunk(chunks, dim=0)[index]
-            if swap:
-                a, b = up_part.chunk(2, dim=0)
-                up_part = torch.cat([b, a], dim=0)
-                if bias is not None:
-                    a, b = bias.chunk(2, dim=0)
-                    bias = torch.cat([b, a], dim=0)
-            weight = module.weight
-            if isinstance(module, torch.nn.Linear):
-                fits = down.dim() == 2 and up_part.dim() == 2 and down.shape[1] == weight.shape[1] \
-                    and up_part.shape[0] == weight.shape[0] and up_part.shape[1] == rank
-            else:
-                fits = down.dim() == 4 and down.shape[1] == weight.shape[1] and down.shape[2:] == weight.shape[2:] \
-                    and up_part.shape[0] == weight.shape[0]
-            if not fits:
-                ok = False
-                break
-            built.append(LoraLayer(target, down, up_part, scale, bias))
-        if not ok:
-            report.wrong_shape.append(f"{raw_name} {tuple(down.shape)}x{tuple(up.shape)}")
+        built = _build_layers(targets, parts, modules, _lora_scale(parts, name, meta, rank))
+        if built is None:
+            report.wrong_shape.append(f"{raw_name} {tuple(parts['down'].shape)}x{tuple(parts['up'].shape)}")
             continue
         layers.extend(built)
         report.matched += 1
     report.modules = len({layer.module for layer in layers})
     if not layers:
-        examples = ", ".join(list(groups)[:3]) or "none"
-        model_names = ", ".join([n for n, m in modules.items() if isinstance(m, torch.nn.Linear)][:3])
-        if component == "vae":
-            raise LoraMismatch(f"LoRA {lora.name!r} has no VAE-decoder layers that fit this VAE "
-                               f"({report.total} found, e.g. {examples})")
-        if report.total == 0 and report.vae:
-            raise LoraMismatch(f"LoRA {lora.name!r} only has VAE-decoder layers ({report.vae}); apply it with "
-                               "VAELoraLoader")
-        if report.total == 0 and report.text_encoder:
-            raise LoraMismatch(f"LoRA {lora.name!r} only has text-encoder layers ({report.text_encoder}); "
-                               "nothing applies to the diffusion model")
-        if report.wrong_shape and not report.unmatched:
-            raise LoraMismatch(f"LoRA {lora.name!r}: its {report.total} layers name modules of this "
-                               f"{type(transformer).__name__} but none has the right shape (e.g. "
-                               f"{report.wrong_shape[0]}); is it a LoRA for another model size?")
-        raise LoraMismatch(f"LoRA {lora.name!r} matches none of the layers of this {family} model "
-                           f"({type(transformer).__name__}): {report.total} LoRA layers, e.g. {examples}; "
-                           f"the model's layers look like {model_names}. Is it a LoRA for another model family?")
+        _raise_no_match(lora, transformer, family, component, report, groups, modules)
     return layers, report
+
+
+def _raise_no_match(lora: LoraFile, transformer: torch.nn.Module, family: str, component: str, report: LoraReport,
+                    groups: dict, modules: dict) -> None:
+    examples = ", ".join(list(groups)[:3]) or "none"
+    model_names = ", ".join([n for n, m in modules.items() if isinstance(m, torch.nn.Linear)][:3])
+    if component == "vae":
+        raise LoraMismatch(f"LoRA {lora.name!r} has no VAE-decoder layers that fit this VAE "
+                           f"({report.total} found, e.g. {examples})")
+    if report.total == 0 and report.vae:
+        raise LoraMismatch(f"LoRA {lora.name!r} only has VAE-decoder layers ({report.vae}); apply it with "
+                           "VAELoraLoader")
+    if report.total == 0 and report.text_encoder:
+        raise LoraMismatch(f"LoRA {lora.name!r} only has text-encoder layers ({report.text_encoder}); "
+                           "nothing applies to the diffusion model")
+    if report.wrong_shape and not report.unmatched:
+        raise LoraMismatch(f"LoRA {lora.name!r}: its {report.total} layers name modules of this "
+                           f"{type(transformer).__name__} but none has the right shape (e.g. "
+                           f"{report.wrong_shape[0]}); is it a LoRA for another model size?")
+    raise LoraMismatch(f"LoRA {lora.name!r} matches none of the layers of this {family} model "
+                       f"({type(transformer).__name__}): {report.total} LoRA layers, e.g. {examples}; "
+                       f"the model's layers look like {model_names}. Is it a LoRA for another model family?")
 
 
 # ---------------------------------------------------------------------------------------------
