@@ -1,0 +1,82 @@
+"""ComfyUI interoperability: import (API and editor formats, files with embedded workflows) and export.
+
+    convert(document, registry)            a ComfyUI workflow (either format) -> ditgraph workflow
+    import_file(path_or_bytes, registry)   JSON, or a PNG/WEBP/MP4/WebM ComfyUI (or ditgraph) saved
+    read_embedded_workflow(path_or_bytes)  the raw {"workflow": ..., "prompt": ...} a file carries
+    export_comfy(workflow, registry)       ditgraph workflow -> ComfyUI API-format dict
+
+The mapping table (``table.TABLE``) is documented in docs/comfy_import.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.core.workflow import FORMAT
+from app.fronts.comfy import families
+from app.fronts.comfy.api import convert_api, describe_missing, document_from_nodes, is_api_format, unmapped_types
+from app.fronts.comfy.export import export_comfy
+from app.fronts.comfy.metadata import EmbeddedWorkflowError, read_embedded_workflow
+from app.fronts.comfy.table import TABLE, ComfyImportError
+from app.fronts.comfy.ui import is_ui_format, ui_to_api
+
+__all__ = ["TABLE", "ComfyImportError", "EmbeddedWorkflowError", "convert", "export_comfy", "import_file",
+           "read_embedded_workflow", "to_api"]
+
+
+def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
+    """(API-format nodes, layout, notes) for a ComfyUI document of either format."""
+    if isinstance(document, dict) and "prompt" in document and is_api_format(document["prompt"]):
+        document = document["prompt"]  # the body of a POST /prompt call
+    if isinstance(document, dict) and document.get("format") == FORMAT:
+        raise ComfyImportError("this is already a ditgraph workflow")
+    if is_ui_format(document):
+        return ui_to_api(document)
+    if is_api_format(document):
+        return {str(k): v for k, v in document.items()}, {}, []
+    raise ComfyImportError("not a ComfyUI workflow: expected the editor format (nodes and links) or the API format "
+                           '(node ids mapping to {"class_type": ..., "inputs": {...}})')
+
+
+def convert(document: Any, registry, name: str | None = None) -> dict:
+    """A ditgraph workflow document from a ComfyUI one (editor or API format).
+
+    Raises ComfyImportError with one line: a family ditgraph cannot run, or every unmapped
+    node type (nothing is half-imported).
+    """
+    api, layout, notes = to_api(document)
+    if not api:
+        raise ComfyImportError("the workflow has no nodes to import")
+    families.check(api)
+    missing = unmapped_types(api, registry)
+    if missing:
+        raise ComfyImportError(describe_missing(api, missing), unmapped=missing)
+    notes = list(notes)
+    nodes = convert_api(api, registry, notes)
+    return document_from_nodes(nodes, notes, name, layout)
+
+
+def import_file(source: str | Path | bytes, registry, name: str | None = None) -> dict:
+    """A ditgraph workflow from a ComfyUI JSON file or a PNG/WEBP/MP4/WebM with an embedded workflow.
+
+    A ditgraph workflow embedded in the file is returned as it is. The editor-format
+    ``workflow`` is preferred (it keeps the layout); the API-format ``prompt`` is the fallback.
+    """
+    found = read_embedded_workflow(source)
+    if "document" in found:
+        document = found["document"]
+        if isinstance(document, dict) and document.get("format") == FORMAT:
+            return document
+        return convert(document, registry, name)
+    workflow = found.get("workflow")
+    if isinstance(workflow, dict) and workflow.get("format") == FORMAT:
+        return workflow
+    if workflow is None:
+        return convert(found["prompt"], registry, name)
+    try:
+        return convert(workflow, registry, name)
+    except ComfyImportError:
+        if "prompt" not in found:
+            raise
+        return convert(found["prompt"], registry, name)
