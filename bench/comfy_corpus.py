@@ -35,8 +35,8 @@ MISSING_FILE = re.compile(r"not found \(looked in")
 
 def reason_of(message: str) -> str:
     """Group refusals: the family, 'unmapped: <types>', or the message without file-specific parts."""
-    if " workflow: ditgraph runs " in message:
-        return "family: " + message.split(" workflow: ditgraph runs ")[0].removeprefix("a ")
+    if " workflow (from " in message and "ditgraph runs" in message:
+        return "family: " + message.split(" workflow (from ")[0]
     if "have no ditgraph equivalent here:" in message:
         return "unmapped node types"
     return re.sub(r"node [^ ]+ ", "node N ", message)[:120]

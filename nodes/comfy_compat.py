@@ -115,3 +115,59 @@ def ScaleToMegapixels(
     resized = torch.nn.functional.interpolate(image.movedim(-1, 1), size=size, mode=method,
                                               **({} if method == "nearest-exact" else {"antialias": True}))
     return resized.movedim(1, -1).clamp(0, 1)
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ImageScale(
+    image: IMAGE,
+    method: Annotated[str, Spec(choices=["nearest-exact", "bilinear", "bicubic"])] = "bicubic",
+    width: Annotated[int, Spec(min=0, max=16384, tooltip="0: keep the aspect ratio from height.")] = 512,
+    height: Annotated[int, Spec(min=0, max=16384, tooltip="0: keep the aspect ratio from width.")] = 512,
+    crop: Annotated[str, Spec(choices=["disabled", "center"], tooltip="center: crop to the target aspect first.")] = "disabled",
+) -> torch.Tensor:
+    """Resize to width x height (stretching, or cropping the centre to the target aspect ratio)."""
+    old_h, old_w = image.shape[1:3]
+    if width == 0 and height == 0:
+        return image
+    width = width or max(1, round(old_w * height / old_h))
+    height = height or max(1, round(old_h * width / old_w))
+    pixels = image.movedim(-1, 1)
+    if crop == "center":
+        keep_w, keep_h = min(old_w, round(old_h * width / height)), min(old_h, round(old_w * height / width))
+        left, top = (old_w - keep_w) // 2, (old_h - keep_h) // 2
+        pixels = pixels[:, :, top:top + keep_h, left:left + keep_w]
+    resized = torch.nn.functional.interpolate(pixels, size=[height, width], mode=method,
+                                              **({} if method == "nearest-exact" else {"antialias": True}))
+    return resized.movedim(1, -1).clamp(0, 1)
+
+
+@node(category="image", outputs={"image": IMAGE})
+def Canny(
+    image: IMAGE,
+    low_threshold: Annotated[float, Spec(min=0.01, max=0.99, step=0.01, tooltip="Weak edges kept when touching strong ones.")] = 0.4,
+    high_threshold: Annotated[float, Spec(min=0.01, max=0.99, step=0.01, tooltip="Strong edges.")] = 0.8,
+) -> torch.Tensor:
+    """Canny-style edge map (white edges on black) for edge ControlNets: Sobel gradients of the
+    blurred luminance, thinned to local maxima, double threshold with hysteresis."""
+    gray = (image[..., :3] * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True).movedim(-1, 1)
+    blur = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    gray = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (2, 2, 2, 2), mode="replicate"),
+                                      (blur[:, None] * blur[None, :])[None, None])
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    padded = torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = torch.nn.functional.conv2d(padded, sobel[None, None])
+    gy = torch.nn.functional.conv2d(padded, sobel.T[None, None])
+    magnitude = torch.sqrt(gx**2 + gy**2) / 4
+    horizontal = gx.abs() >= gy.abs()  # thin across the gradient: compare with the two neighbours along it
+    side = torch.nn.functional.pad(magnitude, (1, 1, 1, 1))
+    along_x = torch.maximum(side[..., 1:-1, :-2], side[..., 1:-1, 2:])
+    along_y = torch.maximum(side[..., :-2, 1:-1], side[..., 2:, 1:-1])
+    thin = magnitude * (magnitude >= torch.where(horizontal, along_x, along_y))
+    strong, weak = thin >= high_threshold, thin >= low_threshold
+    edges = strong
+    for _ in range(max(image.shape[1:3])):  # grow strong edges along weak ones until nothing changes
+        grown = weak & (torch.nn.functional.max_pool2d(edges.float(), 3, 1, 1) > 0)
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges.float().movedim(1, -1).expand(-1, -1, -1, 3).contiguous()

@@ -17,12 +17,12 @@ from app.core.workflow import FORMAT
 from app.fronts.comfy import families
 from app.fronts.comfy.api import convert_api, describe_missing, document_from_nodes, is_api_format, unmapped_types
 from app.fronts.comfy.export import export_comfy
-from app.fronts.comfy.metadata import EmbeddedWorkflowError, read_embedded_workflow
+from app.fronts.comfy.metadata import EmbeddedWorkflowError, embedded_texts, parse_texts, read_embedded_workflow
 from app.fronts.comfy.table import TABLE, ComfyImportError
 from app.fronts.comfy.ui import is_ui_format, ui_to_api
 
-__all__ = ["TABLE", "ComfyImportError", "EmbeddedWorkflowError", "convert", "export_comfy", "import_file",
-           "read_embedded_workflow", "to_api"]
+__all__ = ["TABLE", "ComfyImportError", "EmbeddedWorkflowError", "convert", "embedded_texts", "export_comfy",
+           "import_embedded", "import_file", "import_texts", "read_embedded_workflow", "to_api"]
 
 
 def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
@@ -58,12 +58,19 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
 
 
 def import_file(source: str | Path | bytes, registry, name: str | None = None) -> dict:
-    """A ditgraph workflow from a ComfyUI JSON file or a PNG/WEBP/MP4/WebM with an embedded workflow.
+    """A ditgraph workflow from a ComfyUI JSON file or a PNG/WEBP/MP4/WebM with an embedded workflow."""
+    return import_embedded(read_embedded_workflow(source), registry, name)
 
-    A ditgraph workflow embedded in the file is returned as it is. The editor-format
-    ``workflow`` is preferred (it keeps the layout); the API-format ``prompt`` is the fallback.
-    """
-    found = read_embedded_workflow(source)
+
+def import_texts(texts: dict[str, str], registry, name: str | None = None) -> dict:
+    """The same from a file's metadata texts (the server reads those itself)."""
+    return import_embedded(parse_texts(texts), registry, name)
+
+
+def import_embedded(found: dict[str, Any], registry, name: str | None = None) -> dict:
+    """From what ``read_embedded_workflow`` returned. A ditgraph workflow is returned as it is; of
+    ComfyUI's two, the editor-format ``workflow`` is preferred (it keeps the layout), the
+    API-format ``prompt`` is the fallback."""
     if "document" in found:
         document = found["document"]
         if isinstance(document, dict) and document.get("format") == FORMAT:

@@ -64,6 +64,11 @@ class Context:
 
     def __init__(self, document: dict, notes: list[str]):
         self.document, self.notes, self.shifts = document, notes, sampler_shifts(document)
+        self.overrides: dict[tuple[str, str], Any] = {}  # (consumer, our input) -> value set by another node
+
+    def override(self, consumer_id: str, name: str, value: Any) -> None:
+        """Give ``consumer_id`` this value for input ``name`` (ControlNet: the sampler gets the patched model)."""
+        self.overrides[(consumer_id, name)] = value
 
     def _node(self, source_id: Any) -> tuple[str, dict] | None:
         raw = self.document.get(str(source_id), self.document.get(source_id))
@@ -189,11 +194,22 @@ def convert_api(document: dict, registry, notes: list[str]) -> dict[str, dict]:
         if isinstance(title, str) and title and title != raw["class_type"]:
             entry["title"] = title
         nodes[node_id] = entry
+    _apply_overrides(nodes, ctx)
     for node_id, raw in document.items():
         fixup = TABLE[raw["class_type"]].fixup
         if fixup is not None and str(node_id) in nodes:
             fixup(str(node_id), nodes, notes, set(registry.nodes))
     return nodes
+
+
+def _apply_overrides(nodes: dict[str, dict], ctx: Context) -> None:
+    """Overrides aimed at a folded guider go to the sampler that took its inputs."""
+    for (consumer, name), value in ctx.overrides.items():
+        targets = [consumer] if consumer in nodes else [
+            node_id for node_id, raw in ctx.document.items()
+            if any(is_link(v) and str(v[0]) == consumer for v in (raw.get("inputs") or {}).values()) and node_id in nodes]
+        for target in targets:
+            nodes[target]["inputs"][name] = value
 
 
 def auto_layout(nodes: dict[str, dict], known: dict[str, dict] | None = None) -> dict[str, dict]:

@@ -173,3 +173,56 @@ def tiled_decode(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
 def animated_webp(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     inputs = {name: ctx.value(node_id, raw, name) for name in ("images", "filename_prefix", "fps")}
     return {}, {**inputs, "format": "mp4"}
+
+
+def clip_text_encode_flux(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """CLIPTextEncodeFlux -> TextEncode (the T5 prompt) + FluxGuidance."""
+    clip_l, t5 = ctx.value(node_id, raw, "clip_l", ""), ctx.value(node_id, raw, "t5xxl", "")
+    if clip_l and clip_l != t5:
+        ctx.note(node_id, raw, "one prompt feeds both encoders here: the clip_l prompt was dropped, the t5xxl one kept")
+    encode = {"text_encoder": ctx.value(node_id, raw, "clip"), "text": t5 or clip_l}
+    return ({f"{node_id}.1": {"type": "TextEncode", "inputs": encode}},
+            {"conditioning": {"from": [f"{node_id}.1", "conditioning"]}, "guidance": ctx.value(node_id, raw, "guidance", 3.5)})
+
+
+def clip_text_encode_sd3(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """CLIPTextEncodeSD3 -> TextEncode with one prompt (the T5 one, else CLIP-L's)."""
+    prompts = [ctx.value(node_id, raw, name, "") for name in ("t5xxl", "clip_l", "clip_g")]
+    if len({p for p in prompts if p}) > 1:
+        ctx.note(node_id, raw, "one prompt feeds all three encoders here: the T5 prompt was kept")
+    return {}, {"text_encoder": ctx.value(node_id, raw, "clip"), "text": next((p for p in prompts if p), "")}
+
+
+_CONTROL_APPLY = {"ControlNetApply", "ControlNetApplyAdvanced", "ControlNetApplySD3"}
+_MODEL_TAKERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "CFGGuider", "BasicGuider"}
+
+
+def _consumers(ctx: Any, node_id: str) -> list[tuple[str, dict]]:
+    return [(str(k), v) for k, v in ctx.document.items()
+            if any(isinstance(x, list) and len(x) == 2 and str(x[0]) == node_id for x in (v.get("inputs") or {}).values())]
+
+
+def apply_controlnet(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ComfyUI attaches a ControlNet to the conditioning; ours patches the MODEL. The model comes
+    from the sampler (or guider) the conditioning reaches, or from the ControlNet node before
+    this one in a chain; that sampler is given the patched model instead."""
+    upstream = [ctx.upstream(node_id, raw, n)[0] for n in ("positive", "conditioning") if ctx.value(node_id, raw, n)]
+    before = next((u for u in upstream if ctx.document[u].get("class_type") in _CONTROL_APPLY), None)
+    stack, takers = [node_id], []
+    while stack:
+        for consumer_id, consumer in _consumers(ctx, stack.pop()):
+            if consumer.get("class_type") in _CONTROL_APPLY:
+                stack.append(consumer_id)
+            elif consumer.get("class_type") in _MODEL_TAKERS:
+                takers.append((consumer_id, consumer))
+    if not takers:
+        ctx.fail(node_id, raw, "its conditioning reaches no sampler, so there is no model to attach the ControlNet to")
+    taker_id, taker = takers[0]
+    model = {"from": [before, "model"]} if before else ctx.value(taker_id, taker, "model")
+    for consumer_id, consumer in _consumers(ctx, node_id):
+        if consumer.get("class_type") in _MODEL_TAKERS:
+            ctx.override(consumer_id, "model", {"from": [node_id, "model"]})
+    inputs = {"model": model, "control": ctx.value(node_id, raw, "control_net"), "image": ctx.value(node_id, raw, "image"),
+              "vae": ctx.value(node_id, raw, "vae"), "strength": ctx.value(node_id, raw, "strength", 1.0),
+              "start": ctx.value(node_id, raw, "start_percent", 0.0), "end": ctx.value(node_id, raw, "end_percent", 1.0)}
+    return {}, inputs

@@ -14,11 +14,15 @@ from typing import Any
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
 PREFERRED = {"EmptyLatent": "EmptySD3LatentImage", "CheckpointLoader": "CheckpointLoaderSimple",
-             "LoraLoader": "LoraLoaderModelOnly", "TextEncoderLoader": "CLIPLoader", "Note": "Note"}
+             "LoraLoader": "LoraLoaderModelOnly", "TextEncoderLoader": "CLIPLoader", "Note": "Note",
+             "ApplyControlNet": "ControlNetApplyAdvanced"}
+# outputs of ours whose ComfyUI node has other ones (ComfyUI's ControlNet passes conditionings on)
+EXPORT_OUTPUTS = {"ApplyControlNet": ("positive", "negative")}
 # our inputs ComfyUI's node does not have (the import fills or defaults them)
 NOT_EXPORTED = {"EmptyLatent": {"model", "vae"}, "Sampler": {"shift", "guidance"}, "Scheduler": {"shift", "width", "height"},
                 "VAEDecode": {"tiled"}, "CheckpointLoader": {"config", "dtype", "device", "offload"},
-                "TextEncoderLoader": {"role", "dtype", "device"}, "SaveAnimated": {"format", "loop"}}
+                "TextEncoderLoader": {"role", "dtype", "device"}, "SaveAnimated": {"format", "loop"},
+                "ApplyControlNet": {"model", "mode"}}
 VALUES_BACK = {"scheduler": {ours: comfy for comfy, ours in reversed(list(SCHEDULERS.items()))} | {"auto": "simple",
                "shifted": "simple", "dynamic": "simple"}}
 
@@ -54,7 +58,8 @@ class _Exporter:
         source = self.nodes.get(source_id) or {}
         if source.get("type") == "CombineTextEncoders":
             return [source_id, 0]
-        outputs = REVERSE[source["type"]][1].outputs if source.get("type") in REVERSE else ()
+        outputs = EXPORT_OUTPUTS.get(source.get("type")) or (
+            REVERSE[source["type"]][1].outputs if source.get("type") in REVERSE else ())
         return [source_id, outputs.index(output) if output in outputs else 0]
 
     def value(self, value: Any) -> Any:
@@ -122,6 +127,26 @@ class _Exporter:
         self.add(node_id, "DualCLIPLoader" if len(files) == 2 else "TripleCLIPLoader", files, node.get("title"))
 
 
+def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
+    """Ours patches the MODEL; ComfyUI's ControlNet sits on the sampler's conditioning. Rewire a
+    copy: each chain model -> ApplyControlNet... -> sampler becomes positive/negative -> ControlNet
+    chain -> sampler, and the sampler takes the chain's first model."""
+    nodes = {k: {**v, "inputs": dict(v.get("inputs", {}))} for k, v in nodes.items()}
+    for sampler in nodes.values():
+        chain, model = [], sampler["inputs"].get("model")
+        while isinstance(model, dict) and nodes.get(model["from"][0], {}).get("type") == "ApplyControlNet":
+            chain.insert(0, model["from"][0])
+            model = nodes[chain[0]]["inputs"].get("model")
+        if not chain or "positive" not in sampler["inputs"]:
+            continue
+        previous = {"positive": sampler["inputs"].get("positive"), "negative": sampler["inputs"].get("negative")}
+        for control in chain:
+            nodes[control]["inputs"].update({k: v for k, v in previous.items() if v is not None})
+            previous = {"positive": {"from": [control, "positive"]}, "negative": {"from": [control, "negative"]}}
+        sampler["inputs"].update(model=model, **previous)
+    return nodes
+
+
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine}
 
 
@@ -132,6 +157,7 @@ def export_comfy(workflow: dict) -> dict[str, dict]:
     if missing:
         raise ComfyExportError(f"{len(missing)} node type(s) have no ComfyUI counterpart: {', '.join(map(str, missing))}",
                                missing)
+    nodes = _controlnets_on_conditioning(nodes)
     exporter = _Exporter(nodes)
     combined = {link["from"][0] for n in nodes.values() if n.get("type") == "CombineTextEncoders"
                 for link in n.get("inputs", {}).values() if isinstance(link, dict)}

@@ -16,13 +16,15 @@ from app.models.families import FAMILIES
 NAMES = {
     "flux": "Flux.1", "sd3": "SD3/3.5", "pixart": "PixArt", "sana": "Sana", "lumina2": "Lumina 2", "wan": "Wan",
     "ltx": "LTX-Video", "flux-fill": "Flux.1 Fill (inpainting model)", "flux-kontext": "Flux.1 Kontext",
-    "flux-canny": "Flux.1 Canny (control model)", "flux-depth": "Flux.1 Depth (control model)",
+    "flux-canny": "Flux.1 Canny (control model)", "flux-depth": "Flux.1 Depth/Canny (image-conditioned model or LoRA)",
+    "flux-uso": "Flux.1 USO (style reference)",
     "flux-redux": "Flux.1 Redux (style model)", "flux2": "Flux.2", "chroma": "Chroma", "sd1": "Stable Diffusion 1.x (a UNet)",
     "sd2": "Stable Diffusion 2.x (a UNet)", "sdxl": "SDXL (a UNet)", "stable-cascade": "Stable Cascade",
     "svd": "Stable Video Diffusion (a UNet)", "auraflow": "AuraFlow", "qwen-image": "Qwen-Image", "cosmos": "Cosmos",
     "hunyuan-dit": "HunyuanDiT", "hunyuan-video": "HunyuanVideo", "hunyuan-image": "HunyuanImage", "hunyuan3d": "Hunyuan3D",
     "hidream": "HiDream", "mochi": "Mochi", "z-image": "Z-Image", "omnigen2": "OmniGen2", "ace-step": "ACE-Step (audio)",
     "stable-audio": "Stable Audio", "kandinsky": "Kandinsky", "ovis": "Ovis-Image", "longcat": "LongCat-Image",
+    "anima": "Anima", "lotus": "Lotus (depth/normal estimation)",
 }
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
@@ -37,7 +39,11 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),
     ("stable_cascade", "stable-cascade"), ("cascade", "stable-cascade"), ("svd", "svd"), ("sd_xl", "sdxl"),
     ("sdxl", "sdxl"), ("v1-5", "sd1"), ("sd15", "sd1"), ("sd-v1", "sd1"), ("v2-1", "sd2"), ("kandinsky", "kandinsky"),
-    ("ovis", "ovis"), ("longcat", "longcat"), ("zero123", "sd1"),
+    ("ovis", "ovis"), ("longcat", "longcat"), ("zero123", "sd1"), ("anima", "anima"), ("lotus", "lotus"),
+)
+# VAE files that come with one family only (many names, such as ae.safetensors, say nothing)
+VAE_FILES: tuple[tuple[str, str], ...] = (
+    ("vae-ft-mse", "sd1"), ("kl-f8-anime", "sd1"), ("orangemix", "sd1"), ("sdxl_vae", "sdxl"), ("sdxl-vae", "sdxl"),
 )
 MODEL_INPUTS = {"ckpt_name", "unet_name", "model_name"}  # loader inputs that name the diffusion model
 NODE_TYPES = {
@@ -47,13 +53,15 @@ NODE_TYPES = {
     "SVD_img2vid_Conditioning": "svd", "TextEncodeQwenImageEdit": "qwen-image", "TextEncodeQwenImageEditPlus": "qwen-image",
     "EmptyFlux2LatentImage": "flux2", "Flux2Scheduler": "flux2", "EmptyHunyuanImageLatent": "hunyuan-image",
     "CLIPTextEncodeSDXL": "sdxl", "CLIPTextEncodeSDXLRefiner": "sdxl", "EmptyMochiLatentVideo": "mochi",
-    "StableCascade_EmptyLatentImage": "stable-cascade", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
+    "StableCascade_EmptyLatentImage": "stable-cascade", "InstructPixToPixConditioning": "flux-depth",
+    "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "ReferenceLatent": "flux-kontext",
+    "FluxKontextMultiReferenceLatentMethod": "flux-kontext", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
 }
 CLIP_TYPES = {
     "sd3": "sd3", "flux": "flux", "pixart": "pixart", "chroma": "chroma", "hidream": "hidream", "qwen_image": "qwen-image",
     "wan": "wan", "ltxv": "ltx", "cosmos": "cosmos", "hunyuan_video": "hunyuan-video", "mochi": "mochi", "sdxl": "sdxl",
     "stable_cascade": "stable-cascade", "omnigen2": "omnigen2", "ace": "ace-step", "stable_audio": "stable-audio",
-    "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2",
+    "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2", "stable_diffusion": "sd1",
 }
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
 
@@ -62,9 +70,9 @@ def name_of(family: str) -> str:
     return NAMES.get(family, family)
 
 
-def _file_family(filename: str) -> str | None:
+def _file_family(filename: str, patterns: tuple[tuple[str, str], ...] = MODEL_FILES) -> str | None:
     lowered = filename.lower().replace("\\", "/").rsplit("/", 1)[-1]
-    return next((family for pattern, family in MODEL_FILES if pattern in lowered), None)
+    return next((family for pattern, family in patterns if pattern in lowered), None)
 
 
 def detect(api: dict[str, dict]) -> dict[str, str]:
@@ -77,6 +85,9 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
             family = _file_family(inputs[name]) if isinstance(inputs[name], str) else None
             if family:
                 found.setdefault(family, f"its model file {inputs[name]!r}")
+        vae = inputs.get("vae_name")
+        if isinstance(vae, str) and _file_family(vae, VAE_FILES):
+            found.setdefault(_file_family(vae, VAE_FILES), f"its VAE file {vae!r}")
         if NODE_TYPES.get(kind):
             found.setdefault(NODE_TYPES[kind], f"its {kind} node")
         if kind in CLIP_LOADERS and CLIP_TYPES.get(inputs.get("type")):
@@ -93,13 +104,14 @@ def check(api: dict[str, dict]) -> dict[str, str]:
     found = detect(api)
     refused = [family for family in found if not runnable(family)]
     if refused:
-        what = " and ".join(f"{name_of(f)} (from {found[f]})" for f in refused)
+        names = " + ".join(name_of(f) for f in refused)
+        evidence = "; ".join(found[f] for f in refused)
         can = ", ".join(name_of(f) for f in FAMILIES if f in NAMES)
-        raise ComfyImportError(f"a {what} workflow: ditgraph runs {can}, not this family")
+        raise ComfyImportError(f"{names} workflow (from {evidence}): ditgraph runs {can}, not {names}")
     return found
 
 
 def summary(api: dict[str, Any]) -> str:
-    """One family name for reports (the first detected), or 'unknown'."""
+    """One family for reports: the first one that cannot run here, else the first detected, else 'unknown'."""
     found = detect(api)
-    return next(iter(found), "unknown")
+    return next((f for f in found if not runnable(f)), next(iter(found), "unknown"))

@@ -161,6 +161,28 @@ def container_of(data: bytes) -> str:
 READERS = {"png": png_texts, "webp": webp_texts, "video": video_texts}
 
 
+def embedded_texts(data: bytes) -> dict[str, str]:
+    """The metadata texts of a PNG, WEBP or video file (EmbeddedWorkflowError for anything else)."""
+    container = container_of(data)
+    if container == "json":
+        raise EmbeddedWorkflowError("a JSON file, not an image or video")
+    return READERS[container](data)
+
+
+def parse_texts(texts: dict[str, str], container: str = "file") -> dict[str, Any]:
+    """The parsed 'workflow' and 'prompt' entries; EmbeddedWorkflowError when neither is readable."""
+    found = {}
+    for key in KEYS:
+        if key in texts:
+            try:
+                found[key] = json.loads(texts[key])
+            except ValueError:
+                continue  # the other key may still be readable
+    if not found:
+        raise EmbeddedWorkflowError(f"this {container} carries no workflow (no readable 'workflow' or 'prompt' metadata)")
+    return found
+
+
 def read_embedded_workflow(source: str | Path | bytes) -> dict[str, Any]:
     """``{"workflow": ..., "prompt": ...}`` (parsed JSON, either may be absent) from a file or its bytes.
 
@@ -173,14 +195,4 @@ def read_embedded_workflow(source: str | Path | bytes) -> dict[str, Any]:
             return {"document": json.loads(data.decode("utf-8"))}
         except (ValueError, UnicodeDecodeError) as exc:
             raise EmbeddedWorkflowError(f"not valid JSON ({exc})") from None
-    texts = READERS[container](data)
-    found = {}
-    for key in KEYS:
-        if key in texts:
-            try:
-                found[key] = json.loads(texts[key])
-            except ValueError:
-                continue  # the other key may still be readable
-    if not found:
-        raise EmbeddedWorkflowError(f"this {container.upper()} file carries no workflow (no readable 'workflow' or 'prompt' metadata)")
-    return found
+    return parse_texts(READERS[container](data), f"{container.upper()} file")

@@ -76,6 +76,8 @@ _PRIMITIVE = dict(outputs=("value",), widgets=("value",))
 _VIDEO_LATENT = NodeMap("EmptyVideoLatent", ("latent",), widgets=("width", "height", "length", "batch_size"),
                         inputs={"length": "frames"}, requires=VIDEO_NODES)
 
+CONTROL_INPUTS = {"control_net": "control", "start_percent": "start", "end_percent": "end"}
+
 TABLE: dict[str, NodeMap] = {
     # core primitives and utilities
     "PrimitiveInt": NodeMap("PrimitiveInt", ("value",), widgets=("value", CONTROL)),
@@ -116,6 +118,10 @@ TABLE: dict[str, NodeMap] = {
     # text
     "CLIPTextEncode": NodeMap("TextEncode", ("conditioning",), {"clip": "text_encoder"}, widgets=("text",),
                               fixup=d.negative_only),
+    "CLIPTextEncodeFlux": NodeMap("FluxGuidance", ("conditioning",), widgets=("clip_l", "t5xxl", "guidance"),
+                                  expand=d.clip_text_encode_flux, creates=("TextEncode",)),
+    "CLIPTextEncodeSD3": NodeMap("TextEncode", ("conditioning",), widgets=("clip_l", "clip_g", "t5xxl", "empty_padding"),
+                                 expand=d.clip_text_encode_sd3),
     "ConditioningZeroOut": NodeMap("ConditioningZeroOut", ("conditioning",)),
     "FluxGuidance": NodeMap("FluxGuidance", ("conditioning",), widgets=("guidance",)),
     # sampling
@@ -139,6 +145,18 @@ TABLE: dict[str, NodeMap] = {
                               values={"scheduler": scheduler_name}),
     "ManualSigmas": NodeMap("ManualSigmas", ("sigmas",), widgets=("sigmas",)),
     "SplitSigmas": NodeMap("SplitSigmas", ("high", "low"), widgets=("step",)),
+    # control: ComfyUI's ControlNet rides on the conditioning, ours patches the model
+    "ControlNetLoader": NodeMap("ControlNetLoader", ("control",), {"control_net_name": "controlnet"},
+                                widgets=("control_net_name",)),
+    "ControlNetApply": NodeMap("ApplyControlNet", (), CONTROL_INPUTS, widgets=("strength",), passthrough={0: "conditioning"},
+                               expand=d.apply_controlnet),
+    "ControlNetApplyAdvanced": NodeMap("ApplyControlNet", (), CONTROL_INPUTS, widgets=("strength", "start_percent", "end_percent"),
+                                       passthrough={0: "positive", 1: "negative"}, expand=d.apply_controlnet),
+    "ControlNetApplySD3": NodeMap("ApplyControlNet", (), CONTROL_INPUTS, widgets=("strength", "start_percent", "end_percent"),
+                                  passthrough={0: "positive", 1: "negative"}, expand=d.apply_controlnet),
+    "Canny": NodeMap("Canny", ("image",), widgets=("low_threshold", "high_threshold")),
+    "ImageScale": NodeMap("ImageScale", ("image",), {"upscale_method": "method"},
+                          widgets=("upscale_method", "width", "height", "crop"), values={"method": UPSCALE}),
     # latents
     "EmptyLatentImage": NodeMap("EmptyLatent", ("latent",), widgets=("width", "height", "batch_size"), fixup=d.wire_empty_latent),
     "EmptySD3LatentImage": NodeMap("EmptyLatent", ("latent",), widgets=("width", "height", "batch_size"),
