@@ -180,7 +180,7 @@ def convert_api(document: dict, registry, notes: list[str]) -> dict[str, dict]:
             raise ComfyImportError(f"node {node_id}: 'inputs' must be an object")
         if mapping.note:
             ctx.note(node_id, raw, mapping.note)
-        if mapping.target is None:  # dissolved or folded: consumers are linked past it
+        if mapping.target is None or (mapping.select and mapping.select(raw)):  # consumers are linked past it
             continue
         if mapping.expand is not None:
             extra, inputs = mapping.expand(node_id, raw, ctx)
