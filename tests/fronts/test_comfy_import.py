@@ -216,3 +216,11 @@ def test_sd3_and_flux_loaders_and_model_sampling():
     # only the model files this machine lacks
     assert {(p.node, p.input) for p in problems} == {("12", "checkpoint"), ("11.1", "text_encoder"),
                                                      ("11.2", "text_encoder"), ("10", "vae"), ("14", "lora")}
+
+
+def test_every_table_entry_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "comfy_import.md").read_text()
+    rows = {line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ")}
+    assert set(TABLE) <= rows, sorted(set(TABLE) - rows)

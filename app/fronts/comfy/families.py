@@ -76,23 +76,28 @@ def _file_family(filename: str, patterns: tuple[tuple[str, str], ...] = MODEL_FI
 
 
 def detect(api: dict[str, dict]) -> dict[str, str]:
-    """Family -> the evidence for it (a file name, a node type or a CLIP loader type)."""
-    found: dict[str, str] = {}
+    """Family -> the evidence for it. Model (and VAE) files decide; node types only refine a family
+    ditgraph runs into a variant it does not (Flux.1 + ReferenceLatent is Kontext); the CLIP
+    loader's type counts only when nothing else tells."""
+    files: dict[str, str] = {}
+    nodes: dict[str, str] = {}
     clip: dict[str, str] = {}
-    for node_id, raw in api.items():
+    for raw in api.values():
         kind, inputs = raw.get("class_type"), raw.get("inputs") or {}
-        for name in MODEL_INPUTS & set(inputs):
+        for name in sorted(MODEL_INPUTS & set(inputs)):
             family = _file_family(inputs[name]) if isinstance(inputs[name], str) else None
             if family:
-                found.setdefault(family, f"its model file {inputs[name]!r}")
+                files.setdefault(family, f"its model file {inputs[name]!r}")
         vae = inputs.get("vae_name")
         if isinstance(vae, str) and _file_family(vae, VAE_FILES):
-            found.setdefault(_file_family(vae, VAE_FILES), f"its VAE file {vae!r}")
+            files.setdefault(_file_family(vae, VAE_FILES), f"its VAE file {vae!r}")
         if NODE_TYPES.get(kind):
-            found.setdefault(NODE_TYPES[kind], f"its {kind} node")
+            nodes.setdefault(NODE_TYPES[kind], f"its {kind} node")
         if kind in CLIP_LOADERS and CLIP_TYPES.get(inputs.get("type")):
             clip.setdefault(CLIP_TYPES[inputs["type"]], f"its CLIP loader of type {inputs['type']!r}")
-    return found or clip
+    if any(not runnable(f) for f in files):
+        return files
+    return {**files, **nodes} or clip
 
 
 def runnable(family: str) -> bool:
