@@ -24,8 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.workflow import Workflow, errors, validate  # noqa: E402
 from app.fronts.cli import make_registry  # noqa: E402
-from app.fronts.comfy import ComfyImportError, EmbeddedWorkflowError, convert, import_file, to_api  # noqa: E402
-from app.fronts.comfy import families  # noqa: E402
+from app.fronts.comfy import (  # noqa: E402
+    ComfyImportError,
+    EmbeddedWorkflowError,
+    convert,
+    families,  # noqa: E402
+    import_file,
+    to_api,
+)
 from app.fronts.comfy.export import ComfyExportError, export_comfy  # noqa: E402
 from app.fronts.comfy.metadata import read_embedded_workflow  # noqa: E402
 

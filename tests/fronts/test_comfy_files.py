@@ -10,7 +10,14 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from app.fronts.cli import main, make_registry
-from app.fronts.comfy import ComfyImportError, EmbeddedWorkflowError, convert, import_file, read_embedded_workflow, to_api
+from app.fronts.comfy import (
+    ComfyImportError,
+    EmbeddedWorkflowError,
+    convert,
+    import_file,
+    read_embedded_workflow,
+    to_api,
+)
 from app.fronts.comfy.export import ComfyExportError, export_comfy
 from app.fronts.comfy.metadata import png_texts
 from tests.fixtures.comfy_graphs import flux_custom_sampler
@@ -155,3 +162,22 @@ def test_cli_import_and_export(tmp_path, capsys):
 def test_convert_refuses_what_is_not_a_comfyui_workflow(registry):
     with pytest.raises(ComfyImportError, match="not a ComfyUI workflow"):
         convert({"hello": 1}, registry)
+
+
+def test_server_reads_editor_format_from_png_and_webp(tmp_path):
+    from tests.fixtures._server_helpers import shared_server, wait_idle
+
+    server = shared_server()
+    wait_idle(server)
+    ui = flux_custom_sampler()
+    exif = Image.Exif()
+    exif[0x010F] = "workflow:" + json.dumps(ui)
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.webp", exif=exif.tobytes())
+    with server.client() as client:
+        for name, data in (("a.png", _png({"workflow": json.dumps(ui)})), ("a.webp", (tmp_path / "a.webp").read_bytes())):
+            answer = client.post("/api/workflow-from-png", files={"file": (name, data, "application/octet-stream")})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["source"] == "comfyui" and answer.json()["workflow"]["nodes"]["11"]["type"] == "SamplerCustom"
+        ui["nodes"][0]["widgets_values"] = ["hidream_i1_full_fp16.safetensors", "default"]
+        refused = client.post("/api/workflow-from-png", files={"file": ("b.png", _png({"workflow": json.dumps(ui)}), "image/png")})
+        assert refused.status_code == 422 and "HiDream" in refused.text

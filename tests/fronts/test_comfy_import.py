@@ -8,12 +8,12 @@ import pytest
 
 import nodes.core
 from app.core import paths
-from app.fronts.cli import main, make_registry
-from app.fronts.comfy import TABLE, ComfyImportError, convert
 from app.core.executor import Engine
-from app.core.workflow import Workflow, errors, validate
 from app.core.memo import MemoCache
 from app.core.registry import Registry
+from app.core.workflow import Workflow, errors, validate
+from app.fronts.cli import main, make_registry
+from app.fronts.comfy import TABLE, ComfyImportError, convert
 
 # What ComfyUI's "Export (API)" writes for a graph of primitives feeding a preview.
 COMFY_PRIMITIVES = {

@@ -97,8 +97,9 @@ def webp_texts(data: bytes) -> dict[str, str]:
 
 
 def _unescape_ffmetadata(text: str) -> dict[str, str]:
+    """``key=value`` lines of ffmpeg's metadata dump; a backslash escapes = ; # \\ and newlines."""
     entries: dict[str, str] = {}
-    key, value, escaped, in_value, current = "", [], False, False, []
+    key, escaped, in_value, current = "", False, False, []
     for char in text.split("\n", 1)[1] if text.startswith(";FFMETADATA") else text:
         if escaped:
             current.append(char)
