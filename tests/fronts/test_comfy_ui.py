@@ -274,3 +274,24 @@ def test_widget_orders_put_every_value_on_its_input(registry):
         assert convert(ui, registry)["nodes"]["1"]["inputs"] == convert(api, registry)["nodes"]["1"]["inputs"], kind
         checked += 1
     assert checked >= 30
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d["nodes"].append({"id": 99}), "a node without an id and a type"),
+    (lambda d: d["links"].append([1, 2, "IMAGE", 3, 0, "X"]), "a malformed link"),
+    (lambda d: d["nodes"][0].update(inputs="model"), "node 1: 'inputs' is not a list of slots"),
+    (lambda d: d["nodes"][0].update(widgets_values=7), "'widgets_values' is neither"),
+    (lambda d: d.update(definitions={"subgraphs": [{"name": "no id"}]}), "a subgraph definition without an id"),
+])
+def test_malformed_editor_files_are_refused_in_one_line(damage, message, registry):
+    document = flux_custom_sampler()
+    damage(document)
+    with pytest.raises(ComfyImportError, match=message):
+        convert(document, registry)
+
+
+def test_malformed_api_files_are_refused_in_one_line(registry):
+    with pytest.raises(ComfyImportError, match="'inputs' is not an object"):
+        convert({"1": {"class_type": "PreviewAny", "inputs": [1]}}, registry)
+    with pytest.raises(ComfyImportError, match="'class_type' is not a string"):
+        convert({"1": {"class_type": {"x": 1}, "inputs": {}}}, registry)

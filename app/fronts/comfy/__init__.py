@@ -18,6 +18,7 @@ from app.fronts.comfy import families
 from app.fronts.comfy.api import convert_api, describe_missing, document_from_nodes, is_api_format, unmapped_types
 from app.fronts.comfy.export import export_comfy
 from app.fronts.comfy.metadata import EmbeddedWorkflowError, embedded_texts, parse_texts, read_embedded_workflow
+from app.fronts.comfy.shape import check_api
 from app.fronts.comfy.table import TABLE, ComfyImportError
 from app.fronts.comfy.ui import is_ui_format, ui_to_api
 
@@ -34,6 +35,7 @@ def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
     if is_ui_format(document):
         return ui_to_api(document)
     if is_api_format(document):
+        check_api(document)
         return {str(k): v for k, v in document.items()}, {}, []
     raise ComfyImportError("not a ComfyUI workflow: expected the editor format (nodes and links) or the API format "
                            '(node ids mapping to {"class_type": ..., "inputs": {...}})')

@@ -93,7 +93,7 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
             files.setdefault(_file_family(vae, VAE_FILES), f"its VAE file {vae!r}")
         if NODE_TYPES.get(kind):
             nodes.setdefault(NODE_TYPES[kind], f"its {kind} node")
-        if kind in CLIP_LOADERS and CLIP_TYPES.get(inputs.get("type")):
+        if kind in CLIP_LOADERS and isinstance(inputs.get("type"), str) and CLIP_TYPES.get(inputs["type"]):
             clip.setdefault(CLIP_TYPES[inputs["type"]], f"its CLIP loader of type {inputs['type']!r}")
     if any(not runnable(f) for f in files):
         return files

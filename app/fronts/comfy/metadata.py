@@ -9,8 +9,10 @@ ComfyUI calls them: ``"workflow"`` (the editor format, or a ditgraph workflow) a
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,12 @@ def webp_texts(data: bytes) -> dict[str, str]:
         if kind != b"EXIF":
             continue
         exif = Image.Exif()
-        exif.load(body[6:] if body.startswith(b"Exif\0\0") else body)
+        try:
+            with warnings.catch_warnings():  # a damaged tag is skipped; the others may hold the workflow
+                warnings.simplefilter("ignore")
+                exif.load(body[6:] if body.startswith(b"Exif\0\0") else body)
+        except (ValueError, SyntaxError, OSError, struct.error) as exc:
+            raise EmbeddedWorkflowError(f"the WEBP's EXIF data is damaged ({exc})") from None
         for tag in WEBP_TAGS:
             value = exif.get(tag)
             if isinstance(value, bytes):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.fronts.comfy.shape import check_document
 from app.fronts.comfy.table import TABLE, ComfyImportError
 
 BYPASS, MUTED = 4, 2
@@ -97,8 +98,8 @@ def _inline(flat: Flat, node: dict, node_id: str, defs: dict, depth: int) -> Non
     flat.offsets[f"{node_id}:"] = (x, y)
     flat.inlined.append(f"subgraph {sub.get('name') or sub['id']!r} (node {node_id}) was inlined: ditgraph's workflow "
                         "format has no subgraphs yet")
-    for group in sub.get("groups") or []:
-        flat.groups.append({**group, "$offset": (x, y)})
+    groups = sub.get("groups") if isinstance(sub.get("groups"), list) else []
+    flat.groups += [{**group, "$offset": (x, y)} for group in groups if isinstance(group, dict)]
     inner_io = {str((sub.get("inputNode") or {}).get("id", -10)): f"{node_id}:$in",
                 str((sub.get("outputNode") or {}).get("id", -20)): f"{node_id}:$out"}
     _add_graph(flat, sub.get("nodes") or [], sub.get("links") or [], f"{node_id}:", inner_io, defs, depth + 1)
@@ -147,7 +148,8 @@ def _pos(node: dict) -> tuple[float, float]:
     pos = node.get("pos")
     if isinstance(pos, dict):  # older editors wrote {"0": x, "1": y}
         pos = [pos.get("0", 0), pos.get("1", 0)]
-    return (float(pos[0]), float(pos[1])) if isinstance(pos, list) and len(pos) >= 2 else (0.0, 0.0)
+    numbers = isinstance(pos, list) and len(pos) >= 2 and all(isinstance(v, (int, float)) for v in pos[:2])
+    return (float(pos[0]), float(pos[1])) if numbers else (0.0, 0.0)
 
 
 def _resolve(flat: Flat, slot: Slot, depth: int = 0) -> tuple[str, Any] | None:
@@ -194,16 +196,17 @@ def _look(node: dict, offset: tuple[float, float]) -> dict[str, Any]:
     for key in ("color", "bgcolor"):
         if isinstance(node.get(key), str):
             look[key] = node[key]
-    if (node.get("flags") or {}).get("collapsed"):
+    if isinstance(node.get("flags"), dict) and node["flags"].get("collapsed"):
         look["collapsed"] = True
     return look
 
 
 def _groups(document: dict, flat: Flat) -> list[dict]:
     out = []
-    for group in [*(document.get("groups") or []), *flat.groups]:
-        bounding = group.get("bounding")
-        if not (isinstance(bounding, list) and len(bounding) == 4):
+    groups = document.get("groups") if isinstance(document.get("groups"), list) else []
+    for group in [*groups, *flat.groups]:
+        bounding = group.get("bounding") if isinstance(group, dict) else None
+        if not (isinstance(bounding, list) and len(bounding) == 4 and all(isinstance(v, (int, float)) for v in bounding)):
             continue
         dx, dy = group.get("$offset", (0, 0))
         entry = {"title": str(group.get("title") or "Group"),
@@ -217,6 +220,7 @@ def _groups(document: dict, flat: Flat) -> list[dict]:
 
 def ui_to_api(document: dict) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
     """(API-format nodes, ditgraph layout, notes) for an editor-format workflow."""
+    check_document(document)
     defs: dict[str, Any] = {**_subgraphs(document), "$groups": _group_nodes(document)}
     flat = Flat()
     _add_graph(flat, document.get("nodes") or [], document.get("links") or [], "", {}, defs, 0)
@@ -239,6 +243,6 @@ def ui_to_api(document: dict) -> tuple[dict[str, dict], dict[str, Any], list[str
         looks[node_id] = _look(node, flat.offsets.get(prefix, (0.0, 0.0)))
     layout: dict[str, Any] = {"nodes": looks, "groups": _groups(document, flat)}
     view = (document.get("extra") or {}).get("ds")
-    if isinstance(view, dict) and isinstance(view.get("offset"), list):
+    if isinstance(view, dict) and isinstance(view.get("offset"), list) and isinstance(view.get("scale", 1), (int, float)):
         layout["viewport"] = {"offset": view["offset"][:2], "scale": view.get("scale", 1)}
     return api, layout, flat.inlined
