@@ -35,7 +35,9 @@ def test_flux_custom_sampler_graph_imports_and_validates(registry):
         "sigmas": {"from": ["9", "sigmas"]}, "latent": {"from": ["10", "latent"]}, "model": {"from": ["1", "model"]},
         "positive": {"from": ["5", "conditioning"]}, "cfg": 1.0, "seed": 42, "add_noise": True, "sampler": "euler"}}
     # widgets by position; the reroute and the bypassed LoRA are linked past; the primitive's value is pushed in
-    assert nodes["9"]["inputs"] == {"scheduler": "auto", "steps": 20, "denoise": 1, "model": {"from": ["1", "model"]}}
+    # ... and the scheduler gets the image size (Flux's shift depends on it) from the latent the sampler starts from
+    assert nodes["9"]["inputs"] == {"scheduler": "auto", "steps": 20, "denoise": 1, "model": {"from": ["1", "model"]},
+                                    "width": 768, "height": 1024}
     assert nodes["10"]["inputs"]["width"] == 768 and nodes["10"]["inputs"]["height"] == 1024
     assert {"14", "15", "16", "17"}.isdisjoint(nodes)  # reroute, primitive, bypassed, muted
     assert nodes["4"]["title"] == "Prompt" and nodes["5"]["inputs"]["guidance"] == 3.5
@@ -132,7 +134,8 @@ def ksampler_advanced_graph(start: int, end: int) -> dict:
 def test_ksampler_advanced_becomes_scheduler_split_and_sampler(registry):
     document = convert(ksampler_advanced_graph(5, 15), registry)
     nodes = document["nodes"]
-    assert nodes["11.1"]["inputs"] == {"model": {"from": ["1", "model"]}, "steps": 20, "scheduler": "auto", "shift": 2.5}
+    assert nodes["11.1"]["inputs"] == {"model": {"from": ["1", "model"]}, "steps": 20, "scheduler": "auto", "shift": 2.5,
+                                       "width": 768, "height": 1024}
     assert nodes["11.2"]["inputs"] == {"sigmas": {"from": ["11.1", "sigmas"]}, "step": 15}
     assert nodes["11.3"]["inputs"] == {"sigmas": {"from": ["11.2", "high"]}, "step": 5}
     assert nodes["11"]["inputs"]["sigmas"] == {"from": ["11.3", "low"]} and nodes["11"]["inputs"]["seed"] == 5

@@ -226,3 +226,23 @@ def apply_controlnet(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
               "vae": ctx.value(node_id, raw, "vae"), "strength": ctx.value(node_id, raw, "strength", 1.0),
               "start": ctx.value(node_id, raw, "start_percent", 0.0), "end": ctx.value(node_id, raw, "end_percent", 1.0)}
     return {}, inputs
+
+
+def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """Our Scheduler takes the image size (for Flux's resolution-dependent shift); ComfyUI's
+    BasicScheduler does not: take it from the empty latent the sampler it feeds starts from."""
+    scheduler = node_id if nodes.get(node_id, {}).get("type") == "Scheduler" else f"{node_id}.1"
+    stack, seen = [scheduler], set()
+    while stack:
+        for consumer, _, _ in _links_to(nodes, stack.pop()):
+            if consumer in seen:
+                continue
+            seen.add(consumer)
+            if nodes[consumer]["type"] == "SplitSigmas":
+                stack.append(consumer)
+            latent = nodes[consumer]["inputs"].get("latent") if nodes[consumer]["type"] == "SamplerCustom" else None
+            source = nodes.get(latent["from"][0]) if isinstance(latent, dict) else None
+            if source and source["type"] == "EmptyLatent" and scheduler in nodes:
+                size = {k: source["inputs"][k] for k in ("width", "height") if isinstance(source["inputs"].get(k), int)}
+                nodes[scheduler]["inputs"] = {**size, **nodes[scheduler]["inputs"]}
+                return

@@ -131,7 +131,7 @@ TABLE: dict[str, NodeMap] = {
     "KSamplerAdvanced": NodeMap("SamplerCustom", ("latent",),
                                 widgets=("add_noise", "noise_seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler",
                                          "start_at_step", "end_at_step", "return_with_leftover_noise"),
-                                expand=d.ksampler_advanced, creates=("Scheduler", "SplitSigmas")),
+                                expand=d.ksampler_advanced, creates=("Scheduler", "SplitSigmas"), fixup=d.scheduler_size),
     "SamplerCustom": NodeMap("SamplerCustom", ("latent", "latent"), widgets=("add_noise", "noise_seed", CONTROL, "cfg"),
                              expand=d.sampler_custom),
     "SamplerCustomAdvanced": NodeMap("SamplerCustom", ("latent", "latent"), expand=d.sampler_custom_advanced,
@@ -142,7 +142,7 @@ TABLE: dict[str, NodeMap] = {
     "BasicGuider": NodeMap(None, (), folded=True),
     "CFGGuider": NodeMap(None, (), widgets=("cfg",), folded=True),
     "BasicScheduler": NodeMap("Scheduler", ("sigmas",), widgets=("scheduler", "steps", "denoise"),
-                              values={"scheduler": scheduler_name}),
+                              values={"scheduler": scheduler_name}, fixup=d.scheduler_size),
     "ManualSigmas": NodeMap("ManualSigmas", ("sigmas",), widgets=("sigmas",)),
     "SplitSigmas": NodeMap("SplitSigmas", ("high", "low"), widgets=("step",)),
     # control: ComfyUI's ControlNet rides on the conditioning, ours patches the model
