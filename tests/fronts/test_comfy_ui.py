@@ -298,3 +298,15 @@ def test_malformed_api_files_are_refused_in_one_line(registry):
         convert({"1": {"class_type": "PreviewAny", "inputs": [1]}}, registry)
     with pytest.raises(ComfyImportError, match="'class_type' is not a string"):
         convert({"1": {"class_type": {"x": 1}, "inputs": {}}}, registry)
+
+
+@pytest.mark.parametrize("kind,widgets", [("SaveAnimatedWEBP", ["clip", 12, False, 80, "default"]),
+                                          ("SaveWEBM", ["clip", "vp9", 12, 32])])
+def test_animated_savers_write_mp4(kind, widgets, registry):
+    document = flux_custom_sampler()
+    document["nodes"].append(ui_node(40, kind, widgets, [("images", "IMAGE", 40)]))
+    document["links"].append([40, 12, 0, 40, 0, "IMAGE"])
+    converted = convert(document, registry)
+    assert converted["nodes"]["40"] == {"type": "SaveAnimated", "inputs": {
+        "images": {"from": ["12", "image"]}, "filename_prefix": "clip", "fps": 12, "format": "mp4"}}
+    assert only_missing_files(converted, registry) == []

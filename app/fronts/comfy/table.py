@@ -192,6 +192,9 @@ TABLE: dict[str, NodeMap] = {
     "SaveAnimatedWEBP": NodeMap("SaveAnimated", (), widgets=("filename_prefix", "fps", "lossless", "quality", "method"),
                                 drop=frozenset({"lossless", "quality", "method"}), expand=d.animated_webp,
                                 note="saved as an MP4 animation (ditgraph writes GIF or MP4, not animated WEBP)"),
+    "SaveWEBM": NodeMap("SaveAnimated", (), widgets=("filename_prefix", "codec", "fps", "crf"),
+                        drop=frozenset({"codec", "crf"}), expand=d.animated_webp,
+                        note="saved as an MP4 animation (ditgraph writes GIF or MP4, not WebM)"),
     # video (nodes the video engineer adds)
     "EmptyHunyuanLatentVideo": _VIDEO_LATENT,
     "EmptyLTXVLatentVideo": _VIDEO_LATENT,
