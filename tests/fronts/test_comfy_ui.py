@@ -310,3 +310,15 @@ def test_animated_savers_write_mp4(kind, widgets, registry):
     assert converted["nodes"]["40"] == {"type": "SaveAnimated", "inputs": {
         "images": {"from": ["12", "image"]}, "filename_prefix": "clip", "fps": 12, "format": "mp4"}}
     assert only_missing_files(converted, registry) == []
+
+
+def test_image_batches_and_compare(registry):
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+           "2": {"class_type": "LoadImage", "inputs": {"image": "b.png"}},
+           "3": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0], "images.image1": ["2", 0],
+                                                             "images.image2": ["1", 0]}},
+           "4": {"class_type": "ImageCompare", "inputs": {"image_a": ["1", 0], "image_b": ["3", 0]}}}
+    nodes = convert(api, registry)["nodes"]
+    assert nodes["3.1"] == {"type": "ImageBatch", "inputs": {"first": {"from": ["1", "image"]}, "second": {"from": ["2", "image"]}}}
+    assert nodes["3"]["inputs"] == {"first": {"from": ["3.1", "image"]}, "second": {"from": ["1", "image"]}}
+    assert nodes["4"] == {"type": "PreviewImage", "inputs": {"images": {"from": ["3", "image"]}}}

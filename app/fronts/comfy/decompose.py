@@ -246,3 +246,16 @@ def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> No
                 size = {k: source["inputs"][k] for k in ("width", "height") if isinstance(source["inputs"].get(k), int)}
                 nodes[scheduler]["inputs"] = {**size, **nodes[scheduler]["inputs"]}
                 return
+
+
+def batch_images(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """BatchImagesNode's grown inputs images.image0, image1, ... -> a chain of two-input ImageBatch nodes."""
+    names = sorted((n for n in raw.get("inputs") or {} if n.startswith("images.")), key=lambda n: (len(n), n))
+    images = [value for value in (ctx.value(node_id, raw, n) for n in names) if value is not None]
+    if len(images) < 2:
+        ctx.fail(node_id, raw, "needs at least two connected images")
+    extra, first = {}, images[0]
+    for index, image in enumerate(images[1:-1], 1):
+        extra[f"{node_id}.{index}"] = {"type": "ImageBatch", "inputs": {"first": first, "second": image}}
+        first = {"from": [f"{node_id}.{index}", "image"]}
+    return extra, {"first": first, "second": images[-1]}
