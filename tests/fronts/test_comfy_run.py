@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from app.core import paths
-from app.core.executor import Engine
 from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
 from app.fronts.comfy import convert
 from tests.fixtures.comfy_graphs import ui_graph, ui_node
-from tests.nodes.test_nodes_shapes import PROMPT, txt2img
-from tests.nodes.test_nodes_tiny import save_family
-
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    save_family("shapes-dit", root / "checkpoints" / "tiny-shapes")
-    return root
-
-
-@pytest.fixture
-def engine(models_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(paths._overrides, "models", models_root)
-    monkeypatch.setitem(paths._overrides, "outputs", tmp_path / "out")
-    return Engine(device="cpu", output_dir=tmp_path / "out")
+from tests.nodes.test_nodes_shapes import PROMPT, engine, models_root, shared_cache, txt2img  # noqa: F401 (fixtures)
 
 
 def comfy_custom_sampler(seed: int, steps: int, cfg: float) -> dict:
@@ -54,7 +36,7 @@ def comfy_custom_sampler(seed: int, steps: int, cfg: float) -> dict:
     return ui_graph(nodes, links)
 
 
-def test_imported_custom_sampler_graph_runs_like_the_native_one(engine):
+def test_imported_custom_sampler_graph_runs_like_the_native_one(engine):  # noqa: F811
     registry = make_registry()
     document = convert(comfy_custom_sampler(seed=7, steps=2, cfg=4.0), registry)
     assert errors(validate(Workflow.from_dict(document), registry)) == []
