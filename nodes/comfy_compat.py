@@ -1,7 +1,8 @@
 """Small nodes that give imported ComfyUI workflows their utility nodes' capabilities.
 
-ManualSigmas (a typed-in schedule), Switch, StringConcatenate, MathExpression, ImageSize and
-ScaleToMegapixels: each is what the ComfyUI node of (nearly) the same name does, on our types.
+ManualSigmas (a typed-in schedule), StringConcatenate, MathExpression, ImageSize,
+ScaleToMegapixels, ImageScale and Canny: each is what the ComfyUI node of (nearly) the same
+name does, on our types. (ComfyUI's switch maps onto the lazy ``If`` of nodes/core.py.)
 """
 
 from __future__ import annotations
@@ -28,16 +29,6 @@ def ManualSigmas(sigmas: Annotated[str, Spec(tooltip="Comma-separated noise leve
     if len(values) < 2 or any(b > a for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"sigmas {sigmas!r}: need at least two values, highest first")
     return torch.tensor(values, dtype=torch.float32)
-
-
-@node(category="core/utility", outputs={"output": ANY})
-def Switch(switch: bool = False, on_false: Link(ANY, optional=True) = None,
-           on_true: Link(ANY, optional=True) = None) -> Any:
-    """Pass ``on_true`` or ``on_false`` on (both branches are computed)."""
-    chosen = on_true if switch else on_false
-    if chosen is None:
-        raise ValueError(f"the {'on_true' if switch else 'on_false'} input is not connected")
-    return chosen
 
 
 @node(category="core/utility", outputs={"string": STRING})

@@ -9,7 +9,8 @@ import pytest
 
 from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
-from app.fronts.comfy import TABLE, ComfyImportError, convert, to_api
+from app.fronts.comfy import TABLE, ComfyImportError, convert, regroup, to_api
+from app.fronts.comfy.regroup import inline
 from tests.fixtures.comfy_graphs import as_subgraph, flux_custom_sampler, ui_graph, ui_node
 
 MISSING_FILE = "not found (looked in"
@@ -58,9 +59,10 @@ def test_api_and_ui_format_of_the_same_graph_give_the_same_nodes(registry):
     assert from_api == convert(ui, registry)["nodes"]
 
 
-def test_subgraph_is_inlined_with_the_same_result(registry):
+def test_subgraph_gives_the_same_graph_as_without_it(registry):
     flat = convert(flux_custom_sampler(), registry)
-    nested = convert(as_subgraph(flux_custom_sampler(), {4, 5}), registry)
+    kept = convert(as_subgraph(flux_custom_sampler(), {4, 5}), registry)
+    nested = inline(kept)  # a no-op where the workflow format has no subgraphs
     renamed = {key.replace("50:", ""): value for key, value in nested["nodes"].items()}
     assert set(nested["nodes"]) >= {"50:4", "50:5"} and "50" not in nested["nodes"]
     assert renamed["5"]["inputs"]["conditioning"] == {"from": ["50:4", "conditioning"]}
@@ -68,8 +70,24 @@ def test_subgraph_is_inlined_with_the_same_result(registry):
     strip = lambda nodes: {k: {**v, "inputs": {n: x for n, x in v["inputs"].items() if not isinstance(x, dict)}}  # noqa: E731
                            for k, v in nodes.items()}
     assert strip(renamed) == strip(flat["nodes"])
-    assert any("inlined" in note for note in nested["meta"]["import_notes"])
-    assert only_missing_files(nested, registry) == []
+    assert any("subgraph 'Encode' (node 50)" in note for note in kept["meta"]["import_notes"])
+    assert only_missing_files(kept, registry) == []
+
+
+@pytest.mark.skipif(not regroup.SUPPORTED, reason="this ditgraph's workflow format has no subgraphs")
+def test_subgraph_becomes_a_ditgraph_subgraph(registry):
+    document = convert(as_subgraph(flux_custom_sampler(), {4, 5}), registry)
+    assert document["nodes"]["50"] == {"type": f"{regroup.PREFIX}Encode", "title": "Encode",
+                                       "inputs": {"text_encoder": {"from": ["2", "text_encoder"]}}}
+    definition = document["subgraphs"]["Encode"]
+    assert definition["inputs"] == {"text_encoder": {"type": "TEXT_ENCODER"}}
+    assert definition["outputs"] == {"conditioning": {"from": ["5", "conditioning"]}}
+    assert definition["nodes"]["4"]["inputs"]["text_encoder"] == {"from": [regroup.INPUTS, "text_encoder"]}
+    assert document["nodes"]["11"]["inputs"]["positive"] == {"from": ["50", "conditioning"]}
+    twice = as_subgraph(flux_custom_sampler(), {4, 5})
+    twice["nodes"].append({**copy.deepcopy(next(n for n in twice["nodes"] if n["id"] == 50)), "id": 51, "outputs": []})
+    twice["links"].append([3000, 2, 0, 51, 0, "CLIP"])
+    assert list(convert(twice, registry)["subgraphs"]) == ["Encode"]  # two identical instances share one definition
 
 
 def test_subgraph_promoted_widget_value_reaches_the_inner_node(registry):
@@ -83,7 +101,7 @@ def test_subgraph_promoted_widget_value_reaches_the_inner_node(registry):
     inner_guidance["inputs"].append({"name": "guidance", "type": "FLOAT", "link": 99, "widget": {"name": "guidance"}})
     instance["inputs"].append({"name": "guidance", "type": "FLOAT", "link": None, "widget": {"name": "guidance"}})
     instance["widgets_values"] = [2.5]
-    assert convert(document, registry)["nodes"]["50:5"]["inputs"]["guidance"] == 2.5
+    assert inline(convert(document, registry))["nodes"]["50:5"]["inputs"]["guidance"] == 2.5
 
 
 def test_legacy_group_node_is_inlined(registry):
@@ -174,8 +192,13 @@ def test_switch_with_a_constant_condition_links_the_branch(registry):
     assert "31" not in nodes and nodes["11"]["inputs"]["positive"] == {"from": ["5", "conditioning"]}
     api["32"] = {"class_type": "PrimitiveBoolean", "inputs": {"value": False}}
     api["31"]["inputs"]["switch"] = ["32", 0]
-    nodes = convert(api, registry)["nodes"]  # a linked condition: the Switch node decides at run time
-    assert nodes["31"]["type"] == "Switch" and nodes["11"]["inputs"]["positive"] == {"from": ["31", "output"]}
+    if registry.get("If") is None:  # a linked condition needs the lazy If node (branch engine)
+        with pytest.raises(ComfyImportError, match="ComfySwitchNode \\(node 31\\) needs ditgraph's If node"):
+            convert(api, registry)
+        return
+    nodes = convert(api, registry)["nodes"]  # a linked condition: the lazy If decides at run time
+    assert nodes["31"]["type"] == "If" and nodes["31"]["inputs"]["condition"] == {"from": ["32", "value"]}
+    assert nodes["11"]["inputs"]["positive"] == {"from": ["31", "value"]}
 
 
 def test_utilities_map_onto_compat_nodes(registry):

@@ -13,7 +13,6 @@ from nodes.comfy_compat import (
     MathExpression,
     ScaleToMegapixels,
     StringConcatenate,
-    Switch,
 )
 
 
@@ -25,10 +24,7 @@ def test_manual_sigmas_parses_and_checks_order():
         ManualSigmas("1, x")
 
 
-def test_switch_and_concatenate():
-    assert Switch(True, "no", "yes") == "yes" and Switch(False, "no", "yes") == "no"
-    with pytest.raises(ValueError, match="on_true"):
-        Switch(True, "no", None)
+def test_concatenate():
     assert StringConcatenate("a", "b", ", ") == "a, b"
 
 

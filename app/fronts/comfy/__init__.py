@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.workflow import FORMAT
-from app.fronts.comfy import families
+from app.fronts.comfy import families, regroup
 from app.fronts.comfy.api import convert_api, describe_missing, document_from_nodes, is_api_format, unmapped_types
 from app.fronts.comfy.export import export_comfy
 from app.fronts.comfy.metadata import EmbeddedWorkflowError, embedded_texts, parse_texts, read_embedded_workflow
@@ -26,8 +26,7 @@ __all__ = ["TABLE", "ComfyImportError", "EmbeddedWorkflowError", "convert", "emb
            "import_embedded", "import_file", "import_texts", "read_embedded_workflow", "to_api"]
 
 
-def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
-    """(API-format nodes, layout, notes) for a ComfyUI document of either format."""
+def _parse(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str], dict[str, tuple]]:
     if isinstance(document, dict) and "prompt" in document and is_api_format(document["prompt"]):
         document = document["prompt"]  # the body of a POST /prompt call
     if isinstance(document, dict) and document.get("format") == FORMAT:
@@ -36,18 +35,25 @@ def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
         return ui_to_api(document)
     if is_api_format(document):
         check_api(document)
-        return {str(k): v for k, v in document.items()}, {}, []
+        return {str(k): v for k, v in document.items()}, {}, [], {}
     raise ComfyImportError("not a ComfyUI workflow: expected the editor format (nodes and links) or the API format "
                            '(node ids mapping to {"class_type": ..., "inputs": {...}})')
+
+
+def to_api(document: Any) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
+    """(API-format nodes, layout, notes) for a ComfyUI document of either format (subgraphs inlined)."""
+    api, layout, notes, _ = _parse(document)
+    return api, layout, notes
 
 
 def convert(document: Any, registry, name: str | None = None) -> dict:
     """A ditgraph workflow document from a ComfyUI one (editor or API format).
 
     Raises ComfyImportError with one line: a family ditgraph cannot run, or every unmapped
-    node type (nothing is half-imported).
+    node type (nothing is half-imported). ComfyUI subgraphs become ditgraph subgraphs where
+    the workflow format has them, else they stay inlined (noted).
     """
-    api, layout, notes = to_api(document)
+    api, layout, notes, instances = _parse(document)
     if not api:
         raise ComfyImportError("the workflow has no nodes to import")
     families.check(api)
@@ -55,8 +61,15 @@ def convert(document: Any, registry, name: str | None = None) -> dict:
     if missing:
         raise ComfyImportError(describe_missing(api, missing), unmapped=missing)
     notes = list(notes)
+    if not regroup.SUPPORTED:
+        notes += [f"subgraph {sub!r} (node {node_id}) was inlined: this ditgraph's workflow format has no subgraphs"
+                  for node_id, (sub, _) in instances.items()]
     nodes = convert_api(api, registry, notes)
-    return document_from_nodes(nodes, notes, name, layout)
+    converted = document_from_nodes(nodes, notes, name, layout)
+    if regroup.SUPPORTED and instances:
+        grouped = regroup.regroup(converted, instances, registry)
+        converted["meta"]["import_notes"] = [*converted["meta"].get("import_notes", []), *grouped]
+    return converted
 
 
 def import_file(source: str | Path | bytes, registry, name: str | None = None) -> dict:

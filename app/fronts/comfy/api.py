@@ -130,6 +130,8 @@ def unmapped_types(document: dict, registry) -> list[str]:
     missing = set()
     for raw in document.values():
         mapping = TABLE.get(raw.get("class_type"))
+        if mapping is not None and mapping.select and mapping.select(raw):
+            continue  # dissolves into the chosen branch: needs no node of ours
         needed = [] if mapping is None else [t for t in (mapping.target, *mapping.creates) if t is not None]
         if mapping is None or any(registry.get(t) is None for t in needed):
             missing.add(str(raw.get("class_type")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.fronts.comfy.regroup import inline
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
 PREFERRED = {"EmptyLatent": "EmptySD3LatentImage", "CheckpointLoader": "CheckpointLoaderSimple",
@@ -152,7 +153,7 @@ SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Ex
 
 def export_comfy(workflow: dict) -> dict[str, dict]:
     """The ComfyUI API-format dict for a ditgraph workflow document; ComfyExportError lists what cannot go back."""
-    nodes = workflow.get("nodes") or {}
+    nodes = inline(workflow)["nodes"]  # ComfyUI's API format has no subgraphs
     missing = sorted({n.get("type") for n in nodes.values() if n.get("type") not in REVERSE and n.get("type") not in SPECIAL})
     if missing:
         raise ComfyExportError(f"{len(missing)} node type(s) have no ComfyUI counterpart: {', '.join(map(str, missing))}",

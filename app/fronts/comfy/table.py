@@ -27,6 +27,7 @@ Translate = Callable[[Any], tuple[Any, str | None]]  # value -> (our value, note
 Fixup = Callable[[str, dict, list, set], None]  # (node id, converted nodes, notes, installed types)
 CONTROL, UPLOAD, SHOWN = "$control", "$upload", "$shown"  # widgets without an input of their own
 VIDEO_NODES = "the video nodes of nodes/video.py (branch families)"
+LAZY_IF = "the lazy If of nodes/core.py (branch engine); a constant switch needs no node"
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ TABLE: dict[str, NodeMap] = {
     "PreviewAny": NodeMap("PreviewAny", (), {"source": "value"}, widgets=(SHOWN, SHOWN, SHOWN)),
     "Note": NodeMap("Note", (), widgets=("text",)),
     "MarkdownNote": NodeMap("Note", (), widgets=("text",)),
-    "ComfySwitchNode": NodeMap("Switch", ("output",), widgets=("switch",), select=d.switch_branch),
+    "ComfySwitchNode": NodeMap("If", ("value",), {"switch": "condition", "on_true": "if_true", "on_false": "if_false"},
+                               widgets=("switch",), select=d.switch_branch, requires=LAZY_IF),
     "StringConcatenate": NodeMap("StringConcatenate", ("string",), widgets=("string_a", "string_b", "delimiter")),
     "ComfyMathExpression": NodeMap("MathExpression", ("float", "int"), widgets=("expression",),
                                    expand=d.math_expression),

@@ -44,7 +44,8 @@ class Flat:
     incoming: dict[Slot, Slot] = field(default_factory=dict)
     constants: dict[Slot, Any] = field(default_factory=dict)
     offsets: dict[str, tuple[float, float]] = field(default_factory=dict)  # inner nodes: where their subgraph sits
-    inlined: list[str] = field(default_factory=list)
+    inlined: list[str] = field(default_factory=list)  # notes on inlined group nodes
+    instances: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # subgraph instance -> (name, pos)
     groups: list[dict] = field(default_factory=list)
 
 
@@ -96,8 +97,7 @@ def _inline(flat: Flat, node: dict, node_id: str, defs: dict, depth: int) -> Non
             flat.incoming[(target, slot)] = (f"{node_id}:$out", origin_slot)
     x, y = _pos(node)
     flat.offsets[f"{node_id}:"] = (x, y)
-    flat.inlined.append(f"subgraph {sub.get('name') or sub['id']!r} (node {node_id}) was inlined: ditgraph's workflow "
-                        "format has no subgraphs yet")
+    flat.instances[node_id] = (str(sub.get("name") or sub["id"]), [x, y])
     groups = sub.get("groups") if isinstance(sub.get("groups"), list) else []
     flat.groups += [{**group, "$offset": (x, y)} for group in groups if isinstance(group, dict)]
     inner_io = {str((sub.get("inputNode") or {}).get("id", -10)): f"{node_id}:$in",
@@ -218,8 +218,8 @@ def _groups(document: dict, flat: Flat) -> list[dict]:
     return out
 
 
-def ui_to_api(document: dict) -> tuple[dict[str, dict], dict[str, Any], list[str]]:
-    """(API-format nodes, ditgraph layout, notes) for an editor-format workflow."""
+def ui_to_api(document: dict) -> tuple[dict[str, dict], dict[str, Any], list[str], dict[str, tuple]]:
+    """(API-format nodes, ditgraph layout, notes, inlined subgraph instances) for an editor-format workflow."""
     check_document(document)
     defs: dict[str, Any] = {**_subgraphs(document), "$groups": _group_nodes(document)}
     flat = Flat()
@@ -245,4 +245,4 @@ def ui_to_api(document: dict) -> tuple[dict[str, dict], dict[str, Any], list[str
     view = (document.get("extra") or {}).get("ds")
     if isinstance(view, dict) and isinstance(view.get("offset"), list) and isinstance(view.get("scale", 1), (int, float)):
         layout["viewport"] = {"offset": view["offset"][:2], "scale": view.get("scale", 1)}
-    return api, layout, flat.inlined
+    return api, layout, flat.inlined, flat.instances
