@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.fronts.comfy.commands import add_commands  # import-comfy, export-comfy
 
-    add_commands(add, sys.modules[__name__])
+    add_commands(add, UsageError, make_registry)
     return parser
 
 
