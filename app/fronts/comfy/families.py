@@ -72,7 +72,7 @@ def name_of(family: str) -> str:
 
 def _file_family(filename: str, patterns: tuple[tuple[str, str], ...] = MODEL_FILES) -> str | None:
     lowered = filename.lower().replace("\\", "/").rsplit("/", 1)[-1]
-    return next((family for pattern, family in patterns if pattern in lowered), None)
+    return next((key for pattern, key in patterns if pattern in lowered), None)
 
 
 def detect(api: dict[str, dict]) -> dict[str, str]:
@@ -100,14 +100,15 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
     return {**files, **nodes} or clip
 
 
-def runnable(family: str) -> bool:
-    return family in FAMILIES
+def runnable(name: str) -> bool:
+    """Whether app.models.families knows this family (so its workflows can run here)."""
+    return name in FAMILIES
 
 
 def check(api: dict[str, dict]) -> dict[str, str]:
     """The detected families; raises ComfyImportError (one line) when one of them cannot run here."""
     found = detect(api)
-    refused = [family for family in found if not runnable(family)]
+    refused = [key for key in found if not runnable(key)]
     if refused:
         names = " + ".join(name_of(f) for f in refused)
         evidence = "; ".join(found[f] for f in refused)
