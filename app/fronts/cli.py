@@ -648,50 +648,6 @@ def _post_json(url: str, body: dict, token: str | None) -> dict:
         raise UsageError(f"cannot reach {url}: {exc}") from None
 
 
-def cmd_import_comfy(args) -> int:
-    from app.fronts.comfy_import import ComfyImportError, convert
-
-    try:
-        data = Path(args.file).read_bytes()
-        if data.startswith(b"\x89PNG\r\n\x1a\n"):  # an image ComfyUI saved: its graph is the 'prompt' text
-            from app.fronts.server import png_text_chunks
-
-            prompt = png_text_chunks(data).get("prompt")
-            if prompt is None:
-                raise UsageError(f"{args.file}: this PNG carries no ComfyUI workflow (no 'prompt' text chunk)")
-            data = prompt.encode("utf-8")
-        source = json.loads(data.decode("utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"file {args.file!r} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{args.file}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.file!r}: {exc}") from None
-    registry = make_registry(args.plugin)
-    try:
-        document = convert(source, registry, name=Path(args.file).stem)
-    except ComfyImportError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    from app.core.workflow import Workflow, validate
-
-    for note in document["meta"].get("import_notes", []):
-        _err(f"note: {note}")
-    for problem in validate(Workflow.from_dict(document), registry):
-        _err("warning: " + _problem_text(args.output or "output", problem).split(": ", 1)[1]
-             + " (fix it in the editor or with --set)")
-    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-    if args.output in (None, "-"):
-        sys.stdout.write(text)
-    else:
-        from app.core.workflow import atomic_write
-
-        atomic_write(args.output, text.encode("utf-8"))
-        _err(f"wrote {args.output} ({len(document['nodes'])} nodes)")
-    return EXIT_OK
-
-
 def cmd_serve(args) -> int:
     _configure_paths(args)
     from app.runs.queue import QueueLocked
@@ -819,10 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(handler=cmd_explain)
 
-    comfy = add("import-comfy", "convert a ComfyUI API-format workflow into a ditgraph workflow")
-    comfy.add_argument("file", metavar="FILE", help="an API-format JSON file, or a PNG saved by ComfyUI")
-    comfy.add_argument("-o", "--output", metavar="OUT.json", help="write here (default: stdout)")
-    comfy.set_defaults(handler=cmd_import_comfy)
+    from app.fronts.comfy.commands import add_commands  # import-comfy, export-comfy
+
+    add_commands(add, UsageError, make_registry)
     return parser
 
 

@@ -642,8 +642,10 @@ def build_router(state: AppState) -> APIRouter:
         if isinstance(got, JSONResponse):
             return got
         data, _ = got
+        from app.fronts.comfy import embedded_texts  # PNG text chunks, WEBP EXIF or video tags
+
         try:
-            texts = png_text_chunks(data)
+            texts = embedded_texts(data)
         except ValueError as exc:
             return _error(415, str(exc))
         return _workflow_from_texts(texts, state)
@@ -814,16 +816,15 @@ def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse
             except WorkflowError as exc:
                 return _problems_response(exc, 422)
             return JSONResponse({"workflow": document, "source": "ditgraph"})
-    prompt = texts.get("prompt")
-    if prompt is not None:  # a ComfyUI image: its API-format graph is under 'prompt'
-        from app.fronts.comfy_import import ComfyImportError, convert
+    if "prompt" in texts or raw is not None:  # a ComfyUI file: its editor graph or its API-format 'prompt'
+        from app.fronts.comfy import ComfyImportError, import_texts
 
         try:
-            workflow = convert(json.loads(prompt), state.registry)
-        except ValueError as exc:
-            return _error(422, f"this PNG carries a ComfyUI workflow that cannot be imported: {exc}")
+            workflow = import_texts(texts, state.registry)
         except ComfyImportError as exc:
             return _error(422, str(exc), unmapped=exc.unmapped)
+        except ValueError as exc:
+            return _error(422, f"this file carries a ComfyUI workflow that cannot be imported: {exc}")
         return JSONResponse({"workflow": workflow, "source": "comfyui"})
     return _error(422, "this PNG carries no ditgraph workflow (no 'workflow' text chunk)")
 

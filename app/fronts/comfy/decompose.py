@@ -1,0 +1,261 @@
+"""ComfyUI nodes that become several ditgraph nodes, or fold into their consumer.
+
+Each ``expand`` function gets (node id, raw API-format node, context) and returns
+(extra nodes by id, inputs of the main node). The context (``api.Context``) resolves a
+ComfyUI input to our value (a constant or a ``{"from": ...}`` link), follows a link to the
+raw upstream node, records notes, and knows the ModelSampling shift reaching a sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MATH_NAMES = "abcdefgh"  # the MathExpression node's variables (ComfyUI's values.a, values.b, ...)
+
+
+def _links_to(nodes: dict, source_id: str) -> list[tuple[str, str, str]]:
+    """(consumer id, consumer input, source output) for each link leaving ``source_id``."""
+    found = []
+    for node_id, node in nodes.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, dict) and value.get("from", [None])[0] == source_id:
+                found.append((node_id, name, value["from"][1]))
+    return found
+
+
+def negative_only(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """ComfyUI encodes negatives with CLIPTextEncode too; ours has a node for the negative prompt."""
+    consumers = _links_to(nodes, node_id)
+    if consumers and all(name == "negative" for _, name, _ in consumers) and "TextEncodeNegative" in available:
+        nodes[node_id]["type"] = "TextEncodeNegative"
+
+
+def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """Our EmptyLatent takes the model and VAE (for channels and scale); ComfyUI's takes neither."""
+    inputs = nodes[node_id]["inputs"]
+    samplers = [c for c, _, _ in _links_to(nodes, node_id) if nodes[c]["type"] in ("Sampler", "SamplerCustom")]
+    if "model" not in inputs:
+        for sampler in samplers:
+            if isinstance(nodes[sampler]["inputs"].get("model"), dict):
+                inputs["model"] = dict(nodes[sampler]["inputs"]["model"])
+                break
+    if "vae" not in inputs:
+        decoders = [c for sampler in samplers for c, _, _ in _links_to(nodes, sampler) if nodes[c]["type"] == "VAEDecode"]
+        decoders += [i for i, n in nodes.items() if n["type"] in ("VAEDecode", "VAEEncode")]
+        for decoder in decoders:
+            if isinstance(nodes[decoder]["inputs"].get("vae"), dict):
+                inputs["vae"] = dict(nodes[decoder]["inputs"]["vae"])
+                break
+    missing = [name for name in ("model", "vae") if name not in inputs]
+    if missing:
+        notes.append(f"node {node_id} (EmptyLatent): could not tell which {' and '.join(missing)} to use; connect it")
+
+
+def clip_loaders(count: int):
+    """DualCLIPLoader / TripleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
+
+    def expand(node_id: str, raw: dict, ctx: Any) -> tuple[dict[str, dict], dict[str, Any]]:
+        extra, inputs = {}, {}
+        for index, slot in zip(range(1, count + 1), ("first", "second", "third"), strict=False):
+            name = ctx.value(node_id, raw, f"clip_name{index}")
+            extra[f"{node_id}.{index}"] = {"type": "TextEncoderLoader", "inputs": {"text_encoder": name}}
+            inputs[slot] = {"from": [f"{node_id}.{index}", "text_encoder"]}
+        return extra, inputs
+
+    return expand
+
+
+def switch_branch(raw: dict) -> str | None:
+    """ComfySwitchNode with a constant condition: its consumers take that branch directly."""
+    switch = (raw.get("inputs") or {}).get("switch")
+    return ("on_true" if switch else "on_false") if isinstance(switch, bool) else None
+
+
+def _folded(node_id: str, raw: dict, name: str, ctx: Any, kinds: tuple[str, ...]) -> tuple[str, dict]:
+    source_id, source = ctx.upstream(node_id, raw, name)
+    if source.get("class_type") not in kinds:
+        ctx.fail(node_id, raw, f"its {name!r} comes from a {source.get('class_type')} node; ditgraph can only take it from "
+                               f"{' or '.join(kinds)}")
+    return source_id, source
+
+
+def _guider(node_id: str, raw: dict, ctx: Any) -> dict[str, Any]:
+    source_id, guider = _folded(node_id, raw, "guider", ctx, ("BasicGuider", "CFGGuider"))
+    if guider["class_type"] == "BasicGuider":
+        return {"model": ctx.value(source_id, guider, "model"), "positive": ctx.value(source_id, guider, "conditioning"),
+                "cfg": 1.0}
+    return {name: ctx.value(source_id, guider, name) for name in ("model", "positive", "negative", "cfg")}
+
+
+def _noise(node_id: str, raw: dict, ctx: Any) -> dict[str, Any]:
+    source_id, noise = _folded(node_id, raw, "noise", ctx, ("RandomNoise", "DisableNoise"))
+    if noise["class_type"] == "DisableNoise":
+        return {"add_noise": False}
+    return {"seed": ctx.value(source_id, noise, "noise_seed"), "add_noise": True}
+
+
+def _sampler(node_id: str, raw: dict, ctx: Any) -> dict[str, Any]:
+    from app.fronts.comfy.table import sampler_name
+
+    source_id, select = _folded(node_id, raw, "sampler", ctx, ("KSamplerSelect",))
+    return {"sampler": ctx.translate(source_id, select, "sampler_name", sampler_name)}
+
+
+def sampler_custom_advanced(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """noise + guider + sampler + sigmas -> one SamplerCustom (RandomNoise, CFGGuider, KSamplerSelect fold in)."""
+    inputs = {"sigmas": ctx.value(node_id, raw, "sigmas"), "latent": ctx.value(node_id, raw, "latent_image")}
+    inputs.update(_guider(node_id, raw, ctx))
+    inputs.update(_noise(node_id, raw, ctx))
+    inputs.update(_sampler(node_id, raw, ctx))
+    return {}, inputs
+
+
+def sampler_custom(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ComfyUI's SamplerCustom: ours with the KSamplerSelect folded in."""
+    inputs = {name: ctx.value(node_id, raw, name) for name in ("model", "positive", "negative", "cfg", "sigmas")}
+    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), seed=ctx.value(node_id, raw, "noise_seed"),
+                  add_noise=bool(ctx.value(node_id, raw, "add_noise", True)))
+    inputs.update(_sampler(node_id, raw, ctx))
+    return {}, inputs
+
+
+def _constant_int(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int:
+    value = ctx.value(node_id, raw, name, default)
+    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        ctx.fail(node_id, raw, f"its {name!r} must be a number written on the node (a linked one is not supported)")
+    return int(value)
+
+
+def ksampler_advanced(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """KSamplerAdvanced -> Scheduler, SplitSigmas at end/start step, SamplerCustom."""
+    from app.fronts.comfy.table import sampler_name, scheduler_name
+
+    steps = _constant_int(node_id, raw, "steps", ctx, 20)
+    start = _constant_int(node_id, raw, "start_at_step", ctx, 0)
+    end = min(_constant_int(node_id, raw, "end_at_step", ctx, 10000), steps)
+    schedule = {"model": ctx.value(node_id, raw, "model"), "steps": steps,
+                "scheduler": ctx.translate(node_id, raw, "scheduler", scheduler_name)}
+    if ctx.shift(node_id) is not None:
+        schedule["shift"] = ctx.shift(node_id)
+    extra = {f"{node_id}.1": {"type": "Scheduler", "inputs": schedule}}
+    sigmas: dict = {"from": [f"{node_id}.1", "sigmas"]}
+    if end < steps:
+        extra[f"{node_id}.2"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": end}}
+        sigmas = {"from": [f"{node_id}.2", "high"]}
+        if ctx.value(node_id, raw, "return_with_leftover_noise", "disable") != "enable":
+            ctx.note(node_id, raw, "ComfyUI denoises fully at end_at_step; here the latent keeps the noise of that step")
+    if start > 0:
+        extra[f"{node_id}.3"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": start}}
+        sigmas = {"from": [f"{node_id}.3", "low"]}
+    inputs = {name: ctx.value(node_id, raw, name) for name in ("model", "positive", "negative", "cfg")}
+    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), sigmas=sigmas, seed=ctx.value(node_id, raw, "noise_seed"),
+                  add_noise=ctx.value(node_id, raw, "add_noise", "enable") == "enable",
+                  sampler=ctx.translate(node_id, raw, "sampler_name", sampler_name))
+    return extra, inputs
+
+
+def math_expression(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ComfyMathExpression's grown inputs values.a, values.b, ... -> MathExpression's a, b, ..."""
+    inputs = {"expression": ctx.value(node_id, raw, "expression", "a")}
+    for name in raw.get("inputs") or {}:
+        letter = name.removeprefix("values.")
+        if name.startswith("values.") and letter in MATH_NAMES:
+            inputs[letter] = ctx.value(node_id, raw, name)
+        elif name.startswith("values."):
+            ctx.fail(node_id, raw, f"input {name!r}: ditgraph's MathExpression has the variables {', '.join(MATH_NAMES)}")
+    return {}, inputs
+
+
+def tiled_decode(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    return {}, {"latent": ctx.value(node_id, raw, "samples"), "vae": ctx.value(node_id, raw, "vae"), "tiled": "on"}
+
+
+def animated_webp(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    inputs = {name: ctx.value(node_id, raw, name) for name in ("images", "filename_prefix", "fps")}
+    return {}, {**inputs, "format": "mp4"}
+
+
+def clip_text_encode_flux(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """CLIPTextEncodeFlux -> TextEncode (the T5 prompt) + FluxGuidance."""
+    clip_l, t5 = ctx.value(node_id, raw, "clip_l", ""), ctx.value(node_id, raw, "t5xxl", "")
+    if clip_l and clip_l != t5:
+        ctx.note(node_id, raw, "one prompt feeds both encoders here: the clip_l prompt was dropped, the t5xxl one kept")
+    encode = {"text_encoder": ctx.value(node_id, raw, "clip"), "text": t5 or clip_l}
+    return ({f"{node_id}.1": {"type": "TextEncode", "inputs": encode}},
+            {"conditioning": {"from": [f"{node_id}.1", "conditioning"]}, "guidance": ctx.value(node_id, raw, "guidance", 3.5)})
+
+
+def clip_text_encode_sd3(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """CLIPTextEncodeSD3 -> TextEncode with one prompt (the T5 one, else CLIP-L's)."""
+    prompts = [ctx.value(node_id, raw, name, "") for name in ("t5xxl", "clip_l", "clip_g")]
+    if len({p for p in prompts if p}) > 1:
+        ctx.note(node_id, raw, "one prompt feeds all three encoders here: the T5 prompt was kept")
+    return {}, {"text_encoder": ctx.value(node_id, raw, "clip"), "text": next((p for p in prompts if p), "")}
+
+
+_CONTROL_APPLY = {"ControlNetApply", "ControlNetApplyAdvanced", "ControlNetApplySD3"}
+_MODEL_TAKERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "CFGGuider", "BasicGuider"}
+
+
+def _consumers(ctx: Any, node_id: str) -> list[tuple[str, dict]]:
+    return [(str(k), v) for k, v in ctx.document.items()
+            if any(isinstance(x, list) and len(x) == 2 and str(x[0]) == node_id for x in (v.get("inputs") or {}).values())]
+
+
+def apply_controlnet(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ComfyUI attaches a ControlNet to the conditioning; ours patches the MODEL. The model comes
+    from the sampler (or guider) the conditioning reaches, or from the ControlNet node before
+    this one in a chain; that sampler is given the patched model instead."""
+    upstream = [ctx.upstream(node_id, raw, n)[0] for n in ("positive", "conditioning") if ctx.value(node_id, raw, n)]
+    before = next((u for u in upstream if ctx.document[u].get("class_type") in _CONTROL_APPLY), None)
+    stack, takers = [node_id], []
+    while stack:
+        for consumer_id, consumer in _consumers(ctx, stack.pop()):
+            if consumer.get("class_type") in _CONTROL_APPLY:
+                stack.append(consumer_id)
+            elif consumer.get("class_type") in _MODEL_TAKERS:
+                takers.append((consumer_id, consumer))
+    if not takers:
+        ctx.fail(node_id, raw, "its conditioning reaches no sampler, so there is no model to attach the ControlNet to")
+    taker_id, taker = takers[0]
+    model = {"from": [before, "model"]} if before else ctx.value(taker_id, taker, "model")
+    for consumer_id, consumer in _consumers(ctx, node_id):
+        if consumer.get("class_type") in _MODEL_TAKERS:
+            ctx.override(consumer_id, "model", {"from": [node_id, "model"]})
+    inputs = {"model": model, "control": ctx.value(node_id, raw, "control_net"), "image": ctx.value(node_id, raw, "image"),
+              "vae": ctx.value(node_id, raw, "vae"), "strength": ctx.value(node_id, raw, "strength", 1.0),
+              "start": ctx.value(node_id, raw, "start_percent", 0.0), "end": ctx.value(node_id, raw, "end_percent", 1.0)}
+    return {}, inputs
+
+
+def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """Our Scheduler takes the image size (for Flux's resolution-dependent shift); ComfyUI's
+    BasicScheduler does not: take it from the empty latent the sampler it feeds starts from."""
+    scheduler = node_id if nodes.get(node_id, {}).get("type") == "Scheduler" else f"{node_id}.1"
+    stack, seen = [scheduler], set()
+    while stack:
+        for consumer, _, _ in _links_to(nodes, stack.pop()):
+            if consumer in seen:
+                continue
+            seen.add(consumer)
+            if nodes[consumer]["type"] == "SplitSigmas":
+                stack.append(consumer)
+            latent = nodes[consumer]["inputs"].get("latent") if nodes[consumer]["type"] == "SamplerCustom" else None
+            source = nodes.get(latent["from"][0]) if isinstance(latent, dict) else None
+            if source and source["type"] == "EmptyLatent" and scheduler in nodes:
+                size = {k: source["inputs"][k] for k in ("width", "height") if isinstance(source["inputs"].get(k), int)}
+                nodes[scheduler]["inputs"] = {**size, **nodes[scheduler]["inputs"]}
+                return
+
+
+def batch_images(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """BatchImagesNode's grown inputs images.image0, image1, ... -> a chain of two-input ImageBatch nodes."""
+    names = sorted((n for n in raw.get("inputs") or {} if n.startswith("images.")), key=lambda n: (len(n), n))
+    images = [value for value in (ctx.value(node_id, raw, n) for n in names) if value is not None]
+    if len(images) < 2:
+        ctx.fail(node_id, raw, "needs at least two connected images")
+    extra, first = {}, images[0]
+    for index, image in enumerate(images[1:-1], 1):
+        extra[f"{node_id}.{index}"] = {"type": "ImageBatch", "inputs": {"first": first, "second": image}}
+        first = {"from": [f"{node_id}.{index}", "image"]}
+    return extra, {"first": first, "second": images[-1]}
