@@ -141,7 +141,7 @@ def test_int8_quantized_copy_is_close_and_leaves_the_base_untouched(method):
     assert 0 < rel(out, t.reference) < 0.1
     assert torch.equal(t.sample(t.handle), t.reference)
     sizes = measure(quantized)  # the memo cache can size it (torchao tensors have no plain storage)
-    assert 0 < sizes["cpu"] < sum(measure(t.handle).values())
+    assert 0 < sizes["cpu"] < 0.5 * measure(t.handle)["cpu"]  # int8 weights vs fp32 (+ fp32 biases, scales)
 
 
 @needs_torchao
