@@ -139,6 +139,9 @@ class CompileReport(ModelPatch):
         self.key = f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, {options.backend})"
 
     def begin_run(self, run: SamplingRun) -> dict:
+        # parameters are shared with the base, buffers are the view's own: after an offload
+        # and reload through another handle they may sit on another device (a no-op otherwise)
+        run.transformer.to(run.handle.device)
         return {"eager": None}
 
     def wrap(self, state: dict, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
