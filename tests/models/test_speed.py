@@ -17,6 +17,7 @@ from app.core.registry import default_registry
 from app.models import accelerators as hooks
 from app.models import attention, quantizers
 from app.models.compile import CompileOptions, compile_model, graphs_compiled, repeated_blocks
+from app.models.handles import ModelPatch
 from app.models.patches.lora import LoraLayer, LoraPatch
 from nodes.sampling import compute_sigmas
 from tests.models.test_cache import tiny
@@ -225,3 +226,32 @@ def test_attention_backends_that_would_do_nothing_or_cannot_run_are_refused():
     assert ("sage" in choices) == (importlib.util.find_spec("sageattention") is not None)  # only when importable
     assert {"auto", "native", "cudnn", "flash", "efficient", "flex"} <= set(choices)
 
+
+
+class BetweenBlockResiduals(ModelPatch):
+    """What a ControlNet patch does to the transformer call: residuals added between blocks."""
+
+    key = "residuals"
+
+    def wrap(self, state, call, forward):
+        hidden = call.kwargs["hidden_states"]
+        tokens = (hidden.shape[-2] // 2) * (hidden.shape[-1] // 2)
+        g = torch.Generator().manual_seed(3)
+        residual = torch.randn(hidden.shape[0], tokens, 16, generator=g).to(hidden)
+        call.kwargs["block_controlnet_hidden_states"] = [residual]
+        return forward(call)
+
+
+@pytest.mark.parametrize("kind", ["compiled", pytest.param("quantized", marks=needs_torchao)])
+def test_controlnet_residuals_on_compiled_and_quantized_models(kind):
+    t = tiny("sd3")
+    if kind == "compiled":
+        model = compile_model(t.handle, EAGER)
+        reference = t.sample(t.handle.with_patch(BetweenBlockResiduals()))
+        assert rel(reference, t.reference) > 1e-3
+        assert torch.allclose(t.sample(model.with_patch(BetweenBlockResiduals())), reference, atol=1e-4)
+    else:
+        model = quantizers.quantize_model(t.handle, "int8-dynamic", quantizers.SKIP_IO)
+        reference = t.sample(t.handle.with_patch(BetweenBlockResiduals()))
+        out = t.sample(model.with_patch(BetweenBlockResiduals()))
+        assert rel(out, t.sample(model)) > 1e-3 and rel(out, reference) < 0.1
