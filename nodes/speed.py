@@ -65,9 +65,10 @@ def QuantizeModel(
 @node(category=CATEGORY, outputs={"model": MODEL}, display_name="Attention Backend")
 def AttentionBackend(
     model: MODEL,
-    backend: Annotated[str, Spec(choices=attention.CHOICES, tooltip="auto: cuDNN on Hopper and newer, else "
-                                 "native (torch SDPA picks). flash/efficient/cudnn/math: torch's SDPA kernels; "
-                                 "flex and sage only on models whose processors use diffusers' dispatcher.")] = "auto",
+    backend: Annotated[str, Spec(choices=attention.CHOICES, tooltip=(
+        "auto: cuDNN first (then flash, efficient) on Hopper and newer, else native (torch SDPA picks). "
+        "flash/efficient/cudnn/math: torch's SDPA kernels; flex and sage only on models whose processors "
+        "use diffusers' dispatcher."))] = "auto",
 ) -> NodeResult:
     """Run the model's attention on one backend. Shows where it applies; a backend the model's
     attention processors would ignore is an error, not a silent no-op."""

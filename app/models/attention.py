@@ -28,24 +28,28 @@ from app.models.handles import ModelCall, ModelHandle, ModelPatch
 
 @dataclass(frozen=True)
 class Backend:
-    """One choice: the dispatcher's backend name and the SDPA kernel that means the same."""
+    """One choice: the dispatcher's backend name and the SDPA kernels that mean the same."""
 
     name: str
     dispatcher: str
-    sdpa: str | None  # torch.nn.attention.SDPBackend member, or None (dispatcher only)
+    sdpa: tuple[str, ...] = ()  # torch.nn.attention.SDPBackend members, in priority order; () = dispatcher only
     cuda_only: bool = True
     needs: str = ""  # a module that must be importable
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("native", "native", None, cuda_only=False),
-    Backend("cudnn", "_native_cudnn", "CUDNN_ATTENTION"),
-    Backend("flash", "_native_flash", "FLASH_ATTENTION"),
-    Backend("efficient", "_native_efficient", "EFFICIENT_ATTENTION"),
-    Backend("math", "_native_math", "MATH", cuda_only=False),
-    Backend("flex", "flex", None, cuda_only=False),
-    Backend("sage", "sage", None, needs="sageattention"),
+    Backend("native", "native", cuda_only=False),
+    Backend("cudnn", "_native_cudnn", ("CUDNN_ATTENTION",)),
+    Backend("flash", "_native_flash", ("FLASH_ATTENTION",)),
+    Backend("efficient", "_native_efficient", ("EFFICIENT_ATTENTION",)),
+    Backend("math", "_native_math", ("MATH",), cuda_only=False),
+    Backend("flex", "flex", cuda_only=False),
+    Backend("sage", "sage", needs="sageattention"),
 )}
+# "auto" on Hopper and newer: cuDNN first (the fastest SDPA kernel there), falling back per call
+# to flash, memory-efficient and math where cuDNN does not take the shape or mask
+HOPPER_AUTO = Backend("auto (cudnn first)", "native", ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION",
+                                                       "MATH"))
 CHOICES = ("auto", *(name for name, b in BACKENDS.items() if not b.needs or importlib.util.find_spec(b.needs)))
 
 
@@ -53,11 +57,11 @@ class AttentionBackendError(ValueError):
     """A backend that cannot run on this model or device."""
 
 
-def auto_backend(device: torch.device) -> str:
-    """cuDNN attention on Hopper and newer (the fastest SDPA kernel there), native elsewhere."""
+def auto_backend(device: torch.device) -> Backend:
+    """cuDNN-first SDPA on Hopper and newer, torch's own kernel choice elsewhere."""
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (9, 0):
-        return "cudnn"
-    return "native"
+        return HOPPER_AUTO
+    return BACKENDS["native"]
 
 
 def processors(transformer: nn.Module) -> tuple[set[str], set[str]]:
@@ -76,16 +80,16 @@ def processors(transformer: nn.Module) -> tuple[set[str], set[str]]:
 
 def check_backend(model: ModelHandle, choice: str) -> tuple[Backend, str]:
     """The backend ``choice`` resolves to on ``model`` and a one-line report of where it applies."""
-    name = auto_backend(model.device) if choice == "auto" else choice
-    backend = BACKENDS.get(name)
-    if backend is None or name not in CHOICES:
+    backend = auto_backend(model.device) if choice == "auto" else BACKENDS.get(choice)
+    if backend is None or choice not in CHOICES:
         raise AttentionBackendError(f"unknown or unavailable attention backend {choice!r}; "
                                     f"expected one of {', '.join(CHOICES)}")
+    name = backend.name
     if backend.cuda_only and model.device.type != "cuda":
         raise AttentionBackendError(f"attention backend {name!r} needs a CUDA GPU; this model runs on "
                                     f"{model.device.type} (use native)")
     dispatched, direct = processors(model.transformer)
-    if direct and backend.sdpa is None and name != "native":
+    if direct and not backend.sdpa and backend.dispatcher != "native":
         raise AttentionBackendError(
             f"attention backend {name!r} only reaches processors written for diffusers' dispatcher; "
             f"{type(model.transformer).__name__} uses {', '.join(sorted(direct))}, which call torch SDPA "
@@ -111,10 +115,11 @@ class AttentionPatch(ModelPatch):
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(attention_backend(self.backend.dispatcher))
-            if self.backend.sdpa is not None:
+            if self.backend.sdpa:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                stack.enter_context(sdpa_kernel([getattr(SDPBackend, self.backend.sdpa)]))
+                kernels = [getattr(SDPBackend, k) for k in self.backend.sdpa]
+                stack.enter_context(sdpa_kernel(kernels, set_priority=len(kernels) > 1))
             return forward(call)
 
 

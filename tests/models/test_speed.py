@@ -213,6 +213,10 @@ def test_attention_native_matches_and_reports_where_it_applies():
     math_model, report = attention.with_attention_backend(t.handle, "math")
     assert "JointAttnProcessor2_0" in report
     assert torch.allclose(t.sample(math_model), t.reference, atol=1e-4)
+    for family in ("flux", "sd3"):  # Hopper's "auto": a kernel priority list (CPU takes flash/math from it)
+        t = tiny(family)
+        hopper = t.handle.with_patch(attention.AttentionPatch(attention.HOPPER_AUTO, ""))
+        assert torch.allclose(t.sample(hopper), t.reference, atol=1e-4)
 
 
 def test_attention_backends_that_would_do_nothing_or_cannot_run_are_refused():
