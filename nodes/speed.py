@@ -57,7 +57,7 @@ def QuantizeModel(
     elsewhere; int8 runs everywhere. Follow with CompileModel for the speed-up."""
     if any(isinstance(p, LoraPatch) and p.fuse for p in model.patches):
         raise quantizers.QuantizeError("a fused LoRA cannot merge into quantized weights: set the LoRA's "
-                                       "fuse off, or put the LoRA after QuantizeModel")
+                                       "fuse off (unfused, it runs as a side branch beside the quantized layers)")
     quantized = quantizers.quantize_model(model, method, skip)
     return NodeResult((quantized,), {"text": [f"quantized: {quantized.quantization}"]})
 
