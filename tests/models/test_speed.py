@@ -62,8 +62,9 @@ def test_compiled_view_shares_weights_leaves_the_base_eager_and_is_cached(family
     compiled = compile_model(t.handle, EAGER)
     base_blocks, view_blocks = repeated_blocks(t.handle.transformer), repeated_blocks(compiled.transformer)
     assert len(base_blocks) == len(view_blocks) > 1
-    assert all("forward" not in vars(b) for b in base_blocks)  # the base stays eager
-    assert all("forward" in vars(b) for b in view_blocks)
+    # (removed diffusers hooks leave a plain bound forward on a block: look for dynamo's wrapper)
+    assert not any(hasattr(b.forward, "_torchdynamo_orig_callable") for b in base_blocks)  # the base stays eager
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in view_blocks)
     assert all(p is q for p, q in zip(t.handle.transformer.parameters(), compiled.transformer.parameters(), strict=True))
     assert compile_model(t.handle, EAGER).transformer is compiled.transformer  # cached per (base, options)
     assert compile_model(compiled, EAGER).transformer is compiled.transformer  # compiling twice: same view
