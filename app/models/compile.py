@@ -1,0 +1,178 @@
+"""Regional compilation of a MODEL: ``torch.compile`` on each repeated transformer block.
+
+The blocks to compile are the classes the model declares in diffusers' ``_repeated_blocks``
+(what ``compile_repeated_blocks`` compiles), else the block stack the cache accelerators hook.
+Each block's *forward* is compiled rather than its ``__call__`` (``nn.Module.compile``, which
+``compile_repeated_blocks`` uses): diffusers' block hooks (cache accelerators) replace
+``forward`` and call the original, so their Python stays eager around the compiled block
+instead of being traced into it (measured on a tiny Flux with FORA: 3 graphs instead of 11,
+and ``fullgraph=True`` keeps working with cache hooks). Blocks of one class share their
+compiled graph, so a 57-block Flux compiles two graphs.
+
+A compiled MODEL is a view: a structural copy of the base transformer sharing every
+parameter and buffer with it (no second copy of the weights), with compiled forwards on the
+copy's blocks. The base handle and its other views stay eager. Views are cached per
+(base transformer, options), so other workflows and re-runs with another prompt, seed,
+step count or guidance reuse the compiled code (no recompiles while shapes stay the same).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.models.accelerators.runtime import stack_blocks
+from app.models.handles import ModelCall, ModelHandle, ModelPatch, SamplingRun, is_group_offloaded
+
+log = logging.getLogger(__name__)
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BACKENDS = ("inductor", "aot_eager", "eager")
+DYNAMIC = {"auto": None, "true": True, "false": False}
+BASE_ATTR = "_ditgraph_compiled_from"  # on a compiled view: the eager transformer it shares weights with
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``torch.compile`` settings of one compiled view (part of its cache key)."""
+
+    mode: str = "default"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    backend: str = "inductor"
+
+    def kwargs(self) -> dict[str, Any]:
+        options = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
+        if self.backend == "inductor":  # mode is an inductor setting; other backends reject it
+            options["mode"] = self.mode
+        return options
+
+
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[CompileOptions, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The blocks to compile: instances of the classes in ``_repeated_blocks``, else the block stack."""
+    names = set(getattr(type(transformer), "_repeated_blocks", None) or ())
+    blocks = [m for m in transformer.modules() if type(m).__name__ in names] if names else []
+    return blocks or stack_blocks(transformer)
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure whose parameters and buffers are the original tensors."""
+    memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def eager_base(transformer: nn.Module) -> nn.Module:
+    """The eager transformer behind a compiled view (the transformer itself otherwise)."""
+    ref = getattr(transformer, BASE_ATTR, None)
+    return (ref() if ref is not None else None) or transformer
+
+
+def compiled_transformer(transformer: nn.Module, options: CompileOptions) -> nn.Module:
+    """The cached compiled view of ``transformer`` (made on first use; compiles lazily)."""
+    base = eager_base(transformer)
+    if is_group_offloaded(base):
+        raise ValueError("CompileModel: this model streams its blocks from RAM (offload=blocks); "
+                         "load it resident (offload=none) to compile it")
+    views = _VIEWS.setdefault(base, {})
+    view = views.get(options)
+    if view is None:
+        view = shared_copy(base)
+        for block in repeated_blocks(view):
+            block.forward = torch.compile(block.forward, **options.kwargs())
+        # a weak reference (the cache holds the view, the view must not keep the base alive) and
+        # set past nn.Module.__setattr__, so the base is not registered as a submodule
+        object.__setattr__(view, BASE_ATTR, weakref.ref(base))
+        views[options] = view
+    return view
+
+
+def compile_model(model: ModelHandle, options: CompileOptions) -> ModelHandle:
+    """A MODEL view running compiled blocks; the input MODEL is unchanged. Patches carry over
+    (they act on ``run.transformer``, which is the view)."""
+    view = compiled_transformer(model.transformer, options)
+    patches = tuple(p for p in model.patches if not isinstance(p, CompileReport))
+    return replace(model, transformer=view, patches=(*patches, CompileReport(options)), _active=[], _cache={})
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting compile time as its own phase
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _signature(call: ModelCall) -> tuple:
+    """What a recompile depends on for us: the shapes and dtypes of the transformer's tensors."""
+    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in call.kwargs.items() if isinstance(v, torch.Tensor)))
+
+
+def has_module_hooks(blocks: list[nn.Module]) -> bool:
+    """Forward (pre-)hooks inside the blocks, such as an unfused LoRA's. Dynamo does not guard
+    on hooks added after a block was compiled (``skip_nnmodule_hook_guards``): the compiled
+    graph would silently run without them."""
+    return any(m._forward_hooks or m._forward_pre_hooks for b in blocks for m in b.modules())
+
+
+class CompileReport(ModelPatch):
+    """Announces a call that compiles (``{"type": "phase", "phase": "compiling"}``) and reports
+    its duration (``"compiled"``, seconds, graphs) to the run's events and ``run.extras``.
+    Runs the blocks eagerly for a run whose blocks carry module hooks (an unfused LoRA):
+    correct output at eager speed, with a warning (fused LoRA stays compiled)."""
+
+    def __init__(self, options: CompileOptions):
+        self.options = options
+        self.key = f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, {options.backend})"
+
+    def begin_run(self, run: SamplingRun) -> dict:
+        # parameters are shared with the base, buffers are the view's own: after an offload
+        # and reload through another handle they may sit on another device (a no-op otherwise)
+        run.transformer.to(run.handle.device)
+        return {"eager": None}
+
+    def wrap(self, state: dict, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
+        if state["eager"] is None:  # decided at the first call: every patch has begun by then
+            state["eager"] = has_module_hooks(repeated_blocks(call.run.transformer))
+            if state["eager"]:
+                log.warning("%s: the blocks carry forward hooks (an unfused LoRA?); running them eagerly for "
+                            "this run. Fuse the LoRA to keep the compiled speed.", self.key)
+        if state["eager"]:
+            with torch.compiler.set_stance("force_eager"):
+                return forward(call)
+        seen = call.run.transformer.__dict__.setdefault("_ditgraph_compiled_inputs", set())
+        signature = _signature(call)
+        if signature in seen:
+            return forward(call)
+        _emit({"phase": "compiling"})
+        graphs, started = graphs_compiled(), time.perf_counter()
+        out = forward(call)
+        seconds, new_graphs = time.perf_counter() - started, graphs_compiled() - graphs
+        seen.add(signature)
+        call.run.extras.setdefault("compile", []).append({"seconds": seconds, "graphs": new_graphs})
+        log.info("compiled %d graph(s) in %.1f s (%s)", new_graphs, seconds, self.key)
+        _emit({"phase": "compiled", "seconds": seconds, "graphs": new_graphs})
+        return out
+
+
+def _emit(event: dict) -> None:
+    try:
+        from app.core.context import current
+
+        ctx = current()
+        ctx.emit({"type": "phase", "run_id": ctx.run_id, "node": ctx.node_id, **event})
+    except Exception as exc:  # reporting must never fail a run
+        log.debug("phase event not sent: %s", exc)

@@ -1,0 +1,343 @@
+"""GPU speed benchmark: eager vs compiled vs quantized+compiled vs attention backends.
+
+    python -m bench.gpu_speed [--quick] [--models flux-dev,pixart-sigma,sd3.5-medium] [--out PATH]
+    python -m bench.gpu_speed --tiny          # CPU smoke run of every code path (tiny configs)
+
+Random full-size weights (parameters created on the meta device, then drawn on the GPU; the
+buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and variant:
+
+- ``e2e_s``: the sampling loop through the engine (ModelHandle + sampler, CFG as the family's
+  pipeline does; no text encoders, no VAE), median of ``repeats`` runs after a warm-up run
+  (which is where compilation happens: ``compile_s`` = warm-up time minus a normal run);
+- ``ms_per_step``: the transformer evaluations of one step timed directly (median of >= 5);
+- ``matmul_fraction``: FLOPs per step / time per step / the bf16 matmul ceiling measured in
+  the same process (8192³ bf16 matmul); ``peak_gib`` (max allocated, including the bf16 base
+  model kept for the drift reference) and ``weights_gib`` (the variant's transformer);
+- ``drift``: relative L2 of the final latent vs eager bf16, same seed.
+
+Variants: eager, compile, fp8+compile, int8+compile (CompileModel / QuantizeModel code
+paths: app/models/compile.py, app/models/quantizers/) and one per attention backend
+(eager model, AttentionBackend's patch). A variant that is refused (fp8 before Ada, flex on
+SD3's processors) is recorded with its reason. ``--quick`` (fits one 10-minute call for
+Flux-dev on an H200): 3 timed runs per variant instead of 5, attention backends with one run
+(drift) and the step timing, no flex/math, inductor's coordinate-descent tuning off for the
+quantized compiles (torchao turns it on: ~220 s for the first fp8 compile). Results go to
+bench/results/gpu_speed.json after every variant, so a time-out keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.cache import GPU_CONFIGS  # noqa: E402
+from bench.common import RESULTS, write_result  # noqa: E402
+
+SEED = 20261202
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# name -> (family, diffusers class, config, text tokens, pooled width, cfg, scheduler config)
+MODELS = {
+    "flux-dev": ("flux", "FluxTransformer2DModel", GPU_CONFIGS["flux"], 512, 768, 1.0,
+                 {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}),
+    "pixart-sigma": ("pixart", "PixArtTransformer2DModel", GPU_CONFIGS["pixart"], 300, None, 4.5, {}),
+    "sd3.5-medium": ("sd3", "SD3Transformer2DModel", SD35_MEDIUM, 333, 2048, 4.5, {"shift": 3.0}),
+}
+TINY = {  # the same classes at CPU-test size
+    "flux-dev": dict(num_layers=1, num_single_layers=1, in_channels=16, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+    "pixart-sigma": dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+                         cross_attention_dim=16, sample_size=8),
+    "sd3.5-medium": dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                         dual_attention_layers=(0,)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# building a random full-size model
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Create parameters on the meta device (no memory, no init); buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def random_transformer(class_name: str, config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with random weights drawn on ``device`` (Linear: std 1/sqrt(fan_in))."""
+    import diffusers
+
+    with parameters_on_meta():
+        model = getattr(diffusers, class_name)(**config)
+    model = model.to(dtype).eval()
+    buffers = {name: b.to(device) for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    for name, buffer in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() == 2 else 0.02, generator=generator)
+            elif name.endswith("weight"):  # norm scales
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return model.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    sync(device)
+    started = time.perf_counter()
+    out = function()
+    sync(device)
+    return time.perf_counter() - started, out
+
+
+def matmul_tflops(device: torch.device, tiny: bool) -> float:
+    """The bf16 matmul ceiling of this device (fp32 512³ on CPU for --tiny)."""
+    n, dtype = (512, torch.float32) if tiny else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = [timed(lambda: a @ b, device)[0] for _ in range(10)]
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def step_flops(run_step: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_step()
+    return counter.get_total_flops()
+
+
+def weights_gib(model) -> float:
+    from app.models.quantizers.base import tensor_nbytes
+
+    return sum(tensor_nbytes(t) for t in model.transformer.state_dict(keep_vars=True).values()) / 2**30
+
+
+class Setup:
+    """One model at benchmark size: the eager handle, its inputs, the eager reference."""
+
+    def __init__(self, name: str, device: torch.device, tiny: bool, steps: int):
+        from app.models.handles import ModelHandle
+        from nodes.latent import Latent
+        from nodes.sampling import compute_sigmas
+        from nodes.text import Conditioning
+
+        family, class_name, config, text_len, pooled, self.cfg, scheduler = MODELS[name]
+        config = {**config, **(TINY[name] if tiny else {})}
+        dtype = torch.float32 if tiny else torch.bfloat16
+        self.build_s, transformer = timed(lambda: random_transformer(class_name, config, device, dtype), device)
+        self.handle = ModelHandle(transformer, family, device, dtype, scheduler_config=scheduler)
+        self.device, self.family = device, family
+        size, text_len = (8, 7) if tiny else (128, text_len)
+        width = config.get("joint_attention_dim", config.get("caption_channels"))
+        pooled = config.get("pooled_projection_dim") if pooled else None
+        g = torch.Generator().manual_seed(1)
+
+        def cond() -> Conditioning:
+            embeds = torch.randn(1, text_len, width, generator=g)
+            mask = None if pooled else torch.ones(1, text_len, dtype=torch.long)
+            return Conditioning(embeds, torch.randn(1, pooled, generator=g) if pooled else None, mask, family)
+
+        self.pos = cond()
+        self.neg = cond() if self.cfg > 1 else None
+        self.latent = Latent(torch.zeros(1, self.handle.latent_channels, size, size))
+        self.sigmas = compute_sigmas(self.handle, "auto", steps, latent_hw=(size, size))
+        self.reference: torch.Tensor | None = None
+
+    def sample(self, model, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        from nodes.sampling import sample
+
+        sigmas = self.sigmas if sigmas is None else sigmas
+        return sample(model, self.latent, self.pos, self.neg, sigmas, SEED, self.cfg, progress=lambda *a: None,
+                      preview=False).samples
+
+    def step(self, model) -> Callable[[], object]:
+        """One step's transformer evaluations (CFG: both branches, batched as the sampler does)."""
+        latents = torch.randn(self.latent.samples.shape, generator=torch.Generator().manual_seed(2))
+        conds = [self.pos] if self.neg is None else [self.pos, self.neg]
+        sigma = float(self.sigmas[len(self.sigmas) // 2])
+
+        def run():
+            with model.sampling_run(self.sigmas[:2]):
+                return model.predict_many(latents, sigma, conds)
+
+        return run
+
+
+def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
+    """(name, make(handle) -> MODEL, timed e2e runs); ``make`` may raise a refusal."""
+    from app.models import attention, quantizers
+    from app.models.compile import CompileOptions, compile_model
+
+    options = CompileOptions(backend="eager") if tiny else CompileOptions()
+    repeats = 2 if tiny else (3 if quick else 5)
+
+    def quantized(method: str) -> Callable:
+        def make(handle):
+            model = quantizers.quantize_model(handle, method, quantizers.SKIP_IO)
+            if quick:  # torchao's coordinate-descent tuning makes the first compile several minutes long
+                torch._inductor.config.coordinate_descent_tuning = False
+            return compile_model(model, options)
+
+        return make
+
+    chosen = [("eager", lambda h: h, repeats), ("compile", lambda h: compile_model(h, options), repeats),
+              ("fp8+compile", quantized("fp8-dynamic-row"), repeats), ("int8+compile", quantized("int8-dynamic"), repeats)]
+    def attend(backend: str) -> Callable:
+        def make(handle):
+            model = attention.with_attention_backend(handle, backend)[0]
+            # flex is fused only under torch.compile (eager flex materialises the score matrix)
+            return compile_model(model, options) if backend == "flex" else model
+
+        return make
+
+    for backend in attention.BACKENDS:
+        if backend in attention.CHOICES and not (quick and backend in ("flex", "math")):
+            chosen.append((f"attention-{backend}", attend(backend), 1 if quick else repeats))
+    return chosen
+
+
+def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, flops: int) -> dict:
+    device = setup.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = make(setup.handle)
+    warmup_s, _ = timed(lambda: setup.sample(model), device)  # compiles here
+    runs = [timed(lambda: setup.sample(model), device) for _ in range(repeats)]
+    e2e = statistics.median(t for t, _ in runs)
+    step = setup.step(model)
+    step_times = [timed(step, device)[0] for _ in range(6)][1:]
+    ms = 1000 * statistics.median(step_times)
+    final = runs[0][1]
+    row = {"e2e_s": e2e, "e2e_runs": len(runs), "warmup_s": warmup_s, "compile_s": max(0.0, warmup_s - e2e),
+           "ms_per_step": ms, "tflops": flops / (ms / 1000) / 1e12,
+           "matmul_fraction": flops / (ms / 1000) / 1e12 / ceiling,
+           "weights_gib": weights_gib(model), "key": repr(model)}
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if setup.reference is None:
+        setup.reference = final
+    row["drift"] = float((final.float() - setup.reference.float()).norm() / setup.reference.float().norm())
+    row["finite"] = bool(torch.isfinite(final).all())
+    return row
+
+
+def bench_model(name: str, args, device: torch.device, ceiling: float, result: dict,
+                save: Callable[[], None]) -> None:
+    """Fill ``result`` variant by variant, saving the report after each."""
+    setup = Setup(name, device, args.tiny, args.steps)
+    result.update(build_s=setup.build_s, family=setup.family, steps=args.steps, cfg=setup.cfg,
+                  size=setup.latent.samples.shape[-1] * 8, variants={})
+    result["flops_per_step"] = flops = step_flops(setup.step(setup.handle))
+    started = time.perf_counter()
+    for variant, make, repeats in variants(args.quick, args.tiny):
+        if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+            result["variants"][variant] = {"skipped": f"time budget of {args.max_seconds} s spent"}
+            continue
+        try:
+            row = measure_variant(setup, make, repeats, ceiling, flops)
+        except Exception as exc:  # a refusal or a failure is a result, and must not lose the others
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+        eager = result["variants"].get("eager", {}).get("e2e_s")
+        if eager and "e2e_s" in row:
+            row["speedup"] = eager / row["e2e_s"]
+        result["variants"][variant] = row
+        print(f"{name} {variant}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in row.items() if k != "key"), flush=True)
+        save()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--quick", action="store_true", help="fewer runs; fits one 10-minute call for flux-dev")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 3)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="per model: start no variant after this")
+    parser.add_argument("--out", default=str(RESULTS / "gpu_speed.json"))
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (3 if args.tiny else 28)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected {', '.join(MODELS)}")
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "quick": args.quick, "tiny": args.tiny, "versions": versions(), "models": {}}
+    report["matmul_tflops"] = ceiling = matmul_tflops(device, args.tiny)
+    print(f"matmul ceiling: {ceiling:.1f} TFLOP/s", flush=True)
+
+    def save() -> None:
+        write_result("gpu_speed", {"gpu_speed": report}, args.out)
+
+    for name in names:
+        result = report["models"][name] = {}
+        try:
+            bench_model(name, args, device, ceiling, result, save)
+        except Exception as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        save()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
+def versions() -> dict:
+    import importlib.metadata
+
+    found = {"torch": torch.__version__}
+    for package in ("diffusers", "torchao", "sageattention"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+if __name__ == "__main__":
+    main()

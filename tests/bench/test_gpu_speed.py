@@ -1,0 +1,32 @@
+"""bench/gpu_speed.py --tiny: every variant's code path runs on CPU and lands in the JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import gpu_speed
+
+
+def test_tiny_run_writes_every_variant(tmp_path):
+    pytest.importorskip("torchao", reason="torchao (the 'fast' extra) is not installed")
+    out = tmp_path / "gpu_speed.json"
+    gpu_speed.main(["--tiny", "--models", "sd3.5-medium", "--out", str(out)])
+    report = json.loads(out.read_text())["gpu_speed"]
+    assert report["tiny"] and report["matmul_tflops"] > 0
+    model = report["models"]["sd3.5-medium"]
+    variants = model["variants"]
+    assert {"eager", "compile", "fp8+compile", "int8+compile", "attention-native"} <= set(variants)
+    assert variants["eager"]["drift"] == 0.0 and variants["eager"]["finite"]
+    assert variants["compile"]["drift"] < 1e-4 and variants["compile"]["e2e_runs"] >= 2
+    assert 0 < variants["int8+compile"]["drift"] < 0.2  # quantized: a small, nonzero drift
+    assert variants["int8+compile"]["weights_gib"] < variants["eager"]["weights_gib"]
+    assert "fp8-capable GPU" in variants["fp8+compile"]["error"]  # refused on CPU, with the reason
+    assert "silently ignore" in variants["attention-flex"]["error"]  # SD3's processors bypass the dispatcher
+    assert model["flops_per_step"] > 0 and variants["eager"]["matmul_fraction"] > 0
+
+
+def test_models_filter_rejects_unknown_names(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_speed.main(["--tiny", "--models", "nope", "--out", str(tmp_path / "x.json")])

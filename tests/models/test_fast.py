@@ -1,0 +1,47 @@
+"""insert_fast_nodes: the --fast rewiring of a workflow document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.core import workflow
+from app.core.registry import default_registry
+from app.models import fast
+
+GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "shapes-cache.json"
+
+
+def links_to(doc: dict, source: list) -> list[tuple[str, str]]:
+    return [(node_id, name) for node_id, node in doc["nodes"].items()
+            for name, value in node["inputs"].items() if isinstance(value, dict) and value.get("from") == source]
+
+
+def test_cpu_gets_compile_only_and_every_consumer_is_rewired():
+    doc = json.loads(GRAPH.read_text())
+    consumers = links_to(doc, ["1", "model"])
+    assert consumers
+    fast_doc = fast.insert_fast_nodes(doc, "cpu")
+    assert doc == json.loads(GRAPH.read_text())  # the input document is not changed
+    added = {k: v for k, v in fast_doc["nodes"].items() if k not in doc["nodes"]}
+    assert [v["type"] for v in added.values()] == ["CompileModel"]
+    (compile_id,) = added
+    assert links_to(fast_doc, ["1", "model"]) == [(compile_id, "model")]
+    assert sorted(links_to(fast_doc, [compile_id, "model"])) == sorted(consumers)
+    problems = workflow.errors(workflow.validate(workflow.Workflow.from_dict(fast_doc), default_registry()))
+    assert not problems, problems
+    assert fast.insert_fast_nodes(fast_doc, "cpu") == fast_doc  # applying it twice adds nothing
+
+
+def test_fp8_devices_get_quantize_then_compile(monkeypatch):
+    monkeypatch.setattr(fast, "fp8_supported", lambda device: True)
+    monkeypatch.setattr(fast, "torchao_installed", lambda: True)
+    doc = json.loads(GRAPH.read_text())
+    fast_doc = fast.insert_fast_nodes(doc, "cuda")
+    (quantize_id,) = [k for k, v in fast_doc["nodes"].items() if v["type"] == "QuantizeModel"]
+    (compile_id,) = [k for k, v in fast_doc["nodes"].items() if v["type"] == "CompileModel"]
+    assert fast_doc["nodes"][quantize_id]["inputs"]["model"] == {"from": ["1", "model"]}
+    assert fast_doc["nodes"][quantize_id]["inputs"]["method"] == "fp8-dynamic-row"
+    assert fast_doc["nodes"][compile_id]["inputs"]["model"] == {"from": [quantize_id, "model"]}
+    problems = workflow.errors(workflow.validate(workflow.Workflow.from_dict(fast_doc), default_registry()))
+    assert not problems, problems

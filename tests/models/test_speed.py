@@ -1,0 +1,262 @@
+"""Compile, quantize and attention backends (app/models/compile.py, quantizers/, attention.py) on
+tiny random models: views leave the base untouched, compiled code is reused across runs, and
+LoRA / cache accelerators keep working on compiled and quantized models."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.core.context import RunContext, reset_current, set_current
+from app.core.memo import measure
+from app.core.registry import default_registry
+from app.models import accelerators as hooks
+from app.models import attention, quantizers
+from app.models.compile import CompileOptions, compile_model, graphs_compiled, repeated_blocks
+from app.models.handles import ModelPatch
+from app.models.patches.lora import LoraLayer, LoraPatch
+from nodes.sampling import compute_sigmas
+from tests.models.test_cache import tiny
+
+EAGER = CompileOptions(backend="eager")  # dynamo traces and caches graphs; no codegen (seconds on CPU)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def lora_on(t, fuse: bool = False) -> LoraPatch:
+    """A rank-2 LoRA on every block's attention query projection."""
+    g = torch.Generator().manual_seed(5)
+    layers = []
+    for name, module in t.handle.transformer.named_modules():
+        if name.endswith("attn.to_q"):
+            layers.append(LoraLayer(name, torch.randn(2, module.in_features, generator=g) * 0.3,
+                                    torch.randn(module.out_features, 2, generator=g) * 0.3, 1.0))
+    assert layers
+    return LoraPatch("test", layers, 1.0, fuse)
+
+
+def events_of(fn):
+    """Run ``fn`` under a run context; return (its result, the events it emitted)."""
+    events: list[dict] = []
+    ctx = RunContext("r", "n", "Sampler", torch.device("cpu"), Path("."), {}, events.append, threading.Event())
+    token = set_current(ctx)
+    try:
+        return fn(), events
+    finally:
+        reset_current(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_compiled_view_shares_weights_leaves_the_base_eager_and_is_cached(family):
+    t = tiny(family)
+    compiled = compile_model(t.handle, EAGER)
+    base_blocks, view_blocks = repeated_blocks(t.handle.transformer), repeated_blocks(compiled.transformer)
+    assert len(base_blocks) == len(view_blocks) > 1
+    # (removed diffusers hooks leave a plain bound forward on a block: look for dynamo's wrapper)
+    assert not any(hasattr(b.forward, "_torchdynamo_orig_callable") for b in base_blocks)  # the base stays eager
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in view_blocks)
+    assert all(p is q for p, q in zip(t.handle.transformer.parameters(), compiled.transformer.parameters(), strict=True))
+    assert compile_model(t.handle, EAGER).transformer is compiled.transformer  # cached per (base, options)
+    assert compile_model(compiled, EAGER).transformer is compiled.transformer  # compiling twice: same view
+    assert compile_model(t.handle, CompileOptions(backend="aot_eager")).transformer is not compiled.transformer
+    assert torch.allclose(t.sample(compiled), t.reference, atol=1e-5)
+
+
+def test_no_recompile_when_seed_steps_or_guidance_change():
+    t = tiny("flux")
+    compiled = compile_model(t.handle, CompileOptions(backend="eager", dynamic=False))  # a view of its own
+    _, first = events_of(lambda: t.sample(compiled))
+    graphs = graphs_compiled()
+    sigmas = compute_sigmas(t.handle, "auto", 9)
+    from nodes.sampling import sample
+
+    def other_run():
+        return sample(compiled, t.latent, t.pos, t.neg, sigmas, 11, 2.5, progress=lambda *a: None).samples
+
+    out, second = events_of(other_run)
+    assert graphs_compiled() == graphs, "a new seed / step count / cfg recompiled"
+    assert torch.isfinite(out).all()
+    phases = [e["phase"] for e in first + second if e["type"] == "phase"]
+    assert phases.count("compiling") == phases.count("compiled") >= 1
+    assert not [e for e in second if e["type"] == "phase"]  # nothing compiled in the second run
+    assert all(e["run_id"] == "r" and e["node"] == "n" for e in first if e["type"] == "phase")
+
+
+def test_cache_accelerator_on_a_compiled_model_fullgraph():
+    t = tiny("flux")
+    fora = hooks.CachePatch(hooks.FORA(interval=2))
+    reference = t.sample(t.handle.with_patch(fora))
+    compiled = compile_model(t.handle, CompileOptions(backend="eager", fullgraph=True))
+    t.sample(compiled)
+    graphs = graphs_compiled()
+    out = t.sample(compiled.with_patch(fora))
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert graphs_compiled() == graphs, "the cache hooks were traced into the compiled blocks"
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_lora_on_a_compiled_model(fuse):
+    t = tiny("sd3")
+    patch = lora_on(t, fuse)
+    reference = t.sample(t.handle.with_patch(patch))
+    assert rel(reference, t.reference) > 1e-3  # the LoRA does something
+    model = compile_model(t.handle, EAGER).with_patch(patch)
+    assert torch.allclose(t.sample(model), reference, atol=1e-4)
+    graphs = graphs_compiled()
+    assert torch.allclose(t.sample(model), reference, atol=1e-4)
+    assert graphs_compiled() == graphs  # fused weights are graph inputs; hooks run eager: no recompiles
+    assert torch.allclose(t.sample(t.handle), t.reference)  # nothing left behind on the base
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def linear_kinds(transformer: torch.nn.Module) -> dict[str, bool]:
+    return {n: type(m.weight) is not torch.nn.Parameter for n, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao (the 'fast' extra) is not installed")
+
+
+@needs_torchao
+@pytest.mark.parametrize("method", ["int8-weight-only", "int8-dynamic"])
+def test_int8_quantized_copy_is_close_and_leaves_the_base_untouched(method):
+    t = tiny("sd3")
+    quantized = quantizers.quantize_model(t.handle, method, quantizers.SKIP_NONE)
+    assert quantized.transformer is not t.handle.transformer
+    assert not any(linear_kinds(t.handle.transformer).values())
+    assert all(linear_kinds(quantized.transformer).values())
+    out = t.sample(quantized)
+    assert 0 < rel(out, t.reference) < 0.1
+    assert torch.equal(t.sample(t.handle), t.reference)
+    sizes = measure(quantized)  # the memo cache can size it (torchao tensors have no plain storage)
+    assert 0 < sizes["cpu"] < 0.5 * measure(t.handle)["cpu"]  # int8 weights vs fp32 (+ fp32 biases, scales)
+
+
+@needs_torchao
+def test_skip_lists_keep_embedders_norms_final_and_edge_blocks():
+    t = tiny("sd3")
+    kinds = {skip: linear_kinds(quantizers.quantize_model(t.handle, "int8-weight-only", skip).transformer)
+             for skip in quantizers.SKIPS}
+    counts = [sum(kinds[s].values()) for s in quantizers.SKIPS]
+    assert counts[0] > counts[1] > counts[2] > 0
+    io = kinds[quantizers.SKIP_IO]
+    assert not any(q for n, q in io.items() if not n.startswith("transformer_blocks."))  # embedders, final
+    assert not any(q for n, q in io.items() if ".norm" in n)  # adaLN modulation
+    edges = kinds[quantizers.SKIP_EDGES]
+    assert not any(q for n, q in edges.items() if n.startswith(("transformer_blocks.0.", "transformer_blocks.2.")))
+    assert any(q for n, q in edges.items() if n.startswith("transformer_blocks.1."))
+
+
+@pytest.mark.parametrize("method", ["fp8-dynamic-row", "fp8-dynamic-tensor", "fp8-weight-only"])
+def test_fp8_is_refused_on_cpu_with_a_reason(method):
+    t = tiny("sd3")
+    with pytest.raises(quantizers.QuantizeError, match="8.9"):
+        quantizers.quantize_model(t.handle, method)
+    node = default_registry().get("QuantizeModel").function
+    with pytest.raises(quantizers.QuantizeError, match="fp8-capable GPU"):
+        node(model=t.handle, method=method, skip=quantizers.SKIP_IO)
+
+
+@needs_torchao
+def test_lora_as_an_unquantized_side_branch_on_int8():
+    t = tiny("sd3")
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_NONE)
+    patch = lora_on(t)
+    eager_lora = t.sample(t.handle.with_patch(patch))
+    plain = t.sample(quantized)
+    with_lora = t.sample(quantized.with_patch(patch))
+    assert rel(with_lora, plain) > 1e-3  # the LoRA acts on the quantized model
+    assert rel(with_lora, eager_lora) < 0.1  # and gives the eager LoRA result up to int8 error
+    fused = default_registry().get("QuantizeModel").function
+    with pytest.raises(quantizers.QuantizeError, match="fused LoRA"):
+        fused(model=t.handle.with_patch(lora_on(t, fuse=True)), method="int8-weight-only", skip=quantizers.SKIP_IO)
+
+
+@needs_torchao
+def test_cache_and_compile_on_a_quantized_model():
+    t = tiny("flux")
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_IO)
+    plain = t.sample(quantized)
+    compiled = compile_model(quantized, EAGER)
+    assert isinstance(compiled, quantizers.QuantizedHandle)
+    assert torch.allclose(t.sample(compiled), plain, atol=1e-4)
+    cached = t.sample(compiled.with_patch(hooks.CachePatch(hooks.FORA(interval=2))))
+    assert torch.isfinite(cached).all() and rel(cached, plain) < 0.5
+    with pytest.raises(quantizers.QuantizeError, match="before CompileModel"):
+        quantizers.quantize_model(compile_model(t.handle, EAGER), "int8-weight-only")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def test_attention_native_matches_and_reports_where_it_applies():
+    for family, kind in (("flux", "dispatcher"), ("sd3", "SDPA kernel")):
+        t = tiny(family)
+        patched, report = attention.with_attention_backend(t.handle, "auto")
+        assert kind in report and "native" in report
+        assert torch.allclose(t.sample(patched), t.reference, atol=1e-5)
+    t = tiny("sd3")
+    math_model, report = attention.with_attention_backend(t.handle, "math")
+    assert "JointAttnProcessor2_0" in report
+    assert torch.allclose(t.sample(math_model), t.reference, atol=1e-4)
+    for family in ("flux", "sd3"):  # Hopper's "auto": a kernel priority list (CPU takes flash/math from it)
+        t = tiny(family)
+        hopper = t.handle.with_patch(attention.AttentionPatch(attention.HOPPER_AUTO, ""))
+        assert torch.allclose(t.sample(hopper), t.reference, atol=1e-4)
+
+
+def test_attention_backends_that_would_do_nothing_or_cannot_run_are_refused():
+    sd3 = tiny("sd3").handle
+    with pytest.raises(attention.AttentionBackendError, match="JointAttnProcessor2_0.*silently ignore"):
+        attention.with_attention_backend(sd3, "flex")
+    with pytest.raises(attention.AttentionBackendError, match="needs a CUDA GPU"):
+        attention.with_attention_backend(sd3, "cudnn")
+    node = default_registry().get("AttentionBackend")
+    choices = node.inputs["backend"].spec.choice_list()
+    assert ("sage" in choices) == (importlib.util.find_spec("sageattention") is not None)  # only when importable
+    assert {"auto", "native", "cudnn", "flash", "efficient", "flex"} <= set(choices)
+
+
+
+class BetweenBlockResiduals(ModelPatch):
+    """What a ControlNet patch does to the transformer call: residuals added between blocks."""
+
+    key = "residuals"
+
+    def wrap(self, state, call, forward):
+        hidden = call.kwargs["hidden_states"]
+        tokens = (hidden.shape[-2] // 2) * (hidden.shape[-1] // 2)
+        g = torch.Generator().manual_seed(3)
+        residual = torch.randn(hidden.shape[0], tokens, 16, generator=g).to(hidden)
+        call.kwargs["block_controlnet_hidden_states"] = [residual]
+        return forward(call)
+
+
+@pytest.mark.parametrize("kind", ["compiled", pytest.param("quantized", marks=needs_torchao)])
+def test_controlnet_residuals_on_compiled_and_quantized_models(kind):
+    t = tiny("sd3")
+    if kind == "compiled":
+        model = compile_model(t.handle, EAGER)
+        reference = t.sample(t.handle.with_patch(BetweenBlockResiduals()))
+        assert rel(reference, t.reference) > 1e-3
+        assert torch.allclose(t.sample(model.with_patch(BetweenBlockResiduals())), reference, atol=1e-4)
+    else:
+        model = quantizers.quantize_model(t.handle, "int8-dynamic", quantizers.SKIP_IO)
+        reference = t.sample(t.handle.with_patch(BetweenBlockResiduals()))
+        out = t.sample(model.with_patch(BetweenBlockResiduals()))
+        assert rel(out, t.sample(model)) > 1e-3 and rel(out, reference) < 0.1
