@@ -6,8 +6,7 @@ from typing import Annotated, Any
 
 from app.core.registry import NodeResult, node
 from app.core.types import ANY, BOOLEAN, FLOAT, INT, STRING, Spec
-
-SEED_MAX = 2**63 - 1
+from app.core import vocabulary as vocab
 
 
 @node(category="core/primitives", outputs={"value": INT})
@@ -35,7 +34,7 @@ def PrimitiveBoolean(value: bool = False) -> bool:
 
 
 @node(category="core/primitives", outputs={"seed": INT})
-def Seed(seed: Annotated[int, Spec(min=0, max=SEED_MAX, seed=True, tooltip="Same seed, same image.")] = 0) -> int:
+def Seed(seed: vocab.SEED = 0) -> int:
     """A seed shared by several nodes; the editor can randomize it before each run."""
     return seed
 
