@@ -1,4 +1,4 @@
-"""Sampling nodes: Sampler, Scheduler (SIGMAS), SamplerCustom, SplitSigmas.
+"""Sampling nodes: Sampler, Scheduler (SIGMAS), SamplerCustom, SplitSigmas, ModelSamplingDefaults.
 
 Thin declarations over the sampling library (app/models/sampling): schedules, guidance,
 the sampler registry and the loop live there.
@@ -11,10 +11,10 @@ from typing import Annotated
 import torch
 
 from app.core.registry import Link, node
-from app.core.types import CONDITIONING, LATENT, MODEL, SIGMAS, Spec
+from app.core.types import CONDITIONING, FLOAT, INT, LATENT, MODEL, SIGMAS, STRING, Spec
 from app.core import vocabulary as vocab
 from app.models.latents import Latent
-from app.models.sampling import compute_sigmas, sample
+from app.models.sampling import compute_sigmas, sample, sampling_defaults
 
 # compute_sigmas/sample stay importable from here only for nodes/cache.py until it imports app.models.sampling
 __all__ = ["Sampler", "SamplerCustom", "Scheduler", "SplitSigmas", "compute_sigmas", "sample"]
@@ -80,3 +80,11 @@ def SamplerCustom(
 def SplitSigmas(sigmas: SIGMAS, step: Annotated[int, Spec(min=0, max=1000)] = 0) -> tuple:
     """Split a schedule at ``step`` (both halves share that sigma): for two-stage sampling."""
     return sigmas[: step + 1], sigmas[step:]
+
+
+@node(category="sampling", outputs={"steps": INT, "cfg": FLOAT, "sampler": STRING, "scheduler": STRING})
+def ModelSamplingDefaults(model: MODEL) -> tuple:
+    """The settings the model's own pipeline samples with (family, few-step variant such as
+    Flux-schnell or PixArt-LCM, manifest): link them to a Sampler's widgets."""
+    d = sampling_defaults(model)
+    return int(d["steps"]), float(d["cfg"]), str(d["sampler"]), str(d["scheduler"])

@@ -28,7 +28,7 @@ def test_sampler_choices_follow_the_registry():
     registry = Registry()
     registry.load_package("nodes")
     spec = _input(registry, "Sampler", "sampler").spec
-    assert spec.choice_list() == list(sampling.SAMPLERS)
+    assert spec.choice_list() == ["auto", *sampling.SAMPLERS]  # auto: the model's own (variant)
 
     @sampling.register("test_only_identity")
     def identity(x, sigmas, fn, callback, noise=None):

@@ -11,19 +11,20 @@ shares its :func:`integrate`.
 """
 
 from app.core.vocabulary import provide_choices
+from app.models.sampling.defaults import model_variant, sampling_defaults, warn_guidance
 from app.models.sampling.guidance import GUIDANCE, Denoised, GuidanceState, guide, velocity_pair
 from app.models.sampling.loop import check_inputs, integrate, latent_mask, sample, starting_point
-from app.models.sampling.noise import make_noise
+from app.models.sampling.noise import NoiseStream, make_noise
 from app.models.sampling.previews import PREVIEW_INTERVAL, Previewer, preview_image
 from app.models.sampling.samplers import SAMPLERS, get_sampler, register
-from app.models.sampling.schedules import SCHEDULERS, auto_scheduler, compute_sigmas, model_shift
+from app.models.sampling.schedules import SCHEDULERS, SCHEDULES, schedule, auto_scheduler, compute_sigmas, model_shift
 
-provide_choices("sampler", lambda: list(SAMPLERS))
+provide_choices("sampler", lambda: ["auto", *SAMPLERS])
 provide_choices("scheduler", lambda: SCHEDULERS)
 provide_choices("guidance", lambda: GUIDANCE)
 
 __all__ = [
-    "GUIDANCE", "PREVIEW_INTERVAL", "SAMPLERS", "SCHEDULERS", "Denoised", "GuidanceState", "Previewer",
+    "GUIDANCE", "PREVIEW_INTERVAL", "NoiseStream", "SAMPLERS", "SCHEDULERS", "SCHEDULES", "schedule", "Denoised", "GuidanceState", "Previewer",
     "auto_scheduler", "check_inputs", "compute_sigmas", "get_sampler", "guide", "integrate", "latent_mask",
-    "make_noise", "model_shift", "preview_image", "register", "sample", "starting_point", "velocity_pair",
+    "make_noise", "model_shift", "model_variant", "sampling_defaults", "warn_guidance", "preview_image", "register", "sample", "starting_point", "velocity_pair",
 ]

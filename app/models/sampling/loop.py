@@ -16,8 +16,9 @@ import torch
 from app.core.context import current
 from app.models.handles import ModelHandle
 from app.models.latents import Latent
+from app.models.sampling.defaults import sampling_defaults, warn_guidance
 from app.models.sampling.guidance import GUIDANCE, Denoised, GuidanceState, guide, velocity_pair
-from app.models.sampling.noise import make_noise
+from app.models.sampling.noise import NoiseStream
 from app.models.sampling.previews import Previewer
 from app.models.sampling.samplers import get_sampler
 
@@ -134,11 +135,6 @@ def starting_point(model: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, s0
     return (1 - s0) * x0 + scale * noise
 
 
-def step_noise(shape: tuple[int, ...], seed: int, batch_index: list[int] | None, device: torch.device) -> Callable:
-    """Fresh seeded noise per step for stochastic samplers (independent of the start noise)."""
-    return lambda i: make_noise(shape, (int(seed) + 1 + i) * 7919, batch_index).to(device)
-
-
 @torch.no_grad()
 def sample(
     model: ModelHandle,
@@ -166,17 +162,21 @@ def sample(
     ``add_noise=False`` takes the latent as already noised to ``sigmas[0]`` (second stage of a
     split schedule).
     """
+    if sampler_name in ("auto", "", None):
+        sampler_name = sampling_defaults(model)["sampler"]
     get_sampler(sampler_name)
     check_guidance(guidance)
     check_inputs(model, latent, positive, negative)
+    warn_guidance(model, cfg, negative is not None)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
     if denoise < 1.0:
         keep = max(1, round((len(sigmas) - 1) * denoise))
         sigmas = sigmas[-(keep + 1):]
     device = model.device
     x0_in = latent.samples.float()
+    stream = NoiseStream(tuple(x0_in.shape), seed, latent.batch_index)
     if noise is None:
-        noise = make_noise(tuple(x0_in.shape), seed, latent.batch_index)
+        noise = stream(0)
     noise = noise.to(device, torch.float32)
     x0_in = x0_in.to(device)
     x = starting_point(model, x0_in, noise, float(sigmas[0])) if add_noise else x0_in.clone()
@@ -190,6 +190,6 @@ def sample(
             return mask * x_t + (1 - mask) * ((1 - s_next) * x0_in + s_next * noise)
 
     x, _ = integrate(model, x, sigmas, positive, negative, cfg, guidance=guidance, solver=sampler_name,
-                     after_step=after_step, noise=step_noise(tuple(x0_in.shape), seed, latent.batch_index, device),
+                     after_step=after_step, noise=lambda i: stream(i + 1).to(device),
                      progress=progress, seed=seed, guidance_options=guidance_options, preview=preview)
     return Latent(x.float().cpu(), latent.noise_mask, latent.batch_index)

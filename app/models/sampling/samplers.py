@@ -114,6 +114,26 @@ def sample_dpmpp_2m(x: torch.Tensor, sigmas: torch.Tensor, fn: DenoiseFn, callba
     return x
 
 
+@register("lcm")
+def sample_lcm(x: torch.Tensor, sigmas: torch.Tensor, fn: DenoiseFn, callback: Callable,
+               noise: NoiseFn | None = None) -> torch.Tensor:
+    """Consistency multistep (LCM, Luo et al. 2023; also sCM/TrigFlow as Sana-Sprint samples):
+    jump to the denoised estimate, then re-noise it to the next sigma with fresh noise,
+    x' = (1 - s') x0 + s' ε. In flow coordinates ``LCMScheduler``'s and ``SCMScheduler``'s steps
+    are both this (their boundary-condition blend c_skip is < 1e-7 at the timesteps used)."""
+    for i in range(len(sigmas) - 1):
+        s_next = float(sigmas[i + 1])
+        d = fn(x, float(sigmas[i]), i)
+        if s_next > 0:
+            if noise is None:
+                raise ValueError("the lcm sampler needs seeded step noise (run it through sample/integrate)")
+            x = (1 - s_next) * d.x0 + s_next * noise(i)
+        else:
+            x = d.x0
+        callback(i, x, d)
+    return x
+
+
 @register("rf_solver_eps", eps_variant_of="rf_solver")
 def sample_rf_solver_eps(x: torch.Tensor, sigmas: torch.Tensor, fn: DenoiseFn, callback: Callable,
                          noise: NoiseFn | None = None) -> torch.Tensor:
