@@ -19,7 +19,7 @@ from app.core import paths
 from app.core.executor import Engine, NodeFailed
 from app.models import families
 from tests.models.test_parity import PROMPT, SIZE, rel_l2
-from tests.nodes.test_nodes_tiny import components, save_family
+from tests.nodes.test_nodes_tiny import save_family
 
 SEED = 4321
 
