@@ -7,7 +7,6 @@ from typing import Annotated
 
 import torch
 
-from app.models import families
 from app.models.handles import VAEHandle
 from app.models.latents import Latent
 from app.core.registry import Link, node
@@ -35,7 +34,7 @@ def EmptyLatent(
     if vae is not None:
         channels, factor = vae.latent_channels, vae.factor
     else:
-        channels, factor = model.latent_channels, families.get(model.family).vae_factor
+        channels, factor = model.latent_channels, model.info.vae_factor
     if model is not None:
         channels = model.latent_channels
     multiple = factor * (model.patch_size if model is not None else 1)

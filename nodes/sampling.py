@@ -54,7 +54,7 @@ def Scheduler(
     height: vocab.size("Image height (dynamic shift only).") = 1024,
 ) -> torch.Tensor:
     """The noise levels (flow sigmas) a sampler will step through."""
-    factor = 8 if model.family != "sana" else 32
+    factor = model.info.vae_factor
     return compute_sigmas(model, scheduler, steps, shift, (height // factor, width // factor), denoise)
 
 

@@ -183,7 +183,7 @@ def edit_from_inversion(
     solver = inversion.solver if solver in ("same", "", None) else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be 'same' or one of {', '.join(SOLVERS)} (got {solver!r})")
-    if model.family != inversion.family:
+    if inversion.family not in (model.family,):
         raise ValueError(f"the inversion was made with a {inversion.family} model, this model is {model.family}")
     down = inversion.sigmas.flip(0)
     steps = len(down) - 1

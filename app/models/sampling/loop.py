@@ -43,7 +43,7 @@ def check_inputs(model: ModelHandle, latent: Latent, positive: Any, negative: An
                          f"{model.latent_channels}: make the latent with EmptyLatent/VAEEncode of the same family")
     for name, cond in (("positive", positive), ("negative", negative)):
         family = getattr(cond, "family", "") if cond is not None else ""
-        if family and family != model.family:
+        if family not in ("", model.family):  # unset, or encoded for this model's family
             raise ValueError(f"the {name} conditioning was encoded for {family} but the model is {model.family}: "
                              "encode with the text encoder(s) of this model's family")
 
