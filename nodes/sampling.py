@@ -38,8 +38,8 @@ def Sampler(
     """Denoise a latent with a flow-matching ODE sampler and classifier-free guidance."""
     if denoise <= 0:
         return latent
-    h, w = latent.samples.shape[-2:]
-    sigmas = compute_sigmas(model, scheduler, steps, shift, (h, w), denoise)
+    dims = tuple(latent.samples.shape[2:])  # (h, w), or (frames, h, w) for videos
+    sigmas = compute_sigmas(model, scheduler, steps, shift, dims, denoise)
     return sample(model, latent, positive, negative, sigmas, seed, cfg, guidance, sampler)
 
 

@@ -271,7 +271,7 @@ class _FlowEditGuide:
 
     def __call__(self, i: int, s: float, z_src: torch.Tensor | None, z_tar: torch.Tensor) -> tuple:
         """Guided source velocity at z_src (None: skip) and target velocity at z_tar."""
-        s_t = torch.full((self.batch, 1, 1, 1), s, device=z_tar.device)
+        s_t = torch.full((self.batch,) + (1,) * (z_tar.dim() - 1), s, device=z_tar.device)
         src, tar = self._raw(s, z_src, z_tar)
         renorm = self.model.info.cfg_renorm
         v_tar = guide(self.guidance, z_tar, s_t, *tar, self.cfgs[1], i - self.start, self.states[1], {}, renorm).velocity

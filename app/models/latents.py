@@ -9,8 +9,8 @@ import torch
 
 @dataclass(eq=False)
 class Latent:
-    """The LATENT value: ``samples`` (B, C, H, W) float32 on CPU in the model's normalised latent
-    space; ``noise_mask`` (B, H, W) or None, 1 where the sampler may change the latent;
+    """The LATENT value: ``samples`` (B, C, H, W), or (B, C, F, H, W) for video models, float32 on
+    CPU in the model's normalised latent space; ``noise_mask`` (B, H, W) or None, 1 where the sampler may change the latent;
     ``batch_index`` which noise each item takes (so item k of a batch reproduces alone)."""
 
     samples: torch.Tensor

@@ -74,9 +74,9 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
                 diff = diff + momentum * state.momentum
             state.momentum = diff
         if threshold > 0:
-            norm = diff.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.dim() - 1)))
             diff = diff * torch.clamp(threshold / (norm + 1e-8), max=1.0)
-        unit = x0_c / (x0_c.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-8)
+        unit = x0_c / (x0_c.flatten(1).norm(dim=1).view(-1, *([1] * (x0_c.dim() - 1))) + 1e-8)
         parallel = _bdot(diff, unit) * unit
         update = (diff - parallel) + eta * parallel
         x0 = x0_c + (cfg - 1) * update

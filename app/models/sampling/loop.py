@@ -101,7 +101,7 @@ def integrate(
             order = evaluations[i] = evaluations.get(i, 0) + 1
             interval = value_interval(i) if value_interval is not None else None
             run.extras["value_key"] = None if interval is None else (interval, order - 1)
-            s_t = torch.full((x_t.shape[0], 1, 1, 1), s, device=device)
+            s_t = torch.full((x_t.shape[0],) + (1,) * (x_t.dim() - 1), s, device=device)  # images and videos
             if use_uncond:
                 v_u, v_c = model.predict_many(x_t, s, [negative, positive])
             else:

@@ -18,7 +18,7 @@ _PREVIEW_CACHE: dict[tuple, torch.Tensor] = {}
 
 def _preview_latent(x0: torch.Tensor, max_size: int) -> torch.Tensor:
     """The first item of ``x0``, subsampled to at most ``max_size`` pixels a side (on its device)."""
-    latent = x0[0]
+    latent = x0[0] if x0.dim() == 4 else x0[0, :, 0]  # videos: the first frame
     step = max(1, math.ceil(max(latent.shape[-2:]) / max_size))
     return latent[:, ::step, ::step].float()
 

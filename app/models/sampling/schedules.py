@@ -80,8 +80,8 @@ def dynamic(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -
     t = _ramp(n)
     if shift and shift > 0:  # an explicit shift overrides the resolution rule
         return _shift(t, shift)
-    h, w = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
-    mu = families.dynamic_mu(model.image_seq_len(h, w), model.scheduler_config)
+    dims = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
+    mu = families.dynamic_mu(model.image_seq_len(*dims), model.scheduler_config)
     return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1)), torch.zeros_like(t))
 
 
@@ -160,9 +160,10 @@ SCHEDULERS = ["auto", *SCHEDULES]
 
 
 def compute_sigmas(model: ModelHandle, scheduler: str, steps: int, shift: float = 0.0,
-                   latent_hw: tuple[int, int] | None = None, denoise: float = 1.0) -> torch.Tensor:
+                   latent_hw: tuple[int, ...] | None = None, denoise: float = 1.0) -> torch.Tensor:
     """Flow sigmas (steps + 1 values, decreasing, last 0) for ``model`` (see :data:`SCHEDULES`).
 
+    ``latent_hw`` is the latent's (h, w), or (frames, h, w) for videos (dynamic shift only).
     denoise < 1 keeps the last ``steps`` of a schedule of steps/denoise steps (img2img).
     """
     if steps < 1:
