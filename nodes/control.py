@@ -11,13 +11,13 @@ from typing import Annotated
 import torch
 
 from app.core import paths
+from app.core import vocabulary as vocab
 from app.core.context import current
 from app.models.handles import resolve_device, resolve_dtype
 from app.models.patches.condition_tokens import ConditionAdapter, ConditionTokenPatch, load_condition_adapter
 from app.models.patches.controlnet import ControlNetPatch, LoadedControlNet, load_controlnet
 from app.core.registry import Link, NodeResult, node
 from app.core.types import CONTROL, IMAGE, MODEL, VAE, Spec
-from app.core import vocabulary as vocab
 
 
 def _control_choices() -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from app.core import vocabulary as vocab
 from app.core.registry import NodeResult, node
 from app.core.types import ANY, BOOLEAN, FLOAT, INT, STRING, Spec
-from app.core import vocabulary as vocab
 
 
 @node(category="core/primitives", outputs={"value": INT})

@@ -11,9 +11,9 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
+from app.core import vocabulary as vocab
 from app.core.registry import Link, node
 from app.core.types import CONDITIONING, IMAGE, LATENT, MASK, MODEL, Spec
-from app.core import vocabulary as vocab
 from app.models.editing import SOLVERS, blend_mask, edit_from_inversion, flow_edit, invert
 from app.models.handles import ModelHandle
 from app.models.latents import Latent

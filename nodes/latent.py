@@ -7,11 +7,11 @@ from typing import Annotated
 
 import torch
 
+from app.core import vocabulary as vocab
 from app.models.handles import VAEHandle
 from app.models.latents import Latent
 from app.core.registry import Link, node
 from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
-from app.core import vocabulary as vocab
 
 
 def _need(value, what: str, hint: str):

@@ -9,10 +9,10 @@ import logging
 from typing import Annotated
 
 from app.core import paths
+from app.core import vocabulary as vocab
 from app.models.patches.lora import LoraFile, lora_patch, read_lora, vae_with_lora
 from app.core.registry import NodeResult, node
 from app.core.types import LORA, MODEL, VAE, Spec
-from app.core import vocabulary as vocab
 
 log = logging.getLogger(__name__)
 

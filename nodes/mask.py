@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from app.core import paths
+from app.core import vocabulary as vocab
 from app.core.registry import Link, node
 from app.core.types import IMAGE, MASK, Spec
-from app.core import vocabulary as vocab
 from app.models.masks import as_mask, blur, ellipse, grid_cell, grow, parse_colour, rectangle
 
 GRID_POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]

@@ -17,14 +17,15 @@ from app.models.sampling.loop import check_inputs, integrate, latent_mask, sampl
 from app.models.sampling.noise import NoiseStream, make_noise
 from app.models.sampling.previews import PREVIEW_INTERVAL, Previewer, preview_image
 from app.models.sampling.samplers import SAMPLERS, get_sampler, register
-from app.models.sampling.schedules import SCHEDULERS, SCHEDULES, schedule, auto_scheduler, compute_sigmas, model_shift
+from app.models.sampling.schedules import SCHEDULERS, SCHEDULES, auto_scheduler, compute_sigmas, model_shift, schedule
 
 provide_choices("sampler", lambda: ["auto", *SAMPLERS])
-provide_choices("scheduler", lambda: SCHEDULERS)
+provide_choices("scheduler", lambda: ["auto", *SCHEDULES])  # a schedule registered later shows up too
 provide_choices("guidance", lambda: GUIDANCE)
 
 __all__ = [
-    "GUIDANCE", "PREVIEW_INTERVAL", "NoiseStream", "SAMPLERS", "SCHEDULERS", "SCHEDULES", "schedule", "Denoised", "GuidanceState", "Previewer",
-    "auto_scheduler", "check_inputs", "compute_sigmas", "get_sampler", "guide", "integrate", "latent_mask",
-    "make_noise", "model_shift", "model_variant", "sampling_defaults", "warn_guidance", "preview_image", "register", "sample", "starting_point", "velocity_pair",
+    "GUIDANCE", "PREVIEW_INTERVAL", "SAMPLERS", "SCHEDULERS", "SCHEDULES", "Denoised", "GuidanceState", "NoiseStream",
+    "Previewer", "auto_scheduler", "check_inputs", "compute_sigmas", "get_sampler", "guide", "integrate",
+    "latent_mask", "make_noise", "model_shift", "model_variant", "preview_image", "register", "sample",
+    "sampling_defaults", "schedule", "starting_point", "velocity_pair", "warn_guidance",
 ]

@@ -173,7 +173,7 @@ def compute_sigmas(model: ModelHandle, scheduler: str, steps: int, shift: float 
     if scheduler in ("simple",):  # ComfyUI's name for the plain ramp
         scheduler = "linear"
     if scheduler not in SCHEDULES:
-        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of auto, {', '.join(SCHEDULES)}")
     total = steps if denoise >= 1.0 else max(steps, int(steps / max(denoise, 1e-4)))
     s = SCHEDULES[scheduler](model, total, shift, latent_hw)
     if model.info.prediction == "eps" and scheduler not in ("discrete", "lcm"):
