@@ -10,7 +10,7 @@ object changes colour (even cases) or shape (odd cases). Scoring is training/eva
 PSNR between the source render and the decoded edit outside the edited object's cell.
 Target for the best method: success >= 0.75 and PSNR >= 28 dB outside the edited cell.
 
-Every method calls the same functions the editing nodes call (nodes/edit.py, nodes/sampling.py),
+Every method calls the same functions the editing nodes call (app/models/editing.py, app/models/sampling),
 batched over all cases. Without the trained weights (models/shapes-dit) a random-weight model
 of the same configuration is used, so the numbers then only test the pipeline.
 """
@@ -28,10 +28,10 @@ import torch
 
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle
 from bench.common import write_result
-from nodes import edit
-from nodes import mask as masks
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models import editing as edit
+from app.models import masks
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import encode
 from training import evaluate, world
 
@@ -157,7 +157,7 @@ def m_img2img(strength: float):
 
 def m_inpaint(strength: float, grow_px: int = 0):
     def run(ctx: Context) -> tuple[torch.Tensor, int]:
-        m = edit._blend_mask(ctx.cell_mask, ctx.source, grow_px)
+        m = edit.blend_mask(ctx.cell_mask, ctx.source, grow_px)
         sigmas = compute_sigmas(ctx.model, "auto", ctx.steps, denoise=strength)
         out = sample(ctx.model, Latent(ctx.source, m[:, 0].cpu()), ctx.tar, ctx.neg, sigmas, ctx.seed, ctx.cfg,
                      progress=quiet, preview=False)

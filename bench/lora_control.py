@@ -31,8 +31,8 @@ from app.models.patches.condition_tokens import ConditionTokenPatch, load_condit
 from app.models.patches.controlnet import ControlNetPatch, load_controlnet
 from app.models.patches.lora import lora_patch, read_lora, vae_with_lora
 from bench.common import write_result
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import encode
 from training import evaluate, world
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 
 from app.core import paths
+from app.core import vocabulary as vocab
 from app.core.context import current
 from app.models.handles import resolve_device, resolve_dtype
 from app.models.patches.condition_tokens import ConditionAdapter, ConditionTokenPatch, load_condition_adapter
@@ -51,9 +52,9 @@ def ApplyControlNet(
     control: CONTROL,
     image: Link(IMAGE, "The control image (e.g. an outline, edge or depth map), resized to the latent size."),
     vae: Link(VAE, "Encodes the control image (not needed by XLabs Flux ControlNets).", optional=True) = None,
-    strength: Annotated[float, Spec(min=-10.0, max=10.0, step=0.05, tooltip="Residual / attention strength.")] = 1.0,
-    start: Annotated[float, Spec(min=0.0, max=1.0, step=0.01, tooltip="Fraction of the steps before the control starts.")] = 0.0,
-    end: Annotated[float, Spec(min=0.0, max=1.0, step=0.01, tooltip="Fraction of the steps after which it stops.")] = 1.0,
+    strength: vocab.weight("Residual / attention strength.") = 1.0,
+    start: vocab.fraction("Fraction of the steps before the control starts.") = 0.0,
+    end: vocab.fraction("Fraction of the steps after which it stops.") = 1.0,
     mode: Annotated[int, Spec(min=-1, max=63, tooltip="Union ControlNets: the control mode (-1: not a union model).")] = -1,
 ) -> NodeResult:
     """Steer a model with a control image. Chain several for several controls at once, each with

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+from app.core import vocabulary as vocab
 from app.core.registry import Expansion, NodeResult, node
 from app.core.types import ANY, BOOLEAN, FLOAT, INT, STRING, ListOf, Spec
-
-SEED_MAX = 2**63 - 1
 
 
 @node(category="core/primitives", outputs={"value": INT})
@@ -37,7 +36,7 @@ def PrimitiveBoolean(value: bool = False) -> bool:
 
 
 @node(category="core/primitives", outputs={"seed": INT})
-def Seed(seed: Annotated[int, Spec(min=0, max=SEED_MAX, seed=True, tooltip="Same seed, same image.")] = 0) -> int:
+def Seed(seed: vocab.SEED = 0) -> int:
     """A seed shared by several nodes; the editor can randomize it before each run."""
     return seed
 
@@ -131,12 +130,12 @@ def SelectFirstAvailable(
 
 @node(category="core/lists", outputs={"seed": ListOf(INT)})
 def SeedList(
-    start: Annotated[int, Spec(min=0, max=SEED_MAX, seed=True)] = 0,
+    start: vocab.SEED = 0,
     count: Annotated[int, Spec(min=1, max=4096)] = 4,
     step: Annotated[int, Spec(min=1, max=2**32)] = 1,
 ) -> list[int]:
     """A seed sweep: ``count`` seeds from ``start``; what it feeds runs once per seed."""
-    return [(start + i * step) % (SEED_MAX + 1) for i in range(count)]
+    return [(start + i * step) % (vocab.SEED_MAX + 1) for i in range(count)]
 
 
 @node(category="core/lists", outputs={"text": ListOf(STRING)})

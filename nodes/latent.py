@@ -1,29 +1,17 @@
-"""Latents: the LATENT value, empty latents sized per family, VAE encode/decode, batch ops."""
+"""Latent nodes: empty latents sized per family, VAE encode/decode, batch ops."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated
 
 import torch
 
+from app.core import vocabulary as vocab
 from app.models.handles import VAEHandle
+from app.models.latents import Latent
 from app.core.registry import Link, node
 from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
-
-
-@dataclass(eq=False)
-class Latent:
-    """The LATENT value: ``samples`` (B, C, H, W), or (B, C, F, H, W) for video models, float32 on
-    CPU in the model's normalised latent space; ``noise_mask`` (B, H, W) or None, 1 where the sampler may change the latent;
-    ``batch_index`` which noise each item takes (so item k of a batch reproduces alone)."""
-
-    samples: torch.Tensor
-    noise_mask: torch.Tensor | None = None
-    batch_index: list[int] | None = None
-
-    def __getitem__(self, key: str):  # dict-style access for code written against {"samples": ...}
-        return getattr(self, key)
 
 
 def _need(value, what: str, hint: str):
@@ -36,8 +24,8 @@ def _need(value, what: str, hint: str):
 def EmptyLatent(
     model: Link(MODEL, "The model the latent is for (gives the channels and the VAE factor).", optional=True) = None,
     vae: Link(VAE, "Alternatively the VAE (gives channels and factor).", optional=True) = None,
-    width: Annotated[int, Spec(min=16, max=16384, step=16)] = 1024,
-    height: Annotated[int, Spec(min=16, max=16384, step=16)] = 1024,
+    width: vocab.SIZE = 1024,
+    height: vocab.SIZE = 1024,
     batch_size: Annotated[int, Spec(min=1, max=256)] = 1,
 ) -> Latent:
     """A blank (zero) latent for text-to-image, sized for the model's latent space."""

@@ -9,6 +9,7 @@ import logging
 from typing import Annotated
 
 from app.core import paths
+from app.core import vocabulary as vocab
 from app.models.patches.lora import LoraFile, lora_patch, read_lora, vae_with_lora
 from app.core.registry import NodeResult, node
 from app.core.types import LORA, MODEL, VAE, Spec
@@ -22,7 +23,7 @@ def _lora_choices() -> list[str]:
     return paths.list_files("loras") + bundled
 
 
-STRENGTH = Spec(min=-10.0, max=10.0, step=0.05, tooltip="LoRA weight; negative pushes away from the LoRA, 0 = off.")
+STRENGTH = vocab.weight("LoRA weight; negative pushes away from the LoRA, 0 = off.")
 FUSE = Spec(tooltip="Merge into copies of the weights for each run: base speed, but one extra copy of the "
                     "targeted weights in memory while sampling. Off: applied on the fly (little memory).")
 
@@ -41,7 +42,7 @@ def LoraLoader(
     lora: Annotated[str, Spec(file="loras", choices=_lora_choices,
                               tooltip="A LoRA .safetensors file (diffusers/peft, kohya, XLabs; Flux, SD3, PixArt, "
                                       "Sana, Lumina 2, shapes-dit) or a peft adapter folder.")],
-    strength: Annotated[float, STRENGTH] = 1.0,
+    strength: STRENGTH = 1.0,
     fuse: Annotated[bool, FUSE] = False,
 ) -> NodeResult:
     """Apply a LoRA to the diffusion model. Chain several for a stack, each with its own strength.
@@ -61,7 +62,7 @@ def LoadLora(
 def ApplyLora(
     model: MODEL,
     lora: LORA,
-    strength: Annotated[float, STRENGTH] = 1.0,
+    strength: STRENGTH = 1.0,
     fuse: Annotated[bool, FUSE] = False,
 ) -> NodeResult:
     """Apply a LORA (from LoadLora) to the diffusion model at a strength."""
@@ -74,7 +75,7 @@ def VAELoraLoader(
     lora: Annotated[str, Spec(file="loras", choices=_lora_choices,
                               tooltip="A LoRA file with VAE-decoder layers ('vae.' keys), e.g. the shapes-dit "
                                       "outlined style.")],
-    strength: Annotated[float, STRENGTH] = 1.0,
+    strength: STRENGTH = 1.0,
 ) -> NodeResult:
     """Apply the VAE-decoder part of a LoRA: returns a merged copy of the VAE (the input VAE is
     not changed; costs one more VAE in memory). Use with LoraLoader on the same file when a

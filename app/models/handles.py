@@ -305,9 +305,9 @@ class ModelHandle(Resident):
         else:  # a fill kernel, not a host->device copy (which would synchronise every step)
             sigma_t = torch.full((batch,), float(sigma), device=self.device)
             sigma_host = torch.full((batch,), float(sigma))
-        conds = [_expand_cond(c, batch) for c in conds]
-        if len(conds) > 1 and self.info.batch_cfg and _batchable(conds):
-            merged = _cat_conds(conds)
+        conds = [expand_cond(c, batch) for c in conds]
+        if len(conds) > 1 and self.info.batch_cfg and batchable(conds):
+            merged = cat_conds(conds)
             n = len(conds)
             out = self._evaluate(latents.repeat(n, *[1] * (latents.dim() - 1)), sigma_t.repeat(n), sigma_host.repeat(n), merged, run)
             return list(out.chunk(n))
@@ -369,7 +369,7 @@ def _bind(wrap: Callable, state: Any, forward: Callable) -> Callable:
 # conditioning batching helpers (duck-typed so app/ does not import nodes/)
 
 
-def _expand_cond(cond: Any, batch: int) -> Any:
+def expand_cond(cond: Any, batch: int) -> Any:
     n = cond.embeds.shape[0]
     if n == batch:
         return cond
@@ -384,7 +384,7 @@ def _expand_cond(cond: Any, batch: int) -> Any:
     return replace(cond, embeds=rep(cond.embeds), pooled=rep(cond.pooled), mask=rep(cond.mask))
 
 
-def _batchable(conds: Sequence[Any]) -> bool:
+def batchable(conds: Sequence[Any]) -> bool:
     first = conds[0]
     for c in conds[1:]:
         if c.embeds.shape[1:] != first.embeds.shape[1:]:
@@ -396,7 +396,7 @@ def _batchable(conds: Sequence[Any]) -> bool:
     return True
 
 
-def _cat_conds(conds: Sequence[Any]) -> Any:
+def cat_conds(conds: Sequence[Any]) -> Any:
     first = conds[0]
 
     def cat(name: str) -> torch.Tensor | None:

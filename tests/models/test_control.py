@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.core import paths
 from app.core.executor import Engine
-from nodes.sampling import compute_sigmas, make_noise
+from app.models.sampling import compute_sigmas, make_noise
 from tests.nodes.test_nodes_tiny import components, save_family
 from tests.models.test_parity import CFG, PROMPT, SIZE, STEPS
 from tests.models.test_parity import workflow as parity_workflow

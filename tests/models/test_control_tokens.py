@@ -9,8 +9,8 @@ import torch
 from app.models.handles import ModelHandle, VAEHandle
 from app.models.patches import condition_tokens as ct
 from nodes.control import ApplyControlNet
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
 from tests.nodes.test_nodes_tiny import components
 

@@ -12,8 +12,8 @@ from app.core.executor import Engine
 from app.models.handles import ModelPatch
 from app.core.registry import Registry, node
 from app.core.types import MODEL, Spec
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
 from tests.nodes.test_nodes_tiny import components
 

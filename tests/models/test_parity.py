@@ -18,7 +18,7 @@ import torch
 
 from app.core import paths
 from app.core.executor import Engine
-from nodes.sampling import make_noise
+from app.models.sampling import make_noise
 from tests.nodes.test_nodes_tiny import save_family
 
 PROMPT = "a large red circle at the top left on a white background"
@@ -112,7 +112,7 @@ def test_family_end_to_end_matches_diffusers_pipeline(family, engine, models_roo
     model = ours.output("ckpt", 0)
     assert model.family == family
     latent = ours.output("empty").samples
-    from nodes.sampling import compute_sigmas
+    from app.models.sampling import compute_sigmas
 
     sigmas = compute_sigmas(model, "auto", STEPS, 0.0, tuple(latent.shape[-2:]))
     noise = make_noise(tuple(latent.shape), SEED)

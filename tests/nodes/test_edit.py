@@ -12,21 +12,12 @@ import pytest
 import torch
 
 from app.models.handles import ModelHandle
-from nodes.edit import (
-    EditFromInversion,
-    FlowEdit,
-    ImageToImage,
-    Inpaint,
-    InvertLatent,
-    attention_value_modules,
-    edit_from_inversion,
-    flow_edit,
-    invert,
-    late_blocks,
-)
-from nodes.latent import Latent
-from nodes.mask import rectangle
-from nodes.sampling import compute_sigmas
+from app.models.editing import edit_from_inversion, flow_edit, invert
+from app.models.latents import Latent
+from app.models.masks import rectangle
+from app.models.patches.attention_values import attention_value_modules, late_blocks
+from app.models.sampling import compute_sigmas
+from nodes.edit import EditFromInversion, FlowEdit, ImageToImage, Inpaint, InvertLatent
 from nodes.text import Conditioning
 from tests.nodes.test_nodes_tiny import components
 
@@ -167,7 +158,7 @@ def test_rf_inversion_controller_pulls_towards_the_source(handles):
     pulled = rel(edit_from_inversion(h, inversion, tar, eta=0.9, eta_stop=0.5, **QUIET), x0)
     assert pulled < free
     # gamma pulls the inverted latent to the seeded noise
-    from nodes.sampling import make_noise
+    from app.models.sampling import make_noise
 
     noise = make_noise(tuple(x0.shape), 3)
     plain = invert(h, x0, src, sigmas, solver="euler", **QUIET)

@@ -62,7 +62,7 @@ def test_edit_graph_runs_on_a_tiny_shapes_model(graph, engine):
     source, edited = again.output("8"), again.output(edit_id)
     assert edited.samples.shape == source.samples.shape and torch.isfinite(edited.samples).all()
     if graph.stem == "edit-inpaint":  # outside the top-left cell the latent is the input's, bit for bit
-        from nodes.edit import _blend_mask
+        from app.models.editing import blend_mask as _blend_mask
         from nodes.mask import GridCellMask
 
         mask = _blend_mask(GridCellMask("top left", 4, 128, 128), source.samples)[0, 0]

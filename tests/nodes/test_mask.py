@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.models.masks import as_mask, parse_colour
 from nodes.mask import (
     GRID_POSITIONS,
     BlurMask,
@@ -24,8 +25,6 @@ from nodes.mask import (
     RectangleMask,
     SolidMask,
     ThresholdMask,
-    as_mask,
-    parse_colour,
 )
 
 

@@ -11,8 +11,9 @@ from app.core import paths
 from app.models.handles import ModelHandle, VAEHandle
 from nodes import image as image_nodes
 from nodes import latent as latent_nodes
-from nodes.latent import Latent
-from nodes.sampling import Sampler, compute_sigmas, make_noise, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, make_noise, sample
+from nodes.sampling import Sampler
 from nodes.text import Conditioning
 from tests.nodes.test_nodes_tiny import components
 

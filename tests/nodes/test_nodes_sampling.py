@@ -6,18 +6,9 @@ import pytest
 import torch
 
 from app.models.handles import ModelHandle
-from nodes.latent import Latent
-from nodes.sampling import (
-    GuidanceState,
-    Previewer,
-    Sampler,
-    SamplerCustom,
-    Scheduler,
-    SplitSigmas,
-    compute_sigmas,
-    guide,
-    sample,
-)
+from app.models.latents import Latent
+from app.models.sampling import GuidanceState, Previewer, compute_sigmas, guide, sample
+from nodes.sampling import Sampler, SamplerCustom, Scheduler, SplitSigmas
 from nodes.text import Conditioning
 from tests.nodes.test_nodes_tiny import components
 

@@ -97,7 +97,7 @@ def test_matches_training_reference_sampler(engine):
     model = result.output("ckpt", 0)
     pos, neg = result.output("pos"), result.output("neg")
     ours = result.output("sample").samples
-    from nodes.sampling import make_noise
+    from app.models.sampling import make_noise
 
     noise = make_noise((1, 4, 16, 16), 11)
     sig = torch.linspace(1.0, 0.0, 4)

@@ -172,12 +172,14 @@ PIPELINES = {"shapes-dit": None, "sd3": "StableDiffusion3Pipeline", "flux": "Flu
              "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "lumina2": "Lumina2Pipeline"}
 
 
-def save_family(family: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny ``family`` model as a diffusers pipeline folder (shapes-dit: its own layout)."""
+def save_family(family: str, folder: Path, seed: int = 0, replace: dict | None = None,
+                pipeline: str | None = None) -> Path:
+    """Write a tiny ``family`` model as a diffusers pipeline folder (shapes-dit: its own layout).
+    ``replace`` swaps components (a variant's transformer or scheduler), ``pipeline`` the class name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = components(family, seed)
-    index = {"_class_name": PIPELINES[family] or "ShapesDiT", "_diffusers_version": "0.42.1"}
+    parts = {**components(family, seed), **(replace or {})}
+    index = {"_class_name": pipeline or PIPELINES[family] or "ShapesDiT", "_diffusers_version": "0.42.1"}
     for name, value in parts.items():
         value.save_pretrained(folder / name)
         module = type(value).__module__.split(".")[0]

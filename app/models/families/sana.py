@@ -18,7 +18,9 @@ class Sana(Family):
     vae_factor = 32
     text_slots = ("gemma",)
     pipeline_text_slots = {"gemma": "text_encoder"}
+    pipeline_aliases = ("SanaSprintPipeline",)
     negative_differs = True  # negatives skip the instruction prefix
+    sprint_guidance = 4.5  # SanaSprintPipeline's default embedded guidance (times guidance_embeds_scale)
     default_steps = 20
     controlnet_class = "SanaControlNetModel"
     detect_priority = 5  # its keys also match PixArt's (caption_projection, adaln_single)
@@ -28,12 +30,20 @@ class Sana(Family):
             "conv_inverted" in joined_keys or "glumb" in joined_keys.lower())
 
     def timestep(self, handle: Any, sigma: torch.Tensor, sigma_host: torch.Tensor) -> torch.Tensor:
+        if getattr(handle.config, "guidance_embeds", False):  # Sana-Sprint (sCM): its pipeline passes s itself
+            return sigma
         return sigma * 1000 * float(getattr(handle.config, "timestep_scale", 1.0) or 1.0)
 
     def native_kwargs(self, handle: Any, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any) -> dict:
         embeds, _, mask = handle.cond_tensors(cond)
-        return {"hidden_states": x_in.to(handle.dtype), "encoder_hidden_states": embeds, "encoder_attention_mask": mask,
-                "timestep": timestep}
+        kwargs = {"hidden_states": x_in.to(handle.dtype), "encoder_hidden_states": embeds,
+                  "encoder_attention_mask": mask, "timestep": timestep}
+        if getattr(handle.config, "guidance_embeds", False):  # Sana-Sprint: embedded guidance, as its pipeline
+            value = cond.extras.get("guidance") if getattr(cond, "extras", None) else None
+            value = self.sprint_guidance if value is None else float(value)
+            scale = float(handle.config.guidance_embeds_scale)
+            kwargs["guidance"] = torch.full((x_in.shape[0],), value, device=handle.device).to(handle.dtype) * scale
+        return kwargs
 
     def encode_text(self, encoders: Any, prompts: list[str], max_length: int = 0) -> tuple:
         # the pipeline's __call__ prefixes its "complex human instruction"
