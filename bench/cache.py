@@ -153,8 +153,8 @@ class ShapesRunner:
         self.shape = (handle.latent_channels, size, size)
 
     def run(self, model, steps: int) -> dict:
-        from nodes.latent import Latent
-        from nodes.sampling import compute_sigmas, make_noise, sample
+        from app.models.latents import Latent
+        from app.models.sampling import compute_sigmas, make_noise, sample
 
         sigmas = compute_sigmas(model, "auto", steps)
         found: list[dict] = []
@@ -327,8 +327,8 @@ def _calibration_setup(args):
 
 
 def calibrate(args, kind: str) -> dict:
-    from nodes.latent import Latent
-    from nodes.sampling import compute_sigmas, sample
+    from app.models.latents import Latent
+    from app.models.sampling import compute_sigmas, sample
     from nodes.text import encode, encode_negative
 
     torch.set_num_threads(args.threads)
@@ -399,8 +399,8 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
     import diffusers
 
     from app.models.handles import ModelHandle
-    from nodes.latent import Latent
-    from nodes.sampling import compute_sigmas, sample
+    from app.models.latents import Latent
+    from app.models.sampling import compute_sigmas, sample
     from nodes.text import Conditioning
 
     config = dict(GPU_CONFIGS[family])

@@ -282,7 +282,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    from nodes.sampling import make_noise
+    from app.models.sampling import make_noise
 
     configs = TINY if args.tiny else FULL
     t0 = time.perf_counter()

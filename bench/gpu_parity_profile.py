@@ -38,7 +38,7 @@ def main() -> int:
 
     from app.models.handles import ModelHandle, TextEncoders, VAEHandle
     from nodes.latent import EmptyLatent, VAEDecode
-    from nodes.sampling import compute_sigmas, make_noise, sample
+    from app.models.sampling import compute_sigmas, make_noise, sample
     from nodes.text import TextEncode, TextEncodeNegative, TextEncodePair
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

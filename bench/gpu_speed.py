@@ -160,8 +160,8 @@ class Setup:
 
     def __init__(self, name: str, device: torch.device, tiny: bool, steps: int):
         from app.models.handles import ModelHandle
-        from nodes.latent import Latent
-        from nodes.sampling import compute_sigmas
+        from app.models.latents import Latent
+        from app.models.sampling import compute_sigmas
         from nodes.text import Conditioning
 
         family, class_name, config, text_len, pooled, self.cfg, scheduler = MODELS[name]
@@ -187,7 +187,7 @@ class Setup:
         self.reference: torch.Tensor | None = None
 
     def sample(self, model, sigmas: torch.Tensor | None = None) -> torch.Tensor:
-        from nodes.sampling import sample
+        from app.models.sampling import sample
 
         sigmas = self.sigmas if sigmas is None else sigmas
         return sample(model, self.latent, self.pos, self.neg, sigmas, SEED, self.cfg, progress=lambda *a: None,

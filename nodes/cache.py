@@ -48,7 +48,7 @@ for _method in hooks.METHODS.values():
 
 def _calibration_run(model: ModelHandle, method: hooks.CacheMethod, positive, negative, latent, seed: int,
                      steps: int, cfg: float) -> list:
-    from nodes.sampling import compute_sigmas, sample
+    from app.models.sampling import compute_sigmas, sample
 
     found: list = []
     patched = model.without_patches().with_patch(hooks.CachePatch(method, sink=lambda _s, records: found.extend(records)))

@@ -14,13 +14,8 @@ from app.core import vocabulary as vocab
 from app.core.registry import Link, node
 from app.core.types import CONDITIONING, FLOAT, INT, LATENT, MODEL, SIGMAS, STRING, Spec
 from app.models.latents import Latent
-from app.models.sampling import compute_sigmas, make_noise, sample, sampling_defaults
+from app.models.sampling import compute_sigmas, sample, sampling_defaults
 
-# compute_sigmas/make_noise/sample stay importable from here only for code written before the move
-# (nodes/cache.py, bench/cache.py, bench/gpu_parity*.py, tests/models/test_cache.py and
-# test_video_parity.py on other branches) until it imports app.models.sampling
-__all__ = ["ModelSamplingDefaults", "Sampler", "SamplerCustom", "Scheduler", "SplitSigmas", "compute_sigmas",
-           "make_noise", "sample"]
 
 
 @node(category="sampling", outputs={"latent": LATENT})

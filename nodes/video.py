@@ -16,7 +16,7 @@ from app.core.media import FORMATS, Video, read_video, write_video
 from app.core.registry import NodeResult, node
 from app.core.types import CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, VAE, VIDEO, Spec
 from nodes.image import _split_prefix, claim_path
-from nodes.latent import Latent
+from app.models.latents import Latent
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".webp", ".gif")
 

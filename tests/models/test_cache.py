@@ -12,8 +12,8 @@ import torch
 
 from app.models import accelerators as hooks
 from app.models.handles import ModelHandle, ModelPatch
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
 
 STEPS = 6

@@ -19,7 +19,7 @@ from app.models import attention, quantizers
 from app.models.compile import CompileOptions, compile_model, graphs_compiled, repeated_blocks
 from app.models.handles import ModelPatch
 from app.models.patches.lora import LoraLayer, LoraPatch
-from nodes.sampling import compute_sigmas
+from app.models.sampling import compute_sigmas
 from tests.models.test_cache import tiny
 
 EAGER = CompileOptions(backend="eager")  # dynamo traces and caches graphs; no codegen (seconds on CPU)
@@ -78,7 +78,7 @@ def test_no_recompile_when_seed_steps_or_guidance_change():
     _, first = events_of(lambda: t.sample(compiled))
     graphs = graphs_compiled()
     sigmas = compute_sigmas(t.handle, "auto", 9)
-    from nodes.sampling import sample
+    from app.models.sampling import sample
 
     def other_run():
         return sample(compiled, t.latent, t.pos, t.neg, sigmas, 11, 2.5, progress=lambda *a: None).samples

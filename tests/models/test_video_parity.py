@@ -17,7 +17,7 @@ import torch
 from app.core import paths
 from app.core.executor import Engine
 from app.core.media import read_video, read_workflow
-from nodes.sampling import compute_sigmas, make_noise
+from app.models.sampling import compute_sigmas, make_noise
 from tests.fixtures.tiny_video import save_video_family
 from tests.models.test_parity import engine, rel_l2  # noqa: F401  (engine: a fixture over models_root)
 
