@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle
+from app.models.latents import Latent
 from app.models.patches.condition_tokens import ConditionTokenPatch, load_condition_adapter
 from app.models.patches.controlnet import ControlNetPatch, load_controlnet
 from app.models.patches.lora import lora_patch, read_lora, vae_with_lora
-from bench.common import write_result
-from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample
+from bench.common import write_result
 from nodes.text import encode
 from training import evaluate, world
 
@@ -219,7 +219,7 @@ def run_control(model, vae, encoders, n, adapters, lora, lora_model_patch, lora_
 
 
 def run_timing(model, vae, encoders, captions, adapters, lora, lora_model_patch, run, device, result) -> None:
-    timing_caps = captions[: min(8, args.n)]
+    timing_caps = captions[:8]
     variants = {"base": ([], None)}
     if lora is not None:
         variants["lora_hooks"] = ([lora_model_patch], None)

@@ -8,7 +8,7 @@ from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
 from app.fronts.comfy import convert
 from tests.fixtures.comfy_graphs import ui_graph, ui_node
-from tests.nodes.test_nodes_shapes import PROMPT, engine, models_root, shared_cache, txt2img  # noqa: F401 (fixtures)
+from tests.fixtures.shapes import PROMPT, engine, models_root, shared_cache, txt2img  # noqa: F401, F811 (pytest fixtures)
 
 
 def comfy_custom_sampler(seed: int, steps: int, cfg: float) -> dict:

@@ -10,8 +10,8 @@ import pytest
 from app.core.registry import default_registry
 from app.models import accelerators as hooks
 from app.models.accelerators.method import SPEC, WIDGET
-from tests.models.test_cache import METHODS as TESTED
-from tests.models.test_cache import tiny
+from tests.fixtures.cache_models import METHODS as TESTED
+from tests.fixtures.cache_models import tiny
 
 
 def test_every_registered_method_has_its_never_skip_and_aggressive_test():

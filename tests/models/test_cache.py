@@ -12,91 +12,11 @@ import torch
 
 from app.models import accelerators as hooks
 from app.models.handles import ModelHandle, ModelPatch
-from app.models.latents import Latent
-from app.models.sampling import compute_sigmas, sample
-from nodes.text import Conditioning
-
-STEPS = 6
-FAMILIES = ["shapes-dit", "sd3", "flux", "pixart", "sana", "lumina2"]
-
-# (never-skip settings, aggressive settings) per method
-METHODS = {
-    "fbc": (hooks.FirstBlockCache(threshold=0.0), hooks.FirstBlockCache(threshold=10.0)),
-    "teacache": (hooks.TeaCache(threshold=0.0), hooks.TeaCache(threshold=100.0, max_skips=2)),
-    "magcache": (hooks.MagCache(threshold=0.0, ratios=(1.0, 0.99, 0.98)),
-                 hooks.MagCache(threshold=10.0, ratios=(1.0, 0.99, 0.98), start=0.0, max_skips=2)),
-    "easycache": (hooks.EasyCache(threshold=0.0), hooks.EasyCache(threshold=100.0, start=0.0)),
-    "taylorseer": (hooks.TaylorSeer(interval=1, order=2), hooks.TaylorSeer(interval=3, order=2)),
-    "cgtaylor": (hooks.CGTaylor(gate=0.0), hooks.CGTaylor(gate=100.0, order=1)),
-    "deltadit": (hooks.DeltaDiT(interval=1), hooks.DeltaDiT(interval=3, cached_blocks=0.5, boundary=0.5)),
-    "fora": (hooks.FORA(interval=1), hooks.FORA(interval=2)),
-}
-
+from tests.fixtures.cache_models import FAMILIES, METHODS, STEPS, Tiny, tiny, tiny_transformer  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_transformer(family: str, layers: int = 3) -> tuple[torch.nn.Module, int, bool, bool]:
-    """(transformer, text dim, has pooled, has mask): the smallest configs with several blocks."""
-    import diffusers
-
-    torch.manual_seed(0)
-    if family in ("sd3", "shapes-dit"):
-        return diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-            pos_embed_max_size=16, qk_norm="rms_norm" if family == "shapes-dit" else None), 32, True, False
-    if family == "flux":
-        return diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-            guidance_embeds=True), 32, True, False
-    if family == "pixart":
-        return diffusers.PixArtTransformer2DModel(
-            sample_size=8, num_layers=layers, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-            caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6), 32, False, True
-    if family == "sana":
-        return diffusers.SanaTransformer2DModel(
-            patch_size=1, in_channels=4, out_channels=4, num_layers=layers, num_attention_heads=2,
-            attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8,
-            caption_channels=8, sample_size=32), 8, False, True
-    if family == "lumina2":
-        return diffusers.Lumina2Transformer2DModel(
-            sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=layers, num_refiner_layers=1,
-            num_attention_heads=1, num_kv_heads=1, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
-            axes_lens=(300, 64, 64), cap_feat_dim=8), 8, False, True
-    raise ValueError(family)
-
-
-class Tiny:
-    def __init__(self, family: str):
-        transformer, dim, pooled, mask = tiny_transformer(family)
-        self.handle = ModelHandle(transformer.eval(), family, scheduler_config={"shift": 3.0})
-        g = torch.Generator().manual_seed(1)
-
-        def cond() -> Conditioning:
-            return Conditioning(torch.randn(1, 7, dim, generator=g), torch.randn(1, dim, generator=g) if pooled else None,
-                                torch.ones(1, 7, dtype=torch.long) if mask else None, family=family)
-
-        self.pos, self.neg = cond(), cond()
-        self.latent = Latent(torch.zeros(1, self.handle.latent_channels, 8, 8))
-        self.sigmas = compute_sigmas(self.handle, "auto", STEPS)
-        self.reference = self.sample(self.handle)
-
-    def sample(self, model: ModelHandle, sampler: str = "euler") -> torch.Tensor:
-        return sample(model, self.latent, self.pos, self.neg, self.sigmas, 3, 4.0, sampler_name=sampler,
-                      progress=lambda *a: None).samples
-
-
-_TINY: dict[str, Tiny] = {}
-
-
-def tiny(family: str) -> Tiny:
-    if family not in _TINY:
-        _TINY[family] = Tiny(family)
-    return _TINY[family]
 
 
 @pytest.fixture
@@ -261,8 +181,8 @@ def test_nodes_return_new_views_and_check_their_widgets():
 def test_through_the_engine_cached_model_reports_the_same_skips(tmp_path, monkeypatch):
     from app.core import paths
     from app.core.executor import Engine
-    from tests.nodes.test_nodes_shapes import txt2img
-    from tests.nodes.test_nodes_tiny import save_family
+    from tests.fixtures.shapes import txt2img
+    from tests.fixtures.tiny_models import save_family
 
     save_family("shapes-dit", tmp_path / "models" / "checkpoints" / "tiny-shapes")
     monkeypatch.setitem(paths._overrides, "models", tmp_path / "models")
@@ -289,7 +209,7 @@ def test_shipped_cache_graph_runs_on_a_tiny_shapes_model(tmp_path, monkeypatch):
 
     from app.core import paths
     from app.core.executor import Engine
-    from tests.nodes.test_nodes_tiny import save_family
+    from tests.fixtures.tiny_models import save_family
 
     save_family("shapes-dit", tmp_path / "models" / "checkpoints" / "tiny-shapes")
     monkeypatch.setitem(paths._overrides, "models", tmp_path / "models")

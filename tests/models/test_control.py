@@ -14,9 +14,9 @@ from PIL import Image
 from app.core import paths
 from app.core.executor import Engine
 from app.models.sampling import compute_sigmas, make_noise
-from tests.nodes.test_nodes_tiny import components, save_family
-from tests.models.test_parity import CFG, PROMPT, SIZE, STEPS
-from tests.models.test_parity import workflow as parity_workflow
+from tests.fixtures.parity import CFG, PROMPT, SIZE, STEPS
+from tests.fixtures.parity import workflow as parity_workflow
+from tests.fixtures.tiny_models import components, save_family
 from training.train_control import controlnet_from_transformer
 
 SEED = 99  # prompt, steps, size and cfg are the parity tests' (their workflow is reused here)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from app.models.handles import ModelHandle, VAEHandle
-from app.models.patches import condition_tokens as ct
-from nodes.control import ApplyControlNet
 from app.models.latents import Latent
+from app.models.patches import condition_tokens as ct
 from app.models.sampling import compute_sigmas, sample
+from nodes.control import ApplyControlNet
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 
 @pytest.fixture(scope="module")

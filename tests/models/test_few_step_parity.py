@@ -18,8 +18,8 @@ import torch
 from app.core import paths
 from app.core.executor import Engine, NodeFailed
 from app.models import families
-from tests.models.test_parity import PROMPT, SIZE, rel_l2
-from tests.nodes.test_nodes_tiny import save_family
+from tests.fixtures.parity import PROMPT, SIZE, rel_l2
+from tests.fixtures.tiny_models import save_family
 
 SEED = 4321
 

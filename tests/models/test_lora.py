@@ -14,7 +14,7 @@ from app.core.executor import Engine
 from app.models.handles import ModelHandle, ModelPatch
 from app.models.patches.lora import LoraMismatch, lora_patch, read_lora
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components, save_family
+from tests.fixtures.tiny_models import components, save_family
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "ff.net.0.proj", "ff.net.2", "proj_out"]
 
@@ -256,7 +256,7 @@ def models_root(tmp_path_factory, base):
 
 
 def _workflow(loras: list[tuple[str, float, bool]]) -> dict:
-    from tests.nodes.test_nodes_shapes import txt2img
+    from tests.fixtures.shapes import txt2img
 
     wf = txt2img(steps=2)
     source = ["ckpt", "model"]

@@ -9,13 +9,13 @@ import torch
 
 from app.core import paths
 from app.core.executor import Engine
-from app.models.handles import ModelPatch
 from app.core.registry import Registry, node
 from app.core.types import MODEL, Spec
+from app.models.handles import ModelPatch
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 LOG: list = []
 
@@ -110,8 +110,8 @@ def ScaleModelForTest(model: MODEL, scale: Annotated[float, Spec(min=0.0, max=10
 
 
 def test_patch_node_through_the_engine_leaves_cached_model_clean(tmp_path, monkeypatch):
-    from tests.nodes.test_nodes_shapes import txt2img
-    from tests.nodes.test_nodes_tiny import save_family
+    from tests.fixtures.shapes import txt2img
+    from tests.fixtures.tiny_models import save_family
 
     save_family("shapes-dit", tmp_path / "models" / "checkpoints" / "tiny-shapes")
     monkeypatch.setitem(paths._overrides, "models", tmp_path / "models")

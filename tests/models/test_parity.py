@@ -16,55 +16,8 @@ import math
 import pytest
 import torch
 
-from app.core import paths
-from app.core.executor import Engine
 from app.models.sampling import make_noise
-from tests.nodes.test_nodes_tiny import save_family
-
-PROMPT = "a large red circle at the top left on a white background"
-STEPS, SEED, SIZE, CFG = 3, 1234, 32, 4.0
-FAMILIES = ["sd3", "flux", "pixart", "sana", "lumina2"]
-
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    for family in FAMILIES:
-        save_family(family, root / "checkpoints" / f"tiny-{family}")
-    return root
-
-
-@pytest.fixture
-def engine(models_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(paths._overrides, "models", models_root)
-    return Engine(device="cpu", output_dir=tmp_path / "out")
-
-
-def workflow(family: str, seed: int = SEED, paired: bool = False) -> dict:
-    """The txt2img graph of a tiny family, as nodes named ckpt/pos/neg/empty/sample/decode/save
-    (``paired``: one TextEncodePair node "pos" encodes both prompts)."""
-    guided = family != "flux"
-    nodes = {
-        "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
-        "pos": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": PROMPT}},
-        "empty": {"type": "EmptyLatent", "inputs": {"model": {"from": ["ckpt", "model"]}, "vae": {"from": ["ckpt", "vae"]},
-                                                    "width": SIZE, "height": SIZE}},
-        "sample": {"type": "Sampler", "inputs": {
-            "model": {"from": ["ckpt", "model"]}, "positive": {"from": ["pos", "conditioning"]},
-            "latent": {"from": ["empty", "latent"]}, "seed": seed, "steps": STEPS, "cfg": CFG if guided else 1.0,
-            "sampler": "euler", "scheduler": "auto"}},
-        "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
-        "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": family}},
-    }
-    if guided and paired:
-        nodes["pos"] = {"type": "TextEncodePair", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]},
-                                                             "prompt": PROMPT, "negative_prompt": ""}}
-        nodes["sample"]["inputs"]["positive"] = {"from": ["pos", "positive"]}
-        nodes["sample"]["inputs"]["negative"] = {"from": ["pos", "negative"]}
-    elif guided:
-        nodes["neg"] = {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": ""}}
-        nodes["sample"]["inputs"]["negative"] = {"from": ["neg", "conditioning"]}
-    return {"format": "ditgraph/workflow", "version": 1, "meta": {"name": f"tiny-{family}"}, "nodes": nodes}
+from tests.fixtures.parity import CFG, FAMILIES, PROMPT, SEED, SIZE, STEPS, engine, models_root, rel_l2, workflow  # noqa: F401, F811 (pytest fixtures)
 
 
 def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -94,10 +47,6 @@ def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor)
     with torch.no_grad():
         images = pipe(**kwargs).images
     return images.permute(0, 2, 3, 1).float()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -20,7 +20,7 @@ from app.models.compile import CompileOptions, compile_model, graphs_compiled, r
 from app.models.handles import ModelPatch
 from app.models.patches.lora import LoraLayer, LoraPatch
 from app.models.sampling import compute_sigmas
-from tests.models.test_cache import tiny
+from tests.fixtures.cache_models import tiny
 
 EAGER = CompileOptions(backend="eager")  # dynamo traces and caches graphs; no codegen (seconds on CPU)
 

@@ -14,7 +14,7 @@ from app.models.families.variants import detect_variant, guidance_warning
 from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample, sampling_defaults
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 
 def test_detection_from_configs_and_names():

@@ -18,8 +18,8 @@ from app.core import paths
 from app.core.executor import Engine
 from app.core.media import read_video, read_workflow
 from app.models.sampling import compute_sigmas, make_noise
+from tests.fixtures.parity import engine, rel_l2  # noqa: F401, F811 (pytest fixtures)
 from tests.fixtures.tiny_video import save_video_family
-from tests.models.test_parity import engine, rel_l2  # noqa: F401  (engine: a fixture over models_root)
 
 PROMPT = "a large red circle at the top left on a white background"
 NEGATIVE = "blurry"

@@ -11,7 +11,7 @@ import torch
 
 from app.core import paths
 from app.core.executor import Engine
-from tests.training.test_lora_training import tiny_base
+from tests.fixtures.tiny_models import tiny_base
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 

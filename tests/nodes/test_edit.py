@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.models.handles import ModelHandle
 from app.models.editing import edit_from_inversion, flow_edit, invert
+from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.masks import rectangle
 from app.models.patches.attention_values import attention_value_modules, late_blocks
 from app.models.sampling import compute_sigmas
 from nodes.edit import EditFromInversion, FlowEdit, ImageToImage, Inpaint, InvertLatent
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 FAMILIES = ("shapes-dit", "sd3", "flux", "pixart", "sana", "lumina2")
 # (token width, pooled width or None, uses a mask)

@@ -13,7 +13,7 @@ import torch
 
 from app.core import paths
 from app.core.executor import Engine
-from tests.nodes.test_nodes_tiny import save_family
+from tests.fixtures.tiny_models import save_family
 
 GRAPHS = sorted((Path(__file__).resolve().parents[2] / "graphs").glob("edit-*.json"))
 FAST = {"Sampler": {"steps": 2}, "ImageToImage": {"steps": 2}, "Inpaint": {"steps": 2},

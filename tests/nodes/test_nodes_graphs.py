@@ -17,9 +17,9 @@ import pytest
 
 from app.core import paths
 from app.core.executor import Engine
-from app.core.workflow import Workflow, errors
 from app.core.registry import default_registry
-from tests.nodes.test_nodes_tiny import save_family
+from app.core.workflow import Workflow, errors
+from tests.fixtures.tiny_models import save_family
 
 GRAPHS = sorted((Path(__file__).resolve().parents[2] / "graphs").glob("*.json"))
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the center on a white background"

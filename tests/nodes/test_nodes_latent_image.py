@@ -9,13 +9,13 @@ from PIL import Image
 
 from app.core import paths
 from app.models.handles import ModelHandle, VAEHandle
-from nodes import image as image_nodes
-from nodes import latent as latent_nodes
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, make_noise, sample
+from nodes import image as image_nodes
+from nodes import latent as latent_nodes
 from nodes.sampling import Sampler
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 
 @pytest.fixture(scope="module")

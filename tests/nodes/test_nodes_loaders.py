@@ -13,7 +13,7 @@ from app.core.executor import Engine
 from app.core.workflow import WorkflowError
 from nodes import loaders, text
 from tests.fixtures.original_formats import flux_to_original, sd3_to_original
-from tests.nodes.test_nodes_tiny import components, save_family
+from tests.fixtures.tiny_models import components, save_family
 
 
 @pytest.fixture(scope="module")

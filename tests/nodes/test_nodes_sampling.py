@@ -10,7 +10,7 @@ from app.models.latents import Latent
 from app.models.sampling import GuidanceState, Previewer, compute_sigmas, guide, sample
 from nodes.sampling import Sampler, SamplerCustom, Scheduler, SplitSigmas
 from nodes.text import Conditioning
-from tests.nodes.test_nodes_tiny import components
+from tests.fixtures.tiny_models import components
 
 
 @pytest.fixture(scope="module")

