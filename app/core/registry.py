@@ -89,7 +89,7 @@ class NodeDef:
             if inp.default is not None:
                 entry["default"] = inp.default
             spec = inp.spec
-            for key in ("min", "max", "step", "tooltip", "file"):
+            for key in ("min", "max", "step", "multiple_of", "tooltip", "file"):
                 value = getattr(spec, key)
                 if value not in (None, ""):
                     entry[key] = value

@@ -69,6 +69,7 @@ class Spec:
     min: float | None = None
     max: float | None = None
     step: float | None = None
+    multiple_of: int | None = None  # e.g. image sizes the latent grid divides (checked, and the widget's step)
     choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
     multiline: bool = False
     seed: bool = False
@@ -127,6 +128,8 @@ class InputDef:
             return f"value {value!r} is below the minimum {spec.min!r}"
         if spec.max is not None and value > spec.max:
             return f"value {value!r} is above the maximum {spec.max!r}"
+        if spec.multiple_of and value % spec.multiple_of:
+            return f"value {value!r} is not a multiple of {spec.multiple_of}"
         choices = spec.choice_list()
         if choices is not None and spec.file is None and value not in choices:
             shown = ", ".join(map(repr, choices[:12])) + (" ..." if len(choices) > 12 else "")
