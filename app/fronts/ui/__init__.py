@@ -35,8 +35,8 @@ def static_version() -> str:
 def register(state: Any = None, *, title: str = "ditgraph", default_workflow: str = DEFAULT_WORKFLOW, **_: Any) -> None:
     """Add the editor page ('/') and the front-end files ('/static/...') to NiceGUI's app.
 
-    ``state`` is the server's AppState (unused for now: the page reaches everything through
-    the HTTP API). NiceGUI has one app per process, so a second call is a no-op.
+    ``state`` is the server's AppState (the editor routes use its settings, queue and
+    output folder). NiceGUI has one app per process, so a second call is a no-op.
     """
     global _registered
     if _registered:
@@ -49,6 +49,15 @@ def register(state: Any = None, *, title: str = "ditgraph", default_workflow: st
     from app.fronts.ui.page import EditorComponent
 
     nicegui_app.add_static_files(STATIC_URL, STATIC_DIR, max_cache_age=0)
+    if state is not None:
+        # the editor's own routes (drafts, input previews, history); see app/fronts/editor_routes.py
+        from fastapi import APIRouter
+
+        from app.fronts import editor_routes
+
+        router = APIRouter(prefix="/api")
+        editor_routes.register(router, state)
+        nicegui_app.include_router(router)
 
     @ui.page("/", title=title)
     def editor_page() -> None:
