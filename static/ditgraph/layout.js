@@ -30,8 +30,8 @@ function depths(graph) {
   return depth;
 }
 
-/** Place every node of ``graph``; sizes grow to what the node needs (never shrink). */
-export function tidyLayout(graph, { maxWidth = 1900, origin = [40, 60] } = {}) {
+/** Columns by depth, each ordered so wires cross less. */
+function columnsOf(graph) {
   const depth = depths(graph);
   const columns = [];
   for (const node of graph._nodes) {
@@ -40,31 +40,68 @@ export function tidyLayout(graph, { maxWidth = 1900, origin = [40, 60] } = {}) {
     (columns[depth.get(node.id)] ??= []).push(node);
   }
   const rank = new Map();
-  const titleH = LiteGraph.NODE_TITLE_HEIGHT;
-  let x = origin[0];
-  let bandTop = origin[1];
-  let bandBottom = origin[1];
-  for (const column of columns.filter(Boolean)) {
-    // order by the mean rank of the inputs' origins: wires cross less
+  const list = columns.filter(Boolean);
+  for (const column of list) {
     const key = (node) => {
       const ranks = (node.inputs ?? []).map((i) => (i.link != null ? rank.get(linkOrigin(graph, i.link)?.id) : undefined)).filter((r) => r !== undefined);
       return ranks.length ? ranks.reduce((a, b) => a + b, 0) / ranks.length : 0;
     };
     column.sort((a, b) => key(a) - key(b) || a.id - b.id);
-    const width = Math.max(...column.map((n) => n.size[0]));
-    if (x + width > origin[0] + maxWidth && x > origin[0]) {
-      x = origin[0];
-      bandTop = bandBottom + GAP_Y * 2;
-    }
-    let y = bandTop;
-    column.forEach((node, i) => {
-      node.pos = [x, y + titleH];
-      rank.set(node.id, i);
-      y += node.size[1] + titleH + GAP_Y;
-    });
-    bandBottom = Math.max(bandBottom, y);
-    x += width + GAP_X;
+    column.forEach((node, i) => rank.set(node.id, rank.size + i));
   }
+  return list;
+}
+
+/** Positions for ``columns``: a column taller than ``maxHeight`` continues in the next one,
+ * and the columns wrap into a new band past ``maxWidth``. Returns [positions, width, height]. */
+function pack(columns, maxWidth, maxHeight) {
+  const titleH = LiteGraph.NODE_TITLE_HEIGHT;
+  const positions = new Map();
+  let [x, bandTop, bandBottom, right] = [0, 0, 0, 0];
+  for (const column of columns) {
+    const stacks = [[]];
+    let height = 0;
+    for (const node of column) {
+      const h = node.size[1] + titleH + GAP_Y;
+      if (height + h > maxHeight && stacks.at(-1).length) {
+        stacks.push([]);
+        height = 0;
+      }
+      stacks.at(-1).push(node);
+      height += h;
+    }
+    for (const stack of stacks) {
+      const width = Math.max(...stack.map((n) => n.size[0]));
+      if (x + width > maxWidth && x > 0) {
+        x = 0;
+        bandTop = bandBottom + GAP_Y * 2;
+      }
+      let y = bandTop;
+      for (const node of stack) {
+        positions.set(node, [x, y + titleH]);
+        y += node.size[1] + titleH + GAP_Y;
+      }
+      bandBottom = Math.max(bandBottom, y - GAP_Y);
+      right = Math.max(right, x + width);
+      x += width + GAP_X;
+    }
+  }
+  return [positions, right, bandBottom];
+}
+
+/** Place every node of ``graph`` (sizes grow to what the node needs, never shrink) so the
+ * whole graph fits a ``view`` (graph units, e.g. the canvas at the default zoom) as large as it can. */
+export function tidyLayout(graph, { view = [1860, 900], origin = [40, 60] } = {}) {
+  const columns = columnsOf(graph);
+  let best = null;
+  for (let maxHeight = 300; maxHeight <= 2400; maxHeight += 100) {
+    for (let maxWidth = 800; maxWidth <= 4000; maxWidth += 200) {
+      const [positions, w, h] = pack(columns, maxWidth, maxHeight);
+      const scale = Math.min(view[0] / w, view[1] / h);
+      if (!best || scale > best.scale + 1e-9) best = { scale, positions };
+    }
+  }
+  for (const [node, [x, y]] of best?.positions ?? []) node.pos = [origin[0] + x, origin[1] + y];
 }
 
 /** Node boxes (title included) that overlap: [[idA, idB], ...]. */
