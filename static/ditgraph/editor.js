@@ -69,6 +69,7 @@ class Editor {
     withoutReroutes();
     this.tabs = new Tabs(this);
     this.buildDom();
+    document.getElementById("dg-splash")?.remove();
     installTypeRules();
     Object.assign(LGraphCanvas.link_type_colors, TYPE_COLOURS);
     LiteGraph.release_link_on_empty_shows_menu = true;
@@ -98,6 +99,7 @@ class Editor {
     this.refreshQueue();
     this.ready = true;
     this.root.dataset.ready = "1";
+    document.getElementById("dg-splash")?.remove();
     return this;
   }
 

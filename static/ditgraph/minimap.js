@@ -48,33 +48,54 @@ export class Minimap {
     return { x0, y0, scale, nodes };
   }
 
-  draw() {
-    const { editor } = this;
-    if (!editor.graph || this.canvas.offsetParent === null) return;
-    const ds = editor.canvas.ds;
-    const f = this.frame();
-    const sig = f ? `${f.nodes.length}:${f.nodes.map((n) => n.pos.join(",") + n.size.join(",")).join(";")}|${ds.offset.join(",")}|${ds.scale}|${editor.settings.values.theme}` : "";
-    if (sig === this.signature) return;
-    this.signature = sig;
-    const ctx = this.canvas.getContext("2d");
+  /** A cheap fingerprint of node boxes (no strings: it runs every few hundred ms while panning). */
+  graphSignature(nodes) {
+    let sum = nodes.length;
+    for (const n of nodes) sum = (sum * 31 + n.pos[0] * 7 + n.pos[1] * 13 + n.size[0] * 17 + n.size[1] * 19) % 1e12;
+    return `${sum}|${this.editor.settings.values.theme}`;
+  }
+
+  /** The node boxes, drawn once per graph change into an offscreen layer. */
+  drawLayer(f) {
+    this.layer ??= el("canvas", { width: W, height: H });
+    const ctx = this.layer.getContext("2d");
+    const { theme } = this.editor;
     ctx.clearRect(0, 0, W, H);
-    ctx.fillStyle = editor.theme.barBack;
     ctx.globalAlpha = 0.85;
+    ctx.fillStyle = theme.barBack;
     ctx.fillRect(0, 0, W, H);
     ctx.globalAlpha = 1;
     if (!f) return;
     const titleH = LiteGraph.NODE_TITLE_HEIGHT;
-    const map = (x, y) => [(x - f.x0) * f.scale, (y - f.y0) * f.scale];
-    ctx.fillStyle = editor.theme.muted;
+    ctx.fillStyle = theme.muted;
     for (const n of f.nodes) {
-      const [x, y] = map(n.pos[0], n.pos[1] - titleH);
-      ctx.fillRect(x, y, Math.max(2, n.size[0] * f.scale), Math.max(2, (n.size[1] + titleH) * f.scale));
+      ctx.fillRect((n.pos[0] - f.x0) * f.scale, (n.pos[1] - titleH - f.y0) * f.scale, Math.max(2, n.size[0] * f.scale), Math.max(2, (n.size[1] + titleH) * f.scale));
     }
-    const rect = editor.canvasEl.getBoundingClientRect();
-    const [vx, vy] = map(-ds.offset[0], -ds.offset[1]);
+  }
+
+  draw() {
+    const { editor } = this;
+    if (!editor.graph || !this.canvas.isConnected) return;
+    const ds = editor.canvas.ds;
+    const graphSig = this.graphSignature(editor.graph._nodes);
+    const viewSig = `${graphSig}|${ds.offset[0]},${ds.offset[1]}|${ds.scale}`;
+    if (viewSig === this.signature) return;
+    this.signature = viewSig;
+    if (graphSig !== this.graphSig) {
+      this.graphSig = graphSig;
+      this.cached = this.frame();
+      this.drawLayer(this.cached);
+    }
+    const ctx = this.canvas.getContext("2d");
+    ctx.clearRect(0, 0, W, H);
+    ctx.drawImage(this.layer, 0, 0);
+    const f = this.cached;
+    if (!f) return;
+    const [vx, vy] = [(-ds.offset[0] - f.x0) * f.scale, (-ds.offset[1] - f.y0) * f.scale];
+    const { width, height } = editor.canvas.canvas; // device pixels = CSS pixels here (no DPR scaling)
     ctx.strokeStyle = "#3b7ce6";
     ctx.lineWidth = 2;
-    ctx.strokeRect(vx, vy, (rect.width / ds.scale) * f.scale, (rect.height / ds.scale) * f.scale);
+    ctx.strokeRect(vx, vy, (width / ds.scale) * f.scale, (height / ds.scale) * f.scale);
   }
 
   /** Centre the view on the graph point under the pointer. */
