@@ -12,7 +12,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.fixtures.ui_helpers import VIEWPORT, BrowserPage, browser_skip_reason, chromium, running_server
+from tests.fixtures.ui_helpers import BrowserPage, browser_fixture, browser_skip_reason, server_fixture, tab_fixture  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 
@@ -25,30 +25,6 @@ MASK_IMAGE = {
         "3": {"type": "SaveImage", "inputs": {"images": {"from": ["2", "image"]}, "filename_prefix": "ui-mask"}},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("ditgraph-ui-life-") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def tab(server, browser):
-    context = browser.new_context(viewport=VIEWPORT)
-    page = BrowserPage(context, server)
-    page.open()
-    yield page
-    assert page.external == [], page.external
-    # 404: a missing image in the lightbox test; 400: the refused run of the width test
-    assert not [e for e in page.errors if "status of 404" not in e and "status of 400" not in e], page.errors
-    context.close()
 
 
 def run_and_wait(tab: BrowserPage, timeout: float = 180) -> str:
@@ -64,8 +40,11 @@ def run_and_wait(tab: BrowserPage, timeout: float = 180) -> str:
 def test_undo_keeps_previews_and_history_shows_thumbnails(tab: BrowserPage):
     tab.js("ed.openDocument(arg)", MASK_IMAGE)
     tab.wait("ed.tab.title === 'mask-image' && ed.graph._nodes.length === 3")
-    run_and_wait(tab)
+    run_id = run_and_wait(tab)
     tab.wait("ed.nodeInfo('3').images === 1")
+    row = tab.page.wait_for_selector(f'[data-testid="run"][data-run="{run_id}"][data-status="success"]')
+    assert "mask-image" in row.inner_text() and row.inner_text().rstrip().endswith(("s", "Load"))
+    assert " s" in row.query_selector('[data-testid="run-meta"]').inner_text()  # when, and how long it took
     tab.page.mouse.click(*tab.js("ed.titleClientPos('3')"))
     tab.page.keyboard.press("Delete")
     tab.wait("ed.nodeInfo('3') === null")
@@ -145,16 +124,13 @@ def test_reroutes_are_not_offered_and_escape_closes_things(tab: BrowserPage):
         ed.canvas.showConnectionMenu({nodeFrom: n, slotFrom: n.outputs[0], e}); return 0; })()""")
     menu = page.wait_for_selector(".litecontextmenu")
     assert "Add Node" in menu.inner_text() and "Reroute" not in menu.inner_text()
-    page.keyboard.press("Escape")
-    tab.wait("!document.querySelector('.litecontextmenu')")
-    page.keyboard.press("?")
-    page.wait_for_selector('[data-testid="shortcuts"]')
-    page.keyboard.press("Escape")
-    tab.wait("!document.querySelector('[data-testid=shortcuts]')")
-    tab.js("(ed.showImages(['/api/inputs/none.png']), 0)")
-    page.wait_for_selector('[data-testid="lightbox"]')
-    page.keyboard.press("Escape")
-    tab.wait("!document.querySelector('[data-testid=lightbox]')")
+    openers = [(lambda: None, ".litecontextmenu"), (lambda: page.keyboard.press("?"), '[data-testid="shortcuts"]'),
+               (lambda: tab.js("(ed.showImages(['/api/inputs/none.png']), 0)"), '[data-testid="lightbox"]')]
+    for open_it, selector in openers:  # Escape closes menus, the shortcut sheet and the lightbox
+        open_it()
+        page.wait_for_selector(selector)
+        page.keyboard.press("Escape")
+        page.wait_for_selector(selector, state="detached")
 
 
 def test_width_100_is_refused_by_validate_and_run(tab: BrowserPage):
