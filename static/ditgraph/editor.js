@@ -20,6 +20,7 @@ import { overlayMethods } from "./overlays.js";
 import { el, Palette, SearchPopup } from "./palette.js";
 import { clientId, runMethods } from "./runs.js";
 import { Settings } from "./settings.js";
+import { PREFIX, subgraphMethods } from "./subgraphs.js";
 import { Tabs } from "./tabs.js";
 
 const MIN_FIT_SCALE = 0.7; // titles stay >= 11 px tall (16 px font)
@@ -305,6 +306,7 @@ class Editor {
     return [
       null,
       { content: "Add group for selected nodes (Ctrl+G)", callback: () => this.groupSelected() },
+      { content: "Convert selected nodes to a subgraph", callback: () => this.convertToSubgraph() },
       { content: "Arrange (auto layout)", callback: () => this.arrange() },
       { content: "Fit view", callback: () => this.fitView() },
     ];
@@ -320,6 +322,8 @@ class Editor {
         { content: node.mode === BYPASS_MODE ? "Un-bypass (Ctrl+B)" : "Bypass (Ctrl+B)", callback: () => this.toggleBypass([node]) },
         { content: "Run up to this node", callback: () => this.run([workflowId(node)]) },
       ];
+      if (node.type?.startsWith(PREFIX)) extra.push({ content: "Unpack subgraph", callback: () => this.unpackSubgraph(node) });
+      else extra.push({ content: "Convert selected nodes to a subgraph", callback: () => this.convertToSubgraph(this.selectedNodes().length ? this.selectedNodes() : [node]) });
       const file = inputFileWidget(node);
       if (file && node.outputs?.some((o) => o.type === "MASK")) extra.push({ content: "Paint mask…", callback: () => this.openMaskEditor(node, file) });
       else if (node.outputUrls?.length) extra.push({ content: "Paint a mask on this image…", callback: () => this.maskOutput(node) });
@@ -432,12 +436,22 @@ class Editor {
 
   workflow() {
     const tab = this.tab;
-    return graphToWorkflow(this.graph, { meta: { ...tab.meta, name: tab.title }, canvas: this.canvas });
+    return this.withSubgraphs(graphToWorkflow(this.graph, { meta: { ...tab.meta, name: tab.title }, canvas: this.canvas }));
   }
 
   /** What undo compares: the workflow without the viewport (panning is not an edit). */
   snapshot() {
-    return JSON.stringify(graphToWorkflow(this.graph, { meta: this.tab?.meta ?? {} }));
+    return JSON.stringify(this.withSubgraphs(graphToWorkflow(this.graph, { meta: this.tab?.meta ?? {} })));
+  }
+
+  /** The tab's subgraph definitions go with its workflow (format version 2 when there are any). */
+  withSubgraphs(doc) {
+    const subgraphs = this.tab?.subgraphs;
+    if (subgraphs && Object.keys(subgraphs).length) {
+      doc.subgraphs = structuredClone(subgraphs);
+      doc.version = Math.max(doc.version, 2);
+    }
+    return doc;
   }
 
   changed(reason) {
@@ -536,6 +550,8 @@ class Editor {
 
   /** Replace the canvas's graph with ``doc`` (no history, no tab change). */
   loadGraph(doc) {
+    if (this.tab) this.tab.subgraphs = structuredClone(doc.subgraphs ?? {});
+    this.registerSubgraphs(doc.subgraphs);
     this.loading = true;
     let warnings;
     try {
@@ -767,7 +783,7 @@ class Editor {
   }
 }
 
-Object.assign(Editor.prototype, drawMethods, runMethods, dialogMethods, fileMethods, galleryMethods, maskMethods, overlayMethods);
+Object.assign(Editor.prototype, drawMethods, runMethods, dialogMethods, fileMethods, galleryMethods, maskMethods, overlayMethods, subgraphMethods);
 
 /** Entry point used by the NiceGUI component. */
 export async function mount(root, options) {

@@ -210,3 +210,34 @@ def test_paint_a_mask_and_inpaint_with_it(tab: BrowserPage):
     assert record["workflow"]["nodes"][loader]["inputs"]["image"] == masked
     assert record["workflow"]["nodes"]["10"]["inputs"]["mask"] == {"from": [loader, "mask"]}
     tab.shot("life_07_inpaint_with_painted_mask")
+
+
+def test_convert_to_subgraph_undo_and_unpack(tab: BrowserPage):
+    page = tab.page
+    tab.js("ed.openDocument(arg)", MASK_IMAGE)
+    tab.wait("ed.graph._nodes.length === 3")
+    tab.js("(ed.canvas.selectNodes([ed.graph.getNodeById(1), ed.graph.getNodeById(2)]), ed.convertToSubgraph(), 0)")
+    page.fill('[data-testid="prompt-input"]', "MaskPicture")
+    page.keyboard.press("Enter")
+    tab.wait("ed.graph._nodes.length === 2")
+    doc = tab.js("ed.workflow()")
+    (instance,) = [i for i, n in doc["nodes"].items() if n["type"] == "subgraph:MaskPicture"]
+    definition = doc["subgraphs"]["MaskPicture"]
+    assert doc["version"] == 2 and sorted(definition["nodes"]) == ["1", "2"]
+    assert definition["outputs"] == {"image": {"from": ["2", "image"]}}
+    assert definition["nodes"]["2"]["inputs"]["mask"] == {"from": ["1", "mask"]}
+    assert doc["nodes"]["3"]["inputs"]["images"] == {"from": [instance, "image"]}
+    assert tab.js("ed.graph.getNodeById(Number(arg)).outputs[0].type", instance) == "IMAGE"
+    tab.shot("life_08_subgraph")
+    page.keyboard.press("Control+z")
+    tab.wait("ed.graph._nodes.length === 3 && !ed.workflow().subgraphs")
+    page.keyboard.press("Control+Shift+z")
+    tab.wait("ed.graph._nodes.length === 2 && ed.workflow().subgraphs")
+    tab.js("ed.unpackSubgraph(ed.graph.getNodeById(Number(arg)))", instance)
+    tab.wait("ed.graph._nodes.length === 3")
+    nodes = tab.js("ed.workflow().nodes")
+    by_type = {n["type"]: (i, n) for i, n in nodes.items()}
+    rect_id, to_image = by_type["RectangleMask"][0], by_type["MaskToImage"]
+    assert to_image[1]["inputs"]["mask"] == {"from": [rect_id, "mask"]}
+    assert nodes["3"]["inputs"]["images"] == {"from": [to_image[0], "image"]}
+    assert by_type["RectangleMask"][1]["inputs"] == MASK_IMAGE["nodes"]["1"]["inputs"]
