@@ -241,3 +241,27 @@ def test_convert_to_subgraph_undo_and_unpack(tab: BrowserPage):
     assert to_image[1]["inputs"]["mask"] == {"from": [rect_id, "mask"]}
     assert nodes["3"]["inputs"]["images"] == {"from": [to_image[0], "image"]}
     assert by_type["RectangleMask"][1]["inputs"] == MASK_IMAGE["nodes"]["1"]["inputs"]
+
+
+def test_load_image_shows_the_file_picked_from_the_list_and_after_reload(tab: BrowserPage):
+    import httpx
+
+    page = tab.page
+    names = []
+    for colour in ((200, 30, 30), (30, 30, 200)):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, "PNG")
+        answer = httpx.post(f"{tab.server.url}/api/uploads", files={"file": ("pick.png", buffer.getvalue(), "image/png")})
+        names.append(answer.json()["name"])
+    page.reload()  # the catalogue lists the input folder as it is now
+    page.wait_for_selector('.dg-root[data-ready="1"]')
+    loader = tab.js("String(ed.addNode('LoadImage', [0, 0]).id)")
+    tab.js("ed.fitNodes([arg], 1)", loader)
+    page.mouse.click(*tab.js("ed.widgetArrowClientPos(arg, 'image', 0)", loader))
+    page.locator(".litecontextmenu .litemenu-entry", has_text=names[1]).click()
+    tab.wait("ed.nodeInfo(arg[0]).widgets.image === arg[1] && ed.nodeInfo(arg[0]).images === 1"
+             " && ed.graph.getNodeById(Number(arg[0])).outputImages[0].src.endsWith(arg[1])", arg=[loader, names[1]])
+    tab.wait("ed.tab.autosaved && !ed.tabs.timers.size")
+    page.reload()
+    page.wait_for_selector('.dg-root[data-ready="1"]')
+    tab.wait("ed.nodeInfo(arg) && ed.nodeInfo(arg).images === 1", arg=loader)  # shown again after the reload
