@@ -186,7 +186,8 @@ class Editor {
       el("button", { class: "dg-btn dg-btn-small", onclick: () => this.cancelAll(), "data-testid": "btn-cancel-all" }, "Cancel all"));
     const side = el("aside", { class: "dg-side" }, runsTitle, this.queueList, el("div", { class: "dg-panel-title" }, "Problems"), this.problemList);
     this.toastEl = el("div", { class: "dg-toasts" });
-    const body = el("div", { class: "dg-body" }, paletteEl, el("div", { class: "dg-center" }, this.tabs.bar, this.canvasWrap), side);
+    this.crumbs = el("div", { class: "dg-crumbs", "data-testid": "crumbs", style: "display:none" });
+    const body = el("div", { class: "dg-body" }, paletteEl, el("div", { class: "dg-center" }, this.tabs.bar, this.crumbs, this.canvasWrap), side);
     this.app = el("div", { class: "dg-app" }, toolbar, body, this.toastEl, this.fileInput);
     this.root.append(this.app);
     const narrow = window.innerWidth < NARROW_SCREEN;
@@ -322,7 +323,10 @@ class Editor {
         { content: node.mode === BYPASS_MODE ? "Un-bypass (Ctrl+B)" : "Bypass (Ctrl+B)", callback: () => this.toggleBypass([node]) },
         { content: "Run up to this node", callback: () => this.run([workflowId(node)]) },
       ];
-      if (node.type?.startsWith(PREFIX)) extra.push({ content: "Unpack subgraph", callback: () => this.unpackSubgraph(node) });
+      if (node.type?.startsWith(PREFIX)) {
+        extra.push({ content: "Open subgraph", callback: () => this.openSubgraph(node) });
+        extra.push({ content: "Unpack subgraph", callback: () => this.unpackSubgraph(node) });
+      }
       else extra.push({ content: "Convert selected nodes to a subgraph", callback: () => this.convertToSubgraph(this.selectedNodes().length ? this.selectedNodes() : [node]) });
       const file = inputFileWidget(node);
       if (file && node.outputs?.some((o) => o.type === "MASK")) extra.push({ content: "Paint mask…", callback: () => this.openMaskEditor(node, file) });
@@ -436,7 +440,8 @@ class Editor {
 
   workflow() {
     const tab = this.tab;
-    return this.withSubgraphs(graphToWorkflow(this.graph, { meta: { ...tab.meta, name: tab.title }, canvas: this.canvas }));
+    const doc = graphToWorkflow(this.graph, { meta: { ...tab.meta, name: tab.title }, canvas: this.canvas });
+    return tab.stack?.length ? this.composedWorkflow(doc) : this.withSubgraphs(doc);
   }
 
   /** What undo compares: the workflow without the viewport (panning is not an edit). */
@@ -518,7 +523,7 @@ class Editor {
   /** Keep what the tab shows now (before another tab is shown). */
   captureTab(tab) {
     this.closeTextEditor(true);
-    this.flushChange();
+    this.closeAllSubgraphs();
     tab.doc = this.workflow();
   }
 
@@ -527,7 +532,9 @@ class Editor {
     this.closeTextEditor(false);
     clearTimeout(this.changeTimer);
     this.changeTimer = null;
+    tab.stack = []; // a tab is shown from its top level (captureTab closed what was open)
     this.loadGraph(tab.doc);
+    this.renderCrumbs();
     if (!tab.history) tab.history = new History(this.snapshot());
     if (tab.restoredDirty) {
       tab.history.saved = null;
@@ -624,6 +631,7 @@ class Editor {
   }
 
   async save(asNew = false) {
+    this.closeAllSubgraphs(); // what is saved is the whole workflow, and its history is marked saved
     const tab = this.tab;
     let name = tab.name;
     if (!name || asNew) {

@@ -3,8 +3,10 @@
 // definitions of each tab, shows instances as nodes with the definition's sockets and
 // widgets, converts a selection into a subgraph and unpacks an instance back into its nodes.
 // Installed on the Editor's prototype.
-import { workflowId } from "./convert.js";
+import { graphToWorkflow, workflowId } from "./convert.js";
+import { History } from "./history.js";
 import { registerCatalogue, WIDGET_TYPES } from "./nodes.js";
+import { el } from "./palette.js";
 
 export const PREFIX = "subgraph:";
 const IN = "@in";
@@ -55,7 +57,93 @@ function bbox(layoutNodes, ids) {
   return [Math.min(...points.map((p) => p[0])), Math.min(...points.map((p) => p[1]))];
 }
 
+/** ``def`` with its nodes and layout taken from ``inner`` (the edited inside); the instance
+ * input links (@in) the editor hid come back where the input was not linked meanwhile. */
+function definitionFrom(def, inner, hidden) {
+  const nodes = structuredClone(inner.nodes);
+  for (const [nodeId, input, name] of hidden) {
+    if (nodes[nodeId] && !isLink(nodes[nodeId].inputs?.[input])) (nodes[nodeId].inputs ??= {})[input] = { from: [IN, name] };
+  }
+  const outputs = Object.fromEntries(Object.entries(def.outputs ?? {}).filter(([, o]) => o.from?.[0] === IN || nodes[o.from?.[0]]));
+  return { ...def, nodes, outputs, layout: { ...(def.layout ?? {}), nodes: inner.layout.nodes, groups: inner.layout.groups } };
+}
+
 export const subgraphMethods = {
+  /** Edit the definition of an instance in place (a breadcrumb leads back). */
+  openSubgraph(node) {
+    const name = node.type.slice(PREFIX.length);
+    const def = this.tab.subgraphs?.[name];
+    if (!def) return false;
+    this.flushChange();
+    const parentDoc = this.withSubgraphs(graphToWorkflow(this.graph, { meta: this.tab.meta, canvas: this.canvas }));
+    const hidden = [];
+    const nodes = structuredClone(def.nodes ?? {});
+    for (const [nodeId, data] of Object.entries(nodes)) {
+      for (const [input, value] of Object.entries(data.inputs ?? {})) {
+        if (isLink(value) && value.from[0] === IN) {
+          hidden.push([nodeId, input, value.from[1]]);
+          delete data.inputs[input]; // fed by the instance: shown unlinked while editing inside
+        }
+      }
+    }
+    const inner = { format: parentDoc.format, version: parentDoc.version, nodes, layout: { nodes: def.layout?.nodes ?? {}, groups: def.layout?.groups ?? [] }, meta: this.tab.meta, subgraphs: parentDoc.subgraphs };
+    (this.tab.stack ??= []).push({ name, parentDoc, hidden, parentHistory: this.tab.history });
+    this.loadGraph(inner);
+    this.fitView();
+    this.tab.history = new History(this.snapshot());
+    this.afterGraphLoad(this.tab);
+    this.renderCrumbs();
+    return true;
+  },
+
+  /** The whole workflow while a definition is open: the levels below with the open insides put back. */
+  composedWorkflow(current) {
+    const subgraphs = structuredClone(this.tab.subgraphs ?? {});
+    let doc = current;
+    for (const frame of [...this.tab.stack].reverse()) {
+      subgraphs[frame.name] = definitionFrom(subgraphs[frame.name] ?? {}, doc, frame.hidden);
+      doc = structuredClone(frame.parentDoc);
+    }
+    doc.subgraphs = subgraphs;
+    doc.version = Math.max(doc.version, 2);
+    return doc;
+  },
+
+  /** Leave the open definition (one level up); the change is one undoable step there. */
+  closeSubgraph() {
+    const frame = this.tab.stack?.at(-1);
+    if (!frame) return false;
+    this.flushChange();
+    const inner = graphToWorkflow(this.graph, { meta: this.tab.meta });
+    const subgraphs = structuredClone(this.tab.subgraphs ?? {});
+    subgraphs[frame.name] = definitionFrom(subgraphs[frame.name] ?? {}, inner, frame.hidden);
+    this.tab.stack.pop();
+    const doc = { ...structuredClone(frame.parentDoc), subgraphs };
+    this.tab.history = frame.parentHistory;
+    this.loadGraph(doc);
+    this.afterGraphLoad(this.tab);
+    this.renderCrumbs();
+    this.changed("subgraph edited");
+    return true;
+  },
+
+  closeAllSubgraphs() {
+    while (this.tab?.stack?.length) this.closeSubgraph();
+    this.flushChange();
+  },
+
+  renderCrumbs() {
+    const stack = this.tab?.stack ?? [];
+    this.crumbs.style.display = stack.length ? "" : "none";
+    const up = (levels) => () => {
+      for (let i = 0; i < levels; i++) this.closeSubgraph();
+    };
+    this.crumbs.replaceChildren(
+      el("span", { class: "dg-crumb", "data-testid": "crumb", onclick: up(stack.length) }, this.tab?.title ?? "workflow"),
+      ...stack.flatMap((frame, i) => [" › ", el("span", { class: "dg-crumb", "data-testid": "crumb", onclick: up(stack.length - 1 - i) }, frame.name)]),
+    );
+  },
+
   /** Node classes for the definitions of ``subgraphs`` (before a document with instances loads). */
   registerSubgraphs(subgraphs = {}) {
     const entries = Object.keys(subgraphs).map((name) => catalogueEntry(this, subgraphs, name));

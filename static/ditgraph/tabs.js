@@ -40,7 +40,8 @@ export class Tab {
   }
 
   get dirty() {
-    return this.history ? this.history.dirty : this.restoredDirty;
+    if (!this.history) return this.restoredDirty;
+    return this.history.dirty || Boolean(this.stack?.some((frame) => frame.parentHistory?.dirty));
   }
 
   get empty() {
