@@ -133,8 +133,14 @@ export const drawMethods = {
   /** The part of a node's body below its sockets and widgets (where images go). */
   freeArea(node) {
     let y = (Math.max(node.inputs?.filter((i) => !i.widget).length ?? 0, node.outputs?.length ?? 0) + 0.3) * LiteGraph.NODE_SLOT_HEIGHT;
+    // litegraph places widgets (widget.y) when it first draws a node, after our overlay: before
+    // then they are stacked below the sockets as it will stack them
+    let next = y;
     for (const widget of node.widgets ?? []) {
-      if (widget.y !== undefined) y = Math.max(y, widget.y + (widget.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4));
+      const h = widget.computedHeight ?? (widget.computeSize ? widget.computeSize(node.size[0])[1] + 4 : LiteGraph.NODE_WIDGET_HEIGHT + 4);
+      const top = widget.y || next; // 0 until litegraph arranged the node
+      y = Math.max(y, top + h);
+      next = top + h;
     }
     return { y: y + 4, h: node.size[1] - y - 10 };
   },
