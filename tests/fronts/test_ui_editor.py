@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures
-    REPO, VIEWPORT, BrowserPage, browser_fixture, browser_skip_reason, server_fixture, tab_fixture)
+    REPO,
+    VIEWPORT,
+    BrowserPage,
+    browser_fixture,
+    browser_skip_reason,
+    server_fixture,
+    tab_fixture,
+)
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 

@@ -250,6 +250,20 @@ def test_convert_to_subgraph_undo_and_unpack(tab: BrowserPage):
     assert to_image[1]["inputs"]["mask"] == {"from": [rect_id, "mask"]}
     assert nodes["3"]["inputs"]["images"] == {"from": [to_image[0], "image"]}
     assert by_type["RectangleMask"][1]["inputs"] == {**MASK_IMAGE["nodes"]["1"]["inputs"], "box_width": 40}
+    # a node fed from outside: its input becomes the subgraph's input, and survives open/close
+    tab.js("(ed.canvas.selectNodes([ed.graph.getNodeById(Number(arg))]), ed.convertToSubgraph(), 0)", to_image[0])
+    page.fill('[data-testid="prompt-input"]', "ToImage")
+    page.keyboard.press("Enter")
+    tab.wait("ed.workflow().subgraphs && ed.workflow().subgraphs.ToImage")
+    doc = tab.js("ed.workflow()")
+    (outer,) = [i for i, n in doc["nodes"].items() if n["type"] == "subgraph:ToImage"]
+    assert doc["nodes"][outer]["inputs"] == {"mask": {"from": [rect_id, "mask"]}}
+    assert doc["subgraphs"]["ToImage"]["inputs"] == {"mask": {"type": "MASK"}}
+    tab.js("ed.openSubgraph(ed.graph.getNodeById(Number(arg)))", outer)
+    tab.wait("ed.graph._nodes.length === 1 && ed.tab.stack.length === 1")
+    tab.js("ed.closeSubgraph()")
+    tab.wait("!ed.tab.stack.length")
+    assert tab.js("ed.workflow().subgraphs.ToImage.nodes[arg].inputs.mask", to_image[0]) == {"from": ["@in", "mask"]}
 
 
 def test_load_image_shows_the_file_picked_from_the_list_and_after_reload(tab: BrowserPage):
@@ -274,17 +288,3 @@ def test_load_image_shows_the_file_picked_from_the_list_and_after_reload(tab: Br
     page.reload()
     page.wait_for_selector('.dg-root[data-ready="1"]')
     tab.wait("ed.nodeInfo(arg) && ed.nodeInfo(arg).images === 1", arg=loader)  # shown again after the reload
-    # a node fed from outside: its input becomes the subgraph's input, and survives open/close
-    tab.js("(ed.canvas.selectNodes([ed.graph.getNodeById(Number(arg))]), ed.convertToSubgraph(), 0)", to_image[0])
-    page.fill('[data-testid="prompt-input"]', "ToImage")
-    page.keyboard.press("Enter")
-    tab.wait("ed.workflow().subgraphs && ed.workflow().subgraphs.ToImage")
-    doc = tab.js("ed.workflow()")
-    (outer,) = [i for i, n in doc["nodes"].items() if n["type"] == "subgraph:ToImage"]
-    assert doc["nodes"][outer]["inputs"] == {"mask": {"from": [rect_id, "mask"]}}
-    assert doc["subgraphs"]["ToImage"]["inputs"] == {"mask": {"type": "MASK"}}
-    tab.js("ed.openSubgraph(ed.graph.getNodeById(Number(arg)))", outer)
-    tab.wait("ed.graph._nodes.length === 1 && ed.tab.stack.length === 1")
-    tab.js("ed.closeSubgraph()")
-    tab.wait("!ed.tab.stack.length")
-    assert tab.js("ed.workflow().subgraphs.ToImage.nodes[arg].inputs.mask", to_image[0]) == {"from": ["@in", "mask"]}
