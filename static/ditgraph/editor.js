@@ -764,6 +764,11 @@ class Editor {
     return this.graphToClient(node.pos[0] + 40, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2);
   }
 
+  /** The node of a workflow id (numeric or named). */
+  nodeById(id) {
+    return nodeByWorkflowId(this.graph, id);
+  }
+
   nodesOfType(type) {
     return this.graph._nodes.filter((n) => n.type === type).map((n) => workflowId(n));
   }

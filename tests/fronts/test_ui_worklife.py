@@ -251,7 +251,7 @@ def test_convert_to_subgraph_undo_and_unpack(tab: BrowserPage):
     assert nodes["3"]["inputs"]["images"] == {"from": [to_image[0], "image"]}
     assert by_type["RectangleMask"][1]["inputs"] == {**MASK_IMAGE["nodes"]["1"]["inputs"], "box_width": 40}
     # a node fed from outside: its input becomes the subgraph's input, and survives open/close
-    tab.js("(ed.canvas.selectNodes([ed.graph.getNodeById(Number(arg))]), ed.convertToSubgraph(), 0)", to_image[0])
+    tab.js("(ed.canvas.selectNodes([ed.nodeById(arg)]), ed.convertToSubgraph(), 0)", to_image[0])
     page.fill('[data-testid="prompt-input"]', "ToImage")
     page.keyboard.press("Enter")
     tab.wait("ed.workflow().subgraphs && ed.workflow().subgraphs.ToImage")
@@ -259,7 +259,7 @@ def test_convert_to_subgraph_undo_and_unpack(tab: BrowserPage):
     (outer,) = [i for i, n in doc["nodes"].items() if n["type"] == "subgraph:ToImage"]
     assert doc["nodes"][outer]["inputs"] == {"mask": {"from": [rect_id, "mask"]}}
     assert doc["subgraphs"]["ToImage"]["inputs"] == {"mask": {"type": "MASK"}}
-    tab.js("ed.openSubgraph(ed.graph.getNodeById(Number(arg)))", outer)
+    tab.js("ed.openSubgraph(ed.nodeById(arg))", outer)
     tab.wait("ed.graph._nodes.length === 1 && ed.tab.stack.length === 1")
     tab.js("ed.closeSubgraph()")
     tab.wait("!ed.tab.stack.length")
