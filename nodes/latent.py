@@ -24,8 +24,8 @@ def _need(value, what: str, hint: str):
 def EmptyLatent(
     model: Link(MODEL, "The model the latent is for (gives the channels and the VAE factor).", optional=True) = None,
     vae: Link(VAE, "Alternatively the VAE (gives channels and factor).", optional=True) = None,
-    width: vocab.SIZE = 1024,
-    height: vocab.SIZE = 1024,
+    width: Annotated[int, Spec(min=16, max=16384, step=16, snap=True)] = 1024,
+    height: Annotated[int, Spec(min=16, max=16384, step=16, snap=True)] = 1024,
     batch_size: Annotated[int, Spec(min=1, max=256)] = 1,
 ) -> Latent:
     """A blank (zero) latent for text-to-image, sized for the model's latent space."""

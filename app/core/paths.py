@@ -24,6 +24,10 @@ class PathRefused(ValueError):
     """A path that is missing, or escapes the folder it must stay in."""
 
 
+class PathMissing(PathRefused):
+    """A well-formed path inside its folder that names nothing (yet)."""
+
+
 def configure(models: str | os.PathLike | None = None, inputs=None, outputs=None, subgraphs=None) -> None:
     """Set folders for this process (CLI flags); None leaves a setting as it is."""
     for key, value in (("models", models), ("inputs", inputs), ("outputs", outputs), ("subgraphs", subgraphs)):
@@ -92,7 +96,7 @@ def resolve(kind: str, relative: str) -> Path:
         if path.exists():
             return path
         searched.append(str(root))
-    raise PathRefused(f"{kind} {relative!r} not found (looked in {', '.join(searched)})")
+    raise PathMissing(f"{kind} {relative!r} not found (looked in {', '.join(searched)})")
 
 
 def list_files(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders: bool = True) -> list[str]:

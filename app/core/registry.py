@@ -122,7 +122,7 @@ class NodeDef:
                     entry[key] = value
             if spec.multiline:
                 entry["multiline"] = True
-            for flag in ("seed", "lazy", "whole_list"):
+            for flag in ("seed", "lazy", "whole_list", "snap"):
                 if getattr(spec, flag):
                     entry[flag] = True
             choices = _safe_choices(spec)

@@ -134,6 +134,8 @@ class InputDef:
         if spec.max is not None and value > spec.max:
             return f"value {value!r} is above the maximum {spec.max!r}"
         if spec.snap and spec.step and (value - (spec.min or 0)) % spec.step:
+            if (spec.min or 0) % spec.step == 0:
+                return f"value {value!r} is not a multiple of {spec.step}"
             return f"value {value!r} must be {spec.min or 0} plus a multiple of {spec.step}"
         choices = spec.choice_list()
         if choices is not None and spec.file is None and value not in choices:

@@ -58,9 +58,9 @@ def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workf
             continue
         else:
             reason = decl.check_value(value)
-            if reason is None and decl.names_file(value):
-                reason = _check_file(decl.spec.file, value)
-                if reason and not eager:
+            if reason is None and decl.names_file(value) and (refused := _check_file(decl.spec.file, value)):
+                reason, missing = refused
+                if missing and not eager:  # a path escaping its folder stays an error wherever it is
                     problems.append(Problem(f"{reason} (needed only if a lazy input asks for it)", node_id, name,
                                             "bad_value", "warning"))
                     continue
@@ -69,11 +69,12 @@ def _check_inputs(node_id: str, inst: NodeInstance, nd: NodeDef, workflow: Workf
     return problems
 
 
-def _check_file(kind: str, value: Any) -> str | None:
+def _check_file(kind: str, value: Any) -> tuple[str, bool] | None:
+    """(why the file input is refused, whether only because it is missing yet) or None."""
     try:
         paths.resolve(kind, value)
     except paths.PathRefused as exc:
-        return str(exc)
+        return str(exc), isinstance(exc, paths.PathMissing)
     return None
 
 

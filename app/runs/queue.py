@@ -309,6 +309,13 @@ class RunStore:
             rows = self._db.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
         return {row["status"]: row["n"] for row in rows}
 
+    def delete(self, run_id: str) -> bool:
+        """Forget one finished run (the history's delete)."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM runs WHERE id = ? AND status IN ('success', 'failed', 'cancelled')",
+                                      (run_id,))
+        return cursor.rowcount == 1
+
     def prune(self, keep: int) -> int:
         """Drop the oldest finished runs beyond ``keep``."""
         with self._lock:

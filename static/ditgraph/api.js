@@ -8,8 +8,8 @@ export class ApiError extends Error {
   }
 }
 
-async function request(method, path, body, { raw = false, headers = {} } = {}) {
-  const init = { method, headers: { ...headers } };
+async function request(method, path, body, { raw = false, headers = {}, keepalive = false } = {}) {
+  const init = { method, headers: { ...headers }, ...(keepalive ? { keepalive } : {}) };
   if (body instanceof FormData || body instanceof Blob) {
     init.body = body;
   } else if (body !== undefined) {
@@ -38,8 +38,8 @@ const enc = encodeURIComponent;
 export const api = {
   nodes: () => request("GET", "/api/nodes"),
   validate: (workflow) => request("POST", "/api/validate", { workflow }),
-  queue: (workflow, clientId, targets = null) =>
-    request("POST", "/api/runs", targets ? { workflow, client_id: clientId, targets } : { workflow, client_id: clientId }),
+  queue: (workflow, clientId, targets = null, options = null) =>
+    request("POST", "/api/runs", { workflow, client_id: clientId, ...(targets ? { targets } : {}), ...(options ? { options } : {}) }),
   runs: () => request("GET", "/api/runs"),
   run: (id) => request("GET", `/api/runs/${enc(id)}`),
   cancel: (id) => request("DELETE", `/api/runs/${enc(id)}`),
@@ -57,6 +57,13 @@ export const api = {
   deleteWorkflow: (name) => request("DELETE", `/api/workflows/${String(name).split("/").map(enc).join("/")}`),
   renameWorkflow: (name, newName) =>
     request("POST", `/api/workflows/${String(name).split("/").map(enc).join("/")}/rename`, { new_name: newName }),
+  inputUrl: (name) => `/api/inputs/${String(name).split("/").map(enc).join("/")}`,
+  drafts: (workspace) => request("GET", `/api/drafts/${enc(workspace)}`),
+  // keepalive: the request outlives the page (autosave on reload/close; the browser caps it at 64 KB)
+  putDraft: (workspace, tab, draft, keepalive = false) => request("PUT", `/api/drafts/${enc(workspace)}/${enc(tab)}`, draft, { keepalive }),
+  deleteDraft: (workspace, tab) => request("DELETE", `/api/drafts/${enc(workspace)}/${enc(tab)}`),
+  history: (params = {}) => request("GET", `/api/history?${new URLSearchParams(params)}`),
+  deleteHistory: (id) => request("DELETE", `/api/history/${enc(id)}`),
   workflowFromPng: (file) => {
     const form = new FormData();
     form.append("file", file, file.name || "image.png");

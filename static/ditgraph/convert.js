@@ -7,6 +7,7 @@
 //
 // Inputs are keyed by name; everything about looks lives under "layout".
 import { LiteGraph, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
+import { tidyLayout } from "./layout.js";
 import { BYPASS_MODE } from "./nodes.js";
 
 export const FORMAT = "ditgraph/workflow";
@@ -90,32 +91,6 @@ export function graphToWorkflow(graph, { meta = {}, canvas = null } = {}) {
   return { format: FORMAT, version: VERSION, nodes, layout, meta: { ...meta } };
 }
 
-/** Auto-placement for workflows written by hand (no layout): columns by dependency depth. */
-function autoLayout(doc) {
-  const depth = {};
-  const visit = (id, seen = new Set()) => {
-    if (depth[id] !== undefined) return depth[id];
-    if (seen.has(id)) return 0;
-    seen.add(id);
-    let d = 0;
-    for (const value of Object.values(doc.nodes[id]?.inputs ?? {})) {
-      if (value && typeof value === "object" && Array.isArray(value.from) && doc.nodes[value.from[0]]) {
-        d = Math.max(d, visit(String(value.from[0]), seen) + 1);
-      }
-    }
-    depth[id] = d;
-    return d;
-  };
-  const rows = {};
-  const positions = {};
-  for (const id of Object.keys(doc.nodes)) {
-    const d = visit(id);
-    rows[d] = (rows[d] ?? 0) + 1;
-    positions[id] = [60 + d * 320, 60 + (rows[d] - 1) * 260];
-  }
-  return positions;
-}
-
 /**
  * Replace ``graph``'s contents with workflow ``doc``. Node ids are kept: numeric ids become
  * litegraph ids, other ids are remembered in ``properties.wid``. Returns problems found while
@@ -126,7 +101,7 @@ export function workflowToGraph(doc, graph, canvas = null) {
   graph.clear();
   const layout = doc.layout ?? {};
   const layoutNodes = layout.nodes ?? {};
-  const placed = Object.keys(layoutNodes).length ? {} : autoLayout(doc);
+  const needsLayout = !Object.keys(layoutNodes).length; // written by hand: placed after linking
   const byId = new Map();
   const entries = Object.entries(doc.nodes ?? {});
   // numeric ids first keep their number; named ids get fresh numbers above them
@@ -145,7 +120,7 @@ export function workflowToGraph(doc, graph, canvas = null) {
     // properties into menus as HTML, so a hostile file must not smuggle markup in here)
     if (!/^\d+$/.test(id) && SAFE_ID.test(id)) node.properties.wid = id;
     const look = layoutNodes[id] ?? {};
-    node.pos = [...(look.pos ?? placed[id] ?? [100, 100])];
+    node.pos = [...(look.pos ?? [100, 100])];
     if (look.size) node.size = [...look.size];
     if (look.collapsed) node.flags.collapsed = true;
     if (look.color) node.color = look.color;
@@ -191,6 +166,7 @@ export function workflowToGraph(doc, graph, canvas = null) {
     if (look.font_size) group.font_size = look.font_size;
     graph.add(group);
   }
+  if (needsLayout) tidyLayout(graph);
   graph.updateExecutionOrder();
   if (canvas && layout.viewport) {
     const { offset, scale } = layout.viewport;

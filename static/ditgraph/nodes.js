@@ -73,12 +73,27 @@ function numberOptions(input) {
   return options;
 }
 
+/** Pieces of ``word`` no wider than ``width`` (a path or hash longer than the node is cut). */
+function splitLong(ctx, word, width) {
+  if (ctx.measureText(word).width <= width) return [word];
+  const pieces = [];
+  let piece = "";
+  for (const char of word) {
+    if (piece && ctx.measureText(piece + char).width > width) {
+      pieces.push(piece);
+      piece = "";
+    }
+    piece += char;
+  }
+  return [...pieces, piece];
+}
+
 /** Wrap ``text`` to lines no wider than ``width`` px in ``ctx``'s font. */
-function wrapText(ctx, text, width) {
+export function wrapText(ctx, text, width) {
   const lines = [];
   for (const paragraph of String(text).split("\n")) {
     let line = "";
-    for (const word of paragraph.split(" ")) {
+    for (const word of paragraph.split(" ").flatMap((w) => splitLong(ctx, w, width))) {
       const trial = line ? `${line} ${word}` : word;
       if (ctx.measureText(trial).width > width && line) {
         lines.push(line);
@@ -175,7 +190,7 @@ export function registerCatalogue(catalogue, editor) {
       }
 
       addWidgetFor(input) {
-        const onChange = () => editor.changed("widget");
+        const onChange = () => editor.widgetChanged(this, widget);
         let widget;
         const choices = input.choices;
         if (input.type === "BOOLEAN") {
@@ -207,6 +222,12 @@ export function registerCatalogue(catalogue, editor) {
           const upload = this.addWidget("button", `${input.name}__upload`, null, () => editor.uploadInto(this, widget), {});
           upload.label = "choose file to upload…";
           upload.serialize = false;
+          if (def.outputs.some((o) => o.type === "MASK")) {
+            // the image's alpha is the node's mask output: paint it over the image
+            const paint = this.addWidget("button", `${input.name}__mask`, null, () => editor.openMaskEditor(this, widget), {});
+            paint.label = "paint mask…";
+            paint.serialize = false;
+          }
         }
         // A socket at the widget so primitives (Seed, PrimitiveInt, ...) can drive it.
         const slot = this.addInput(input.name, input.type, { widget: { name: input.name } });

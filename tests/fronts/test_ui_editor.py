@@ -14,34 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.ui_helpers import REPO, VIEWPORT, BrowserPage, browser_skip_reason, chromium, running_server
+from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures
+    REPO,
+    VIEWPORT,
+    BrowserPage,
+    browser_fixture,
+    browser_skip_reason,
+    server_fixture,
+    tab_fixture,
+)
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 
 BLUEPRINT = REPO / "graphs" / "shapes-txt2img.json"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("ditgraph-ui-") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def tab(server, browser):
-    """A fresh browser context (empty localStorage) with the editor open."""
-    context = browser.new_context(viewport=VIEWPORT)
-    page = BrowserPage(context, server)
-    page.open()
-    yield page
-    assert page.external == [], f"the page tried to reach outside 127.0.0.1: {page.external}"
-    context.close()
 
 
 def new_canvas(tab: BrowserPage) -> None:

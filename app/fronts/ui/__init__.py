@@ -32,11 +32,21 @@ def static_version() -> str:
     return digest.hexdigest()[:10]
 
 
+SPLASH = ('<div id="dg-splash" style="position:fixed;inset:0;display:flex;align-items:center;justify-content:center;'
+          'background:#1b1d21;color:#9ecbff;font:600 18px system-ui,sans-serif;z-index:1">ditgraph · loading the editor…</div>')
+
+
+def module_urls(version: str) -> list[str]:
+    """Our ES modules as the browser imports them (editor.js carries the cache-busting version)."""
+    names = sorted(p.name for p in (STATIC_DIR / "ditgraph").glob("*.js"))
+    return [f"{name}?v={version}" if name == "editor.js" else name for name in names]
+
+
 def register(state: Any = None, *, title: str = "ditgraph", default_workflow: str = DEFAULT_WORKFLOW, **_: Any) -> None:
     """Add the editor page ('/') and the front-end files ('/static/...') to NiceGUI's app.
 
-    ``state`` is the server's AppState (unused for now: the page reaches everything through
-    the HTTP API). NiceGUI has one app per process, so a second call is a no-op.
+    ``state`` is the server's AppState (the editor routes use its settings, queue and
+    output folder). NiceGUI has one app per process, so a second call is a no-op.
     """
     global _registered
     if _registered:
@@ -49,12 +59,26 @@ def register(state: Any = None, *, title: str = "ditgraph", default_workflow: st
     from app.fronts.ui.page import EditorComponent
 
     nicegui_app.add_static_files(STATIC_URL, STATIC_DIR, max_cache_age=0)
+    if state is not None:
+        # the editor's own routes (drafts, input previews, history); see app/fronts/editor_routes.py
+        from fastapi import APIRouter
+
+        from app.fronts import editor_routes
+
+        router = APIRouter(prefix="/api")
+        editor_routes.register(router, state)
+        nicegui_app.include_router(router)
 
     @ui.page("/", title=title)
     def editor_page() -> None:
+        version = static_version()
+        # fetch our modules in parallel with NiceGUI's scripts, and paint at once (the editor
+        # replaces the splash when it mounts): first contentful paint does not wait for Vue
+        ui.add_head_html("".join(f'<link rel="modulepreload" href="{STATIC_URL}/ditgraph/{url}">' for url in module_urls(version)))
+        ui.add_body_html(SPLASH)
         ui.query(".nicegui-content").classes("p-0 gap-0")
         ui.query("body").style("overflow: hidden; background: #1b1d21")
-        EditorComponent(static_url=STATIC_URL, version=static_version(), default_workflow=default_workflow).style(
+        EditorComponent(static_url=STATIC_URL, version=version, default_workflow=default_workflow).style(
             "width: 100vw; height: 100vh"
         )
 

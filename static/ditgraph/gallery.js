@@ -1,0 +1,71 @@
+// History and gallery: every finished run with its time, duration, seeds and thumbnails;
+// filter by workflow; click a thumbnail to open the image, "Load" to open the run's workflow
+// (with its images) in a new tab; "Delete" forgets the run (GET/DELETE /api/history).
+import { api } from "./api.js";
+import { el } from "./palette.js";
+import { duration } from "./runs.js";
+
+const isVideo = (url) => /\.(mp4|webm)(\?|$)/i.test(url);
+
+export const galleryMethods = {
+  async openHistory(filter = "") {
+    const body = el("div", { class: "dg-gallery", "data-testid": "history-list" }, "Loading…");
+    const select = el("select", { class: "dg-input", "data-testid": "history-filter" }, el("option", { value: "" }, "All workflows"));
+    select.addEventListener("change", () => this.fillHistory(body, select.value));
+    const close = this.modal(
+      el(
+        "div",
+        { class: "dg-dialog dg-dialog-gallery", "data-testid": "history" },
+        el("div", { class: "dg-panel-title" }, "History", select, el("span", { class: "dg-grow" }), el("button", { class: "dg-btn dg-btn-small", onclick: () => close() }, "✕")),
+        body,
+      ),
+    );
+    this.historyClose = close;
+    const names = await this.fillHistory(body, filter);
+    select.append(...names.map((name) => el("option", { value: name, ...(name === filter ? { selected: "" } : {}) }, name)));
+    return body;
+  },
+
+  async fillHistory(body, workflow) {
+    let answer;
+    try {
+      answer = await api.history(workflow ? { workflow } : {});
+    } catch (error) {
+      body.replaceChildren(el("div", { class: "dg-muted" }, error.message));
+      return [];
+    }
+    const runs = answer.runs ?? [];
+    body.replaceChildren(...(runs.length ? runs.map((r) => this.historyCard(r, body, workflow)) : [el("div", { class: "dg-muted" }, "No finished runs.")]));
+    body.dataset.loaded = workflow || "*";
+    return answer.workflows ?? [];
+  },
+
+  historyCard(r, body, workflow) {
+    const urls = (r.outputs ?? []).map((o) => o.url);
+    const images = urls.filter((u) => !isVideo(u));
+    const when = r.finished ? new Date(r.finished * 1000).toLocaleString() : "";
+    const remove = async () => {
+      await api.deleteHistory(r.run_id).catch((e) => this.toast(e.message, "error"));
+      this.fillHistory(body, workflow);
+    };
+    return el(
+      "div",
+      { class: `dg-card dg-run-${r.status}`, "data-testid": "history-run", "data-run": r.run_id },
+      el(
+        "div",
+        { class: "dg-thumbs" },
+        ...(images.length
+          ? images.slice(0, 4).map((url) => el("img", { src: url, loading: "lazy", "data-testid": "history-thumb", onclick: () => this.showImages(urls) }))
+          : [el("div", { class: "dg-muted" }, r.status === "success" ? (urls.length ? "video" : "no images") : r.status)]),
+      ),
+      el("div", { class: "dg-card-name" }, r.name || "untitled"),
+      el("div", { class: "dg-muted" }, [when, duration(r.duration), r.seeds?.length ? `seed ${r.seeds.join(", ")}` : ""].filter(Boolean).join(" · ")),
+      el(
+        "div",
+        { class: "dg-dialog-buttons" },
+        el("button", { class: "dg-btn dg-btn-small", "data-testid": "history-load", onclick: () => (this.historyClose?.(), this.loadRun(r.run_id)) }, "Load"),
+        el("button", { class: "dg-btn dg-btn-small dg-btn-danger", "data-testid": "history-delete", onclick: remove }, "Delete"),
+      ),
+    );
+  },
+};
