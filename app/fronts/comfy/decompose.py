@@ -30,8 +30,13 @@ def negative_only(node_id: str, nodes: dict, notes: list, available: set) -> Non
         nodes[node_id]["type"] = "TextEncodeNegative"
 
 
+_WIRED = {"EmptyLatent": ("model", "vae"), "EmptyVideoLatent": ("model",)}
+
+
 def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) -> None:
-    """Our EmptyLatent takes the model and VAE (for channels and scale); ComfyUI's takes neither."""
+    """Our EmptyLatent takes the model and VAE (for channels and scale), EmptyVideoLatent the
+    model; ComfyUI's take neither."""
+    kind = nodes[node_id]["type"]
     inputs = nodes[node_id]["inputs"]
     samplers = [c for c, _, _ in _links_to(nodes, node_id) if nodes[c]["type"] in ("Sampler", "SamplerCustom")]
     if "model" not in inputs:
@@ -39,16 +44,16 @@ def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) ->
             if isinstance(nodes[sampler]["inputs"].get("model"), dict):
                 inputs["model"] = dict(nodes[sampler]["inputs"]["model"])
                 break
-    if "vae" not in inputs:
+    if "vae" in _WIRED[kind] and "vae" not in inputs:
         decoders = [c for sampler in samplers for c, _, _ in _links_to(nodes, sampler) if nodes[c]["type"] == "VAEDecode"]
         decoders += [i for i, n in nodes.items() if n["type"] in ("VAEDecode", "VAEEncode")]
         for decoder in decoders:
             if isinstance(nodes[decoder]["inputs"].get("vae"), dict):
                 inputs["vae"] = dict(nodes[decoder]["inputs"]["vae"])
                 break
-    missing = [name for name in ("model", "vae") if name not in inputs]
+    missing = [name for name in _WIRED[kind] if name not in inputs]
     if missing:
-        notes.append(f"node {node_id} (EmptyLatent): could not tell which {' and '.join(missing)} to use; connect it")
+        notes.append(f"node {node_id} ({kind}): could not tell which {' and '.join(missing)} to use; connect it")
 
 
 def clip_loaders(count: int):
@@ -120,7 +125,7 @@ def sampler_custom(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
 
 
 def _constant_int(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int:
-    value = ctx.value(node_id, raw, name, default)
+    value = ctx.constant(node_id, raw, name, default)
     if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, (int, float)):
         ctx.fail(node_id, raw, f"its {name!r} must be a number written on the node (a linked one is not supported)")
     return int(value)
@@ -228,6 +233,22 @@ def apply_controlnet(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     return {}, inputs
 
 
+def wire_scheduler_model(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """LTXVScheduler takes no model, our Scheduler does: the model of the sampler it feeds."""
+    stack, seen = [node_id], set()
+    while stack and "model" not in nodes[node_id]["inputs"]:
+        for consumer, _, _ in _links_to(nodes, stack.pop()):
+            model = nodes[consumer]["inputs"].get("model") if consumer not in seen else None
+            seen.add(consumer)
+            if isinstance(model, dict):
+                nodes[node_id]["inputs"]["model"] = dict(model)
+                break
+            stack.append(consumer)  # through SplitSigmas
+    if "model" not in nodes[node_id]["inputs"]:
+        notes.append(f"node {node_id} (Scheduler): could not tell which model to use; connect it")
+    scheduler_size(node_id, nodes, notes, available)
+
+
 def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> None:
     """Our Scheduler takes the image size (for Flux's resolution-dependent shift); ComfyUI's
     BasicScheduler does not: take it from the empty latent the sampler it feeds starts from."""
@@ -242,7 +263,7 @@ def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> No
                 stack.append(consumer)
             latent = nodes[consumer]["inputs"].get("latent") if nodes[consumer]["type"] == "SamplerCustom" else None
             source = nodes.get(latent["from"][0]) if isinstance(latent, dict) else None
-            if source and source["type"] == "EmptyLatent" and scheduler in nodes:
+            if source and source["type"] in _WIRED and scheduler in nodes:
                 size = {k: source["inputs"][k] for k in ("width", "height") if isinstance(source["inputs"].get(k), int)}
                 nodes[scheduler]["inputs"] = {**size, **nodes[scheduler]["inputs"]}
                 return
@@ -259,3 +280,39 @@ def batch_images(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
         extra[f"{node_id}.{index}"] = {"type": "ImageBatch", "inputs": {"first": first, "second": image}}
         first = {"from": [f"{node_id}.{index}", "image"]}
     return extra, {"first": first, "second": images[-1]}
+
+
+def _model_taker(ctx: Any, node_id: str) -> tuple[str, dict] | None:
+    """The first sampler or guider an output of ``node_id`` reaches (through conditioning nodes)."""
+    stack, seen = [node_id], set()
+    while stack:
+        for consumer_id, consumer in _consumers(ctx, stack.pop()):
+            if consumer.get("class_type") in _MODEL_TAKERS:
+                return consumer_id, consumer
+            if consumer_id not in seen:
+                seen.add(consumer_id)
+                stack.append(consumer_id)
+    return None
+
+
+def image_to_video(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """WanImageToVideo -> ImageToVideo, with the model of the sampler its outputs reach."""
+    if ctx.value(node_id, raw, "clip_vision_output") is not None:
+        ctx.fail(node_id, raw, "CLIP-vision conditioned image-to-video (Wan 2.1 I2V) is not supported; use Wan 2.2 I2V")
+    if ctx.value(node_id, raw, "start_image") is None:
+        ctx.fail(node_id, raw, "needs a start_image (ditgraph's ImageToVideo starts from one)")
+    taker = _model_taker(ctx, node_id)
+    if taker is None:
+        ctx.fail(node_id, raw, "its outputs reach no sampler, so there is no model to size the video latent")
+    inputs = {name: ctx.value(node_id, raw, name) for name in ("vae", "positive", "negative", "start_image", "width",
+                                                                "height", "batch_size")}
+    return {}, {**inputs, "model": ctx.value(*taker, "model"), "frames": ctx.value(node_id, raw, "length")}
+
+
+def frame_rate_pair(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """LTXVConditioning(positive, negative, frame_rate) -> a ConditioningFrameRate for each
+    (the negative one is ``<id>.1``, its output index 1)."""
+    rate = ctx.value(node_id, raw, "frame_rate", 25.0)
+    negative = {"conditioning": ctx.value(node_id, raw, "negative"), "frame_rate": rate}
+    return ({f"{node_id}.1": {"type": "ConditioningFrameRate", "inputs": negative}},
+            {"conditioning": ctx.value(node_id, raw, "positive"), "frame_rate": rate})

@@ -24,7 +24,14 @@ NAMES = {
     "hunyuan-dit": "HunyuanDiT", "hunyuan-video": "HunyuanVideo", "hunyuan-image": "HunyuanImage", "hunyuan3d": "Hunyuan3D",
     "hidream": "HiDream", "mochi": "Mochi", "z-image": "Z-Image", "omnigen2": "OmniGen2", "ace-step": "ACE-Step (audio)",
     "stable-audio": "Stable Audio", "kandinsky": "Kandinsky", "ovis": "Ovis-Image", "longcat": "LongCat-Image",
-    "anima": "Anima", "lotus": "Lotus (depth/normal estimation)",
+    "anima": "Anima", "lotus": "Lotus (depth/normal estimation)", "ltx2": "LTX-2 (audio+video)",
+    "ltx-guides": "LTX-Video image-to-video (guide frames)", "wan-5b": "Wan 2.2 TI2V-5B (its 16x VAE)",
+    "clip-vision": "CLIP-vision image conditioning (Wan 2.1 image-to-video)", "wan-vace": "Wan VACE",
+    "wan-flf2v": "Wan first-last-frame-to-video", "wan-camera": "Wan Fun Camera", "wan-fun": "Wan Fun Control/Inpaint",
+    "wan-s2v": "Wan 2.2 S2V (sound-to-video)", "wan-humo": "Wan HuMo", "wan-talk": "Wan InfiniteTalk",
+    "wan-animate": "Wan Animate", "wan-tracks": "Wan ATI/Move (motion tracks)", "wan-scail": "Wan SCAIL",
+    "wan-dancer": "Wan Dancer", "wan-ar": "Wan causal-forcing (autoregressive)", "bernini": "Bernini-R",
+    "llm": "text generation (an LLM, not a diffusion model)",
 }
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
@@ -35,7 +42,7 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
     ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
-    ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
+    ("ti2v_5b", "wan-5b"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),
     ("stable_cascade", "stable-cascade"), ("cascade", "stable-cascade"), ("svd", "svd"), ("sd_xl", "sdxl"),
     ("sdxl", "sdxl"), ("v1-5", "sd1"), ("sd15", "sd1"), ("sd-v1", "sd1"), ("v2-1", "sd2"), ("kandinsky", "kandinsky"),
@@ -47,8 +54,15 @@ VAE_FILES: tuple[tuple[str, str], ...] = (
 )
 MODEL_INPUTS = {"ckpt_name", "unet_name", "model_name"}  # loader inputs that name the diffusion model
 NODE_TYPES = {
-    "WanImageToVideo": "wan", "WanVaceToVideo": "wan", "WanFirstLastFrameToVideo": "wan", "LTXVConditioning": "ltx",
-    "LTXVImgToVideo": "ltx", "EmptyLTXVLatentVideo": "ltx", "EmptyCosmosLatentVideo": "cosmos",
+    "WanImageToVideo": "wan", "WanVaceToVideo": "wan-vace", "WanFirstLastFrameToVideo": "wan-flf2v", "LTXVConditioning": "ltx",
+    "LTXVImgToVideo": "ltx-guides", "LTXVImgToVideoInplace": "ltx-guides", "LTXVAddGuide": "ltx-guides",
+    "EmptyLTXVLatentVideo": "ltx", "LTXAVTextEncoderLoader": "ltx2", "LTXVConcatAVLatent": "ltx2",
+    "LTXVEmptyLatentAudio": "ltx2", "Wan22ImageToVideoLatent": "wan-5b", "CLIPVisionEncode": "clip-vision",
+    "WanCameraImageToVideo": "wan-camera", "WanFunControlToVideo": "wan-fun", "Wan22FunControlToVideo": "wan-fun",
+    "WanFunInpaintToVideo": "wan-fun", "WanSoundImageToVideo": "wan-s2v", "WanHuMoImageToVideo": "wan-humo",
+    "WanInfiniteTalkToVideo": "wan-talk", "WanAnimate2ToVideo": "wan-animate", "WanTrackToVideo": "wan-tracks",
+    "WanMoveTrackToVideo": "wan-tracks", "WanSCAILToVideo": "wan-scail", "WanDancerVideo": "wan-dancer",
+    "ARVideoI2V": "wan-ar", "BerniniConditioning": "bernini", "TextGenerate": "llm", "EmptyCosmosLatentVideo": "cosmos",
     "CLIPTextEncodeHunyuanDiT": "hunyuan-dit", "EmptyAceStepLatentAudio": "ace-step", "EmptyLatentAudio": "stable-audio",
     "SVD_img2vid_Conditioning": "svd", "TextEncodeQwenImageEdit": "qwen-image", "TextEncodeQwenImageEditPlus": "qwen-image",
     "EmptyFlux2LatentImage": "flux2", "Flux2Scheduler": "flux2", "EmptyHunyuanImageLatent": "hunyuan-image",
