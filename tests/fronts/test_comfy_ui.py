@@ -103,6 +103,21 @@ def test_subgraph_promoted_widget_value_reaches_the_inner_node(registry):
     assert inline(convert(document, registry))["nodes"]["50:5"]["inputs"]["guidance"] == 2.5
 
 
+def test_subgraph_values_of_widget_inputs_not_shown_on_the_instance(registry):
+    """Newer files: one value per widget-typed definition input, whether the instance shows it or not."""
+    document = as_subgraph(flux_custom_sampler(), {4, 5})
+    instance = next(n for n in document["nodes"] if n["id"] == 50)
+    definition = document["definitions"]["subgraphs"][0]
+    inner_guidance = next(n for n in definition["nodes"] if n["id"] == 5)
+    for slot, name in ((1, "hidden"), (2, "guidance")):
+        definition["inputs"].append({"id": name, "name": name, "type": "FLOAT", "linkIds": [90 + slot]})
+    definition["links"].append({"id": 92, "origin_id": -10, "origin_slot": 2, "target_id": 5, "target_slot": 1, "type": "FLOAT"})
+    inner_guidance["inputs"].append({"name": "guidance", "type": "FLOAT", "link": 92, "widget": {"name": "guidance"}})
+    instance["inputs"].append({"name": "guidance", "type": "FLOAT", "link": None, "widget": {"name": "guidance"}})
+    instance["widgets_values"] = [7.0, 2.5]  # "hidden" (not on the instance), then guidance
+    assert inline(convert(document, registry))["nodes"]["50:5"]["inputs"]["guidance"] == 2.5
+
+
 def test_legacy_group_node_is_inlined(registry):
     document = flux_custom_sampler()
     document["nodes"] = [n for n in document["nodes"] if n["id"] not in (4, 5)]

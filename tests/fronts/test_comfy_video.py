@@ -6,7 +6,7 @@ import pytest
 
 from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
-from app.fronts.comfy import ComfyImportError, convert
+from app.fronts.comfy import ComfyImportError, convert, export_comfy
 from tests.fixtures.comfy_graphs import ui_graph, ui_node
 
 MISSING_FILE = "not found (looked in"
@@ -165,3 +165,30 @@ def test_clip_set_last_layer_dissolves(registry):
     document = convert(api, registry)
     assert "12" not in document["nodes"] and document["nodes"]["3"]["inputs"]["text_encoder"] == {"from": ["2", "text_encoder"]}
     assert any("CLIPSetLastLayer" in note for note in document["meta"]["import_notes"])
+
+
+@pytest.mark.parametrize("graph", [wan22_two_experts, ltx_text_to_video])
+def test_video_workflows_round_trip_through_the_api_format(graph, registry):
+    document = convert(graph(), registry)
+    exported = export_comfy(document)
+    assert exported["5" if graph is ltx_text_to_video else "8"]["class_type"] in ("LTXVConditioning", "EmptyHunyuanLatentVideo")
+    assert convert(exported, registry)["nodes"] == document["nodes"]
+
+
+def test_linked_step_counts_stay_links(registry):
+    """Lightning-LoRA templates switch between step counts: the schedule takes the switch's link."""
+    api = wan22_two_experts()
+    api["21"] = {"class_type": "PrimitiveBoolean", "inputs": {"value": True}}
+    api["22"] = {"class_type": "PrimitiveInt", "inputs": {"value": 4}}
+    api["23"] = {"class_type": "ComfySwitchNode", "inputs": {"switch": ["21", 0], "on_true": ["22", 0], "on_false": ["20", 0]}}
+    api["24"] = {"class_type": "ComfyMathExpression", "inputs": {"expression": "a // 2", "values.a": ["23", 0]}}
+    for sampler in ("9", "10"):
+        api[sampler]["inputs"]["steps"] = ["23", 0]
+    api["9"]["inputs"]["end_at_step"] = api["10"]["inputs"]["start_at_step"] = ["24", 1]
+    document = convert(api, registry)
+    nodes = document["nodes"]
+    assert nodes["9.1"]["inputs"]["steps"] == {"from": ["23", "value"]} and nodes["23"]["type"] == "If"
+    assert nodes["9.2"]["inputs"]["step"] == nodes["10.3"]["inputs"]["step"] == {"from": ["24", "int"]}
+    assert "10.2" not in nodes  # end_at_step 10000 never cuts
+    assert only_missing_files(document, registry) == []
+    assert convert(export_comfy(document), registry)["nodes"] == nodes

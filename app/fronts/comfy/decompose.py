@@ -124,38 +124,47 @@ def sampler_custom(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     return {}, inputs
 
 
-def _constant_int(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int:
+def _step_count(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int | dict:
+    """A step number written on the node (or on a primitive node), else the link that gives it."""
     value = ctx.constant(node_id, raw, name, default)
-    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, (int, float)):
-        ctx.fail(node_id, raw, f"its {name!r} must be a number written on the node (a linked one is not supported)")
+    if isinstance(value, dict) and "from" in value:
+        return value  # e.g. a switch between two step counts: our nodes take the link
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ctx.fail(node_id, raw, f"its {name!r} must be a number")
     return int(value)
 
 
 def ksampler_advanced(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
-    """KSamplerAdvanced -> Scheduler, SplitSigmas at end/start step, SamplerCustom."""
+    """KSamplerAdvanced -> Scheduler, SplitSigmas at end/start step, SamplerCustom. Linked step
+    numbers are passed on as links; the schedule is then split wherever it may be cut."""
     from app.fronts.comfy.table import sampler_name, scheduler_name
 
-    steps = _constant_int(node_id, raw, "steps", ctx, 20)
-    start = _constant_int(node_id, raw, "start_at_step", ctx, 0)
-    end = min(_constant_int(node_id, raw, "end_at_step", ctx, 10000), steps)
+    steps = _step_count(node_id, raw, "steps", ctx, 20)
+    start = _step_count(node_id, raw, "start_at_step", ctx, 0)
+    end = _step_count(node_id, raw, "end_at_step", ctx, 10000)
+    if isinstance(end, int) and isinstance(steps, int):
+        end = min(end, steps)
+    cuts_end = isinstance(end, dict) or end < (steps if isinstance(steps, int) else 1000)  # 1000: Scheduler's most steps
     schedule = {"model": ctx.value(node_id, raw, "model"), "steps": steps,
                 "scheduler": ctx.translate(node_id, raw, "scheduler", scheduler_name)}
     if ctx.shift(node_id) is not None:
         schedule["shift"] = ctx.shift(node_id)
     extra = {f"{node_id}.1": {"type": "Scheduler", "inputs": schedule}}
     sigmas: dict = {"from": [f"{node_id}.1", "sigmas"]}
-    if end < steps:
+    if cuts_end:
         extra[f"{node_id}.2"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": end}}
         sigmas = {"from": [f"{node_id}.2", "high"]}
         if ctx.value(node_id, raw, "return_with_leftover_noise", "disable") != "enable":
             ctx.note(node_id, raw, "ComfyUI denoises fully at end_at_step; here the latent keeps the noise of that step")
-    if start > 0:
+    if isinstance(start, dict) or start > 0:
         extra[f"{node_id}.3"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": start}}
         sigmas = {"from": [f"{node_id}.3", "low"]}
     inputs = {name: ctx.value(node_id, raw, name) for name in ("model", "positive", "negative", "cfg")}
-    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), sigmas=sigmas, seed=ctx.value(node_id, raw, "noise_seed"),
-                  add_noise=ctx.value(node_id, raw, "add_noise", "enable") == "enable",
+    noise = ctx.value(node_id, raw, "add_noise", "enable") == "enable"
+    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), sigmas=sigmas, add_noise=noise,
                   sampler=ctx.translate(node_id, raw, "sampler_name", sampler_name))
+    if noise:  # without noise the seed means nothing (and ComfyUI's DisableNoise has none)
+        inputs["seed"] = ctx.value(node_id, raw, "noise_seed")
     return extra, inputs
 
 
@@ -311,8 +320,10 @@ def image_to_video(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
 
 def frame_rate_pair(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     """LTXVConditioning(positive, negative, frame_rate) -> a ConditioningFrameRate for each
-    (the negative one is ``<id>.1``, its output index 1)."""
+    (the negative one is ``<id>.1``, its output index 1; only when something takes it)."""
     rate = ctx.value(node_id, raw, "frame_rate", 25.0)
     negative = {"conditioning": ctx.value(node_id, raw, "negative"), "frame_rate": rate}
-    return ({f"{node_id}.1": {"type": "ConditioningFrameRate", "inputs": negative}},
-            {"conditioning": ctx.value(node_id, raw, "positive"), "frame_rate": rate})
+    used = any(isinstance(v, list) and len(v) == 2 and str(v[0]) == node_id and v[1] == 1
+               for _, consumer in _consumers(ctx, node_id) for v in (consumer.get("inputs") or {}).values())
+    extra = {f"{node_id}.1": {"type": "ConditioningFrameRate", "inputs": negative}} if used else {}
+    return extra, {"conditioning": ctx.value(node_id, raw, "positive"), "frame_rate": rate}

@@ -214,7 +214,7 @@ TABLE: dict[str, NodeMap] = {
                            note="its audio input is not kept (ditgraph videos have no sound track)"),
     "GetVideoComponents": NodeMap("VideoFrames", ("images", NO_OUTPUT + "ditgraph videos have no sound track", "fps"),
                                   requires=VIDEO_NODES),
-    "WanImageToVideo": NodeMap("ImageToVideo", ("positive", "negative", "latent"),
+    "WanImageToVideo": NodeMap("ImageToVideo", ("positive", "negative", "latent"), {"length": "frames"},
                                widgets=("width", "height", "length", "batch_size"), expand=d.image_to_video,
                                requires=VIDEO_NODES),
     "LTXVConditioning": NodeMap("ConditioningFrameRate", ("conditioning", ".1/conditioning"), widgets=("frame_rate",),
