@@ -82,7 +82,7 @@ def test_wan_image_to_video_takes_the_samplers_model(registry):
     api["16"]["inputs"]["clip_vision_output"] = ["17", 0]
     api["17"] = {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["18", 0], "image": ["15", 0], "crop": "none"}}
     api["18"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}}
-    with pytest.raises(ComfyImportError, match=r"^CLIP-vision image conditioning \(Wan 2.1 image-to-video\) workflow") as err:
+    with pytest.raises(ComfyImportError, match=r"^CLIP-vision image conditioning \(as Wan 2.1 image-to-video uses\) workflow") as err:
         convert(api, registry)
     assert "\n" not in str(err.value)
 
@@ -123,6 +123,7 @@ def test_ltx_conditioning_scheduler_and_latent(registry):
 @pytest.mark.parametrize("kind,family", [
     ("WanVaceToVideo", "Wan VACE"), ("WanFirstLastFrameToVideo", "Wan first-last-frame"),
     ("LTXVImgToVideo", "LTX-Video image-to-video"), ("LTXVConcatAVLatent", "LTX-2"),
+    ("Wan22ImageToVideoLatent", "Wan 2.2 TI2V-5B"),
 ])
 def test_video_variants_ditgraph_lacks_are_refused_in_one_line(kind, family, registry):
     api = ltx_text_to_video() if kind.startswith("LTX") else wan22_two_experts()
@@ -192,3 +193,13 @@ def test_linked_step_counts_stay_links(registry):
     assert "10.2" not in nodes  # end_at_step 10000 never cuts
     assert only_missing_files(document, registry) == []
     assert convert(export_comfy(document), registry)["nodes"] == nodes
+
+
+def test_generic_clip_vision_or_llm_nodes_name_no_family_alone(registry):
+    from app.fronts.comfy import families
+
+    assert families.detect({"1": {"class_type": "CLIPVisionEncode", "inputs": {}}}) == {}
+    assert list(families.detect({"1": {"class_type": "TextGenerate", "inputs": {}}})) == ["llm"]
+    api = ltx_text_to_video()
+    api["12"] = {"class_type": "TextGenerate", "inputs": {}}  # an LLM writing the prompt of a diffusion workflow
+    assert list(families.detect(api)) == ["ltx"]
