@@ -43,7 +43,7 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
     ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
-    ("ti2v_5b", "wan-5b"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"),
+    ("ti2v_5b", "wan-5b"), ("wan_animate", "wan-animate"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"),
     ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),
     ("stable_cascade", "stable-cascade"), ("cascade", "stable-cascade"), ("svd", "svd"), ("sd_xl", "sdxl"),
