@@ -26,9 +26,9 @@ class ComfyImportError(ValueError):
 Translate = Callable[[Any], tuple[Any, str | None]]  # value -> (our value, note for the user or None)
 Fixup = Callable[[str, dict, list, set], None]  # (node id, converted nodes, notes, installed types)
 CONTROL, UPLOAD, SHOWN = "$control", "$upload", "$shown"  # widgets without an input of their own
-VIDEO_NODES = "the video nodes of nodes/video.py (branch families)"
+VIDEO_NODES = "the video nodes of nodes/video.py and EmptyVideoLatent of nodes/latent.py"
 NO_OUTPUT = "!"  # an output index ours lacks: "!" + why, said when something links to it
-LAZY_IF = "the lazy If of nodes/core.py (branch engine); a constant switch needs no node"
+LAZY_IF = "the lazy If of nodes/core.py; a constant switch needs no node"
 
 
 @dataclass(frozen=True)
