@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.core import paths
-from app.core.executor import Engine
 from app.fronts.cli import make_registry
 from app.fronts.comfy import convert
 from tests.fixtures.tiny_video import save_video_family
 from tests.fronts.test_comfy_video import ltx_text_to_video, wan22_two_experts
+from tests.models.test_parity import engine  # noqa: F401  (a fixture over this module's models_root)
 from tests.models.test_video_parity import SIZES, workflow
 
 
@@ -20,12 +19,6 @@ def models_root(tmp_path_factory):
     for family in ("wan", "ltx"):
         save_video_family(family, root / "checkpoints" / f"tiny-{family}")
     return root
-
-
-@pytest.fixture
-def engine(models_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(paths._overrides, "models", models_root)
-    return Engine(device="cpu", output_dir=tmp_path / "out")
 
 
 def _native(family: str, seed: int, steps: int, cfg: float) -> dict:
@@ -39,7 +32,7 @@ def _sized(api: dict, node: str, family: str) -> None:
     api[node]["inputs"].update(width=width, height=height, length=frames)
 
 
-def test_imported_two_expert_wan_workflow_runs_like_one_sampler(engine):
+def test_imported_two_expert_wan_workflow_runs_like_one_sampler(engine):  # noqa: F811
     """Both experts the same tiny Wan, split at step 1 of 2: the same latent as one 2-step Sampler."""
     api = wan22_two_experts()
     for loader in ("1", "2"):
@@ -63,7 +56,7 @@ def test_imported_two_expert_wan_workflow_runs_like_one_sampler(engine):
     assert engine.run(document).raise_for_status().ui["14"]["images"][0]["format"] == "mp4"
 
 
-def test_imported_ltx_workflow_runs_like_the_native_one(engine):
+def test_imported_ltx_workflow_runs_like_the_native_one(engine):  # noqa: F811
     api = ltx_text_to_video()
     api["1"]["inputs"]["ckpt_name"] = "tiny-ltx"
     api["2"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-ltx"}}
