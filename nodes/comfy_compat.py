@@ -1,7 +1,7 @@
 """Small nodes that give imported ComfyUI workflows their utility nodes' capabilities.
 
 ManualSigmas (a typed-in schedule), StringConcatenate, MathExpression, ImageSize,
-ScaleToMegapixels, ImageScale and Canny: each is what the ComfyUI node of (nearly) the same
+ScaleToMegapixels, ImageScale, ImageScaleBy and Canny: each is what the ComfyUI node of (nearly) the same
 name does, on our types. (ComfyUI's switch maps onto the lazy ``If`` of nodes/core.py.)
 """
 
@@ -92,6 +92,13 @@ def ImageSize(image: IMAGE) -> tuple:
     return int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
 
 
+def _resize(pixels: torch.Tensor, method: str, size: list[int]) -> torch.Tensor:
+    """(B, C, H, W) -> an IMAGE (B, h, w, C) of ``size``, antialiased unless nearest."""
+    resized = torch.nn.functional.interpolate(pixels, size=size, mode=method,
+                                              **({} if method == "nearest-exact" else {"antialias": True}))
+    return resized.movedim(1, -1).clamp(0, 1)
+
+
 @node(category="image", outputs={"image": IMAGE})
 def ScaleToMegapixels(
     image: IMAGE,
@@ -103,9 +110,7 @@ def ScaleToMegapixels(
     height, width = image.shape[1:3]
     scale = math.sqrt(megapixels * 1024 * 1024 / (width * height))
     size = [max(resolution_steps, round(side * scale / resolution_steps) * resolution_steps) for side in (height, width)]
-    resized = torch.nn.functional.interpolate(image.movedim(-1, 1), size=size, mode=method,
-                                              **({} if method == "nearest-exact" else {"antialias": True}))
-    return resized.movedim(1, -1).clamp(0, 1)
+    return _resize(image.movedim(-1, 1), method, size)
 
 
 @node(category="image", outputs={"image": IMAGE})
@@ -127,9 +132,18 @@ def ImageScale(
         keep_w, keep_h = min(old_w, round(old_h * width / height)), min(old_h, round(old_w * height / width))
         left, top = (old_w - keep_w) // 2, (old_h - keep_h) // 2
         pixels = pixels[:, :, top:top + keep_h, left:left + keep_w]
-    resized = torch.nn.functional.interpolate(pixels, size=[height, width], mode=method,
-                                              **({} if method == "nearest-exact" else {"antialias": True}))
-    return resized.movedim(1, -1).clamp(0, 1)
+    return _resize(pixels, method, [height, width])
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ImageScaleBy(
+    image: IMAGE,
+    method: Annotated[str, Spec(choices=["nearest-exact", "bilinear", "bicubic"])] = "bicubic",
+    scale_by: Annotated[float, Spec(min=0.01, max=8.0, step=0.01)] = 1.0,
+) -> torch.Tensor:
+    """Resize by a factor, keeping the aspect ratio."""
+    height, width = (max(1, round(side * scale_by)) for side in image.shape[1:3])
+    return _resize(image.movedim(-1, 1), method, [height, width])
 
 
 @node(category="image", outputs={"image": IMAGE})

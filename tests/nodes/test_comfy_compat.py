@@ -8,6 +8,7 @@ import torch
 from nodes.comfy_compat import (
     Canny,
     ImageScale,
+    ImageScaleBy,
     ImageSize,
     ManualSigmas,
     MathExpression,
@@ -57,3 +58,9 @@ def test_canny_finds_the_edge_of_a_square_and_nothing_inside():
     assert edges.shape == (1, 32, 32, 3) and set(edges.unique().tolist()) <= {0.0, 1.0}
     assert edges[0, 16, 5:11, 0].sum() >= 1 and edges[0, 14:18, 14:18].sum() == 0 and edges[0, :3, :3].sum() == 0
     assert Canny(torch.full((1, 16, 16, 3), 0.5), 0.1, 0.2).sum() == 0
+
+
+def test_image_scale_by_keeps_the_aspect_ratio():
+    image = torch.rand(2, 30, 40, 3)
+    assert ImageScaleBy(image, "bilinear", 0.5).shape == (2, 15, 20, 3)
+    assert torch.equal(ImageScaleBy(image, "nearest-exact", 1.0), image)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.workflow import FORMAT, VERSION
-from app.fronts.comfy.table import TABLE, ComfyImportError, Translate
+from app.fronts.comfy.table import NO_OUTPUT, TABLE, ComfyImportError, Translate
 
 # the ComfyUI nodes that only hand a MODEL on (for following ModelSampling* shifts to samplers)
 _SHIFT_SETTERS = {"ModelSamplingSD3", "ModelSamplingAuraFlow"}
@@ -95,6 +95,14 @@ class Context:
         value = (raw.get("inputs") or {}).get(name, default)
         return self.link(node_id, name, value) if is_link(value) else value
 
+    def constant(self, node_id: str, raw: dict, name: str, default: Any = None) -> Any:
+        """Like ``value``, but a link from a primitive node gives that node's value."""
+        value = self.value(node_id, raw, name, default)
+        source = self._node(value["from"][0]) if isinstance(value, dict) and "from" in value else None
+        if source and str(source[1].get("class_type")).startswith("Primitive"):
+            return (source[1].get("inputs") or {}).get("value", value)
+        return value
+
     def translate(self, node_id: str, raw: dict, name: str, translate: Translate) -> Any:
         value = self.value(node_id, raw, name)
         if isinstance(value, dict):
@@ -122,7 +130,18 @@ class Context:
         if not 0 <= value[1] < len(mapping.outputs):
             raise ComfyImportError(f"node {node_id}: input {name!r} links to output {value[1]} of node "
                                    f"{source_id} ({source['class_type']}), which has {len(mapping.outputs)} output(s) here")
-        return {"from": [source_id, mapping.outputs[value[1]]]}
+        return _output(node_id, name, source_id, source, mapping.outputs[value[1]])
+
+
+def _output(node_id: str, name: str, source_id: str, source: dict, output: str) -> dict:
+    """Our link for a ComfyUI output: "!why" is an output ours lacks, ".N/name" one of the node <id>.N."""
+    if output.startswith(NO_OUTPUT):
+        raise ComfyImportError(f"node {node_id}: input {name!r} takes an output of node {source_id} "
+                               f"({source['class_type']}) that ditgraph lacks: {output[1:]}")
+    if output.startswith(".") and "/" in output:
+        suffix, output = output.split("/", 1)
+        return {"from": [source_id + suffix, output]}
+    return {"from": [source_id, output]}
 
 
 def unmapped_types(document: dict, registry) -> list[str]:

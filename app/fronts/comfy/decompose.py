@@ -30,8 +30,13 @@ def negative_only(node_id: str, nodes: dict, notes: list, available: set) -> Non
         nodes[node_id]["type"] = "TextEncodeNegative"
 
 
+_WIRED = {"EmptyLatent": ("model", "vae"), "EmptyVideoLatent": ("model",)}
+
+
 def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) -> None:
-    """Our EmptyLatent takes the model and VAE (for channels and scale); ComfyUI's takes neither."""
+    """Our EmptyLatent takes the model and VAE (for channels and scale), EmptyVideoLatent the
+    model; ComfyUI's take neither."""
+    kind = nodes[node_id]["type"]
     inputs = nodes[node_id]["inputs"]
     samplers = [c for c, _, _ in _links_to(nodes, node_id) if nodes[c]["type"] in ("Sampler", "SamplerCustom")]
     if "model" not in inputs:
@@ -39,16 +44,16 @@ def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) ->
             if isinstance(nodes[sampler]["inputs"].get("model"), dict):
                 inputs["model"] = dict(nodes[sampler]["inputs"]["model"])
                 break
-    if "vae" not in inputs:
+    if "vae" in _WIRED[kind] and "vae" not in inputs:
         decoders = [c for sampler in samplers for c, _, _ in _links_to(nodes, sampler) if nodes[c]["type"] == "VAEDecode"]
         decoders += [i for i, n in nodes.items() if n["type"] in ("VAEDecode", "VAEEncode")]
         for decoder in decoders:
             if isinstance(nodes[decoder]["inputs"].get("vae"), dict):
                 inputs["vae"] = dict(nodes[decoder]["inputs"]["vae"])
                 break
-    missing = [name for name in ("model", "vae") if name not in inputs]
+    missing = [name for name in _WIRED[kind] if name not in inputs]
     if missing:
-        notes.append(f"node {node_id} (EmptyLatent): could not tell which {' and '.join(missing)} to use; connect it")
+        notes.append(f"node {node_id} ({kind}): could not tell which {' and '.join(missing)} to use; connect it")
 
 
 def clip_loaders(count: int):
@@ -119,38 +124,47 @@ def sampler_custom(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     return {}, inputs
 
 
-def _constant_int(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int:
-    value = ctx.value(node_id, raw, name, default)
-    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, (int, float)):
-        ctx.fail(node_id, raw, f"its {name!r} must be a number written on the node (a linked one is not supported)")
+def _step_count(node_id: str, raw: dict, name: str, ctx: Any, default: int) -> int | dict:
+    """A step number written on the node (or on a primitive node), else the link that gives it."""
+    value = ctx.constant(node_id, raw, name, default)
+    if isinstance(value, dict) and "from" in value:
+        return value  # e.g. a switch between two step counts: our nodes take the link
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ctx.fail(node_id, raw, f"its {name!r} must be a number")
     return int(value)
 
 
 def ksampler_advanced(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
-    """KSamplerAdvanced -> Scheduler, SplitSigmas at end/start step, SamplerCustom."""
+    """KSamplerAdvanced -> Scheduler, SplitSigmas at end/start step, SamplerCustom. Linked step
+    numbers are passed on as links; the schedule is then split wherever it may be cut."""
     from app.fronts.comfy.table import sampler_name, scheduler_name
 
-    steps = _constant_int(node_id, raw, "steps", ctx, 20)
-    start = _constant_int(node_id, raw, "start_at_step", ctx, 0)
-    end = min(_constant_int(node_id, raw, "end_at_step", ctx, 10000), steps)
+    steps = _step_count(node_id, raw, "steps", ctx, 20)
+    start = _step_count(node_id, raw, "start_at_step", ctx, 0)
+    end = _step_count(node_id, raw, "end_at_step", ctx, 10000)
+    if isinstance(end, int) and isinstance(steps, int):
+        end = min(end, steps)
+    cuts_end = isinstance(end, dict) or end < (steps if isinstance(steps, int) else 1000)  # 1000: Scheduler's most steps
     schedule = {"model": ctx.value(node_id, raw, "model"), "steps": steps,
                 "scheduler": ctx.translate(node_id, raw, "scheduler", scheduler_name)}
     if ctx.shift(node_id) is not None:
         schedule["shift"] = ctx.shift(node_id)
     extra = {f"{node_id}.1": {"type": "Scheduler", "inputs": schedule}}
     sigmas: dict = {"from": [f"{node_id}.1", "sigmas"]}
-    if end < steps:
+    if cuts_end:
         extra[f"{node_id}.2"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": end}}
         sigmas = {"from": [f"{node_id}.2", "high"]}
         if ctx.value(node_id, raw, "return_with_leftover_noise", "disable") != "enable":
             ctx.note(node_id, raw, "ComfyUI denoises fully at end_at_step; here the latent keeps the noise of that step")
-    if start > 0:
+    if isinstance(start, dict) or start > 0:
         extra[f"{node_id}.3"] = {"type": "SplitSigmas", "inputs": {"sigmas": sigmas, "step": start}}
         sigmas = {"from": [f"{node_id}.3", "low"]}
     inputs = {name: ctx.value(node_id, raw, name) for name in ("model", "positive", "negative", "cfg")}
-    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), sigmas=sigmas, seed=ctx.value(node_id, raw, "noise_seed"),
-                  add_noise=ctx.value(node_id, raw, "add_noise", "enable") == "enable",
+    noise = ctx.value(node_id, raw, "add_noise", "enable") == "enable"
+    inputs.update(latent=ctx.value(node_id, raw, "latent_image"), sigmas=sigmas, add_noise=noise,
                   sampler=ctx.translate(node_id, raw, "sampler_name", sampler_name))
+    if noise:  # without noise the seed means nothing (and ComfyUI's DisableNoise has none)
+        inputs["seed"] = ctx.value(node_id, raw, "noise_seed")
     return extra, inputs
 
 
@@ -228,6 +242,22 @@ def apply_controlnet(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
     return {}, inputs
 
 
+def wire_scheduler_model(node_id: str, nodes: dict, notes: list, available: set) -> None:
+    """LTXVScheduler takes no model, our Scheduler does: the model of the sampler it feeds."""
+    stack, seen = [node_id], set()
+    while stack and "model" not in nodes[node_id]["inputs"]:
+        for consumer, _, _ in _links_to(nodes, stack.pop()):
+            model = nodes[consumer]["inputs"].get("model") if consumer not in seen else None
+            seen.add(consumer)
+            if isinstance(model, dict):
+                nodes[node_id]["inputs"]["model"] = dict(model)
+                break
+            stack.append(consumer)  # through SplitSigmas
+    if "model" not in nodes[node_id]["inputs"]:
+        notes.append(f"node {node_id} (Scheduler): could not tell which model to use; connect it")
+    scheduler_size(node_id, nodes, notes, available)
+
+
 def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> None:
     """Our Scheduler takes the image size (for Flux's resolution-dependent shift); ComfyUI's
     BasicScheduler does not: take it from the empty latent the sampler it feeds starts from."""
@@ -242,7 +272,7 @@ def scheduler_size(node_id: str, nodes: dict, notes: list, available: set) -> No
                 stack.append(consumer)
             latent = nodes[consumer]["inputs"].get("latent") if nodes[consumer]["type"] == "SamplerCustom" else None
             source = nodes.get(latent["from"][0]) if isinstance(latent, dict) else None
-            if source and source["type"] == "EmptyLatent" and scheduler in nodes:
+            if source and source["type"] in _WIRED and scheduler in nodes:
                 size = {k: source["inputs"][k] for k in ("width", "height") if isinstance(source["inputs"].get(k), int)}
                 nodes[scheduler]["inputs"] = {**size, **nodes[scheduler]["inputs"]}
                 return
@@ -259,3 +289,41 @@ def batch_images(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
         extra[f"{node_id}.{index}"] = {"type": "ImageBatch", "inputs": {"first": first, "second": image}}
         first = {"from": [f"{node_id}.{index}", "image"]}
     return extra, {"first": first, "second": images[-1]}
+
+
+def _model_taker(ctx: Any, node_id: str) -> tuple[str, dict] | None:
+    """The first sampler or guider an output of ``node_id`` reaches (through conditioning nodes)."""
+    stack, seen = [node_id], set()
+    while stack:
+        for consumer_id, consumer in _consumers(ctx, stack.pop()):
+            if consumer.get("class_type") in _MODEL_TAKERS:
+                return consumer_id, consumer
+            if consumer_id not in seen:
+                seen.add(consumer_id)
+                stack.append(consumer_id)
+    return None
+
+
+def image_to_video(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """WanImageToVideo -> ImageToVideo, with the model of the sampler its outputs reach."""
+    if ctx.value(node_id, raw, "clip_vision_output") is not None:
+        ctx.fail(node_id, raw, "CLIP-vision conditioned image-to-video (Wan 2.1 I2V) is not supported; use Wan 2.2 I2V")
+    if ctx.value(node_id, raw, "start_image") is None:
+        ctx.fail(node_id, raw, "needs a start_image (ditgraph's ImageToVideo starts from one)")
+    taker = _model_taker(ctx, node_id)
+    if taker is None:
+        ctx.fail(node_id, raw, "its outputs reach no sampler, so there is no model to size the video latent")
+    inputs = {name: ctx.value(node_id, raw, name) for name in ("vae", "positive", "negative", "start_image", "width",
+                                                                "height", "batch_size")}
+    return {}, {**inputs, "model": ctx.value(*taker, "model"), "frames": ctx.value(node_id, raw, "length")}
+
+
+def frame_rate_pair(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """LTXVConditioning(positive, negative, frame_rate) -> a ConditioningFrameRate for each
+    (the negative one is ``<id>.1``, its output index 1; only when something takes it)."""
+    rate = ctx.value(node_id, raw, "frame_rate", 25.0)
+    negative = {"conditioning": ctx.value(node_id, raw, "negative"), "frame_rate": rate}
+    used = any(isinstance(v, list) and len(v) == 2 and str(v[0]) == node_id and v[1] == 1
+               for _, consumer in _consumers(ctx, node_id) for v in (consumer.get("inputs") or {}).values())
+    extra = {f"{node_id}.1": {"type": "ConditioningFrameRate", "inputs": negative}} if used else {}
+    return extra, {"conditioning": ctx.value(node_id, raw, "positive"), "frame_rate": rate}

@@ -16,14 +16,18 @@ from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
 PREFERRED = {"EmptyLatent": "EmptySD3LatentImage", "CheckpointLoader": "CheckpointLoaderSimple",
              "LoraLoader": "LoraLoaderModelOnly", "TextEncoderLoader": "CLIPLoader", "Note": "Note",
-             "ApplyControlNet": "ControlNetApplyAdvanced"}
+             "ApplyControlNet": "ControlNetApplyAdvanced", "SaveAnimated": "SaveAnimatedWEBP", "ImageToVideo": "WanImageToVideo",
+             "ConditioningFrameRate": "LTXVConditioning", "If": "ComfySwitchNode", "MathExpression": "ComfyMathExpression"}
 # outputs of ours whose ComfyUI node has other ones (ComfyUI's ControlNet passes conditionings on)
 EXPORT_OUTPUTS = {"ApplyControlNet": ("positive", "negative")}
 # our inputs ComfyUI's node does not have (the import fills or defaults them)
 NOT_EXPORTED = {"EmptyLatent": {"model", "vae"}, "Sampler": {"shift", "guidance"}, "Scheduler": {"shift", "width", "height"},
                 "VAEDecode": {"tiled"}, "CheckpointLoader": {"config", "dtype", "device", "offload"},
                 "TextEncoderLoader": {"role", "dtype", "device"}, "SaveAnimated": {"format", "loop"},
-                "ApplyControlNet": {"model", "mode"}}
+                "ApplyControlNet": {"model", "mode"}, "EmptyVideoLatent": {"model"}, "ImageToVideo": {"model"},
+                "SaveVideo": {"quality"}}
+# inputs ComfyUI's node requires that ours lacks
+EXPORT_DEFAULTS = {"SaveAnimatedWEBP": {"lossless": False, "quality": 80, "method": "default"}, "SaveVideo": {"codec": "auto"}}
 VALUES_BACK = {"scheduler": {ours: comfy for comfy, ours in reversed(list(SCHEDULERS.items()))} | {"auto": "simple",
                "shifted": "simple", "dynamic": "simple"}}
 
@@ -94,7 +98,19 @@ class _Exporter:
         if node["type"] == "VAEDecode" and node["inputs"].get("tiled") == "on":
             comfy = "VAEDecodeTiled"
             inputs.update(tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)
-        self.add(node_id, comfy, inputs, node.get("title"))
+        self.add(node_id, comfy, {**EXPORT_DEFAULTS.get(comfy, {}), **inputs}, node.get("title"))
+
+    def frame_rate(self, node_id: str, node: dict) -> None:
+        """ConditioningFrameRate -> LTXVConditioning on that conditioning alone (its output 0)."""
+        conditioning = self.value(node.get("inputs", {}).get("conditioning"))
+        self.add(node_id, "LTXVConditioning", {"positive": conditioning, "negative": conditioning,
+                                               "frame_rate": node.get("inputs", {}).get("frame_rate", 25.0)}, node.get("title"))
+
+    def math_expression(self, node_id: str, node: dict) -> None:
+        """MathExpression's a..h -> ComfyMathExpression's grown inputs values.a, ..."""
+        inputs = {("expression" if name == "expression" else f"values.{name}"): self.value(value)
+                  for name, value in node.get("inputs", {}).items()}
+        self.add(node_id, "ComfyMathExpression", inputs, node.get("title"))
 
     def sampler_custom(self, node_id: str, node: dict) -> None:
         """Ours is one node; ComfyUI's SamplerCustomAdvanced takes noise, guider and sampler nodes."""
@@ -148,7 +164,8 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
     return nodes
 
 
-SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine}
+SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
+           "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:

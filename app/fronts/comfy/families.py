@@ -2,8 +2,9 @@
 
 Evidence, most specific first: the model files its loaders name, node types that exist for
 one family only, and (only when nothing else tells) the ``type`` of its CLIP loaders. A
-family is runnable when app.models.families knows it (so Wan/LTX become importable the day
-their family entries land); the keys here are those names.
+family is runnable when app.models.families knows it; the keys here are those names. Variants
+of a runnable family that need conditioning ditgraph lacks (Flux Fill/Kontext, Wan VACE, Wan 2.1
+CLIP-vision I2V, LTX-2 audio+video, ...) have keys of their own that it does not know.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ NAMES = {
     "hunyuan-dit": "HunyuanDiT", "hunyuan-video": "HunyuanVideo", "hunyuan-image": "HunyuanImage", "hunyuan3d": "Hunyuan3D",
     "hidream": "HiDream", "mochi": "Mochi", "z-image": "Z-Image", "omnigen2": "OmniGen2", "ace-step": "ACE-Step (audio)",
     "stable-audio": "Stable Audio", "kandinsky": "Kandinsky", "ovis": "Ovis-Image", "longcat": "LongCat-Image",
-    "anima": "Anima", "lotus": "Lotus (depth/normal estimation)",
+    "anima": "Anima", "lotus": "Lotus (depth/normal estimation)", "ltx2": "LTX-2 (audio+video)",
+    "ltx-guides": "LTX-Video image-to-video (guide frames)", "wan-5b": "Wan 2.2 TI2V-5B (its 16x VAE)",
+    "clip-vision": "CLIP-vision image conditioning (as Wan 2.1 image-to-video uses)", "wan-vace": "Wan VACE",
+    "wan-flf2v": "Wan first-last-frame-to-video", "wan-camera": "Wan Fun Camera", "wan-fun": "Wan Fun Control/Inpaint",
+    "wan-s2v": "Wan 2.2 S2V (sound-to-video)", "wan-humo": "Wan HuMo", "wan-talk": "Wan InfiniteTalk",
+    "wan-animate": "Wan Animate", "wan-tracks": "Wan ATI/Move (motion tracks)", "wan-scail": "Wan SCAIL",
+    "wan-dancer": "Wan Dancer", "wan-ar": "Wan causal-forcing (autoregressive)", "bernini": "Bernini-R",
+    "llm": "text generation (an LLM, not a diffusion model)",
 }
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
@@ -35,7 +43,8 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
     ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
-    ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
+    ("ti2v_5b", "wan-5b"), ("wan_animate", "wan-animate"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"),
+    ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),
     ("stable_cascade", "stable-cascade"), ("cascade", "stable-cascade"), ("svd", "svd"), ("sd_xl", "sdxl"),
     ("sdxl", "sdxl"), ("v1-5", "sd1"), ("sd15", "sd1"), ("sd-v1", "sd1"), ("v2-1", "sd2"), ("kandinsky", "kandinsky"),
@@ -47,8 +56,16 @@ VAE_FILES: tuple[tuple[str, str], ...] = (
 )
 MODEL_INPUTS = {"ckpt_name", "unet_name", "model_name"}  # loader inputs that name the diffusion model
 NODE_TYPES = {
-    "WanImageToVideo": "wan", "WanVaceToVideo": "wan", "WanFirstLastFrameToVideo": "wan", "LTXVConditioning": "ltx",
-    "LTXVImgToVideo": "ltx", "EmptyLTXVLatentVideo": "ltx", "EmptyCosmosLatentVideo": "cosmos",
+    "WanImageToVideo": "wan", "WanVaceToVideo": "wan-vace", "WanFirstLastFrameToVideo": "wan-flf2v",
+    "LTXVConditioning": "ltx",
+    "LTXVImgToVideo": "ltx-guides", "LTXVImgToVideoInplace": "ltx-guides", "LTXVAddGuide": "ltx-guides",
+    "EmptyLTXVLatentVideo": "ltx", "LTXAVTextEncoderLoader": "ltx2", "LTXVConcatAVLatent": "ltx2",
+    "LTXVEmptyLatentAudio": "ltx2", "Wan22ImageToVideoLatent": "wan-5b", "CLIPVisionEncode": "clip-vision",
+    "WanCameraImageToVideo": "wan-camera", "WanFunControlToVideo": "wan-fun", "Wan22FunControlToVideo": "wan-fun",
+    "WanFunInpaintToVideo": "wan-fun", "WanSoundImageToVideo": "wan-s2v", "WanHuMoImageToVideo": "wan-humo",
+    "WanInfiniteTalkToVideo": "wan-talk", "WanAnimate2ToVideo": "wan-animate", "WanTrackToVideo": "wan-tracks",
+    "WanMoveTrackToVideo": "wan-tracks", "WanSCAILToVideo": "wan-scail", "WanDancerVideo": "wan-dancer",
+    "ARVideoI2V": "wan-ar", "BerniniConditioning": "bernini", "TextGenerate": "llm", "EmptyCosmosLatentVideo": "cosmos",
     "CLIPTextEncodeHunyuanDiT": "hunyuan-dit", "EmptyAceStepLatentAudio": "ace-step", "EmptyLatentAudio": "stable-audio",
     "SVD_img2vid_Conditioning": "svd", "TextEncodeQwenImageEdit": "qwen-image", "TextEncodeQwenImageEditPlus": "qwen-image",
     "EmptyFlux2LatentImage": "flux2", "Flux2Scheduler": "flux2", "EmptyHunyuanImageLatent": "hunyuan-image",
@@ -64,6 +81,10 @@ CLIP_TYPES = {
     "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2", "stable_diffusion": "sd1",
 }
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
+# node types used by many families: they refine a family found otherwise, never name one alone
+# (an LLM node names "llm" alone only in a workflow without a diffusion sampler)
+REFINE_ONLY = {"clip-vision"}
+SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
 
 
 def name_of(family: str) -> str:
@@ -97,6 +118,11 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
             clip.setdefault(CLIP_TYPES[inputs["type"]], f"its CLIP loader of type {inputs['type']!r}")
     if any(not runnable(f) for f in files):
         return files
+    if "llm" in nodes and (files or any(raw.get("class_type") in SAMPLERS for raw in api.values())):
+        del nodes["llm"]  # an LLM that writes the prompt of a diffusion workflow
+    if not files and set(nodes) <= REFINE_ONLY:
+        nodes = {}
+    nodes = dict(sorted(nodes.items(), key=lambda item: item[0] in REFINE_ONLY))  # the specific variant first
     return {**files, **nodes} or clip
 
 

@@ -26,8 +26,9 @@ class ComfyImportError(ValueError):
 Translate = Callable[[Any], tuple[Any, str | None]]  # value -> (our value, note for the user or None)
 Fixup = Callable[[str, dict, list, set], None]  # (node id, converted nodes, notes, installed types)
 CONTROL, UPLOAD, SHOWN = "$control", "$upload", "$shown"  # widgets without an input of their own
-VIDEO_NODES = "the video nodes of nodes/video.py (branch families)"
-LAZY_IF = "the lazy If of nodes/core.py (branch engine); a constant switch needs no node"
+VIDEO_NODES = "the video nodes of nodes/video.py and EmptyVideoLatent of nodes/latent.py"
+NO_OUTPUT = "!"  # an output index ours lacks: "!" + why, said when something links to it
+LAZY_IF = "the lazy If of nodes/core.py; a constant switch needs no node"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ UPSCALE = choice({"nearest-exact": "nearest-exact", "bilinear": "bilinear", "bic
 
 _PRIMITIVE = dict(outputs=("value",), widgets=("value",))
 _VIDEO_LATENT = NodeMap("EmptyVideoLatent", ("latent",), widgets=("width", "height", "length", "batch_size"),
-                        inputs={"length": "frames"}, requires=VIDEO_NODES)
+                        inputs={"length": "frames"}, fixup=d.wire_empty_latent, requires=VIDEO_NODES)
 
 CONTROL_INPUTS = {"control_net": "control", "start_percent": "start", "end_percent": "end"}
 
@@ -201,12 +202,31 @@ TABLE: dict[str, NodeMap] = {
     "SaveWEBM": NodeMap("SaveAnimated", (), widgets=("filename_prefix", "codec", "fps", "crf"),
                         drop=frozenset({"codec", "crf"}), expand=d.animated_webp,
                         note="saved as an MP4 animation (ditgraph writes GIF or MP4, not WebM)"),
-    # video (nodes the video engineer adds)
+    # video (nodes/video.py; the empty latent is nodes/latent.py's EmptyVideoLatent)
     "EmptyHunyuanLatentVideo": _VIDEO_LATENT,
     "EmptyLTXVLatentVideo": _VIDEO_LATENT,
-    "SaveVideo": NodeMap("SaveVideo", (), {"video": "video"}, widgets=("filename_prefix", "format", "codec"),
-                         drop=frozenset({"format", "codec"}), requires=VIDEO_NODES),
-    "LoadVideo": NodeMap("LoadVideo", ("video",), widgets=("file", UPLOAD), drop=frozenset({"upload"}), requires=VIDEO_NODES),
-    "CreateVideo": NodeMap("FramesToVideo", ("video",), widgets=("fps",), drop=frozenset({"audio"}), requires=VIDEO_NODES),
-    "GetVideoComponents": NodeMap("VideoFrames", ("images", "audio", "fps"), requires=VIDEO_NODES),
+    "SaveVideo": NodeMap("SaveVideo", (), widgets=("filename_prefix", "format", "codec"), drop=frozenset({"codec"}),
+                         values={"format": choice({"auto": "mp4", "mp4": "mp4", "webm": "webm"}, "mp4", "video format")},
+                         requires=VIDEO_NODES),
+    "LoadVideo": NodeMap("LoadVideo", ("video",), {"file": "video"}, widgets=("file", UPLOAD), drop=frozenset({"upload"}),
+                         requires=VIDEO_NODES),
+    "CreateVideo": NodeMap("FramesToVideo", ("video",), widgets=("fps",), drop=frozenset({"audio"}), requires=VIDEO_NODES,
+                           note="its audio input is not kept (ditgraph videos have no sound track)"),
+    "GetVideoComponents": NodeMap("VideoFrames", ("images", NO_OUTPUT + "ditgraph videos have no sound track", "fps"),
+                                  requires=VIDEO_NODES),
+    "WanImageToVideo": NodeMap("ImageToVideo", ("positive", "negative", "latent"), {"length": "frames"},
+                               widgets=("width", "height", "length", "batch_size"), expand=d.image_to_video,
+                               requires=VIDEO_NODES),
+    "LTXVConditioning": NodeMap("ConditioningFrameRate", ("conditioning", ".1/conditioning"), widgets=("frame_rate",),
+                                expand=d.frame_rate_pair, requires=VIDEO_NODES),
+    "LTXVScheduler": NodeMap("Scheduler", ("sigmas",), widgets=("steps", "max_shift", "base_shift", "stretch", "terminal"),
+                             drop=frozenset({"max_shift", "base_shift", "stretch", "terminal", "latent"}),
+                             fixup=d.wire_scheduler_model,
+                             note="its shift settings are dropped: the scheduler 'auto' uses LTX-Video's own flow shift"),
+    "LTXVPreprocess": NodeMap(None, (), widgets=("img_compression",), passthrough={0: "image"},
+                              note="dissolved: ditgraph does not add LTX's compression artifacts to the input image"),
+    "CLIPSetLastLayer": NodeMap(None, (), widgets=("stop_at_clip_layer",), passthrough={0: "clip"},
+                                note="dissolved: ditgraph's DiT text encoders use their family's own layer"),
+    "ImageScaleBy": NodeMap("ImageScaleBy", ("image",), {"upscale_method": "method"}, widgets=("upscale_method", "scale_by"),
+                            values={"method": UPSCALE}),
 }

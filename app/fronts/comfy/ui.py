@@ -77,21 +77,34 @@ def _add_graph(flat: Flat, nodes: list, links: list, prefix: str, io: dict[str, 
             flat.nodes[node_id] = node
 
 
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _promoted_values(node: dict, sub: dict, names: list) -> dict[int, Any]:
+    """Subgraph input index -> the value the instance's ``widgets_values`` gives it. Older files
+    hold one value per input shown as a widget on the instance; newer ones one per widget-typed
+    input of the definition, shown or not (told apart by the count)."""
+    values = node.get("widgets_values") if isinstance(node.get("widgets_values"), list) else []
+    shown = [names.index(slot.get("name")) if slot.get("name") in names else index
+             for index, slot in enumerate(node.get("inputs") or []) if slot.get("widget")]
+    typed = [index for index, slot in enumerate(sub.get("inputs") or []) if slot.get("type") in WIDGET_TYPES]
+    slots = typed if len(values) != len(shown) and len(values) == len(typed) else shown
+    return dict(zip(slots, values, strict=False))
+
+
 def _inline(flat: Flat, node: dict, node_id: str, defs: dict, depth: int) -> None:
     """A subgraph instance: its inner nodes join the graph as "<instance>:<inner id>"."""
     sub = defs[node["type"]]
     names = [s.get("name") for s in sub.get("inputs") or []]
     flat.nodes[f"{node_id}:$in"] = {"type": "$in", "mode": 0}
     flat.nodes[f"{node_id}:$out"] = {"type": "$out", "mode": node.get("mode", 0)}
-    widget_values = iter(node.get("widgets_values") or []) if isinstance(node.get("widgets_values"), list) else iter(())
     for index, slot in enumerate(node.get("inputs") or []):
         inner = names.index(slot.get("name")) if slot.get("name") in names else index
         if (node_id, index) in flat.incoming:
             flat.incoming[(f"{node_id}:$in", inner)] = flat.incoming.pop((node_id, index))
-        if slot.get("widget"):
-            value = next(widget_values, None)
-            if value is not None and (f"{node_id}:$in", inner) not in flat.incoming:
-                flat.constants[(f"{node_id}:$in", inner)] = value
+    for inner, value in _promoted_values(node, sub, names).items():
+        if value is not None and (f"{node_id}:$in", inner) not in flat.incoming:
+            flat.constants[(f"{node_id}:$in", inner)] = value
     for (target, slot), (origin, origin_slot) in list(flat.incoming.items()):
         if origin == node_id:  # consumers of the instance read the subgraph's output node
             flat.incoming[(target, slot)] = (f"{node_id}:$out", origin_slot)
