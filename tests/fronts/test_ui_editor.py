@@ -14,38 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures
+from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures  # noqa: F401
     REPO,
     VIEWPORT,
     BrowserPage,
     browser_fixture,
     browser_skip_reason,
+    click_run,
+    drop_file,
+    new_canvas,
     server_fixture,
     tab_fixture,
+    wait_run_done,
 )
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 
 BLUEPRINT = REPO / "graphs" / "shapes-txt2img.json"
-
-
-def new_canvas(tab: BrowserPage) -> None:
-    tab.page.click('[data-testid="btn-new"]')
-    tab.wait("ed.graph._nodes.length === 0")
-
-
-def click_run(tab: BrowserPage) -> str:
-    before = tab.js("ed.lastRunId ?? null")
-    tab.page.click('[data-testid="btn-run"]')
-    return tab.wait("ed.lastRunId && ed.lastRunId !== arg && ed.lastRunId", arg=before)
-
-
-def wait_run_done(tab: BrowserPage, run_id: str, timeout: float = 120) -> dict:
-    event = tab.wait(
-        "ed.eventLog.find(e => e.run_id === arg && ['run_finished', 'run_failed', 'run_cancelled'].includes(e.type))",
-        timeout=timeout, arg=run_id)
-    assert event["type"] == "run_finished", event
-    return event
 
 
 def build_core_graph(tab: BrowserPage) -> dict[str, str]:
@@ -228,17 +213,6 @@ def _png_with_workflow(workflow: dict) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (40, 120, 200)).save(buffer, "PNG", pnginfo=info)
     return buffer.getvalue()
-
-
-def drop_file(tab: BrowserPage, data: bytes, name: str, mime: str, at=None) -> None:
-    """Drop a file onto the canvas as the browser does for a file dragged from the desktop."""
-    rect = at or tab.js("(() => { const r = ed.canvasWrap.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()")
-    transfer = tab.page.evaluate_handle(
-        """([bytes, name, mime]) => { const dt = new DataTransfer();
-             dt.items.add(new File([new Uint8Array(bytes)], name, { type: mime })); return dt; }""",
-        [list(data), name, mime])
-    for kind in ("dragenter", "dragover", "drop"):
-        tab.page.dispatch_event(".dg-canvas-wrap", kind, {"dataTransfer": transfer, "clientX": rect[0], "clientY": rect[1]})
 
 
 def rename_ids(workflow: dict, names: dict[str, str]) -> dict:
