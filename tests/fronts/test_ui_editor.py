@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures  # noqa: F401
+from tests.fixtures.ui_helpers import (  # noqa: F401 - fixtures
     REPO,
     VIEWPORT,
     BrowserPage,
