@@ -150,9 +150,10 @@ def step_flops(run_step: Callable[[], object]) -> int:
 
 
 def weights_gib(model) -> float:
-    from app.models.quantizers.base import tensor_nbytes
+    from app.core.memo import measure
+    from app.models.compile import eager_base
 
-    return sum(tensor_nbytes(t) for t in model.transformer.state_dict(keep_vars=True).values()) / 2**30
+    return sum(measure(eager_base(model.transformer)).values()) / 2**30
 
 
 class Setup:

@@ -187,6 +187,32 @@ def test_lora_as_an_unquantized_side_branch_on_int8():
 
 
 @needs_torchao
+def test_fused_lora_after_quantize_runs_unfused_on_quantized_layers_with_a_warning():
+    t = tiny("sd3")
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_NONE)
+    unfused = t.sample(quantized.with_patch(lora_on(t)))
+    fused, events = events_of(lambda: t.sample(quantized.with_patch(lora_on(t, fuse=True))))
+    assert torch.allclose(fused, unfused, atol=1e-5)  # the same side branch, not a crash
+    warnings = [e for e in events if e.get("type") == "warning"]
+    assert warnings and "quantized" in warnings[0]["message"] and "unfused" in warnings[0]["message"]
+    _, events = events_of(lambda: t.sample(t.handle.with_patch(lora_on(t, fuse=True))))
+    assert not [e for e in events if e.get("type") == "warning"]  # unquantized layers still fuse
+
+
+@needs_torchao
+def test_memo_measures_quantized_weights_and_compiled_views_by_what_they_hold():
+    t = tiny("sd3")
+    base_bytes = measure(t.handle.transformer)["cpu"]
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_NONE)
+    q_bytes = measure(quantized.transformer)["cpu"]  # torchao tensors: no crash on data_ptr
+    assert 0 < q_bytes < 0.6 * base_bytes  # int8 weights (+ scales, fp32 biases/norms) of an fp32 model
+    for model in (t.handle, quantized):
+        view = compile_model(model, EAGER).transformer
+        assert measure(view).get("cpu", 0) < 0.01 * measure(model.transformer)["cpu"]  # shares every tensor
+        assert measure((model.transformer, view))["cpu"] == measure(model.transformer)["cpu"]
+
+
+@needs_torchao
 def test_cache_and_compile_on_a_quantized_model():
     t = tiny("flux")
     quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_IO)
