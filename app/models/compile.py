@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKENDS = ("inductor", "aot_eager", "eager")
 DYNAMIC = {"auto": None, "true": True, "false": False}
+# inductor knobs on top of the mode (torch.compile's ``options``, scoped to these compiles, not
+# the process): coordinate-descent tuning searches the launch configs of every generated
+# kernel, which torchao turns on globally on import (~220 s for Flux's first fp8 compile on
+# an H200) and the max-autotune modes include; measured on Flux-dev fp8+compile it gave
+# nothing (104 ms/step with it, 103 ms without), so "off" keeps compiles short
+TUNINGS: dict[str, dict[str, Any]] = {
+    "inherit": {},  # the process's inductor config as it stands
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+    "off": {"coordinate_descent_tuning": False},
+}
 # on a compiled view: the eager transformer it shares weights with (the memo cache counts only
 # the view's own storages)
 BASE_ATTR = SHARES_STORAGE_WITH
@@ -53,10 +63,18 @@ class CompileOptions:
     fullgraph: bool = False
     dynamic: bool | None = None
     backend: str = "inductor"
+    tuning: str = "off"  # a key of TUNINGS
 
     def kwargs(self) -> dict[str, Any]:
-        options = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
-        if self.backend == "inductor":  # mode is an inductor setting; other backends reject it
+        options: dict[str, Any] = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
+        if self.backend != "inductor":  # mode and knobs are inductor settings; other backends reject them
+            return options
+        knobs = TUNINGS[self.tuning]
+        if knobs:  # torch.compile takes mode or options, not both: spell the mode out as options
+            from torch._inductor import list_mode_options
+
+            options["options"] = {**list_mode_options(self.mode), **knobs}
+        else:
             options["mode"] = self.mode
         return options
 
@@ -141,7 +159,9 @@ class CompileReport(ModelPatch):
 
     def __init__(self, options: CompileOptions):
         self.options = options
-        self.key = f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, {options.backend})"
+        tuning = "" if options.tuning == "inherit" else f", tuning={options.tuning}"
+        self.key = (f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, "
+                    f"{options.backend}{tuning})")
 
     def begin_run(self, run: SamplingRun) -> dict:
         # after an offload and reload through another handle, tensors the view does not share
