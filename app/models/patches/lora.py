@@ -26,9 +26,9 @@ it changed:
   factors on the device (rank/dim of the targeted weights); extra compute: two thin matmuls per
   targeted layer per call.
 - ``fuse=True``: layers whose weights are quantized (QuantizeModel) cannot be merged into;
-  those get the unfused side branch, with a warning. Elsewhere ``begin_run`` builds merged copies ``W + strength * scale * B @ A`` of the
-  targeted weights and swaps them into the modules (the original Parameter objects are kept
-  and put back in ``end_run``, bit for bit). Sampling then runs at base-model speed, but the
+  those get the unfused side branch, with a warning. Elsewhere ``begin_run`` builds merged
+  copies ``W + strength * scale * B @ A`` of the targeted weights and swaps them into the
+  modules (the original Parameter objects are kept and put back in ``end_run``, bit for bit). Sampling then runs at base-model speed, but the
   run holds a second copy of every targeted weight (for a LoRA on all attention + MLP layers,
   close to the transformer's size again). Use it when compute, not memory, is the limit.
 
