@@ -1,6 +1,7 @@
 """GPU speed benchmark: eager vs compiled vs quantized+compiled vs attention backends.
 
-    python -m bench.gpu_speed [--quick] [--models flux-dev,pixart-sigma,sd3.5-medium] [--out PATH]
+    python -m bench.gpu_speed [--quick] [--models all|flux-dev,pixart-sigma,sd3.5-medium]
+                              [--variants all|eager,compile,...] [--out PATH]
     python -m bench.gpu_speed --tiny          # CPU smoke run of every code path (tiny configs)
 
 Random full-size weights (parameters created on the meta device, then drawn on the GPU; the
@@ -9,19 +10,27 @@ buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and
 - ``e2e_s``: the sampling loop through the engine (ModelHandle + sampler, CFG as the family's
   pipeline does; no text encoders, no VAE), median of ``repeats`` runs after a warm-up run
   (which is where compilation happens: ``compile_s`` = warm-up time minus a normal run);
-- ``ms_per_step``: the transformer evaluations of one step timed directly (median of >= 5);
+  ``e2e_ms_per_step`` / ``e2e_matmul_fraction``: the same per step (a cross-check);
+- ``ms_per_step``: one step's transformer evaluations timed directly, five steps inside one
+  open sampling run as the sampler makes them (the first run before them dropped);
+  ``step_graphs_compiled`` (0: the timed steps ran the compiled graphs built in the warm-up).
+  Until 2026-12-02 each timed step opened a sampling run of its own, whose setup (a
+  ``Module.to`` over the compiled view: ~10 ms on Flux, ~35 ms on PixArt fp8) was counted as
+  step time: compile 146 ms vs 136 ms end to end, PixArt compile seemingly no faster;
 - ``matmul_fraction``: FLOPs per step / time per step / the bf16 matmul ceiling measured in
   the same process (8192³ bf16 matmul); ``peak_gib`` (max allocated, including the bf16 base
   model kept for the drift reference) and ``weights_gib`` (the variant's transformer);
 - ``drift``: relative L2 of the final latent vs eager bf16, same seed.
 
-Variants: eager, compile, fp8+compile, int8+compile (CompileModel / QuantizeModel code
-paths: app/models/compile.py, app/models/quantizers/) and one per attention backend
-(eager model, AttentionBackend's patch). A variant that is refused (fp8 before Ada, flex on
-SD3's processors) is recorded with its reason. ``--quick`` (fits one 10-minute call for
-Flux-dev on an H200): 3 timed runs per variant instead of 5, attention backends with one run
-(drift) and the step timing, no flex/math, inductor's coordinate-descent tuning off for the
-quantized compiles (torchao turns it on: ~220 s for the first fp8 compile). Results go to
+Variants, in order (a time budget cuts the last): eager, compile (CompileModel's defaults, which
+--fast uses), fp8+compile, compile-fused-qkv and fp8+compile-fused-qkv (diffusers'
+``fuse_qkv_projections`` on a copy sharing the other weights; refused where the processors
+ignore it), compile-fullgraph, compile-max-autotune (max-autotune-no-cudagraphs, without
+coordinate descent), int8+compile, one per attention backend (AttentionBackend's patch on the
+eager model), compile-coordinate-descent. A refused variant (fp8 before Ada, flex on SD3's
+processors) is recorded with its reason. ``--quick`` (one 10-minute call per model on an
+H200): 3 timed runs per variant instead of 5, attention backends with one run, no
+flex/math/efficient, and no variant started after ``QUICK_BUDGET_S`` seconds. Results go to
 bench/results/gpu_speed.json after every variant, so a time-out keeps what was measured.
 """
 
@@ -45,6 +54,9 @@ from bench.cache import GPU_CONFIGS  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 
 SEED = 20261202
+# --quick, per model: no variant starts after this, so a Flux-dev call (14 s build, the slowest
+# variant ~1-2 min) ends inside one 10-minute device call
+QUICK_BUDGET_S = 420.0
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
@@ -150,9 +162,10 @@ def step_flops(run_step: Callable[[], object]) -> int:
 
 
 def weights_gib(model) -> float:
-    from app.models.quantizers.base import tensor_nbytes
+    from app.core.memo import measure
+    from app.models.compile import eager_base
 
-    return sum(tensor_nbytes(t) for t in model.transformer.state_dict(keep_vars=True).values()) / 2**30
+    return sum(measure(eager_base(model.transformer)).values()) / 2**30
 
 
 class Setup:
@@ -194,48 +207,103 @@ class Setup:
                       preview=False).samples
 
     def step(self, model) -> Callable[[], object]:
-        """One step's transformer evaluations (CFG: both branches, batched as the sampler does)."""
-        latents = torch.randn(self.latent.samples.shape, generator=torch.Generator().manual_seed(2))
-        conds = [self.pos] if self.neg is None else [self.pos, self.neg]
-        sigma = float(self.sigmas[len(self.sigmas) // 2])
+        """One step's transformer evaluations (CFG: both branches, batched as the sampler does),
+        in a sampling run of its own (for counting FLOPs)."""
+        evaluate = self.evaluations(model)
 
         def run():
             with model.sampling_run(self.sigmas[:2]):
-                return model.predict_many(latents, sigma, conds)
+                return evaluate()
 
         return run
 
+    def evaluations(self, model) -> Callable[[], object]:
+        """One step's transformer evaluations inside an open sampling run (as the sampler makes them)."""
+        latents = torch.randn(self.latent.samples.shape, generator=torch.Generator().manual_seed(2))
+        conds = [self.pos] if self.neg is None else [self.neg, self.pos]
+        sigma = float(self.sigmas[len(self.sigmas) // 2])
+        return lambda: model.predict_many(latents, sigma, conds)
+
+    def step_times(self, model, count: int = 6) -> tuple[list[float], int]:
+        """Seconds of ``count`` steps in one sampling run (the first dropped: the sampler opens
+        one run for all its steps, so per-run setup is not a step's cost) and the graphs dynamo
+        compiled meanwhile (0 when the timed steps run the compiled path already built)."""
+        from app.models.compile import graphs_compiled
+
+        evaluate = self.evaluations(model)
+        with model.sampling_run(self.sigmas):
+            graphs = graphs_compiled()
+            times = [timed(evaluate, self.device)[0] for _ in range(count)]
+            return times[1:], graphs_compiled() - graphs
+
+
+def fused_qkv(handle):
+    """``handle`` with diffusers' fused QKV projections, on a copy sharing every other weight
+    (the base stays unfused). The copy's separate q/k/v projections are removed, so processors
+    that would ignore the fused ones fail (recorded as the variant's error) instead of
+    measuring the unfused path."""
+    from dataclasses import replace
+
+    from app.models.compile import eager_base, shared_copy
+
+    transformer = shared_copy(eager_base(handle.transformer))
+    transformer.fuse_qkv_projections()
+    fused = [m for m in transformer.modules() if getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")]
+    if not fused:
+        raise ValueError(f"fused QKV: no attention module of {type(transformer).__name__} fused its projections")
+    for module in fused:
+        for name in ("to_q", "to_k", "to_v"):
+            setattr(module, name, None)
+    return replace(handle, transformer=transformer, _active=[], _cache={})
+
+
+# compile settings compared (the first is CompileModel's default and --fast's)
+COMPILES = {
+    "compile": {},
+    "compile-fullgraph": {"fullgraph": True},
+    "compile-max-autotune": {"mode": "max-autotune-no-cudagraphs"},  # GEMM template search, no cd tuning
+    "compile-coordinate-descent": {"tuning": "coordinate-descent"},
+}
+
 
 def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
-    """(name, make(handle) -> MODEL, timed e2e runs); ``make`` may raise a refusal."""
+    """(name, make(handle) -> MODEL, timed e2e runs); ``make`` may raise a refusal. Ordered by
+    what the lead needs first, so a time budget cuts the least useful ones."""
     from app.models import attention, quantizers
     from app.models.compile import CompileOptions, compile_model
 
-    options = CompileOptions(backend="eager") if tiny else CompileOptions()
     repeats = 2 if tiny else (3 if quick else 5)
 
-    def quantized(method: str) -> Callable:
-        def make(handle):
-            model = quantizers.quantize_model(handle, method, quantizers.SKIP_IO)
-            if quick:  # torchao's coordinate-descent tuning makes the first compile several minutes long
-                torch._inductor.config.coordinate_descent_tuning = False
-            return compile_model(model, options)
+    def compiled(prepare: Callable = lambda h: h, **settings) -> Callable:
+        # tiny: dynamo traces, no codegen (CPU seconds); mode and tuning still go through kwargs()
+        options = CompileOptions(**settings, **({"backend": "eager"} if tiny else {}))
+        return lambda handle: compile_model(prepare(handle), options)
 
-        return make
+    def quantized(method: str, fuse: bool = False) -> Callable:
+        def quantize(handle):
+            return quantizers.quantize_model(fused_qkv(handle) if fuse else handle, method, quantizers.SKIP_IO)
 
-    chosen = [("eager", lambda h: h, repeats), ("compile", lambda h: compile_model(h, options), repeats),
-              ("fp8+compile", quantized("fp8-dynamic-row"), repeats), ("int8+compile", quantized("int8-dynamic"), repeats)]
+        return compiled(quantize)
+
     def attend(backend: str) -> Callable:
         def make(handle):
             model = attention.with_attention_backend(handle, backend)[0]
             # flex is fused only under torch.compile (eager flex materialises the score matrix)
-            return compile_model(model, options) if backend == "flex" else model
+            return compiled()(model) if backend == "flex" else model
 
         return make
 
+    chosen = [("eager", lambda h: h, repeats), ("compile", compiled(), repeats),
+              ("fp8+compile", quantized("fp8-dynamic-row"), repeats),
+              ("compile-fused-qkv", compiled(fused_qkv), repeats),
+              ("fp8+compile-fused-qkv", quantized("fp8-dynamic-row", fuse=True), repeats),
+              *((name, compiled(**COMPILES[name]), repeats) for name in ("compile-fullgraph", "compile-max-autotune")),
+              ("int8+compile", quantized("int8-dynamic"), repeats)]
     for backend in attention.BACKENDS:
-        if backend in attention.CHOICES and not (quick and backend in ("flex", "math")):
+        if backend in attention.CHOICES and not (quick and backend in ("flex", "math", "efficient")):
             chosen.append((f"attention-{backend}", attend(backend), 1 if quick else repeats))
+    # last: its compile alone may take minutes (coordinate descent over every generated kernel)
+    chosen.append(("compile-coordinate-descent", compiled(**COMPILES["compile-coordinate-descent"]), repeats))
     return chosen
 
 
@@ -248,13 +316,16 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
     warmup_s, _ = timed(lambda: setup.sample(model), device)  # compiles here
     runs = [timed(lambda: setup.sample(model), device) for _ in range(repeats)]
     e2e = statistics.median(t for t, _ in runs)
-    step = setup.step(model)
-    step_times = [timed(step, device)[0] for _ in range(6)][1:]
+    step_times, step_graphs = setup.step_times(model)
     ms = 1000 * statistics.median(step_times)
+    e2e_ms = 1000 * e2e / (len(setup.sigmas) - 1)
     final = runs[0][1]
     row = {"e2e_s": e2e, "e2e_runs": len(runs), "warmup_s": warmup_s, "compile_s": max(0.0, warmup_s - e2e),
            "ms_per_step": ms, "tflops": flops / (ms / 1000) / 1e12,
            "matmul_fraction": flops / (ms / 1000) / 1e12 / ceiling,
+           # the sampler's own per-step time (with its few ms of per-step bookkeeping): a cross-check
+           "e2e_ms_per_step": e2e_ms, "e2e_matmul_fraction": flops / (e2e_ms / 1000) / 1e12 / ceiling,
+           "step_graphs_compiled": step_graphs,
            "weights_gib": weights_gib(model), "key": repr(model)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -274,6 +345,8 @@ def bench_model(name: str, args, device: torch.device, ceiling: float, result: d
     result["flops_per_step"] = flops = step_flops(setup.step(setup.handle))
     started = time.perf_counter()
     for variant, make, repeats in variants(args.quick, args.tiny):
+        if args.variants and variant not in args.variants:
+            continue
         if args.max_seconds and time.perf_counter() - started > args.max_seconds:
             result["variants"][variant] = {"skipped": f"time budget of {args.max_seconds} s spent"}
             continue
@@ -292,15 +365,20 @@ def bench_model(name: str, args, device: torch.device, ceiling: float, result: d
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--models", default="all", help="comma-separated, or all: " + ", ".join(MODELS))
+    parser.add_argument("--variants", default="all", help="comma-separated variant names, or all")
     parser.add_argument("--quick", action="store_true", help="fewer runs; fits one 10-minute call for flux-dev")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 3)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="per model: start no variant after this")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help=f"per model: start no variant after this (--quick: {QUICK_BUDGET_S} s)")
     parser.add_argument("--out", default=str(RESULTS / "gpu_speed.json"))
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.tiny else 28)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if args.quick and args.max_seconds is None and not args.tiny:
+        args.max_seconds = QUICK_BUDGET_S
+    args.variants = None if args.variants == "all" else {v.strip() for v in args.variants.split(",") if v.strip()}
+    names = list(MODELS) if args.models == "all" else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; expected {', '.join(MODELS)}")

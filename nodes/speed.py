@@ -15,7 +15,7 @@ from typing import Annotated
 from app.core.registry import NodeResult, node
 from app.core.types import MODEL, Spec
 from app.models import attention, quantizers
-from app.models.compile import BACKENDS, DYNAMIC, MODES, CompileOptions, compile_model
+from app.models.compile import BACKENDS, DYNAMIC, MODES, TUNINGS, CompileOptions, compile_model
 from app.models.handles import ModelHandle
 from app.models.patches.lora import LoraPatch
 
@@ -35,12 +35,16 @@ def CompileModel(
                                  "once for a second resolution, then goes dynamic.")] = "auto",
     backend: Annotated[str, Spec(choices=BACKENDS, tooltip="inductor generates kernels (the speed-up); "
                                  "aot_eager/eager only trace (debugging).")] = "inductor",
+    tuning: Annotated[str, Spec(choices=tuple(TUNINGS), tooltip="inductor's coordinate-descent tuning: "
+                                "'inherit' keeps the process setting (torchao turns it on), 'off' keeps "
+                                "compiles short, 'coordinate-descent' searches kernel launch configs "
+                                "(minutes longer).")] = "off",
 ) -> ModelHandle:
     """Compile the repeated transformer blocks with torch.compile (regional compilation: one
     graph per block type, seconds to a few minutes on the first run, shown as a 'compiling'
     phase). Reused across runs and workflows: changing prompt, seed, steps or guidance does
     not recompile."""
-    return compile_model(model, CompileOptions(mode, fullgraph, DYNAMIC[dynamic], backend))
+    return compile_model(model, CompileOptions(mode, fullgraph, DYNAMIC[dynamic], backend, tuning))
 
 
 @node(category=CATEGORY, outputs={"model": MODEL}, display_name="Quantize Model")

@@ -2,7 +2,9 @@
 
 Entries are kept in least-recently-used order across all workflows, so switching between
 workflows keeps both sets of results while they fit. Sizes are measured by tensor storage
-(each storage counted once, however many views share it). When accelerator bytes exceed
+(each storage counted once, however many views share it; wrapper tensor subclasses such as
+quantized weights by their inner tensors; a module that declares :data:`SHARES_STORAGE_WITH`
+only by what its base does not hold). When accelerator bytes exceed
 the VRAM budget, the coldest accelerator entries are moved to CPU first; when the total
 exceeds the byte budget, the coldest entries are dropped.
 """
@@ -20,6 +22,33 @@ import torch
 from app.core.cache_policies import CachePolicy, parse_cache_policy
 
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+# a module carrying this attribute (a weakref to another module, or the module) is a view on
+# that module's weights (a compiled copy): only its own storages count, the shared ones are
+# the base's entry's to count
+SHARES_STORAGE_WITH = "_ditgraph_shares_storage_with"
+
+
+def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors behind ``tensor``: itself, or a wrapper subclass's inner tensors
+    (``__tensor_flatten__``: torchao's quantized weights have no storage of their own)."""
+    if hasattr(type(tensor), "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [t for name in names for t in _inner_tensors(getattr(tensor, name))]
+    return [tensor]
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    storage = tensor.untyped_storage()
+    try:
+        return storage.data_ptr() or id(storage)
+    except RuntimeError:  # a storage-less tensor subclass without __tensor_flatten__
+        return id(tensor)
+
+
+def _shared_base(module: torch.nn.Module) -> torch.nn.Module | None:
+    base = getattr(module, SHARES_STORAGE_WITH, None)
+    base = base() if callable(base) and not isinstance(base, torch.nn.Module) else base
+    return base if isinstance(base, torch.nn.Module) else None
 
 
 def measure(value: Any) -> dict[str, int]:
@@ -27,14 +56,14 @@ def measure(value: Any) -> dict[str, int]:
     totals: dict[str, int] = {}
     seen: set[int] = set()
 
-    def add_tensor(tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr() or id(storage)
-        if key in seen:
-            return
-        seen.add(key)
-        device = tensor.device.type
-        totals[device] = totals.get(device, 0) + storage.nbytes()
+    def add_tensor(tensor: torch.Tensor, shared: frozenset[int] = frozenset()) -> None:
+        for inner in _inner_tensors(tensor):
+            key = _storage_key(inner)
+            if key in seen or key in shared:
+                continue
+            seen.add(key)
+            device = inner.device.type
+            totals[device] = totals.get(device, 0) + inner.untyped_storage().nbytes()
 
     def walk(item: Any, depth: int) -> None:
         if type(item) in _SCALARS:  # the common small outputs (ints, strings): no bookkeeping
@@ -47,8 +76,11 @@ def measure(value: Any) -> dict[str, int]:
             return
         seen.add(id(item))
         if isinstance(item, torch.nn.Module):
+            base = _shared_base(item)
+            shared = frozenset(_storage_key(inner) for t in base.state_dict(keep_vars=True).values()
+                               for inner in _inner_tensors(t)) if base is not None else frozenset()
             for tensor in item.state_dict(keep_vars=True).values():
-                add_tensor(tensor)
+                add_tensor(tensor, shared)
             return
         custom = getattr(item, "cache_nbytes", None)
         if callable(custom):

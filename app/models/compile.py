@@ -29,15 +29,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.core.memo import SHARES_STORAGE_WITH
 from app.models.accelerators.runtime import stack_blocks
+from app.models.events import emit, warn
 from app.models.handles import ModelCall, ModelHandle, ModelPatch, SamplingRun, is_group_offloaded
+from app.models.residency import same_device
 
 log = logging.getLogger(__name__)
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKENDS = ("inductor", "aot_eager", "eager")
 DYNAMIC = {"auto": None, "true": True, "false": False}
-BASE_ATTR = "_ditgraph_compiled_from"  # on a compiled view: the eager transformer it shares weights with
+# inductor knobs on top of the mode (torch.compile's ``options``, scoped to these compiles, not
+# the process): coordinate-descent tuning searches the launch configs of every generated
+# kernel, which torchao turns on globally on import (~220 s for Flux's first fp8 compile on
+# an H200) and the max-autotune modes include; measured on Flux-dev fp8+compile it gave
+# nothing (104 ms/step with it, 103 ms without), so "off" keeps compiles short
+TUNINGS: dict[str, dict[str, Any]] = {
+    "inherit": {},  # the process's inductor config as it stands
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+    "off": {"coordinate_descent_tuning": False},
+}
+# on a compiled view: the eager transformer it shares weights with (the memo cache counts only
+# the view's own storages)
+BASE_ATTR = SHARES_STORAGE_WITH
 
 
 @dataclass(frozen=True)
@@ -48,10 +63,18 @@ class CompileOptions:
     fullgraph: bool = False
     dynamic: bool | None = None
     backend: str = "inductor"
+    tuning: str = "off"  # a key of TUNINGS
 
     def kwargs(self) -> dict[str, Any]:
-        options = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
-        if self.backend == "inductor":  # mode is an inductor setting; other backends reject it
+        options: dict[str, Any] = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
+        if self.backend != "inductor":  # mode and knobs are inductor settings; other backends reject them
+            return options
+        knobs = TUNINGS[self.tuning]
+        if knobs:  # torch.compile takes mode or options, not both: spell the mode out as options
+            from torch._inductor import list_mode_options
+
+            options["options"] = {**list_mode_options(self.mode), **knobs}
+        else:
             options["mode"] = self.mode
         return options
 
@@ -136,20 +159,25 @@ class CompileReport(ModelPatch):
 
     def __init__(self, options: CompileOptions):
         self.options = options
-        self.key = f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, {options.backend})"
+        tuning = "" if options.tuning == "inherit" else f", tuning={options.tuning}"
+        self.key = (f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, "
+                    f"{options.backend}{tuning})")
 
     def begin_run(self, run: SamplingRun) -> dict:
-        # parameters are shared with the base, buffers are the view's own: after an offload
-        # and reload through another handle they may sit on another device (a no-op otherwise)
-        run.transformer.to(run.handle.device)
+        # after an offload and reload through another handle, tensors the view does not share
+        # may sit on another device. Move only then: Module.to on every run costs ~0.5 ms per
+        # torchao layer (it rebuilds each quantized weight) and ~10 ms per Flux step on an H200
+        devices = {t.device for t in (*run.transformer.parameters(), *run.transformer.buffers())}
+        if any(not same_device(d, run.handle.device) for d in devices):
+            run.transformer.to(run.handle.device)
         return {"eager": None}
 
     def wrap(self, state: dict, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
         if state["eager"] is None:  # decided at the first call: every patch has begun by then
             state["eager"] = has_module_hooks(repeated_blocks(call.run.transformer))
             if state["eager"]:
-                log.warning("%s: the blocks carry forward hooks (an unfused LoRA?); running them eagerly for "
-                            "this run. Fuse the LoRA to keep the compiled speed.", self.key)
+                warn("the blocks carry forward hooks (an unfused LoRA?); running them eagerly for this run. "
+                     "Fuse the LoRA to keep the compiled speed.", self.key)
         if state["eager"]:
             with torch.compiler.set_stance("force_eager"):
                 return forward(call)
@@ -157,22 +185,13 @@ class CompileReport(ModelPatch):
         signature = _signature(call)
         if signature in seen:
             return forward(call)
-        _emit({"phase": "compiling"})
+        emit({"type": "phase", "phase": "compiling"})
         graphs, started = graphs_compiled(), time.perf_counter()
         out = forward(call)
         seconds, new_graphs = time.perf_counter() - started, graphs_compiled() - graphs
         seen.add(signature)
         call.run.extras.setdefault("compile", []).append({"seconds": seconds, "graphs": new_graphs})
         log.info("compiled %d graph(s) in %.1f s (%s)", new_graphs, seconds, self.key)
-        _emit({"phase": "compiled", "seconds": seconds, "graphs": new_graphs})
+        emit({"type": "phase", "phase": "compiled", "seconds": seconds, "graphs": new_graphs})
         return out
 
-
-def _emit(event: dict) -> None:
-    try:
-        from app.core.context import current
-
-        ctx = current()
-        ctx.emit({"type": "phase", "run_id": ctx.run_id, "node": ctx.node_id, **event})
-    except Exception as exc:  # reporting must never fail a run
-        log.debug("phase event not sent: %s", exc)

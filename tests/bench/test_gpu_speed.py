@@ -17,7 +17,9 @@ def test_tiny_run_writes_every_variant(tmp_path):
     assert report["tiny"] and report["matmul_tflops"] > 0
     model = report["models"]["sd3.5-medium"]
     variants = model["variants"]
-    assert {"eager", "compile", "fp8+compile", "int8+compile", "attention-native"} <= set(variants)
+    assert {"eager", "compile", "fp8+compile", "int8+compile", "attention-native", "compile-fused-qkv",
+            "fp8+compile-fused-qkv", "compile-fullgraph", "compile-max-autotune",
+            "compile-coordinate-descent"} <= set(variants)
     assert variants["eager"]["drift"] == 0.0 and variants["eager"]["finite"]
     assert variants["compile"]["drift"] < 1e-4 and variants["compile"]["e2e_runs"] >= 2
     assert 0 < variants["int8+compile"]["drift"] < 0.2  # quantized: a small, nonzero drift
@@ -25,6 +27,23 @@ def test_tiny_run_writes_every_variant(tmp_path):
     assert "fp8-capable GPU" in variants["fp8+compile"]["error"]  # refused on CPU, with the reason
     assert "silently ignore" in variants["attention-flex"]["error"]  # SD3's processors bypass the dispatcher
     assert model["flops_per_step"] > 0 and variants["eager"]["matmul_fraction"] > 0
+    for name in ("compile", "compile-fullgraph", "compile-max-autotune", "compile-coordinate-descent"):
+        assert variants[name]["drift"] < 1e-4, name
+        assert variants[name]["step_graphs_compiled"] == 0, name  # the timed steps reuse the warm-up's graphs
+    assert "compile(max-autotune-no-cudagraphs" in variants["compile-max-autotune"]["key"]
+    assert "tuning=coordinate-descent" in variants["compile-coordinate-descent"]["key"]
+    fused = variants["compile-fused-qkv"]  # SD3's processors take fused projections or the variant says why not
+    assert fused.get("drift", 1.0) < 1e-4 or "error" in fused
+
+
+def test_models_all_and_variant_filter(tmp_path):
+    out = tmp_path / "gpu_speed.json"
+    report = gpu_speed.main(["--tiny", "--models", "all", "--variants", "compile-fused-qkv", "--out", str(out)])
+    assert set(report["models"]) == set(gpu_speed.MODELS)
+    for name, model in report["models"].items():
+        assert set(model["variants"]) == {"compile-fused-qkv"}, name
+    flux = report["models"]["flux-dev"]["variants"]["compile-fused-qkv"]
+    assert flux["finite"] and "fused" not in flux.get("error", "")  # Flux's processors use to_qkv
 
 
 def test_models_filter_rejects_unknown_names(tmp_path):

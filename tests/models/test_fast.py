@@ -45,3 +45,24 @@ def test_fp8_devices_get_quantize_then_compile(monkeypatch):
     assert fast_doc["nodes"][compile_id]["inputs"]["model"] == {"from": [quantize_id, "model"]}
     problems = workflow.errors(workflow.validate(workflow.Workflow.from_dict(fast_doc), default_registry()))
     assert not problems, problems
+
+
+def test_fast_compile_settings_are_explicit_valid_and_compile_models_defaults():
+    spec = default_registry().get("CompileModel")
+    for name, value in fast.FAST_COMPILE.items():
+        socket = spec.inputs[name]
+        assert socket.default == value, f"--fast and CompileModel disagree on {name}"
+        choices = socket.spec.choice_list()
+        assert not choices or value in choices
+    (step,) = [s for s in fast.fast_plan("cpu") if s["type"] == "CompileModel"]
+    assert step["inputs"] == fast.FAST_COMPILE
+
+
+def test_compile_tuning_goes_to_inductor_options_with_the_mode_spelled_out():
+    from app.models.compile import CompileOptions
+
+    assert CompileOptions(tuning="inherit").kwargs()["mode"] == "default"
+    options = CompileOptions(mode="max-autotune-no-cudagraphs", tuning="off").kwargs()
+    assert "mode" not in options  # torch.compile takes mode or options, not both
+    assert options["options"]["max_autotune"] is True and options["options"]["coordinate_descent_tuning"] is False
+    assert "options" not in CompileOptions(backend="eager", tuning="coordinate-descent").kwargs()

@@ -187,6 +187,32 @@ def test_lora_as_an_unquantized_side_branch_on_int8():
 
 
 @needs_torchao
+def test_fused_lora_after_quantize_runs_unfused_on_quantized_layers_with_a_warning():
+    t = tiny("sd3")
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_NONE)
+    unfused = t.sample(quantized.with_patch(lora_on(t)))
+    fused, events = events_of(lambda: t.sample(quantized.with_patch(lora_on(t, fuse=True))))
+    assert torch.allclose(fused, unfused, atol=1e-5)  # the same side branch, not a crash
+    warnings = [e for e in events if e.get("type") == "warning"]
+    assert warnings and "quantized" in warnings[0]["message"] and "unfused" in warnings[0]["message"]
+    _, events = events_of(lambda: t.sample(t.handle.with_patch(lora_on(t, fuse=True))))
+    assert not [e for e in events if e.get("type") == "warning"]  # unquantized layers still fuse
+
+
+@needs_torchao
+def test_memo_measures_quantized_weights_and_compiled_views_by_what_they_hold():
+    t = tiny("sd3")
+    base_bytes = measure(t.handle.transformer)["cpu"]
+    quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_NONE)
+    q_bytes = measure(quantized.transformer)["cpu"]  # torchao tensors: no crash on data_ptr
+    assert 0 < q_bytes < 0.6 * base_bytes  # int8 weights (+ scales, fp32 biases/norms) of an fp32 model
+    for model in (t.handle, quantized):
+        view = compile_model(model, EAGER).transformer
+        assert measure(view).get("cpu", 0) < 0.01 * measure(model.transformer)["cpu"]  # shares every tensor
+        assert measure((model.transformer, view))["cpu"] == measure(model.transformer)["cpu"]
+
+
+@needs_torchao
 def test_cache_and_compile_on_a_quantized_model():
     t = tiny("flux")
     quantized = quantizers.quantize_model(t.handle, "int8-weight-only", quantizers.SKIP_IO)
@@ -260,3 +286,56 @@ def test_controlnet_residuals_on_compiled_and_quantized_models(kind):
         reference = t.sample(t.handle.with_patch(BetweenBlockResiduals()))
         out = t.sample(model.with_patch(BetweenBlockResiduals()))
         assert rel(out, t.sample(model)) > 1e-3 and rel(out, reference) < 0.1
+
+
+# attention: torch's kernel selection rules, simulated (no GPU here)
+H200_BF16 = attention.CallNeeds(torch.bfloat16, "cuda", (9, 0), head_dim=128)
+
+
+@pytest.mark.parametrize(("kernel", "needs", "refused"), [
+    ("FLASH_ATTENTION", H200_BF16, ""),
+    ("FLASH_ATTENTION", attention.CallNeeds(torch.bfloat16, "cuda", (9, 0), has_mask=True), "no attention mask"),
+    ("FLASH_ATTENTION", attention.CallNeeds(torch.float32, "cuda", (9, 0)), "fp16/bf16"),
+    ("FLASH_ATTENTION", attention.CallNeeds(torch.float16, "cuda", (7, 5)), "8.0+"),
+    ("FLASH_ATTENTION", attention.CallNeeds(torch.bfloat16, "cuda", (9, 0), head_dim=512), "up to 256"),
+    ("EFFICIENT_ATTENTION", attention.CallNeeds(torch.float32, "cuda", (9, 0), has_mask=True), ""),
+    ("EFFICIENT_ATTENTION", attention.CallNeeds(torch.bfloat16, "cuda", (7, 5)), "bf16"),
+    ("CUDNN_ATTENTION", attention.CallNeeds(torch.float32, "cuda", (9, 0)), "fp16/bf16"),
+    ("CUDNN_ATTENTION", attention.CallNeeds(torch.bfloat16, "cuda", (8, 0), head_dim=192), "up to 128"),
+    ("MATH", attention.CallNeeds(torch.float32, "mps", None, has_mask=True), ""),
+    ("EFFICIENT_ATTENTION", attention.CallNeeds(torch.float32, "cpu"), "CUDA only"),
+])
+def test_kernel_refusal_follows_torch_rules(kernel, needs, refused):
+    reason = attention.kernel_refusal(kernel, needs)
+    assert (refused in reason and reason) if refused else reason == ""
+
+
+def test_flash_on_a_masked_call_keeps_flash_first_and_falls_back_for_the_mask():
+    flash = attention.BACKENDS["flash"]
+    assert attention.kernel_plan(flash, H200_BF16) == (("FLASH_ATTENTION",), "")
+    masked = attention.replace(H200_BF16, has_mask=True)
+    kernels, note = attention.kernel_plan(flash, masked)
+    assert kernels[0] == "FLASH_ATTENTION" and "MATH" in kernels and len(kernels) > 2
+    assert all(not attention.kernel_refusal(k, masked) for k in kernels[1:])
+    assert "mask" in note
+    # auto already lists mask-capable kernels: no fallback note
+    assert attention.kernel_plan(attention.HOPPER_AUTO, masked)[1] == ""
+    fp32 = attention.CallNeeds(torch.float32, "cuda", (9, 0))
+    assert attention.kernel_plan(flash, fp32)[0] == ("EFFICIENT_ATTENTION", "MATH")
+
+
+def test_masked_pixart_call_is_detected_and_a_kernel_without_a_call_falls_back_with_a_warning(monkeypatch):
+    t = tiny("pixart")
+    seen = []
+    real = attention.kernel_plan
+    monkeypatch.setattr(attention, "kernel_plan", lambda b, n: seen.append(n.has_mask) or real(b, n))
+    model = t.handle.with_patch(attention.AttentionPatch(attention.BACKENDS["efficient"], ""))
+    out, events = events_of(lambda: t.sample(model))  # efficient has no CPU kernel: falls back, no crash
+    assert seen and all(seen)  # PixArt passes its text mask
+    assert torch.allclose(out, t.reference, atol=1e-4)
+    assert [e for e in events if e.get("type") == "warning" and "CUDA only" in e["message"]]
+    # a rule that is wrong at run time ("No available kernel") re-runs the call under native
+    monkeypatch.setattr(attention, "kernel_refusal", lambda kernel, needs: "")
+    out, events = events_of(lambda: t.sample(model))
+    assert torch.allclose(out, t.reference, atol=1e-4)
+    assert [e for e in events if e.get("type") == "warning" and "re-ran" in e["message"]]

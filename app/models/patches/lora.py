@@ -25,9 +25,10 @@ it changed:
   that adds ``strength * scale * B(A(x))``; ``end_run`` removes the hooks. Extra memory: the LoRA
   factors on the device (rank/dim of the targeted weights); extra compute: two thin matmuls per
   targeted layer per call.
-- ``fuse=True``: ``begin_run`` builds merged copies ``W + strength * scale * B @ A`` of the
-  targeted weights and swaps them into the modules (the original Parameter objects are kept
-  and put back in ``end_run``, bit for bit). Sampling then runs at base-model speed, but the
+- ``fuse=True``: layers whose weights are quantized (QuantizeModel) cannot be merged into;
+  those get the unfused side branch, with a warning. Elsewhere ``begin_run`` builds merged
+  copies ``W + strength * scale * B @ A`` of the targeted weights and swaps them into the
+  modules (the original Parameter objects are kept and put back in ``end_run``, bit for bit). Sampling then runs at base-model speed, but the
   run holds a second copy of every targeted weight (for a LoRA on all attention + MLP layers,
   close to the transformer's size again). Use it when compute, not memory, is the limit.
 
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from app.models import families
+from app.models.events import warn
 from app.models.handles import ModelPatch, SamplingRun
 
 
@@ -396,10 +398,14 @@ class LoraPatch(ModelPatch):
         transformer = run.transformer
         modules = dict(transformer.named_modules())
         state: list = []
+        unfused: list[str] = []
         try:
             for name, entries in self._grouped(run.handle.device, run.handle.dtype).items():
                 module = modules[name]
-                if self.fuse:
+                fuse = self.fuse and not quantized_weight(module)
+                if self.fuse and not fuse:
+                    unfused.append(name)
+                if fuse:
                     state.append(("param", module, "weight", module._parameters["weight"]))
                     module._parameters["weight"] = torch.nn.Parameter(_merged(module, entries), requires_grad=False)
                     if any(b is not None for _, _, b in entries) and module.bias is not None:
@@ -411,6 +417,10 @@ class LoraPatch(ModelPatch):
         except BaseException:
             self.end_run(run, state)
             raise
+        if unfused:
+            warn(f"{len(unfused)} targeted layer(s) hold quantized weights (QuantizeModel), which a LoRA cannot "
+                 "merge into: applied unfused there (a side branch beside the quantized layer)", self.key)
+            run.extras.setdefault("notes", []).append(f"{self.key}: unfused on {len(unfused)} quantized layer(s)")
         return state
 
     def end_run(self, run: SamplingRun, state: Any) -> None:
@@ -420,6 +430,13 @@ class LoraPatch(ModelPatch):
             else:
                 _, module, name, original = item
                 module._parameters[name] = original
+
+
+def quantized_weight(module: torch.nn.Module) -> bool:
+    """A weight stored as a wrapper tensor subclass (torchao's quantized tensors), which has
+    no plain values to add a LoRA delta to."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and hasattr(type(weight), "__tensor_flatten__")
 
 
 def _merged(module: torch.nn.Module, entries: list) -> torch.Tensor:

@@ -40,7 +40,6 @@ from app.models.quantizers.base import (
     check_runnable,
     fp8_supported,
     layer_filter,
-    tensor_nbytes,
 )
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -61,16 +60,10 @@ _discover()
 
 @dataclass(eq=False, repr=False)
 class QuantizedHandle(ModelHandle):
-    """A MODEL whose transformer holds torchao tensor subclasses; sizes itself for the memo
-    cache (those wrappers have no plain storage to measure)."""
+    """A MODEL whose transformer holds torchao tensor subclasses (the memo cache measures them
+    by their inner tensors; a compiled view of it only by what it does not share)."""
 
     quantization: str = ""
-
-    def cache_nbytes(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for tensor in self.transformer.state_dict(keep_vars=True).values():
-            totals[tensor.device.type] = totals.get(tensor.device.type, 0) + tensor_nbytes(tensor)
-        return totals
 
 
 def quantize_model(model: ModelHandle, method: str, skip: str = SKIP_IO) -> QuantizedHandle:

@@ -77,10 +77,3 @@ def layer_filter(transformer: nn.Module, skip: str) -> Callable[[nn.Module, str]
 
     return wanted
 
-
-def tensor_nbytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor, looking inside wrapper subclasses (torchao's quantized weights)."""
-    if hasattr(type(tensor), "__tensor_flatten__"):  # a wrapper reports the dtype it stands for
-        inner, _ = tensor.__tensor_flatten__()
-        return sum(tensor_nbytes(getattr(tensor, name)) for name in inner)
-    return tensor.numel() * tensor.element_size()
