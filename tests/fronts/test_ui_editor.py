@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.ui_helpers import REPO, VIEWPORT, BrowserPage, browser_skip_reason, chromium, running_server
+from bench.harness import REPO, VIEWPORT, BrowserPage, browser_skip_reason, chromium, running_server
 
 pytestmark = pytest.mark.skipif(browser_skip_reason() is not None, reason=browser_skip_reason() or "")
 

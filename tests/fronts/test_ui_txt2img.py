@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.fronts.test_ui_editor import click_run, drop_file, new_canvas, wait_run_done
-from tests.fixtures.ui_helpers import REPO, BrowserPage, browser_skip_reason, editor_tab
+from bench.harness import REPO, BrowserPage, browser_skip_reason, editor_tab
 
 BLUEPRINT_PATH = REPO / "graphs" / "shapes-txt2img.json"
 PROMPT = "a small green triangle at the bottom right on a white background"

@@ -5,7 +5,7 @@ application that lives in ``static/ditgraph/`` (our ES modules) and ``static/ven
 (litegraph), and the application talks to the HTTP API (``/api/...``) and the websocket
 event stream directly. Python only serves the page and the static files.
 
-``register()`` is called once by ``app.fronts.server.create_app``.
+``register()`` is called once by ``app.fronts.http.app.create_app``.
 """
 
 from __future__ import annotations
