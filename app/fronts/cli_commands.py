@@ -148,22 +148,23 @@ def _post_json(url: str, body: dict, token: str | None) -> dict:
 
 
 def cmd_import_comfy(args) -> int:
+    from app.core.jsonlimits import parse
     from app.fronts.comfy_import import ComfyImportError, convert
 
     try:
         data = Path(args.file).read_bytes()
         if data.startswith(b"\x89PNG\r\n\x1a\n"):  # an image ComfyUI saved: its graph is the 'prompt' text
-            from app.fronts.http.metadata import png_text_chunks
+            from app.core.images import png_text_chunks
 
             prompt = png_text_chunks(data).get("prompt")
             if prompt is None:
                 raise UsageError(f"{args.file}: this PNG carries no ComfyUI workflow (no 'prompt' text chunk)")
             data = prompt.encode("utf-8")
-        source = json.loads(data.decode("utf-8"))
+        source = parse(data)
     except FileNotFoundError:
         raise UsageError(f"file {args.file!r} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{args.file}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # not JSON, too large, too deep, an image bomb
+        raise UsageError(f"{args.file}: {exc}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {args.file!r}: {exc}") from None
     registry = make_registry(args.plugin)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from app.core import paths
+from app.core.jsonlimits import JSONRefused, parse
 from app.core.plugins import PluginError
 from app.core.plugins import make_registry as _make_registry
 from app.fronts.cli_support import UsageError, natural, problem_text
@@ -75,7 +75,7 @@ def coerce_value(raw: str, decl, where: str) -> Any:
             return False
         raise UsageError(f"{where}: {decl.name!r} is true/false (BOOLEAN); {raw!r} is neither")
     try:
-        return json.loads(text)
+        return parse(text)
     except ValueError:
         if decl.type == ANY:
             return raw  # an any-typed input takes plain text as a string
@@ -159,9 +159,9 @@ def read_batch(path: str) -> list[tuple[int, dict]]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            value = json.loads(line)
-        except ValueError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc})")
+            value = parse(line)
+        except JSONRefused as exc:
+            problems.append(f"{path}:{number}: {exc}")
             continue
         if not isinstance(value, dict):
             problems.append(f'{path}:{number}: each line must be an object like {{"3.seed": 7}}')

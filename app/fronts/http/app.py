@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse
 
 import app as app_package
 from app.core import paths
+from app.fronts.http.bodies import BodyRefused, body_refused
 from app.fronts.http.responses import JSONResponse, validation_error
 from app.fronts.http.routes import models, nodes, outputs, runs, uploads, workflows, ws
 from app.fronts.http.security import Guard
@@ -74,6 +75,7 @@ def create_app(engine: Any = None, settings: Settings | None = None) -> FastAPI:
     nicegui_app.add_route("/openapi.json", lambda request: JSONResponse(nicegui_app.openapi()), include_in_schema=False)
     nicegui_app.add_middleware(Guard, settings=settings)
     nicegui_app.add_exception_handler(RequestValidationError, validation_error)
+    nicegui_app.add_exception_handler(BodyRefused, body_refused)
     nicegui_app.on_startup(lambda: state.start())
     nicegui_app.on_shutdown(lambda: state.stop())
     nicegui_app.state.ditgraph = state

@@ -14,9 +14,10 @@ import json
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
-from app.fronts.http.settings import LOOPBACK_NAMES, MB, Settings, is_loopback
+from app.fronts.http.settings import LOOPBACK_NAMES, Settings, is_loopback
 
 TOKEN_COOKIE = "ditgraph_token"
+UPLOAD_PATHS = ("/api/uploads", "/api/workflow-from-png")  # the routes whose bodies are files, not JSON
 
 
 class Guard:
@@ -48,17 +49,23 @@ class Guard:
 
         if scope["type"] == "http":
             length = headers.get("content-length")
-            limit = self.settings.max_upload_bytes + MB
+            limit = self._body_limit(scope["path"])
             if length is not None:
                 if not length.isdigit():
                     return await self._refuse(scope, receive, send, 400, "bad Content-Length")
                 if int(length) > limit:
-                    return await self._refuse(scope, receive, send, 413, f"request body over {limit // MB} MB")
+                    return await self._refuse(scope, receive, send, 413, f"request body over the {limit}-byte limit")
             # a page visited as /?token=T remembers the token in a same-site cookie
             if explicit_ok and not cookie_ok and not scope["path"].startswith("/api") and scope.get("method") == "GET":
                 send = _with_cookie(send, token)
             receive = _capped(receive, limit)  # bodies without a Content-Length (chunked) too
         return await self.app(scope, receive, send)
+
+    def _body_limit(self, path: str) -> int:
+        """Image uploads may be large (plus multipart overhead); every other body is JSON."""
+        if path in UPLOAD_PATHS:
+            return self.settings.max_upload_bytes + 64 * 1024
+        return self.settings.max_json_bytes
 
     def _host_allowed(self, host: str) -> bool:
         name = _host_name(host)
@@ -94,7 +101,7 @@ def _capped(receive, limit: int):
         if message.get("type") == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise BodyTooLarge(f"request body over {limit // MB} MB")
+                raise BodyTooLarge(f"request body over the {limit}-byte limit")
         return message
 
     return wrapped

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core import paths
 
 MB = 1 << 20
+TOKEN_CHARS = re.compile(r"[!#-+\--:<-\[\]-~]+")  # RFC 6265 cookie-octets
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
 
@@ -50,6 +52,10 @@ class Settings:
                               "on this machine. Pass --token T (or set DITGRAPH_TOKEN), or bind 127.0.0.1")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("the token must be at least 8 characters")
+        if self.token is not None and not TOKEN_CHARS.fullmatch(self.token):
+            # it travels in a header, a query string and a cookie: only characters all three carry unchanged
+            raise ConfigError("the token may use only ASCII letters, digits and !#$%&'()*+-./:<=>?@[]^_`{|}~ "
+                              "(no spaces, quotes, commas, semicolons or backslashes)")
 
 
 def is_loopback(host: str) -> bool:

@@ -10,11 +10,12 @@ from fastapi import APIRouter
 import app as app_package
 from app.core import paths
 from app.fronts.http.responses import JSONResponse
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
     settings = state.settings
 
     @router.get("/models", summary="What the models folder holds, by kind")

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from app.core import paths
 from app.core.workflow import Workflow, WorkflowError, errors
 from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 
@@ -20,7 +21,7 @@ class ValidateRequest(BaseModel):
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
 
     @router.get("/nodes", summary="The node catalogue")
     def get_nodes() -> list[dict]:

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, Response
 
 from app.core import paths
 from app.fronts.http.responses import error
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 from app.runs.events import temp_root
 
@@ -34,7 +35,7 @@ def serve_file(root: Path, path: str) -> Response:
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
 
     @router.get("/outputs/{path:path}", summary="A file of the output folder")
     def get_output(path: str) -> Response:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from app.core.workflow import WorkflowError
 from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 from app.runs.events import file_locations, make_jsonable
 
@@ -34,7 +35,7 @@ def output_files(record, root: Path) -> list[dict]:
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
 
     @router.post("/runs", summary="Queue a run", status_code=200)
     def post_run(body: RunRequest) -> JSONResponse:

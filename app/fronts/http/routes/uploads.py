@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -12,10 +11,12 @@ from fastapi import APIRouter, Request
 
 from app.core import paths
 from app.core.workflow import FORMAT, Workflow, WorkflowError, atomic_write
-from app.fronts.http.metadata import png_text_chunks, sniff_image, verify_image
+from app.core.images import ImageRefused, png_text_chunks, sniff_image, verify_image
+from app.core.jsonlimits import JSONRefused, parse
 from app.fronts.http.responses import JSONResponse, error, problems_response
 from app.fronts.http.security import BodyTooLarge
 from app.fronts.http.settings import MB
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 
@@ -73,9 +74,9 @@ def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse
     raw = texts.get("workflow")
     if raw is not None:
         try:
-            document = json.loads(raw)
-        except ValueError:
-            return error(422, "the PNG's 'workflow' text is not valid JSON")
+            document = parse(raw)
+        except JSONRefused as exc:
+            return error(422, f"the PNG's 'workflow' text is refused: {exc}")
         if isinstance(document, dict) and document.get("format") == FORMAT:
             try:
                 Workflow.from_dict(document)
@@ -87,7 +88,7 @@ def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse
         from app.fronts.comfy_import import ComfyImportError, convert
 
         try:
-            workflow = convert(json.loads(prompt), state.registry)
+            workflow = convert(parse(prompt), state.registry)
         except ValueError as exc:
             return error(422, f"this PNG carries a ComfyUI workflow that cannot be imported: {exc}")
         except ComfyImportError as exc:
@@ -96,9 +97,8 @@ def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse
     return error(422, "this PNG carries no ditgraph workflow (no 'workflow' text chunk)")
 
 
-
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
     settings = state.settings
 
     upload_doc = {"requestBody": {"content": {"multipart/form-data": {"schema": {
@@ -115,8 +115,8 @@ def routes(state: AppState) -> APIRouter:
             return error(415, "only PNG, JPEG and WebP images are accepted")
         try:
             width, height = await asyncio.to_thread(verify_image, data)
-        except Exception as exc:
-            return error(400, f"the {kind.upper()} file is damaged or too large to decode: {exc}")
+        except ImageRefused as exc:
+            return error(413 if exc.too_large else 400, f"the {kind.upper()} file is refused: {exc}")
         digest = hashlib.sha256(data).hexdigest()[:12]
         name = f"{safe_stem(original)}-{digest}.{'jpg' if kind == 'jpeg' else kind}"
         root = paths.input_dir()
@@ -134,8 +134,8 @@ def routes(state: AppState) -> APIRouter:
         data, _ = got
         try:
             texts = png_text_chunks(data)
-        except ValueError as exc:
-            return error(415, str(exc))
+        except ImageRefused as exc:
+            return error(413 if exc.too_large else 415, str(exc))
         return _workflow_from_texts(texts, state)
 
     return router

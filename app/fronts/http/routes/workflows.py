@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -13,9 +12,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from app.core import paths
+from app.core.jsonlimits import parse
 from app.core.workflow import Workflow, WorkflowError, atomic_write
 from app.fronts.http.responses import JSONResponse, error, problems_response
 from app.fronts.http.settings import Settings
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 
@@ -55,7 +56,7 @@ def locate(settings: Settings, name: str, sources=("user", "shipped")) -> tuple[
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
     settings = state.settings
 
     @router.get("/workflows", summary="Saved workflows (user folder) and the shipped examples (graphs/)")
@@ -79,7 +80,7 @@ def routes(state: AppState) -> APIRouter:
         if problem:
             return problem
         try:
-            return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
+            return JSONResponse(parse(path.read_bytes()))
         except (OSError, ValueError) as exc:
             return error(422, f"cannot read {name!r}: {exc}")
 

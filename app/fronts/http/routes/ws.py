@@ -8,11 +8,12 @@ import os
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState, Connection
 
 
 def routes(state: AppState) -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = api_router(state)
 
     @router.websocket("/events")
     async def events(websocket: WebSocket, client_id: str | None = None, mode: str = "own") -> None:
