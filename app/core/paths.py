@@ -116,8 +116,18 @@ def list_files(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders
                 dirnames.clear()  # a model folder's inner files are not separate models
                 continue
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            names.update((rel / f).as_posix() for f in filenames if f.endswith(suffixes))
+            names.update(name for f in filenames if f.endswith(suffixes)
+                         and _loadable(root, name := (rel / f).as_posix()))
     return sorted(names)
+
+
+def _loadable(root: Path, relative: str) -> bool:
+    """Whether :func:`resolve` would accept the name (a symlink out of the folder is listed nowhere)."""
+    try:
+        confine(root, relative)
+        return True
+    except PathRefused:
+        return False
 
 
 def fingerprint(path: Path) -> str:

@@ -14,7 +14,7 @@ import sys
 from app.fronts.cli_commands import cmd_explain, cmd_import_comfy, cmd_models, cmd_nodes, cmd_serve, cmd_validate, cmd_version
 from app.fronts.cli_inputs import make_registry
 from app.fronts.cli_run import cmd_run
-from app.fronts.cli_support import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, UsageError, err
+from app.fronts.cli_support import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, UsageError, capped, err
 
 __all__ = ["build_parser", "main", "make_registry"]
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INVALID
         return args.handler(args)
     except UsageError as exc:
-        for message in exc.messages:
+        for message in capped(exc.messages):
             err(f"error: {message}" if not message.startswith(("error:", "ditgraph")) else message)
         return EXIT_INVALID
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from typing import Any
 
 import app as app_package
 from app.fronts.cli_inputs import apply_sets, check_device, configure_paths, load_document, make_registry, validated
-from app.fronts.cli_support import EXIT_INVALID, EXIT_OK, UsageError, emit_json, err, out, problem_text
+from app.fronts.cli_support import EXIT_INVALID, EXIT_OK, UsageError, capped, emit_json, err, out, problem_text
 
 
 def cmd_validate(args) -> int:
@@ -29,8 +29,11 @@ def cmd_validate(args) -> int:
     if args.json:
         emit_json({"valid": not bad, "problems": [p.to_dict() for p in problems]})
     else:
-        for problem in problems:
-            (err if problem.severity == "error" else out)(problem_text(args.workflow, problem))
+        for problem in capped(problems):
+            if isinstance(problem, str):
+                err(problem)
+            else:
+                (err if problem.severity == "error" else out)(problem_text(args.workflow, problem))
         if not bad:
             out(f"ok: {args.workflow} is valid ({len(document.get('nodes') or {})} nodes"
                    + (f", {len(problems)} warning(s))" if problems else ")"))

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+MAX_PROBLEM_LINES = 50  # a person reads the first ones; --json has them all
 
 
 class UsageError(Exception):
@@ -47,6 +48,13 @@ def exit_code(statuses: list[str], json_mode: bool) -> int:
             err(f"{statuses.count('failed')} of {len(statuses)} runs failed")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def capped(lines: list, limit: int = MAX_PROBLEM_LINES) -> list:
+    """The first ``limit`` lines, then one saying how many more there are."""
+    if len(lines) <= limit:
+        return list(lines)
+    return [*lines[:limit], f"... and {len(lines) - limit} more (--json lists them all)"]
 
 
 def problem_text(where: str, problem) -> str:

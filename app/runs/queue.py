@@ -97,8 +97,10 @@ class RunQueue:
         self.publish(None, {"type": "queue", "queued": counts.get("queued", 0), "running": counts.get("running", 0)})
 
     # -- runs ----------------------------------------------------------------------------
-    def submit(self, document: Any, client_id: str | None = None, targets: list[str] | None = None) -> RunRecord:
-        """Validate and queue a workflow; raises WorkflowError (nothing queued) if invalid."""
+    def submit(self, document: Any, client_id: str | None = None, targets: list[str] | None = None,
+               front: bool = False) -> RunRecord:
+        """Validate and queue a workflow (``front``: ahead of every queued run); raises WorkflowError
+        (nothing queued) if invalid."""
         workflow = Workflow.from_dict(document)
         if targets is not None:
             targets = [str(t) for t in targets]
@@ -109,6 +111,8 @@ class RunQueue:
         record = RunRecord(id=run_id, workflow=workflow.to_dict(), client_id=client_id, targets=targets,
                            output_subfolder=run_id)
         self.store.add(record)
+        if front:
+            self.store.move_to_front(run_id)
         position = self.store.position(run_id)
         self.publish(client_id, {"type": "run_queued", "run_id": run_id, "position": position})
         self._publish_queue_state()
@@ -142,6 +146,15 @@ class RunQueue:
                 self.dispatcher.cancel(run_id)
         self._publish_queue_state()
         return {"cancelled": cancelled, "cancelling": running}
+
+    def move_to_front(self, run_id: str) -> int | None:
+        """Run a queued run next. Its new position (0), or None when it is not queued."""
+        if not self.store.move_to_front(run_id):
+            return None
+        record = self.store.get(run_id)
+        self.publish(record.client_id if record else None, {"type": "run_queued", "run_id": run_id, "position": 0})
+        self._publish_queue_state()
+        return self.store.position(run_id)
 
     def get(self, run_id: str) -> RunRecord | None:
         return self.store.get(run_id)

@@ -50,6 +50,7 @@ class RunRecord:
     output_subfolder: str | None = None
     worker: str | None = None
     name: str = ""
+    priority: int = 0  # queued runs run by priority (higher first), then in submission order
     seq: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +71,9 @@ class RunRecord:
 
 _JSON_COLUMNS = ("workflow", "targets", "ui", "error", "timings", "reasons", "executed", "cached")
 _COLUMNS = ("seq", "id", "client_id", "workflow", "targets", "status", "created", "started", "finished", "ui", "error",
-            "timings", "reasons", "executed", "cached", "retries", "output_subfolder", "worker", "name")
+            "timings", "reasons", "executed", "cached", "retries", "output_subfolder", "worker", "name",
+            "priority")
+QUEUE_ORDER = "priority DESC, seq"  # the order queued runs are claimed in
 # listings leave the (possibly large) workflow out
 _LIST_COLUMNS = ", ".join(c for c in _COLUMNS if c != "workflow")
 
@@ -112,11 +115,14 @@ class RunStore:
                 retries INTEGER NOT NULL DEFAULT 0,
                 output_subfolder TEXT,
                 worker TEXT,
-                name TEXT)"""
+                name TEXT,
+                priority INTEGER NOT NULL DEFAULT 0)"""
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
         if "name" not in columns:  # databases made before runs had a name column
             self._db.execute("ALTER TABLE runs ADD COLUMN name TEXT")
+        if "priority" not in columns:  # ... or a priority
+            self._db.execute("ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
         self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, seq)")
         self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_finished ON runs(finished)")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -182,7 +188,7 @@ class RunStore:
         with self._lock:
             row = self._db.execute(
                 "UPDATE runs SET status='running', started=?, worker=? WHERE seq = "
-                "(SELECT seq FROM runs WHERE status='queued' ORDER BY seq LIMIT 1) AND status='queued' RETURNING *",
+                f"(SELECT seq FROM runs WHERE status='queued' ORDER BY {QUEUE_ORDER} LIMIT 1) AND status='queued' RETURNING *",
                 (time.time(), worker),
             ).fetchone()
         return self._record(row) if row else None
@@ -253,7 +259,7 @@ class RunStore:
         """Running runs first, then queued ones in the order they will run."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_LIST_COLUMNS} FROM runs WHERE status IN ('running', 'queued') ORDER BY status = 'queued', seq"
+                f"SELECT {_LIST_COLUMNS} FROM runs WHERE status IN ('running', 'queued') ORDER BY status = 'queued', {QUEUE_ORDER}"
             ).fetchall()
         return [self._record(row) for row in rows]
 
@@ -273,12 +279,21 @@ class RunStore:
     def position(self, run_id: str) -> int | None:
         """How many queued runs are ahead of a queued run (0: it runs next); None if not queued."""
         with self._lock:
-            row = self._db.execute("SELECT seq, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = self._db.execute("SELECT seq, status, priority FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row["status"] != "queued":
                 return None
             return self._db.execute(
-                "SELECT COUNT(*) FROM runs WHERE status='queued' AND seq < ?", (row["seq"],)
+                "SELECT COUNT(*) FROM runs WHERE status='queued' AND (priority > ? OR (priority = ? AND seq < ?))",
+                (row["priority"], row["priority"], row["seq"]),
             ).fetchone()[0]
+
+    def move_to_front(self, run_id: str) -> bool:
+        """Make a queued run the next to start (ahead of every other queued run); False if not queued."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE runs SET priority = (SELECT COALESCE(MAX(priority), 0) + 1 FROM runs WHERE status='queued') "
+                "WHERE id = ? AND status='queued'", (run_id,))
+        return cursor.rowcount == 1
 
     def counts(self) -> dict[str, int]:
         with self._lock:

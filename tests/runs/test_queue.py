@@ -11,13 +11,13 @@ import pytest
 import nodes.core
 import tests.fixtures._api_nodes
 from app.core.executor import Engine
-from app.core.workflow import WorkflowError
 from app.core.memo import MemoCache
+from app.core.registry import Registry
+from app.core.workflow import WorkflowError
 from app.runs.events import jsonable_event
 from app.runs.local import LocalDispatcher
 from app.runs.queue import RunQueue
 from app.runs.store import QueueLocked, RunRecord, RunStore, new_run_id
-from app.core.registry import Registry
 from tests.fixtures._server_helpers import count_workflow, shared_token_server, workflow
 
 

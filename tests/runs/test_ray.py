@@ -26,10 +26,10 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from app.core import paths  # noqa: E402
-from app.fronts.cli import main as cli_main  # noqa: E402
-from app.core.plugins import make_registry  # noqa: E402
 from app.core.executor import Engine  # noqa: E402
 from app.core.memo import MemoCache  # noqa: E402
+from app.core.plugins import make_registry  # noqa: E402
+from app.fronts.cli import main as cli_main  # noqa: E402
 from app.runs.queue import RunQueue  # noqa: E402
 from app.runs.store import RunRecord, RunStore  # noqa: E402
 

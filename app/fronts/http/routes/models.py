@@ -9,8 +9,8 @@ from fastapi import APIRouter
 
 import app as app_package
 from app.core import paths
-from app.fronts.http.responses import JSONResponse
 from app.fronts.http.bodies import api_router
+from app.fronts.http.responses import JSONResponse
 from app.fronts.http.state import AppState
 
 

@@ -9,8 +9,8 @@ from pydantic import BaseModel
 
 from app.core import paths
 from app.core.workflow import Workflow, WorkflowError, errors
-from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
 from app.fronts.http.bodies import api_router
+from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
 from app.fronts.http.state import AppState
 
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from app.core import paths
-from app.fronts.http.responses import error
 from app.fronts.http.bodies import api_router
+from app.fronts.http.responses import error
 from app.fronts.http.state import AppState
 from app.runs.events import temp_root
 

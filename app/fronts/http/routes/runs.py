@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from app.core.workflow import WorkflowError
-from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
 from app.fronts.http.bodies import api_router
+from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
 from app.fronts.http.state import AppState
 from app.runs.events import file_locations, make_jsonable
 
@@ -20,6 +20,7 @@ class RunRequest(BaseModel):
     workflow: Any = Field(..., description="a ditgraph workflow document")
     client_id: str | None = Field(None, max_length=200, description="websocket client that receives this run's events")
     targets: list[str | int] | None = Field(None, max_length=10000, description="output node ids to compute (default: all output nodes)")
+    front: bool = Field(False, description="queue it ahead of every queued run (it runs next)")
 
 
 def output_files(record, root: Path) -> list[dict]:
@@ -40,7 +41,7 @@ def routes(state: AppState) -> APIRouter:
     @router.post("/runs", summary="Queue a run", status_code=200)
     def post_run(body: RunRequest) -> JSONResponse:
         try:
-            record = state.run_queue().submit(body.workflow, body.client_id, targets_of(body.targets))
+            record = state.run_queue().submit(body.workflow, body.client_id, targets_of(body.targets), front=body.front)
         except WorkflowError as exc:
             return problems_response(exc)
         return JSONResponse({"run_id": record.id, "position": state.run_queue().position(record.id)})
@@ -74,6 +75,16 @@ def routes(state: AppState) -> APIRouter:
         data["position"] = state.run_queue().position(run_id)
         data["outputs"] = output_files(record, state.output_root())
         return JSONResponse(make_jsonable(data))
+
+    @router.post("/queue/{run_id}/front", summary="Move a queued run to the front of the queue (it runs next)")
+    def post_front(run_id: str) -> JSONResponse:
+        position = state.run_queue().move_to_front(run_id)
+        if position is None:
+            record = state.run_queue().get(run_id)
+            if record is None:
+                return error(404, f"no run {run_id!r}")
+            return error(409, f"run {run_id!r} is {record.status}, not queued")
+        return JSONResponse({"run_id": run_id, "position": position})
 
     @router.delete("/runs/{run_id}", summary="Cancel a queued or running run")
     def delete_run(run_id: str) -> JSONResponse:

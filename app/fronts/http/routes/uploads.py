@@ -10,13 +10,13 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from app.core import paths
-from app.core.workflow import FORMAT, Workflow, WorkflowError, atomic_write
 from app.core.images import ImageRefused, png_text_chunks, sniff_image, verify_image
 from app.core.jsonlimits import JSONRefused, parse
+from app.core.workflow import FORMAT, Workflow, WorkflowError, atomic_write
+from app.fronts.http.bodies import api_router
 from app.fronts.http.responses import JSONResponse, error, problems_response
 from app.fronts.http.security import BodyTooLarge
 from app.fronts.http.settings import MB
-from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 

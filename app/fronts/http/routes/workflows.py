@@ -14,9 +14,9 @@ from pydantic import BaseModel, Field
 from app.core import paths
 from app.core.jsonlimits import parse
 from app.core.workflow import Workflow, WorkflowError, atomic_write
+from app.fronts.http.bodies import api_router
 from app.fronts.http.responses import JSONResponse, error, problems_response
 from app.fronts.http.settings import Settings
-from app.fronts.http.bodies import api_router
 from app.fronts.http.state import AppState
 
 
@@ -24,7 +24,7 @@ class RenameRequest(BaseModel):
     new_name: str = Field(..., max_length=300)
 
 
-_NAME_PART = re.compile(r"^[\w][\w .()+,'&@-]{0,127}$")
+_NAME_PART = re.compile(r"[\w][\w .()+,'&@-]{0,127}")  # fullmatch: `$` would let a trailing newline in
 
 
 def workflow_relpath(name: str) -> str | None:
@@ -33,7 +33,7 @@ def workflow_relpath(name: str) -> str | None:
     if name.endswith(".json"):
         name = name[: -len(".json")]
     parts = name.split("/")
-    if not name or len(parts) > 4 or any(not _NAME_PART.match(part) or part.endswith((" ", ".")) for part in parts):
+    if not name or len(parts) > 4 or any(not _NAME_PART.fullmatch(part) or part.endswith((" ", ".")) for part in parts):
         return None
     return name + ".json"
 
