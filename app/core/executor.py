@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,9 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []
-        self._last_parts: dict[tuple[str, str], dict] = {}
+        # why-did-it-rerun memory, per (workflow name, node): least recently used dropped past the limit
+        self._last_parts: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self.last_parts_limit = 20_000
         self._run_lock = threading.Lock()
         self.salt = _canonical({"device": self.device.type})
 
@@ -256,6 +259,9 @@ class Engine:
         keys[node_id] = key
         previous = self._last_parts.get((scope, node_id))
         self._last_parts[(scope, node_id)] = parts
+        self._last_parts.move_to_end((scope, node_id))
+        while len(self._last_parts) > self.last_parts_limit:
+            self._last_parts.popitem(last=False)
 
         if inst.bypass:
             values[node_id] = self._bypass_outputs(workflow, inst, nd, values)
