@@ -1,6 +1,6 @@
 // The ditgraph editor application: canvas, toolbar, palette, queue, workflows, run events.
 // Mounted by app/fronts/ui/editor_component.js; everything talks to the server through api.js.
-import { LiteGraph, LGraph, LGraphCanvas, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
+import { ContextMenu, LiteGraph, LGraph, LGraphCanvas, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
 import { api, EventStream, workflowFromPngBytes } from "./api.js";
 import { FORMAT, graphToWorkflow, nodeByWorkflowId, workflowId, workflowToGraph } from "./convert.js";
 import {
@@ -14,6 +14,22 @@ import {
 import { el, Palette, SearchPopup } from "./palette.js";
 
 const STORAGE_KEY = "ditgraph.current";
+
+// litegraph writes menu entries (combo dropdowns: model and input file names) as HTML; a file
+// named <img src=x onerror=...> would run script. Entries are text: escape them before it does.
+const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const addMenuItem = ContextMenu.prototype.addItem;
+ContextMenu.prototype.addItem = function (name, value, options) {
+  const label = name == null ? name : escapeHtml(name);
+  if (!value || typeof value !== "object" || value.title == null) return addMenuItem.call(this, label, value, options);
+  const title = value.title;
+  value.title = escapeHtml(title);
+  try {
+    return addMenuItem.call(this, label, value, options);
+  } finally {
+    value.title = title;
+  }
+};
 const UNDO_LIMIT = 100;
 
 function loadCss(href) {
