@@ -160,3 +160,30 @@ def test_tokens_a_cookie_cannot_carry_are_refused_at_startup(token, capsys):
     with pytest.raises(ConfigError):
         Settings(token=token).check()
     assert main(["serve", "--port", "1", "--token", token]) == 2
+
+
+def test_refused_websockets_get_an_http_403_handshake(server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{server.port}/api/events?client_id=x", origin="http://evil.example", open_timeout=5)
+    assert refused.value.response.status_code == 403
+
+
+def test_allow_origin_trusts_exactly_the_named_origins():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from app.fronts.http.security import Guard
+    from app.fronts.http.settings import Settings
+
+    inner = Starlette(routes=[Route("/api/x", lambda request: PlainTextResponse("ok"), methods=["GET", "POST"])])
+    settings = Settings(allowed_origins=["http://trusted.example"], allowed_hosts=["testserver"])
+    client = TestClient(Guard(inner, settings))
+    assert client.post("/api/x", headers={"Origin": "http://trusted.example"}).status_code == 200
+    assert client.post("/api/x", headers={"Origin": "http://other.example"}).status_code == 403
+    assert client.post("/api/x", headers={"Origin": "http://testserver"}).status_code == 200  # same origin
+    assert client.post("/api/x", content=b"{}" * (9 << 20), headers={"content-type": "application/json"}).status_code == 413
