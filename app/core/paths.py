@@ -83,8 +83,10 @@ def confine(root: Path, relative: str) -> Path:
         candidate = (real_root / relative).resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names the OS refuses
         raise PathRefused(f"{relative[:300]!r}: {exc}") from None
+    if candidate == real_root:
+        raise PathRefused(f"{relative[:300]!r} names the folder {real_root} itself; name a file inside it")
     if real_root not in candidate.parents:
-        raise PathRefused(f"{relative[:300]!r} is not a name inside {real_root} (../, '.' or a symlink); refused")
+        raise PathRefused(f"{relative[:300]!r} resolves outside {real_root} (../ or a symlink); refused")
     return candidate
 
 

@@ -187,3 +187,12 @@ def test_allow_origin_trusts_exactly_the_named_origins():
     assert client.post("/api/x", headers={"Origin": "http://other.example"}).status_code == 403
     assert client.post("/api/x", headers={"Origin": "http://testserver"}).status_code == 200  # same origin
     assert client.post("/api/x", content=b"{}" * (9 << 20), headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_a_non_latin_1_token_in_the_query_is_a_401_not_a_500():
+    from tests.fixtures._server_helpers import shared_token_server
+
+    token_server = shared_token_server()
+    for query in ("token=%E2%82%AC%E2%82%AC", "token=%FF", "token=a%20b"):
+        assert httpx.get(f"{token_server.base_url}/?{query}").status_code == 401, query
+        assert httpx.get(f"{token_server.base_url}/api/status?{query}").status_code == 401, query
