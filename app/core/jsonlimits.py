@@ -15,11 +15,13 @@ MAX_JSON_DEPTH = 64  # a workflow needs ~8 (nodes > id > inputs > name > link > 
 
 
 class JSONRefused(ValueError):
-    """Input that is not JSON, too large or too deeply nested; ``too_large`` says which kind (413 vs 400)."""
+    """Input that is not JSON, too large or too deeply nested. ``too_large`` marks a size refusal (413);
+    ``decode_error`` is the JSONDecodeError when the text simply is not JSON."""
 
-    def __init__(self, message: str, too_large: bool = False):
+    def __init__(self, message: str, too_large: bool = False, decode_error: json.JSONDecodeError | None = None):
         super().__init__(message)
         self.too_large = too_large
+        self.decode_error = decode_error
 
 
 def parse(data: str | bytes, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -32,7 +34,7 @@ def parse(data: str | bytes, max_bytes: int = MAX_JSON_BYTES, max_depth: int = M
     except RecursionError:
         raise JSONRefused(f"JSON nested deeper than {max_depth} levels is refused") from None
     except json.JSONDecodeError as exc:
-        raise JSONRefused(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise JSONRefused(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", decode_error=exc) from None
     except UnicodeDecodeError as exc:
         raise JSONRefused(f"not valid JSON: not UTF-8 text ({exc.reason})") from None
     if depth_exceeds(value, max_depth):

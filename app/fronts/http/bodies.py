@@ -37,6 +37,8 @@ def api_router(state: AppState) -> APIRouter:
                 try:
                     self._json = parse(await self.body(), max_bytes=max_bytes)
                 except JSONRefused as exc:
+                    if exc.decode_error is not None:  # not JSON at all: FastAPI's usual 422 "invalid request body"
+                        raise exc.decode_error from None
                     raise BodyRefused(413 if exc.too_large else 400, str(exc)) from None
             return self._json
 
