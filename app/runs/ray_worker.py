@@ -150,8 +150,9 @@ def worker_config(registry, device: str | None = None, extra_sys_path: list[str]
 
 def node_keys(engine, workflow: Workflow, targets: list[str] | None = None) -> dict[str, str]:
     """Node id -> cache key of every node the run needs, computed without running anything."""
-    # TODO(engine): this copies the executor's private Engine._node_key walk; switch to the public
-    # Engine.node_key() API once the engine branch ("Engine:" commit) lands in main.
+    if hasattr(engine, "node_keys"):  # the public API of the engine branch ("Engine:" commits)
+        return engine.node_keys(workflow, targets)
+    # TODO(engine): remove this copy of the executor's private key walk once Engine.node_keys is in main
     _, order = engine.plan(workflow, targets)
     keys: dict[str, str] = {}
     for node_id in order:
