@@ -154,7 +154,7 @@ class LocalDispatcher:
         root = self._root()
         subfolder = record.output_subfolder or record.id
         staging = outputs.staging_dir(root, subfolder)
-        outputs.discard(root, subfolder)  # what an interrupted earlier try left
+        outputs.reset(root, subfolder, record.id)  # what an interrupted earlier try left
 
         def on_event(event: dict) -> None:
             self._beat = time.monotonic()
@@ -182,10 +182,10 @@ class LocalDispatcher:
             if self._interrupted_by_stop(record):
                 return
             error = {"message": "cancelled"}
+        outputs.publish(root, subfolder)  # then the record: see app.runs.outputs
         queue.complete(record, result.status, ui=make_jsonable(result.ui), error=error,
                        timings={k: round(v, 6) for k, v in result.timings.items()}, reasons=result.reasons,
                        executed=result.executed, cached=result.cached)
-        outputs.publish(root, subfolder)  # after the record: see app.runs.outputs
 
     def _interrupted_by_stop(self, record: RunRecord) -> bool:
         """A run stopped by shutdown, not by a user, goes back to the queue (its staged files away)."""
@@ -200,7 +200,7 @@ class LocalDispatcher:
 
     def _end(self, record: RunRecord, status: str, error: dict, event: str) -> None:
         """Record a run that ended without an engine result (and tell its client)."""
+        outputs.publish(self._root(), record.output_subfolder or record.id)
         self._queue.complete(record, status, error=error)
         payload = {"error": {k: v for k, v in error.items() if k != "detail"}} if status == "failed" else {"node": None}
         self._queue.publish(record.client_id, {"type": event, "run_id": record.id, **payload})
-        outputs.publish(self._root(), record.output_subfolder or record.id)

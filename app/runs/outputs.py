@@ -1,12 +1,13 @@
-"""Exactly-once run outputs: a run writes into a staging folder; its record is the commit point.
+"""Exactly-once run outputs: a run writes into a staging folder, published in one rename.
 
     <outputs>/.staging/<run folder>/...   written while the run executes
-    <outputs>/<run folder>/...            published after the store recorded how the run ended
+    <outputs>/<run folder>/...            published (one rename), then the store records the end
 
-The order makes a crash at any point harmless: before the record, the staging folder is thrown
-away on the next start and the requeued run writes its files again (once); after the record,
-the next start finishes the move. So a run that ends has exactly its files, and a run that is
-run again never leaves a second copy (or a half-written ``.tmp``) behind.
+A crash at any point is harmless. Before the rename, the staging folder is thrown away (at the
+next start, or when the run is tried again). Between the rename and the record, the run is
+requeued and its try starts by removing the folder that try published (:func:`reset`), so
+clients never see a second copy; after the record, the run is done. A half-written ``.tmp``
+can only be left in a staging folder, which is thrown away.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def publish(output_root: Path, subfolder: str) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(file, destination)
     shutil.rmtree(source, ignore_errors=True)
+
+
+def reset(output_root: Path, subfolder: str, run_id: str) -> None:
+    """Before a run (or its retry) executes: drop what an earlier, unrecorded try staged or published.
+    Only a folder named by the run's id is removed: no other run writes there."""
+    discard(output_root, subfolder)
+    if subfolder == run_id:
+        shutil.rmtree(Path(output_root) / subfolder, ignore_errors=True)
 
 
 def discard(output_root: Path, subfolder: str) -> None:
