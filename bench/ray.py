@@ -128,8 +128,10 @@ def _wait(queue, run_ids: list[str], timeout: float) -> list:
 def measure(workers: int, registry, checkpoint: str, args, scratch: Path) -> dict:
     from app.core.executor import Engine
     from app.core.memo import MemoCache
-    from app.runs.queue import RunQueue, RunStore
-    from app.runs.ray_pool import RayDispatcher, RayPool
+    from app.runs.queue import RunQueue
+    from app.runs.ray_dispatch import RayDispatcher
+    from app.runs.ray_pool import RayPool
+    from app.runs.store import RunStore
 
     started = time.perf_counter()
     pool = RayPool(registry, workers=workers, device=args.device, cpus_per_worker=1 if args.device == "cpu" else None)
@@ -242,8 +244,8 @@ def main() -> None:
     import torch
 
     from app.core import paths
-    from app.fronts.cli import make_registry
-    from app.runs.ray_pool import connect
+    from app.core.plugins import make_registry
+    from app.runs.ray_worker import connect
     from bench.common import write_result
 
     scratch = Path(tempfile.mkdtemp(prefix="ditgraph-bench-ray-"))

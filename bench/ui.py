@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from tests.fixtures.ui_helpers import VIEWPORT, BrowserPage, browser_skip_reason, editor_tab  # noqa: E402
+from bench.harness import VIEWPORT, BrowserPage, browser_skip_reason, editor_tab  # noqa: E402
 
 NODES = 300
 TARGET_FRAME_MS = 1000 / 30  # the target: pans and drags stay above 30 fps on this 2-core CI box

@@ -18,10 +18,11 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from app.core import paths
 from app.core.context import current
+from app.core.images import open_image
 from app.core.registry import NodeResult, node
 from app.core.types import IMAGE, MASK, Spec
 
@@ -143,13 +144,9 @@ def LoadImage(
 ) -> tuple:
     """Load an image from the input folder; its alpha channel (if any) becomes the mask
     (1 where transparent, i.e. the area to fill)."""
-    try:
-        with Image.open(image) as img:
-            img = ImageOps.exif_transpose(img)
-            rgba = img.convert("RGBA")
-            has_alpha = "A" in img.getbands() or "transparency" in img.info
-    except Exception as exc:
-        raise ValueError(f"{image}: not a readable image ({type(exc).__name__}: {exc})") from None
+    img = open_image(image)  # refuses decompression bombs before decoding
+    rgba = img.convert("RGBA")
+    has_alpha = "A" in img.getbands() or "transparency" in img.info
     array = np.asarray(rgba).astype(np.float32) / 255.0
     pixels = torch.from_numpy(array[..., :3].copy())[None]
     if has_alpha:

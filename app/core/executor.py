@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,14 +25,14 @@ from app.core import paths
 from app.core.cache_policies import CachePolicy, parse_cache_policy
 from app.core.context import RunCancelled
 from app.core.explain import cached_outputs, static_keys
-from app.core.keys import NodeKey, diff_reason, engine_salt, node_key
+from app.core.keys import NodeKey, diff_reason, engine_salt
 from app.core.memo import MemoCache
-from app.core.registry import NodeDef, Registry, default_registry
+from app.core.registry import Registry, default_registry
 from app.core.runstate import Event, NodeFailed, RunResult, RunState
 from app.core.scheduler import Scheduler
 from app.core.subgraphs import expand, resolve_targets
 from app.core.validation import errors, validate, validate_flat
-from app.core.workflow import NodeInstance, Problem, Workflow, WorkflowError
+from app.core.workflow import Problem, Workflow, WorkflowError
 
 __all__ = ["Engine", "NodeFailed", "RunResult"]
 
@@ -57,7 +58,9 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []
-        self._last_parts: dict[tuple[str, str], dict] = {}
+        # why-did-it-rerun memory, per (workflow name, node): least recently used dropped past the limit
+        self._last_parts: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self.last_parts_limit = 20_000
         self._run_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -98,12 +101,6 @@ class Engine:
         """Node id -> cache key of every node the run needs whose key is known before running
         (all of them unless a lazy choice depends on values not computed yet), in run order."""
         return {node_id: found.key for node_id, found in self._keys(workflow, targets)[0].items()}
-
-    def _node_key(self, inst: NodeInstance, nd: NodeDef, keys: dict[str, str]) -> tuple[str, dict, dict, dict]:
-        # Kept only for app/runs/ray_pool.py's copy of the key loop until it calls
-        # Engine.node_keys(); remove with that copy.
-        found = node_key(nd, inst.inputs, keys, self.salt, inst.bypass)
-        return found.key, found.parts, found.constants, found.files
 
     def _keys(self, workflow: Workflow, targets: list[str] | None = None) -> tuple[dict[str, NodeKey], dict[str, str]]:
         flat = expand(workflow)
@@ -179,6 +176,9 @@ class Engine:
         """Record a node's key parts for explanations; returns those of its previous run."""
         previous = self._last_parts.get((scope, node_id))
         self._last_parts[(scope, node_id)] = parts
+        self._last_parts.move_to_end((scope, node_id))
+        while len(self._last_parts) > self.last_parts_limit:
+            self._last_parts.popitem(last=False)
         return previous
 
     def event_loop(self) -> asyncio.AbstractEventLoop:

@@ -73,16 +73,30 @@ def roots(kind: str) -> list[Path]:
     return found
 
 
+MAX_NAME_BYTES = 255  # one path component, as most file systems allow
+MAX_PATH_BYTES = 4096
+
+
 def confine(root: Path, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse absolute paths and escapes (../, symlinks)."""
-    if not relative or "\x00" in relative:
+    """Resolve ``relative`` to a file or folder inside ``root`` (never ``root`` itself); PathRefused for
+    absolute paths, escapes (../, symlinks), over-long names and anything else the OS would reject."""
+    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
         raise PathRefused("empty or invalid file name")
-    if Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ":" in Path(relative).parts[0]:
-        raise PathRefused(f"{relative!r}: absolute paths are refused; name a file inside {root}")
-    real_root = root.resolve()
-    candidate = (real_root / relative).resolve()
-    if candidate != real_root and real_root not in candidate.parents:
-        raise PathRefused(f"{relative!r} resolves outside {real_root} (../ or a symlink); refused")
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ":" in parts[0]:
+        raise PathRefused(f"{relative[:300]!r}: name a file inside {root} (absolute paths and '.' are refused)")
+    if len(relative.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or any(
+            len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in parts):
+        raise PathRefused(f"{relative[:80]!r}...: a name over {MAX_NAME_BYTES} bytes (or a path over {MAX_PATH_BYTES})")
+    try:
+        real_root = root.resolve()
+        candidate = (real_root / relative).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names the OS refuses
+        raise PathRefused(f"{relative[:300]!r}: {exc}") from None
+    if candidate == real_root:
+        raise PathRefused(f"{relative[:300]!r} names the folder {real_root} itself; name a file inside it")
+    if real_root not in candidate.parents:
+        raise PathRefused(f"{relative[:300]!r} resolves outside {real_root} (../ or a symlink); refused")
     return candidate
 
 
@@ -114,8 +128,18 @@ def list_files(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders
                 dirnames.clear()  # a model folder's inner files are not separate models
                 continue
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            names.update((rel / f).as_posix() for f in filenames if f.endswith(suffixes))
+            names.update(name for f in filenames if f.endswith(suffixes)
+                         and _loadable(root, name := (rel / f).as_posix()))
     return sorted(names)
+
+
+def _loadable(root: Path, relative: str) -> bool:
+    """Whether :func:`resolve` would accept the name (a symlink out of the folder is listed nowhere)."""
+    try:
+        confine(root, relative)
+        return True
+    except PathRefused:
+        return False
 
 
 def fingerprint(path: Path) -> str:

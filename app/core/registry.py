@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import json
 import logging
 import pkgutil
 import re
@@ -306,9 +305,6 @@ class Registry:
 
     def catalogue(self) -> list[dict]:
         return [nd.catalogue_entry() for nd in sorted(self.nodes.values(), key=lambda n: (n.category, n.type))]
-
-    def catalogue_json(self) -> str:
-        return json.dumps(self.catalogue(), indent=1, default=str)
 
 
 _default: Registry | None = None

@@ -336,10 +336,12 @@ def migrate(document: Any) -> dict:
 
 
 def loads(text: str) -> Workflow:
+    from app.core.jsonlimits import JSONRefused, parse
+
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WorkflowError([Problem(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", kind="format")]) from None
+        document = parse(text)  # size and nesting capped: the one parser of untrusted JSON
+    except JSONRefused as exc:
+        raise WorkflowError([Problem(str(exc), kind="format")]) from None
     return Workflow.from_dict(document)
 
 

@@ -4,7 +4,7 @@
 // runs.js (queue, events, results), draw.js (what is drawn on nodes), files.js (import,
 // export, uploads), dialogs.js, gallery.js (history), maskeditor.js, settings.js,
 // minimap.js, overlays.js (tooltips, text editor), layout.js (auto layout), convert.js.
-import { LiteGraph, LGraph, LGraphCanvas, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
+import { ContextMenu, LiteGraph, LGraph, LGraphCanvas, LGraphGroup } from "/static/vendor/litegraph/litegraph.es.js";
 import { api, EventStream } from "./api.js";
 import { FORMAT, graphToWorkflow, nodeByWorkflowId, workflowId, workflowToGraph } from "./convert.js";
 import { dialogMethods } from "./dialogs.js";
@@ -26,6 +26,22 @@ import { Tabs } from "./tabs.js";
 const MIN_FIT_SCALE = 0.7; // titles stay >= 11 px tall (16 px font)
 const NARROW_SCREEN = 1400; // px: below this (a 1366 px laptop) the side panels start hidden
 const emptyWorkflow = () => ({ format: FORMAT, version: 1, nodes: {}, layout: {}, meta: {} });
+
+// litegraph writes menu entries (combo dropdowns: model and input file names) as HTML; a file
+// named <img src=x onerror=...> would run script. Entries are text: escape them before it does.
+const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const addMenuItem = ContextMenu.prototype.addItem;
+ContextMenu.prototype.addItem = function (name, value, options) {
+  const label = name == null ? name : escapeHtml(name);
+  if (!value || typeof value !== "object" || value.title == null) return addMenuItem.call(this, label, value, options);
+  const title = value.title;
+  value.title = escapeHtml(title);
+  try {
+    return addMenuItem.call(this, label, value, options);
+  } finally {
+    value.title = title;
+  }
+};
 
 function loadCss(href) {
   if (document.querySelector(`link[href="${href}"]`)) return;

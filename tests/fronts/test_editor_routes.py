@@ -1,4 +1,4 @@
-"""The editor's routes (app/fronts/editor_routes.py): drafts, input previews, history."""
+"""The editor's routes (app/fronts/http/routes/editor.py): drafts, input previews, history."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from app.fronts.editor_routes import seeds_of
+from app.fronts.http.routes.editor import seeds_of
 from tests.fixtures._server_helpers import count_workflow, shared_server, wait_idle
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from app.fronts.server import png_text_chunks, sniff_image
+from app.core.images import png_text_chunks, sniff_image
 from tests.fixtures._server_helpers import ServerProcess, count_workflow, shared_server, shared_token_server, wait_idle, workflow
 
 

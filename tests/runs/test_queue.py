@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import nodes.core
 import tests.fixtures._api_nodes
 from app.core.executor import Engine
-from app.core.workflow import WorkflowError
 from app.core.memo import MemoCache
-from app.runs.queue import LocalDispatcher, QueueLocked, RunQueue, RunRecord, RunStore, jsonable_event, new_run_id
 from app.core.registry import Registry
+from app.core.workflow import WorkflowError
+from app.runs.events import jsonable_event
+from app.runs.local import LocalDispatcher
+from app.runs.queue import RunQueue
+from app.runs.store import QueueLocked, RunRecord, RunStore, new_run_id
 from tests.fixtures._server_helpers import count_workflow, shared_token_server, workflow
 
 
@@ -213,3 +217,118 @@ def test_server_resumes_queue_after_sigkill():
     finally:
         if server.process.poll() is not None:
             server.start()
+
+
+def test_stop_between_claim_and_start_requeues(make_queue):
+    """The graceful-stop race: stop() after a claim but before execution starts must requeue."""
+    queue = make_queue()
+    dispatcher = queue.dispatcher
+    claimed, proceed = threading.Event(), threading.Event()
+    register, execute = dispatcher._register, dispatcher._execute
+
+    def held_register(record):
+        register(record)
+        claimed.set()
+
+    def held_execute(record):
+        proceed.wait(10)
+        execute(record)
+
+    dispatcher._register, dispatcher._execute = held_register, held_execute
+    run_id = queue.submit(count_workflow(steps=1)).id
+    queue.start()
+    assert claimed.wait(10)
+    stopper = threading.Thread(target=queue.stop, args=(10,))
+    stopper.start()
+    while not dispatcher._stopping.is_set():
+        time.sleep(0.01)
+    proceed.set()
+    stopper.join()
+    record = queue.get(run_id)
+    assert record.status == "queued" and record.retries == 0 and record.started is None
+
+
+def test_system_exit_in_a_node_fails_the_run_and_the_worker_keeps_serving(make_queue):
+    queue = make_queue()
+    queue.start()
+    bad = queue.submit(workflow({"1": {"type": "Exit", "inputs": {"code": 3}},
+                                 "2": {"type": "PreviewAny", "inputs": {"value": {"from": ["1", "value"]}}}}))
+    record = wait(queue, bad.id)
+    assert record.status == "failed" and "SystemExit" in record.error["message"]
+    assert wait(queue, queue.submit(count_workflow(steps=1)).id).status == "success"
+
+
+def test_watchdog_fails_a_stalled_run_then_the_queue_goes_on(tmp_path, registry):
+    engine = Engine(registry, MemoCache(max_device_bytes=0), device="cpu", output_dir=tmp_path / "out")
+    dispatcher = LocalDispatcher(engine, poll_seconds=0.05, watch_seconds=0.05, stall_seconds=0.5)
+    queue = RunQueue(RunStore(tmp_path / "q.sqlite3"), dispatcher, engine.validate)
+    try:
+        queue.start()
+        stalled = queue.submit(count_workflow(steps=1, delay=2.0)).id  # no event for 2 s
+        record = wait(queue, stalled, timeout=10)
+        assert record.status == "failed" and "no progress" in record.error["message"]
+        assert wait(queue, queue.submit(count_workflow(steps=1, start=9)).id).status == "success"
+        assert queue.get(stalled).status == "failed"  # the stalled run's late end does not overwrite it
+    finally:
+        queue.stop(5)
+        queue.store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_watchdog_restarts_a_dead_worker(make_queue):
+    queue = make_queue()
+    queue.dispatcher.watch_seconds = 0.05
+    claim = queue.claim
+
+    def dying_claim(*args):
+        queue.claim = claim
+        raise SystemExit("the worker thread dies here")
+
+    queue.claim = dying_claim
+    queue.start()
+    assert wait(queue, queue.submit(count_workflow(steps=1)).id).status == "success"
+    assert queue.dispatcher.restarts == 1
+
+
+def _stage_workflow(markers: Path, stage: str) -> dict:
+    """SlowCount -> IntToText -> SaveText, with Mark nodes that hold the run at ``stage`` (first try only)."""
+    hold = {"claimed": ("0", 30.0), "after_save": ("5", 30.0)}.get(stage, (None, 0.0))
+    return workflow({
+        "0": {"type": "Mark", "inputs": {"marker": str(markers / "started"), "seconds": 30.0 if hold[0] == "0" else 0.0}},
+        "1": {"type": "SlowCount", "inputs": {"steps": 40, "delay": 0.05, "start": {"from": ["0", "value"]}}},
+        "2": {"type": "IntToText", "inputs": {"value": {"from": ["1", "value"]}}},
+        "3": {"type": "SaveText", "inputs": {"text": {"from": ["2", "text"]}, "prefix": "once"}},
+        "5": {"type": "Mark", "inputs": {"after": {"from": ["3", "path"]}, "marker": str(markers / "saved"),
+                                         "seconds": 30.0 if hold[0] == "5" else 0.0}},
+    })
+
+
+@pytest.mark.parametrize("stage", ["claimed", "sampling", "after_save", "after_record"])
+def test_kill_9_at_each_stage_gives_each_run_exactly_its_outputs(tmp_path, stage):
+    from tests.fixtures._server_helpers import ServerProcess
+
+    server = ServerProcess(tmp_path / "server").start()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    try:
+        with server.client() as client:
+            run_id = client.post("/api/runs", json={"workflow": _stage_workflow(markers, stage)}).json()["run_id"]
+            marker = {"claimed": "started", "sampling": "started", "after_save": "saved"}.get(stage)
+            deadline = time.monotonic() + 30
+            while marker and not (markers / marker).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if stage == "sampling":
+                time.sleep(0.5)  # inside SlowCount's 2 s of steps
+            if stage == "after_record":
+                server.wait_run(client, run_id)
+        server.kill()
+        server.start()
+        with server.client() as client:
+            record = server.wait_run(client, run_id, timeout=60)
+        assert record["status"] == "success", record
+        assert record["retries"] == (0 if stage == "after_record" else 1)
+        files = sorted(p.relative_to(server.output_dir).as_posix() for p in server.output_dir.rglob("*") if p.is_file())
+        assert files == [f"{run_id}/once_00001.txt"], files  # no second copy, no .tmp, nothing staged
+        assert [o["path"] for o in record["outputs"]] == [f"{run_id}/once_00001.txt"]
+    finally:
+        server.stop()

@@ -26,11 +26,12 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from app.core import paths  # noqa: E402
-from app.fronts.cli import main as cli_main  # noqa: E402
-from app.fronts.cli import make_registry  # noqa: E402
 from app.core.executor import Engine  # noqa: E402
 from app.core.memo import MemoCache  # noqa: E402
-from app.runs.queue import RunQueue, RunRecord, RunStore  # noqa: E402
+from app.core.plugins import make_registry  # noqa: E402
+from app.fronts.cli import main as cli_main  # noqa: E402
+from app.runs.queue import RunQueue  # noqa: E402
+from app.runs.store import RunRecord, RunStore  # noqa: E402
 
 REPO = paths.REPO_ROOT
 FINISHED = ("success", "failed", "cancelled")
@@ -53,7 +54,7 @@ import sys
 from app.fronts.cli import main
 code = main(['run', sys.argv[1], '--plugin', 'tests.fixtures.ray_nodes', '--output-dir', sys.argv[2]])
 assert code == 0, code
-import app.fronts.server
+import app.fronts.http.app
 assert 'ray' not in sys.modules, 'a normal run imported ray'
 """
 
@@ -118,7 +119,7 @@ def pool(cluster, registry):
 
 @pytest.fixture
 def make_queue(pool, registry, tmp_path):
-    from app.runs.ray_pool import RayDispatcher
+    from app.runs.ray_dispatch import RayDispatcher
 
     made = []
 
@@ -286,7 +287,8 @@ def test_serve_with_ray_dispatches_the_queue_to_the_workers(pool, registry, tmp_
     """`ditgraph serve --ray`: Settings.ray makes the server's queue dispatch through Ray (the
     pool is this module's, so no new actors start)."""
     from app.runs.ray_pool import RayPool
-    from app.fronts.server import AppState, Settings
+    from app.fronts.http.settings import Settings
+    from app.fronts.http.state import AppState
 
     asked = {}
     monkeypatch.setattr(RayPool, "create", classmethod(lambda cls, address, reg, **kw: (asked.update(
@@ -321,7 +323,8 @@ class _StubPool:
 
 
 def test_worker_deaths_count_as_retries_up_to_the_limit(tmp_path):
-    from app.runs.ray_pool import RayDispatcher, WorkerSlot
+    from app.runs.ray_dispatch import RayDispatcher
+    from app.runs.ray_pool import WorkerSlot
 
     pool = _StubPool()
     dispatcher = RayDispatcher(pool, tmp_path / "out", close_pool=False)

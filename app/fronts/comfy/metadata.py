@@ -13,9 +13,10 @@ import struct
 import subprocess
 import tempfile
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any
+
+from app.core.images import ImageRefused, png_text_chunks
 
 MB = 1024 * 1024
 TEXT_BUDGET = 32 * MB  # all decompressed text of one file together
@@ -31,42 +32,12 @@ class EmbeddedWorkflowError(ValueError):
     """The file carries no workflow we can read, with a one-line reason."""
 
 
-def _inflate(data: bytes, budget: list[int]) -> bytes:
-    decompressor = zlib.decompressobj()
-    out = decompressor.decompress(data, budget[0] + 1)
-    if len(out) > budget[0] or decompressor.unconsumed_tail:
-        raise EmbeddedWorkflowError(f"the compressed text chunks inflate to more than {TEXT_BUDGET // MB} MB")
-    budget[0] -= len(out)
-    return out
-
-
 def png_texts(data: bytes, budget_bytes: int = TEXT_BUDGET) -> dict[str, str]:
-    """The tEXt / zTXt / iTXt entries of a PNG; decompressed text is capped in total."""
-    if not data.startswith(PNG_MAGIC):
-        raise EmbeddedWorkflowError("not a PNG file")
-    texts: dict[str, str] = {}
-    budget = [budget_bytes]
-    offset = 8
-    while offset + 8 <= len(data):
-        length = int.from_bytes(data[offset:offset + 4], "big")
-        kind, body = data[offset + 4:offset + 8], data[offset + 8:offset + 8 + length]
-        if len(body) < length or kind == b"IEND":
-            break
-        offset += 12 + length
-        key, _, rest = body.partition(b"\0")
-        try:
-            if kind == b"tEXt":
-                texts[key.decode("latin-1")] = rest.decode("latin-1")
-            elif kind == b"zTXt":
-                texts[key.decode("latin-1")] = _inflate(rest[1:], budget).decode("latin-1")
-            elif kind == b"iTXt":
-                compressed, rest = rest[0], rest[2:]
-                _language, _, rest = rest.partition(b"\0")
-                _translated, _, value = rest.partition(b"\0")
-                texts[key.decode("latin-1")] = (_inflate(value, budget) if compressed else value).decode("utf-8")
-        except (IndexError, zlib.error, UnicodeDecodeError):
-            continue  # one damaged chunk does not hide the others
-    return texts
+    """The tEXt / zTXt / iTXt entries of a PNG (app.core.images' reader: decompressed text capped in total)."""
+    try:
+        return png_text_chunks(data, budget_bytes)
+    except ImageRefused as exc:
+        raise EmbeddedWorkflowError(str(exc)) from None
 
 
 def _riff_chunks(data: bytes):

@@ -5,7 +5,7 @@ application that lives in ``static/ditgraph/`` (our ES modules) and ``static/ven
 (litegraph), and the application talks to the HTTP API (``/api/...``) and the websocket
 event stream directly. Python only serves the page and the static files.
 
-``register()`` is called once by ``app.fronts.server.create_app``.
+``register()`` is called once by ``app.fronts.http.app.create_app``.
 """
 
 from __future__ import annotations
@@ -59,15 +59,6 @@ def register(state: Any = None, *, title: str = "ditgraph", default_workflow: st
     from app.fronts.ui.page import EditorComponent
 
     nicegui_app.add_static_files(STATIC_URL, STATIC_DIR, max_cache_age=0)
-    if state is not None:
-        # the editor's own routes (drafts, input previews, history); see app/fronts/editor_routes.py
-        from fastapi import APIRouter
-
-        from app.fronts import editor_routes
-
-        router = APIRouter(prefix="/api")
-        editor_routes.register(router, state)
-        nicegui_app.include_router(router)
 
     @ui.page("/", title=title)
     def editor_page() -> None:

@@ -8,7 +8,7 @@
 - ``/api/history``: finished runs with seeds and output thumbnails, filterable by workflow;
   ``DELETE /api/history/{run_id}`` forgets one (its files stay in the output folder).
 
-``register(router, state)`` adds them to the ``/api`` router of ``app.fronts.server``.
+``routes(state)`` is one of the server's route modules (app.fronts.http.app.build_router).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _register_drafts(router: APIRouter, state: Any) -> None:
 
 
 def _register_history(router: APIRouter, state: Any) -> None:
-    from app.fronts.server import output_files  # the server's one definition of output URLs
+    from app.fronts.http.routes.runs import output_files  # the server's one definition of output URLs
 
     def store():
         if state.queue is None:
@@ -145,3 +145,12 @@ def register(router: APIRouter, state: Any) -> None:
 
 
 __all__ = ["register", "seeds_of"]
+
+
+def routes(state: Any) -> APIRouter:
+    """The editor's routes on an /api router with the server's JSON body limits."""
+    from app.fronts.http.bodies import api_router
+
+    router = api_router(state)
+    register(router, state)
+    return router

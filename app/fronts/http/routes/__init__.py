@@ -1,0 +1,1 @@
+"""One module per resource; each ``routes(state)`` returns its APIRouter (prefix /api)."""
