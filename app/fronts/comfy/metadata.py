@@ -16,10 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from app.core.images import ImageRefused, png_text_chunks
+from app.core.images import MAX_TEXT_BYTES, ImageRefused, png_text_chunks
 
 MB = 1024 * 1024
-TEXT_BUDGET = 32 * MB  # all decompressed text of one file together
+TEXT_BUDGET = MAX_TEXT_BYTES  # all decompressed text of one file together (the server's one cap)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # ComfyUI's SaveAnimatedWEBP writes "prompt:{...}" into EXIF tag 0x0110 and each extra_pnginfo
 # entry ("workflow:{...}") into 0x010f, 0x010e, ... downwards
@@ -29,7 +29,11 @@ KEYS = ("workflow", "prompt")
 
 
 class EmbeddedWorkflowError(ValueError):
-    """The file carries no workflow we can read, with a one-line reason."""
+    """The file carries no workflow we can read, with a one-line reason (``too_large``: refused for its size)."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def png_texts(data: bytes, budget_bytes: int = TEXT_BUDGET) -> dict[str, str]:
@@ -37,7 +41,7 @@ def png_texts(data: bytes, budget_bytes: int = TEXT_BUDGET) -> dict[str, str]:
     try:
         return png_text_chunks(data, budget_bytes)
     except ImageRefused as exc:
-        raise EmbeddedWorkflowError(str(exc)) from None
+        raise EmbeddedWorkflowError(str(exc), too_large=exc.too_large) from None
 
 
 def _riff_chunks(data: bytes):

@@ -136,8 +136,8 @@ def routes(state: AppState) -> APIRouter:
             texts = embedded_texts(data)  # PNG text chunks, WEBP EXIF or video tags
         except ImageRefused as exc:
             return error(413 if exc.too_large else 415, str(exc))
-        except ValueError as exc:
-            return error(415, str(exc))
+        except ValueError as exc:  # not an image or video we read, or its texts are too large
+            return error(413 if getattr(exc, "too_large", False) else 415, str(exc))
         return _workflow_from_texts(texts, state)
 
     return router
