@@ -259,14 +259,13 @@ def should_tile_vae(height: int, width: int, free: int, frames: int = 1, element
 
 def need_of(module, name: str, role: str = "transformer", bytes_per_param: float | None = None) -> ModelNeed:
     """A :class:`ModelNeed` measured from a module: its parameters, its dtype's size (or
-    ``bytes_per_param`` of the storage format it will be loaded in) and its repeated blocks
-    (every ModuleList holding at least a tenth of the weights: Flux's two stacks, T5's blocks)."""
-    import torch
+    ``bytes_per_param`` of the storage format it will be loaded in) and the blocks block
+    streaming would move (app/models/residency.py; none for a VAE, which moves whole)."""
+    from app.models.residency import stack_of, stream_root
 
     params = sum(p.numel() for p in module.parameters())
     first = next(module.parameters(), None)
     size = bytes_per_param or (first.element_size() if first is not None else 2.0)
-    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
-    blocks = [b for lst in lists if sum(p.numel() for p in lst.parameters()) >= params / 10 for b in lst]
+    blocks = [] if role == "vae" else stack_of(stream_root(module))
     block_params = sum(p.numel() for b in blocks for p in b.parameters())
     return ModelNeed(name, params, size, len(blocks), block_params, role=role)
