@@ -56,7 +56,9 @@ def plan_loaded(parts: dict[str, tuple[torch.nn.Module, str]], offload: str, mem
 def place(plan: MemoryPlan, values: dict[str, object], modules: dict[str, torch.nn.Module],
           device: torch.device) -> None:
     """Apply ``plan`` to loaded (CPU) values: residency flags, block streaming, device moves.
-    Several parts may share one value (the text encoders): it offloads if any part does."""
+    Several parts may share one value (the text encoders): it offloads after use if any part
+    moves whole. Streamed parts keep their resident blocks between uses (only a memo spill
+    moves them off)."""
     for value in values.values():
         value.device, value.residency, value.memory = device, "resident", []
     for placement in plan.placements:
@@ -64,8 +66,8 @@ def place(plan: MemoryPlan, values: dict[str, object], modules: dict[str, torch.
         value.memory.append(placement.as_dict())
         if placement.mode in ("stream", "blocks"):
             apply_block_offload(module, device, keep=placement.resident_blocks)
-        if placement.mode != "resident":
+        elif placement.mode == "model":
             value.residency = "offload"
     for placement in plan.placements:
-        if values[placement.name].residency == "resident":
+        if placement.mode == "resident" and values[placement.name].residency == "resident":
             modules[placement.name].to(device)

@@ -66,18 +66,29 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
     from diffusers.hooks import HookRegistry, apply_group_offloading
 
     root = stream_root(module)
-    if root is not module:
-        module.to(device)
-    root.to("cpu")
+    kept = _beside(module, root)
+    module.to("cpu")
     stream = device.type == "cuda"
     apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
                            record_stream=stream, non_blocking=stream)
     for block in stack_of(root)[:keep]:  # unhooked before the first run: prefetching skips them
         HookRegistry.check_if_exists_or_initialize(block).remove_hook("group_offloading", recurse=False)
-        block.to(device)
+        kept.append(block)
+    for part in kept:
+        part.to(device)
     setattr(module, GROUP_OFFLOAD_FLAG, True)
+    module._ditgraph_kept = kept  # what stays on the device between runs (moved by offload/ensure_device)
     return module
+
+
+def _beside(module: torch.nn.Module, root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules outside ``root`` (a text encoder's embeddings and final norm), by the path to it."""
+    if root is module:
+        return []
+    path = {id(m) for name, m in module.named_modules() if root in set(m.modules())}
+    return [child for m in module.modules() if id(m) in path and m is not root
+            for child in m.children() if id(child) not in path]
 
 
 def stack_of(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -116,10 +127,16 @@ class Resident:
 
     def offload(self) -> None:
         for m in self._modules():
-            if module_device(m).type != "cpu" and not is_group_offloaded(m):
+            if is_group_offloaded(m):
+                for part in getattr(m, "_ditgraph_kept", ()):
+                    part.to("cpu")
+            elif module_device(m).type != "cpu":
                 m.to("cpu")
 
     def ensure_device(self) -> None:
         for m in self._modules():
-            if not is_group_offloaded(m) and not same_device(module_device(m), self.device):
+            if is_group_offloaded(m):
+                for part in getattr(m, "_ditgraph_kept", ()):
+                    part.to(self.device)
+            elif not same_device(module_device(m), self.device):
                 m.to(self.device)
