@@ -104,7 +104,8 @@ class Placement:
     def as_dict(self) -> dict:
         return {"name": self.name, "mode": self.mode, "weights": format_size(self.weight_bytes),
                 "resident": format_size(self.resident_bytes), "peak": format_size(self.peak_bytes),
-                "resident_blocks": self.resident_blocks, "reason": self.reason}
+                "resident_blocks": self.resident_blocks, "reason": self.reason,
+                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes}
 
 
 @dataclass
