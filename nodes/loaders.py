@@ -360,7 +360,8 @@ def CheckpointLoader(
                                             ".gguf file (ComfyUI fp8 and scaled-fp8 files load as they are).")],
     config: Annotated[str, Spec(file="checkpoints", choices=_config_choices,
                                 tooltip="Single files only: the folder with the model's config.json.")] = "",
-    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="Compute dtype; auto: bf16 on CUDA, fp32 on CPU.")] = "auto",
+    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="Compute dtype; auto: bf16 on CUDA, fp32 on CPU.")
+                     ] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
     offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip="auto: the VRAM planner picks per model from the "
                                  "budget (--vram). resident: weights stay on the GPU. model: in RAM, moved whole "

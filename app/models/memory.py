@@ -202,7 +202,8 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
         pending.pop(0)
     for i, need in enumerate(pending):
         # what runs while this model's kept blocks stay resident: the later models and the placed ones' work
-        later = max([min_need(n) for n in pending[i + 1:]] + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
+        later = max([min_need(n) for n in pending[i + 1:]]
+                    + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
         free = avail - resident
         if need.weight_bytes + need.work <= free:
             placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,

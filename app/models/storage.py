@@ -128,7 +128,8 @@ def check_gguf(file: Path) -> None:
     try:
         reader = gguf.GGUFReader(str(file))
     except Exception as exc:
-        raise WeightFileError(f"{file}: not a readable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
+        raise WeightFileError(f"{file}: not a readable GGUF file, truncated or damaged "
+                              f"({type(exc).__name__}: {exc})") from None
     plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     spans = sorted((t.data_offset, t.n_bytes, t.name) for t in reader.tensors)
     for (start, length, name), following in zip(spans, [*spans[1:], (size, 0, "")]):

@@ -14,6 +14,7 @@ from app.core.memo import MemoCache
 from app.models.budget import memory_settings
 from app.models.memory import GIB, default_work, need_of
 from nodes import loaders
+from tests.core.test_engine import FakeGpuValue
 from tests.nodes.test_nodes_tiny import save_family
 
 
@@ -30,22 +31,9 @@ def test_engine_gives_memo_and_nodes_the_budget():
     assert engine.memory["vram"] == 8 * GIB and callable(engine.memory["make_room"])
 
 
-class _OnGPU:
-    """A cached value that says it holds ``n`` accelerator bytes until offloaded."""
-
-    def __init__(self, n: int):
-        self.n, self.on_gpu = n, True
-
-    def cache_nbytes(self) -> dict[str, int]:
-        return {"cuda" if self.on_gpu else "cpu": self.n}
-
-    def offload(self) -> None:
-        self.on_gpu = False
-
-
 def test_make_room_spills_least_recently_used_first():
     cache = MemoCache(max_bytes=100 * GIB, max_device_bytes=10 * GIB)
-    old, new = _OnGPU(4 * GIB), _OnGPU(4 * GIB)
+    old, new = FakeGpuValue(4 * GIB), FakeGpuValue(4 * GIB)
     cache.put("old", (old,))
     cache.put("new", (new,))
     assert cache.make_room(GIB) == []

@@ -30,7 +30,8 @@ def tiny(tmp_path_factory):
 
 def _run(model: torch.nn.Module) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
-    kw = dict(hidden_states=torch.randn(1, 16, 4, generator=gen), encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+    kw = dict(hidden_states=torch.randn(1, 16, 4, generator=gen),
+              encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
               pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
               img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
     with torch.no_grad():
