@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from app.models.memory import MemoryPlan, ModelNeed, need_of, parse_size, plan_memory
+from app.models.memory import MemoryPlan, ModelNeed, need_of, parse_size, plan_memory, should_tile_vae
 from app.models.residency import apply_block_offload
 
 LEGACY_OFFLOAD = {"none": "resident", "cpu": "model"}  # the loader's choices before the planner
@@ -34,6 +34,17 @@ def budget_of(memory: dict, device: torch.device) -> tuple[int, int]:
     if not vram and device.type == "cuda" and torch.cuda.is_available():
         vram = torch.cuda.get_device_properties(device).total_memory
     return vram, int(memory.get("reserve") or 0)
+
+
+def decode_needs_tiles(height: int, width: int, device: torch.device, memory: dict, frames: int = 1,
+                       element_size: int = 2) -> bool:
+    """Whether an untiled VAE decode of ``height`` × ``width`` pixels would overrun what the
+    budget leaves free beside the tensors already allocated (no budget: never)."""
+    budget, reserve = budget_of(memory, device)
+    if not budget:
+        return False
+    used = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return should_tile_vae(height, width, max(1, budget - reserve - used), frames, element_size)
 
 
 def plan_loaded(parts: dict[str, tuple[torch.nn.Module, str]], offload: str, memory: dict, device: torch.device,

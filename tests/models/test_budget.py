@@ -110,3 +110,13 @@ def test_legacy_offload_names_still_load(sd3):
     (model, _, _), events = _load_under(sd3, {}, offload="cpu")
     assert model.residency == "offload"
     assert {p["mode"] for p in events[-1]["plan"]["models"]} == {"model"}
+
+
+def test_decode_tiles_when_the_budget_leaves_too_little():
+    from app.models.budget import decode_needs_tiles
+
+    cpu = torch.device("cpu")
+    assert not decode_needs_tiles(1024, 1024, cpu, {})  # no budget on CPU: never
+    assert decode_needs_tiles(1024, 1024, cpu, memory_settings("2GB"))
+    assert not decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB"))
+    assert decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB", "22GB"))  # the reserve counts
