@@ -36,6 +36,50 @@ def budget_of(memory: dict, device: torch.device) -> tuple[int, int]:
     return vram, int(memory.get("reserve") or 0)
 
 
+def _meta_module(folder, role: str):
+    """A component built on the meta device from its config.json (no weights read, no memory)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        if role == "text_encoder":
+            import transformers
+
+            cfg = transformers.AutoConfig.from_pretrained(folder)
+            names = ["T5EncoderModel"] if cfg.model_type == "t5" else list(config.get("architectures") or [])
+            cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+            return cls._from_config(cfg) if cls is not transformers.AutoModel else cls.from_config(cfg)
+        import diffusers
+
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def plan_checkpoint(folder, offload: str = "auto", memory: dict | None = None, device: torch.device | None = None,
+                    storage_bytes: float | None = None, dtype_bytes: float = 2.0) -> MemoryPlan:
+    """The plan CheckpointLoader would make for a diffusers pipeline folder, from its configs
+    alone (for ``ditgraph explain`` and the UI before anything loads)."""
+    from pathlib import Path
+
+    folder, parts = Path(folder), {}
+    for sub in sorted(p.parent for p in folder.glob("*/config.json")):
+        role = "transformer" if sub.name == "transformer" else "vae" if sub.name == "vae" else \
+            "text_encoder" if sub.name.startswith("text_encoder") else None
+        if role is not None:
+            parts[sub.name] = (_meta_module(sub, role), role)
+    needs = [need_of(m, name, role, storage_bytes if role == "transformer" and storage_bytes else dtype_bytes)
+             for name, (m, role) in parts.items()]
+    budget, reserve = budget_of(memory or {}, device or torch.device("cpu"))
+    return plan_memory(needs, budget, reserve, _requested(needs, offload))
+
+
+def _requested(needs: list[ModelNeed], offload: str) -> dict[str, str]:
+    """The loader's ``offload`` imposed on every part ("auto": none); parts without blocks (the VAE) move whole."""
+    mode = LEGACY_OFFLOAD.get(offload, offload)
+    if mode == "auto":
+        return {}
+    return {n.name: "model" if mode in ("stream", "blocks") and not n.blocks else mode for n in needs}
+
+
 def decode_needs_tiles(height: int, width: int, device: torch.device, memory: dict, frames: int = 1,
                        element_size: int = 2) -> bool:
     """Whether an untiled VAE decode of ``height`` × ``width`` pixels would overrun what the
@@ -53,15 +97,11 @@ def plan_loaded(parts: dict[str, tuple[torch.nn.Module, str]], offload: str, mem
     every part. ``transformer_bytes`` is the storage format's bytes per parameter."""
     needs: list[ModelNeed] = [need_of(module, name, role, transformer_bytes if role == "transformer" else None)
                               for name, (module, role) in parts.items()]
-    mode = LEGACY_OFFLOAD.get(offload, offload)
-    requested = {} if mode == "auto" else {name: mode for name in parts}
-    if mode in ("stream", "blocks"):  # modules without blocks (the VAE) move whole
-        requested.update({n.name: "model" for n in needs if not n.blocks})
     budget, reserve = budget_of(memory, device)  # an explicit budget applies on any device (and in tests)
     make_room = memory.get("make_room")
     if make_room is not None and budget:
         make_room(sum(n.weight_bytes for n in needs))  # LRU: colder cached models leave the GPU first
-    return plan_memory(needs, budget, reserve, requested)
+    return plan_memory(needs, budget, reserve, _requested(needs, offload))
 
 
 def place(plan: MemoryPlan, values: dict[str, object], modules: dict[str, torch.nn.Module],

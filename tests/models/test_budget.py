@@ -120,3 +120,17 @@ def test_decode_tiles_when_the_budget_leaves_too_little():
     assert decode_needs_tiles(1024, 1024, cpu, memory_settings("2GB"))
     assert not decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB"))
     assert decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB", "22GB"))  # the reserve counts
+
+
+def test_plan_from_configs_alone_matches_the_loaders_plan(sd3):
+    from app.models.budget import plan_checkpoint
+
+    (model, _, _), events = _load_under(sd3, {"vram": GIB})
+    loaded = {p["name"]: p for p in events[-1]["plan"]["models"]}
+    estimated = plan_checkpoint(sd3, memory={"vram": GIB}, dtype_bytes=4).as_dict()["models"]
+    by_folder = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_l", "text_encoder_2": "clip_g",
+                 "text_encoder_3": "t5"}
+    assert {by_folder[p["name"]] for p in estimated} == set(loaded)
+    for p in estimated:
+        assert p["weight_bytes"] == loaded[by_folder[p["name"]]]["weight_bytes"]
+        assert p["mode"] == loaded[by_folder[p["name"]]]["mode"]
