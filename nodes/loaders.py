@@ -21,7 +21,10 @@ import torch
 from app.models import families
 from app.core import paths
 from app.core.context import current
-from app.models.handles import ModelHandle, TextEncoders, VAEHandle, apply_block_offload, resolve_device, resolve_dtype
+from app.models import storage as weight_storage
+from app.models.budget import place, plan_loaded
+from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
+from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
 from app.models.size_budget import check_parameter_budget
 from app.models.text_encoder_packages import text_encoder_path
 from app.core.registry import node
@@ -29,7 +32,9 @@ from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-OFFLOAD_CHOICES = ["none", "cpu", "blocks"]
+OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
+STORAGE_CHOICES = list(weight_storage.STORAGES)
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
@@ -174,7 +179,8 @@ def _experts(folder: Path, fam: families.Family, dtype: torch.dtype, device: tor
     return {"transformer_2": expert, "boundary_ratio": float(index["boundary_ratio"])}
 
 
-def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:
+def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.device,
+                           storage: str = "auto") -> tuple[ModelHandle, TextEncoders | None, VAEHandle | None]:
     try:
         family = families.detect_folder_family(folder)
     except ValueError as exc:
@@ -183,6 +189,7 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     manifest = json.loads((folder / "ditgraph.json").read_text()) if (folder / "ditgraph.json").is_file() else {}
     transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
+    transformer = _stored(transformer, storage, dtype, device)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
                          defaults=dict(manifest.get("defaults") or {}), source=str(folder), **_experts(folder, fam, dtype, device))
     vae = None
@@ -230,16 +237,34 @@ def _config_hint(family: str | None) -> str:
     return f"; its tensors look like {family}, and no folder in checkpoints has a {family} config yet"
 
 
-def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, device: torch.device):
-    """A transformer from one .safetensors file plus a config folder."""
-    import diffusers
-    from safetensors import safe_open
-
+def _stored(model: torch.nn.Module, storage: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     try:
-        with safe_open(str(file), "pt") as handle:
-            keys = list(handle.keys())
-    except Exception as exc:
-        raise LoadFailed(f"{file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+        return weight_storage.apply_storage(model, storage, dtype, device)
+    except ValueError as exc:
+        raise LoadFailed(str(exc)) from None
+
+
+def _weight_file(file: Path) -> tuple[list[str], dict, dict]:
+    """(tensor names, tensors, fp8 scales) of a single file; GGUF tensors stay in the file."""
+    try:
+        if file.suffix == ".gguf":
+            weight_storage.check_gguf(file)
+            import gguf
+
+            return [t.name for t in gguf.GGUFReader(str(file)).tensors], {}, {}
+        raw, scales = weight_storage.read_safetensors(file)
+    except weight_storage.WeightFileError as exc:
+        raise LoadFailed(str(exc)) from None
+    return list(raw), raw, scales
+
+
+def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, device: torch.device,
+                     storage: str = "auto"):
+    """A transformer from one .safetensors or .gguf file plus a config folder. fp8 files keep
+    their fp8 weights with ``storage`` "auto" (see app/models/storage.py); GGUF stays quantized."""
+    import diffusers
+
+    keys, raw, scales = _weight_file(file)
     if config_dir is None:
         raise LoadFailed(f"{file}: a single-file checkpoint needs a config folder; set 'config' to a folder in "
                          "checkpoints holding the model's config.json (e.g. a diffusers pipeline folder without weights)"
@@ -256,15 +281,33 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     if guessed and not families.get(family).accepts_state_dict_of(guessed):
         raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
     cls = getattr(diffusers, class_name)
+    subfolder = "transformer" if transformer_cfg_dir != config_dir else None
+    model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage)
+    model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
+    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
+    encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, family, dtype, device)
+    return handle, encoders, vae
+
+
+def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: str | None, keys: list[str],
+                  raw: dict, scales: dict, dtype: torch.dtype, storage: str) -> torch.nn.Module:
+    """The transformer from a single file's tensors: directly when its keys are diffusers' (fp8
+    weights kept when ``storage`` is auto), else through diffusers' single-file conversion."""
+    if file.suffix == ".gguf":
+        if storage != "auto":
+            raise LoadFailed(f"{file}: a GGUF file is already quantized; set storage to auto")
+        try:
+            return weight_storage.load_gguf(cls, file, config_dir, subfolder, dtype)
+        except weight_storage.WeightFileError as exc:
+            raise LoadFailed(str(exc)) from None
     with torch.device("meta"):
         model = cls.from_config(config)
     wanted = set(model.state_dict())
     stripped = {_strip(k): k for k in keys}
+    keep_fp8 = storage == "auto"
     if wanted <= set(stripped):
-        from safetensors.torch import load_file
-
-        raw = load_file(str(file))
-        state = {k: raw.pop(stripped[k]).to(dtype) for k in wanted}
+        state = {k: weight_storage.stored_dtype(raw.pop(stripped[k]), dtype, scales.get(stripped[k]), keep_fp8)
+                 for k in wanted}
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
         try:  # built directly in the target dtype: half the memory of an fp32 build for bf16
@@ -272,17 +315,21 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
         finally:
             torch.set_default_dtype(previous)
         model.load_state_dict(state, strict=True, assign=True)
-    else:
-        try:
-            model = cls.from_single_file(str(file), config=str(config_dir),
-                                         subfolder="transformer" if transformer_cfg_dir != config_dir else None,
-                                         torch_dtype=dtype, local_files_only=True)
-        except Exception as exc:
-            missing = sorted(wanted - set(stripped))[:5]
-            raise LoadFailed(f"{file}: tensors do not match {class_name} (e.g. missing {missing}) and diffusers' "
-                             f"single-file conversion failed: {type(exc).__name__}: {exc}") from None
-    model = model.to(device).eval()
-    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
+        if keep_fp8:
+            weight_storage.keep_fp8(model, {_strip(k): v for k, v in scales.items()}, dtype)
+        return model
+    try:  # original (BFL/SAI) key layouts: diffusers converts them, scales applied first
+        return cls.from_single_file(weight_storage.dequantized(raw, scales, dtype), config=str(config_dir),
+                                    subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        missing = sorted(wanted - set(stripped))[:5]
+        raise LoadFailed(f"{file}: tensors do not match {cls.__name__} (e.g. missing {missing}) and diffusers' "
+                         f"single-file conversion failed: {type(exc).__name__}: {exc}") from None
+
+
+def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, family: str, dtype: torch.dtype,
+                     device: torch.device) -> tuple[TextEncoders | None, VAEHandle | None]:
+    """A config that is a pipeline folder lends its text encoders and VAE when they have weights."""
     encoders, vae = None, None
     if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
         slots = {}
@@ -296,11 +343,11 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
             encoders = TextEncoders(slots, family, device, dtype, {}, str(config_dir))
         if (config_dir / "vae" / "config.json").is_file() and _has_safetensors(config_dir / "vae"):
             vae = VAEHandle(load_diffusers_component(config_dir / "vae", dtype, device), device, dtype, str(config_dir / "vae"))
-    return handle, encoders, vae
+    return encoders, vae
 
 
 def _checkpoint_choices() -> list[str]:
-    return paths.list_files("checkpoints")
+    return paths.list_files("checkpoints", suffixes=WEIGHT_SUFFIXES)
 
 
 def _config_choices() -> list[str]:
@@ -310,38 +357,57 @@ def _config_choices() -> list[str]:
 @node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE})
 def CheckpointLoader(
     checkpoint: Annotated[str, Spec(file="checkpoints", choices=_checkpoint_choices,
-                                    tooltip="A diffusers/ditgraph model folder or a single .safetensors file.")],
+                                    tooltip="A diffusers/ditgraph model folder or a single .safetensors or "
+                                            ".gguf file (ComfyUI fp8 and scaled-fp8 files load as they are).")],
     config: Annotated[str, Spec(file="checkpoints", choices=_config_choices,
                                 tooltip="Single files only: the folder with the model's config.json.")] = "",
-    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="auto: bf16 on CUDA, fp32 on CPU.")] = "auto",
+    dtype: Annotated[str, Spec(choices=DTYPE_CHOICES, tooltip="Compute dtype; auto: bf16 on CUDA, fp32 on CPU.")
+                     ] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
-    offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip="cpu: keep weights in RAM and move each model to "
-                                 "the device only while it runs (less VRAM, slower). blocks: stream the transformer "
-                                 "and text encoders block by block (least VRAM, slowest).")] = "none",
+    offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip="auto: the VRAM planner picks per model from the "
+                                 "budget (--vram). resident: weights stay on the GPU. model: in RAM, moved whole "
+                                 "while each model runs. stream: as many blocks resident as fit, the rest streamed "
+                                 "ahead of use. blocks: every block streamed (least VRAM, slowest).")] = "auto",
+    storage: Annotated[str, Spec(choices=STORAGE_CHOICES, tooltip="How the transformer stores its weights: auto (as "
+                                 "the file holds them), fp8_e4m3/fp8_e5m2 (half of bf16, bf16 compute), int8/float8 "
+                                 "(torchao weight-only), nf4 (bitsandbytes).")] = "auto",
 ) -> tuple:
     """Load a DiT checkpoint (PixArt-Σ, SD3/3.5, Flux.1, Sana, Lumina 2, shapes-dit): the
-    transformer as MODEL plus the text encoder(s) and VAE when the checkpoint has them."""
+    transformer as MODEL plus the text encoder(s) and VAE when the checkpoint has them. Each is
+    placed on the GPU by the VRAM planner (app/models/memory.py)."""
     dev, dt = _device_dtype(device, dtype)
-    load_on = torch.device("cpu") if offload in ("cpu", "blocks") else dev
+    load_on = torch.device("cpu")  # placed on the device after planning, never beyond the budget
     path = Path(checkpoint)
     if path.is_dir():
-        loaded = load_checkpoint_folder(path, dt, load_on)
-    elif path.suffix != ".safetensors":
-        raise LoadFailed(f"{path}: only .safetensors files or model folders can be loaded (never pickles)")
+        loaded = load_checkpoint_folder(path, dt, load_on, storage)
+    elif path.suffix not in WEIGHT_SUFFIXES:
+        raise LoadFailed(f"{path}: only .safetensors/.gguf files or model folders can be loaded (never pickles)")
     else:
         config_dir = Path(config) if config else None  # resolved, confined and fingerprinted by the engine
-        loaded = load_single_file(path, config_dir, dt, load_on)
-    for value in loaded:
-        if value is not None:
-            value.device = dev
-            value.residency = "offload" if offload in ("cpu", "blocks") else "resident"
+        loaded = load_single_file(path, config_dir, dt, load_on, storage)
     model, encoders, vae = loaded
-    if offload == "blocks":
-        apply_block_offload(model.transformer, dev)
-        for _, text_model in (encoders.slots.values() if encoders is not None else ()):
-            apply_block_offload(text_model, dev)
+    _place(model, encoders, vae, offload, storage, dev, dt)
     model.preview_vae = vae  # latent previews are fitted from it on first use
     return loaded
+
+
+def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | None, offload: str, storage: str,
+           dev: torch.device, dt: torch.dtype) -> None:
+    """Plan the loaded parts under the run's VRAM budget and put each where the plan says."""
+    parts = {"transformer": (model.transformer, "transformer")}
+    values, modules = {"transformer": model}, {"transformer": model.transformer}
+    for slot, (_, text_model) in (encoders.slots.items() if encoders is not None else ()):
+        parts[slot], values[slot], modules[slot] = (text_model, "text_encoder"), encoders, text_model
+    if vae is not None:
+        parts["vae"], values["vae"], modules["vae"] = (vae.vae, "vae"), vae, vae.vae
+    stored = weight_storage.bytes_per_param(storage, dt) if storage != "auto" else None
+    ctx = current()
+    try:
+        plan = plan_loaded(parts, offload, ctx.memory, dev, stored)
+    except ValueError as exc:
+        raise LoadFailed(str(exc)) from None
+    place(plan, values, modules, dev)
+    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": plan.as_dict()})
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})

@@ -34,6 +34,8 @@ class RunContext:
     # when the node is mapped over a list (app/core/lists.py): this call's element and the count
     list_index: int | None = None
     list_size: int | None = None
+    # the VRAM budget as plain data: {"vram": bytes, "reserve": bytes, "make_room": memo spill fn}
+    memory: dict = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
 
     def check_cancelled(self) -> None:

@@ -47,14 +47,19 @@ class Engine:
         device: str | torch.device | None = None,
         output_dir: str | Path | None = None,
         cache_policy: CachePolicy | str | None = None,
+        memory: dict | None = None,
     ):
         """``cache_policy`` (app/core/cache_policies.py: "lru", "lru:8G", "workflows:3",
-        "ram:0.2", "none") replaces the cache's policy when given."""
+        "ram:0.2", "none") replaces the cache's policy when given. ``memory``: the VRAM budget
+        as plain data, {"vram": bytes, "reserve": bytes} (app.models.memory.memory_settings)."""
         self.registry = registry if registry is not None else default_registry()
         self.cache = cache if cache is not None else MemoCache()  # an empty cache is falsy
         if cache_policy is not None:
             self.cache.policy = parse_cache_policy(cache_policy)
             self.cache.max_bytes = self.cache.policy.max_bytes or self.cache.max_bytes
+        self.memory = {**(memory or {}), "make_room": self.cache.make_room}
+        if self.memory.get("vram"):  # memo GPU entries obey the same budget as the models
+            self.cache.max_device_bytes = self.memory["vram"] - self.memory.get("reserve", 0)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.output_dir = Path(output_dir) if output_dir else None
         self._subscribers: list[Callable[[Event], None]] = []

@@ -244,6 +244,19 @@ class MemoCache:
                 self._drop(key)
                 self.stats["evictions"] += 1
 
+    def make_room(self, nbytes: int) -> list[str]:
+        """Move the coldest GPU entries to CPU until ``nbytes`` more fit the VRAM budget
+        (called before loading a model); returns the keys moved."""
+        moved = []
+        with self._lock:
+            for key in list(self._entries):
+                if self.device_bytes + nbytes <= self.max_device_bytes:
+                    break
+                if self._entries[key].device_bytes:
+                    self._spill(key)
+                    moved.append(key)
+        return moved
+
     def _spill(self, key: str) -> None:
         entry = self._entries[key]
         outputs = move_to_cpu(entry.outputs)

@@ -166,7 +166,7 @@ class Scheduler:
         except ValueError as exc:
             raise NodeFailed(node_id, nd.type, str(exc)) from None
         ctx = RunContext(result.run_id, node_id, nd.type, self.engine.device, state.output_dir, state.document,
-                         state.emit, state.cancel)
+                         state.emit, state.cancel, memory=self.engine.memory)
         if count is not None:
             self._execute_mapped(node_id, nd, found, kwargs, ctx, count)
             return

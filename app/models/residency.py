@@ -57,17 +57,52 @@ def is_group_offloaded(module: torch.nn.Module) -> bool:
     return bool(getattr(module, GROUP_OFFLOAD_FLAG, False))
 
 
-def apply_block_offload(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Keep ``module``'s weights in RAM and stream them to ``device`` one block at a time
-    (diffusers group offloading; overlapping copies on a CUDA stream). For models larger
-    than the GPU: slower, but only one block is resident at a time."""
-    from diffusers.hooks import apply_group_offloading
+def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int = 0) -> torch.nn.Module:
+    """Keep ``module``'s blocks in RAM and stream them to ``device`` one block at a time
+    (diffusers group offloading: on CUDA the next block is copied from pinned RAM on a side
+    stream while the current one computes). The first ``keep`` blocks stay on ``device``
+    (partial residency: as many as the VRAM budget allows). Parts outside the block stack
+    (embeddings, a text encoder's final norm) live on ``device``."""
+    from diffusers.hooks import HookRegistry, apply_group_offloading
 
+    root = stream_root(module)
+    kept = _beside(module, root)
     module.to("cpu")
-    apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1,
-                           use_stream=device.type == "cuda")
+    stream = device.type == "cuda"
+    apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
+                           record_stream=stream, non_blocking=stream)
+    for block in stack_of(root)[:keep]:  # unhooked before the first run: prefetching skips them
+        HookRegistry.check_if_exists_or_initialize(block).remove_hook("group_offloading", recurse=False)
+        kept.append(block)
+    for part in kept:
+        part.to(device)
     setattr(module, GROUP_OFFLOAD_FLAG, True)
+    module._ditgraph_kept = kept  # what stays on the device between runs (moved by offload/ensure_device)
+    return module
+
+
+def _beside(module: torch.nn.Module, root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules outside ``root`` (a text encoder's embeddings and final norm), by the path to it."""
+    if root is module:
+        return []
+    path = {id(m) for name, m in module.named_modules() if root in set(m.modules())}
+    return [child for m in module.modules() if id(m) in path and m is not root
+            for child in m.children() if id(child) not in path]
+
+
+def stack_of(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks group offloading streams: children of ``module``'s own ModuleLists, in order."""
+    return [block for child in module.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
+            for block in child]
+
+
+def stream_root(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose own ModuleLists hold the blocks: the module itself (diffusers
+    transformers) or the first submodule that has them (T5's ``encoder``, CLIP's ``text_model.encoder``)."""
+    for sub in module.modules():
+        if len(stack_of(sub)) > 1:
+            return sub
     return module
 
 
@@ -92,10 +127,16 @@ class Resident:
 
     def offload(self) -> None:
         for m in self._modules():
-            if module_device(m).type != "cpu" and not is_group_offloaded(m):
+            if is_group_offloaded(m):
+                for part in getattr(m, "_ditgraph_kept", ()):
+                    part.to("cpu")
+            elif module_device(m).type != "cpu":
                 m.to("cpu")
 
     def ensure_device(self) -> None:
         for m in self._modules():
-            if not is_group_offloaded(m) and not same_device(module_device(m), self.device):
+            if is_group_offloaded(m):
+                for part in getattr(m, "_ditgraph_kept", ()):
+                    part.to(self.device)
+            elif not same_device(module_device(m), self.device):
                 m.to(self.device)

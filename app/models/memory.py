@@ -1,0 +1,273 @@
+"""The VRAM planner: how each model of a run lives on the GPU under a budget (pure functions).
+
+Inputs are plain numbers (:class:`ModelNeed`: parameter count, bytes per parameter, block
+count and size, working memory), a budget and a reserve; the output is one :class:`Placement`
+per model with its estimate and the reason, shown by ``ditgraph explain`` and the UI.
+
+Modes, from fastest to least VRAM:
+  resident  weights stay on the GPU between uses
+  model     weights live in RAM; the whole model moves to the GPU only while it runs
+            (text encoders before sampling, the VAE after it)
+  stream    as many blocks as fit stay resident, the rest are streamed one block ahead on a
+            CUDA stream from pinned RAM (diffusers group offloading, ``use_stream=True``)
+  blocks    every block streamed (the old ``offload=blocks``: least VRAM, slowest)
+
+Sizes: "12GB", "12G" and "12GiB" all mean 12 × 2**30 bytes — GPUs are sold by binary
+gigabytes (a "24 GB" card has 24 GiB), so that is what users mean.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+MODES = ("resident", "model", "stream", "blocks")
+OFFLOAD_CHOICES = ("auto", *MODES)
+# Bytes per stored parameter of each weight storage format (GGUF is measured from the file).
+STORAGE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0,
+                 "int8": 1.0, "float8": 1.0, "nf4": 0.5625}  # nf4: 4 bits + a bf16 absmax per 64
+# Which models keep the GPU first when not all fit: the transformer runs every step, the
+# VAE once and is small, text encoders once and are the first to go (T5-XXL is 9.5 GB).
+ROLE_PRIORITY = {"transformer": 0, "vae": 1, "text_encoder": 2}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+class BudgetError(ValueError):
+    """The models of a run cannot fit the VRAM budget in any mode; names budget and models."""
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from "12GB", "12G", "12GiB", "800MB", "0" or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}: expected e.g. 12GB, 12G, 800MB or a number of bytes")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * (1 << (10 * " kmgt".index(unit or " "))))
+
+
+def format_size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """What one model needs: ``block_params`` is the total over its ``blocks`` repeated blocks."""
+
+    name: str
+    params: int
+    bytes_per_param: float = 2.0
+    blocks: int = 0
+    block_params: int = 0
+    work_bytes: int | None = None  # activations while it runs; None: :func:`default_work`
+    role: str = "transformer"
+
+    @property
+    def weight_bytes(self) -> int:
+        return int(self.params * self.bytes_per_param)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (the unit streamed)."""
+        return int(self.block_params / self.blocks * self.bytes_per_param) if self.blocks else 0
+
+    @property
+    def rest_bytes(self) -> int:
+        """Bytes outside the blocks (embedders, norms, final layer): always on the GPU when it runs."""
+        return self.weight_bytes - self.blocks * self.block_bytes
+
+    @property
+    def work(self) -> int:
+        return self.work_bytes if self.work_bytes is not None else default_work(self)
+
+
+def default_work(need: ModelNeed) -> int:
+    """Working memory while a model runs: a rough 10% of its bf16 weights, 256 MiB to 3 GiB
+    (Flux-dev at 1024² peaks about 2 GiB above its weights)."""
+    return int(min(3 * GIB, max(GIB // 4, need.params * 2 * 0.1)))
+
+
+@dataclass
+class Placement:
+    """The plan for one model: ``peak`` is the VRAM it needs while running (beyond what is resident)."""
+
+    name: str
+    mode: str
+    weight_bytes: int
+    resident_bytes: int  # held between uses
+    peak_bytes: int  # held while it runs (includes resident_bytes)
+    resident_blocks: int = 0
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "mode": self.mode, "weights": format_size(self.weight_bytes),
+                "resident": format_size(self.resident_bytes), "peak": format_size(self.peak_bytes),
+                "resident_blocks": self.resident_blocks, "reason": self.reason,
+                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes}
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    reserve: int
+    placements: list[Placement] = field(default_factory=list)
+
+    @property
+    def available(self) -> int:
+        return self.budget - self.reserve
+
+    @property
+    def peak(self) -> int:
+        """Resident bytes of all models plus the largest transient need of one running model."""
+        resident = sum(p.resident_bytes for p in self.placements)
+        return resident + max((p.peak_bytes - p.resident_bytes for p in self.placements), default=0)
+
+    def by_name(self) -> dict[str, Placement]:
+        return {p.name: p for p in self.placements}
+
+    def as_dict(self) -> dict:
+        return {"budget": format_size(self.budget), "reserve": format_size(self.reserve),
+                "peak": format_size(self.peak), "models": [p.as_dict() for p in self.placements]}
+
+
+def min_need(need: ModelNeed) -> int:
+    """The least VRAM a model can run in: streamed one block ahead, or whole when it has no blocks."""
+    if need.blocks:
+        return need.rest_bytes + 2 * need.block_bytes + need.work
+    return need.weight_bytes + need.work
+
+
+def _streamed(need: ModelNeed, free: int, later: int = 0) -> Placement | None:
+    """Partial residency in ``free`` bytes: the rest + two blocks in flight while it runs, and
+    as many blocks kept resident as leave ``later`` bytes for the models still to run; None
+    when not even one block in flight fits."""
+    if not need.blocks or min_need(need) > free:
+        return None
+    keep = max(0, min(need.blocks - 1, (free - max(min_need(need), later)) // max(need.block_bytes, 1)))
+    mode = "stream" if keep else "blocks"
+    kept = keep * need.block_bytes
+    reason = (f"{format_size(need.weight_bytes)} of weights do not fit {format_size(free)} free: "
+              f"{keep}/{need.blocks} blocks resident, the rest streamed")
+    return Placement(need.name, mode, need.weight_bytes, kept, kept + min_need(need), keep, reason)
+
+
+def _forced(need: ModelNeed, mode: str, free: int) -> Placement:
+    """The placement a user asked for; ``free`` only sizes partial residency."""
+    if mode == "resident":
+        return Placement(need.name, mode, need.weight_bytes, need.weight_bytes, need.weight_bytes + need.work, 0,
+                         "resident (requested)")
+    if mode == "model":
+        return Placement(need.name, mode, need.weight_bytes, 0, need.weight_bytes + need.work, 0,
+                         "moved to the GPU only while it runs (requested)")
+    if not need.blocks:
+        raise BudgetError(f"{need.name}: offload={mode} needs a model with a block list")
+    keep = 0 if mode == "blocks" else max(0, min(need.blocks - 1, (free - min_need(need)) // max(need.block_bytes, 1)))
+    kept = keep * need.block_bytes
+    return Placement(need.name, "stream" if keep else "blocks", need.weight_bytes, kept, kept + min_need(need), keep,
+                     f"{mode} (requested)")
+
+
+def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
+                requested: dict[str, str] | None = None) -> MemoryPlan:
+    """Place every model of a run under ``budget - reserve`` bytes.
+
+    Models are considered by role priority (transformer, VAE, text encoders) then size: each
+    stays resident while the resident total plus the largest working memory fits; the others
+    move whole between uses when they fit beside the residents, else stream blocks. Raises
+    :class:`BudgetError` when some model fits in no mode. ``budget`` 0 means no GPU limit.
+    """
+    requested = requested or {}
+    plan = MemoryPlan(budget, reserve)
+    if budget <= 0:
+        plan.placements = [_forced(n, requested.get(n.name, "auto"), 0) if requested.get(n.name, "auto") != "auto"
+                           else Placement(n.name, "resident", n.weight_bytes, n.weight_bytes, n.weight_bytes + n.work,
+                                          0, "no VRAM budget set") for n in needs]
+        return plan
+    avail = budget - reserve
+    order = sorted(needs, key=lambda n: (ROLE_PRIORITY.get(n.role, 3), -n.weight_bytes))
+    placed = {n.name: _forced(n, requested[n.name], avail) for n in order if requested.get(n.name, "auto") != "auto"}
+    resident = sum(p.resident_bytes for p in placed.values())
+    pending = [n for n in order if n.name not in placed]
+    max_work = max((n.work for n in needs), default=0)
+    while pending:  # residency in strict priority: a streamed transformer is never beside a resident T5
+        need, later = pending[0], max((min_need(n) for n in pending[1:]), default=0)
+        if resident + need.weight_bytes + max(max_work, later) > avail:
+            break
+        resident += need.weight_bytes
+        placed[need.name] = Placement(need.name, "resident", need.weight_bytes, need.weight_bytes,
+                                      need.weight_bytes + need.work, 0,
+                                      f"fits: {format_size(resident)} resident of {format_size(avail)}")
+        pending.pop(0)
+    for i, need in enumerate(pending):
+        # what runs while this model's kept blocks stay resident: the later models and the placed ones' work
+        later = max([min_need(n) for n in pending[i + 1:]]
+                    + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
+        free = avail - resident
+        if need.weight_bytes + need.work <= free:
+            placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,
+                                          f"fits only while it runs ({format_size(free)} free beside the residents)")
+            continue
+        streamed = _streamed(need, free, later)
+        if streamed is None:
+            raise BudgetError(_no_fit_message(need, free, plan, placed))
+        placed[need.name] = streamed
+        resident += streamed.resident_bytes
+    plan.placements = [placed[n.name] for n in needs]
+    return plan
+
+
+def _no_fit_message(need: ModelNeed, free: int, plan: MemoryPlan, placed: dict[str, Placement]) -> str:
+    residents = ", ".join(f"{p.name} {format_size(p.resident_bytes)}" for p in placed.values() if p.resident_bytes)
+    smallest = need.rest_bytes + 2 * need.block_bytes + need.work if need.blocks else need.weight_bytes + need.work
+    return (f"{need.name} needs at least {format_size(smallest)} of VRAM but only {format_size(free)} is free under "
+            f"the budget of {format_size(plan.budget)} (reserve {format_size(plan.reserve)}"
+            + (f"; resident: {residents}" if residents else "")
+            + "): raise --vram, lower --reserve-vram, or pick a smaller storage format (fp8, int8, GGUF)")
+
+
+def evict_for(incoming: int, loaded: list[tuple[str, int]], budget: int, reserve: int = 0) -> list[str]:
+    """Which loaded models (``(name, device bytes)``, least recently used first) to move off
+    the GPU so that ``incoming`` more bytes fit; raises :class:`BudgetError` when even
+    evicting all of them is not enough."""
+    if budget <= 0:
+        return []
+    avail = budget - reserve
+    used = sum(size for _, size in loaded)
+    evicted: list[str] = []
+    for name, size in loaded:
+        if used + incoming <= avail:
+            break
+        evicted.append(name)
+        used -= size
+    if used + incoming > avail:
+        names = ", ".join(f"{n} {format_size(s)}" for n, s in loaded) or "none"
+        raise BudgetError(f"cannot fit {format_size(incoming)} under the VRAM budget of {format_size(budget)} "
+                          f"(reserve {format_size(reserve)}; loaded: {names})")
+    return evicted
+
+
+def vae_decode_bytes(height: int, width: int, frames: int = 1, element_size: int = 2) -> int:
+    """Peak bytes of an untiled VAE decode: its full-resolution 128-channel feature maps with
+    their intermediates (~1536 values per output pixel; ~3 GiB at 1024² in bf16)."""
+    return int(height * width * frames * 1536 * element_size)
+
+
+def should_tile_vae(height: int, width: int, free: int, frames: int = 1, element_size: int = 2) -> bool:
+    """Tile the VAE decode when its untiled peak would not fit ``free`` bytes (0: no budget)."""
+    return free > 0 and vae_decode_bytes(height, width, frames, element_size) > free
+
+
+def need_of(module, name: str, role: str = "transformer", bytes_per_param: float | None = None) -> ModelNeed:
+    """A :class:`ModelNeed` measured from a module: its parameters, its dtype's size (or
+    ``bytes_per_param`` of the storage format it will be loaded in) and the blocks block
+    streaming would move (app/models/residency.py; none for a VAE, which moves whole)."""
+    from app.models.residency import stack_of, stream_root
+
+    params = sum(p.numel() for p in module.parameters())
+    first = next(module.parameters(), None)
+    size = bytes_per_param or (first.element_size() if first is not None else 2.0)
+    blocks = [] if role == "vae" else stack_of(stream_root(module))
+    block_params = sum(p.numel() for b in blocks for p in b.parameters())
+    return ModelNeed(name, params, size, len(blocks), block_params, role=role)

@@ -1,0 +1,179 @@
+"""Weight storage formats: how a loaded transformer keeps its weights (compute stays bf16/fp32).
+
+  auto       as the file stores them: a bf16 file in the chosen dtype, an fp8 file in fp8,
+             a GGUF file quantized
+  fp8_e4m3 / fp8_e5m2   fp8 storage, upcast per layer while it runs (diffusers layerwise casting)
+  int8 / float8         torchao weight-only quantization (app/models/quantizers; float8 needs Ada+)
+  nf4        bitsandbytes 4-bit (optional: ``pip install bitsandbytes``)
+
+Pre-quantized single files: ComfyUI fp8 safetensors (float8 tensors), "scaled fp8" ones (a
+``scaled_fp8`` marker and a per-tensor ``<layer>.scale_weight``: real weight = fp8 × scale;
+the fp8 tensor is kept and the scale applied when the layer runs, through a torch
+parametrization) and GGUF files (diffusers ``GGUFQuantizationConfig``; the ``gguf`` package).
+Every file is read with safetensors or gguf's reader (no pickles) and checked before use:
+a truncated file or a tensor whose claimed type does not match its bytes is refused with
+:class:`WeightFileError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+STORAGES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8", "float8", "nf4")
+FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_DTYPES = frozenset(FP8.values())
+TORCHAO = {"int8": "int8-weight-only", "float8": "fp8-weight-only"}
+SCALED_MARKER = "scaled_fp8"
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+class WeightFileError(ValueError):
+    """A weight file that is damaged or claims what it does not hold; names file and tensor."""
+
+
+def bytes_per_param(storage: str, dtype: torch.dtype) -> float:
+    """Bytes each parameter takes in ``storage`` (for the VRAM planner)."""
+    if storage in FP8 or storage in TORCHAO:
+        return 1.0
+    if storage == "nf4":
+        return 0.5625
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ScaledFP8(nn.Module):
+    """A parametrization: the fp8 weight stays stored; each use sees ``weight × scale`` in the compute dtype."""
+
+    def __init__(self, scale: float, compute_dtype: torch.dtype):
+        super().__init__()
+        self.scale, self.compute_dtype = float(scale), compute_dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.compute_dtype) * self.scale
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(tensors without the scaled-fp8 marker and scale keys, scale of each scaled weight key)."""
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(file))
+    except Exception as exc:
+        raise WeightFileError(f"{file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+    scaled = raw.pop(SCALED_MARKER, None) is not None
+    scales: dict[str, float] = {}
+    for key in [k for k in raw if k.endswith(SCALE_SUFFIXES)]:
+        value = raw.pop(key)
+        if key.endswith(".scale_input"):
+            continue  # only fp8 × fp8 matmuls use input scales; compute here is bf16
+        weight_key = key[: -len(".scale_weight")] + ".weight"
+        if weight_key not in raw:
+            raise WeightFileError(f"{file}: {key} scales a tensor that is not in the file ({weight_key})")
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise WeightFileError(f"{file}: {key} must be one float (a per-tensor scale), got {value.dtype} "
+                                  f"of shape {tuple(value.shape)}")
+        if raw[weight_key].dtype not in FP8_DTYPES:
+            raise WeightFileError(f"{file}: {weight_key} has a scale but is {raw[weight_key].dtype}, not fp8: "
+                                  "the file claims a scaled-fp8 layout it does not hold")
+        scales[weight_key] = float(value.float())
+    if scaled and not scales:
+        raise WeightFileError(f"{file}: marked {SCALED_MARKER!r} but holds no .scale_weight tensors")
+    return raw, scales
+
+
+def stored_dtype(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None, keep_fp8: bool = True) -> torch.Tensor:
+    """A file tensor in the load dtype; with ``keep_fp8`` fp8 matrices stay fp8 (upcast and
+    scaled when used: :func:`keep_fp8`)."""
+    if keep_fp8 and tensor.dtype in FP8_DTYPES and tensor.dim() == 2:
+        return tensor
+    if scale is not None:
+        return (tensor.float() * scale).to(dtype)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def keep_fp8(model: nn.Module, scales: dict[str, float], dtype: torch.dtype) -> int:
+    """Give every fp8 Linear weight of ``model`` its upcast (and scale) parametrization; returns
+    how many were kept in fp8. ``scales`` is keyed by the model's state-dict names."""
+    count = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dtype in FP8_DTYPES:
+            parametrize.register_parametrization(module, "weight", ScaledFP8(scales.get(f"{name}.weight", 1.0), dtype),
+                                                 unsafe=True)
+            count += 1
+    for name, param in model.named_parameters():  # fp8 tensors outside Linear layers (rare): upcast at load
+        if param.dtype in FP8_DTYPES and ".parametrizations." not in f".{name}":
+            param.data = param.data.to(dtype)
+    return count
+
+
+def dequantized(raw: dict[str, torch.Tensor], scales: dict[str, float], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors in ``dtype`` with scales applied (for diffusers' key conversion of original files)."""
+    return {k: (v.float() * scales[k]).to(dtype) if k in scales else v.to(dtype) if v.is_floating_point() else v
+            for k, v in raw.items()}
+
+
+def check_gguf(file: Path) -> None:
+    """Refuse a truncated GGUF or one whose tensors overlap or use unsupported types, before diffusers reads it."""
+    try:
+        import gguf
+    except ImportError:
+        raise WeightFileError(f"{file}: GGUF files need the gguf package (pip install 'gguf>=0.10')") from None
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    size = file.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as exc:
+        raise WeightFileError(f"{file}: not a readable GGUF file, truncated or damaged "
+                              f"({type(exc).__name__}: {exc})") from None
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    spans = sorted((t.data_offset, t.n_bytes, t.name) for t in reader.tensors)
+    for (start, length, name), following in zip(spans, [*spans[1:], (size, 0, "")]):
+        if start + length > following[0]:
+            raise WeightFileError(f"{file}: tensor {name} claims {length} bytes at {start} but only "
+                                  f"{following[0] - start} are there (truncated file or wrong type claim)")
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in plain and tensor.tensor_type not in SUPPORTED_GGUF_QUANT_TYPES:
+            raise WeightFileError(f"{file}: tensor {tensor.name} uses {tensor.tensor_type.name}, which diffusers "
+                                  "cannot dequantize")
+
+
+def load_gguf(cls, file: Path, config_dir: Path, subfolder: str | None, dtype: torch.dtype) -> nn.Module:
+    """A diffusers model from a GGUF file: weights stay quantized, dequantized per layer into ``dtype``."""
+    from diffusers import GGUFQuantizationConfig
+
+    check_gguf(file)
+    try:
+        return cls.from_single_file(str(file), config=str(config_dir), subfolder=subfolder, torch_dtype=dtype,
+                                    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                                    local_files_only=True)
+    except Exception as exc:
+        raise WeightFileError(f"{file}: GGUF tensors do not fit {cls.__name__} from {config_dir}: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def apply_storage(model: nn.Module, storage: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Store ``model``'s weights in ``storage`` (in place); "auto" leaves them as loaded."""
+    if storage == "auto":
+        return model
+    if storage in FP8:
+        model.enable_layerwise_casting(storage_dtype=FP8[storage], compute_dtype=dtype)
+        return model
+    if storage in TORCHAO:
+        from torchao.quantization import quantize_
+
+        from app.models.quantizers import QUANTIZERS
+        from app.models.quantizers.base import SKIP_IO, check_runnable, layer_filter
+
+        quantizer = QUANTIZERS[TORCHAO[storage]]
+        check_runnable(quantizer, device)
+        quantize_(model, quantizer.config(), filter_fn=layer_filter(model, SKIP_IO))
+        return model
+    if storage == "nf4":
+        raise WeightFileError("nf4 storage needs bitsandbytes and a CUDA GPU (pip install bitsandbytes); "
+                              "use int8, fp8_e4m3 or a GGUF Q4 file instead")
+    raise WeightFileError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGES)}")

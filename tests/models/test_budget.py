@@ -1,0 +1,136 @@
+"""The VRAM budget wired through the engine and the loader: settings, placement, LRU room-making."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.core.context import RunContext, reset_current, set_current
+from app.core.executor import Engine
+from app.core.memo import MemoCache
+from app.models.budget import memory_settings
+from app.models.memory import GIB, default_work, need_of
+from nodes import loaders
+from tests.core.test_engine import FakeGpuValue
+from tests.nodes.test_nodes_tiny import save_family
+
+
+def test_memory_settings_from_flags():
+    assert memory_settings("12GB", "1GB") == {"vram": 12 * GIB, "reserve": GIB}
+    assert memory_settings(None, None) == {}
+    with pytest.raises(ValueError, match="reserve-vram"):
+        memory_settings("4GB", "4GB")
+
+
+def test_engine_gives_memo_and_nodes_the_budget():
+    engine = Engine(device="cpu", memory=memory_settings("8GB", "1GB"))
+    assert engine.cache.max_device_bytes == 7 * GIB
+    assert engine.memory["vram"] == 8 * GIB and callable(engine.memory["make_room"])
+
+
+def test_make_room_spills_least_recently_used_first():
+    cache = MemoCache(max_bytes=100 * GIB, max_device_bytes=10 * GIB)
+    old, new = FakeGpuValue(4 * GIB), FakeGpuValue(4 * GIB)
+    cache.put("old", (old,))
+    cache.put("new", (new,))
+    assert cache.make_room(GIB) == []
+    assert cache.make_room(4 * GIB) == ["old"]
+    assert not old.on_gpu and new.on_gpu and cache.device_bytes == 4 * GIB
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory) -> Path:
+    return save_family("sd3", tmp_path_factory.mktemp("budget") / "tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory) -> Path:
+    """A tiny Flux transformer folder with six blocks (enough to keep some and stream the rest)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("budget") / "tiny-flux"
+    FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           axes_dims_rope=[4, 4, 8]).save_pretrained(folder)
+    return folder
+
+
+def _load_under(folder: Path, memory: dict, offload: str = "auto"):
+    events = []
+    ctx = RunContext("r", "n", "CheckpointLoader", torch.device("cpu"), Path("."), {}, events.append,
+                     threading.Event(), memory=memory)
+    token = set_current(ctx)
+    try:
+        return loaders.CheckpointLoader(str(folder), dtype="fp32", device="cpu", offload=offload), events
+    finally:
+        reset_current(token)
+
+
+def _predict(model) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return model.transformer(hidden_states=torch.randn(1, 16, 4, generator=gen),
+                                 encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+                                 pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3)).sample
+
+
+def test_loader_keeps_what_fits_and_streams_the_rest(flux):
+    (resident, _, _), _ = _load_under(flux, {})
+    need = need_of(resident.transformer, "transformer")
+    assert need.blocks == 6
+    # the rest + two blocks in flight + two kept blocks + working memory
+    vram = need.rest_bytes + 4 * need.block_bytes + default_work(need)
+    (model, _, _), events = _load_under(flux, {"vram": vram})
+    placement = events[-1]["plan"]["models"][0]
+    assert events[-1]["type"] == "memory_plan" and placement["mode"] == "stream"
+    assert placement["resident_blocks"] == 2 and model.residency == "resident"  # kept blocks stay between uses
+    blocks = [*model.transformer.transformer_blocks, *model.transformer.single_transformer_blocks]
+    hooked = [getattr(b, "_diffusers_hook", None) is not None and b._diffusers_hook.get_hook("group_offloading")
+              is not None for b in blocks]
+    assert hooked == [False, False, True, True, True, True]
+    assert torch.allclose(_predict(model), _predict(resident), atol=1e-5)
+    model.offload()  # a memo spill moves the kept blocks off too; ensure_device brings them back
+    model.ensure_device()
+    assert torch.allclose(_predict(model), _predict(resident), atol=1e-5)
+    (everything, _, _), events = _load_under(flux, {"vram": vram + 2 * need.block_bytes + need.rest_bytes})
+    assert events[-1]["plan"]["models"][0]["mode"] == "resident" and everything.residency == "resident"
+
+
+def test_loader_refuses_a_budget_nothing_fits_in(sd3):
+    with pytest.raises(loaders.LoadFailed, match=r"budget of 0\.00 GiB"):
+        _load_under(sd3, {"vram": 1024})
+
+
+def test_legacy_offload_names_still_load(sd3):
+    (model, _, _), events = _load_under(sd3, {}, offload="cpu")
+    assert model.residency == "offload"
+    assert {p["mode"] for p in events[-1]["plan"]["models"]} == {"model"}
+
+
+def test_decode_tiles_when_the_budget_leaves_too_little():
+    from app.models.budget import decode_needs_tiles
+
+    cpu = torch.device("cpu")
+    assert not decode_needs_tiles(1024, 1024, cpu, {})  # no budget on CPU: never
+    assert decode_needs_tiles(1024, 1024, cpu, memory_settings("2GB"))
+    assert not decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB"))
+    assert decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB", "22GB"))  # the reserve counts
+
+
+def test_plan_from_configs_alone_matches_the_loaders_plan(sd3):
+    from app.models.budget import plan_checkpoint
+
+    (model, _, _), events = _load_under(sd3, {"vram": GIB})
+    loaded = {p["name"]: p for p in events[-1]["plan"]["models"]}
+    estimated = plan_checkpoint(sd3, memory={"vram": GIB}, dtype_bytes=4).as_dict()["models"]
+    by_folder = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_l", "text_encoder_2": "clip_g",
+                 "text_encoder_3": "t5"}
+    assert {by_folder[p["name"]] for p in estimated} == set(loaded)
+    for p in estimated:
+        assert p["weight_bytes"] == loaded[by_folder[p["name"]]]["weight_bytes"]
+        assert p["mode"] == loaded[by_folder[p["name"]]]["mode"]

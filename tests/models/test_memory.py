@@ -1,0 +1,125 @@
+"""The VRAM planner's decisions for given budgets and model sizes (pure functions, no GPU)."""
+
+import pytest
+import torch
+
+from app.models.memory import (GIB, BudgetError, ModelNeed, evict_for, need_of, parse_size, plan_memory,
+                               should_tile_vae, vae_decode_bytes)
+
+# Flux-dev-like sizes: 11.9B transformer params in 57 blocks, T5-XXL 4.76B in 24, CLIP-L, VAE.
+FLUX = ModelNeed("flux", 11_900_000_000, 2.0, blocks=57, block_params=11_500_000_000, work_bytes=2 * GIB)
+T5 = ModelNeed("t5", 4_760_000_000, 2.0, blocks=24, block_params=4_700_000_000, role="text_encoder",
+               work_bytes=GIB // 2)
+CLIP = ModelNeed("clip", 123_000_000, 2.0, role="text_encoder", work_bytes=GIB // 8)
+VAE = ModelNeed("vae", 84_000_000, 2.0, role="vae", work_bytes=GIB)
+RUN = [T5, CLIP, FLUX, VAE]
+
+
+@pytest.mark.parametrize("text,expected", [("12GB", 12 * GIB), ("12G", 12 * GIB), ("12gib", 12 * GIB),
+                                           ("800MB", 800 << 20), ("0.5G", GIB // 2), ("1024", 1024), (0, 0)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "twelve", "12XB", "-1G"])
+def test_parse_size_refuses_garbage(bad):
+    with pytest.raises(ValueError, match="cannot read size"):
+        parse_size(bad)
+
+
+def _modes(plan):
+    return {p.name: p.mode for p in plan.placements}
+
+
+def test_everything_resident_on_a_big_gpu():
+    plan = plan_memory(RUN, 80 * GIB)
+    assert set(_modes(plan).values()) == {"resident"}
+    assert plan.peak <= 80 * GIB
+    assert plan.peak >= sum(n.weight_bytes for n in RUN)
+
+
+def test_32gb_keeps_flux_and_moves_t5_off_between_uses():
+    plan = plan_memory(RUN, 32 * GIB, reserve=GIB // 2)
+    modes = _modes(plan)
+    assert modes["flux"] == "resident"
+    assert modes["t5"] in ("model", "stream", "blocks")  # T5 never stays beside Flux on 24 GB
+    assert modes["vae"] == "resident"
+    assert plan.peak <= 32 * GIB - GIB // 2
+
+
+def test_24gb_streams_only_a_few_flux_blocks():
+    flux = plan_memory(RUN, 24 * GIB).by_name()["flux"]  # 22.2 GiB of weights + 2 GiB working memory
+    assert flux.mode == "stream" and flux.resident_blocks >= FLUX.blocks - 8
+
+
+@pytest.mark.parametrize("budget_gib", [8, 12, 16])
+def test_small_gpus_stream_flux_with_partial_residency(budget_gib):
+    plan = plan_memory(RUN, budget_gib * GIB, reserve=GIB // 2)
+    flux = plan.by_name()["flux"]
+    assert flux.mode == "stream"
+    assert 0 < flux.resident_blocks < FLUX.blocks
+    assert flux.peak_bytes <= budget_gib * GIB - GIB // 2
+    # one more resident block would not fit: partial residency uses the budget fully
+    others = sum(p.resident_bytes for p in plan.placements if p.name != "flux")
+    assert flux.peak_bytes + FLUX.block_bytes > budget_gib * GIB - GIB // 2 - others
+
+
+def test_more_budget_never_means_fewer_resident_blocks():
+    counts = [plan_memory([FLUX], b * GIB).by_name()["flux"].resident_blocks for b in (6, 8, 12, 16, 20)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_fp8_storage_halves_the_need_and_fits_resident():
+    fp8 = ModelNeed("flux", FLUX.params, 1.0, FLUX.blocks, FLUX.block_params, work_bytes=2 * GIB)
+    assert plan_memory([fp8], 16 * GIB).by_name()["flux"].mode == "resident"
+    assert plan_memory([FLUX], 16 * GIB).by_name()["flux"].mode == "stream"
+
+
+def test_too_small_budget_names_budget_and_model():
+    with pytest.raises(BudgetError, match=r"flux needs at least .* budget of 2\.00 GiB"):
+        plan_memory(RUN, 2 * GIB)
+
+
+def test_requested_modes_are_honoured():
+    plan = plan_memory(RUN, 80 * GIB, requested={"t5": "model", "flux": "blocks"})
+    assert _modes(plan)["t5"] == "model" and _modes(plan)["flux"] == "blocks"
+    assert plan.by_name()["flux"].resident_blocks == 0
+
+
+def test_no_budget_means_resident():
+    assert set(_modes(plan_memory(RUN, 0)).values()) == {"resident"}
+
+
+def test_plan_shows_in_explain_as_plain_data():
+    data = plan_memory(RUN, 12 * GIB).as_dict()
+    assert data["budget"] == "12.00 GiB"
+    assert {m["name"] for m in data["models"]} == {"flux", "t5", "clip", "vae"}
+    assert all(m["reason"] for m in data["models"])
+
+
+def test_lru_eviction_before_loading():
+    loaded = [("sd35", 16 * GIB), ("vae", GIB // 4)]  # least recently used first
+    assert evict_for(GIB, loaded, 24 * GIB) == []
+    assert evict_for(12 * GIB, loaded, 24 * GIB) == ["sd35"]
+    with pytest.raises(BudgetError, match=r"budget of 16\.00 GiB.*sd35"):
+        evict_for(17 * GIB, loaded, 16 * GIB)
+
+
+def test_vae_tiles_only_when_the_budget_says_so():
+    assert vae_decode_bytes(1024, 1024) > 2 * GIB
+    assert should_tile_vae(1024, 1024, free=2 * GIB)
+    assert not should_tile_vae(1024, 1024, free=20 * GIB)
+    assert not should_tile_vae(4096, 4096, free=0)  # no budget
+
+
+def test_need_of_measures_blocks_and_dtype():
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).to(torch.bfloat16)
+    need = need_of(model, "tiny-flux")
+    assert need.params == sum(p.numel() for p in model.parameters())
+    assert need.blocks == 5 and need.bytes_per_param == 2
+    assert 0 < need.block_params < need.params
+    assert need_of(model, "x", bytes_per_param=1.0).weight_bytes == need.params
