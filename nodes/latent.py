@@ -7,11 +7,12 @@ from typing import Annotated
 
 import torch
 
-from app.core import vocabulary as vocab
-from app.models.handles import VAEHandle
-from app.models.latents import Latent
+from app.core.context import current
 from app.core.registry import Link, node
 from app.core.types import IMAGE, LATENT, MASK, MODEL, VAE, Spec
+from app.models.budget import decode_needs_tiles
+from app.models.handles import VAEHandle
+from app.models.latents import Latent
 
 
 def _need(value, what: str, hint: str):
@@ -85,7 +86,9 @@ def _tiled_needed(latent: torch.Tensor, vae: VAEHandle, mode: str) -> bool:
     if mode == "off":
         return False
     h, w = latent.shape[-2:]
-    return h * w * vae.factor**2 > 2048 * 2048 and hasattr(vae.vae, "tiled_decode")
+    too_big = h * w * vae.factor**2 > 2048 * 2048 or decode_needs_tiles(h * vae.factor, w * vae.factor, vae.device,
+                                                                         current().memory)
+    return too_big and hasattr(vae.vae, "tiled_decode")
 
 
 @node(category="latent", outputs={"image": IMAGE})

@@ -12,10 +12,10 @@ import os
 import sys
 
 from app.fronts.cli_commands import cmd_explain, cmd_models, cmd_nodes, cmd_serve, cmd_validate, cmd_version
-from app.fronts.cli_inputs import make_registry
+from app.fronts.cli_inputs import add_engine_flags, make_registry
 from app.fronts.cli_run import cmd_run
-from app.fronts.comfy.commands import add_commands as add_comfy_commands
 from app.fronts.cli_support import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, UsageError, capped, err
+from app.fronts.comfy.commands import add_commands as add_comfy_commands
 
 __all__ = ["build_parser", "main", "make_registry"]
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--input-dir", metavar="DIR")
     serve.add_argument("--models", metavar="DIR")
     serve.add_argument("--device", metavar="DEVICE")
+    add_engine_flags(serve)
     serve.add_argument("--ray", metavar="ADDRESS", help="dispatch queued runs to Ray workers (one per GPU) of the "
                        "cluster at ADDRESS (HOST:PORT, or 'auto'); see docs/ray.md")
     serve.set_defaults(handler=cmd_serve)
@@ -118,6 +119,9 @@ def _add_run(add) -> None:
     run.add_argument("--device", metavar="DEVICE", help="cuda, cuda:N or cpu (default: cuda if available)")
     run.add_argument("--models", metavar="DIR", help="the models folder (default: $DITGRAPH_MODELS or ~/ditgraph/models)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines on stdout (machine-readable)")
+    run.add_argument("--fast", action="store_true",
+                     help="compile the transformer blocks (and quantize to fp8 where the GPU has it) after each loader")
+    add_engine_flags(run)
     run.add_argument("--ray", metavar="ADDRESS", help="run on Ray workers (one per GPU) of the cluster at ADDRESS "
                      "(HOST:PORT, or 'auto': the one running here, else a new local one); a --batch fans out")
     run.set_defaults(handler=cmd_run)

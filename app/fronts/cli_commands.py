@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import app as app_package
-from app.fronts.cli_inputs import apply_sets, check_device, configure_paths, load_document, make_registry, validated
+from app.fronts.cli_inputs import (
+    apply_sets,
+    check_device,
+    configure_paths,
+    engine_options,
+    load_document,
+    make_registry,
+    validated,
+)
 from app.fronts.cli_support import EXIT_INVALID, EXIT_OK, UsageError, capped, emit_json, err, out, problem_text
 
 
@@ -151,9 +159,9 @@ def _post_json(url: str, body: dict, token: str | None) -> dict:
 
 def cmd_serve(args) -> int:
     configure_paths(args)
-    from app.runs.store import QueueLocked
     from app.fronts.http.app import serve
     from app.fronts.http.settings import ConfigError, Settings
+    from app.runs.store import QueueLocked
 
     settings = Settings(
         host=args.host, port=args.port, token=args.token,
@@ -176,7 +184,7 @@ def cmd_serve(args) -> int:
     if args.ray:  # the workers hold the engines that run; this one validates and plans on the CPU
         settings.ray_device = device
         device = "cpu"
-    engine = Engine(registry, device=device, output_dir=paths.output_dir())
+    engine = Engine(registry, device=device, output_dir=paths.output_dir(), **engine_options(args))
     try:
         serve(args.host, args.port, args.token, engine=engine, settings=settings,
               log_level="info" if args.debug else "warning", announce=lambda line: err(line))

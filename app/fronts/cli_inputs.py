@@ -219,3 +219,27 @@ def validated(document: dict, registry, where: str, targets: list[str] | None = 
     if bad:
         raise UsageError(*(problem_text(where, p) for p in bad))
     return workflow, [p for p in problems if p.severity != "error"]
+
+
+def add_engine_flags(parser) -> None:
+    """The memory and cache flags ``run`` and ``serve`` share (one engine each)."""
+    parser.add_argument("--vram", metavar="SIZE",
+                        help="VRAM budget for models, cached results and VAE decode, e.g. 12GB (default: the GPU's memory)")
+    parser.add_argument("--reserve-vram", metavar="SIZE", help="VRAM left free for other programs, e.g. 1GB")
+    parser.add_argument("--cache", metavar="POLICY", default=None,
+                        help="memo cache policy: lru (default), lru:8G, workflows:N, ram:0.2 (evict under RAM "
+                             "pressure) or none")
+
+
+def engine_options(args) -> dict:
+    """``Engine(**engine_options(args))``: the budget and cache policy the flags ask for (UsageError if malformed)."""
+    from app.core.cache_policies import parse_cache_policy
+    from app.models.budget import memory_settings
+
+    try:
+        options = {"memory": memory_settings(args.vram, args.reserve_vram)}
+        if args.cache:
+            options["cache_policy"] = parse_cache_policy(args.cache)
+        return options
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

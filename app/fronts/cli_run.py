@@ -15,12 +15,22 @@ from app.fronts.cli_inputs import (
     apply_sets,
     check_device,
     configure_paths,
+    engine_options,
     load_document,
     make_registry,
     read_batch,
     validated,
 )
-from app.fronts.cli_support import EXIT_CANCELLED, ProgressLine, UsageError, emit_json, err, exit_code, out, problem_text
+from app.fronts.cli_support import (
+    EXIT_CANCELLED,
+    ProgressLine,
+    UsageError,
+    emit_json,
+    err,
+    exit_code,
+    out,
+    problem_text,
+)
 from app.runs.events import annotate_files, file_locations, jsonable_event, make_jsonable
 
 
@@ -120,6 +130,10 @@ def _workflows(args, registry) -> list[tuple[int | None, Any]]:
     """(batch line or None, validated workflow) for each run the command asks for."""
     document = load_document(args.workflow)
     apply_sets(document, registry, args.set or [])
+    if getattr(args, "fast", False):
+        from app.models.fast import insert_fast_nodes
+
+        document = insert_fast_nodes(document, check_device(args.device) or ("cuda" if _cuda() else "cpu"))
     targets = args.target or None
     variants: list[tuple[int | None, dict]] = [(None, document)]
     if args.batch:
@@ -156,7 +170,7 @@ def cmd_run(args) -> int:
         return exit_code(statuses, args.json)
     from app.core.executor import Engine
 
-    engine = Engine(registry, device=check_device(args.device), output_dir=out_root)
+    engine = Engine(registry, device=check_device(args.device), output_dir=out_root, **engine_options(args))
     statuses = []
     for number, workflow in workflows:
         out_dir = out_root if number is None else out_root / f"batch-{number:04d}"
@@ -206,3 +220,9 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
     finally:
         if progress is not None:
             progress.clear()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
