@@ -260,7 +260,7 @@ def integrate(
     use_uncond = negative is not None and not (guidance == "cfg" and cfg == 1.0)
     state = GuidanceState()
     options = dict(guidance_options or {})
-    renorm = model.info.cfg_renorm
+    renorm = model.info.renorm_guided if model.info.cfg_renorm else None
     progress = progress or current().progress
     step_fn = sample_rf_solver_eps if solver == "rf_solver" and model.info.prediction == "eps" else SAMPLERS[solver]
 
@@ -488,7 +488,7 @@ def flow_edit(
     m = _blend_mask(mask, x_src)
     progress = progress or current().progress
     options: dict = {}
-    renorm = model.info.cfg_renorm
+    renorm = model.info.renorm_guided if model.info.cfg_renorm else None
     states = (GuidanceState(), GuidanceState())
     uses_uncond = negative is not None and not (guidance == "cfg" and source_cfg == 1.0 and target_cfg == 1.0)
     both = _stack(source_cond, target_cond, batch)

@@ -146,7 +146,7 @@ def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor | None, cfg: float,
-          step: int, state: GuidanceState, options: dict, renorm: bool = False) -> Denoised:
+          step: int, state: GuidanceState, options: dict, renorm: Callable | None = None) -> Denoised:
     """Combine conditional and unconditional velocities.
 
     cfg:           v = v_u + w (v_c - v_u)
@@ -159,8 +159,8 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
         return _pair(x, s, v_c)
     if method == "cfg":
         v = v_u + cfg * (v_c - v_u)
-        if renorm:  # Lumina 2's pipeline (cfg_normalization): keep the conditional norm, over the last axis
-            v = v * (torch.norm(v_c, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True))
+        if renorm is not None:  # the family's renormalisation (Lumina 2, Qwen-Image pipelines)
+            v = renorm(v, v_c)
         return _pair(x, s, v)
     if method == "cfg++":
         v = v_u + cfg * (v_c - v_u)
@@ -461,7 +461,7 @@ def sample(
     x = (1 - s0) * x0_in + scale * noise if add_noise else x0_in.clone()
     mask = _latent_mask(latent.noise_mask, x) if latent.noise_mask is not None else None
     use_uncond = negative is not None and not (guidance == "cfg" and cfg == 1.0)
-    renorm = model.info.cfg_renorm
+    renorm = model.info.renorm_guided if model.info.cfg_renorm else None
     state = GuidanceState()
 
     with model.sampling_run(sigmas, seed=seed) as run:

@@ -28,8 +28,8 @@ def _flux_scheduler():
                                            base_image_seq_len=256, max_image_seq_len=4096)
 
 
-def tiny_components(family: str, seed: int = 0) -> tuple[dict, str]:
-    """(components, pipeline class name) of a tiny random ``family`` model."""
+def tiny_components(family: str, seed: int = 0) -> dict:
+    """The pipeline components (diffusers names) of a tiny random ``family`` model."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -39,7 +39,7 @@ def tiny_components(family: str, seed: int = 0) -> tuple[dict, str]:
             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_num_channels=16,
             approximator_hidden_dim=32, approximator_layers=1)
         return {"transformer": transformer, "vae": _vae_kl(4, 0.1, 0.4, seed + 1), "scheduler": _flux_scheduler(),
-                "text_encoder": _t5(32, seed + 2), "tokenizer": _t5_tokenizer()}, "ChromaPipeline"
+                "text_encoder": _t5(32, seed + 2), "tokenizer": _t5_tokenizer()}
     if family == "auraflow":
         transformer = diffusers.AuraFlowTransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
@@ -47,20 +47,59 @@ def tiny_components(family: str, seed: int = 0) -> tuple[dict, str]:
             out_channels=4, pos_embed_max_size=64)
         return {"transformer": transformer, "vae": _vae_kl(4, None, 0.13025, seed + 1),
                 "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.73),
-                "text_encoder": _umt5(32, seed + 2), "tokenizer": _t5_tokenizer()}, "AuraFlowPipeline"
+                "text_encoder": _umt5(32, seed + 2), "tokenizer": _t5_tokenizer()}
+    if family == "qwen-image":
+        transformer = diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+        vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                               temperal_downsample=[False, True, True],
+                                               latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1])
+        return {"transformer": transformer, "vae": vae.eval(), "scheduler": _flux_scheduler(),
+                "text_encoder": _qwen25vl(32, seed + 2), "tokenizer": _qwen_tokenizer()}
     raise ValueError(family)
 
 
-FAMILIES = ["chroma", "auraflow"]
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte) and Qwen's chat tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def _qwen25vl(hidden: int, seed: int):
+    """The smallest Qwen2.5-VL that transformers builds (a 1-block vision tower is required)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None, eos_token_id=258)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=290,
+                              image_token_id=291, video_token_id=292)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+FAMILIES = ["chroma", "auraflow", "qwen-image"]
 CFG = 4.0
+NEGATIVE = "blurry"  # a real negative: Qwen-Image's pipeline skips CFG without one
+PIPELINES = {"chroma": "ChromaPipeline", "auraflow": "AuraFlowPipeline", "qwen-image": "QwenImagePipeline"}
 
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     for family in FAMILIES:
-        parts, pipeline = tiny_components(family)
-        save_parts(parts, pipeline, root / "checkpoints" / f"tiny-{family}")
+        save_parts(tiny_components(family), PIPELINES[family], root / "checkpoints" / f"tiny-{family}")
     return root
 
 
@@ -74,17 +113,18 @@ def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor)
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    cls = getattr(diffusers, {"chroma": "ChromaPipeline", "auraflow": "AuraFlowPipeline"}[family])
+    cls = getattr(diffusers, PIPELINES[family])
     pipe = cls.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
                                                                  use_dynamic_shifting=False)
-    latents = noise
+    latents = noise[:, :, 0] if noise.dim() == 5 else noise  # Qwen-Image: one latent frame
     if hasattr(pipe, "_pack_latents"):
-        latents = pipe._pack_latents(noise, *noise.shape)
+        latents = pipe._pack_latents(latents, *latents.shape)
+    cfg = {"true_cfg_scale": CFG} if family == "qwen-image" else {"guidance_scale": CFG}
     with torch.no_grad():
-        images = pipe(prompt=PROMPT, negative_prompt="", height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                      sigmas=sigmas[:-1].tolist(), latents=latents, guidance_scale=CFG, output_type="pt").images
+        images = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                      sigmas=sigmas[:-1].tolist(), latents=latents, output_type="pt", **cfg).images
     return images.permute(0, 2, 3, 1).float()
 
 
@@ -92,6 +132,7 @@ def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor)
 def test_family_matches_diffusers_pipeline(family, engine, models_root):
     graph = workflow(family)
     graph["nodes"]["sample"]["inputs"]["cfg"] = CFG
+    graph["nodes"]["neg"]["inputs"]["text"] = NEGATIVE
     result = engine.run(graph, targets=["decode", "ckpt", "empty"]).raise_for_status()
     model = result.output("ckpt", 0)
     assert model.family == family

@@ -177,6 +177,11 @@ class Family:
         x0 = x / (1 - s).clamp(min=1e-12) - ve * out
         return out - x0
 
+    def renorm_guided(self, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``cfg_renorm`` families: the guided velocity rescaled to the conditional one's norm
+        (Lumina 2's pipeline: over the last axis; packed families override per token)."""
+        return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+
     # -- text --------------------------------------------------------------------------------------
     def text_pipeline(self, encoders: Any) -> Any:
         """A diffusers pipeline object holding only the text components (no weights copied)."""
