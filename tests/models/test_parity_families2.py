@@ -8,13 +8,18 @@ the decoded images must agree within relative L2 1e-4 (CPU fp32).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.core import paths
 from app.core.executor import Engine
+from app.core.registry import default_registry
+from app.core.validation import errors
+from app.core.workflow import Workflow
 from nodes.sampling import compute_sigmas, make_noise
 from tests.fixtures.tiny_video import _umt5
 from tests.models.test_parity import PROMPT, SEED, SIZE, STEPS, rel_l2, workflow
@@ -145,3 +150,12 @@ def test_family_matches_diffusers_pipeline(family, engine, models_root):
     error = rel_l2(image, reference)
     print(f"{family}: relative L2 vs its diffusers pipeline = {error:.2e}")
     assert math.isfinite(error) and error <= 1e-4, f"{family}: relative L2 {error:.3e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_graph_names_its_model_when_absent(family, tmp_path, monkeypatch):
+    document = json.loads((Path(__file__).resolve().parents[2] / "graphs" / f"{family}-txt2img.json").read_text())
+    monkeypatch.setitem(paths._overrides, "models", tmp_path / "models")
+    problems = errors(Engine(registry=default_registry(), device="cpu").validate(Workflow.from_dict(document)))
+    checkpoint = document["nodes"]["1"]["inputs"]["checkpoint"]
+    assert problems and any(checkpoint in str(p) for p in problems), problems
