@@ -34,7 +34,7 @@ class Chroma(Flux):
         _, _, mask = handle.cond_tensors(cond)
         if mask is not None:  # as ChromaPipeline._prepare_attention_mask: image tokens always attend
             image_tokens = torch.ones(mask.shape[0], kwargs["hidden_states"].shape[1], device=mask.device, dtype=torch.bool)
-            kwargs["attention_mask"] = torch.cat([mask, image_tokens], dim=1)
+            kwargs["attention_mask"] = torch.cat([mask.to(handle.dtype), image_tokens], dim=1)  # float, as encoded
         return kwargs
 
     def encode_text(self, encoders: Any, prompts: list[str], max_length: int = 0) -> tuple:
