@@ -159,3 +159,49 @@ def test_shipped_graph_names_its_model_when_absent(family, tmp_path, monkeypatch
     problems = errors(Engine(registry=default_registry(), device="cpu").validate(Workflow.from_dict(document)))
     checkpoint = document["nodes"]["1"]["inputs"]["checkpoint"]
     assert problems and any(checkpoint in str(p) for p in problems), problems
+
+
+def test_flux_kontext_reference_latent_matches_kontext_pipeline(tmp_path, monkeypatch):
+    """Flux.1 Kontext: LoadImage -> VAEEncode -> ReferenceLatent on the prompt, vs FluxKontextPipeline
+    given the same encoded image latents (its image preprocessing is the VAE encode we share)."""
+    import diffusers
+    from PIL import Image
+
+    from tests.nodes.test_nodes_tiny import components
+
+    models, inputs = tmp_path / "models", tmp_path / "input"
+    save_parts(components("flux"), "FluxKontextPipeline", models / "checkpoints" / "tiny-flux-kontext")
+    inputs.mkdir()
+    pixels = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(SIZE, SIZE, 3, generator=pixels) * 255).byte().numpy()).save(inputs / "ref.png")
+    monkeypatch.setitem(paths._overrides, "models", models)
+    monkeypatch.setitem(paths._overrides, "inputs", inputs)
+    graph = workflow("flux")
+    nodes = graph["nodes"]
+    nodes["ckpt"]["inputs"]["checkpoint"] = "tiny-flux-kontext"
+    nodes["load"] = {"type": "LoadImage", "inputs": {"image": "ref.png"}}
+    nodes["encode"] = {"type": "VAEEncode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "image": {"from": ["load", "image"]}}}
+    nodes["ref"] = {"type": "ReferenceLatent", "inputs": {"conditioning": {"from": ["pos", "conditioning"]},
+                                                          "latent": {"from": ["encode", "latent"]}}}
+    nodes["sample"]["inputs"]["positive"] = {"from": ["ref", "conditioning"]}
+    engine = Engine(device="cpu", output_dir=tmp_path / "out")
+    result = engine.run(graph, targets=["decode", "ckpt", "empty", "encode"]).raise_for_status()
+    model, latent = result.output("ckpt", 0), result.output("empty").samples
+    sigmas = compute_sigmas(model, "auto", STEPS, 0.0, tuple(latent.shape[-2:]))
+    noise = make_noise(tuple(latent.shape), SEED)
+    pipe = diffusers.FluxKontextPipeline.from_pretrained(models / "checkpoints" / "tiny-flux-kontext",
+                                                         torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
+                                                                           use_dynamic_shifting=False)
+    with torch.no_grad():
+        reference = pipe(prompt=PROMPT, image=result.output("encode").samples, height=SIZE, width=SIZE, max_area=SIZE**2,
+                         num_inference_steps=STEPS, sigmas=sigmas[:-1].tolist(), guidance_scale=3.5,
+                         latents=pipe._pack_latents(noise, *noise.shape), output_type="pt").images
+    reference = reference.permute(0, 2, 3, 1).float()
+    error = rel_l2(result.output("decode"), reference)
+    print(f"flux kontext: relative L2 vs FluxKontextPipeline = {error:.2e}")
+    assert math.isfinite(error) and error <= 1e-4, f"kontext: relative L2 {error:.3e}"
+    nodes["sample"]["inputs"]["positive"] = {"from": ["pos", "conditioning"]}  # without the reference image
+    plain = engine.run(graph, targets=["decode"]).raise_for_status().output("decode")
+    assert rel_l2(plain, reference) > 1e-3

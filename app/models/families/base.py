@@ -57,6 +57,7 @@ class Family:
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
+    reference_latents: ClassVar[bool] = False  # Flux Kontext: an input image's latents as extra tokens
     joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
     # -- detection -------------------------------------------------------------------------------
     detect_priority: ClassVar[int] = 0  # higher is asked first (a specific family before its base)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from app.models.families.base import Family, call_default, convert_lora_with
+from app.models.families.flux import pack_latents
 from app.models.families.wan import Wan
 
 
@@ -54,11 +55,10 @@ class QwenImage(Family):
     def native_kwargs(self, handle: Any, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any) -> dict:
         embeds, _, mask = handle.cond_tensors(cond)
         b, c, _, h, w = x_in.shape
-        packed = x_in[:, :, 0].reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
         guidance = None
         if getattr(handle.config, "guidance_embeds", False):
             guidance = torch.full((b,), float((cond.extras or {}).get("guidance", 1.0)), device=handle.device)
-        return {"hidden_states": packed.reshape(b, (h // 2) * (w // 2), c * 4).to(handle.dtype), "timestep": timestep,
+        return {"hidden_states": pack_latents(x_in[:, :, 0]).to(handle.dtype), "timestep": timestep,
                 "encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "guidance": guidance,
                 "img_shapes": [[(1, h // 2, w // 2)]] * b}
 
