@@ -33,21 +33,21 @@ def _flux_scheduler():
                                            base_image_seq_len=256, max_image_seq_len=4096)
 
 
-def tiny_components(family: str, seed: int = 0) -> dict:
+def tiny_components(family: str, seed: int = 0, layers: int = 1) -> dict:
     """The pipeline components (diffusers names) of a tiny random ``family`` model."""
     import diffusers
 
     torch.manual_seed(seed)
     if family == "chroma":
         transformer = diffusers.ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_num_channels=16,
             approximator_hidden_dim=32, approximator_layers=1)
         return {"transformer": transformer, "vae": _vae_kl(4, 0.1, 0.4, seed + 1), "scheduler": _flux_scheduler(),
                 "text_encoder": _t5(32, seed + 2), "tokenizer": _t5_tokenizer()}
     if family == "auraflow":
         transformer = diffusers.AuraFlowTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=layers, num_single_dit_layers=layers,
             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
             out_channels=4, pos_embed_max_size=64)
         return {"transformer": transformer, "vae": _vae_kl(4, None, 0.13025, seed + 1),
@@ -55,7 +55,7 @@ def tiny_components(family: str, seed: int = 0) -> dict:
                 "text_encoder": _umt5(32, seed + 2), "tokenizer": _t5_tokenizer()}
     if family == "qwen-image":
         transformer = diffusers.QwenImageTransformer2DModel(
-            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
         vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                                temperal_downsample=[False, True, True],
@@ -180,7 +180,8 @@ def test_flux_kontext_reference_latent_matches_kontext_pipeline(tmp_path, monkey
     nodes = graph["nodes"]
     nodes["ckpt"]["inputs"]["checkpoint"] = "tiny-flux-kontext"
     nodes["load"] = {"type": "LoadImage", "inputs": {"image": "ref.png"}}
-    nodes["encode"] = {"type": "VAEEncode", "inputs": {"vae": {"from": ["ckpt", "vae"]}, "image": {"from": ["load", "image"]}}}
+    nodes["encode"] = {"type": "VAEEncode", "inputs": {"vae": {"from": ["ckpt", "vae"]},
+                                                       "image": {"from": ["load", "image"]}}}
     nodes["ref"] = {"type": "ReferenceLatent", "inputs": {"conditioning": {"from": ["pos", "conditioning"]},
                                                           "latent": {"from": ["encode", "latent"]}}}
     nodes["sample"]["inputs"]["positive"] = {"from": ["ref", "conditioning"]}
@@ -195,8 +196,8 @@ def test_flux_kontext_reference_latent_matches_kontext_pipeline(tmp_path, monkey
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
                                                                            use_dynamic_shifting=False)
     with torch.no_grad():
-        reference = pipe(prompt=PROMPT, image=result.output("encode").samples, height=SIZE, width=SIZE, max_area=SIZE**2,
-                         num_inference_steps=STEPS, sigmas=sigmas[:-1].tolist(), guidance_scale=3.5,
+        reference = pipe(prompt=PROMPT, image=result.output("encode").samples, height=SIZE, width=SIZE,
+                         max_area=SIZE**2, num_inference_steps=STEPS, sigmas=sigmas[:-1].tolist(), guidance_scale=3.5,
                          latents=pipe._pack_latents(noise, *noise.shape), output_type="pt").images
     reference = reference.permute(0, 2, 3, 1).float()
     error = rel_l2(result.output("decode"), reference)

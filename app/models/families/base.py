@@ -58,7 +58,8 @@ class Family:
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
     reference_latents: ClassVar[bool] = False  # Flux Kontext: an input image's latents as extra tokens
-    joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
+    joint_attention: ClassVar[bool] = False
+    cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it  # SD3-type joint text+image blocks (condition tokens attach there)
     # -- detection -------------------------------------------------------------------------------
     detect_priority: ClassVar[int] = 0  # higher is asked first (a specific family before its base)
     state_dict_aliases: ClassVar[tuple[str, ...]] = ()  # state-dict guesses that also fit this family

@@ -22,6 +22,9 @@ class Chroma(Flux):
     default_cfg = 5.0
     distilled_guidance = None
     controlnet_class = None  # diffusers has no Chroma ControlNet
+    # its single-stream blocks run on the concatenated text+image sequence: the residual-reusing
+    # methods' whole-stack bookkeeping assumes one shape throughout (DeltaDiT works)
+    cache_refused = ("fbc", "teacache", "magcache", "easycache", "taylorseer", "cgtaylor", "fora")
     detect_priority = 45  # its tensor names include Flux's single/double blocks
 
     def matches_state_dict(self, joined_keys: str) -> bool:
@@ -33,7 +36,8 @@ class Chroma(Flux):
         del kwargs["pooled_projections"], kwargs["guidance"]
         _, _, mask = handle.cond_tensors(cond)
         if mask is not None:  # as ChromaPipeline._prepare_attention_mask: image tokens always attend
-            image_tokens = torch.ones(mask.shape[0], kwargs["hidden_states"].shape[1], device=mask.device, dtype=torch.bool)
+            tokens = kwargs["hidden_states"].shape[1]
+            image_tokens = torch.ones(mask.shape[0], tokens, device=mask.device, dtype=torch.bool)
             kwargs["attention_mask"] = torch.cat([mask.to(handle.dtype), image_tokens], dim=1)  # float, as encoded
         return kwargs
 
