@@ -61,3 +61,20 @@ def test_cache_never_skip_is_exact_and_aggressive_skips(family, method, summarie
     assert summaries[-2]["blocks_skipped"] > 0, f"{method} skipped nothing on {family}"
     assert torch.isfinite(first).all() and torch.equal(first, second) and not torch.equal(first, reference)
     assert no_cache_hooks(handle) and handle.patches == ()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_and_int8_quantize_work(family):
+    from app.models import quantizers
+    from app.models.compile import compile_model
+    from tests.models.test_speed import EAGER, needs_torchao, rel
+
+    handle, pos, neg, latent, sigmas, reference = _setup(family)
+    compiled = compile_model(handle, EAGER)
+    assert compiled.transformer is not handle.transformer
+    assert torch.allclose(_sample(compiled, pos, neg, latent, sigmas), reference, atol=1e-5)
+    if needs_torchao.args[0]:  # torchao missing: quantization is covered where it is installed
+        return
+    quantized = quantizers.quantize_model(handle, "int8-weight-only", quantizers.SKIP_NONE)
+    assert 0 < rel(_sample(quantized, pos, neg, latent, sigmas), reference) < 0.1
+    assert torch.equal(_sample(handle, pos, neg, latent, sigmas), reference)  # the base is untouched
