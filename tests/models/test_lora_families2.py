@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from app.models.handles import ModelHandle
 from app.models.patches.lora import lora_patch, read_lora
 from nodes.text import Conditioning
-from tests.models.test_lora import _Capture
+from tests.models.test_lora import assert_patch_matches
 from tests.models.test_parity_families2 import FAMILIES, tiny_components
 
 LATENT = {"qwen-image": (1, 4, 1, 8, 8)}  # one frame of its video-style VAE
@@ -31,14 +31,7 @@ def _peft_state(transformer: torch.nn.Module, targets: list[str]) -> tuple[torch
 def _check(handle: ModelHandle, patch, adapted: torch.nn.Module, family: str) -> None:
     g = torch.Generator().manual_seed(1)
     cond = Conditioning(torch.randn(1, 6, 32, generator=g), None, torch.ones(1, 6, dtype=torch.long), family=family)
-    x = torch.randn(*LATENT.get(family, (1, 4, 8, 8)), generator=g)
-    capture = _Capture()
-    handle.with_patch(patch).with_patch(capture).predict(x, 0.5, cond)
-    with torch.no_grad():
-        reference = adapted(**capture.kwargs, return_dict=False)[0]
-    assert torch.allclose(capture.out, reference, atol=1e-5)
-    handle.with_patch(capture).predict(x, 0.5, cond)
-    assert not torch.allclose(capture.out, reference, atol=1e-4)  # the LoRA changed something
+    assert_patch_matches(handle, patch, adapted, torch.randn(*LATENT.get(family, (1, 4, 8, 8)), generator=g), cond)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

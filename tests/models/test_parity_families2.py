@@ -20,6 +20,7 @@ from app.core.executor import Engine
 from app.core.registry import default_registry
 from app.core.validation import errors
 from app.core.workflow import Workflow
+from bench.gpu_parity import qwen_tokenizer
 from nodes.sampling import compute_sigmas, make_noise
 from tests.fixtures.tiny_video import _umt5
 from tests.models.test_parity import PROMPT, SEED, SIZE, STEPS, rel_l2, workflow
@@ -61,22 +62,8 @@ def tiny_components(family: str, seed: int = 0, layers: int = 1) -> dict:
                                                temperal_downsample=[False, True, True],
                                                latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1])
         return {"transformer": transformer, "vae": vae.eval(), "scheduler": _flux_scheduler(),
-                "text_encoder": _qwen25vl(32, seed + 2), "tokenizer": _qwen_tokenizer()}
+                "text_encoder": _qwen25vl(32, seed + 2), "tokenizer": qwen_tokenizer()}
     raise ValueError(family)
-
-
-def _qwen_tokenizer():
-    """A byte-level BPE tokenizer with no merges (one token per byte) and Qwen's chat tokens."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    return tok
 
 
 def _qwen25vl(hidden: int, seed: int):
