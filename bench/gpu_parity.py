@@ -1,6 +1,7 @@
 """GPU parity benchmark: ditgraph's decomposed workflow vs the bare diffusers pipeline.
 
-Random full-size PixArt-Σ (611M transformer + T5-XXL) and Flux.1-dev (11.9B + CLIP-L + T5-XXL)
+Random full-size PixArt-Σ (611M transformer + T5-XXL), Flux.1-dev (11.9B + CLIP-L + T5-XXL) and,
+with ``--models qwen-image``, Qwen-Image (20B MMDiT + a Qwen2.5-VL-7B-sized text model, true CFG)
 at 1024², 28 steps, bf16, on one GPU. Both sides share the very same modules in one process;
 "ours" is text encode -> Sampler -> VAE decode run through the Engine (or, if the engine's
 dependencies are missing on the device, the same node functions called in order), "pipeline"
@@ -65,6 +66,14 @@ FULL = {
                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                    relative_attention_max_distance=128, layer_norm_epsilon=1e-6),
     },
+    "qwen-image": {  # Qwen-Image's released configs (20B MMDiT, Qwen2.5-VL-7B, 16-channel video-style VAE)
+        "transformer": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+        "qwen": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1000000.0,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    },
 }
 TINY = {
     "pixart": {
@@ -87,6 +96,15 @@ TINY = {
         "clip": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
                      max_position_embeddings=77, projection_dim=32),
         "t5": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=100, relative_attention_num_buckets=8),
+    },
+    "qwen-image": {
+        "transformer": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        "vae": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                    latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1]),
+        "qwen": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
+                     rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
     },
 }
 
@@ -111,6 +129,41 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges=[], model_max_length=77)
 
 
+def qwen_tokenizer():
+    """Byte-level BPE without merges (one token per byte) plus Qwen's chat tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def build_qwen_image(cfg: dict) -> dict:
+    """Qwen-Image parts (call under the target device/dtype defaults). The text encoder is a random
+    Qwen2.5-VL of the 7B text size with a one-block vision tower (the prompt path never uses it)."""
+    import diffusers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(cfg["qwen"], bos_token_id=None, eos_token_id=258)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=text["hidden_size"],
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=290, image_token_id=291,
+                              video_token_id=292)
+    parts = {"transformer": diffusers.QwenImageTransformer2DModel(**cfg["transformer"]).eval(),
+             "vae": diffusers.AutoencoderKLQwenImage(**cfg["vae"]).eval(),
+             "text_encoder": Qwen2_5_VLForConditionalGeneration(config).eval(), "tokenizer": qwen_tokenizer()}
+    with torch.device("cpu"):  # Flux-style dynamic shift (the release's shift_terminal is not modelled by ours yet)
+        parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192)
+    return parts
+
+
 def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Random components (diffusers pipeline names), created directly on ``device`` in ``dtype``."""
     import diffusers
@@ -122,6 +175,8 @@ def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) 
     torch.manual_seed(0)
     try:
         with torch.device(device):
+            if family == "qwen-image":
+                return _to(build_qwen_image(cfg), device, dtype)
             parts = {"vae": diffusers.AutoencoderKL(**cfg["vae"]).eval()}
             t5 = T5EncoderModel(T5Config(**cfg["t5"], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
             if family == "pixart":
@@ -140,6 +195,10 @@ def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) 
                         base_image_seq_len=256, max_image_seq_len=4096)
     finally:
         torch.set_default_dtype(previous)
+    return _to(parts, device, dtype)
+
+
+def _to(parts: dict, device: torch.device, dtype: torch.dtype) -> dict:
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.to(device=device, dtype=dtype).requires_grad_(False)
@@ -157,6 +216,11 @@ def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float,
         pipe = diffusers.PixArtSigmaPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
         kwargs = dict(guidance_scale=cfg, use_resolution_binning=False, clean_caption=False,
                       latents=noise.to(parts["transformer"].device, parts["transformer"].dtype))
+    elif family == "qwen-image":
+        pipe = diffusers.QwenImagePipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                     "transformer")})
+        latents = noise[:, :, 0] if noise.dim() == 5 else noise
+        kwargs = dict(true_cfg_scale=cfg, negative_prompt="", latents=pipe._pack_latents(latents, *latents.shape))
     else:
         pipe = diffusers.FluxPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
                                                                 "text_encoder_2", "tokenizer_2", "transformer")})
@@ -261,6 +325,12 @@ def transformer_tflop_per_step(family: str, parts: dict, size: int, guided: bool
                    encoder_hidden_states=torch.randn(b, 300, tr.config.caption_channels, device=dev, dtype=dt),
                    encoder_attention_mask=torch.ones(b, 300, device=dev), timestep=torch.full((b,), 500.0, device=dev),
                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+            elif family == "qwen-image":  # a long prompt's worth of text tokens (the template is dropped)
+                n = (size // 16) ** 2
+                tr(torch.randn(b, n, tr.config.in_channels, device=dev, dtype=dt),
+                   encoder_hidden_states=torch.randn(b, 128, tr.config.joint_attention_dim, device=dev, dtype=dt),
+                   timestep=torch.full((b,), 0.5, device=dev, dtype=dt), img_shapes=[[(1, size // 16, size // 16)]] * b,
+                   return_dict=False)
             else:
                 n = (size // 16) ** 2
                 ids = torch.zeros(n, 3, device=dev, dtype=dt)
@@ -291,9 +361,13 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in parts["transformer"].parameters())
     size, steps = args.size, args.steps
-    factor = 2 ** (len(configs[family]["vae"]["block_out_channels"]) - 1)
-    channels = configs[family]["vae"]["latent_channels"]
-    noise = make_noise((1, channels, size // factor, size // factor), args.seed)
+    vae_cfg = configs[family]["vae"]
+    if "z_dim" in vae_cfg:  # Qwen-Image: a video-style VAE, one latent frame
+        shape = (1, vae_cfg["z_dim"], 1, size // 8, size // 8)
+    else:
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        shape = (1, vae_cfg["latent_channels"], size // factor, size // factor)
+    noise = make_noise(shape, args.seed)
     guided = family != "flux"
     run_pipe = pipeline_runner(family, parts, size, steps, args.cfg, noise)
     run_ours, mode, timings = ours_runner(family, parts, size, steps, args.cfg, args.seed, device, dtype)
@@ -361,7 +435,7 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_parity.json"))
-    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux")
+    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image")
     parser.add_argument("--size", type=int, default=None, help="image size (default 1024; --tiny: 32)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 28; --tiny: 2)")
     parser.add_argument("--repeats", type=int, default=3)

@@ -31,6 +31,10 @@ def _cache_node(method: type[hooks.CacheMethod]) -> Callable:
 
     def patch_model(model: ModelHandle, **widgets: Any) -> ModelHandle:
         hooks.stack_blocks(model.transformer)  # fail now, not mid-run, on a model we cannot hook
+        if method.name in model.info.cache_refused:
+            usable = [m.display_name for m in hooks.METHODS.values() if m.name not in model.info.cache_refused]
+            raise ValueError(f"{method.display_name} does not support {model.family} models yet "
+                             f"(these do: {', '.join(usable)})")
         return model.with_patch(hooks.CachePatch(method.from_widgets(model.family, **widgets)))
 
     model_param = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=MODEL)

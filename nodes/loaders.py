@@ -110,9 +110,11 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "t5"
     if model_type.startswith("gemma"):
         return "gemma"
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        return "qwen2vl"  # Qwen-Image's text encoder
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma or MiniLM/BERT)")
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL or MiniLM/BERT)")
 
 
 def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,

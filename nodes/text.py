@@ -18,7 +18,7 @@ import torch
 from app.models import families
 from app.models.handles import TextEncoders
 from app.core.registry import node
-from app.core.types import CONDITIONING, TEXT_ENCODER, Spec
+from app.core.types import CONDITIONING, LATENT, TEXT_ENCODER, Spec
 
 FAMILY_CHOICES = ["auto", *families.FAMILIES]
 
@@ -147,6 +147,14 @@ def FluxGuidance(
 ) -> Conditioning:
     """Set the distilled guidance value Flux-dev embeds (guidance-distilled models only)."""
     return conditioning.with_extras(guidance=float(guidance))
+
+
+@node(category="conditioning", outputs={"conditioning": CONDITIONING})
+def ReferenceLatent(conditioning: CONDITIONING, latent: LATENT) -> Conditioning:
+    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext)."""
+    if conditioning.family and not families.get(conditioning.family).reference_latents:
+        raise ValueError(f"{conditioning.family} models take no reference image (Flux.1 Kontext does)")
+    return conditioning.with_extras(reference_latent=latent.samples)
 
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})

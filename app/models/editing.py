@@ -38,6 +38,7 @@ from app.models.handles import ModelHandle, batchable, cat_conds, expand_cond
 from app.models.masks import as_mask, blur, grow
 from app.models.patches.attention_values import AttentionValuePatch, late_blocks
 from app.models.sampling import GuidanceState, Previewer, guide, integrate, make_noise
+from app.models.sampling.guidance import renorm_of
 
 SOLVERS = ["euler", "rf_solver"]  # one-step solvers that never evaluate at the top sigma (inversion)
 
@@ -273,7 +274,7 @@ class _FlowEditGuide:
         """Guided source velocity at z_src (None: skip) and target velocity at z_tar."""
         s_t = torch.full((self.batch,) + (1,) * (z_tar.dim() - 1), s, device=z_tar.device)
         src, tar = self._raw(s, z_src, z_tar)
-        renorm = self.model.info.cfg_renorm
+        renorm = renorm_of(self.model)
         v_tar = guide(self.guidance, z_tar, s_t, *tar, self.cfgs[1], i - self.start, self.states[1], {}, renorm).velocity
         if z_src is None:
             return None, v_tar

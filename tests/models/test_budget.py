@@ -15,7 +15,7 @@ from app.models.budget import memory_settings
 from app.models.memory import GIB, default_work, need_of
 from nodes import loaders
 from tests.core.test_engine import FakeGpuValue
-from tests.nodes.test_nodes_tiny import save_family
+from tests.fixtures.tiny_models import save_family
 
 
 def test_memory_settings_from_flags():

@@ -85,6 +85,12 @@ def test_unknown_folders_and_classes_are_reported(tmp_path):
     (["cap_embedder.0.weight", "noise_refiner.0.x"], "lumina2"),
     (["caption_projection.linear_1.weight", "adaln_single.linear.weight"], "pixart"),
     (["caption_projection.linear_1.weight", "adaln_single.linear.weight", "blocks.0.ff.conv_inverted.weight"], "sana"),
+    (["distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight"], "chroma"),  # original
+    (["distilled_guidance_layer.layers.0.linear_1.weight", "single_transformer_blocks.0.attn.to_q.weight"], "chroma"),
+    (["model.register_tokens", "model.double_layers.0.attn.w1q.weight"], "auraflow"),  # fal's release
+    (["register_tokens", "joint_transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.x"], "auraflow"),
+    (["model.diffusion_model.txt_norm.weight", "model.diffusion_model.transformer_blocks.0.img_mod.1.weight"],
+     "qwen-image"),  # ComfyUI repack (the original release uses the same names unprefixed)
     (["some.unknown.weight"], None),
 ])
 def test_state_dict_detection(keys, expected):
@@ -101,6 +107,7 @@ def test_shapes_dit_accepts_sd3_named_weights_but_not_flux():
     ({"clip_l", "clip_g", "t5"}, "sd3"), ({"clip_l", "clip_g"}, "sd3"), ({"clip_l", "t5"}, "flux"),
     ({"t5"}, "pixart"), ({"minilm"}, "shapes-dit"), ({"gemma"}, None),  # Gemma: Sana or Lumina 2
     ({"umt5"}, "wan"),  # LTX's lone T5 is never guessed (PixArt's too): it comes from the checkpoint
+    ({"qwen2vl"}, "qwen-image"),  # Chroma's T5 and AuraFlow's UMT5 are never guessed either
 ])
 def test_text_encoder_slots_guess_the_family(slots, expected):
     encoders = TextEncoders({s: (None, None) for s in slots})

@@ -323,7 +323,11 @@ def test_peft_lora_on_other_families_equals_peft(family, tmp_path):
     dims = {"pixart": 32, "sana": 8, "lumina2": 8}
     mask = torch.ones(1, 6, dtype=torch.long)
     cond = Conditioning(torch.randn(1, 6, dims[family], generator=g), None, mask, family=family)
-    x = torch.randn(1, 4, 8, 8, generator=g)
+    assert_patch_matches(handle, patch, adapted, torch.randn(1, 4, 8, 8, generator=g), cond)
+
+
+def assert_patch_matches(handle: ModelHandle, patch, adapted: torch.nn.Module, x: torch.Tensor, cond) -> None:
+    """Our LoRA patch gives what the peft-adapted module gives on the same native call, and changes it."""
     capture = _Capture()
     handle.with_patch(patch).with_patch(capture).predict(x, 0.5, cond)
     with torch.no_grad():

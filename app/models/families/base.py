@@ -57,7 +57,9 @@ class Family:
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
-    joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
+    reference_latents: ClassVar[bool] = False  # Flux Kontext: an input image's latents as extra tokens
+    joint_attention: ClassVar[bool] = False
+    cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it  # SD3-type joint text+image blocks (condition tokens attach there)
     # -- detection -------------------------------------------------------------------------------
     detect_priority: ClassVar[int] = 0  # higher is asked first (a specific family before its base)
     state_dict_aliases: ClassVar[tuple[str, ...]] = ()  # state-dict guesses that also fit this family
@@ -176,6 +178,11 @@ class Family:
         ve = s / (1 - s).clamp(min=1e-12)
         x0 = x / (1 - s).clamp(min=1e-12) - ve * out
         return out - x0
+
+    def renorm_guided(self, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``cfg_renorm`` families: the guided velocity rescaled to the conditional one's norm
+        (Lumina 2's pipeline: over the last axis; packed families override per token)."""
+        return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
 
     # -- text --------------------------------------------------------------------------------------
     def text_pipeline(self, encoders: Any) -> Any:

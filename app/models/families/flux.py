@@ -1,4 +1,9 @@
-"""Flux.1: MMDiT + single-stream blocks, CLIP-L pooled + T5, 2x2 packed 16-channel latents."""
+"""Flux.1: MMDiT + single-stream blocks, CLIP-L pooled + T5, 2x2 packed 16-channel latents.
+
+Flux.1 Kontext (FluxKontextPipeline) is the same transformer given the input image's latents as
+extra tokens (position ids with first coordinate 1); a conditioning carries them in
+``extras["reference_latent"]`` (the ReferenceLatent node) and only the generated tokens come back.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ class Flux(Family):
     name = "flux"
     transformer_class = "FluxTransformer2DModel"
     pipeline_class = "FluxPipeline"
+    pipeline_aliases = ("FluxKontextPipeline",)
     latent_channels = 16
     pack = 2
     text_slots = ("clip_l", "t5")
@@ -21,6 +27,7 @@ class Flux(Family):
     default_cfg = 1.0
     distilled_guidance = 3.5
     controlnet_class = "FluxControlNetModel"
+    reference_latents = True
     detect_priority = 40  # its diffusers names include sd3's (context_embedder, pos_embed)
 
     def matches_state_dict(self, joined_keys: str) -> bool:
@@ -33,7 +40,14 @@ class Flux(Family):
         embeds, pooled, _ = handle.cond_tensors(cond)
         dtype, device = handle.dtype, handle.device
         b, c, h, w = x_in.shape
-        packed = x_in.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        packed = pack_latents(x_in)
+        img_ids = handle.cached(("img_ids", h // 2, w // 2), lambda: image_ids(h // 2, w // 2))
+        reference = (getattr(cond, "extras", None) or {}).get("reference_latent")
+        if reference is not None:  # Kontext: the input image's tokens follow the generated ones
+            reference = reference.to(device, x_in.dtype)
+            rh, rw = reference.shape[-2] // 2, reference.shape[-1] // 2
+            packed = torch.cat([packed, pack_latents(reference.expand(b, *reference.shape[1:]))], dim=1)
+            img_ids = torch.cat([img_ids, handle.cached(("ref_ids", rh, rw), lambda: image_ids(rh, rw, index=1))])
         txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if getattr(handle.config, "guidance_embeds", False):
@@ -42,11 +56,12 @@ class Flux(Family):
             guidance = torch.full((b,), float(value), device=device, dtype=torch.float32)
         return {"hidden_states": packed.to(dtype), "timestep": timestep, "guidance": guidance,
                 "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": txt_ids,
-                "img_ids": handle.cached(("img_ids", h // 2, w // 2), lambda: image_ids(h // 2, w // 2))}
+                "img_ids": img_ids}
 
     def unpack_output(self, out: torch.Tensor, x: torch.Tensor, config: Any) -> torch.Tensor:
         b, c, h, w = x.shape
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        out = out[:, : (h // 2) * (w // 2)]  # Kontext: drop the reference image's tokens
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def encode_text(self, encoders: Any, prompts: list[str], max_length: int = 0) -> tuple:
         pipe = self.text_pipeline(encoders)
@@ -67,9 +82,16 @@ class Flux(Family):
         return [float(v) for v in FLUX_MAG_RATIOS]
 
 
-def image_ids(h: int, w: int) -> torch.Tensor:
-    """Flux position ids of an h x w token grid."""
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, C * 4) tokens of 2x2 patches."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def image_ids(h: int, w: int, index: int = 0) -> torch.Tensor:
+    """Flux position ids of an h x w token grid (``index``: Kontext's image number)."""
     ids = torch.zeros(h, w, 3)
+    ids[..., 0] = index
     ids[..., 1] += torch.arange(h)[:, None]
     ids[..., 2] += torch.arange(w)[None, :]
     return ids.reshape(-1, 3)

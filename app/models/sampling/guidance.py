@@ -5,7 +5,9 @@ Methods: CFG, CFG++ (Chung et al.), CFG-Zero* and APG (Sadat et al.); see :func:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,7 +41,7 @@ def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor | None, cfg: float,
-          step: int, state: GuidanceState, options: dict, renorm: bool = False) -> Denoised:
+          step: int, state: GuidanceState, options: dict, renorm: Callable | None = None) -> Denoised:
     """Combine conditional and unconditional velocities.
 
     cfg:           v = v_u + w (v_c - v_u)
@@ -52,8 +54,8 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
         return velocity_pair(x, s, v_c)
     if method == "cfg":
         v = v_u + cfg * (v_c - v_u)
-        if renorm:  # Lumina 2's pipeline (cfg_normalization): keep the conditional norm, over the last axis
-            v = v * (torch.norm(v_c, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True))
+        if renorm is not None:  # the family's renormalisation (Lumina 2, Qwen-Image pipelines)
+            v = renorm(v, v_c)
         return velocity_pair(x, s, v)
     if method == "cfg++":
         v = v_u + cfg * (v_c - v_u)
@@ -86,3 +88,8 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
 
 
 GUIDANCE = ["cfg", "cfg++", "cfg_zero_star", "apg"]
+
+
+def renorm_of(model: Any) -> Callable | None:
+    """The family's guided-velocity renormalisation, or None when its pipeline does none."""
+    return model.info.renorm_guided if model.info.cfg_renorm else None

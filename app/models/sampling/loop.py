@@ -17,7 +17,7 @@ from app.core.context import current
 from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.sampling.defaults import sampling_defaults, warn_guidance
-from app.models.sampling.guidance import GUIDANCE, Denoised, GuidanceState, guide, velocity_pair
+from app.models.sampling.guidance import GUIDANCE, Denoised, GuidanceState, guide, renorm_of, velocity_pair
 from app.models.sampling.noise import NoiseStream
 from app.models.sampling.previews import Previewer
 from app.models.sampling.samplers import get_sampler
@@ -90,7 +90,7 @@ def integrate(
     device = model.device
     x = x.to(device, torch.float32)
     use_uncond = negative is not None and not (guidance == "cfg" and cfg == 1.0)
-    state, options, renorm = GuidanceState(), dict(guidance_options or {}), model.info.cfg_renorm
+    state, options, renorm = GuidanceState(), dict(guidance_options or {}), renorm_of(model)
     progress = progress or current().progress
     previews = Previewer(model, preview)
     with model.sampling_run(sigmas, seed=seed) as run:
