@@ -7,7 +7,8 @@ anti-aliasing, renderer: all reused from there) plus one motion per object:
   position one cell over (frame k at fraction k/16), so it reaches the adjacent cell's centre (plus
   the object's jitter, drawn once per object) on the last frame; "still": it stays.
 - only motions that stay inside the 3×3 grid are drawn; two objects never have their centres in one
-  cell on any frame (such a scene is redrawn).
+  cell on any frame; read strictly: the cells the two centres visit during the clip are disjoint
+  (no swapping or following between frames; such a scene is redrawn, see `_conflicts`).
 - caption: "a {size} {colour} {shape} moving {direction} from the {position}" or "... staying at
   the {position}" ("in the center"), objects joined with " and ", then " on a {colour} background".
 
@@ -116,12 +117,18 @@ def _draw_motions(sb: world.SceneBatch, g: torch.Generator) -> torch.Tensor:
 
 
 def _conflicts(batch: ClipBatch) -> torch.Tensor:
-    """(B,) bool: two objects have their centres in one cell on some frame."""
+    """(B,) bool: the two objects' centres visit a common cell during the clip.
+
+    Stricter than "one cell on one frame": two objects that swap cells between two frames, or one
+    that enters the cell the other is leaving, would pass through or touch each other (seen: an
+    occluded object lost for 6 frames; two same-coloured objects merging). Such scenes are redrawn too.
+    """
     cells = frame_cells(batch)
     v = batch.scenes.valid
     if cells.shape[1] < 2:
         return torch.zeros(len(batch), dtype=torch.bool, device=cells.device)
-    return (cells[:, 0] == cells[:, 1]).any(-1) & v[:, 0] & v[:, 1]
+    shared = (cells[:, 0, :, None] == cells[:, 1, None, :]).flatten(1).any(-1)
+    return shared & v[:, 0] & v[:, 1]
 
 
 def sample_clips(n: int, seed=0, device="cpu", p_two: float = 0.5, max_redraws: int = 100) -> ClipBatch:

@@ -28,6 +28,7 @@ def test_sampling_rules_and_determinism():
     cells = vw.frame_cells(b)
     two = v[:, 1]
     assert not (cells[two, 0] == cells[two, 1]).any()  # never one cell on any frame
+    assert not (cells[two, 0, :, None] == cells[two, 1, None, :]).any()  # nor one after the other
     cx, cy = vw.centres(b)
     moving = v & (b.motion != vw.STILL)
     dist = torch.hypot(cx[..., -1] - cx[..., 0], cy[..., -1] - cy[..., 0])
