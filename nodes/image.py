@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +22,7 @@ from PIL import Image, PngImagePlugin
 from app.core import paths
 from app.core.context import current
 from app.core.images import open_image
+from app.core.output_files import claim_path, split_prefix
 from app.core.registry import NodeResult, node
 from app.core.types import IMAGE, MASK, Spec
 
@@ -35,29 +35,6 @@ def temp_dir() -> Path:
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
-    """(folder, subfolder relative to base, file stem prefix), confined to ``base``."""
-    prefix = prefix.strip() or "ditgraph"
-    sub, _, stem = prefix.replace("\\", "/").rpartition("/")
-    folder = paths.confine(base, sub) if sub else base.resolve()
-    stem = re.sub(r"[^\w.\- ]+", "_", stem) or "ditgraph"
-    return folder, sub, stem
-
-
-def claim_path(folder: Path, stem: str, suffix: str) -> Path:
-    """The next ``{stem}_{n:05d}{suffix}`` that does not exist, created empty so no one else takes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(rf"^{re.escape(stem)}_(\d+){re.escape(suffix)}$")
-    counter = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
-    while True:
-        path = folder / f"{stem}_{counter:05d}{suffix}"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return path
-        except FileExistsError:
-            counter += 1
 
 
 def prompt_texts(workflow: dict) -> list[str]:
@@ -111,7 +88,7 @@ def _save_pngs(images: torch.Tensor, base: Path, prefix: str, kind: str, compres
     for batch, array in enumerate(to_uint8(images)):
         if array.shape[-1] == 1:
             array = array[..., 0]
-        folder, sub, stem = _split_prefix(base, batch_prefix(prefix, batch))
+        folder, sub, stem = split_prefix(base, batch_prefix(prefix, batch))
         path = claim_path(folder, stem, ".png")
         Image.fromarray(array).save(path, pnginfo=info, compress_level=compress_level)
         saved.append({"filename": path.name, "subfolder": sub, "type": kind})
@@ -168,7 +145,7 @@ def SaveAnimated(
     import imageio.v3 as iio
 
     frames = to_uint8(images if images.dim() == 4 else images[None])
-    folder, sub, stem = _split_prefix(current().output_dir, filename_prefix)
+    folder, sub, stem = split_prefix(current().output_dir, filename_prefix)
     path = claim_path(folder, stem, f".{format}")
     try:
         if format == "gif":

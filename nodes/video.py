@@ -13,9 +13,9 @@ import torch
 from app.core import paths
 from app.core.context import current
 from app.core.media import FORMATS, Video, read_video, write_video
+from app.core.output_files import claim_path, split_prefix
 from app.core.registry import NodeResult, node
 from app.core.types import CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, VAE, VIDEO, Spec
-from nodes.image import _split_prefix, claim_path
 from app.models.latents import Latent
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".webp", ".gif")
@@ -49,7 +49,7 @@ def SaveVideo(
 ) -> NodeResult:
     """Save a video into the output folder with the workflow embedded in its metadata (drop it on
     the editor to restore the workflow). Existing files are never overwritten."""
-    folder, sub, stem = _split_prefix(current().output_dir, filename_prefix)
+    folder, sub, stem = split_prefix(current().output_dir, filename_prefix)
     path = claim_path(folder, stem, f".{format}")
     try:
         write_video(path, video, current().workflow, quality)

@@ -19,6 +19,7 @@ from app.core.memo import MemoCache, measure
 from app.core.registry import Registry
 from app.core.workflow import Workflow, WorkflowError
 from tests.fixtures import engine_nodes
+from tests.fixtures.memo_values import FakeGpuValue  # noqa: F401
 
 
 @pytest.fixture
@@ -279,19 +280,6 @@ def test_measure_counts_shared_storage_once():
     assert measure((base, base[:10], base.view(32, 32)))["cpu"] == 4096
     module = torch.nn.Linear(16, 16)
     assert measure(module)["cpu"] == (16 * 16 + 16) * 4
-
-
-class FakeGpuValue:
-    """Reports accelerator bytes until offloaded (lets CPU-only CI exercise the VRAM budget)."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes, self.on_gpu = nbytes, True
-
-    def cache_nbytes(self) -> dict[str, int]:
-        return {"cuda" if self.on_gpu else "cpu": self.nbytes}
-
-    def offload(self) -> None:
-        self.on_gpu = False
 
 
 def test_vram_budget_spills_coldest_entries_to_cpu_before_evicting():

@@ -7,7 +7,13 @@ import pytest
 from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
 from app.fronts.comfy import ComfyImportError, convert, export_comfy
-from tests.fixtures.comfy_graphs import ui_graph, ui_node
+from tests.fixtures.comfy_graphs import (  # noqa: F401
+    _sampler,  # noqa: F401
+    ltx_text_to_video,
+    ui_graph,
+    ui_node,
+    wan22_two_experts,
+)
 
 MISSING_FILE = "not found (looked in"
 
@@ -19,34 +25,6 @@ def registry():
 
 def only_missing_files(document: dict, registry) -> list[str]:
     return [str(p) for p in errors(validate(Workflow.from_dict(document), registry)) if MISSING_FILE not in p.message]
-
-
-def _sampler(model: str, start: int, end: int, latent: list, noise: str) -> dict:
-    return {"class_type": "KSamplerAdvanced", "inputs": {
-        "model": [model, 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": latent, "add_noise": noise,
-        "noise_seed": 7, "steps": ["20", 0], "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple",
-        "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": "enable"}}
-
-
-def wan22_two_experts() -> dict:
-    """Wan 2.2 A14B text-to-video as ComfyUI's template: two experts, two KSamplerAdvanced."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_high_noise_14B.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_low_noise_14B.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}},
-        "4": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 8.0}},
-        "5": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8.safetensors", "type": "wan", "device": "default"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 0], "text": "a fox in the snow"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 0], "text": "blurry"}},
-        "8": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 832, "height": 480, "length": 81, "batch_size": 1}},
-        "9": _sampler("3", 0, 10, ["8", 0], "enable"),
-        "10": _sampler("4", 10, 10000, ["9", 0], "disable"),
-        "11": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
-        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["11", 0]}},
-        "13": {"class_type": "CreateVideo", "inputs": {"images": ["12", 0], "fps": 16}},
-        "14": {"class_type": "SaveVideo", "inputs": {"video": ["13", 0], "filename_prefix": "wan", "format": "auto", "codec": "auto"}},
-        "20": {"class_type": "PrimitiveInt", "inputs": {"value": 20}},
-    }
 
 
 def test_wan22_two_experts_become_two_samplers_on_split_sigmas(registry):
@@ -85,26 +63,6 @@ def test_wan_image_to_video_takes_the_samplers_model(registry):
     with pytest.raises(ComfyImportError, match=r"^CLIP-vision image conditioning \(as Wan 2.1 image-to-video uses\) workflow") as err:
         convert(api, registry)
     assert "\n" not in str(err.value)
-
-
-def ltx_text_to_video() -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "ltx-video-2b-v0.9.5.safetensors"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors", "type": "ltxv", "device": "default"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "waves"}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "low quality"}},
-        "5": {"class_type": "LTXVConditioning", "inputs": {"positive": ["3", 0], "negative": ["4", 0], "frame_rate": 24}},
-        "6": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": 768, "height": 512, "length": 97, "batch_size": 1}},
-        "7": {"class_type": "LTXVScheduler", "inputs": {"steps": 30, "max_shift": 2.05, "base_shift": 0.95, "stretch": True,
-                                                        "terminal": 0.1, "latent": ["6", 0]}},
-        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "9": {"class_type": "SamplerCustom", "inputs": {
-            "model": ["1", 0], "add_noise": True, "noise_seed": 1, "cfg": 3, "positive": ["5", 0], "negative": ["5", 1],
-            "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["6", 0]}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
-        "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "ltx", "fps": 24,
-                                                            "lossless": False, "quality": 90, "method": "default"}},
-    }
 
 
 def test_ltx_conditioning_scheduler_and_latent(registry):

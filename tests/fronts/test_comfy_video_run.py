@@ -7,10 +7,9 @@ import torch
 
 from app.fronts.cli import make_registry
 from app.fronts.comfy import convert
-from tests.fixtures.tiny_video import save_video_family
-from tests.fronts.test_comfy_video import ltx_text_to_video, wan22_two_experts
+from tests.fixtures.comfy_graphs import ltx_text_to_video, wan22_two_experts
 from tests.fixtures.parity import engine  # noqa: F401, F811 (pytest fixture over this module's models_root)
-from tests.models.test_video_parity import SIZES, workflow
+from tests.fixtures.tiny_video import SIZES, save_video_family, workflow
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,14 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from app.core.images import png_text_chunks, sniff_image
-from tests.fixtures._server_helpers import ServerProcess, count_workflow, shared_server, shared_token_server, wait_idle, workflow
+from tests.fixtures._server_helpers import (
+    ServerProcess,
+    count_workflow,
+    shared_server,
+    shared_token_server,
+    wait_idle,
+    workflow,
+)
 
 
 @pytest.fixture(scope="module")

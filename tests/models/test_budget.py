@@ -14,7 +14,7 @@ from app.core.memo import MemoCache
 from app.models.budget import memory_settings
 from app.models.memory import GIB, default_work, need_of
 from nodes import loaders
-from tests.core.test_engine import FakeGpuValue
+from tests.fixtures.memo_values import FakeGpuValue
 from tests.fixtures.tiny_models import save_family
 
 

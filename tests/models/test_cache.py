@@ -11,26 +11,19 @@ import pytest
 import torch
 
 from app.models import accelerators as hooks
-from app.models.handles import ModelHandle, ModelPatch
-from tests.fixtures.cache_models import FAMILIES, METHODS, STEPS, Tiny, tiny, tiny_transformer  # noqa: F401
+from app.models.handles import ModelPatch
+from tests.fixtures.cache_models import (  # noqa: F401  # noqa: F401
+    FAMILIES,
+    METHODS,
+    STEPS,
+    Tiny,
+    no_cache_hooks,
+    summaries,
+    tiny,
+    tiny_transformer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-
-
-@pytest.fixture
-def summaries():
-    found: list[dict] = []
-    remove = hooks.add_listener(found.append)
-    yield found
-    remove()
-
-
-def no_cache_hooks(handle: ModelHandle) -> bool:
-    return not any(name.startswith(hooks.HOOK_PREFIX)
-                   for block in hooks.stack_blocks(handle.transformer)
-                   for name in getattr(getattr(block, "_diffusers_hook", None), "hooks", {}))
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -9,11 +9,11 @@ import torch
 
 from app.models import accelerators as hooks
 from app.models.handles import ModelHandle
-from nodes.latent import Latent
-from nodes.sampling import compute_sigmas, sample
+from app.models.latents import Latent
+from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
-from tests.models.test_cache import METHODS, no_cache_hooks, summaries  # noqa: F401 (fixture)
-from tests.models.test_parity_families2 import FAMILIES, tiny_components
+from tests.fixtures.cache_models import METHODS, no_cache_hooks, summaries  # noqa: F401 (fixture)
+from tests.fixtures.new_families import FAMILIES, tiny_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 _RUNS: dict[str, tuple] = {}
@@ -67,7 +67,7 @@ def test_cache_never_skip_is_exact_and_aggressive_skips(family, method, summarie
 def test_compile_and_int8_quantize_work(family):
     from app.models import quantizers
     from app.models.compile import compile_model
-    from tests.models.test_speed import EAGER, needs_torchao, rel
+    from tests.fixtures.speed import EAGER, needs_torchao, rel
 
     handle, pos, neg, latent, sigmas, reference = _setup(family)
     compiled = compile_model(handle, EAGER)

@@ -11,9 +11,13 @@ from safetensors.torch import save_file
 
 from app.core import paths
 from app.core.executor import Engine
-from app.models.handles import ModelHandle, ModelPatch
+from app.models.handles import ModelHandle
 from app.models.patches.lora import LoraMismatch, lora_patch, read_lora
 from nodes.text import Conditioning
+from tests.fixtures.lora import (
+    _Capture,  # noqa: F401
+    assert_patch_matches,  # noqa: F401
+)
 from tests.fixtures.tiny_models import components, save_family
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "ff.net.0.proj", "ff.net.2", "proj_out"]
@@ -193,17 +197,6 @@ def test_flux_kohya_goes_through_diffusers_converter(tmp_path):
     assert torch.allclose(capture.out, ref_native, atol=1e-4, rtol=1e-4)
 
 
-class _Capture(ModelPatch):
-    """Records the native kwargs and output of the last transformer call."""
-
-    key = "capture"
-
-    def wrap(self, state, call, forward):
-        self.kwargs = dict(call.kwargs)
-        self.out = forward(call)
-        return self.out
-
-
 def test_mismatched_lora_is_an_error_and_partial_match_is_counted(base, tmp_path):
     handle = ModelHandle(base, "shapes-dit")
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 16),
@@ -324,17 +317,6 @@ def test_peft_lora_on_other_families_equals_peft(family, tmp_path):
     mask = torch.ones(1, 6, dtype=torch.long)
     cond = Conditioning(torch.randn(1, 6, dims[family], generator=g), None, mask, family=family)
     assert_patch_matches(handle, patch, adapted, torch.randn(1, 4, 8, 8, generator=g), cond)
-
-
-def assert_patch_matches(handle: ModelHandle, patch, adapted: torch.nn.Module, x: torch.Tensor, cond) -> None:
-    """Our LoRA patch gives what the peft-adapted module gives on the same native call, and changes it."""
-    capture = _Capture()
-    handle.with_patch(patch).with_patch(capture).predict(x, 0.5, cond)
-    with torch.no_grad():
-        reference = adapted(**capture.kwargs, return_dict=False)[0]
-    assert torch.allclose(capture.out, reference, atol=1e-5)
-    handle.with_patch(capture).predict(x, 0.5, cond)
-    assert not torch.allclose(capture.out, reference, atol=1e-4)
 
 
 def test_dropping_the_patched_model_unloads_the_lora(base, tmp_path):

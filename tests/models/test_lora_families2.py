@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from app.models.handles import ModelHandle
 from app.models.patches.lora import lora_patch, read_lora
 from nodes.text import Conditioning
-from tests.models.test_lora import assert_patch_matches
-from tests.models.test_parity_families2 import FAMILIES, tiny_components
+from tests.fixtures.lora import assert_patch_matches
+from tests.fixtures.new_families import FAMILIES, tiny_components
 
 LATENT = {"qwen-image": (1, 4, 1, 8, 8)}  # one frame of its video-style VAE
 

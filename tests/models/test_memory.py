@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from app.models.memory import (GIB, BudgetError, ModelNeed, evict_for, need_of, parse_size, plan_memory,
-                               should_tile_vae, vae_decode_bytes)
+from app.models.memory import (
+    GIB,
+    BudgetError,
+    ModelNeed,
+    evict_for,
+    need_of,
+    parse_size,
+    plan_memory,
+    should_tile_vae,
+    vae_decode_bytes,
+)
 
 # Flux-dev-like sizes: 11.9B transformer params in 57 blocks, T5-XXL 4.76B in 24, CLIP-L, VAE.
 FLUX = ModelNeed("flux", 11_900_000_000, 2.0, blocks=57, block_params=11_500_000_000, work_bytes=2 * GIB)

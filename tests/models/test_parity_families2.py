@@ -20,68 +20,11 @@ from app.core.executor import Engine
 from app.core.registry import default_registry
 from app.core.validation import errors
 from app.core.workflow import Workflow
-from bench.gpu_parity import qwen_tokenizer
-from nodes.sampling import compute_sigmas, make_noise
-from tests.fixtures.tiny_video import _umt5
+from app.models.sampling import compute_sigmas, make_noise
+from tests.fixtures.new_families import FAMILIES, _flux_scheduler, _qwen25vl, tiny_components  # noqa: F401  # noqa: F401
 from tests.fixtures.parity import PROMPT, SEED, SIZE, STEPS, rel_l2, workflow
-from tests.fixtures.tiny_models import _t5, _t5_tokenizer, _vae_kl, save_parts
+from tests.fixtures.tiny_models import save_parts
 
-
-def _flux_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096)
-
-
-def tiny_components(family: str, seed: int = 0, layers: int = 1) -> dict:
-    """The pipeline components (diffusers names) of a tiny random ``family`` model."""
-    import diffusers
-
-    torch.manual_seed(seed)
-    if family == "chroma":
-        transformer = diffusers.ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8], approximator_num_channels=16,
-            approximator_hidden_dim=32, approximator_layers=1)
-        return {"transformer": transformer, "vae": _vae_kl(4, 0.1, 0.4, seed + 1), "scheduler": _flux_scheduler(),
-                "text_encoder": _t5(32, seed + 2), "tokenizer": _t5_tokenizer()}
-    if family == "auraflow":
-        transformer = diffusers.AuraFlowTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=layers, num_single_dit_layers=layers,
-            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-            out_channels=4, pos_embed_max_size=64)
-        return {"transformer": transformer, "vae": _vae_kl(4, None, 0.13025, seed + 1),
-                "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.73),
-                "text_encoder": _umt5(32, seed + 2), "tokenizer": _t5_tokenizer()}
-    if family == "qwen-image":
-        transformer = diffusers.QwenImageTransformer2DModel(
-            patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
-        vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                               temperal_downsample=[False, True, True],
-                                               latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1])
-        return {"transformer": transformer, "vae": vae.eval(), "scheduler": _flux_scheduler(),
-                "text_encoder": _qwen25vl(32, seed + 2), "tokenizer": qwen_tokenizer()}
-    raise ValueError(family)
-
-
-def _qwen25vl(hidden: int, seed: int):
-    """The smallest Qwen2.5-VL that transformers builds (a 1-block vision tower is required)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    text = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
-                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None, eos_token_id=258)
-    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
-                  fullatt_block_indexes=[0])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=290,
-                              image_token_id=291, video_token_id=292)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-FAMILIES = ["chroma", "auraflow", "qwen-image"]
 CFG = 4.0
 NEGATIVE = "blurry"  # a real negative: Qwen-Image's pipeline skips CFG without one
 PIPELINES = {"chroma": "ChromaPipeline", "auraflow": "AuraFlowPipeline", "qwen-image": "QwenImagePipeline"}

@@ -21,12 +21,7 @@ from app.models.handles import ModelPatch
 from app.models.patches.lora import LoraLayer, LoraPatch
 from app.models.sampling import compute_sigmas
 from tests.fixtures.cache_models import tiny
-
-EAGER = CompileOptions(backend="eager")  # dynamo traces and caches graphs; no codegen (seconds on CPU)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+from tests.fixtures.speed import EAGER, needs_torchao, rel  # noqa: F401
 
 
 def lora_on(t, fuse: bool = False) -> LoraPatch:
@@ -125,10 +120,6 @@ def test_lora_on_a_compiled_model(fuse):
 def linear_kinds(transformer: torch.nn.Module) -> dict[str, bool]:
     return {n: type(m.weight) is not torch.nn.Parameter for n, m in transformer.named_modules()
             if isinstance(m, torch.nn.Linear)}
-
-
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
-                                   reason="torchao (the 'fast' extra) is not installed")
 
 
 @needs_torchao
@@ -256,7 +247,6 @@ def test_attention_backends_that_would_do_nothing_or_cannot_run_are_refused():
     choices = node.inputs["backend"].spec.choice_list()
     assert ("sage" in choices) == (importlib.util.find_spec("sageattention") is not None)  # only when importable
     assert {"auto", "native", "cudnn", "flash", "efficient", "flex"} <= set(choices)
-
 
 
 class BetweenBlockResiduals(ModelPatch):

@@ -19,12 +19,8 @@ from app.core.executor import Engine
 from app.core.media import read_video, read_workflow
 from app.models.sampling import compute_sigmas, make_noise
 from tests.fixtures.parity import engine, rel_l2  # noqa: F401, F811 (pytest fixtures)
-from tests.fixtures.tiny_video import save_video_family
+from tests.fixtures.tiny_video import CFG, NEGATIVE, PROMPT, SEED, SIZES, STEPS, save_video_family, workflow  # noqa: F401  # noqa: F401
 
-PROMPT = "a large red circle at the top left on a white background"
-NEGATIVE = "blurry"
-STEPS, SEED, CFG = 2, 1234, 4.0
-SIZES = {"wan": (16, 16, 9), "wan22": (16, 16, 9), "ltx": (64, 64, 9)}  # width, height, frames
 FAMILIES = list(SIZES)
 
 
@@ -34,27 +30,6 @@ def models_root(tmp_path_factory):
     for family in FAMILIES:
         save_video_family(family, root / "checkpoints" / f"tiny-{family}")
     return root
-
-
-def workflow(family: str) -> dict:
-    width, height, frames = SIZES[family]
-    te = {"from": ["ckpt", "text_encoder"]}
-    nodes = {
-        "ckpt": {"type": "CheckpointLoader", "inputs": {"checkpoint": f"tiny-{family}"}},
-        "pos": {"type": "TextEncode", "inputs": {"text_encoder": te, "text": PROMPT}},
-        "neg": {"type": "TextEncodeNegative", "inputs": {"text_encoder": te, "text": NEGATIVE}},
-        "empty": {"type": "EmptyVideoLatent", "inputs": {"model": {"from": ["ckpt", "model"]}, "width": width,
-                                                         "height": height, "frames": frames}},
-        "sample": {"type": "Sampler", "inputs": {
-            "model": {"from": ["ckpt", "model"]}, "positive": {"from": ["pos", "conditioning"]},
-            "negative": {"from": ["neg", "conditioning"]}, "latent": {"from": ["empty", "latent"]},
-            "seed": SEED, "steps": STEPS, "cfg": CFG, "sampler": "euler", "scheduler": "auto"}},
-        "decode": {"type": "VAEDecodeVideo", "inputs": {"vae": {"from": ["ckpt", "vae"]},
-                                                        "latent": {"from": ["sample", "latent"]}, "fps": 8.0}},
-        "save": {"type": "SaveVideo", "inputs": {"video": {"from": ["decode", "video"]}, "filename_prefix": family,
-                                                 "format": "mp4"}},
-    }
-    return {"format": "ditgraph/workflow", "version": 1, "meta": {"name": f"tiny-{family}"}, "nodes": nodes}
 
 
 def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

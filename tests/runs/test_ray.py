@@ -286,9 +286,9 @@ def test_a_normal_run_does_not_import_ray(no_ray_check):
 def test_serve_with_ray_dispatches_the_queue_to_the_workers(pool, registry, tmp_path, monkeypatch):
     """`ditgraph serve --ray`: Settings.ray makes the server's queue dispatch through Ray (the
     pool is this module's, so no new actors start)."""
-    from app.runs.ray_pool import RayPool
     from app.fronts.http.settings import Settings
     from app.fronts.http.state import AppState
+    from app.runs.ray_pool import RayPool
 
     asked = {}
     monkeypatch.setattr(RayPool, "create", classmethod(lambda cls, address, reg, **kw: (asked.update(
