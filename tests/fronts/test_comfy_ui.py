@@ -269,10 +269,10 @@ def test_controlnet_on_conditioning_becomes_a_model_patch(registry):
     ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, "Stable Diffusion 1.x"),
     ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, "SDXL"),
     ("UNETLoader", {"unet_name": "hidream_i1_full_fp16.safetensors"}, "HiDream"),
-    ("UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors"}, "Qwen-Image"),
+    ("UNETLoader", {"unet_name": "flux2_dev_fp8mixed.safetensors"}, "Flux.2"),
     ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors"}, "Flux.1 Kontext"),
     ("CLIPLoader", {"clip_name": "t5.safetensors", "type": "cosmos"}, "Cosmos"),
-    ("CheckpointLoaderSimple", {"ckpt_name": "AuraFlow-v0.3.safetensors"}, "AuraFlow"),
+    ("CheckpointLoaderSimple", {"ckpt_name": "hunyuan_dit_1.2.safetensors"}, "HunyuanDiT"),
 ])
 def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, family, registry):
     api, _, _ = to_api(flux_custom_sampler())
@@ -281,6 +281,18 @@ def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, fam
         convert(api, registry)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(family) and "ditgraph runs" in message and "Flux.1" in message
+
+
+@pytest.mark.parametrize("loader,value", [
+    ("UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}),
+    ("CheckpointLoaderSimple", {"ckpt_name": "AuraFlow-v0.3.safetensors"}),
+])
+def test_families_added_since_are_no_longer_refused(loader, value, registry):
+    """Qwen-Image and AuraFlow run now (app/models/families): their files import like any runnable family's."""
+    api, _, _ = to_api(flux_custom_sampler())
+    api["1"] = {"class_type": loader, "inputs": value}
+    document = convert(api, registry)
+    assert document["nodes"]["1"]["type"] == "CheckpointLoader"
 
 
 def test_a_runnable_family_is_not_refused(registry):
