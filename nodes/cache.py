@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
+from app.core import vocabulary as vocab
+from app.core.registry import Link, node
+from app.core.types import CONDITIONING, LATENT, MODEL, STRING
 from app.models import accelerators as hooks
 from app.models.handles import ModelHandle
-from app.core.registry import Link, node
-from app.core.types import CONDITIONING, LATENT, MODEL, STRING, Spec
 
 CATEGORY = "model_patches/cache"
 
@@ -68,9 +69,9 @@ def MagCacheCalibrate(
     positive: CONDITIONING,
     latent: LATENT,
     negative: Link(CONDITIONING, optional=True) = None,
-    seed: Annotated[int, Spec(min=0, max=2**63 - 1, seed=True)] = 0,
-    steps: Annotated[int, Spec(min=2, max=1000)] = 28,
-    cfg: Annotated[float, Spec(min=0.0, max=100.0, step=0.1)] = 4.0,
+    seed: vocab.SEED = 0,
+    steps: vocab.steps(minimum=2) = 28,
+    cfg: vocab.CFG = 4.0,
 ) -> str:
     """Sample once uncached and measure the residual magnitude ratio of every step (MagCache's
     one-sample calibration); connect the result to MagCache's ratios."""
@@ -84,9 +85,9 @@ def TeaCacheCalibrate(
     positive: CONDITIONING,
     latent: LATENT,
     negative: Link(CONDITIONING, optional=True) = None,
-    seed: Annotated[int, Spec(min=0, max=2**63 - 1, seed=True)] = 0,
-    steps: Annotated[int, Spec(min=6, max=1000)] = 50,
-    cfg: Annotated[float, Spec(min=0.0, max=100.0, step=0.1)] = 4.0,
+    seed: vocab.SEED = 0,
+    steps: vocab.steps(minimum=6) = 50,
+    cfg: vocab.CFG = 4.0,
 ) -> str:
     """Sample uncached and fit TeaCache's rescaling polynomial (degree 4) for this model from
     (input change, output change) pairs; a batch of several prompts gives a better fit."""
