@@ -29,8 +29,8 @@ def magcache_ratios(family: str, text: str = "auto") -> tuple:
     if text.lower() != "auto":
         return parse_numbers(text, "ratios")
     ratios = MAGCACHE_RATIOS.get(family)
-    if ratios is None and family in families.FAMILIES:
-        ratios = families.get(family).magcache_ratios()
+    if ratios is None and (info := families.FAMILIES.get(family)) is not None:
+        ratios = info.magcache_ratios()
     if ratios is None:
         log.warning("MagCache: no calibrated ratios for family %r; using shapes-dit's curve "
                     "(connect MagCache Calibrate for this model's own)", family)
