@@ -363,6 +363,15 @@ def evaluate_folder(folder: str, per_image: bool = False) -> dict:
     return summary
 
 
+def report(summary: dict, json_path: str | None) -> None:
+    """Print a summary as JSON, and write it to ``json_path`` when given (the evaluators' CLIs)."""
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if json_path:
+        with open(json_path, "w") as fh:
+            fh.write(text + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("folder")
@@ -373,11 +382,7 @@ def main(argv=None) -> int:
         print(f"not a folder: {args.folder}", file=sys.stderr)
         return 2
     summary = evaluate_folder(args.folder, per_image=args.per_image)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    report(summary, args.json)
     return 0
 
 

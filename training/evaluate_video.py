@@ -344,11 +344,7 @@ def main(argv=None) -> int:
     else:
         print(f"not a folder or file: {args.path}", file=sys.stderr)
         return 2
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    evaluate.report(summary, args.json)
     return 0
 
 
