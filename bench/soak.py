@@ -87,9 +87,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-def soak(runs: int, clients: int, warmup: int, size: int, steps: int) -> dict:
+def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ditgraph-soak-") as tmp:
-        server = Server(Path(tmp))
+        server = Server(Path(tmp), ("--cache", cache) if cache else ())
         try:
             server.wait_ready()
             lock, results = threading.Lock(), []
@@ -135,9 +135,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--cache", default=None, help="the server's memo cache policy (ditgraph serve --cache)")
     parser.add_argument("--out", help="result file (default bench/results/soak.json)")
     args = parser.parse_args()
-    result = soak(args.runs, args.clients, args.warmup, args.size, args.steps)
+    result = soak(args.runs, args.clients, args.warmup, args.size, args.steps, args.cache)
+    result["cache"] = args.cache or "lru (default)"
     path = write_result("soak", result, args.out)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
