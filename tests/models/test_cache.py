@@ -12,15 +12,13 @@ import torch
 
 from app.models import accelerators as hooks
 from app.models.handles import ModelPatch
-from tests.fixtures.cache_models import (  # noqa: F401  # noqa: F401
+from tests.fixtures.cache_models import (  # noqa: F401 - summaries is a pytest fixture
     FAMILIES,
     METHODS,
     STEPS,
-    Tiny,
     no_cache_hooks,
     summaries,
     tiny,
-    tiny_transformer,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

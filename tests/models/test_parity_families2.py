@@ -21,7 +21,7 @@ from app.core.registry import default_registry
 from app.core.validation import errors
 from app.core.workflow import Workflow
 from app.models.sampling import compute_sigmas, make_noise
-from tests.fixtures.new_families import FAMILIES, _flux_scheduler, _qwen25vl, tiny_components  # noqa: F401  # noqa: F401
+from tests.fixtures.new_families import FAMILIES, tiny_components
 from tests.fixtures.parity import PROMPT, SEED, SIZE, STEPS, rel_l2, workflow
 from tests.fixtures.tiny_models import save_parts
 

@@ -19,7 +19,7 @@ from app.core.executor import Engine
 from app.core.media import read_video, read_workflow
 from app.models.sampling import compute_sigmas, make_noise
 from tests.fixtures.parity import engine, rel_l2  # noqa: F401, F811 (pytest fixtures)
-from tests.fixtures.tiny_video import CFG, NEGATIVE, PROMPT, SEED, SIZES, STEPS, save_video_family, workflow  # noqa: F401  # noqa: F401
+from tests.fixtures.tiny_video import CFG, NEGATIVE, PROMPT, SEED, SIZES, STEPS, save_video_family, workflow
 
 FAMILIES = list(SIZES)
 
