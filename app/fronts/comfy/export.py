@@ -112,6 +112,17 @@ class _Exporter:
                   for name, value in node.get("inputs", {}).items()}
         self.add(node_id, "ComfyMathExpression", inputs, node.get("title"))
 
+    def scale_to_side(self, node_id: str, node: dict) -> None:
+        """ScaleToSide -> ImageScaleToMaxDimension (longer side), or ResizeImageMaskNode's shorter side."""
+        inputs = node.get("inputs", {})
+        image, method, size = self.value(inputs.get("image")), inputs.get("method", "bicubic"), self.value(inputs.get("size", 1024))
+        if inputs.get("side", "longer") == "longer":
+            self.add(node_id, "ImageScaleToMaxDimension", {"image": image, "upscale_method": method, "largest_size": size},
+                     node.get("title"))
+        else:
+            self.add(node_id, "ResizeImageMaskNode", {"input": image, "resize_type": "scale shorter dimension",
+                                                      "resize_type.shorter_size": size, "scale_method": method}, node.get("title"))
+
     def sampler_custom(self, node_id: str, node: dict) -> None:
         """Ours is one node; ComfyUI's SamplerCustomAdvanced takes noise, guider and sampler nodes."""
         inputs = node.get("inputs", {})
@@ -165,7 +176,8 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
 
 
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
-           "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression}
+           "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression,
+           "ScaleToSide": _Exporter.scale_to_side}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:
