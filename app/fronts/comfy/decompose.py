@@ -56,12 +56,15 @@ def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) ->
         notes.append(f"node {node_id} ({kind}): could not tell which {' and '.join(missing)} to use; connect it")
 
 
+COMBINE_SLOTS = ("first", "second", "third", "fourth")  # CombineTextEncoders' inputs
+
+
 def clip_loaders(count: int):
-    """DualCLIPLoader / TripleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
+    """Dual/Triple/QuadrupleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
 
     def expand(node_id: str, raw: dict, ctx: Any) -> tuple[dict[str, dict], dict[str, Any]]:
         extra, inputs = {}, {}
-        for index, slot in zip(range(1, count + 1), ("first", "second", "third"), strict=False):
+        for index, slot in zip(range(1, count + 1), COMBINE_SLOTS, strict=False):
             name = ctx.value(node_id, raw, f"clip_name{index}")
             extra[f"{node_id}.{index}"] = {"type": "TextEncoderLoader", "inputs": {"text_encoder": name}}
             inputs[slot] = {"from": [f"{node_id}.{index}", "text_encoder"]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.fronts.comfy.decompose import COMBINE_SLOTS
 from app.fronts.comfy.regroup import inline
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
@@ -142,9 +143,9 @@ class _Exporter:
             "sigmas": self.value(inputs.get("sigmas")), "latent_image": self.value(inputs.get("latent"))}, node.get("title"))
 
     def combine(self, node_id: str, node: dict) -> None:
-        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/TripleCLIPLoader."""
+        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/Triple/QuadrupleCLIPLoader."""
         inputs = node.get("inputs", {})
-        loaders = [inputs.get(slot) for slot in ("first", "second", "third") if inputs.get(slot) is not None]
+        loaders = [inputs.get(slot) for slot in COMBINE_SLOTS if inputs.get(slot) is not None]
         files = {}
         for index, link in enumerate(loaders, 1):
             source = self.nodes.get(link["from"][0]) if isinstance(link, dict) else None
@@ -152,7 +153,8 @@ class _Exporter:
                 raise ComfyExportError(f"node {node_id} (CombineTextEncoders): ComfyUI can only merge text encoder "
                                        "files loaded next to it", ["CombineTextEncoders"])
             files[f"clip_name{index}"] = source["inputs"].get("text_encoder")
-        self.add(node_id, "DualCLIPLoader" if len(files) == 2 else "TripleCLIPLoader", files, node.get("title"))
+        loader = {2: "DualCLIPLoader", 3: "TripleCLIPLoader"}.get(len(files), "QuadrupleCLIPLoader")
+        self.add(node_id, loader, files, node.get("title"))
 
 
 def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
@@ -196,6 +198,6 @@ def export_comfy(workflow: dict) -> dict[str, dict]:
                              for other in nodes.values() if other.get("type") != "CombineTextEncoders"
                              for v in other.get("inputs", {}).values())
         if node_id in combined and not used_elsewhere:
-            continue  # folded into the Dual/TripleCLIPLoader
+            continue  # folded into the Dual/Triple/QuadrupleCLIPLoader
         (SPECIAL.get(node["type"]) or _Exporter.generic)(exporter, node_id, node)
     return exporter.out

@@ -73,7 +73,8 @@ def choice(table: dict[str, str], default: str, what: str) -> Translate:
 
 
 SAMPLERS = {"euler": "euler", "euler_ancestral": "euler", "euler_cfg_pp": "euler", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
-            "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_2m_sde_gpu": "dpmpp_2m"}
+            "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_2m_sde_gpu": "dpmpp_2m",
+            "lcm": "lcm"}  # HiDream Dev/Fast: x0, then re-noised to the next sigma (ComfyUI's and ours alike)
 SCHEDULERS = {"karras": "karras", "normal": "auto", "simple": "auto", "sgm_uniform": "auto", "beta": "auto",
               "linear_quadratic": "linear", "ddim_uniform": "discrete"}
 sampler_name = choice(SAMPLERS, "euler", "sampler")
@@ -114,6 +115,10 @@ TABLE: dict[str, NodeMap] = {
                               expand=d.clip_loaders(2), creates=("TextEncoderLoader",)),
     "TripleCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",), widgets=("clip_name1", "clip_name2", "clip_name3"),
                                 expand=d.clip_loaders(3), creates=("TextEncoderLoader",)),
+    # HiDream: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B, merged as one TEXT_ENCODER
+    "QuadrupleCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",),
+                                   widgets=("clip_name1", "clip_name2", "clip_name3", "clip_name4"),
+                                   expand=d.clip_loaders(4), creates=("TextEncoderLoader",)),
     "VAELoader": NodeMap("VAELoader", ("vae",), {"vae_name": "vae"}, widgets=("vae_name",)),
     "LoraLoaderModelOnly": NodeMap("LoraLoader", ("model",), {"lora_name": "lora", "strength_model": "strength"},
                                    widgets=("lora_name", "strength_model")),
