@@ -665,7 +665,7 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_parity.json"))
-    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image, hidream")
+    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image, hidream, wan, ltx")
     parser.add_argument("--size", type=int, default=None, help="image size (default 1024; --tiny: 32)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 28; --tiny: 2)")
     parser.add_argument("--repeats", type=int, default=3)
