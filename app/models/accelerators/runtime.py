@@ -7,8 +7,10 @@ The transformer's block stack (SD3/shapes-dit ``transformer_blocks``; Flux
 per block (``diffusers.hooks.HookRegistry``), installed in ``begin_run`` and removed in ``end_run``.
 A model with two experts (Wan 2.2) has both stacks hooked; each expert's calls get slots of their
 own, so one expert never reuses the other's residuals. Methods that act inside blocks (attention
-broadcast) also hook the blocks' attention modules (:meth:`CacheMethod.attention`). A block's *streams* are its image tokens
-and, for joint blocks that return ``(encoder_hidden_states, hidden_states)``, its text tokens.
+broadcast) also hook the blocks' attention modules (:meth:`CacheMethod.attention`).
+
+A block's *streams* are its image tokens and, for joint blocks that return
+``(encoder_hidden_states, hidden_states)``, its text tokens.
 Before block 0 runs, the method *plans* the call: compute everything, or skip a contiguous range
 ``[a, b)`` of blocks. Skipped blocks pass their inputs through unchanged and the last one adds
 the range's residual (cached or forecast), so whatever the model does *between* blocks
