@@ -87,7 +87,6 @@ from app.models.residency import (  # noqa: F401  (re-exported: loaders and node
 from app.models.text_encoders import TextEncoders  # noqa: F401  (re-exported)
 from app.models.vae import VAEHandle, fit_preview_projection  # noqa: F401  (re-exported)
 
-
 # ---------------------------------------------------------------------------------------------
 # patches and runs
 
@@ -161,6 +160,7 @@ class ModelHandle(Resident):
     scheduler_config: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
+    pipeline: str = ""  # the diffusers pipeline class of its folder (or config folder), from model_index.json
     residency: str = "resident"
     transformer_2: torch.nn.Module | None = None  # Wan 2.2: the low-noise expert (shared like transformer)
     boundary_ratio: float | None = None  # ... used below this fraction of the training timesteps
