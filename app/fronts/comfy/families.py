@@ -80,6 +80,9 @@ CLIP_TYPES = {
     "stable_cascade": "stable-cascade", "omnigen2": "omnigen2", "ace": "ace-step", "stable_audio": "stable-audio",
     "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2", "stable_diffusion": "sd1",
 }
+# node types one variant shares with other families: they name it only next to evidence of its
+# base family (ReferenceLatent in a Qwen-Image-Edit workflow is no Flux Kontext)
+VARIANT_OF = {"flux-kontext": "flux"}
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
 # node types used by many families: they refine a family found otherwise, never name one alone
 # (an LLM node names "llm" alone only in a workflow without a diffusion sampler)
@@ -122,6 +125,10 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
         del nodes["llm"]  # an LLM that writes the prompt of a diffusion workflow
     if not files and set(nodes) <= REFINE_ONLY:
         nodes = {}
+    known = {*files, *clip, *(n for n in nodes if n not in VARIANT_OF)}  # what the rest of the workflow says
+    for variant, base in VARIANT_OF.items():
+        if variant in nodes and base not in known:
+            del nodes[variant]
     nodes = dict(sorted(nodes.items(), key=lambda item: item[0] in REFINE_ONLY))  # the specific variant first
     return {**files, **nodes} or clip
 

@@ -229,4 +229,22 @@ TABLE: dict[str, NodeMap] = {
                                 note="dissolved: ditgraph's DiT text encoders use their family's own layer"),
     "ImageScaleBy": NodeMap("ImageScaleBy", ("image",), {"upscale_method": "method"}, widgets=("upscale_method", "scale_by"),
                             values={"method": UPSCALE}),
+    # Qwen-Image-Edit: one TextEncodeImageEdit (nodes/text.py) whose mode is the ComfyUI type's
+    "TextEncodeQwenImageEdit": NodeMap("TextEncodeImageEdit", ("conditioning",), {"clip": "text_encoder", "prompt": "text"},
+                                       widgets=("prompt",), fixup=d.constant_inputs(mode="edit")),
+    "TextEncodeQwenImageEditPlus": NodeMap("TextEncodeImageEdit", ("conditioning",),
+                                           {"clip": "text_encoder", "prompt": "text", "image1": "image"},
+                                           widgets=("prompt",), fixup=d.constant_inputs(mode="edit-plus")),
+    "ReferenceLatent": NodeMap("ReferenceLatent", ("conditioning",)),
+    "CFGNorm": NodeMap(None, (), widgets=("strength",), passthrough={0: "model"},
+                       note="dissolved: Qwen-Image's sampling renormalises the guided prediction to the conditional "
+                            "one's norm itself, as its diffusers pipeline does (ComfyUI's CFGNorm is a clamped variant)"),
+    "FluxKontextMultiReferenceLatentMethod": NodeMap(
+        None, (), widgets=("reference_latents_method",), passthrough={0: "conditioning"},
+        note="dissolved: the reference images' positions and timesteps follow the model (Qwen-Image-Edit-2511's "
+             "index_timestep_zero is its transformer config's zero_cond_t)"),
+    "FluxKontextImageScale": NodeMap("ScaleToMegapixels", ("image",),
+                                     fixup=d.constant_inputs(method="bicubic", megapixels=1.0, resolution_steps=16),
+                                     note="scaled to about 1 megapixel with sides multiples of 16 (near Kontext's "
+                                          "preferred sizes, not picked from their list)"),
 }
