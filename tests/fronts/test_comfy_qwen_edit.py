@@ -5,6 +5,7 @@ imported edit graph runs like the native one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from app.core import paths
@@ -13,6 +14,8 @@ from app.fronts.cli import make_registry
 from app.fronts.comfy import convert, families
 from app.fronts.comfy.export import export_comfy
 from tests.fixtures.new_families import save_qwen_edit
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # ComfyUI's Qwen-Image-Edit-2511 template in API format (Edit-Plus, two images, the 2511 extras)
 QWEN_EDIT_API = {

@@ -33,6 +33,8 @@ NEGATIVE = "blurry"
 AREAS = {"vae": 64 * 64, "vl": 32 * 32}  # instead of 1024² and 384²
 INPUTS = {"a.png": (48, 64), "b.png": (64, 40)}  # height, width: two aspect ratios
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
@@ -94,13 +96,15 @@ def run_pipeline(folder, pipeline: str, images: list, noise: torch.Tensor) -> to
     return out.permute(0, 2, 3, 1).float()
 
 
-@pytest.mark.parametrize(("pipeline", "names"), [("QwenImageEditPipeline", ["a.png"]),
-                                                  ("QwenImageEditPlusPipeline", ["a.png", "b.png"])],
-                         ids=["edit", "edit-plus"])
-def test_edit_workflow_matches_the_edit_pipeline(setup, pipeline, names):
+@pytest.mark.parametrize(("pipeline", "names", "zero_cond_t"),
+                         [("QwenImageEditPipeline", ["a.png"], False),
+                          ("QwenImageEditPlusPipeline", ["a.png", "b.png"], False),
+                          ("QwenImageEditPlusPipeline", ["b.png"], True)],
+                         ids=["edit", "edit-plus-2509", "edit-plus-2511"])
+def test_edit_workflow_matches_the_edit_pipeline(setup, pipeline, names, zero_cond_t):
     from PIL import Image
 
-    folder = save_qwen_edit(setup / "models" / "checkpoints" / "tiny-edit", pipeline)
+    folder = save_qwen_edit(setup / "models" / "checkpoints" / "tiny-edit", pipeline, zero_cond_t=zero_cond_t)
     engine = Engine(device="cpu", output_dir=setup / "out")
     result = engine.run(edit_graph(names), targets=["decode", "ckpt", "empty", "pos"]).raise_for_status()
     model, latent = result.output("ckpt", 0), result.output("empty").samples
@@ -111,7 +115,7 @@ def test_edit_workflow_matches_the_edit_pipeline(setup, pipeline, names):
                              make_noise(tuple(latent.shape), SEED))
     image = result.output("decode")
     error = rel_l2(image, reference)
-    print(f"{pipeline}: relative L2 vs diffusers = {error:.2e}")
+    print(f"{pipeline}{' (zero_cond_t)' if zero_cond_t else ''}: relative L2 vs diffusers = {error:.2e}")
     assert image.shape == reference.shape and math.isfinite(error) and error <= 1e-4, f"relative L2 {error:.3e}"
     without = edit_graph(names)  # the reference tokens matter: without the VAE latents the image differs
     for node_id in ("pos", "neg"):
@@ -163,3 +167,33 @@ def test_reference_latents_add_up_and_each_model_takes_what_it_can():
     model = ModelHandle(tiny_components("qwen-image")["transformer"], "qwen-image")
     with pytest.raises(ValueError, match="even h and w"):
         model.predict(torch.zeros(1, 4, 1, 4, 4), 0.5, Conditioning(torch.zeros(1, 3, 32), extras={"reference_latents": (odd,)}))
+
+
+def test_cache_accelerators_work_on_edit_conditionings():
+    """Every cache method with reference tokens and 2511's zero_cond_t (its doubled timestep
+    embedding): "never skip" gives the uncached latents exactly, aggressive settings stay finite."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from app.models import accelerators as hooks
+    from app.models.handles import ModelHandle
+    from app.models.latents import Latent
+    from app.models.sampling import compute_sigmas, sample
+    from nodes.text import Conditioning
+    from tests.fixtures.cache_models import METHODS
+
+    config = {**tiny_components("qwen-image", layers=3)["transformer"].config, "zero_cond_t": True}
+    handle = ModelHandle(QwenImageTransformer2DModel.from_config(config).eval(), "qwen-image",
+                         scheduler_config={"shift": 3.0})
+    g = torch.Generator().manual_seed(1)
+    references = (torch.randn(1, 4, 1, 6, 4, generator=g),)
+    pos, neg = (Conditioning(torch.randn(1, 7, 32, generator=g), family="qwen-image",
+                             extras={"reference_latents": references}) for _ in range(2))
+    latent, sigmas = Latent(torch.zeros(1, 4, 1, 8, 8)), compute_sigmas(handle, "auto", 4)
+
+    def run(model):
+        return sample(model, latent, pos, neg, sigmas, 3, 4.0, sampler_name="euler", progress=lambda *a: None).samples
+
+    reference = run(handle)
+    for method, (never, aggressive) in METHODS.items():
+        assert torch.equal(run(handle.with_patch(hooks.CachePatch(never))), reference), method
+        assert torch.isfinite(run(handle.with_patch(hooks.CachePatch(aggressive)))).all(), method
