@@ -391,9 +391,22 @@ def batchable(conds: Sequence[Any]) -> bool:
             return False
         if (c.pooled is None) != (first.pooled is None) or (c.mask is None) != (first.mask is None):
             return False
-        if (c.extras or {}) != (first.extras or {}):
+        extras, first_extras = c.extras or {}, first.extras or {}
+        if extras.keys() != first_extras.keys() or not all(_same(extras[k], first_extras[k]) for k in extras):
             return False
     return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal conditioning extras; tensors (reference latents, also inside tuples) only when they are
+    the same tensor: comparing two would compare element by element."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def cat_conds(conds: Sequence[Any]) -> Any:

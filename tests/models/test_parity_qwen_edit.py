@@ -163,6 +163,9 @@ def test_reference_latents_add_up_and_each_model_takes_what_it_can():
                            extras={"reference_latents": (torch.zeros(1, 16, 4, 4),) * 2})
     with pytest.raises(ValueError, match="one reference image"):
         flux.predict(torch.zeros(1, 16, 4, 4), 0.5, kontext)
+    pos, neg = (Conditioning(torch.zeros(1, 3, 32), torch.zeros(1, 32), family="flux",
+                             extras={"reference_latents": (torch.full((1, 4, 4, 4), float(i)),)}) for i in range(2))
+    assert len(flux.predict_many(torch.zeros(1, 4, 4, 4), 0.5, [pos, neg])) == 2  # not batched, no tensor comparison
     odd = torch.zeros(1, 4, 1, 5, 4)  # an image side that is no multiple of 16
     model = ModelHandle(tiny_components("qwen-image")["transformer"], "qwen-image")
     with pytest.raises(ValueError, match="even h and w"):
