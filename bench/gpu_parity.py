@@ -1,11 +1,13 @@
 """GPU parity benchmark: ditgraph's decomposed workflow vs the bare diffusers pipeline.
 
 Random full-size PixArt-Σ (611M transformer + T5-XXL), Flux.1-dev (11.9B + CLIP-L + T5-XXL) and,
-with ``--models qwen-image``, Qwen-Image (20B MMDiT + a Qwen2.5-VL-7B-sized text model, true CFG)
+with ``--models qwen-image``, Qwen-Image (20B MMDiT + a Qwen2.5-VL-7B-sized text model, true CFG),
+with ``--models hidream``, HiDream-I1 (17B sparse-MoE DiT + Long-CLIP-L/G + T5-XXL + a
+Llama-3.1-8B-sized text model; Full's settings: CFG with a negative, Euler on both sides)
 at 1024², 28 steps, bf16, on one GPU. Both sides share the very same modules in one process;
 "ours" is text encode -> Sampler -> VAE decode run through the Engine (or, if the engine's
 dependencies are missing on the device, the same node functions called in order), "pipeline"
-is ``PixArtSigmaPipeline(...)`` / ``FluxPipeline(...)`` with the same seed's initial noise.
+is ``PixArtSigmaPipeline(...)`` / ``FluxPipeline(...)`` / ... with the same seed's initial noise.
 Reports end-to-end seconds (median of --repeats after a warm-up), the ratio ours/pipeline
 (target <= 1.03), the transformer's TFLOP per step (counted with torch's FlopCounterMode) and
 the achieved TFLOP/s against the 732 TFLOP/s bf16 ceiling measured on this H100, and the
@@ -15,6 +17,7 @@ Needs only torch, transformers and diffusers (plus this repository):
 
     python bench/gpu_parity.py --out $OUT/gpu_parity.json
     python bench/gpu_parity.py --tiny --out /tmp/gpu_parity_smoke.json     # CPU smoke test
+    python bench/gpu_parity.py --models hidream --out $OUT/gpu_parity_hidream.json
 """
 
 from __future__ import annotations
@@ -74,6 +77,28 @@ FULL = {
                      num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1000000.0,
                      rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
     },
+    "hidream": {  # HiDream-I1's released configs (all three variants share them)
+        "transformer": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+                            attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096],
+                            text_emb_dim=2048, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
+                            max_resolution=(128, 128), llama_layers=list(range(32)) + [31] * 16),
+        "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
+                    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                    norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False),
+        "clip_l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       vocab_size=49408, max_position_embeddings=248, projection_dim=768, hidden_act="quick_gelu"),
+        "clip_g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       vocab_size=49408, max_position_embeddings=248, projection_dim=1280, hidden_act="gelu"),
+        "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6),
+        "llama": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+    },
 }
 TINY = {
     "pixart": {
@@ -105,6 +130,22 @@ TINY = {
         "qwen": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
                      rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    },
+    "hidream": {  # 1 double + 1 single block, 4 experts (2 active), Long-CLIP's 248 positions
+        "transformer": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                            attention_head_dim=8, num_attention_heads=2, caption_channels=[32, 32], text_emb_dim=32,
+                            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                            max_resolution=(16, 16), llama_layers=[0, 1]),
+        "vae": dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    sample_size=32, scaling_factor=0.3611, shift_factor=0.1159),
+        "clip_l": dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                       max_position_embeddings=248, projection_dim=16),
+        "clip_g": dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                       max_position_embeddings=248, projection_dim=16),
+        "t5": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=100, relative_attention_num_buckets=8),
+        "llama": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=512),
     },
 }
 
@@ -143,6 +184,61 @@ def qwen_tokenizer():
     return tok
 
 
+LLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def llama_tokenizer():
+    """Llama 3's tokenizer shape: byte-level BPE without merges (one token per byte), its special
+    tokens, BOS prepended, EOS <|eot_id|> (the Instruct model's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for special in LLAMA_SPECIALS:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos = LLAMA_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    tok.add_special_tokens(list(LLAMA_SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
+                                   model_max_length=131072)
+
+
+def build_hidream(cfg: dict) -> dict:
+    """HiDream-I1 parts (call under the target device/dtype defaults): Long-CLIP-L and -G with
+    projections (248 positions), T5, a Llama (its causal-LM class, as the pipeline declares)."""
+    import diffusers
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    def clip(settings: dict) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(**settings, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    specials = {s: 256 + i for i, s in enumerate(LLAMA_SPECIALS)}
+    llama = LlamaConfig(**cfg["llama"], bos_token_id=specials["<|begin_of_text|>"], eos_token_id=specials["<|eot_id|>"])
+    parts = {"transformer": diffusers.HiDreamImageTransformer2DModel(**cfg["transformer"]).eval(),
+             "vae": diffusers.AutoencoderKL(**cfg["vae"]).eval(),
+             "text_encoder": clip(cfg["clip_l"]), "tokenizer": clip_tokenizer(),
+             "text_encoder_2": clip(cfg["clip_g"]), "tokenizer_2": clip_tokenizer(),
+             "text_encoder_3": T5EncoderModel(T5Config(**cfg["t5"], decoder_start_token_id=0, pad_token_id=0,
+                                                       eos_token_id=1)).eval(),
+             "tokenizer_3": t5_tokenizer(),
+             "text_encoder_4": LlamaForCausalLM(llama).eval(), "tokenizer_4": llama_tokenizer()}
+    with torch.device("cpu"):  # HiDream-I1-Full's shift; Euler here (its release samples with UniPC)
+        parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return parts
+
+
 def build_qwen_image(cfg: dict) -> dict:
     """Qwen-Image parts (call under the target device/dtype defaults). The text encoder is a random
     Qwen2.5-VL of the 7B text size with a one-block vision tower (the prompt path never uses it)."""
@@ -177,6 +273,8 @@ def build(family: str, configs: dict, device: torch.device, dtype: torch.dtype) 
         with torch.device(device):
             if family == "qwen-image":
                 return _to(build_qwen_image(cfg), device, dtype)
+            if family == "hidream":
+                return _to(build_hidream(cfg), device, dtype)
             parts = {"vae": diffusers.AutoencoderKL(**cfg["vae"]).eval()}
             t5 = T5EncoderModel(T5Config(**cfg["t5"], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
             if family == "pixart":
@@ -216,6 +314,11 @@ def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float,
         pipe = diffusers.PixArtSigmaPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")})
         kwargs = dict(guidance_scale=cfg, use_resolution_binning=False, clean_caption=False,
                       latents=noise.to(parts["transformer"].device, parts["transformer"].dtype))
+    elif family == "hidream":
+        pipe = diffusers.HiDreamImagePipeline(**{k: v for k, v in parts.items()})
+        pipe.default_sample_size = size // pipe.vae_scale_factor  # its __call__ rescales every size to this area
+        tr = parts["transformer"]
+        kwargs = dict(guidance_scale=cfg, negative_prompt="", latents=noise.to(tr.device, tr.dtype))
     elif family == "qwen-image":
         pipe = diffusers.QwenImagePipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
                                                                      "transformer")})
@@ -325,6 +428,14 @@ def transformer_tflop_per_step(family: str, parts: dict, size: int, guided: bool
                    encoder_hidden_states=torch.randn(b, 300, tr.config.caption_channels, device=dev, dtype=dt),
                    encoder_attention_mask=torch.ones(b, 300, device=dev), timestep=torch.full((b,), 500.0, device=dev),
                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+            elif family == "hidream":  # the pipeline's 128 T5 and 128 Llama tokens (every Llama layer)
+                layers = max(tr.config.llama_layers) + 1
+                t5_dim, llama_dim = tr.config.caption_channels
+                tr(torch.randn(b, tr.config.in_channels, size // 8, size // 8, device=dev, dtype=dt),
+                   timesteps=torch.full((b,), 500.0, device=dev), pooled_embeds=torch.randn(b, tr.config.text_emb_dim, device=dev, dtype=dt),
+                   encoder_hidden_states_t5=torch.randn(b, 128, t5_dim, device=dev, dtype=dt),
+                   encoder_hidden_states_llama3=torch.randn(layers, b, 128, llama_dim, device=dev, dtype=dt),
+                   return_dict=False)
             elif family == "qwen-image":  # a long prompt's worth of text tokens (the template is dropped)
                 n = (size // 16) ** 2
                 tr(torch.randn(b, n, tr.config.in_channels, device=dev, dtype=dt),
@@ -432,10 +543,10 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_parity.json"))
-    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image")
+    parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image, hidream")
     parser.add_argument("--size", type=int, default=None, help="image size (default 1024; --tiny: 32)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 28; --tiny: 2)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -444,7 +555,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test of this script)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.size = args.size or (32 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 28)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

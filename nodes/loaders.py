@@ -36,7 +36,7 @@ DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
 STORAGE_CHOICES = list(weight_storage.STORAGES)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "llama", "minilm"]
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
 
@@ -113,9 +113,12 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "gemma"
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         return "qwen2vl"  # Qwen-Image's text encoder
+    if model_type == "llama":
+        return "llama"  # HiDream's Llama-3.1-8B-Instruct
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL or MiniLM/BERT)")
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, Llama "
+                     "or MiniLM/BERT)")
 
 
 def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,
@@ -135,8 +138,8 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
         cls = transformers.AutoModel
     if slot == "t5" and cls is not transformers.T5EncoderModel and config.get("model_type") == "t5":
         cls = transformers.T5EncoderModel  # full T5 checkpoints: keep only the encoder
-    if slot == "gemma" and hasattr(cls, "model") is False and "ForCausalLM" in getattr(cls, "__name__", ""):
-        cls = transformers.AutoModel
+    if slot in ("gemma", "llama") and "ForCausalLM" in getattr(cls, "__name__", ""):
+        cls = transformers.AutoModel  # hidden states only: the language-model head (1 GB for Llama 3) is not loaded
     _require_safetensors(folder)
     try:
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
@@ -441,8 +444,9 @@ def TextEncoderLoader(
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
 ) -> TextEncoders:
-    """Load one text encoder (CLIP-L/G, T5, Gemma, MiniLM) from a local folder; combine several
-    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5)."""
+    """Load one text encoder (CLIP-L/G, T5, Gemma, Llama, MiniLM) from a local folder; combine several
+    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5, HiDream those three
+    and Llama-3.1-8B-Instruct)."""
     dev, dt = _device_dtype(device, dtype)
     folder = Path(text_encoder)
     if not folder.is_dir():
@@ -456,10 +460,15 @@ def TextEncoderLoader(
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
-def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None) -> TextEncoders:
-    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3)."""
+def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None,
+                        fourth: TEXT_ENCODER = None) -> TextEncoders:
+    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3, and a
+    Llama for HiDream)."""
     merged = first.merged(second)
-    return merged.merged(third) if third is not None else merged
+    for more in (third, fourth):
+        if more is not None:
+            merged = merged.merged(more)
+    return merged
 
 
 @node(category="loaders", outputs={"vae": VAE})

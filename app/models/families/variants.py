@@ -18,6 +18,9 @@ the checkpoint's name:
   "2511" or "plus"; Qwen-Image-Edit: a QwenImageEditPipeline folder or a name with "edit". Both
   sample as Qwen-Image does (50 steps, true CFG 4); the variant picks the text recipe of
   TextEncodeImageEdit's mode "auto" (app/models/families/qwen_image.py).
+- HiDream-I1-Dev / -Fast: named "*dev*" / "*fast*" (the name wins: "*full*" is the base model),
+  else a ``FlowMatchLCMScheduler`` (or the older Euler) scheduler, shift 6 Dev, else Fast; 28 / 16
+  steps of LCM-style sampling over the shifted Euler timesteps, no CFG, shift 6 / 3.
 - Any checkpoint whose ditgraph.json says ``"variant"`` (e.g. the shapes-dit-turbo student).
 
 One entry per variant in :data:`VARIANTS`, keyed by family name (a lookup, not a branch).
@@ -44,6 +47,8 @@ class Variant:
     guidance_distilled: bool = True  # CFG (cfg > 1 with a negative) is wrong for it
     embedded_guidance: float | None = None  # the guidance-embedding value its pipeline uses
     pipelines: tuple[str, ...] = ()  # model_index.json pipeline classes that are this variant
+    shift: float | None = None  # its flow shift, above the scheduler config's (a single file's config
+    # folder may be another variant's)
 
     def defaults(self) -> dict[str, Any]:
         """Sampling defaults in the manifest's ``defaults`` vocabulary."""
@@ -51,6 +56,8 @@ class Variant:
                "guidance_distilled": self.guidance_distilled, "variant": self.name}
         if self.embedded_guidance is not None:
             out["guidance"] = self.embedded_guidance
+        if self.shift is not None:
+            out["shift"] = self.shift
         return out
 
 
@@ -65,6 +72,19 @@ def _scheduler_class(*names: str) -> Callable[[dict, dict, str], bool]:
 def _qwen_edit_plus(config: dict, scheduler: dict, name: str) -> bool:
     return bool(config.get("zero_cond_t")) or (_named("edit")(config, scheduler, name)
                                                and _named("2509", "2511", "plus")(config, scheduler, name))
+
+
+def _hidream(kind: str) -> Callable[[dict, dict, str], bool]:
+    """HiDream-I1 Dev/Fast: by name first (full, dev or fast), else by the distilled scheduler's shift."""
+    def matches(_config: dict, scheduler: dict, name: str) -> bool:
+        named = [k for k in ("full", "dev", "fast") if k in Path(name).name.lower()]
+        if named:
+            return named[0] == kind
+        if scheduler.get("_class_name") not in ("FlowMatchLCMScheduler", "FlowMatchEulerDiscreteScheduler"):
+            return False  # Full ships a flow UniPC scheduler
+        return kind == ("dev" if float(scheduler.get("shift") or 1.0) >= 5.0 else "fast")
+
+    return matches
 
 
 VARIANTS: dict[str, tuple[Variant, ...]] = {
@@ -82,6 +102,8 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
         Variant("qwen-image-edit", _named("edit"), steps=50, cfg=4.0, guidance_distilled=False,
                 pipelines=("QwenImageEditPipeline", "QwenImageEditInpaintPipeline")),
     ),
+    "hidream": (Variant("hidream-dev", _hidream("dev"), steps=28, sampler="lcm", scheduler="turbo", shift=6.0),
+                Variant("hidream-fast", _hidream("fast"), steps=16, sampler="lcm", scheduler="turbo", shift=3.0)),
     "sana": (Variant("sana-sprint", lambda c, s, n: bool(c.get("guidance_embeds")) or _scheduler_class("SCMScheduler")(c, s, n),
                      steps=2, sampler="lcm", scheduler="trigflow", embedded_guidance=4.5),),
 }
@@ -105,7 +127,7 @@ def detect_variant(family: str, config: dict, scheduler_config: dict, name: str 
 
 def _manifest_settings(manifest: dict) -> dict:
     defaults = manifest.get("defaults") or {}
-    keys = ("steps", "cfg", "sampler", "scheduler", "guidance_distilled", "embedded_guidance")
+    keys = ("steps", "cfg", "sampler", "scheduler", "guidance_distilled", "embedded_guidance", "shift")
     return {k: defaults[k] for k in keys if k in defaults}
 
 
