@@ -267,4 +267,10 @@ TABLE: dict[str, NodeMap] = {
                                  passthrough={0: "images"}),
     "ImageFromBatch": NodeMap("ImageFromBatch", ("image",), {"batch_index": "index"}, widgets=("batch_index", "length")),
     "ModelAttentionBackend": NodeMap("AttentionBackend", ("model",), widgets=("attention",), expand=d.attention_backend),
+    # Qwen-Image-Edit: one TextEncodeImageEdit (nodes/text.py) whose mode is the ComfyUI type's
+    "TextEncodeQwenImageEdit": NodeMap("TextEncodeImageEdit", ("conditioning",), {"clip": "text_encoder", "prompt": "text"},
+                                       widgets=("prompt",), fixup=d.constant_inputs(mode="edit")),
+    "TextEncodeQwenImageEditPlus": NodeMap("TextEncodeImageEdit", ("conditioning",),
+                                           {"clip": "text_encoder", "prompt": "text", "image1": "image"},
+                                           widgets=("prompt",), fixup=d.constant_inputs(mode="edit-plus")),
 }
