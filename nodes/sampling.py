@@ -11,16 +11,43 @@ from typing import Annotated
 
 import torch
 
+from app.core import paths
 from app.core import vocabulary as vocab
 from app.core.registry import Link, node
 from app.core.types import CONDITIONING, FLOAT, INT, LATENT, MODEL, SIGMAS, STRING, Spec
+from app.core.workflow import Connection, Workflow
+from app.models.families.variants import guidance_warning
 from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample, sampling_defaults
 from app.models.sampling import guidance as cfg_patches
+from app.models.sampling.defaults import checkpoint_variant
 
 
-@node(category="sampling", outputs={"latent": LATENT})
+def distilled_cfg_check(node_id: str, workflow: Workflow) -> list[tuple[str, str | None]]:
+    """Validation warning: real CFG (cfg > 1 with a negative) on a guidance-distilled checkpoint
+    (Flux-schnell/dev, SD3.5-turbo, Sana-Sprint, shapes-dit-turbo ...), read from the configs
+    of the checkpoint folder the MODEL comes from (through LoRA, compile, ... nodes)."""
+    inputs = workflow.nodes[node_id].inputs
+    cfg = inputs.get("cfg", 4.0)
+    if not isinstance(inputs.get("negative"), Connection) or not isinstance(cfg, (int, float)) or cfg <= 1.0:
+        return []
+    link, seen = inputs.get("model"), set()
+    while isinstance(link, Connection) and link.node not in seen and link.node in workflow.nodes:
+        seen.add(link.node)
+        source = workflow.nodes[link.node].inputs
+        if isinstance(source.get("checkpoint"), str):
+            try:
+                folder = paths.resolve("checkpoints", source["checkpoint"])
+            except paths.PathRefused:
+                return []  # the loader's own input reports it
+            message = guidance_warning(checkpoint_variant(folder), float(cfg), True)
+            return [(message, "cfg")] if message else []
+        link = source.get("model")
+    return []
+
+
+@node(category="sampling", outputs={"latent": LATENT}, check=distilled_cfg_check)
 def Sampler(
     model: MODEL,
     positive: CONDITIONING,
@@ -58,7 +85,7 @@ def Scheduler(
     return compute_sigmas(model, scheduler, steps, shift, (height // factor, width // factor), denoise)
 
 
-@node(category="sampling", outputs={"latent": LATENT})
+@node(category="sampling", outputs={"latent": LATENT}, check=distilled_cfg_check)
 def SamplerCustom(
     model: MODEL,
     positive: CONDITIONING,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,3 +180,37 @@ def test_cfg_norm_and_fresca_adjust_how_cfg_combines(model):
     runs = [sample(m, latent, cond(2), cond(3), sigmas, 0, 4.0, "cfg", "euler", progress=_quiet).samples
             for m in (model, CFGNorm(model, 0.5, False))]
     assert not torch.allclose(*runs)
+
+
+def _turbo_graph(cfg: float, negative: bool, graph: str = "shapes-turbo.json") :
+    from app.core import workflow as wf
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "graphs" / graph).read_text())
+    sampler = doc["nodes"]["5"]["inputs"]
+    sampler["cfg"] = cfg
+    if negative:
+        doc["nodes"]["neg"] = {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["1", "text_encoder"]}, "text": ""}}
+        sampler["negative"] = {"from": ["neg", "conditioning"]}
+    return wf.loads(json.dumps(doc))
+
+
+@pytest.mark.parametrize("cfg,negative,graph,warned", [
+    (4.0, True, "shapes-turbo.json", True),     # CFG on the distilled student: warned, on its cfg input
+    (1.0, True, "shapes-turbo.json", False),    # no CFG
+    (4.0, False, "shapes-turbo.json", False),   # no negative: cfg is ignored
+    (4.0, True, "shapes-txt2img.json", False),  # the base model takes CFG
+])
+def test_validation_warns_of_cfg_on_a_guidance_distilled_checkpoint(cfg, negative, graph, warned):
+    """The Sampler reads the variant from the checkpoint folder's configs at validation time,
+    before anything loads, and warns (it does not refuse: a user may want it)."""
+    from app.core.registry import default_registry
+    from app.core.validation import validate
+
+    problems = [p for p in validate(_turbo_graph(cfg, negative, graph), default_registry()) if p.kind == "check"]
+    if not warned:
+        assert problems == []
+        return
+    assert len(problems) == 1
+    problem = problems[0]
+    assert (problem.node, problem.input, problem.severity) == ("5", "cfg", "warning")
+    assert "shapes-dit-turbo" in problem.message and "guidance-distilled" in problem.message
