@@ -10,7 +10,8 @@ dependencies are missing on the device, the same node functions called in order)
 is ``PixArtSigmaPipeline(...)`` / ``FluxPipeline(...)`` / ... with the same seed's initial noise.
 Reports end-to-end seconds (median of --repeats after a warm-up), the ratio ours/pipeline
 (target <= 1.03), the transformer's TFLOP per step (counted with torch's FlopCounterMode) and
-the achieved TFLOP/s against the 732 TFLOP/s bf16 ceiling measured on this H100, and the
+the achieved TFLOP/s against the bf16 matmul ceiling measured on the same GPU in the same run
+(bench.gpu_speed.matmul_tflops, 8192³; until 2026-12-02 a 732 TFLOP/s H100 constant), and the
 relative L2 between the two decoded images.
 
 Video rows (``--models wan,ltx``): Wan 2.1 T2V 1.3B-size (WanTransformer3DModel, 30 layers of
@@ -34,6 +35,7 @@ Needs only torch, transformers and diffusers (plus this repository):
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -48,7 +50,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CEILING_TFLOPS = 732.0  # bf16 dense matmul ceiling measured on this workplace's H100 (REFERENCE.md)
+
+
+@functools.cache
+def ceiling_tflops(device: torch.device) -> float:
+    """The bf16 matmul ceiling of ``device``, measured once per run (never a constant from another card)."""
+    from bench.gpu_speed import matmul_tflops
+
+    return matmul_tflops(device, tiny=device.type != "cuda")
 PROMPT = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
 WORDS = PROMPT.replace(",", "").split() + ["a", "the", "of", "in", "on"]
 
@@ -649,8 +658,8 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
         valid = [s for s in sample_s if s]
         if valid:
             result["tflops_sampling_ours"] = round(total / statistics.median(valid), 1)
-            result["fraction_of_ceiling_sampling"] = round(total / statistics.median(valid) / CEILING_TFLOPS, 3)
-        result["ceiling_tflops"] = CEILING_TFLOPS
+            result["fraction_of_ceiling_sampling"] = round(total / statistics.median(valid) / ceiling_tflops(device), 3)
+        result["ceiling_tflops"] = round(ceiling_tflops(device), 1)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     del parts, run_pipe, run_ours
