@@ -112,9 +112,30 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "gemma"
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         return "qwen2vl"  # Qwen-Image's text encoder
+    if model_type == "mistral3":
+        return "mistral3"  # Flux.2 [dev]'s (Mistral-Small-3.1)
+    if model_type == "qwen3":
+        return "qwen3"  # Flux.2 [klein]'s
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL or MiniLM/BERT)")
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, "
+                     "Mistral-3, Qwen3 or MiniLM/BERT)")
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _load_tokenizer(folder: Path, slot: str) -> Any:
+    """The tokenizer of ``folder``; Flux.2's Mistral ships a PixtralProcessor whose files may hold
+    the chat template the text recipe applies, so that slot loads the processor when there is one."""
+    import transformers
+
+    if slot == "mistral3" and any((folder / name).is_file() for name in PROCESSOR_FILES):
+        try:
+            return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        except Exception:  # the plain tokenizer still encodes text when its files carry the template
+            pass
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,
@@ -143,7 +164,7 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
         raise LoadFailed(f"{folder}: could not load text encoder {cls.__name__}: {type(exc).__name__}: {exc}") from None
     tok_dir = tokenizer_folder or folder
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = _load_tokenizer(tok_dir, slot)
     except Exception as exc:
         raise LoadFailed(f"{tok_dir}: no usable tokenizer files ({type(exc).__name__}: {exc})") from None
     if slot == "gemma":

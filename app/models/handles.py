@@ -342,11 +342,13 @@ class ModelHandle(Resident):
         pooled = None if getattr(cond, "pooled", None) is None else cond.pooled.to(self.device, self.dtype)
         return embeds, pooled, mask
 
-    def cached(self, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A small derived tensor (position ids) built once per key, device and dtype."""
-        full = (key, self.device, self.dtype)
+    def cached(self, key: Any, build: Callable[[], torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small derived tensor (position ids) built once per key, device and dtype (default:
+        the handle's)."""
+        dtype = dtype or self.dtype
+        full = (key, self.device, dtype)
         if full not in self._cache:
-            self._cache[full] = build().to(self.device, self.dtype)
+            self._cache[full] = build().to(self.device, dtype)
         return self._cache[full]
 
     def timesteps_for(self, sigma_host: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,11 @@ class Family:
     def denormalise_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         return z / _config_float(vae, "scaling_factor", 1.0) + _config_float(vae, "shift_factor", 0.0)
 
+    def vae_patch(self, vae: Any) -> int:
+        """Side of the VAE-latent patches :meth:`normalise_latents` folds into channels (Flux.2: 2):
+        normalised latents have p*p times the VAE's channels at 1/p of its resolution."""
+        return 1
+
     def decode_kwargs(self, vae: torch.nn.Module, z: torch.Tensor) -> dict:
         """Extra arguments of ``vae.decode`` (LTX's timestep-conditioned decoder)."""
         return {}
@@ -139,6 +144,14 @@ class Family:
     def pick_transformer(self, handle: Any, sigma_host: torch.Tensor) -> torch.nn.Module:
         """Which transformer evaluates this call (Wan 2.2: a high- and a low-noise expert)."""
         return handle.transformer
+
+    # -- schedule --------------------------------------------------------------------------------
+    def dynamic_shift_mu(self, image_seq_len: int, steps: int, scheduler_config: dict) -> float:
+        """mu of the "dynamic" schedule (exponential time shift): Flux.1/SD3.5's linear rule in the
+        token count, with the scheduler config's base/max shift and sequence lengths."""
+        from app.models.families import dynamic_mu
+
+        return dynamic_mu(image_seq_len, scheduler_config)
 
     # -- model call ------------------------------------------------------------------------------
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

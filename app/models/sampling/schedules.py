@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from app.models import families
 from app.models.handles import ModelHandle
 from app.models.sampling.defaults import sampling_defaults
 
@@ -80,8 +79,9 @@ def dynamic(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -
     t = _ramp(n)
     if shift and shift > 0:  # an explicit shift overrides the resolution rule
         return _shift(t, shift)
-    dims = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
-    mu = families.dynamic_mu(model.image_seq_len(*dims), model.scheduler_config)
+    factor = model.info.vae_factor
+    dims = latent_hw or (model.defaults.get("height", 1024) // factor, model.defaults.get("width", 1024) // factor)
+    mu = model.info.dynamic_shift_mu(model.image_seq_len(*dims), n, model.scheduler_config)
     return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1)), torch.zeros_like(t))
 
 
