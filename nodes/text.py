@@ -151,10 +151,19 @@ def FluxGuidance(
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})
 def ReferenceLatent(conditioning: CONDITIONING, latent: LATENT) -> Conditioning:
-    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext)."""
-    if conditioning.family and not families.get(conditioning.family).reference_latents:
-        raise ValueError(f"{conditioning.family} models take no reference image (Flux.1 Kontext does)")
-    return conditioning.with_extras(reference_latent=latent.samples)
+    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext, Flux.2);
+    chained ReferenceLatent nodes add more images where the model takes several (Flux.2)."""
+    limit = int(families.get(conditioning.family).reference_latents) if conditioning.family else None
+    if limit == 0:
+        raise ValueError(f"{conditioning.family} models take no reference image (Flux.1 Kontext and Flux.2 do)")
+    previous = conditioning.extras.get("reference_latent")
+    if previous is None:
+        return conditioning.with_extras(reference_latent=latent.samples)
+    images = (*previous, latent.samples) if isinstance(previous, tuple) else (previous, latent.samples)
+    if limit is not None and len(images) > limit:
+        raise ValueError(f"{conditioning.family} models take at most {limit} reference image(s); "
+                         f"this is reference {len(images)}")
+    return conditioning.with_extras(reference_latent=images)
 
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})

@@ -393,9 +393,22 @@ def batchable(conds: Sequence[Any]) -> bool:
             return False
         if (c.pooled is None) != (first.pooled is None) or (c.mask is None) != (first.mask is None):
             return False
-        if (c.extras or {}) != (first.extras or {}):
+        if not _same_value(c.extras or {}, first.extras or {}):
             return False
     return True
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality for conditioning extras that may hold tensors (reference latents) or tuples of them."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def cat_conds(conds: Sequence[Any]) -> Any:

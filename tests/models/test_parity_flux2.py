@@ -89,3 +89,67 @@ def test_shipped_graph_names_its_model_when_absent(name, tmp_path, monkeypatch):
     checkpoint = document["nodes"]["1"]["inputs"]["checkpoint"]
     assert problems and any(checkpoint in str(p) for p in problems), problems
     assert document["meta"]["requires"] == [f"checkpoints/{checkpoint}"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flux2_reference_images_match_pipeline(family, models_root, tmp_path, monkeypatch):
+    """Multi-reference editing: LoadImage -> VAEEncode -> ReferenceLatent (chained, two images, on
+    both prompts for klein's CFG) vs the pipeline given the same two images (64 px, its minimum)."""
+    import diffusers
+    from PIL import Image
+
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    pixels = torch.Generator().manual_seed(3)
+    pictures = []
+    for i, size in enumerate((64, 96)):
+        picture = Image.fromarray((torch.rand(size, 64, 3, generator=pixels) * 255).byte().numpy())
+        picture.save(inputs / f"ref{i}.png")
+        pictures.append(picture)
+    monkeypatch.setitem(paths._overrides, "models", models_root)
+    monkeypatch.setitem(paths._overrides, "inputs", inputs)
+    document = graph(family)
+    nodes = document["nodes"]
+    sides = ["pos"] + (["neg"] if "neg" in nodes else [])
+    for side in sides:
+        source = [side, "conditioning"]
+        for i in range(2):
+            nodes[f"load{i}"] = {"type": "LoadImage", "inputs": {"image": f"ref{i}.png"}}
+            nodes[f"encode{i}"] = {"type": "VAEEncode", "inputs": {"vae": {"from": ["ckpt", "vae"]},
+                                                                  "image": {"from": [f"load{i}", "image"]}}}
+            nodes[f"{side}_ref{i}"] = {"type": "ReferenceLatent", "inputs": {"conditioning": {"from": source},
+                                                                            "latent": {"from": [f"encode{i}", "latent"]}}}
+            source = [f"{side}_ref{i}", "conditioning"]
+        nodes["sample"]["inputs"]["positive" if side == "pos" else "negative"] = {"from": source}
+    engine = Engine(device="cpu", output_dir=tmp_path / "out")
+    result = engine.run(document, targets=["decode", "empty"]).raise_for_status()
+    noise = make_noise(tuple(result.output("empty").samples.shape), SEED)
+    folder = models_root / "checkpoints" / f"tiny-{family}"
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = pipe(prompt=PROMPT, image=pictures, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                         guidance_scale=CFG, latents=noise, output_type="pt").images
+    reference = reference.permute(0, 2, 3, 1).float()
+    error = rel_l2(result.output("decode"), reference)
+    print(f"{family} with two reference images: relative L2 vs {PIPELINES[family]} = {error:.2e}")
+    assert math.isfinite(error) and error <= 1e-4, f"{family}: relative L2 {error:.3e}"
+    plain, _ = run_pipeline(family, folder, noise)
+    assert rel_l2(plain, reference) > 1e-3  # the references change the image
+
+
+def test_reference_latent_counts_follow_the_family():
+    """Flux.2 takes several reference images, Flux.1 Kontext one, other families none."""
+    import sys
+
+    default_registry()
+    text = sys.modules["nodes.text"]
+    latent = type("L", (), {"samples": torch.zeros(1, 16, 2, 2)})()
+    cond = text.Conditioning(torch.zeros(1, 3, 48), family="flux2")
+    twice = text.ReferenceLatent(text.ReferenceLatent(cond, latent), latent)
+    assert len(twice.extras["reference_latent"]) == 2 and cond.extras == {}
+    once = text.ReferenceLatent(text.Conditioning(torch.zeros(1, 3, 32), family="flux"), latent)
+    with pytest.raises(ValueError, match="at most 1 reference"):
+        text.ReferenceLatent(once, latent)
+    with pytest.raises(ValueError, match="take no reference image"):
+        text.ReferenceLatent(text.Conditioning(torch.zeros(1, 3, 32), family="sd3"), latent)

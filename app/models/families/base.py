@@ -57,7 +57,7 @@ class Family:
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
-    reference_latents: ClassVar[bool] = False  # Flux Kontext: an input image's latents as extra tokens
+    reference_latents: ClassVar[int] = 0  # how many input images' latents it takes as extra tokens (Kontext 1)
     joint_attention: ClassVar[bool] = False
     cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it  # SD3-type joint text+image blocks (condition tokens attach there)
     # -- detection -------------------------------------------------------------------------------

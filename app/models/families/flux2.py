@@ -36,7 +36,7 @@ class Flux2(Family):
     default_steps = 50  # Flux2Pipeline.__call__ defaults
     default_cfg = 1.0  # guidance-distilled: the guidance is embedded
     distilled_guidance = 4.0
-    reference_latents = True
+    reference_latents = 10  # multi-reference editing (BFL: up to 10 images)
     # the single-stream blocks run on the concatenated text+image sequence (as Chroma's): the
     # residual-reusing methods' whole-stack bookkeeping assumes one shape throughout
     cache_refused = ("fbc", "teacache", "magcache", "easycache", "taylorseer", "cgtaylor", "fora")
