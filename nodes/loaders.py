@@ -305,7 +305,8 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
         raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
     cls = getattr(diffusers, class_name)
     subfolder = "transformer" if transformer_cfg_dir != config_dir else None
-    model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage)
+    model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage,
+                          families.get(family))
     model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
     handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
     encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, family, dtype, device)
@@ -313,7 +314,7 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
 
 
 def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: str | None, keys: list[str],
-                  raw: dict, scales: dict, dtype: torch.dtype, storage: str) -> torch.nn.Module:
+                  raw: dict, scales: dict, dtype: torch.dtype, storage: str, fam: families.Family) -> torch.nn.Module:
     """The transformer from a single file's tensors: directly when its keys are diffusers' (fp8
     weights kept when ``storage`` is auto), else through diffusers' single-file conversion."""
     if file.suffix == ".gguf":
@@ -342,7 +343,8 @@ def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: st
             weight_storage.keep_fp8(model, {_strip(k): v for k, v in scales.items()}, dtype)
         return model
     try:  # original (BFL/SAI) key layouts: diffusers converts them, scales applied first
-        return cls.from_single_file(weight_storage.dequantized(raw, scales, dtype), config=str(config_dir),
+        tensors = fam.converter_tensors(weight_storage.dequantized(raw, scales, dtype))
+        return cls.from_single_file(tensors, config=str(config_dir),
                                     subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except Exception as exc:
         missing = sorted(wanted - set(stripped))[:5]

@@ -80,6 +80,11 @@ class Family:
         """Whether single-file tensor names (newline-joined) look like this family."""
         return False
 
+    def converter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A single file's tensors as diffusers' single-file converter for this family expects them
+        (e.g. without a ComfyUI prefix the converter does not strip)."""
+        return tensors
+
     def accepts_state_dict_of(self, guessed: str) -> bool:
         """Whether weights guessed as ``guessed`` may load into this family's transformer."""
         return guessed in (self.name, *self.state_dict_aliases)

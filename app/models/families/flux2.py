@@ -20,6 +20,7 @@ import torch
 
 from app.models.families.base import Family, call_default, convert_lora_with
 
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 REFERENCE_SCALE = 10  # Flux2Pipeline._prepare_image_ids: the i-th reference image has t = 10 + 10 i
 
 
@@ -45,6 +46,17 @@ class Flux2(Family):
     def matches_state_dict(self, joined_keys: str) -> bool:
         # original (BFL), ComfyUI and diffusers checkpoints all name the shared modulations so
         return "single_stream_modulation." in joined_keys or "double_stream_modulation_img." in joined_keys
+
+    def converter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' Flux.2 converter reads bare BFL names: strip ComfyUI's ``model.diffusion_model.``."""
+        out = {}
+        for key, value in tensors.items():
+            for prefix in COMFY_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    break
+            out[key] = value
+        return out
 
     # -- latent layout ---------------------------------------------------------------------------
     def vae_patch(self, vae: Any) -> int:
