@@ -33,12 +33,16 @@ NAMES = {
     "wan-animate": "Wan Animate", "wan-tracks": "Wan ATI/Move (motion tracks)", "wan-scail": "Wan SCAIL",
     "wan-dancer": "Wan Dancer", "wan-ar": "Wan causal-forcing (autoregressive)", "bernini": "Bernini-R",
     "llm": "text generation (an LLM, not a diffusion model)",
+    # Flux.2 and the models that share its VAE and latents (EmptyFlux2LatentImage) but not its transformer
+    "flux2-klein": "Flux.2 [klein]", "flux2-kv": "Flux.2 [klein] KV (cached reference-image attention)",
+    "flux3": "Flux.3", "ernie-image": "ERNIE-Image", "ideogram4": "Ideogram 4", "moss-image": "MOSS-Image",
 }
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("kontext", "flux-kontext"), ("flux1-fill", "flux-fill"), ("fill-dev", "flux-fill"), ("flux1-canny", "flux-canny"),
     ("flux1-depth-dev.", "flux-depth"), ("flux1-depth-dev-f", "flux-depth"), ("redux", "flux-redux"),
-    ("flux2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux3", "flux2"), ("chroma", "chroma"),
+    ("flux2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux3", "flux3"), ("ernie-image", "ernie-image"),
+    ("ideogram", "ideogram4"), ("moss_image", "moss-image"), ("chroma", "chroma"),
     ("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("pixart", "pixart"), ("sana", "sana"),
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
@@ -72,19 +76,21 @@ NODE_TYPES = {
     "CLIPTextEncodeSDXL": "sdxl", "CLIPTextEncodeSDXLRefiner": "sdxl", "EmptyMochiLatentVideo": "mochi",
     "StableCascade_EmptyLatentImage": "stable-cascade", "InstructPixToPixConditioning": "flux-depth",
     "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "ReferenceLatent": "flux-kontext",
-    "FluxKontextMultiReferenceLatentMethod": "flux-kontext", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
+    "FluxKontextMultiReferenceLatentMethod": "flux-kontext", "FluxKVCache": "flux2-kv", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
 }
 CLIP_TYPES = {
     "sd3": "sd3", "flux": "flux", "pixart": "pixart", "chroma": "chroma", "hidream": "hidream", "qwen_image": "qwen-image",
     "wan": "wan", "ltxv": "ltx", "cosmos": "cosmos", "hunyuan_video": "hunyuan-video", "mochi": "mochi", "sdxl": "sdxl",
     "stable_cascade": "stable-cascade", "omnigen2": "omnigen2", "ace": "ace-step", "stable_audio": "stable-audio",
     "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2", "stable_diffusion": "sd1",
+    "flux3": "flux3", "ideogram4": "ideogram4", "moss_image": "moss-image",
 }
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
 # node types used by many families: they refine a family found otherwise, never name one alone
 # (an LLM node names "llm" alone only in a workflow without a diffusion sampler)
 REFINE_ONLY = {"clip-vision"}
 SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
+KONTEXT = "flux-kontext"  # what ReferenceLatent names on Flux.1 (and on models that take no reference images)
 
 
 def name_of(family: str) -> str:
@@ -94,6 +100,11 @@ def name_of(family: str) -> str:
 def _file_family(filename: str, patterns: tuple[tuple[str, str], ...] = MODEL_FILES) -> str | None:
     lowered = filename.lower().replace("\\", "/").rsplit("/", 1)[-1]
     return next((key for pattern, key in patterns if pattern in lowered), None)
+
+
+def file_family(filename: str) -> str | None:
+    """The family a model file's name says (None: it says nothing)."""
+    return _file_family(filename)
 
 
 def detect(api: dict[str, dict]) -> dict[str, str]:
@@ -122,8 +133,14 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
         del nodes["llm"]  # an LLM that writes the prompt of a diffusion workflow
     if not files and set(nodes) <= REFINE_ONLY:
         nodes = {}
+    if KONTEXT in nodes and any(_takes_references(f) for f in {*files, *nodes} - {"flux", KONTEXT}):
+        del nodes[KONTEXT]  # ReferenceLatent on a model that takes reference images itself (Flux.2): its editing
     nodes = dict(sorted(nodes.items(), key=lambda item: item[0] in REFINE_ONLY))  # the specific variant first
     return {**files, **nodes} or clip
+
+
+def _takes_references(name: str) -> bool:
+    return name in FAMILIES and bool(FAMILIES[name].reference_latents)
 
 
 def runnable(name: str) -> bool:

@@ -229,4 +229,12 @@ TABLE: dict[str, NodeMap] = {
                                 note="dissolved: ditgraph's DiT text encoders use their family's own layer"),
     "ImageScaleBy": NodeMap("ImageScaleBy", ("image",), {"upscale_method": "method"}, widgets=("upscale_method", "scale_by"),
                             values={"method": UPSCALE}),
+    # Flux.2 [dev] / [klein]: their latents are EmptyLatent's for the model (128 channels at 1/16),
+    # their schedule the scheduler 'auto' (Flux.2's empirical shift for steps and size)
+    "EmptyFlux2LatentImage": NodeMap("EmptyLatent", ("latent",), widgets=("width", "height", "batch_size"),
+                                     fixup=d.wire_empty_latent),
+    "Flux2Scheduler": NodeMap("Scheduler", ("sigmas",), widgets=("steps", "width", "height"),
+                              fixup=d.wire_scheduler_model),
+    "ReferenceLatent": NodeMap("ReferenceLatent", ("conditioning",),
+                               note="chained ReferenceLatent nodes give the model several reference images"),
 }
