@@ -239,7 +239,7 @@ class ModelHandle(Resident):
     @property
     def sigma_max(self) -> float:
         """The largest flow sigma the model was trained on (1 for flow models)."""
-        if self.info.prediction == "eps":
+        if self.info.discrete_time:
             ve = float(self.sigma_table()[-1])
             return ve / (1 + ve)
         return 1.0

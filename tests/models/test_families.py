@@ -48,7 +48,7 @@ def test_family_facts_name_real_diffusers_classes(name):
     if fam.pipeline_class:  # the text components the encoder builds the pipeline with exist there
         params = inspect.signature(getattr(diffusers, fam.pipeline_class).__init__).parameters
         assert set(fam.pipeline_text_slots.values()) <= set(params)
-    assert fam.prediction in ("flow", "flow_reversed", "eps")
+    assert fam.prediction in ("flow", "flow_reversed", "eps", "v")
     assert fam.vae_factor >= 1 and fam.temporal_factor >= 1 and fam.latent_channels >= 1
 
 
@@ -99,6 +99,7 @@ def test_unknown_folders_and_classes_are_reported(tmp_path):
     (["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight",
       "single_stream_modulation.lin.weight"], "flux2-klein"),
     (["single_stream_modulation.linear.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"], "flux2"),
+    (["blocks.0.attn1.Wqkv.weight", "text_embedding_padding", "mlp_t5.fc1.weight"], "hunyuan-dit"),  # original
     (["some.unknown.weight"], None),
 ])
 def test_state_dict_detection(keys, expected):
@@ -116,7 +117,7 @@ def test_shapes_dit_accepts_sd3_named_weights_but_not_flux():
     ({"t5"}, "pixart"), ({"minilm"}, "shapes-dit"), ({"gemma"}, None),  # Gemma: Sana or Lumina 2
     ({"umt5"}, "wan"),  # LTX's lone T5 is never guessed (PixArt's too): it comes from the checkpoint
     ({"qwen2vl"}, "qwen-image"),  # Chroma's T5 and AuraFlow's UMT5 are never guessed either
-    ({"mistral3"}, "flux2"), ({"qwen3"}, "flux2-klein"),
+    ({"mistral3"}, "flux2"), ({"qwen3"}, "flux2-klein"), ({"bert", "t5"}, "hunyuan-dit"),
 ])
 def test_text_encoder_slots_guess_the_family(slots, expected):
     encoders = TextEncoders({s: (None, None) for s in slots})

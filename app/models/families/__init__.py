@@ -11,7 +11,7 @@ Adding a family
 ---------------
 1. Create ``app/models/families/<name>.py`` with a ``Family`` subclass:
    - facts: ``name``, ``transformer_class``, ``pipeline_class`` (+ ``pipeline_aliases``),
-     ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps"), ``latent_channels``,
+     ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps" | "v"), ``latent_channels``,
      ``vae_factor``, ``pack``; video families set ``video = True``, ``temporal_factor``,
      ``default_frames``/``default_fps`` (latents become (B, C, F, H, W)); ``text_slots`` and
      ``pipeline_text_slots`` (slot -> pipeline component), defaults (``default_steps``,

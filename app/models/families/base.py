@@ -11,6 +11,7 @@ x_s = (1 - s) x0 + s noise, velocity v = noise - x0:
   "flow_reversed" Lumina 2: timestep 1 - s, predicts x0 - noise (= -v)
   "eps"           PixArt: a discrete-time epsilon model (VP); s is mapped to the VE sigma
                   s/(1-s), then to its (fractional) training timestep.
+  "v"             HunyuanDiT: the same discrete-time VP model predicting v = alpha eps - sigma x0.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Family:
     pipeline_aliases: ClassVar[tuple[str, ...]] = ()  # other pipeline class names detected as this family
     vae_class: ClassVar[str] = "AutoencoderKL"
     # -- latent layout -------------------------------------------------------------------------
-    prediction: ClassVar[str] = "flow"  # "flow" | "flow_reversed" | "eps"
+    prediction: ClassVar[str] = "flow"  # "flow" | "flow_reversed" | "eps" | "v"
     latent_channels: ClassVar[int] = 16
     vae_factor: ClassVar[int] = 8  # VAE spatial downsampling
     temporal_factor: ClassVar[int] = 1  # VAE temporal downsampling (video families; 1 = images)
@@ -66,6 +67,11 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name})"
+
+    @property
+    def discrete_time(self) -> bool:
+        """A discrete-time VP model (eps or v prediction): training timesteps, a top sigma below 1."""
+        return self.prediction in ("eps", "v")
 
     # -- detection -------------------------------------------------------------------------------
     def matches_config(self, config: dict) -> bool:
@@ -160,8 +166,8 @@ class Family:
 
     # -- model call ------------------------------------------------------------------------------
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Engine latents -> the transformer's input space (eps: VE sample, scaled)."""
-        if self.prediction != "eps":
+        """Engine latents -> the transformer's input space (eps/v: VE sample, scaled)."""
+        if not self.discrete_time:
             return x
         shape = (-1,) + (1,) * (x.dim() - 1)
         ve = (sigma / (1 - sigma).clamp(min=1e-12)).view(shape)
@@ -170,7 +176,7 @@ class Family:
 
     def timestep(self, handle: Any, sigma: torch.Tensor, sigma_host: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input for engine sigmas (flow default: s * 1000)."""
-        if self.prediction == "eps":
+        if self.discrete_time:
             return handle.timesteps_for(sigma_host)
         return sigma * 1000
 
@@ -191,9 +197,12 @@ class Family:
             return out
         if self.prediction == "flow_reversed":
             return -out
-        # eps: x0 = x_ve - ve * eps; v = eps - x0
         s = sigma.view((-1,) + (1,) * (x.dim() - 1))
         ve = s / (1 - s).clamp(min=1e-12)
+        if self.prediction == "v":  # VP sample c x_ve (c = 1/sqrt(ve² + 1)): x0 = c² x_ve - ve c v, eps = ve c² x_ve + c v
+            x_ve, c2 = x / (1 - s).clamp(min=1e-12), 1 / (ve**2 + 1)
+            return (ve * c2 * x_ve + c2.sqrt() * out) - (c2 * x_ve - ve * c2.sqrt() * out)
+        # eps: x0 = x_ve - ve * eps; v = eps - x0
         x0 = x / (1 - s).clamp(min=1e-12) - ve * out
         return out - x0
 
