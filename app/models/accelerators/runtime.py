@@ -3,7 +3,7 @@ the MODEL patch and the run listeners.
 
 The transformer's block stack (SD3/shapes-dit ``transformer_blocks``; Flux
 ``transformer_blocks`` + ``single_transformer_blocks``; PixArt and Sana ``transformer_blocks``;
-Lumina 2 ``layers``) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``),
+Lumina 2 ``layers``; HunyuanDiT and Wan ``blocks``) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``),
 installed in ``begin_run`` and removed in ``end_run``. A block's *streams* are its image tokens
 and, for joint blocks that return ``(encoder_hidden_states, hidden_states)``, its text tokens.
 Before block 0 runs, the method *plans* the call: compute everything, or skip a contiguous range
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOOK_PREFIX = "ditgraph_cache"
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "blocks")
 IDENTITY_POLY = [1.0, 0.0]
 
 
