@@ -1,7 +1,8 @@
 """ComfyUI Flux.2 workflows: a [klein] image-edit workflow as the official templates build it
 (UNET/CLIP/VAE loaders, EmptyFlux2LatentImage, Flux2Scheduler, ReferenceLatent on both prompts,
 CFGGuider, SamplerCustomAdvanced) imports, round-trips, and runs to diffusers' Flux2KleinPipeline's
-image; models that share Flux.2's latents but not its transformer are refused by name."""
+image; models that share Flux.2's latents but not its transformer are refused by name. And the
+HunyuanDiT text node, with ComfyUI's all-in-one HunyuanDiT file refused."""
 
 from __future__ import annotations
 
@@ -119,4 +120,24 @@ def test_klein_kv_cache_workflow_is_refused_by_name():
     api["20"] = {"class_type": "FluxKVCache", "inputs": {"model": ["1", 0]}}
     api["10"]["inputs"]["model"] = ["20", 0]
     with pytest.raises(ComfyImportError, match=r"^Flux.2 \[klein\] KV"):
+        convert(api, make_registry())
+
+
+def test_hunyuan_dit_text_node_imports_and_the_all_in_one_file_is_refused():
+    """HunyuanDiT from its diffusers folder: CLIPTextEncodeHunyuanDiT is one TextEncode (the mT5
+    prompt, noted when BERT's differs); ComfyUI's all-in-one file cannot be loaded and is refused."""
+    api = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "HunyuanDiT-v1.2-Diffusers", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "bert", "clip_name2": "mt5", "type": "hydit"}},
+        "3": {"class_type": "CLIPTextEncodeHunyuanDiT", "inputs": {"clip": ["2", 0], "bert": "a cat", "mt5xl": "a cat, photo"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 30, "cfg": 6.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    }
+    document = convert(api, make_registry())
+    assert document["nodes"]["3"]["type"] == "TextEncode" and document["nodes"]["3"]["inputs"]["text"] == "a cat, photo"
+    assert any("mt5xl" in note for note in document["meta"]["import_notes"])
+    api["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "hunyuan_dit_1.2.safetensors"}}
+    with pytest.raises(ComfyImportError, match="^HunyuanDiT all-in-one checkpoint"):
         convert(api, make_registry())

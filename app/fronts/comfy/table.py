@@ -237,4 +237,7 @@ TABLE: dict[str, NodeMap] = {
                               fixup=d.wire_scheduler_model),
     "ReferenceLatent": NodeMap("ReferenceLatent", ("conditioning",),
                                note="chained ReferenceLatent nodes give the model several reference images"),
+    # HunyuanDiT (from its diffusers folder): one prompt feeds its BERT and mT5 encoders
+    "CLIPTextEncodeHunyuanDiT": NodeMap("TextEncode", ("conditioning",), widgets=("bert", "mt5xl"),
+                                        expand=d.one_prompt("mt5xl", "bert")),
 }
