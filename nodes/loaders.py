@@ -35,7 +35,7 @@ DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
 STORAGE_CHOICES = list(weight_storage.STORAGES)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm", "bert"]  # bert: HunyuanDiT's (auto: minilm)
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
 

@@ -1,6 +1,7 @@
 """Loading Flux.2 as people download it: BFL-layout single files (bare, or with ComfyUI's
 prefix), Comfy-Org's "fp8mixed" files (comfy-kitchen fp8 layers with per-layer scales and
-markers), and separate Mistral-3 / Qwen3 text encoder folders that tell the family."""
+markers), and separate Mistral-3 / Qwen3 text encoder folders that tell the family; and
+HunyuanDiT's BERT + mT5 loaded separately."""
 
 from __future__ import annotations
 
@@ -90,3 +91,17 @@ def test_text_encoder_folder_tells_the_family(family, slot, tmp_path):
     parts["tokenizer"].save_pretrained(folder)
     encoders = loaders.TextEncoderLoader(str(folder), dtype="fp32", device="cpu")
     assert set(encoders.slots) == {slot} and encoders.guess_family() == family
+
+
+def test_hunyuan_dit_encoders_loaded_separately(tmp_path):
+    """BERT is MiniLM's architecture too: its role says which; the mT5 is a T5 by its config."""
+    from nodes.loaders import CombineTextEncoders, TextEncoderLoader
+    from tests.fixtures.hunyuan_models import tiny_hunyuan
+
+    parts = tiny_hunyuan()
+    for name, model, tok in (("bert", "text_encoder", "tokenizer"), ("mt5", "text_encoder_2", "tokenizer_2")):
+        parts[model].save_pretrained(tmp_path / name)
+        parts[tok].save_pretrained(tmp_path / name)
+    bert = TextEncoderLoader(str(tmp_path / "bert"), role="bert", dtype="fp32", device="cpu")
+    both = CombineTextEncoders(bert, TextEncoderLoader(str(tmp_path / "mt5"), dtype="fp32", device="cpu"))
+    assert set(both.slots) == {"bert", "t5"} and both.guess_family() == "hunyuan-dit"
