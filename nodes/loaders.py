@@ -342,6 +342,14 @@ def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: st
         if keep_fp8:
             weight_storage.keep_fp8(model, {_strip(k): v for k, v in scales.items()}, dtype)
         return model
+    mapped = fam.original_to_diffusers({_strip(k): v for k, v in raw.items()})  # renames, no copies
+    if mapped is not None and wanted <= set(mapped):  # an original layout the family maps itself
+        if scales:
+            raise LoadFailed(f"{file}: scaled fp8 weights in {cls.__name__}'s original layout are not supported; "
+                             "use a bf16/fp16 file or a diffusers folder")
+        model = cls.from_config(config).to(dtype)
+        model.load_state_dict({k: weight_storage.stored_dtype(mapped[k], dtype, None, False) for k in wanted}, strict=True)
+        return model
     try:  # original (BFL/SAI) key layouts: diffusers converts them, scales applied first
         tensors = fam.converter_tensors(weight_storage.dequantized(raw, scales, dtype))
         return cls.from_single_file(tensors, config=str(config_dir),

@@ -2,7 +2,7 @@
 (UNET/CLIP/VAE loaders, EmptyFlux2LatentImage, Flux2Scheduler, ReferenceLatent on both prompts,
 CFGGuider, SamplerCustomAdvanced) imports, round-trips, and runs to diffusers' Flux2KleinPipeline's
 image; models that share Flux.2's latents but not its transformer are refused by name. And the
-HunyuanDiT text node, with ComfyUI's all-in-one HunyuanDiT file refused."""
+HunyuanDiT text node."""
 
 from __future__ import annotations
 
@@ -123,9 +123,9 @@ def test_klein_kv_cache_workflow_is_refused_by_name():
         convert(api, make_registry())
 
 
-def test_hunyuan_dit_text_node_imports_and_the_all_in_one_file_is_refused():
-    """HunyuanDiT from its diffusers folder: CLIPTextEncodeHunyuanDiT is one TextEncode (the mT5
-    prompt, noted when BERT's differs); ComfyUI's all-in-one file cannot be loaded and is refused."""
+def test_hunyuan_dit_text_node_imports():
+    """HunyuanDiT: CLIPTextEncodeHunyuanDiT is one TextEncode (the mT5 prompt, noted when BERT's
+    differs); ComfyUI's all-in-one checkpoint imports as a CheckpointLoader (it loads with a config folder)."""
     api = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "HunyuanDiT-v1.2-Diffusers", "weight_dtype": "default"}},
         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "bert", "clip_name2": "mt5", "type": "hydit"}},
@@ -139,5 +139,4 @@ def test_hunyuan_dit_text_node_imports_and_the_all_in_one_file_is_refused():
     assert document["nodes"]["3"]["type"] == "TextEncode" and document["nodes"]["3"]["inputs"]["text"] == "a cat, photo"
     assert any("mt5xl" in note for note in document["meta"]["import_notes"])
     api["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "hunyuan_dit_1.2.safetensors"}}
-    with pytest.raises(ComfyImportError, match="^HunyuanDiT all-in-one checkpoint"):
-        convert(api, make_registry())
+    assert convert(api, make_registry())["nodes"]["1"]["inputs"] == {"checkpoint": "hunyuan_dit_1.2.safetensors"}

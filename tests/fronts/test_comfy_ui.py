@@ -272,7 +272,7 @@ def test_controlnet_on_conditioning_becomes_a_model_patch(registry):
     ("UNETLoader", {"unet_name": "flux3-image-klein-int8-convrot.safetensors"}, "Flux.3"),
     ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors"}, "Flux.1 Kontext"),
     ("CLIPLoader", {"clip_name": "t5.safetensors", "type": "cosmos"}, "Cosmos"),
-    ("CheckpointLoaderSimple", {"ckpt_name": "hunyuan_dit_1.2.safetensors"}, "HunyuanDiT"),
+    ("UNETLoader", {"unet_name": "hunyuan_video_t2v_720p_bf16.safetensors"}, "HunyuanVideo"),
 ])
 def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, family, registry):
     api, _, _ = to_api(flux_custom_sampler())
@@ -287,6 +287,7 @@ def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, fam
     ("UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}),
     ("CheckpointLoaderSimple", {"ckpt_name": "AuraFlow-v0.3.safetensors"}),
     ("UNETLoader", {"unet_name": "flux2_dev_fp8mixed.safetensors", "weight_dtype": "default"}),
+    ("CheckpointLoaderSimple", {"ckpt_name": "hunyuan_dit_1.2.safetensors"}),
 ])
 def test_families_added_since_are_no_longer_refused(loader, value, registry):
     """Qwen-Image and AuraFlow run now (app/models/families): their files import like any runnable family's."""

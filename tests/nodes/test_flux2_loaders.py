@@ -105,3 +105,26 @@ def test_hunyuan_dit_encoders_loaded_separately(tmp_path):
     bert = TextEncoderLoader(str(tmp_path / "bert"), role="bert", dtype="fp32", device="cpu")
     both = CombineTextEncoders(bert, TextEncoderLoader(str(tmp_path / "mt5"), dtype="fp32", device="cpu"))
     assert set(both.slots) == {"bert", "t5"} and both.guess_family() == "hunyuan-dit"
+
+
+@pytest.mark.parametrize("meta", [True, False], ids=["v1.1", "v1.2"])
+def test_hunyuan_dit_original_layout_and_comfy_all_in_one_files_load(meta, tmp_path):
+    """Tencent's layout (fused Wqkv/kv_proj, swapped norms); ComfyUI's all-in-one file holds it under
+    model.diffusion_model. next to its text encoders and VAE, which the loader leaves out."""
+    from tests.fixtures.hunyuan_models import tiny_hunyuan_transformer
+    from tests.fixtures.original_formats import hunyuan_dit_to_original
+
+    model = tiny_hunyuan_transformer(meta, layers=6)
+    model.save_config(tmp_path / "config" / "transformer")
+    original = hunyuan_dit_to_original(model.state_dict())
+    assert "blocks.0.attn1.Wqkv.weight" in original and "blocks.5.skip_linear.weight" in original
+    files = {"original": original,
+             "all-in-one": {**{f"model.diffusion_model.{k}": v for k, v in original.items()},
+                            "text_encoders.bert.embeddings.word_embeddings.weight": torch.zeros(3, 2),
+                            "vae.decoder.conv_in.weight": torch.zeros(2, 2)}}
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+        handle = _load(tmp_path / f"{name}.safetensors", tmp_path / "config")
+        assert handle.family == "hunyuan-dit"
+        loaded = handle.transformer.state_dict()
+        assert [k for k, v in model.state_dict().items() if not torch.equal(loaded[k], v)] == [], name

@@ -36,8 +36,6 @@ NAMES = {
     # Flux.2 and the models that share its VAE and latents (EmptyFlux2LatentImage) but not its transformer
     "flux2-klein": "Flux.2 [klein]", "flux2-kv": "Flux.2 [klein] KV (cached reference-image attention)",
     "flux3": "Flux.3", "ernie-image": "ERNIE-Image", "ideogram4": "Ideogram 4", "moss-image": "MOSS-Image",
-    # ComfyUI's hunyuan_dit_*.safetensors hold DiT (Tencent's layout), BERT, mT5 and VAE in one file
-    "hunyuan-dit-aio": "HunyuanDiT all-in-one checkpoint (ditgraph loads the diffusers folder, not this file)",
 }
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
@@ -48,7 +46,7 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     ("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("pixart", "pixart"), ("sana", "sana"),
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
-    ("hunyuan_dit", "hunyuan-dit-aio"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
+    ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
     ("ti2v_5b", "wan-5b"), ("wan_animate", "wan-animate"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"),
     ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),

@@ -86,6 +86,11 @@ class Family:
         """Whether single-file tensor names (newline-joined) look like this family."""
         return False
 
+    def original_to_diffusers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A single file's tensors (prefixes stripped) renamed to diffusers' names, for families whose
+        original layout diffusers has no single-file converter for (HunyuanDiT); None: not such a file."""
+        return None
+
     def converter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A single file's tensors as diffusers' single-file converter for this family expects them
         (e.g. without a ComfyUI prefix the converter does not strip)."""

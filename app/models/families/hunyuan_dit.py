@@ -70,6 +70,55 @@ class HunyuanDiT(Family):
         mask = torch.cat([m for _, _, m, _ in parts], dim=1)
         return embeds, None, mask
 
+    def original_to_diffusers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Tencent's layout (its releases; ComfyUI's all-in-one files under ``model.diffusion_model.``):
+        diffusers' scripts/convert_hunyuandit_to_diffusers.py as a key map; other tensors (the
+        all-in-one file's text encoders and VAE) are left out."""
+        if "blocks.0.attn1.Wqkv.weight" not in tensors:
+            return None
+        out: dict[str, torch.Tensor] = {}
+
+        def move(src: str, dst: str, chunks: int = 1, fn=None) -> None:
+            for suffix in (".weight", ".bias"):
+                if src + suffix in tensors:
+                    parts = tensors[src + suffix].chunk(chunks) if chunks > 1 else [tensors[src + suffix]]
+                    for name, part in zip(dst.split("|"), parts, strict=True):
+                        out[name + suffix] = fn(part) if fn else part
+
+        for i in range(1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))):
+            b = f"blocks.{i}"
+            move(f"{b}.attn1.Wqkv", f"{b}.attn1.to_q|{b}.attn1.to_k|{b}.attn1.to_v", 3)
+            move(f"{b}.attn2.kv_proj", f"{b}.attn2.to_k|{b}.attn2.to_v", 2)
+            for attn in ("attn1", "attn2"):
+                move(f"{b}.{attn}.q_norm", f"{b}.{attn}.norm_q")
+                move(f"{b}.{attn}.k_norm", f"{b}.{attn}.norm_k")
+                move(f"{b}.{attn}.out_proj", f"{b}.{attn}.to_out.0")
+            move(f"{b}.attn2.q_proj", f"{b}.attn2.to_q")
+            move(f"{b}.norm2", f"{b}.norm3")  # the original's norm2/norm3 are diffusers' norm3/norm2
+            move(f"{b}.norm3", f"{b}.norm2")
+            move(f"{b}.norm1", f"{b}.norm1.norm")
+            move(f"{b}.default_modulation.1", f"{b}.norm1.linear")
+            move(f"{b}.mlp.fc1", f"{b}.ff.net.0.proj")
+            move(f"{b}.mlp.fc2", f"{b}.ff.net.2")
+            move(f"{b}.skip_norm", f"{b}.skip_norm")
+            move(f"{b}.skip_linear", f"{b}.skip_linear")
+        for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
+            move(f"pooler.{proj}", f"time_extra_emb.pooler.{proj}")
+        for src, dst in (("t_embedder.mlp.0", "time_extra_emb.timestep_embedder.linear_1"),
+                         ("t_embedder.mlp.2", "time_extra_emb.timestep_embedder.linear_2"),
+                         ("x_embedder.proj", "pos_embed.proj"), ("mlp_t5.0", "text_embedder.linear_1"),
+                         ("mlp_t5.2", "text_embedder.linear_2"), ("extra_embedder.0", "time_extra_emb.extra_embedder.linear_1"),
+                         ("extra_embedder.2", "time_extra_emb.extra_embedder.linear_2"), ("final_layer.linear", "proj_out")):
+            move(src, dst)
+        move("final_layer.adaLN_modulation.1", "norm_out.linear", fn=_swap_halves)  # (shift, scale) -> (scale, shift)
+        for src, dst in (("pooler.positional_embedding", "time_extra_emb.pooler.positional_embedding"),
+                         ("text_embedding_padding", "text_embedding_padding")):
+            if src in tensors:
+                out[dst] = tensors[src]
+        if "style_embedder.weight" in tensors:  # diffusers keeps the one style the release uses
+            out["time_extra_emb.style_embedder.weight"] = tensors["style_embedder.weight"][0:1]
+        return out
+
     def lora_name_table(self, transformer: torch.nn.Module) -> dict:
         """Tencent's HunyuanDiT LoRAs name the original fused layers (attn1.Wqkv, attn2.kv_proj, ...)."""
         table: dict[str, list] = {}
@@ -83,6 +132,11 @@ class HunyuanDiT(Family):
             table[f"{b}.mlp.fc1"] = [(f"{b}.ff.net.0.proj", 0, 1, False)]
             table[f"{b}.mlp.fc2"] = [(f"{b}.ff.net.2", 0, 1, False)]
         return table
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2)
+    return torch.cat([second, first])
 
 
 def _rope_table(config: Any, gh: int, gw: int) -> torch.Tensor:
