@@ -18,24 +18,24 @@ from typing import Annotated, Any
 
 import torch
 
-from app.models import families
 from app.core import paths
 from app.core.context import current
+from app.core.registry import node
+from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
+from app.models import families
 from app.models import storage as weight_storage
 from app.models.budget import place, plan_loaded
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
 from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
 from app.models.size_budget import check_parameter_budget
 from app.models.text_encoder_packages import text_encoder_path
-from app.core.registry import node
-from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
 STORAGE_CHOICES = list(weight_storage.STORAGES)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm", "bert"]  # bert: HunyuanDiT's (auto: minilm)
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "llama", "minilm", "bert"]  # bert: HunyuanDiT's (auto: minilm)
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
 
@@ -112,13 +112,15 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "gemma"
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         return "qwen2vl"  # Qwen-Image's text encoder
+    if model_type == "llama":
+        return "llama"  # HiDream's Llama-3.1-8B-Instruct
     if model_type == "mistral3":
         return "mistral3"  # Flux.2 [dev]'s (Mistral-Small-3.1)
     if model_type == "qwen3":
         return "qwen3"  # Flux.2 [klein]'s
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, "
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, Llama, "
                      "Mistral-3, Qwen3 or MiniLM/BERT)")
 
 
@@ -155,8 +157,8 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
         cls = transformers.AutoModel
     if slot == "t5" and cls is not transformers.T5EncoderModel and config.get("model_type") == "t5":
         cls = transformers.T5EncoderModel  # full T5 checkpoints: keep only the encoder
-    if slot == "gemma" and hasattr(cls, "model") is False and "ForCausalLM" in getattr(cls, "__name__", ""):
-        cls = transformers.AutoModel
+    if slot in ("gemma", "llama") and "ForCausalLM" in getattr(cls, "__name__", ""):
+        cls = transformers.AutoModel  # hidden states only: the language-model head (1 GB for Llama 3) is not loaded
     _require_safetensors(folder)
     try:
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
@@ -451,8 +453,9 @@ def TextEncoderLoader(
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
 ) -> TextEncoders:
-    """Load one text encoder (CLIP-L/G, T5, Gemma, MiniLM) from a local folder; combine several
-    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5)."""
+    """Load one text encoder (CLIP-L/G, T5, Gemma, Llama, MiniLM) from a local folder; combine several
+    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5, HiDream those three
+    and Llama-3.1-8B-Instruct)."""
     dev, dt = _device_dtype(device, dtype)
     folder = Path(text_encoder)
     if not folder.is_dir():
@@ -463,10 +466,15 @@ def TextEncoderLoader(
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
-def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None) -> TextEncoders:
-    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3)."""
+def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None,
+                        fourth: TEXT_ENCODER = None) -> TextEncoders:
+    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3, and a
+    Llama for HiDream)."""
     merged = first.merged(second)
-    return merged.merged(third) if third is not None else merged
+    for more in (third, fourth):
+        if more is not None:
+            merged = merged.merged(more)
+    return merged
 
 
 @node(category="loaders", outputs={"vae": VAE})

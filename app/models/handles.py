@@ -87,7 +87,6 @@ from app.models.residency import (  # noqa: F401  (re-exported: loaders and node
 from app.models.text_encoders import TextEncoders  # noqa: F401  (re-exported)
 from app.models.vae import VAEHandle, fit_preview_projection  # noqa: F401  (re-exported)
 
-
 # ---------------------------------------------------------------------------------------------
 # patches and runs
 
@@ -165,6 +164,7 @@ class ModelHandle(Resident):
     transformer_2: torch.nn.Module | None = None  # Wan 2.2: the low-noise expert (shared like transformer)
     boundary_ratio: float | None = None  # ... used below this fraction of the training timesteps
     preview_vae: Any = field(default=None, repr=False)  # the VAE it came with: fits the preview projection
+    cfg_patches: tuple = ()  # how CFG combines (CFGNorm, FreSca: app/models/sampling/guidance.py)
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
     _cache: dict = field(default_factory=dict, repr=False)  # small derived tensors (position ids)
@@ -173,6 +173,10 @@ class ModelHandle(Resident):
     def with_patch(self, patch: Any) -> ModelHandle:
         """A new view with ``patch`` appended; this handle is left unchanged."""
         return replace(self, patches=(*self.patches, patch), _active=[])
+
+    def with_cfg_patch(self, patch: Any) -> ModelHandle:
+        """A new view whose CFG combination also applies ``patch`` (app/models/sampling/guidance.py)."""
+        return replace(self, cfg_patches=(*self.cfg_patches, patch), _active=[])
 
     def without_patches(self) -> ModelHandle:
         return replace(self, patches=(), _active=[])

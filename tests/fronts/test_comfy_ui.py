@@ -9,7 +9,7 @@ import pytest
 
 from app.core.workflow import Workflow, errors, validate
 from app.fronts.cli import make_registry
-from app.fronts.comfy import TABLE, ComfyImportError, convert, families, regroup, to_api
+from app.fronts.comfy import TABLE, ComfyImportError, convert, regroup, to_api
 from app.fronts.comfy.regroup import inline
 from tests.fixtures.comfy_graphs import as_subgraph, flux_custom_sampler, ui_graph, ui_node
 
@@ -268,9 +268,9 @@ def test_controlnet_on_conditioning_becomes_a_model_patch(registry):
 @pytest.mark.parametrize("loader,value,family", [
     ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, "Stable Diffusion 1.x"),
     ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, "SDXL"),
-    ("UNETLoader", {"unet_name": "hidream_i1_full_fp16.safetensors"}, "HiDream"),
+    ("UNETLoader", {"unet_name": "hidream_e1_full_bf16.safetensors"}, "HiDream-E1"),
     ("UNETLoader", {"unet_name": "flux3-image-klein-int8-convrot.safetensors"}, "Flux.3"),
-    ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors"}, "Flux.1 Kontext"),
+    ("UNETLoader", {"unet_name": "flux1-fill-dev.safetensors"}, "Flux.1 Fill"),
     ("CLIPLoader", {"clip_name": "t5.safetensors", "type": "cosmos"}, "Cosmos"),
     ("UNETLoader", {"unet_name": "hunyuan_video_t2v_720p_bf16.safetensors"}, "HunyuanVideo"),
 ])
@@ -286,11 +286,14 @@ def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, fam
 @pytest.mark.parametrize("loader,value", [
     ("UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}),
     ("CheckpointLoaderSimple", {"ckpt_name": "AuraFlow-v0.3.safetensors"}),
+    ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}),
+    ("UNETLoader", {"unet_name": "hidream_i1_full_fp16.safetensors", "weight_dtype": "default"}),
     ("UNETLoader", {"unet_name": "flux2_dev_fp8mixed.safetensors", "weight_dtype": "default"}),
     ("CheckpointLoaderSimple", {"ckpt_name": "hunyuan_dit_1.2.safetensors"}),
 ])
 def test_families_added_since_are_no_longer_refused(loader, value, registry):
-    """Qwen-Image and AuraFlow run now (app/models/families): their files import like any runnable family's."""
+    """Qwen-Image, AuraFlow, Flux.1 Kontext, HiDream-I1, Flux.2 and HunyuanDiT run now
+    (app/models/families): their files import like any runnable family's."""
     api, _, _ = to_api(flux_custom_sampler())
     api["1"] = {"class_type": loader, "inputs": value}
     document = convert(api, registry)
@@ -309,8 +312,6 @@ def test_widget_orders_put_every_value_on_its_input(registry):
     for kind, mapping in TABLE.items():
         if mapping.expand or mapping.folded or mapping.target is None or registry.get(mapping.target) is None:
             continue
-        if not families.runnable(families.NODE_TYPES.get(kind) or "flux"):
-            continue  # alone, it names a family ditgraph does not run (ReferenceLatent: Kontext): refused
         names = [w for w in mapping.widgets if not w.startswith("$")]
         values = {name: f"value of {name}" for name in names}
         ui = ui_graph([ui_node(1, kind, [values.get(w, "fixed") for w in mapping.widgets])], [])

@@ -125,3 +125,36 @@ def test_previews_never_wait_for_a_pending_copy(model, monkeypatch):
     final = previews(4, 4, x0[3])
     assert final.shape == image.shape
     assert Previewer(model, enabled=False)(4, 4, x0[3]) is None
+
+
+def test_cfg_norm_and_fresca_adjust_how_cfg_combines(model):
+    from types import SimpleNamespace
+
+    from app.models import families
+    from app.models.sampling.guidance import CFGNorm as Norm
+    from app.models.sampling.guidance import renorm_of
+    from nodes.sampling import CFGNorm, FreSca
+
+    g = torch.Generator().manual_seed(1)
+    x, v_c, v_u = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    s = torch.full((1, 1, 1, 1), 0.6)
+    plain = v_u + 4 * (v_c - v_u)
+    assert renorm_of(model) is None and model.cfg_patches == ()
+    norm = renorm_of(CFGNorm(model, 1.0, False))(x, s, v_c, v_u, 4.0)
+    x0, x0_c, x0_n = x - s * plain, x - s * v_c, x - s * norm
+    # the guided x0 is scaled down, never up, to the conditional x0's norm over the channels
+    assert torch.allclose(x0_n.norm(dim=1), torch.minimum(x0.norm(dim=1), x0_c.norm(dim=1)), atol=1e-4)
+    pre = renorm_of(CFGNorm(model, 1.0, True))(x, s, v_c, v_u, 4.0)
+    assert torch.allclose(pre.norm(dim=1), v_c.norm(dim=1), atol=1e-4)  # rescaled up or down
+    # FreSca with one scale everywhere scales the whole guidance difference by it
+    assert torch.allclose(renorm_of(FreSca(model, 1.0, 1.0, 2))(x, s, v_c, v_u, 4.0), plain, atol=1e-5)
+    assert torch.allclose(renorm_of(FreSca(model, 2.0, 2.0, 2))(x, s, v_c, v_u, 4.0), v_u + 8 * (v_c - v_u), atol=1e-4)
+    # on a family with its own renormalisation (Lumina 2, Qwen-Image), CFGNorm replaces it
+    lumina = SimpleNamespace(info=families.get("lumina2"), cfg_patches=(Norm(1.0, True),))
+    assert torch.allclose(renorm_of(lumina)(x, s, v_c, v_u, 4.0), pre, atol=1e-5)
+    # and it steers a real sampling run
+    latent = Latent(torch.randn(1, 4, 8, 8, generator=g))
+    sigmas = compute_sigmas(model, "auto", 2, 3.0, (8, 8))
+    runs = [sample(m, latent, cond(2), cond(3), sigmas, 0, 4.0, "cfg", "euler", progress=_quiet).samples
+            for m in (model, CFGNorm(model, 0.5, False))]
+    assert not torch.allclose(*runs)

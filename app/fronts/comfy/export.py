@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.fronts.comfy.decompose import COMBINE_SLOTS
 from app.fronts.comfy.families import file_family
 from app.fronts.comfy.regroup import inline
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
@@ -113,6 +114,17 @@ class _Exporter:
                   for name, value in node.get("inputs", {}).items()}
         self.add(node_id, "ComfyMathExpression", inputs, node.get("title"))
 
+    def scale_to_side(self, node_id: str, node: dict) -> None:
+        """ScaleToSide -> ImageScaleToMaxDimension (longer side), or ResizeImageMaskNode's shorter side."""
+        inputs = node.get("inputs", {})
+        image, method, size = self.value(inputs.get("image")), inputs.get("method", "bicubic"), self.value(inputs.get("size", 1024))
+        if inputs.get("side", "longer") == "longer":
+            self.add(node_id, "ImageScaleToMaxDimension", {"image": image, "upscale_method": method, "largest_size": size},
+                     node.get("title"))
+        else:
+            self.add(node_id, "ResizeImageMaskNode", {"input": image, "resize_type": "scale shorter dimension",
+                                                      "resize_type.shorter_size": size, "scale_method": method}, node.get("title"))
+
     def sampler_custom(self, node_id: str, node: dict) -> None:
         """Ours is one node; ComfyUI's SamplerCustomAdvanced takes noise, guider and sampler nodes."""
         inputs = node.get("inputs", {})
@@ -156,9 +168,9 @@ class _Exporter:
         return None
 
     def combine(self, node_id: str, node: dict) -> None:
-        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/TripleCLIPLoader."""
+        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/Triple/QuadrupleCLIPLoader."""
         inputs = node.get("inputs", {})
-        loaders = [inputs.get(slot) for slot in ("first", "second", "third") if inputs.get(slot) is not None]
+        loaders = [inputs.get(slot) for slot in COMBINE_SLOTS if inputs.get(slot) is not None]
         files = {}
         for index, link in enumerate(loaders, 1):
             source = self.nodes.get(link["from"][0]) if isinstance(link, dict) else None
@@ -166,7 +178,8 @@ class _Exporter:
                 raise ComfyExportError(f"node {node_id} (CombineTextEncoders): ComfyUI can only merge text encoder "
                                        "files loaded next to it", ["CombineTextEncoders"])
             files[f"clip_name{index}"] = source["inputs"].get("text_encoder")
-        self.add(node_id, "DualCLIPLoader" if len(files) == 2 else "TripleCLIPLoader", files, node.get("title"))
+        loader = {2: "DualCLIPLoader", 3: "TripleCLIPLoader"}.get(len(files), "QuadrupleCLIPLoader")
+        self.add(node_id, loader, files, node.get("title"))
 
 
 def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
@@ -191,7 +204,7 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
 
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
            "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression,
-           "Scheduler": _Exporter.scheduler}
+           "ScaleToSide": _Exporter.scale_to_side, "Scheduler": _Exporter.scheduler}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:
@@ -210,6 +223,6 @@ def export_comfy(workflow: dict) -> dict[str, dict]:
                              for other in nodes.values() if other.get("type") != "CombineTextEncoders"
                              for v in other.get("inputs", {}).values())
         if node_id in combined and not used_elsewhere:
-            continue  # folded into the Dual/TripleCLIPLoader
+            continue  # folded into the Dual/Triple/QuadrupleCLIPLoader
         (SPECIAL.get(node["type"]) or _Exporter.generic)(exporter, node_id, node)
     return exporter.out

@@ -3,7 +3,9 @@ the MODEL patch and the run listeners.
 
 The transformer's block stack (SD3/shapes-dit ``transformer_blocks``; Flux
 ``transformer_blocks`` + ``single_transformer_blocks``; PixArt and Sana ``transformer_blocks``;
-Lumina 2 ``layers``; HunyuanDiT and Wan ``blocks``) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``),
+Lumina 2 ``layers``; HunyuanDiT and Wan ``blocks``; HiDream ``single_stream_blocks`` only: its
+double-stream blocks return (image, text) and are fed a new text sequence each, so they always
+run) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``),
 installed in ``begin_run`` and removed in ``end_run``. A block's *streams* are its image tokens
 and, for joint blocks that return ``(encoder_hidden_states, hidden_states)``, its text tokens.
 Before block 0 runs, the method *plans* the call: compute everything, or skip a contiguous range
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOOK_PREFIX = "ditgraph_cache"
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "blocks")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "single_stream_blocks", "blocks")
 IDENTITY_POLY = [1.0, 0.0]
 
 
@@ -47,16 +49,16 @@ IDENTITY_POLY = [1.0, 0.0]
 # the block stack
 
 
-def stack_blocks(transformer: nn.Module) -> list[nn.Module]:
+def stack_blocks(transformer: nn.Module, lists: Sequence[str] = BLOCK_LISTS) -> list[nn.Module]:
     """The transformer's main blocks in execution order (Flux: double then single blocks)."""
     blocks: list[nn.Module] = []
-    for name in BLOCK_LISTS:
+    for name in lists:
         modules = getattr(transformer, name, None)
         if isinstance(modules, nn.ModuleList):
             blocks.extend(modules)
     if not blocks:
         raise ValueError(f"{type(transformer).__name__}: no transformer block list found "
-                         f"(looked for {', '.join(BLOCK_LISTS)}); cache accelerators cannot hook it")
+                         f"(looked for {', '.join(lists)}); cache accelerators cannot hook it")
     return blocks
 
 

@@ -15,6 +15,9 @@ guidance-distilled model. Detection reads only configs and the checkpoint's name
 - Flux.2 [dev]: guidance-distilled (embedded guidance 4.0, no CFG), 50 steps.
 - Flux.2 [klein] 4B/9B: step-distilled (4 steps, no CFG): ``is_distilled`` in the pipeline's
   model_index.json, else a "*klein*" name without "base" (the base releases are "klein-base").
+- HiDream-I1-Dev / -Fast: named "*dev*" / "*fast*" (the name wins: "*full*" is the base model),
+  else a ``FlowMatchLCMScheduler`` (or the older Euler) scheduler, shift 6 Dev, else Fast; 28 / 16
+  steps of LCM-style sampling over the shifted Euler timesteps, no CFG, shift 6 / 3.
 - Any checkpoint whose ditgraph.json says ``"variant"`` (e.g. the shapes-dit-turbo student).
 
 One entry per variant in :data:`VARIANTS`, keyed by family name (a lookup, not a branch).
@@ -41,6 +44,8 @@ class Variant:
     scheduler: str = "auto"
     guidance_distilled: bool = True  # CFG (cfg > 1 with a negative) is wrong for it
     embedded_guidance: float | None = None  # the guidance-embedding value its pipeline uses
+    shift: float | None = None  # its flow shift, above the scheduler config's (a single file's config
+    # folder may be another variant's)
 
     def defaults(self) -> dict[str, Any]:
         """Sampling defaults in the manifest's ``defaults`` vocabulary."""
@@ -48,6 +53,8 @@ class Variant:
                "guidance_distilled": self.guidance_distilled, "variant": self.name}
         if self.embedded_guidance is not None:
             out["guidance"] = self.embedded_guidance
+        if self.shift is not None:
+            out["shift"] = self.shift
         return out
 
 
@@ -70,6 +77,19 @@ def _klein_distilled(_config: dict, _scheduler: dict, name: str) -> bool:
     return "klein" in lowered and "base" not in lowered
 
 
+def _hidream(kind: str) -> Callable[[dict, dict, str], bool]:
+    """HiDream-I1 Dev/Fast: by name first (full, dev or fast), else by the distilled scheduler's shift."""
+    def matches(_config: dict, scheduler: dict, name: str) -> bool:
+        named = [k for k in ("full", "dev", "fast") if k in Path(name).name.lower()]
+        if named:
+            return named[0] == kind
+        if scheduler.get("_class_name") not in ("FlowMatchLCMScheduler", "FlowMatchEulerDiscreteScheduler"):
+            return False  # Full ships a flow UniPC scheduler
+        return kind == ("dev" if float(scheduler.get("shift") or 1.0) >= 5.0 else "fast")
+
+    return matches
+
+
 VARIANTS: dict[str, tuple[Variant, ...]] = {
     "flux": (
         Variant("flux-schnell", lambda config, _s, _n: not config.get("guidance_embeds", False), steps=4),
@@ -79,6 +99,8 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
     "sd3": (Variant("sd3.5-turbo", _named("turbo"), steps=4, scheduler="turbo"),),
     "pixart": (Variant("pixart-lcm", lambda c, s, n: _scheduler_class("LCMScheduler")(c, s, n) or _named("lcm")(c, s, n),
                        steps=4, sampler="lcm", scheduler="lcm"),),
+    "hidream": (Variant("hidream-dev", _hidream("dev"), steps=28, sampler="lcm", scheduler="turbo", shift=6.0),
+                Variant("hidream-fast", _hidream("fast"), steps=16, sampler="lcm", scheduler="turbo", shift=3.0)),
     "sana": (Variant("sana-sprint", lambda c, s, n: bool(c.get("guidance_embeds")) or _scheduler_class("SCMScheduler")(c, s, n),
                      steps=2, sampler="lcm", scheduler="trigflow", embedded_guidance=4.5),),
     "flux2": (Variant("flux2-dev", lambda config, _s, _n: bool(config.get("guidance_embeds", True)), steps=50,
@@ -104,7 +126,7 @@ def detect_variant(family: str, config: dict, scheduler_config: dict, name: str 
 
 def _manifest_settings(manifest: dict) -> dict:
     defaults = manifest.get("defaults") or {}
-    keys = ("steps", "cfg", "sampler", "scheduler", "guidance_distilled", "embedded_guidance")
+    keys = ("steps", "cfg", "sampler", "scheduler", "guidance_distilled", "embedded_guidance", "shift")
     return {k: defaults[k] for k in keys if k in defaults}
 
 

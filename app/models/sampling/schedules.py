@@ -42,11 +42,12 @@ def _with_zero(s: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def model_shift(model: ModelHandle, shift: float = 0.0) -> float:
-    """``shift`` if > 0, else the model's default (manifest, scheduler config, family)."""
+    """``shift`` if > 0, else the model's default (manifest, variant, scheduler config, family)."""
     if shift and shift > 0:
         return float(shift)
     config = model.scheduler_config
-    for value in (model.defaults.get("shift"), config.get("shift"), config.get("flow_shift")):
+    variant = sampling_defaults(model).get("shift")  # e.g. HiDream-Dev's 6 from a file named *dev*
+    for value in (model.defaults.get("shift"), variant, config.get("shift"), config.get("flow_shift")):
         if value:
             return float(value)
     return float(model.info.default_shift)
