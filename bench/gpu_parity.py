@@ -299,10 +299,10 @@ def build_qwen_image(cfg: dict) -> dict:
     parts = {"transformer": diffusers.QwenImageTransformer2DModel(**cfg["transformer"]).eval(),
              "vae": diffusers.AutoencoderKLQwenImage(**cfg["vae"]).eval(),
              "text_encoder": Qwen2_5_VLForConditionalGeneration(config).eval(), "tokenizer": qwen_tokenizer()}
-    with torch.device("cpu"):  # Flux-style dynamic shift (the release's shift_terminal is not modelled by ours yet)
+    with torch.device("cpu"):  # the release's scheduler config: dynamic shift to 8192 tokens, shift_terminal 0.02
         parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-            max_image_seq_len=8192)
+            max_image_seq_len=8192, shift_terminal=0.02)
     return parts
 
 

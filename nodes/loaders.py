@@ -27,6 +27,7 @@ from app.models import storage as weight_storage
 from app.models.budget import place, plan_loaded
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
 from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
+from app.models.sampling.defaults import model_variant
 from app.models.size_budget import check_parameter_budget
 from app.models.text_encoder_packages import text_encoder_path
 
@@ -181,6 +182,24 @@ def _scheduler_config(folder: Path) -> dict:
     return {}
 
 
+def _pipeline_class(folder: Path) -> str:
+    """The diffusers pipeline class a folder's model_index.json names ("" when it has none)."""
+    index = folder / "model_index.json"
+    return str(families.read_json(index).get("_class_name") or "") if index.is_file() else ""
+
+
+def _encoder_options(folder: Path, handle: ModelHandle) -> dict:
+    """What a checkpoint's text encoders need to know of it: the checkpoint's variant (the edit
+    text recipe follows it) and the image processor settings of a vision-language encoder."""
+    variant = model_variant(handle)
+    options = {"variant": variant.name} if variant else {}
+    for config in (folder / "processor" / "preprocessor_config.json", folder / "preprocessor_config.json"):
+        if config.is_file():
+            options["image_processor"] = families.read_json(config)
+            break
+    return options
+
+
 def _minilm_folder(manifest: dict, folder: Path) -> Path:
     spec = manifest.get("text_encoder") or {}
     if (folder / "text_encoder" / "config.json").is_file():
@@ -216,12 +235,13 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     transformer = _stored(transformer, storage, dtype, device)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
-                         defaults=dict(manifest.get("defaults") or {}), source=str(folder), **_experts(folder, fam, dtype, device))
+                         defaults=dict(manifest.get("defaults") or {}), source=str(folder),
+                         pipeline=_pipeline_class(folder), **_experts(folder, fam, dtype, device))
     vae = None
     if (folder / "vae" / "config.json").is_file():
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
     slots: dict[str, tuple[Any, torch.nn.Module]] = {}
-    options: dict = {}
+    options: dict = _encoder_options(folder, handle)
     if fam.manifest_text_encoder:
         te_dir = _minilm_folder(manifest, folder)
         _, tok, model = load_text_encoder(te_dir, None, dtype, device, "minilm")
@@ -310,8 +330,9 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage,
                           families.get(family))
     model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
-    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
-    encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, family, dtype, device)
+    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file),
+                         pipeline=_pipeline_class(config_dir))
+    encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, handle, dtype, device)
     return handle, encoders, vae
 
 
@@ -362,10 +383,10 @@ def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: st
                          f"single-file conversion failed: {type(exc).__name__}: {exc}") from None
 
 
-def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, family: str, dtype: torch.dtype,
+def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, handle: ModelHandle, dtype: torch.dtype,
                      device: torch.device) -> tuple[TextEncoders | None, VAEHandle | None]:
     """A config that is a pipeline folder lends its text encoders and VAE when they have weights."""
-    encoders, vae = None, None
+    encoders, vae, family = None, None, handle.family
     if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
         slots = {}
         for slot, component in families.get(family).pipeline_text_slots.items():
@@ -375,7 +396,7 @@ def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, family: str, d
                 _, tok, te = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
                 slots[slot] = (tok, te)
         if slots:
-            encoders = TextEncoders(slots, family, device, dtype, {}, str(config_dir))
+            encoders = TextEncoders(slots, family, device, dtype, _encoder_options(config_dir, handle), str(config_dir))
         if (config_dir / "vae" / "config.json").is_file() and _has_safetensors(config_dir / "vae"):
             vae = VAEHandle(load_diffusers_component(config_dir / "vae", dtype, device), device, dtype, str(config_dir / "vae"))
     return encoders, vae
@@ -462,7 +483,10 @@ def TextEncoderLoader(
         raise LoadFailed(f"{folder}: text encoders are loaded from folders (config.json, safetensors, tokenizer files)")
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
     slot, tok, model = load_text_encoder(folder, tok_dir, dt, dev, role)
-    return TextEncoders({slot: (tok, model)}, None, dev, dt, {}, str(folder))
+    options = {}
+    if (folder / "preprocessor_config.json").is_file():  # a vision-language encoder's image settings (Qwen2.5-VL)
+        options["image_processor"] = families.read_json(folder / "preprocessor_config.json")
+    return TextEncoders({slot: (tok, model)}, None, dev, dt, options, str(folder))
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})

@@ -160,6 +160,7 @@ class ModelHandle(Resident):
     scheduler_config: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
+    pipeline: str = ""  # the diffusers pipeline class of its folder (or config folder), from model_index.json
     residency: str = "resident"
     transformer_2: torch.nn.Module | None = None  # Wan 2.2: the low-noise expert (shared like transformer)
     boundary_ratio: float | None = None  # ... used below this fraction of the training timesteps
@@ -397,21 +398,21 @@ def batchable(conds: Sequence[Any]) -> bool:
             return False
         if (c.pooled is None) != (first.pooled is None) or (c.mask is None) != (first.mask is None):
             return False
-        if not _same_value(c.extras or {}, first.extras or {}):
+        extras, first_extras = c.extras or {}, first.extras or {}
+        if extras.keys() != first_extras.keys() or not all(_same(extras[k], first_extras[k]) for k in extras):
             return False
     return True
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    """Equality for conditioning extras that may hold tensors (reference latents) or tuples of them."""
+def _same(a: Any, b: Any) -> bool:
+    """Equal conditioning extras; tensors (reference latents, also inside tuples) only when they are
+    the same tensor: comparing two would compare element by element."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+        return False
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 

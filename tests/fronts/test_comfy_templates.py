@@ -178,24 +178,24 @@ def test_flux_kontext_imports_and_runs_as_flux(registry):
     assert nodes["21"] == {"type": "FluxKontextImageScale", "inputs": {"image": {"from": ["20", "image"]}}}
 
 
-def _qwen(api: dict) -> dict:
-    api["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}}
+def _unet(api: dict, name: str = "qwen_image_fp8_e4m3fn.safetensors") -> dict:
+    api["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
     return api
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"42": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+@pytest.mark.parametrize("unet,extra,message", [
+    ("qwen_image_fp8_e4m3fn.safetensors", {"42": {"class_type": "ControlNetApplyAdvanced", "inputs": {
         "positive": ["5", 0], "negative": ["5", 0], "control_net": ["40", 0], "image": ["41", 0], "vae": ["3", 0],
         "strength": 0.7, "start_percent": 0.0, "end_percent": 0.8}},
       "40": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "union.safetensors"}},
       "41": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}},
      "Qwen-Image workflow needs a ControlNet (node 42, ControlNetApplyAdvanced): ditgraph's Qwen-Image has no support"),
-    ({"43": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["5", 0]}}},
-     "Qwen-Image workflow needs reference images (in-context editing) (node 43, ReferenceLatent)"),
+    ("sd3.5_medium.safetensors", {"43": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["5", 0]}}},
+     "SD3/3.5 workflow needs reference images (in-context editing) (node 43, ReferenceLatent)"),
 ])
-def test_a_node_needing_a_capability_the_family_lacks_is_refused_in_one_line(extra, message, registry):
+def test_a_node_needing_a_capability_the_family_lacks_is_refused_in_one_line(unet, extra, message, registry):
     api, _, _ = to_api(flux_custom_sampler())
-    api = _qwen({**api, **extra})
+    api = _unet({**api, **extra}, unet)
     with pytest.raises(ComfyImportError) as caught:
         convert(api, registry)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

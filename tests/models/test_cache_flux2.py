@@ -12,7 +12,7 @@ from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
-from tests.fixtures.cache_models import METHODS, no_cache_hooks, summaries  # noqa: F401 (fixture)
+from tests.fixtures.cache_models import METHODS, no_cache_hooks, skipped
 from tests.fixtures.flux2_models import TEXT_HIDDEN, tiny_flux2_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -52,10 +52,10 @@ def test_cache_methods_on_flux2(method, request):
         return
     never, aggressive = METHODS[method]
     assert torch.equal(_sample(handle.with_patch(hooks.CachePatch(never)), cond, latent, sigmas), reference)
-    assert found[-1]["blocks_skipped"] == 0
+    assert skipped(found[-1]) == 0
     model = handle.with_patch(hooks.CachePatch(aggressive))
     first, second = (_sample(model, cond, latent, sigmas) for _ in range(2))
-    assert found[-2]["blocks_skipped"] > 0, f"{method} skipped nothing on flux2"
+    assert skipped(found[-2]) > 0, f"{method} skipped nothing on flux2"
     assert torch.isfinite(first).all() and torch.equal(first, second) and not torch.equal(first, reference)
     assert no_cache_hooks(handle) and handle.patches == ()
 

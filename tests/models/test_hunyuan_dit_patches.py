@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from app.models.handles import ModelHandle
 from app.models.patches.lora import lora_patch, read_lora
 from nodes.text import Conditioning
-from tests.fixtures.cache_models import METHODS, summaries  # noqa: F401 (fixture)
+from tests.fixtures.cache_models import METHODS, skipped
 from tests.fixtures.hunyuan_models import BERT_HIDDEN, T5_HIDDEN, tiny_hunyuan_transformer
 from tests.fixtures.lora import assert_patch_matches
 
@@ -113,10 +113,10 @@ def test_cache_methods_exact_at_never_skip_and_skipping_when_aggressive(setup, m
     reference = _sample(handle, latent, cond, sigmas)
     never, aggressive = METHODS[method]
     assert torch.equal(_sample(handle.with_patch(hooks.CachePatch(never)), latent, cond, sigmas), reference)
-    assert found[-1]["blocks_skipped"] == 0
+    assert skipped(found[-1]) == 0
     model = handle.with_patch(hooks.CachePatch(aggressive))
     first, second = (_sample(model, latent, cond, sigmas) for _ in range(2))
-    assert found[-2]["blocks_skipped"] > 0, f"{method} skipped nothing"
+    assert skipped(found[-2]) > 0, f"{method} skipped nothing"
     assert torch.isfinite(first).all() and torch.equal(first, second) and not torch.equal(first, reference)
 
 

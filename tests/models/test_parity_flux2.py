@@ -147,7 +147,12 @@ def test_reference_latent_counts_follow_the_family():
     latent = type("L", (), {"samples": torch.zeros(1, 16, 2, 2)})()
     cond = text.Conditioning(torch.zeros(1, 3, 48), family="flux2")
     twice = text.ReferenceLatent(text.ReferenceLatent(cond, latent), latent)
-    assert len(twice.extras["reference_latent"]) == 2 and cond.extras == {}
+    assert len(twice.extras["reference_latents"]) == 2 and cond.extras == {}
+    ten = cond
+    for _ in range(10):
+        ten = text.ReferenceLatent(ten, latent)
+    with pytest.raises(ValueError, match="at most 10 reference"):
+        text.ReferenceLatent(ten, latent)
     once = text.ReferenceLatent(text.Conditioning(torch.zeros(1, 3, 32), family="flux"), latent)
     with pytest.raises(ValueError, match="at most 1 reference"):
         text.ReferenceLatent(once, latent)

@@ -96,6 +96,25 @@ def test_flux_dynamic_schedule_matches_diffusers():
     assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
 
 
+@pytest.mark.parametrize("scheduler", ["dynamic", "shifted"])
+def test_shift_terminal_schedules_match_diffusers(scheduler):
+    """Qwen-Image's released scheduler stretches its schedule to end at shift_terminal 0.02
+    (LTX-Video's at 0.1); "shifted" is the same config with a static shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from app.models.families import dynamic_mu
+
+    config = {"shift": 3.1, "use_dynamic_shifting": scheduler == "dynamic", "base_shift": 0.5, "max_shift": 0.9,
+              "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02}
+    qwen = ModelHandle(components("sd3")["transformer"], "qwen-image", scheduler_config=config)  # config is all it reads
+    ours = compute_sigmas(qwen, scheduler, 20, shift=3.1 if scheduler == "shifted" else 0.0, latent_hw=(128, 96))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=dynamic_mu(64 * 48, config))
+    assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
+    assert abs(float(ours[-2]) - 0.02) < 1e-6
+
+
 def test_wiring_mistakes_get_clear_errors(model):
     with pytest.raises(ValueError, match="expects 4"):
         Sampler(model, cond(1), Latent(torch.zeros(1, 16, 8, 8)))

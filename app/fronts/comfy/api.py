@@ -17,7 +17,7 @@ from app.fronts.comfy.table import NO_OUTPUT, TABLE, ComfyImportError, Translate
 
 # the ComfyUI nodes that only hand a MODEL on (for following ModelSampling* shifts to samplers)
 _SHIFT_SETTERS = {"ModelSamplingSD3", "ModelSamplingAuraFlow"}
-_MODEL_PASSING = {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingFlux", "ComfySwitchNode"}
+_MODEL_PASSING = {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingFlux", "ComfySwitchNode", "CFGNorm"}
 _SHIFT_TAKERS = {"KSampler", "BasicScheduler", "KSamplerAdvanced"}
 
 

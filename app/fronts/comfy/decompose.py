@@ -30,6 +30,15 @@ def negative_only(node_id: str, nodes: dict, notes: list, available: set) -> Non
         nodes[node_id]["type"] = "TextEncodeNegative"
 
 
+def constant_inputs(**values: Any):
+    """A fixup giving our node inputs the ComfyUI type implies (TextEncodeQwenImageEdit: mode "edit")."""
+
+    def fixup(node_id: str, nodes: dict, notes: list, available: set) -> None:
+        nodes[node_id]["inputs"].update(values)
+
+    return fixup
+
+
 _WIRED = {"EmptyLatent": ("model", "vae"), "EmptyVideoLatent": ("model",)}
 
 

@@ -27,7 +27,7 @@ NOT_EXPORTED = {"EmptyLatent": {"model", "vae"}, "Sampler": {"shift", "guidance"
                 "VAEDecode": {"tiled"}, "CheckpointLoader": {"config", "dtype", "device", "offload"},
                 "TextEncoderLoader": {"role", "dtype", "device"}, "SaveAnimated": {"format", "loop"},
                 "ApplyControlNet": {"model", "mode"}, "EmptyVideoLatent": {"model"}, "ImageToVideo": {"model"},
-                "SaveVideo": {"quality"}}
+                "SaveVideo": {"quality"}, "TextEncodeImageEdit": {"mode", "family"}}
 # inputs ComfyUI's node requires that ours lacks
 EXPORT_DEFAULTS = {"SaveAnimatedWEBP": {"lossless": False, "quality": 80, "method": "default"}, "SaveVideo": {"codec": "auto"}}
 VALUES_BACK = {"scheduler": {ours: comfy for comfy, ours in reversed(list(SCHEDULERS.items()))} | {"auto": "simple",
@@ -85,8 +85,8 @@ class _Exporter:
         self.add(f"{node_id}.shift", "ModelSamplingSD3", {"model": self.value(model), "shift": shift})
         return [f"{node_id}.shift", 0]
 
-    def generic(self, node_id: str, node: dict) -> None:
-        comfy, mapping = REVERSE[node["type"]]
+    def generic(self, node_id: str, node: dict, comfy: str | None = None) -> None:
+        comfy, mapping = (comfy, TABLE[comfy]) if comfy else REVERSE[node["type"]]
         back = {ours: theirs for theirs, ours in mapping.inputs.items()}
         skip = NOT_EXPORTED.get(node["type"], set())
         inputs = {}
@@ -101,6 +101,11 @@ class _Exporter:
             comfy = "VAEDecodeTiled"
             inputs.update(tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)
         self.add(node_id, comfy, {**EXPORT_DEFAULTS.get(comfy, {}), **inputs}, node.get("title"))
+
+    def image_edit(self, node_id: str, node: dict) -> None:
+        """TextEncodeImageEdit -> ComfyUI's Qwen edit node of its mode (auto: the Plus one, 2509/2511's)."""
+        mode = node.get("inputs", {}).get("mode")
+        self.generic(node_id, node, "TextEncodeQwenImageEdit" if mode == "edit" else "TextEncodeQwenImageEditPlus")
 
     def frame_rate(self, node_id: str, node: dict) -> None:
         """ConditioningFrameRate -> LTXVConditioning on that conditioning alone (its output 0)."""
@@ -204,7 +209,8 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
 
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
            "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression,
-           "ScaleToSide": _Exporter.scale_to_side, "Scheduler": _Exporter.scheduler}
+           "TextEncodeImageEdit": _Exporter.image_edit, "ScaleToSide": _Exporter.scale_to_side,
+           "Scheduler": _Exporter.scheduler}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:

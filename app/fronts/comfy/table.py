@@ -276,4 +276,10 @@ TABLE: dict[str, NodeMap] = {
     # HunyuanDiT (from its diffusers folder): one prompt feeds its BERT and mT5 encoders
     "CLIPTextEncodeHunyuanDiT": NodeMap("TextEncode", ("conditioning",), widgets=("bert", "mt5xl"),
                                         expand=d.one_prompt("mt5xl", "bert")),
+    # Qwen-Image-Edit: one TextEncodeImageEdit (nodes/text.py) whose mode is the ComfyUI type's
+    "TextEncodeQwenImageEdit": NodeMap("TextEncodeImageEdit", ("conditioning",), {"clip": "text_encoder", "prompt": "text"},
+                                       widgets=("prompt",), fixup=d.constant_inputs(mode="edit")),
+    "TextEncodeQwenImageEditPlus": NodeMap("TextEncodeImageEdit", ("conditioning",),
+                                           {"clip": "text_encoder", "prompt": "text", "image1": "image"},
+                                           widgets=("prompt",), fixup=d.constant_inputs(mode="edit-plus")),
 }

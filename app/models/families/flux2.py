@@ -7,7 +7,7 @@ token, with 4-D position ids (t, h, w, l). The schedule is the dynamic (exponent
 Black Forest Labs' empirical mu, which depends on the step count as well as the token count.
 
 Reference images (Flux2Pipeline's ``image``; ComfyUI's ReferenceLatent) are the conditioning's
-``extras["reference_latent"]`` (one latent or a tuple of them): their tokens follow the generated
+``extras["reference_latents"]`` (a tuple, one per ReferenceLatent): their tokens follow the generated
 ones with time coordinate 10, 20, ... and only the generated tokens come back.
 Flux.2 [klein] (Qwen3 text, real CFG) is ``flux2_klein.py``.
 """
@@ -86,11 +86,10 @@ class Flux2(Family):
         # position ids stay float32: text positions run to 511, beyond bf16's exact integers
         img_ids = handle.cached(("flux2_ids", 0, h, w), lambda: position_ids(0, h, w), torch.float32)
         extras = getattr(cond, "extras", None) or {}
-        references = extras.get("reference_latent")
-        if references is not None:
-            refs = references if isinstance(references, (tuple, list)) else (references,)
+        references = self.references(cond)
+        if references:
             parts, ids = [tokens], [img_ids]
-            for i, ref in enumerate(refs):
+            for i, ref in enumerate(references):
                 ref = ref.to(x_in.device, x_in.dtype)
                 rh, rw = ref.shape[-2:]
                 parts.append(ref.expand(b, *ref.shape[1:]).reshape(b, c, rh * rw).transpose(1, 2))

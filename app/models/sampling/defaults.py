@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 def model_variant(model: ModelHandle) -> Variant | None:
     """The few-step / guidance-distilled variant of ``model`` (None: the family's base model)."""
     manifest = {"variant": model.defaults["variant"], "defaults": model.defaults} if model.defaults.get("variant") else None
-    return detect_variant(model.family, dict(model.config), model.scheduler_config, model.source, manifest)
+    return detect_variant(model.family, dict(model.config), model.scheduler_config, model.source, manifest,
+                          model.pipeline)
 
 
 def sampling_defaults(model: ModelHandle) -> dict[str, Any]:
