@@ -37,7 +37,7 @@ DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
 STORAGE_CHOICES = list(weight_storage.STORAGES)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "llama", "minilm"]
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "llama", "minilm", "bert"]  # bert: HunyuanDiT's (auto: minilm)
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
 
@@ -116,10 +116,30 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "qwen2vl"  # Qwen-Image's text encoder
     if model_type == "llama":
         return "llama"  # HiDream's Llama-3.1-8B-Instruct
+    if model_type == "mistral3":
+        return "mistral3"  # Flux.2 [dev]'s (Mistral-Small-3.1)
+    if model_type == "qwen3":
+        return "qwen3"  # Flux.2 [klein]'s
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, Llama "
-                     "or MiniLM/BERT)")
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, Llama, "
+                     "Mistral-3, Qwen3 or MiniLM/BERT)")
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _load_tokenizer(folder: Path, slot: str) -> Any:
+    """The tokenizer of ``folder``; Flux.2's Mistral ships a PixtralProcessor whose files may hold
+    the chat template the text recipe applies, so that slot loads the processor when there is one."""
+    import transformers
+
+    if slot == "mistral3" and any((folder / name).is_file() for name in PROCESSOR_FILES):
+        try:
+            return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        except Exception:  # the plain tokenizer still encodes text when its files carry the template
+            pass
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,
@@ -148,7 +168,7 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
         raise LoadFailed(f"{folder}: could not load text encoder {cls.__name__}: {type(exc).__name__}: {exc}") from None
     tok_dir = tokenizer_folder or folder
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = _load_tokenizer(tok_dir, slot)
     except Exception as exc:
         raise LoadFailed(f"{tok_dir}: no usable tokenizer files ({type(exc).__name__}: {exc})") from None
     if slot == "gemma":
@@ -305,7 +325,8 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
         raise LoadFailed(f"{file}: the tensors look like a {guessed} model but config {transformer_cfg_dir} is {family}")
     cls = getattr(diffusers, class_name)
     subfolder = "transformer" if transformer_cfg_dir != config_dir else None
-    model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage)
+    model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage,
+                          families.get(family))
     model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
     handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file),
                          pipeline=_pipeline_class(config_dir))
@@ -314,7 +335,7 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
 
 
 def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: str | None, keys: list[str],
-                  raw: dict, scales: dict, dtype: torch.dtype, storage: str) -> torch.nn.Module:
+                  raw: dict, scales: dict, dtype: torch.dtype, storage: str, fam: families.Family) -> torch.nn.Module:
     """The transformer from a single file's tensors: directly when its keys are diffusers' (fp8
     weights kept when ``storage`` is auto), else through diffusers' single-file conversion."""
     if file.suffix == ".gguf":
@@ -342,8 +363,17 @@ def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: st
         if keep_fp8:
             weight_storage.keep_fp8(model, {_strip(k): v for k, v in scales.items()}, dtype)
         return model
+    mapped = fam.original_to_diffusers({_strip(k): v for k, v in raw.items()})  # renames, no copies
+    if mapped is not None and wanted <= set(mapped):  # an original layout the family maps itself
+        if scales:
+            raise LoadFailed(f"{file}: scaled fp8 weights in {cls.__name__}'s original layout are not supported; "
+                             "use a bf16/fp16 file or a diffusers folder")
+        model = cls.from_config(config).to(dtype)
+        model.load_state_dict({k: weight_storage.stored_dtype(mapped[k], dtype, None, False) for k in wanted}, strict=True)
+        return model
     try:  # original (BFL/SAI) key layouts: diffusers converts them, scales applied first
-        return cls.from_single_file(weight_storage.dequantized(raw, scales, dtype), config=str(config_dir),
+        tensors = fam.converter_tensors(weight_storage.dequantized(raw, scales, dtype))
+        return cls.from_single_file(tensors, config=str(config_dir),
                                     subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except Exception as exc:
         missing = sorted(wanted - set(stripped))[:5]

@@ -185,12 +185,16 @@ def TextEncodeImageEdit(
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})
 def ReferenceLatent(conditioning: CONDITIONING, latent: LATENT) -> Conditioning:
-    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext,
-    Qwen-Image-Edit); each ReferenceLatent adds one more image."""
-    if conditioning.family and not families.get(conditioning.family).reference_latents:
-        kinds = ", ".join(f.name for f in families.FAMILIES.values() if f.reference_latents)
-        raise ValueError(f"{conditioning.family} models take no reference image ({kinds} do)")
-    return conditioning.with_extras(reference_latents=(*references_of(conditioning), latent.samples))
+    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext, Flux.2,
+    Qwen-Image-Edit); each ReferenceLatent adds one more image, up to the number the model takes."""
+    out = conditioning.with_extras(reference_latents=(*references_of(conditioning), latent.samples))
+    if conditioning.family:
+        fam = families.get(conditioning.family)
+        if not fam.reference_latents:
+            kinds = ", ".join(f.name for f in families.FAMILIES.values() if f.reference_latents)
+            raise ValueError(f"{conditioning.family} models take no reference image ({kinds} do)")
+        fam.references(out)  # refuses one beyond the family's count (Kontext: 1)
+    return out
 
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})

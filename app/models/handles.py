@@ -244,7 +244,7 @@ class ModelHandle(Resident):
     @property
     def sigma_max(self) -> float:
         """The largest flow sigma the model was trained on (1 for flow models)."""
-        if self.info.prediction == "eps":
+        if self.info.discrete_time:
             ve = float(self.sigma_table()[-1])
             return ve / (1 + ve)
         return 1.0
@@ -347,11 +347,13 @@ class ModelHandle(Resident):
         pooled = None if getattr(cond, "pooled", None) is None else cond.pooled.to(self.device, self.dtype)
         return embeds, pooled, mask
 
-    def cached(self, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A small derived tensor (position ids) built once per key, device and dtype."""
-        full = (key, self.device, self.dtype)
+    def cached(self, key: Any, build: Callable[[], torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small derived tensor (position ids) built once per key, device and dtype (default:
+        the handle's)."""
+        dtype = dtype or self.dtype
+        full = (key, self.device, dtype)
         if full not in self._cache:
-            self._cache[full] = build().to(self.device, self.dtype)
+            self._cache[full] = build().to(self.device, dtype)
         return self._cache[full]
 
     def timesteps_for(self, sigma_host: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@
   nf4        bitsandbytes 4-bit (optional: ``pip install bitsandbytes``)
 
 Pre-quantized single files: ComfyUI fp8 safetensors (float8 tensors), "scaled fp8" ones (a
-``scaled_fp8`` marker and a per-tensor ``<layer>.scale_weight``: real weight = fp8 × scale;
+``scaled_fp8`` marker and a per-tensor ``<layer>.scale_weight``, or comfy-kitchen's layout as in
+Comfy-Org's "fp8mixed" files: ``<layer>.weight_scale`` and a ``<layer>.comfy_quant`` JSON marker
+per quantized layer, the other layers bf16): real weight = fp8 × scale;
 the fp8 tensor is kept and the scale applied when the layer runs, through a torch
 parametrization) and GGUF files (diffusers ``GGUFQuantizationConfig``; the ``gguf`` package).
 Every file is read with safetensors or gguf's reader (no pickles) and checked before use:
@@ -17,6 +19,7 @@ a truncated file or a tensor whose claimed type does not match its bytes is refu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,7 +31,10 @@ FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_DTYPES = frozenset(FP8.values())
 TORCHAO = {"int8": "int8-weight-only", "float8": "fp8-weight-only"}
 SCALED_MARKER = "scaled_fp8"
-SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale")
+WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # older scaled fp8, comfy-kitchen
+QUANT_MARKER = ".comfy_quant"  # comfy-kitchen: the layer's format as UTF-8 JSON bytes
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 class WeightFileError(ValueError):
@@ -64,12 +70,15 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, flo
     except Exception as exc:
         raise WeightFileError(f"{file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
     scaled = raw.pop(SCALED_MARKER, None) is not None
+    for key in [k for k in raw if k.endswith(QUANT_MARKER)]:
+        _check_quant_format(file, key, raw.pop(key))
+        scaled = True
     scales: dict[str, float] = {}
     for key in [k for k in raw if k.endswith(SCALE_SUFFIXES)]:
         value = raw.pop(key)
-        if key.endswith(".scale_input"):
+        if not key.endswith(WEIGHT_SCALES):
             continue  # only fp8 × fp8 matmuls use input scales; compute here is bf16
-        weight_key = key[: -len(".scale_weight")] + ".weight"
+        weight_key = key.rsplit(".", 1)[0] + ".weight"
         if weight_key not in raw:
             raise WeightFileError(f"{file}: {key} scales a tensor that is not in the file ({weight_key})")
         if value.numel() != 1 or not value.dtype.is_floating_point:
@@ -80,8 +89,20 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, flo
                                   "the file claims a scaled-fp8 layout it does not hold")
         scales[weight_key] = float(value.float())
     if scaled and not scales:
-        raise WeightFileError(f"{file}: marked {SCALED_MARKER!r} but holds no .scale_weight tensors")
+        raise WeightFileError(f"{file}: marked as scaled fp8 ({SCALED_MARKER!r} or {QUANT_MARKER!r}) but holds no "
+                              ".scale_weight / .weight_scale tensors")
     return raw, scales
+
+
+def _check_quant_format(file: Path, key: str, blob: torch.Tensor) -> None:
+    """A comfy-kitchen layer marker must name an fp8 format (per-tensor scale): others are refused."""
+    try:
+        fmt = json.loads(bytes(blob.flatten().to(torch.uint8).tolist())).get("format")
+    except (ValueError, AttributeError, RuntimeError):
+        raise WeightFileError(f"{file}: {key} is not a comfy_quant JSON marker") from None
+    if fmt not in FP8_FORMATS:
+        raise WeightFileError(f"{file}: {key} quantizes its layer as {fmt!r}; ditgraph reads fp8 layers "
+                              f"({', '.join(FP8_FORMATS)}) with one scale each, not {fmt!r} (use a bf16 or fp8 file)")
 
 
 def stored_dtype(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None, keep_fp8: bool = True) -> torch.Tensor:
@@ -132,7 +153,7 @@ def check_gguf(file: Path) -> None:
                               f"({type(exc).__name__}: {exc})") from None
     plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     spans = sorted((t.data_offset, t.n_bytes, t.name) for t in reader.tensors)
-    for (start, length, name), following in zip(spans, [*spans[1:], (size, 0, "")]):
+    for (start, length, name), following in zip(spans, [*spans[1:], (size, 0, "")], strict=True):
         if start + length > following[0]:
             raise WeightFileError(f"{file}: tensor {name} claims {length} bytes at {start} but only "
                                   f"{following[0] - start} are there (truncated file or wrong type claim)")

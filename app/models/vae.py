@@ -41,17 +41,18 @@ class VAEHandle(Resident):
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the normalised latents (Flux.2: the VAE's 32 patchified to 128)."""
         c = self.vae.config
-        return int(getattr(c, "latent_channels", None) or c.z_dim)  # Wan calls it z_dim
+        return int(getattr(c, "latent_channels", None) or c.z_dim) * self.family.vae_patch(self.vae) ** 2  # Wan: z_dim
 
     @property
     def factor(self) -> int:
-        """Spatial downsampling."""
+        """Spatial downsampling of the normalised latents."""
         ratio = getattr(self.vae, "spatial_compression_ratio", None)  # video VAEs, DC-AE
         if ratio:
             return int(ratio)
         c = self.vae.config
-        return 2 ** (len(c.block_out_channels) - 1)
+        return 2 ** (len(c.block_out_channels) - 1) * self.family.vae_patch(self.vae)
 
     @property
     def temporal_factor(self) -> int:

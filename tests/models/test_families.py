@@ -48,7 +48,7 @@ def test_family_facts_name_real_diffusers_classes(name):
     if fam.pipeline_class:  # the text components the encoder builds the pipeline with exist there
         params = inspect.signature(getattr(diffusers, fam.pipeline_class).__init__).parameters
         assert set(fam.pipeline_text_slots.values()) <= set(params)
-    assert fam.prediction in ("flow", "flow_reversed", "eps")
+    assert fam.prediction in ("flow", "flow_reversed", "eps", "v")
     assert fam.vae_factor >= 1 and fam.temporal_factor >= 1 and fam.latent_channels >= 1
 
 
@@ -58,6 +58,8 @@ def test_detection_by_config_pipeline_and_folder(name, tmp_path):
     config = {"_class_name": fam.transformer_class}
     if name == "shapes-dit":  # the bundled model is an SD3 transformer with MiniLM-sized text inputs
         config.update(joint_attention_dim=384, pooled_projection_dim=384)
+    if name == "flux2-klein":  # Flux.2's transformer without the guidance embedding
+        config.update(guidance_embeds=False)
     assert families.detect_config_family(config) == name
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
@@ -91,6 +93,13 @@ def test_unknown_folders_and_classes_are_reported(tmp_path):
     (["register_tokens", "joint_transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.x"], "auraflow"),
     (["model.diffusion_model.txt_norm.weight", "model.diffusion_model.transformer_blocks.0.img_mod.1.weight"],
      "qwen-image"),  # ComfyUI repack (the original release uses the same names unprefixed)
+    # Flux.2: original/ComfyUI names (its double_blocks are also Flux.1's), diffusers names; [klein] has no guidance
+    (["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight", "guidance_in.in_layer.weight",
+      "single_stream_modulation.lin.weight"], "flux2"),
+    (["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight",
+      "single_stream_modulation.lin.weight"], "flux2-klein"),
+    (["single_stream_modulation.linear.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"], "flux2"),
+    (["blocks.0.attn1.Wqkv.weight", "text_embedding_padding", "mlp_t5.fc1.weight"], "hunyuan-dit"),  # original
     (["some.unknown.weight"], None),
 ])
 def test_state_dict_detection(keys, expected):
@@ -108,6 +117,7 @@ def test_shapes_dit_accepts_sd3_named_weights_but_not_flux():
     ({"t5"}, "pixart"), ({"minilm"}, "shapes-dit"), ({"gemma"}, None),  # Gemma: Sana or Lumina 2
     ({"umt5"}, "wan"),  # LTX's lone T5 is never guessed (PixArt's too): it comes from the checkpoint
     ({"qwen2vl"}, "qwen-image"),  # Chroma's T5 and AuraFlow's UMT5 are never guessed either
+    ({"mistral3"}, "flux2"), ({"qwen3"}, "flux2-klein"), ({"bert", "t5"}, "hunyuan-dit"),
 ])
 def test_text_encoder_slots_guess_the_family(slots, expected):
     encoders = TextEncoders({s: (None, None) for s in slots})

@@ -34,7 +34,6 @@ from app.models.patches.lora import lora_patch, read_lora
 from app.models.sampling import compute_sigmas, make_noise, sample, sampling_defaults
 from app.models.sampling.schedules import model_shift
 from nodes.text import Conditioning
-from tests.fixtures.cache_models import summaries  # noqa: F401 (fixture)
 from tests.fixtures.lora import assert_patch_matches
 from tests.fixtures.parity import PROMPT, SEED, SIZE, rel_l2, workflow
 from tests.fixtures.tiny_hidream import save_hidream, scheduler, tiny_hidream, tiny_transformer
@@ -226,18 +225,18 @@ def three_single_blocks():
     return handle, run, run(handle)
 
 
-def test_cache_methods_hook_the_single_stream_blocks(three_single_blocks, summaries):  # noqa: F811 (the fixture)
+def test_cache_methods_hook_the_single_stream_blocks(three_single_blocks, summaries):
     from app.models import accelerators as hooks
-    from tests.fixtures.cache_models import METHODS, no_cache_hooks
+    from tests.fixtures.cache_models import METHODS, no_cache_hooks, skipped
 
     handle, run, reference = three_single_blocks
     assert hooks.stack_blocks(handle.transformer) == list(handle.transformer.single_stream_blocks)
     for method, (never, aggressive) in METHODS.items():
         assert torch.equal(run(handle.with_patch(hooks.CachePatch(never))), reference), method
-        assert summaries[-1]["blocks_skipped"] == 0, method
+        assert skipped(summaries[-1]) == 0, method
         model = handle.with_patch(hooks.CachePatch(aggressive))
         first, second = run(model), run(model)
-        assert summaries[-2]["blocks_skipped"] > 0, f"{method} skipped nothing"
+        assert skipped(summaries[-2]) > 0, f"{method} skipped nothing"
         assert torch.isfinite(first).all() and torch.equal(first, second) and not torch.equal(first, reference), method
         assert no_cache_hooks(handle)
 

@@ -161,7 +161,7 @@ def test_reference_latents_add_up_and_each_model_takes_what_it_can():
     flux = ModelHandle(components("flux")["transformer"], "flux")
     kontext = Conditioning(torch.zeros(1, 3, 32), torch.zeros(1, 32), family="flux",
                            extras={"reference_latents": (torch.zeros(1, 16, 4, 4),) * 2})
-    with pytest.raises(ValueError, match="one reference image"):
+    with pytest.raises(ValueError, match="at most 1 reference image"):
         flux.predict(torch.zeros(1, 16, 4, 4), 0.5, kontext)
     pos, neg = (Conditioning(torch.zeros(1, 3, 32), torch.zeros(1, 32), family="flux",
                              extras={"reference_latents": (torch.full((1, 4, 4, 4), float(i)),)}) for i in range(2))

@@ -26,9 +26,20 @@ def test_detection_from_configs_and_names():
     assert detect_variant("pixart", {}, {"_class_name": "DPMSolverMultistepScheduler"}) is None
     assert detect_variant("sana", {"guidance_embeds": True}, {}).name == "sana-sprint"
     assert detect_variant("sana", {"guidance_embeds": False}, {}) is None
+    assert detect_variant("flux2", {"guidance_embeds": True}, {}).embedded_guidance == 4.0
+    assert detect_variant("flux2-klein", {}, {}, "/models/flux-2-klein-4b-fp8.safetensors").steps == 4
+    assert detect_variant("flux2-klein", {}, {}, "/models/FLUX.2-klein-base-9B") is None
     manifest = {"variant": "shapes-dit-turbo", "defaults": {"steps": 4, "cfg": 1.0, "scheduler": "shifted"}}
     student = detect_variant("shapes-dit", {}, {}, "", manifest)
     assert (student.name, student.steps, student.scheduler) == ("shapes-dit-turbo", 4, "shifted")
+
+
+def test_flux2_klein_distilled_from_model_index(tmp_path):
+    """diffusers' Flux2KleinPipeline folders say is_distilled in model_index.json, whatever their name."""
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline", "is_distilled": true}')
+    assert detect_variant("flux2-klein", {}, {}, str(tmp_path)).name == "flux2-klein-distilled"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline", "is_distilled": false}')
+    assert detect_variant("flux2-klein", {}, {}, str(tmp_path / "")) is None
 
 
 def test_guidance_warning_only_for_real_cfg_on_distilled_models():

@@ -211,12 +211,20 @@ def clip_text_encode_flux(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict
             {"conditioning": {"from": [f"{node_id}.1", "conditioning"]}, "guidance": ctx.value(node_id, raw, "guidance", 3.5)})
 
 
-def clip_text_encode_sd3(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
-    """CLIPTextEncodeSD3 -> TextEncode with one prompt (the T5 one, else CLIP-L's)."""
-    prompts = [ctx.value(node_id, raw, name, "") for name in ("t5xxl", "clip_l", "clip_g")]
-    if len({p for p in prompts if p}) > 1:
-        ctx.note(node_id, raw, "one prompt feeds all three encoders here: the T5 prompt was kept")
-    return {}, {"text_encoder": ctx.value(node_id, raw, "clip"), "text": next((p for p in prompts if p), "")}
+def one_prompt(*names: str):
+    """A text node with one prompt per encoder -> TextEncode with one prompt: the first non-empty
+    of ``names`` (in preference order), noted when they differed."""
+    def expand(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+        prompts = [ctx.value(node_id, raw, name, "") for name in names]
+        kept = next((p for p in prompts if p), "")
+        if len({p for p in prompts if p}) > 1:
+            ctx.note(node_id, raw, f"one prompt feeds every encoder here: the first non-empty of {', '.join(names)} was kept")
+        return {}, {"text_encoder": ctx.value(node_id, raw, "clip"), "text": kept}
+
+    return expand
+
+
+clip_text_encode_sd3 = one_prompt("t5xxl", "clip_l", "clip_g")  # CLIPTextEncodeSD3: the T5 prompt, else CLIP-L's
 
 
 _CONTROL_APPLY = {"ControlNetApply", "ControlNetApplyAdvanced", "ControlNetApplySD3"}

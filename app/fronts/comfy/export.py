@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.fronts.comfy.decompose import COMBINE_SLOTS
+from app.fronts.comfy.families import file_family
 from app.fronts.comfy.regroup import inline
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
@@ -147,6 +148,30 @@ class _Exporter:
             "noise": [f"{node_id}.noise", 0], "guider": [f"{node_id}.guider", 0], "sampler": [f"{node_id}.sampler", 0],
             "sigmas": self.value(inputs.get("sigmas")), "latent_image": self.value(inputs.get("latent"))}, node.get("title"))
 
+    def scheduler(self, node_id: str, node: dict) -> None:
+        """The 'auto' Scheduler of a Flux.2 model, or one sized by links (what ComfyUI's Flux2Scheduler
+        imports as), goes back to Flux2Scheduler, which takes the size and shifts as Flux.2 does;
+        BasicScheduler takes no size (the import reads a constant one off the empty latent)."""
+        inputs = node.get("inputs", {})
+        sized_by_links = any(isinstance(inputs.get(k), dict) for k in ("width", "height"))
+        plain = inputs.get("scheduler", "auto") == "auto" and not inputs.get("shift") and inputs.get("denoise", 1.0) == 1.0
+        if not (plain and (sized_by_links or self.model_file_family(inputs.get("model")) == "flux2")):
+            return self.generic(node_id, node)
+        self.add(node_id, "Flux2Scheduler", {k: self.value(inputs[k]) for k in ("steps", "width", "height") if k in inputs},
+                 node.get("title"))
+
+    def model_file_family(self, model: Any) -> str | None:
+        """The family ComfyUI's import would read off the model file a MODEL link comes from (through patches)."""
+        seen = set()
+        while isinstance(model, dict) and "from" in model and model["from"][0] not in seen:
+            seen.add(model["from"][0])
+            source = self.nodes.get(model["from"][0]) or {}
+            if source.get("type") == "CheckpointLoader":
+                name = source.get("inputs", {}).get("checkpoint")
+                return file_family(name) if isinstance(name, str) else None
+            model = source.get("inputs", {}).get("model")
+        return None
+
     def combine(self, node_id: str, node: dict) -> None:
         """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/Triple/QuadrupleCLIPLoader."""
         inputs = node.get("inputs", {})
@@ -184,7 +209,8 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
 
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
            "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression,
-           "TextEncodeImageEdit": _Exporter.image_edit, "ScaleToSide": _Exporter.scale_to_side}
+           "TextEncodeImageEdit": _Exporter.image_edit, "ScaleToSide": _Exporter.scale_to_side,
+           "Scheduler": _Exporter.scheduler}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:

@@ -36,6 +36,9 @@ NAMES = {
     "wan-animate": "Wan Animate", "wan-tracks": "Wan ATI/Move (motion tracks)", "wan-scail": "Wan SCAIL",
     "wan-dancer": "Wan Dancer", "wan-ar": "Wan causal-forcing (autoregressive)", "bernini": "Bernini-R",
     "llm": "text generation (an LLM, not a diffusion model)",
+    # Flux.2 and the models that share its VAE and latents (EmptyFlux2LatentImage) but not its transformer
+    "flux2-klein": "Flux.2 [klein]", "flux2-kv": "Flux.2 [klein] KV (cached reference-image attention)",
+    "flux3": "Flux.3", "ernie-image": "ERNIE-Image", "ideogram4": "Ideogram 4",
 }
 # -- models that share a runnable family's file names or nodes but are not it (issue 23) --------
 # Their workflows would otherwise pass for Qwen-Image, Chroma or Flux ones, or (when their loaders
@@ -74,7 +77,8 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
     *DISTINCT_MODEL_FILES,
     ("kontext", "flux-kontext"), ("flux1-fill", "flux-fill"), ("fill-dev", "flux-fill"), ("flux1-canny", "flux-canny"),
     ("flux1-depth-dev.", "flux-depth"), ("flux1-depth-dev-f", "flux-depth"), ("redux", "flux-redux"),
-    ("flux2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux3", "flux2"), ("chroma", "chroma"),
+    ("flux2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux3", "flux3"), ("ernie-image", "ernie-image"),
+    ("ideogram", "ideogram4"), ("chroma", "chroma"),
     ("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("pixart", "pixart"), ("sana", "sana"),
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
@@ -110,7 +114,8 @@ NODE_TYPES = {
     "EmptyFlux2LatentImage": "flux2", "Flux2Scheduler": "flux2", "EmptyHunyuanImageLatent": "hunyuan-image",
     "CLIPTextEncodeSDXL": "sdxl", "CLIPTextEncodeSDXLRefiner": "sdxl", "EmptyMochiLatentVideo": "mochi",
     "StableCascade_EmptyLatentImage": "stable-cascade", "InstructPixToPixConditioning": "flux-depth",
-    "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
+    "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "LotusConditioning": "lotus", "FluxKVCache": "flux2-kv",
+    "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
 }
 NODE_TYPES.update(DISTINCT_NODE_TYPES)
 CLIP_TYPES = {
@@ -118,6 +123,7 @@ CLIP_TYPES = {
     "wan": "wan", "ltxv": "ltx", "cosmos": "cosmos", "hunyuan_video": "hunyuan-video", "mochi": "mochi", "sdxl": "sdxl",
     "stable_cascade": "stable-cascade", "omnigen2": "omnigen2", "ace": "ace-step", "stable_audio": "stable-audio",
     "hunyuan_image": "hunyuan-image", "flux2": "flux2", "ovis": "ovis", "lumina2": "lumina2", "stable_diffusion": "sd1",
+    "flux3": "flux3", "ideogram4": "ideogram4", "moss_image": "moss",
 }
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}
 # node types used by many families: they refine a family found otherwise, never name one alone
@@ -133,6 +139,11 @@ def name_of(family: str) -> str:
 def _file_family(filename: str, patterns: tuple[tuple[str, str], ...] = MODEL_FILES) -> str | None:
     lowered = filename.lower().replace("\\", "/").rsplit("/", 1)[-1]
     return next((key for pattern, key in patterns if pattern in lowered), None)
+
+
+def file_family(filename: str) -> str | None:
+    """The family a model file's name says (None: it says nothing)."""
+    return _file_family(filename)
 
 
 def detect(api: dict[str, dict]) -> dict[str, str]:

@@ -267,6 +267,15 @@ TABLE: dict[str, NodeMap] = {
                                  passthrough={0: "images"}),
     "ImageFromBatch": NodeMap("ImageFromBatch", ("image",), {"batch_index": "index"}, widgets=("batch_index", "length")),
     "ModelAttentionBackend": NodeMap("AttentionBackend", ("model",), widgets=("attention",), expand=d.attention_backend),
+    # Flux.2 [dev] / [klein]: their latents are EmptyLatent's for the model (128 channels at 1/16),
+    # their schedule the scheduler 'auto' (Flux.2's empirical shift for steps and size)
+    "EmptyFlux2LatentImage": NodeMap("EmptyLatent", ("latent",), widgets=("width", "height", "batch_size"),
+                                     fixup=d.wire_empty_latent),
+    "Flux2Scheduler": NodeMap("Scheduler", ("sigmas",), widgets=("steps", "width", "height"),
+                              fixup=d.wire_scheduler_model),
+    # HunyuanDiT (from its diffusers folder): one prompt feeds its BERT and mT5 encoders
+    "CLIPTextEncodeHunyuanDiT": NodeMap("TextEncode", ("conditioning",), widgets=("bert", "mt5xl"),
+                                        expand=d.one_prompt("mt5xl", "bert")),
     # Qwen-Image-Edit: one TextEncodeImageEdit (nodes/text.py) whose mode is the ComfyUI type's
     "TextEncodeQwenImageEdit": NodeMap("TextEncodeImageEdit", ("conditioning",), {"clip": "text_encoder", "prompt": "text"},
                                        widgets=("prompt",), fixup=d.constant_inputs(mode="edit")),

@@ -3,13 +3,13 @@ the MODEL patch and the run listeners.
 
 The transformer's block stack (SD3/shapes-dit ``transformer_blocks``; Flux
 ``transformer_blocks`` + ``single_transformer_blocks``; PixArt, Sana and LTX-Video
-``transformer_blocks``; Lumina 2 ``layers``; Wan ``blocks``; HiDream ``single_stream_blocks`` only:
-its double-stream blocks return (image, text) and are fed a new text sequence each, so they always
-run) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``), installed
-in ``begin_run`` and removed in ``end_run``. A model with two experts (Wan 2.2) has both stacks
-hooked; each expert's calls get slots of their own, so one expert never reuses the other's
-residuals. Methods that act inside blocks (attention broadcast) also hook the blocks' attention
-modules (:meth:`CacheMethod.attention`).
+``transformer_blocks``; Lumina 2 ``layers``; HunyuanDiT and Wan ``blocks``; HiDream
+``single_stream_blocks`` only: its double-stream blocks return (image, text) and are fed a new text
+sequence each, so they always run) gets one diffusers :class:`ModelHook` per block
+(``diffusers.hooks.HookRegistry``), installed in ``begin_run`` and removed in ``end_run``. A model
+with two experts (Wan 2.2) has both stacks hooked; each expert's calls get slots of their own, so
+one expert never reuses the other's residuals. Methods that act inside blocks (attention
+broadcast) also hook the blocks' attention modules (:meth:`CacheMethod.attention`).
 
 A block's *streams* are its image tokens and, for joint blocks that return
 ``(encoder_hidden_states, hidden_states)``, its text tokens.

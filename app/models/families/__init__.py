@@ -11,7 +11,7 @@ Adding a family
 ---------------
 1. Create ``app/models/families/<name>.py`` with a ``Family`` subclass:
    - facts: ``name``, ``transformer_class``, ``pipeline_class`` (+ ``pipeline_aliases``),
-     ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps"), ``latent_channels``,
+     ``vae_class``, ``prediction`` ("flow" | "flow_reversed" | "eps" | "v"), ``latent_channels``,
      ``vae_factor``, ``pack``; video families set ``video = True``, ``temporal_factor``,
      ``default_frames``/``default_fps`` (latents become (B, C, F, H, W)); ``text_slots`` and
      ``pipeline_text_slots`` (slot -> pipeline component), defaults (``default_steps``,
@@ -21,8 +21,8 @@ Adding a family
      ``timestep``, ``unpack_output``, ``normalise_latents``/``denormalise_latents`` (VAE
      statistics), ``matches_state_dict``, ``convert_lora``/``lora_name_table``,
      ``image_to_video_condition``, ``pick_transformer`` only where the defaults do not fit;
-     editing models set ``reference_latents`` (input images' latents as extra tokens, read with
-     ``base.references_of(cond)``) and ``edit_modes`` with ``encode_text_with_images`` /
+     editing models set ``reference_latents`` (how many input images' latents they take as extra
+     tokens, read with ``self.references(cond)``) and ``edit_modes`` with ``encode_text_with_images`` /
      ``reference_images`` (the TextEncodeImageEdit node; Qwen-Image-Edit);
    - ``FAMILY = YourFamily()`` at the bottom.
 2. Set ``detect_priority`` above a family whose detection yours refines (shapes-dit > sd3).

@@ -11,6 +11,7 @@ x_s = (1 - s) x0 + s noise, velocity v = noise - x0:
   "flow_reversed" Lumina 2: timestep 1 - s, predicts x0 - noise (= -v)
   "eps"           PixArt: a discrete-time epsilon model (VP); s is mapped to the VE sigma
                   s/(1-s), then to its (fractional) training timestep.
+  "v"             HunyuanDiT: the same discrete-time VP model predicting v = alpha eps - sigma x0.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Family:
     pipeline_aliases: ClassVar[tuple[str, ...]] = ()  # other pipeline class names detected as this family
     vae_class: ClassVar[str] = "AutoencoderKL"
     # -- latent layout -------------------------------------------------------------------------
-    prediction: ClassVar[str] = "flow"  # "flow" | "flow_reversed" | "eps"
+    prediction: ClassVar[str] = "flow"  # "flow" | "flow_reversed" | "eps" | "v"
     latent_channels: ClassVar[int] = 16
     vae_factor: ClassVar[int] = 8  # VAE spatial downsampling
     temporal_factor: ClassVar[int] = 1  # VAE temporal downsampling (video families; 1 = images)
@@ -57,7 +58,9 @@ class Family:
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
-    reference_latents: ClassVar[bool] = False  # Flux Kontext, Qwen-Image-Edit: input images' latents as extra tokens
+    # how many input images' latents it takes as extra tokens (Kontext 1, Flux.2 10, Qwen-Image-Edit
+    # ANY_NUMBER); the ReferenceLatent node and the model call refuse more (:meth:`references`)
+    reference_latents: ClassVar[int] = 0
     edit_modes: ClassVar[tuple[str, ...]] = ()  # image-conditioned text recipes (encode_text_with_images)
     joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
     cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it
@@ -67,6 +70,11 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name})"
+
+    @property
+    def discrete_time(self) -> bool:
+        """A discrete-time VP model (eps or v prediction): training timesteps, a top sigma below 1."""
+        return self.prediction in ("eps", "v")
 
     # -- detection -------------------------------------------------------------------------------
     def matches_config(self, config: dict) -> bool:
@@ -80,6 +88,16 @@ class Family:
     def matches_state_dict(self, joined_keys: str) -> bool:
         """Whether single-file tensor names (newline-joined) look like this family."""
         return False
+
+    def original_to_diffusers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A single file's tensors (prefixes stripped) renamed to diffusers' names, for families whose
+        original layout diffusers has no single-file converter for (HunyuanDiT); None: not such a file."""
+        return None
+
+    def converter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A single file's tensors as diffusers' single-file converter for this family expects them
+        (e.g. without a ComfyUI prefix the converter does not strip)."""
+        return tensors
 
     def accepts_state_dict_of(self, guessed: str) -> bool:
         """Whether weights guessed as ``guessed`` may load into this family's transformer."""
@@ -128,6 +146,11 @@ class Family:
     def denormalise_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         return z / _config_float(vae, "scaling_factor", 1.0) + _config_float(vae, "shift_factor", 0.0)
 
+    def vae_patch(self, vae: Any) -> int:
+        """Side of the VAE-latent patches :meth:`normalise_latents` folds into channels (Flux.2: 2):
+        normalised latents have p*p times the VAE's channels at 1/p of its resolution."""
+        return 1
+
     def decode_kwargs(self, vae: torch.nn.Module, z: torch.Tensor) -> dict:
         """Extra arguments of ``vae.decode`` (LTX's timestep-conditioned decoder)."""
         return {}
@@ -141,10 +164,18 @@ class Family:
         """Which transformer evaluates this call (Wan 2.2: a high- and a low-noise expert)."""
         return handle.transformer
 
+    # -- schedule --------------------------------------------------------------------------------
+    def dynamic_shift_mu(self, image_seq_len: int, steps: int, scheduler_config: dict) -> float:
+        """mu of the "dynamic" schedule (exponential time shift): Flux.1/SD3.5's linear rule in the
+        token count, with the scheduler config's base/max shift and sequence lengths."""
+        from app.models.families import dynamic_mu
+
+        return dynamic_mu(image_seq_len, scheduler_config)
+
     # -- model call ------------------------------------------------------------------------------
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Engine latents -> the transformer's input space (eps: VE sample, scaled)."""
-        if self.prediction != "eps":
+        """Engine latents -> the transformer's input space (eps/v: VE sample, scaled)."""
+        if not self.discrete_time:
             return x
         shape = (-1,) + (1,) * (x.dim() - 1)
         ve = (sigma / (1 - sigma).clamp(min=1e-12)).view(shape)
@@ -153,7 +184,7 @@ class Family:
 
     def timestep(self, handle: Any, sigma: torch.Tensor, sigma_host: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input for engine sigmas (flow default: s * 1000)."""
-        if self.prediction == "eps":
+        if self.discrete_time:
             return handle.timesteps_for(sigma_host)
         return sigma * 1000
 
@@ -174,9 +205,12 @@ class Family:
             return out
         if self.prediction == "flow_reversed":
             return -out
-        # eps: x0 = x_ve - ve * eps; v = eps - x0
         s = sigma.view((-1,) + (1,) * (x.dim() - 1))
         ve = s / (1 - s).clamp(min=1e-12)
+        if self.prediction == "v":  # VP sample c x_ve (c = 1/sqrt(ve² + 1)): x0 = c² x_ve - ve c v, eps = ve c² x_ve + c v
+            x_ve, c2 = x / (1 - s).clamp(min=1e-12), 1 / (ve**2 + 1)
+            return (ve * c2 * x_ve + c2.sqrt() * out) - (c2 * x_ve - ve * c2.sqrt() * out)
+        # eps: x0 = x_ve - ve * eps; v = eps - x0
         x0 = x / (1 - s).clamp(min=1e-12) - ve * out
         return out - x0
 
@@ -218,6 +252,15 @@ class Family:
         """(embeds, pooled | None, mask | None) of an edit instruction that sees ``images`` (each
         (1, H, W, 3) in [0, 1]) through the text encoder; ``mode`` is one of ``edit_modes``."""
         raise ValueError(f"{self.name} has no image-conditioned text encoding (Qwen-Image-Edit has)")
+
+    def references(self, cond: Any) -> tuple[torch.Tensor, ...]:
+        """The input images' latents ``cond`` carries, refused beyond the ``reference_latents`` it takes."""
+        found = references_of(cond)
+        if len(found) > self.reference_latents:
+            limit = f"at most {self.reference_latents}" if self.reference_latents else "no"
+            raise ValueError(f"{self.name} models take {limit} reference image(s) (one per ReferenceLatent); "
+                             f"this conditioning has {len(found)}")
+        return found
 
     def reference_images(self, images: list[torch.Tensor], mode: str = "auto") -> list[torch.Tensor]:
         """The images as the family's edit pipeline VAE-encodes them into reference latents."""
@@ -277,6 +320,9 @@ def masked_text(family: Family, encoders: Any, prompts: list[str], max_length: i
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=encoders.device,
                                             **kw, **extra)
     return embeds, None, mask
+
+
+ANY_NUMBER = 1 << 20  # ``reference_latents`` of a family with no limit of its own (Qwen-Image-Edit-Plus)
 
 
 def references_of(cond: Any) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from app.models.families.base import Family, convert_lora_with, references_of
+from app.models.families.base import Family, convert_lora_with
 
 
 class Flux(Family):
@@ -28,7 +28,7 @@ class Flux(Family):
     default_cfg = 1.0
     distilled_guidance = 3.5
     controlnet_class = "FluxControlNetModel"
-    reference_latents = True
+    reference_latents = 1  # Kontext: one input image
     detect_priority = 40  # its diffusers names include sd3's (context_embedder, pos_embed)
 
     def matches_state_dict(self, joined_keys: str) -> bool:
@@ -43,10 +43,7 @@ class Flux(Family):
         b, c, h, w = x_in.shape
         packed = pack_latents(x_in)
         img_ids = handle.cached(("img_ids", h // 2, w // 2), lambda: image_ids(h // 2, w // 2))
-        references = references_of(cond)
-        if len(references) > 1:
-            raise ValueError(f"Flux.1 Kontext takes one reference image; this conditioning has {len(references)} "
-                             "(use one ReferenceLatent)")
+        references = self.references(cond)
         if references:  # Kontext: the input image's tokens follow the generated ones
             reference = references[0].to(device, x_in.dtype)
             rh, rw = reference.shape[-2] // 2, reference.shape[-1] // 2

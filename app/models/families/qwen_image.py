@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from app.models.families.base import Family, call_default, convert_lora_with, references_of
+from app.models.families.base import ANY_NUMBER, Family, call_default, convert_lora_with
 from app.models.families.flux import pack_latents
 from app.models.families.wan import Wan
 
@@ -56,7 +56,7 @@ class QwenImage(Family):
     default_cfg = 4.0
     default_size = 1024
     controlnet_class = None  # QwenImageControlNetModel exists in diffusers; our ControlNet patch does not drive it yet
-    reference_latents = True
+    reference_latents = ANY_NUMBER  # the edit pipelines take a list of images (TextEncodeImageEdit: up to 3)
     edit_modes = tuple(EDIT_PIPELINES)
     detect_priority = 45  # its tensor names include Flux/SD3's transformer_blocks
 
@@ -76,7 +76,7 @@ class QwenImage(Family):
         embeds, _, mask = handle.cond_tensors(cond)
         b, c, _, h, w = x_in.shape
         tokens, shapes = [pack_latents(x_in[:, :, 0])], [(1, h // 2, w // 2)]
-        for reference in references_of(cond):  # edit models: the input images' tokens follow the generated ones
+        for reference in self.references(cond):  # edit models: the input images' tokens follow the generated ones
             rh, rw = reference.shape[-2:]
             if reference.dim() != 5 or rh % 2 or rw % 2 or reference.shape[0] not in (1, b):
                 raise ValueError(f"a Qwen-Image reference latent must be (1 or {b}, C, 1, h, w) with even h and w "

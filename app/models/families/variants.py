@@ -13,6 +13,9 @@ the checkpoint's name:
 - PixArt-LCM: an ``LCMScheduler`` scheduler config (or "*lcm*" name); 4 steps, LCM sampling.
 - Sana-Sprint: a Sana transformer with ``guidance_embeds`` (or an ``SCMScheduler``); 1-4 steps of
   sCM/TrigFlow sampling, embedded guidance 4.5 (x ``guidance_embeds_scale``), no CFG.
+- Flux.2 [dev]: guidance-distilled (embedded guidance 4.0, no CFG), 50 steps.
+- Flux.2 [klein] 4B/9B: step-distilled (4 steps, no CFG): ``is_distilled`` in the pipeline's
+  model_index.json, else a "*klein*" name without "base" (the base releases are "klein-base").
 - Qwen-Image-Edit-2509/2511: a QwenImageEditPlusPipeline folder (or single file whose config
   folder is one), a transformer with ``zero_cond_t`` (2511), or a name with "edit" and "2509",
   "2511" or "plus"; Qwen-Image-Edit: a QwenImageEditPipeline folder or a name with "edit". Both
@@ -28,6 +31,7 @@ One entry per variant in :data:`VARIANTS`, keyed by family name (a lookup, not a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +73,17 @@ def _scheduler_class(*names: str) -> Callable[[dict, dict, str], bool]:
     return lambda _config, scheduler, _name: scheduler.get("_class_name") in names
 
 
+def _klein_distilled(_config: dict, _scheduler: dict, name: str) -> bool:
+    index = Path(name) / "model_index.json" if name else None
+    if index is not None and index.is_file():
+        try:
+            return bool(json.loads(index.read_text()).get("is_distilled", False))
+        except (OSError, ValueError):
+            pass  # unreadable: fall back to the name
+    lowered = Path(name).name.lower()
+    return "klein" in lowered and "base" not in lowered
+
+
 def _qwen_edit_plus(config: dict, scheduler: dict, name: str) -> bool:
     return bool(config.get("zero_cond_t")) or (_named("edit")(config, scheduler, name)
                                                and _named("2509", "2511", "plus")(config, scheduler, name))
@@ -106,6 +121,9 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
                 Variant("hidream-fast", _hidream("fast"), steps=16, sampler="lcm", scheduler="turbo", shift=3.0)),
     "sana": (Variant("sana-sprint", lambda c, s, n: bool(c.get("guidance_embeds")) or _scheduler_class("SCMScheduler")(c, s, n),
                      steps=2, sampler="lcm", scheduler="trigflow", embedded_guidance=4.5),),
+    "flux2": (Variant("flux2-dev", lambda config, _s, _n: bool(config.get("guidance_embeds", True)), steps=50,
+                      embedded_guidance=4.0),),
+    "flux2-klein": (Variant("flux2-klein-distilled", _klein_distilled, steps=4),),
 }
 
 

@@ -83,7 +83,7 @@ def integrate(
     ``noise(step)`` gives stochastic samplers fresh noise. Returns the final x (float32 on the
     model's device) and the run's extras.
     """
-    step_fn = get_sampler(solver, eps_variant and model.info.prediction == "eps")
+    step_fn = get_sampler(solver, eps_variant and model.info.discrete_time)
     check_guidance(guidance)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
     steps = len(sigmas) - 1

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from app.models import families
 from app.models.handles import ModelHandle
 from app.models.sampling.defaults import sampling_defaults
 
@@ -70,7 +69,7 @@ def auto_scheduler(model: ModelHandle) -> str:
     preferred = sampling_defaults(model)["scheduler"]
     if preferred in SCHEDULES:
         return preferred
-    if model.info.prediction == "eps":
+    if model.info.discrete_time:
         return "discrete"
     if model.scheduler_config.get("use_dynamic_shifting"):
         return "dynamic"
@@ -91,8 +90,9 @@ def dynamic(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -
     t = _ramp(n)
     if shift and shift > 0:  # an explicit shift overrides the resolution rule
         return _to_terminal(model, _shift(t, shift))
-    dims = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
-    mu = families.dynamic_mu(model.image_seq_len(*dims), model.scheduler_config)
+    factor = model.info.vae_factor
+    dims = latent_hw or (model.defaults.get("height", 1024) // factor, model.defaults.get("width", 1024) // factor)
+    mu = model.info.dynamic_shift_mu(model.image_seq_len(*dims), n, model.scheduler_config)
     shifted = torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1)), torch.zeros_like(t))
     return _to_terminal(model, shifted)
 
@@ -114,7 +114,7 @@ def karras(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) ->
 
 def _timesteps_to_sigmas(model: ModelHandle, timesteps: np.ndarray) -> torch.Tensor:
     """Training timesteps -> flow sigmas (eps models through their sigma table)."""
-    if model.info.prediction != "eps":
+    if not model.info.discrete_time:
         return _with_zero(np.asarray(timesteps, dtype=np.float64) / model.scheduler_config.get("num_train_timesteps", 1000))
     table = model.sigma_table().numpy()
     ve = np.interp(np.asarray(timesteps, dtype=np.float64), np.arange(len(table)), table)
@@ -124,7 +124,7 @@ def _timesteps_to_sigmas(model: ModelHandle, timesteps: np.ndarray) -> torch.Ten
 @schedule("discrete")
 def discrete(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -> torch.Tensor:
     """eps models: evenly spaced training timesteps (diffusers' "linspace" spacing)."""
-    if model.info.prediction != "eps":
+    if not model.info.discrete_time:
         return shifted(model, n, shift, latent_hw)
     count = len(model.sigma_table())
     return _timesteps_to_sigmas(model, np.linspace(0, count - 1, n, dtype=np.float32)[::-1].copy())
@@ -137,7 +137,7 @@ def turbo(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -> 
     as its pipeline samples by default."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if model.info.prediction == "eps":
+    if model.info.discrete_time:
         raise ValueError("the turbo schedule is for flow models; use the lcm schedule for eps models")
     config = {**model.scheduler_config, "shift": model_shift(model, shift), "use_dynamic_shifting": False}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -188,6 +188,6 @@ def compute_sigmas(model: ModelHandle, scheduler: str, steps: int, shift: float 
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of auto, {', '.join(SCHEDULES)}")
     total = steps if denoise >= 1.0 else max(steps, int(steps / max(denoise, 1e-4)))
     s = SCHEDULES[scheduler](model, total, shift, latent_hw)
-    if model.info.prediction == "eps" and scheduler not in ("discrete", "lcm"):
+    if model.info.discrete_time and scheduler not in ("discrete", "lcm"):
         s = s * model.sigma_max  # eps models have no pure-noise endpoint
     return s.float()[-(steps + 1):].clone()
