@@ -92,3 +92,17 @@ def test_default_graph_runs_on_the_bundled_model(tmp_path):
     image = result.outputs.get("7")
     saved = result.ui["7"]["images"][0]
     assert (tmp_path / "out" / saved["filename"]).is_file() and image == ()
+
+
+def test_the_distilled_student_draws_the_prompt_in_one_step(tmp_path):
+    """graphs/shapes-1step.json on the shipped shapes-dit-turbo: one Euler step, no CFG, and the
+    evaluator finds the prompt's objects (the teacher needs 28 steps with CFG for that)."""
+    from training import evaluate
+
+    document = json.loads((GRAPHS[0].parent / "shapes-1step.json").read_text())
+    prompt = "a large red circle at the top left and a small blue square in the center on a white background"
+    document["nodes"]["2"]["inputs"]["text"] = prompt
+    result = Engine(device="cpu", output_dir=tmp_path / "out").run(document, targets=["6"]).raise_for_status()
+    image = result.output("6")[0].float().clamp(0, 1).mul(255).round().byte().numpy()
+    scores = evaluate.score_images([image], [prompt])
+    assert scores["prompt_accuracy"] == 1.0, scores
