@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -103,6 +104,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str | None = None) -> dict:
+    load_before = os.getloadavg()  # the machine may be shared: its load explains slow latencies
     with tempfile.TemporaryDirectory(prefix="ditgraph-soak-") as tmp:
         server = Server(Path(tmp), ("--cache", cache) if cache else ())
         try:
@@ -138,6 +140,7 @@ def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str
         "run_seconds_p50": percentile(run_seconds, 0.5), "run_seconds_p95": percentile(run_seconds, 0.95),
         "memo_end": {k: memo.get(k) for k in ("policy", "entries", "bytes", "ram_bytes", "max_bytes", "versions",
                                               "evictions", "superseded", "hits", "misses")},
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "samples": samples,
     }
 
