@@ -238,6 +238,34 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_finishes_elsewhere(make
     assert victim.restarts == 1 and victim.info["pid"] != 0
 
 
+def test_a_run_retried_after_its_worker_saved_an_image_publishes_each_file_once(make_queue, pool, tmp_path):
+    """Killed after SaveImage wrote and before the run was recorded: the retry's files, once."""
+    queue, events = make_queue()
+    document = workflow(size=56, load_seconds=0)
+    document["nodes"].update({  # after node 3 saved: a slow second render, where the worker dies
+        "4": {"type": "FakeRender", "inputs": {"model": {"from": ["1", "model"]}, "seed": 1, "steps": 40,
+                                                "step_seconds": 0.1}},
+        "5": {"type": "SaveImage", "inputs": {"images": {"from": ["4", "image"]}, "filename_prefix": "second"}}})
+    saved = threading.Event()
+    queue.subscribe(lambda client, event: saved.set() if event.get("type") == "progress" and event.get("node") == "4"
+                    and event.get("step", 0) >= 2 else None)
+    run_id = queue.submit(document).id
+    assert saved.wait(60), "the second render never reported progress"
+    first_try = [e for _, e in events if e.get("type") == "node_finished" and e.get("node") == "3"]
+    assert len(first_try) == 1  # the first try had saved its image when its worker died
+    os.kill(next(s for s in pool.slots if s.name == queue.get(run_id).worker).info["pid"], signal.SIGKILL)
+
+    record = wait_all(queue, [run_id], timeout=90)[0]
+    assert record.status == "success" and record.retries == 1, record.error
+    run_dir = tmp_path / "out" / run_id
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ray_00001.png", "renders.txt", "second_00001.png"]
+    assert (run_dir / "renders.txt").read_text().split() == [run_id, run_id]  # the retry's two renders only
+    assert [entry["path"] for node in ("3", "5") for entry in record.ui[node]["images"]] == [
+        f"{run_id}/ray_00001.png", f"{run_id}/second_00001.png"]
+    assert not (tmp_path / "out" / ".staging" / run_id).exists()
+    assert pool.wait_ready(timeout=90) == 2
+
+
 def test_cancelling_a_run_on_a_worker_stops_it_at_a_step(make_queue, pool):
     queue, events = make_queue()
     step_seen = threading.Event()
