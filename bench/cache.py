@@ -11,6 +11,14 @@
         CFG) in bf16 on one GPU: measured speedup vs the speedup the skipped blocks predict
         (fixed-schedule methods within 10%), hook overhead with hooks installed and nothing
         skipped (<= 3%). Needs only torch, transformers and diffusers (plus this repository).
+    python -m bench.cache video [--families wan ltx] [--steps 20] [--tiny] [--device cuda] [--out F]
+        video transformers (Wan 2.1, LTX-Video) with random weights, every method at one or two
+        settings: measured speedup vs uncached (CPU: process time; CUDA: synchronised wall
+        time), the speedup the skipped blocks predict, the share of attention outputs reused
+        (PAB, FasterCache), relative L2 of the final latents to the uncached ones, peak GiB;
+        rows on the speed/error Pareto front are marked. --tiny: small configurations (the CPU
+        rows of bench/results/cache_video.json); without it, full-size Wan 2.1-1.3B at 480p x 33
+        frames and LTX-Video-2B at 704x480 x 33 frames (a GPU run).
     python -m bench.cache calibrate-teacache [--model DIR] [--n 16] [--steps 50]
     python -m bench.cache calibrate-magcache [--model DIR] [--steps 50]
         fit TeaCache's rescaling polynomial / measure MagCache's magnitude ratios for a model
@@ -504,6 +512,164 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# video transformers: Wan 2.1 and LTX-Video (random weights)
+
+VIDEO_CONFIGS = {
+    # Wan 2.1 T2V 1.3B: 30 blocks of 12 x 128, 480p x 33 frames = 9 x 30 x 52 latent tokens
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    # LTX-Video 2B (0.9.x): 28 blocks of 32 x 64; 704x480 x 33 frames = 5 x 15 x 22 latent tokens
+    "ltx": dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096),
+}
+VIDEO_TINY = {
+    "wan": dict(num_attention_heads=2, attention_head_dim=24, text_dim=32, ffn_dim=96, num_layers=6, rope_max_seq_len=32),
+    "ltx": dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                num_layers=6, caption_channels=32),
+}
+# (latent frames, height, width), text tokens, CFG (Wan: two calls per step; LTX: one batched call)
+VIDEO_SHAPES = {"wan": ((9, 60, 104), 512, 5.0), "ltx": ((5, 15, 22), 128, 3.0)}
+VIDEO_TINY_SHAPES = {"wan": ((5, 16, 16), 16, 5.0), "ltx": ((5, 8, 8), 16, 3.0)}
+VIDEO_SETTINGS = [
+    ("fora", {"interval": 2}), ("fora", {"interval": 3}),
+    ("taylorseer", {"interval": 3, "order": 2}), ("deltadit", {"interval": 2, "cached_blocks": 0.5}),
+    ("fbc", {"threshold": 0.08}), ("teacache", {"threshold": 0.2}), ("easycache", {"threshold": 0.05}),
+    ("cgtaylor", {"gate": 0.13}),
+    ("pab", {}), ("pab", {"self_interval": 3, "cross_interval": 6, "start": 0.1}),
+    ("fastercache", {}), ("fastercache", {"interval": 3, "start": 0.2}),
+]  # MagCache is left out: video families have no calibrated ratios yet (calibrate-magcache fits them)
+
+
+def pareto_front(rows: list[dict], speed: str = "speedup", error: str = "rel_l2") -> None:
+    """Mark ``pareto: true`` on each row no other row beats on both speed (higher) and error (lower)."""
+    ok = [r for r in rows if speed in r and error in r]
+    for r in ok:
+        r["pareto"] = not any((o[speed] >= r[speed] and o[error] < r[error]) or (o[speed] > r[speed] and o[error] <= r[error])
+                              for o in ok)
+
+
+def video_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool, steps: int,
+                 settings: list[tuple[str, dict]]) -> dict:
+    import diffusers
+
+    from app.models.handles import ModelHandle
+    from app.models.latents import Latent
+    from app.models.sampling import compute_sigmas, sample
+    from nodes.text import Conditioning
+
+    config = {**VIDEO_CONFIGS[family], **(VIDEO_TINY[family] if tiny else {})}
+    (frames, height, width), text_len, cfg = (VIDEO_TINY_SHAPES if tiny else VIDEO_SHAPES)[family]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    t_build = time.perf_counter()
+    try:
+        with torch.device(device):
+            cls = diffusers.WanTransformer3DModel if family == "wan" else diffusers.LTXVideoTransformer3DModel
+            transformer = cls(**config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+    build_s = time.perf_counter() - t_build
+    scheduler = ({"shift": 3.0} if family == "wan" else
+                 {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
+                  "max_image_seq_len": 4096})
+    handle = ModelHandle(transformer, family, device, dtype, scheduler_config=scheduler)
+    width_text = config.get("text_dim", config.get("caption_channels"))
+    g = torch.Generator().manual_seed(1)
+    mask = None if family == "wan" else torch.ones(1, text_len, dtype=torch.long)
+    pos, neg = (Conditioning(torch.randn(1, text_len, width_text, generator=g), None, mask, family) for _ in range(2))
+    latent = Latent(torch.zeros(1, handle.latent_channels, frames, height, width))
+    sigmas = compute_sigmas(handle, "auto", steps, latent_hw=(frames, height, width))
+    cuda = device.type == "cuda"
+
+    def timed(model, s=sigmas) -> tuple[float, torch.Tensor, list, float]:
+        found: list = []
+        remove = hooks.add_listener(found.append)
+        try:
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = sample(model, latent, pos, neg, s, SEED, cfg, progress=lambda *a: None, preview=False).samples
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = (time.perf_counter() - t0) if cuda else (time.process_time() - c0)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+            return seconds, out.float().cpu(), found, peak
+        finally:
+            remove()
+
+    timed(handle, sigmas[-3:])  # warm-up (kernels, allocator)
+    base_s, reference, _, base_peak = timed(handle)
+    rows = []
+    for name, values in settings:
+        try:
+            model = handle.with_patch(hooks.CachePatch(make_method(name, family, values)))
+            seconds, out, found, peak = timed(model)
+        except Exception as exc:  # one failing method must not lose the others
+            rows.append({"method": name, "settings": values, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        summary = found[-1] if found else {}
+        rows.append({"method": name, "settings": values, "label": label(name, values), "seconds": seconds,
+                     "speedup": base_s / seconds, "predicted_speedup": summary.get("predicted_speedup"),
+                     "rel_l2": float((out - reference).norm() / reference.norm()),
+                     "calls": summary.get("calls"), "skipped_calls": summary.get("skipped_calls"),
+                     "blocks_skipped": summary.get("blocks_skipped"),
+                     "attention_reused": (summary["attention_skipped"] / summary["attention_calls"])
+                     if summary.get("attention_calls") else 0.0, "peak_gib": peak})
+    again_s = timed(handle)[0]  # the machine's speed drifts: time the baseline twice
+    mean = (base_s + again_s) / 2
+    for row in rows:
+        if "seconds" in row:
+            row["speedup"] = mean / row["seconds"]
+    pareto_front(rows)
+    tokens = frames * (height // 2 if family == "wan" else height) * (width // 2 if family == "wan" else width)
+    return {"config": "tiny" if tiny else ("Wan 2.1-1.3B" if family == "wan" else "LTX-Video-2B"),
+            "latent": [frames, height, width], "tokens": tokens, "steps": steps, "cfg": cfg, "build_s": build_s,
+            "timing": "synchronised wall seconds" if cuda else "process CPU seconds",
+            "uncached_s": base_s, "uncached_again_s": again_s, "uncached_peak_gib": base_peak, "runs": rows}
+
+
+def video_bench(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype or
+                                                                                  ("bf16" if device.type == "cuda" else "fp32")]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny, "families": {}}
+    for family in args.families:
+        started = time.perf_counter()
+        try:
+            report["families"][family] = video_family(family, device, dtype, args.tiny, args.steps, VIDEO_SETTINGS)
+        except Exception as exc:
+            report["families"][family] = {"error": f"{type(exc).__name__}: {exc}"}
+        report["families"][family]["total_s"] = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print_video(family, report["families"][family])
+        write({"video": report}, args.out)  # after every family: a partial result survives a time-out
+    return report
+
+
+def print_video(family: str, r: dict) -> None:
+    if "error" in r:
+        print(f"{family}: FAILED {r['error']}", flush=True)
+        return
+    print(f"\n{family} ({r['config']}, latent {'x'.join(map(str, r['latent']))}, {r['tokens']} tokens, "
+          f"{r['steps']} steps, cfg {r['cfg']}): uncached {r['uncached_s']:.2f}s ({r['timing']})")
+    print(f"{'method':52s} {'speedup':>7s} {'pred':>5s} {'attn':>5s} {'rel L2':>7s} {'GiB':>6s}  pareto")
+    for row in r["runs"]:
+        if "error" in row:
+            print(f"{row['method']:52s} FAILED {row['error']}")
+            continue
+        print(f"{row['label']:52s} {row['speedup']:7.2f} {row['predicted_speedup'] or 0:5.2f} "
+              f"{row['attention_reused']:5.2f} {row['rel_l2']:7.4f} {row['peak_gib']:6.2f}  {'*' if row['pareto'] else ''}",
+              flush=True)
+
+
 def gpu_bench(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
@@ -581,6 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     gpu.add_argument("--families", nargs="+", default=["flux", "pixart"], choices=list(GPU_CONFIGS))
     gpu.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of this mode)")
+    vid = sub.add_parser("video", help="Wan 2.1 and LTX-Video (random weights): every method's speed and error")
+    vid.add_argument("--families", nargs="+", default=["wan", "ltx"], choices=list(VIDEO_CONFIGS))
+    vid.add_argument("--steps", type=int, default=20)
+    vid.add_argument("--tiny", action="store_true", help="small configurations (CPU rows)")
+    vid.add_argument("--device", default=None)
+    vid.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    vid.add_argument("--threads", type=int, default=1)
+    vid.add_argument("--out", default=str(RESULTS / "cache_video.json"))
     for kind in ("teacache", "magcache"):
         cal = sub.add_parser(f"calibrate-{kind}", help=f"fit {kind}'s per-model constants")
         cal.add_argument("--model", default=None, help="model folder (default: models/shapes-dit)")
@@ -613,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         path = write({"cpu": report}, args.out)
         pareto_png(report, Path(args.plot))
         print(f"\ntargets: {json.dumps(report['targets'])}\nwrote {path} and {args.plot}")
+    elif args.command == "video":
+        video_bench(args)
+        print(f"\nwrote {args.out}")
     elif args.command == "gpu":
         report = gpu_bench(args)
         path = write({"gpu": report}, args.out)

@@ -44,6 +44,9 @@ def reason_of(message: str) -> str:
     """Group refusals: the family, 'unmapped: <types>', or the message without file-specific parts."""
     if " workflow (from " in message and "ditgraph runs" in message:
         return "family: " + message.split(" workflow (from ")[0]
+    needs = re.match(r"(.+) workflow needs (.+?) \(node ", message)
+    if needs:  # a capability the family lacks (families.NEEDS)
+        return f"needs: {needs.group(2)} ({needs.group(1)})"
     if "have no ditgraph equivalent here:" in message:
         return "unmapped node types"
     return re.sub(r"node [^ ]+ ", "node N ", message)[:120]

@@ -4,7 +4,8 @@
                               [--variants all|eager,compile,...] [--out PATH]
     python -m bench.gpu_speed --tiny          # CPU smoke run of every code path (tiny configs)
 
-Random full-size weights (parameters created on the meta device, then drawn on the GPU; the
+Models: Flux-dev, PixArt-Σ, SD3.5-medium (1024², 28 steps) and the few-step Flux-schnell (4 steps,
+no CFG) and Sana-Sprint 1.6B (1 step, 32×32 DC-AE latents). Random full-size weights (parameters created on the meta device, then drawn on the GPU; the
 buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and variant:
 
 - ``e2e_s``: the sampling loop through the engine (ModelHandle + sampler, CFG as the family's
@@ -26,7 +27,8 @@ Variants, in order (a time budget cuts the last): eager, compile (CompileModel's
 --fast uses), fp8+compile, compile-fused-qkv and fp8+compile-fused-qkv (diffusers'
 ``fuse_qkv_projections`` on a copy sharing the other weights; refused where the processors
 ignore it), compile-fullgraph, compile-max-autotune (max-autotune-no-cudagraphs, without
-coordinate descent), int8+compile, one per attention backend (AttentionBackend's patch on the
+coordinate descent), int8+compile, fp8-tensor+compile, fp8+cudnn+compile-fused-qkv (all of the
+above that helped, at once), one per attention backend (AttentionBackend's patch on the
 eager model), compile-coordinate-descent. A refused variant (fp8 before Ada, flex on SD3's
 processors) is recorded with its reason. ``--quick`` (one 10-minute call per model on an
 H200): 3 timed runs per variant instead of 5, attention backends with one run, no
@@ -61,6 +63,11 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SANA_SPRINT_1600M = dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=2240,
+                         cross_attention_head_dim=112, guidance_embeds=True, guidance_embeds_scale=0.1, in_channels=32,
+                         interpolation_scale=None, mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6,
+                         num_attention_heads=70, num_cross_attention_heads=20, num_layers=20, out_channels=32,
+                         patch_size=1, qk_norm="rms_norm_across_heads", sample_size=32, timestep_scale=1.0)
 # name -> (family, diffusers class, config, text tokens, pooled width, cfg, scheduler config)
 MODELS = {
     "flux-dev": ("flux", "FluxTransformer2DModel", GPU_CONFIGS["flux"], 512, 768, 1.0,
@@ -68,7 +75,15 @@ MODELS = {
                   "max_image_seq_len": 4096}),
     "pixart-sigma": ("pixart", "PixArtTransformer2DModel", GPU_CONFIGS["pixart"], 300, None, 4.5, {}),
     "sd3.5-medium": ("sd3", "SD3Transformer2DModel", SD35_MEDIUM, 333, 2048, 4.5, {"shift": 3.0}),
+    # few-step (issue 20): schnell has no guidance embedding, shift 1.0, 4 steps, no CFG
+    "flux-schnell": ("flux", "FluxTransformer2DModel", {**GPU_CONFIGS["flux"], "guidance_embeds": False}, 256, 768,
+                     1.0, {"use_dynamic_shifting": False, "shift": 1.0}),
+    # Sana-Sprint 1.6B 1024px: embedded guidance (scale 0.1), sCM/TrigFlow, 1 step, 32x32 DC-AE latents
+    "sana-sprint": ("sana", "SanaTransformer2DModel", SANA_SPRINT_1600M, 300, None, 1.0, {}),
 }
+# per model: sampling steps (default --steps) and latent side at 1024² (default 128: an 8x VAE)
+STEPS = {"flux-schnell": 4, "sana-sprint": 1}
+LATENT_SIDE = {"sana-sprint": 32}
 TINY = {  # the same classes at CPU-test size
     "flux-dev": dict(num_layers=1, num_single_layers=1, in_channels=16, attention_head_dim=16, num_attention_heads=2,
                      joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
@@ -77,6 +92,11 @@ TINY = {  # the same classes at CPU-test size
     "sd3.5-medium": dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                          caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
                          dual_attention_layers=(0,)),
+    "flux-schnell": dict(num_layers=1, num_single_layers=1, in_channels=16, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+    "sana-sprint": dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                        num_cross_attention_heads=2, cross_attention_head_dim=8, caption_channels=32, in_channels=4,
+                        out_channels=4, sample_size=8),
 }
 
 
@@ -183,7 +203,8 @@ class Setup:
         self.build_s, transformer = timed(lambda: random_transformer(class_name, config, device, dtype), device)
         self.handle = ModelHandle(transformer, family, device, dtype, scheduler_config=scheduler)
         self.device, self.family = device, family
-        size, text_len = (8, 7) if tiny else (128, text_len)
+        size, text_len = (8, 7) if tiny else (LATENT_SIDE.get(name, 128), text_len)
+        steps = STEPS.get(name, steps)
         width = config.get("joint_attention_dim", config.get("caption_channels"))
         pooled = config.get("pooled_projection_dim") if pooled else None
         g = torch.Generator().manual_seed(1)
@@ -279,9 +300,12 @@ def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
         options = CompileOptions(**settings, **({"backend": "eager"} if tiny else {}))
         return lambda handle: compile_model(prepare(handle), options)
 
-    def quantized(method: str, fuse: bool = False) -> Callable:
+    def quantized(method: str, fuse: bool = False, backend: str = "") -> Callable:
         def quantize(handle):
-            return quantizers.quantize_model(fused_qkv(handle) if fuse else handle, method, quantizers.SKIP_IO)
+            handle = fused_qkv(handle) if fuse else handle
+            if backend:
+                handle = attention.with_attention_backend(handle, backend)[0]
+            return quantizers.quantize_model(handle, method, quantizers.SKIP_IO)
 
         return compiled(quantize)
 
@@ -298,7 +322,10 @@ def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
               ("compile-fused-qkv", compiled(fused_qkv), repeats),
               ("fp8+compile-fused-qkv", quantized("fp8-dynamic-row", fuse=True), repeats),
               *((name, compiled(**COMPILES[name]), repeats) for name in ("compile-fullgraph", "compile-max-autotune")),
-              ("int8+compile", quantized("int8-dynamic"), repeats)]
+              ("int8+compile", quantized("int8-dynamic"), repeats),
+              ("fp8-tensor+compile", quantized("fp8-dynamic-tensor"), repeats),
+              # everything that measured faster at once: fp8 + fused QKV + cuDNN attention + compile
+              ("fp8+cudnn+compile-fused-qkv", quantized("fp8-dynamic-row", fuse=True, backend="cudnn"), repeats)]
     for backend in attention.BACKENDS:
         if backend in attention.CHOICES and not (quick and backend in ("flex", "math", "efficient")):
             chosen.append((f"attention-{backend}", attend(backend), 1 if quick else repeats))
@@ -340,7 +367,7 @@ def bench_model(name: str, args, device: torch.device, ceiling: float, result: d
                 save: Callable[[], None]) -> None:
     """Fill ``result`` variant by variant, saving the report after each."""
     setup = Setup(name, device, args.tiny, args.steps)
-    result.update(build_s=setup.build_s, family=setup.family, steps=args.steps, cfg=setup.cfg,
+    result.update(build_s=setup.build_s, family=setup.family, steps=len(setup.sigmas) - 1, cfg=setup.cfg,
                   size=setup.latent.samples.shape[-1] * 8, variants={})
     result["flops_per_step"] = flops = step_flops(setup.step(setup.handle))
     started = time.perf_counter()

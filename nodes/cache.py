@@ -2,13 +2,14 @@
 
 Each node takes a MODEL and returns a new MODEL view carrying one cache patch (the input is
 never changed). The machinery is in app/models/accelerators/: diffusers-style hooks on the block
-stack of every family (SD3/shapes-dit, Flux, PixArt, Sana, Lumina 2), per-run state made fresh
+stack of every family (SD3/shapes-dit, Flux, PixArt, Sana, Lumina 2, Wan with both Wan 2.2
+experts, LTX-Video; attention methods also on the blocks' attention), per-run state made fresh
 for every sampling run. Common widgets: ``start``/``end`` (fraction of the steps where skipping
 is allowed), ``max_skips`` (most calls skipped in a row; 0 = no limit). After a run the
 sampler's node gets a ``cache`` event with the number of skipped calls and blocks.
 
-Thresholds at 0 (dynamic methods) or interval 1 (static ones) never skip and give exactly the
-uncached result.
+Thresholds at 0 (dynamic methods) or interval 1 (static ones, PAB, FasterCache) never skip and
+give exactly the uncached result.
 """
 
 from __future__ import annotations

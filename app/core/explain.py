@@ -1,5 +1,6 @@
 """Keys and explanations without running: which nodes would be cache hits, which re-run and
-why, which are not needed (a lazy branch nobody asks for).
+why, which are not needed (a lazy branch nobody asks for), and what nodes with an ``estimate``
+hook would need (a loader's VRAM plan).
 
 A lazy node's key covers only the lazy inputs it evaluates, so predicting it means asking its
 ``needs`` function; that is possible when the values it looks at are constants or already in
@@ -51,6 +52,25 @@ def static_keys(engine: Engine, flat: Workflow, targets: list[str]) -> tuple[dic
     needed = _needed(engine, flat, targets, chosen)
     notes.update((n, "not needed") for n in order if n not in needed)
     return {n: k for n, k in found.items() if n in needed}, notes
+
+
+def estimates(engine: Engine, found: dict[str, NodeKey], device: Any) -> dict[str, dict]:
+    """Node id -> what its ``estimate`` hook says, for the nodes of ``found`` that have one and
+    whose inputs are all constants. An estimate is advice: its failure is reported, not raised."""
+    report: dict[str, dict] = {}
+    for node_id, key in found.items():
+        nd = engine.registry.get(key.parts["type"])
+        if nd.estimate is None or key.parts["bypass"]:
+            continue
+        if key.parts["links"]:
+            report[node_id] = {"lines": ["estimated when it runs (an input comes from another node)"]}
+            continue
+        values = {**key.constants, **{name: str(path) for name, path in key.files.items()}}
+        try:
+            report[node_id] = nd.estimate(values, engine.memory, device)
+        except Exception as exc:
+            report[node_id] = {"error": str(exc), "lines": [f"cannot estimate: {exc}"]}
+    return report
 
 
 def _predict_needs(engine: Engine, inst: NodeInstance, nd: NodeDef, found: dict[str, NodeKey]) -> set[str] | None:

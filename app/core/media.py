@@ -68,6 +68,13 @@ def write_video(path: str | Path, video: Video, workflow: dict | None = None, qu
         _write_pillow(path, frames, video.fps, fmt, text, quality)
 
 
+def write_poster(path: str | Path, video: Video, max_side: int = 512) -> None:
+    """The first frame as a PNG at most ``max_side`` pixels a side (a player's poster image)."""
+    image = Image.fromarray(to_uint8(video.frames[0, ..., :3]))
+    image.thumbnail((max_side, max_side))
+    image.save(path, format="PNG", compress_level=1)
+
+
 def _write_ffmpeg(path: Path, frames: np.ndarray, fps: float, codec: str, text: str, quality: int) -> None:
     n, h, w, _ = frames.shape
     crf = str(round(51 - quality * 0.51)) if codec == "libx264" else str(round(63 - quality * 0.63))

@@ -53,6 +53,12 @@ def output_dir() -> Path:
     return _folder("outputs", "DITGRAPH_OUTPUTS", "output")
 
 
+def temp_dir() -> Path:
+    """Where previews go (PreviewImage, video posters): $DITGRAPH_TEMP or <outputs>/../temp."""
+    env = os.environ.get("DITGRAPH_TEMP")
+    return Path(env).expanduser().resolve() if env else output_dir().parent / "temp"
+
+
 def subgraphs_dir() -> Path:
     """The blueprint library: reusable subgraphs saved by name (``<name>.json``), beside the
     models and workflows folders."""

@@ -87,6 +87,14 @@ class NodeDef:
     # It gets the non-lazy inputs and the lazy ones evaluated so far (the others are absent);
     # it is called again after each evaluation until it asks for nothing new.
     needs: Callable[..., list[str]] | None = None
+    # Graph-aware validation: check(node_id, workflow) -> [(message, input name or None)], what
+    # the node can tell before anything runs from its neighbours' constants (e.g. cfg on a
+    # guidance-distilled checkpoint). Reported as warnings: a check reads files, never loads.
+    check: Callable[..., list[tuple[str, str | None]]] | None = None
+    # estimate(values, memory, device) -> dict with "lines": what the node would need, told
+    # before running from its constant inputs (file inputs as resolved paths), the engine's
+    # memory settings and device; shown by ``ditgraph explain`` and the editor (a loader's VRAM plan).
+    estimate: Callable[[dict, dict, Any], dict] | None = None
 
     def __post_init__(self) -> None:
         # looked up for every node of every run: computed once
@@ -136,6 +144,7 @@ class NodeDef:
             "version": self.version,
             "output_node": self.output_node,
             "always_run": self.always_run,
+            **({"estimates": True} if self.estimate is not None else {}),
             "inputs": inputs,
             "outputs": [{"name": o.name, "type": o.type, "tooltip": o.tooltip, "list": o.is_list} for o in self.outputs],
         }
@@ -191,6 +200,8 @@ def node(
     name: str | None = None,
     always_run: bool = False,
     needs: Callable[..., list[str]] | None = None,
+    check: Callable[..., list[tuple[str, str | None]]] | None = None,
+    estimate: Callable[[dict, dict, Any], dict] | None = None,
     **extra: Any,
 ) -> Callable[[Callable], Callable]:
     """Declare a node. The function's name is its type unless ``name`` is given.
@@ -199,7 +210,9 @@ def node(
     (one output), a tuple (several, in order), a dict keyed by output name, or a NodeResult.
     Bump ``version`` when the node's behaviour changes so memoized results are not reused.
     ``always_run`` marks a node that is not idempotent (it is never a cache hit); ``needs``
-    decides which ``Spec(lazy=True)`` inputs to evaluate (default: every connected one). The
+    decides which ``Spec(lazy=True)`` inputs to evaluate (default: every connected one);
+    ``check(node_id, workflow)`` adds validation warnings that need the graph around the node.
+    ``estimate`` tells before running what the node would need (see NodeDef.estimate). The
     function may be ``async def`` (run on the engine's event loop, concurrently with other
     nodes) and may return an :class:`Expansion` (a small graph computing its outputs).
     """
@@ -225,6 +238,8 @@ def node(
             extra=extra,
             always_run=always_run,
             needs=needs,
+            check=check,
+            estimate=estimate,
         )
         return function
 

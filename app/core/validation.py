@@ -137,7 +137,19 @@ def check_nodes(workflow: Workflow, registry: Registry, node_ids: list[str], eag
         problems.extend(_check_inputs(node_id, inst, nd, workflow, registry, eager is None or node_id in eager))
         if inst.bypass:
             problems.extend(_check_bypass(node_id, inst, nd))
+        elif nd.check is not None:
+            problems.extend(_graph_check(node_id, nd, workflow))
     return problems
+
+
+def _graph_check(node_id: str, nd: NodeDef, workflow: Workflow) -> list[Problem]:
+    """The node's own graph-aware warnings. A check that fails is a bug in the check, not a
+    problem of the workflow: it is reported as one warning instead of breaking validation."""
+    try:
+        found = nd.check(node_id, workflow)
+    except Exception as exc:  # noqa: BLE001 - validation must list every problem, never crash
+        return [Problem(f"{nd.type}'s check failed ({type(exc).__name__}: {exc})", node_id, kind="check", severity="warning")]
+    return [Problem(message, node_id, name, "check", "warning") for message, name in found]
 
 
 def eager_inputs(registry: Registry, workflow: Workflow) -> Follow | None:

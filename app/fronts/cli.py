@@ -12,7 +12,7 @@ import os
 import sys
 
 from app.fronts.cli_commands import cmd_explain, cmd_models, cmd_nodes, cmd_serve, cmd_validate, cmd_version
-from app.fronts.cli_inputs import add_engine_flags, make_registry
+from app.fronts.cli_inputs import add_engine_flags, add_memory_flags, make_registry
 from app.fronts.cli_run import cmd_run
 from app.fronts.cli_support import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, UsageError, capped, err
 from app.fronts.comfy.commands import add_commands as add_comfy_commands
@@ -91,13 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(handler=cmd_version)
 
-    explain = add("explain", "show the execution order and why each node would run")
+    explain = add("explain", "show the execution order, why each node would run, and each loader's VRAM plan")
     explain.add_argument("workflow", metavar="WORKFLOW")
     explain.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE")
     explain.add_argument("--target", action="append", metavar="NODE")
     explain.add_argument("--server", metavar="URL", help="ask a running server (its memo cache) instead")
     explain.add_argument("--token", help="token for --server")
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--device", metavar="DEVICE", help="plan for this device (cuda plans without a GPU here too)")
+    explain.add_argument("--models", metavar="DIR", help="the models folder")
+    add_memory_flags(explain)
     explain.set_defaults(handler=cmd_explain)
 
     add_comfy_commands(add, UsageError, make_registry)  # import-comfy, export-comfy

@@ -113,26 +113,38 @@ def cmd_explain(args) -> int:
     document = load_document(args.workflow)
     if registry is not None:
         apply_sets(document, registry, args.set or [])
-    elif args.set:
-        raise UsageError("--set cannot be combined with --server here; edit the workflow instead")
+    elif args.set or args.vram or args.reserve_vram or args.device or args.models:
+        raise UsageError("--set, --vram, --reserve-vram, --device and --models cannot be combined with --server "
+                         "(it plans under its own flags); edit the workflow or drop --server")
     if args.server:
         report = _post_json(args.server.rstrip("/") + "/api/explain", {"workflow": document, "targets": args.target or None},
                             args.token or os.environ.get("DITGRAPH_TOKEN"))
     else:
+        import torch
+
         from app.core.executor import Engine
 
+        configure_paths(args)
         workflow, _ = validated(document, registry, args.workflow, args.target or None)
-        engine = Engine(registry, device="cpu")
+        try:
+            device = torch.device(args.device) if args.device else None  # cuda plans without CUDA here (no check)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {args.device}: {exc}") from None
+        engine = Engine(registry, device=device, memory=engine_options(args)["memory"])
         targets, order = engine.plan(workflow, args.target or None)
-        report = {"targets": targets, "order": order, "reasons": engine.explain(workflow)}
+        report = {"targets": targets, "order": order, "reasons": engine.explain(workflow),
+                  "estimates": engine.estimates(workflow, args.target or None)}
     if args.json:
         out(json.dumps(report, indent=1))
         return EXIT_OK
     nodes = document.get("nodes") or {}
+    estimates = report.get("estimates") or {}
     out(f"outputs: {', '.join(report['targets'])}")
     for position, node_id in enumerate(report["order"], 1):
         node_type = (nodes.get(node_id) or {}).get("type", "?")
         out(f"{position:3d}. node {node_id} ({node_type}): {report['reasons'].get(node_id, '')}")
+        for line in (estimates.get(node_id) or {}).get("lines", []):
+            out(f"       {line}")
     return EXIT_OK
 
 
@@ -181,10 +193,11 @@ def cmd_serve(args) -> int:
     from app.core import paths
     from app.core.executor import Engine
 
-    if args.ray:  # the workers hold the engines that run; this one validates and plans on the CPU
-        settings.ray_device = device
+    options = engine_options(args)
+    if args.ray:  # the workers hold the engines that run (with these options); this one validates and plans on the CPU
+        settings.ray_device, settings.ray_engine = device, options
         device = "cpu"
-    engine = Engine(registry, device=device, output_dir=paths.output_dir(), **engine_options(args))
+    engine = Engine(registry, device=device, output_dir=paths.output_dir(), **options)
     try:
         serve(args.host, args.port, args.token, engine=engine, settings=settings,
               log_level="info" if args.debug else "warning", announce=lambda line: err(line))

@@ -221,25 +221,32 @@ def validated(document: dict, registry, where: str, targets: list[str] | None = 
     return workflow, [p for p in problems if p.severity != "error"]
 
 
-def add_engine_flags(parser) -> None:
-    """The memory and cache flags ``run`` and ``serve`` share (one engine each)."""
+def add_memory_flags(parser) -> None:
+    """The VRAM budget flags (``run``, ``serve``, and ``explain``, which shows the plan they make)."""
     parser.add_argument("--vram", metavar="SIZE",
                         help="VRAM budget for models, cached results and VAE decode, e.g. 12GB (default: the GPU's memory)")
     parser.add_argument("--reserve-vram", metavar="SIZE", help="VRAM left free for other programs, e.g. 1GB")
+
+
+def add_engine_flags(parser) -> None:
+    """The memory and cache flags ``run`` and ``serve`` share (one engine each)."""
+    add_memory_flags(parser)
     parser.add_argument("--cache", metavar="POLICY", default=None,
                         help="memo cache policy: lru (default), lru:8G, workflows:N, ram:0.2 (evict under RAM "
                              "pressure) or none")
 
 
 def engine_options(args) -> dict:
-    """``Engine(**engine_options(args))``: the budget and cache policy the flags ask for (UsageError if malformed)."""
+    """``Engine(**engine_options(args))``: the budget and cache policy the flags ask for, as plain
+    data (the same dict builds a local engine and travels to Ray workers); UsageError if malformed."""
     from app.core.cache_policies import parse_cache_policy
     from app.models.budget import memory_settings
 
     try:
         options = {"memory": memory_settings(args.vram, args.reserve_vram)}
-        if args.cache:
-            options["cache_policy"] = parse_cache_policy(args.cache)
+        if getattr(args, "cache", None):
+            parse_cache_policy(args.cache)  # refused here, not in a worker
+            options["cache_policy"] = args.cache
         return options
     except ValueError as exc:
         raise UsageError(str(exc)) from None

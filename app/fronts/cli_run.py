@@ -31,12 +31,28 @@ from app.fronts.cli_support import (
     out,
     problem_text,
 )
-from app.runs.events import annotate_files, file_locations, jsonable_event, make_jsonable
+from app.runs.events import annotate_files, jsonable_event, make_jsonable, saved_outputs
 
 
 def saved_files(ui: dict, out_root: Path) -> list[str]:
     """The files a run's UI data names that exist under the output (or temp) folder."""
-    return [str(target) for _entry, _kind, target in file_locations(ui, out_root)]
+    return [str(file.target) for file in saved_outputs(ui, out_root)]
+
+
+def saved_videos(ui: dict, out_root: Path) -> dict[str, dict]:
+    """The videos among them: path -> {"frames", "fps", "width", "height", "format"} (what is known)."""
+    return {str(file.target): {k: file.entry[k] for k in ("frames", "fps", "width", "height", "format") if k in file.entry}
+            for file in saved_outputs(ui, out_root) if file.media == "video"}
+
+
+def video_note(info: dict) -> str:
+    """" (video: 33 frames at 16 fps, 832x480)" for a saved video's line."""
+    parts = []
+    if "frames" in info:
+        parts.append(f"{info['frames']} frames" + (f" at {info['fps']:g} fps" if isinstance(info.get("fps"), (int, float)) else ""))
+    if "width" in info and "height" in info:
+        parts.append(f"{info['width']}x{info['height']}")
+    return f" (video: {', '.join(parts)})" if parts else " (video)"
 
 
 def report_result(summary: dict, label: str, json_mode: bool, debug: bool = False) -> None:
@@ -51,8 +67,9 @@ def report_result(summary: dict, label: str, json_mode: bool, debug: bool = Fals
         retried = f" (retried {summary['retries']}x)" if summary.get("retries") else ""
         out(f"{label}ok: {len(summary['executed'])} node(s) ran, {len(summary['cached'])} cached, "
             f"{summary['duration']:.2f} s{where}{retried}")
+        videos = summary.get("videos") or {}
         for file in summary["files"]:
-            out(f"{label}saved {file}")
+            out(f"{label}saved {file}" + (video_note(videos[file]) if file in videos else ""))
         for node_id, ui in (summary.get("ui") or {}).items():
             for text in (ui or {}).get("text", []) if isinstance(ui, dict) else []:
                 out(f"{label}node {node_id}: {text}")
@@ -121,7 +138,8 @@ def _run_one(engine, workflow, targets, out_dir: Path, out_root: Path, json_mode
     result = holder["result"]
     summary = {"run_id": result.run_id, "status": result.status, "executed": result.executed,
                "cached": result.cached, "duration": round(result.duration, 4), "ui": make_jsonable(result.ui),
-               "error": result.error, "files": saved_files(result.ui, out_root), "output_dir": str(out_dir)}
+               "error": result.error, "files": saved_files(result.ui, out_root),
+               "videos": saved_videos(result.ui, out_root), "output_dir": str(out_dir)}
     report_result({**summary, **({} if batch is None else {"batch": batch})}, label, json_mode, debug)
     return result.status
 
@@ -201,7 +219,7 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
         duration = (record.finished - record.started) if record.finished and record.started else 0.0
         summary = {"run_id": record.id, "status": record.status, "executed": record.executed,
                    "cached": record.cached, "duration": round(duration, 4), "ui": record.ui, "error": record.error,
-                   "files": saved_files(record.ui, out_root),
+                   "files": saved_files(record.ui, out_root), "videos": saved_videos(record.ui, out_root),
                    "output_dir": str(out_root if number is None else out_root / f"batch-{number:04d}"),
                    "worker": record.worker, "retries": record.retries, **({} if number is None else {"batch": number})}
         report_result(summary, "" if json_mode else label(number), json_mode, args.debug)
@@ -214,7 +232,7 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
     try:
         # in --json mode stdout carries only JSON lines: workers' own output stays in Ray's logs
         return run_batch(args.ray, registry, workflows, targets, out_root, hooks, device=args.device,
-                         log_to_driver=not json_mode)
+                         log_to_driver=not json_mode, engine_options=engine_options(args))
     except RayUnavailable as exc:
         raise UsageError(*exc.messages) from None
     finally:

@@ -98,8 +98,10 @@ class ProgressLine:
             width = 24
             filled = int(width * step / total)
             eta = event.get("eta")
+            # at most 10 redraws a second, but the first and the last step always show (a fast run
+            # of a few steps would otherwise show no bar at all)
             self.draw(f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
-                      + (f" ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
+                      + (f" ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""), force=step in (1, total))
         elif kind in ("run_finished", "run_failed", "run_cancelled"):
             self.clear()
 

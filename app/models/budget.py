@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from app.models.memory import MemoryPlan, ModelNeed, need_of, parse_size, plan_memory, should_tile_vae
+from app.models.memory import MemoryPlan, ModelNeed, describe, need_of, parse_size, plan_memory, should_tile_vae
 from app.models.residency import apply_block_offload
 
 LEGACY_OFFLOAD = {"none": "resident", "cpu": "model"}  # the loader's choices before the planner
@@ -54,22 +54,50 @@ def _meta_module(folder, role: str):
         return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def plan_checkpoint(folder, offload: str = "auto", memory: dict | None = None, device: torch.device | None = None,
-                    storage_bytes: float | None = None, dtype_bytes: float = 2.0) -> MemoryPlan:
-    """The plan CheckpointLoader would make for a diffusers pipeline folder, from its configs
-    alone (for ``ditgraph explain`` and the UI before anything loads)."""
+def checkpoint_parts(folder) -> dict[str, tuple[object, str]]:
+    """The parts CheckpointLoader plans for a model folder, named as it names them (transformer,
+    the family's text encoder slots, vae), each built on the meta device from its config."""
+    import json
     from pathlib import Path
 
-    folder, parts = Path(folder), {}
-    for sub in sorted(p.parent for p in folder.glob("*/config.json")):
-        role = "transformer" if sub.name == "transformer" else "vae" if sub.name == "vae" else \
-            "text_encoder" if sub.name.startswith("text_encoder") else None
-        if role is not None:
-            parts[sub.name] = (_meta_module(sub, role), role)
-    needs = [need_of(m, name, role, storage_bytes if role == "transformer" and storage_bytes else dtype_bytes)
-             for name, (m, role) in parts.items()]
+    from app.models import families
+    from app.models.text_encoder_packages import manifest_text_encoder
+
+    folder = Path(folder)
+    family = families.get(families.detect_folder_family(folder))
+    transformer = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    folders = {"transformer": (transformer, "transformer")}
+    if family.manifest_text_encoder:
+        manifest = json.loads((folder / "ditgraph.json").read_text()) if (folder / "ditgraph.json").is_file() else {}
+        folders["minilm"] = (manifest_text_encoder(manifest, folder), "text_encoder")
+    else:
+        folders.update((slot, (folder / component, "text_encoder"))
+                       for slot, component in family.pipeline_text_slots.items()
+                       if (folder / component / "config.json").is_file())
+    if (folder / "vae" / "config.json").is_file():
+        folders["vae"] = (folder / "vae", "vae")
+    return {name: (_meta_module(sub, role), role) for name, (sub, role) in folders.items()}
+
+
+def plan_checkpoint(folder, offload: str = "auto", memory: dict | None = None, device: torch.device | None = None,
+                    storage_bytes: float | None = None, dtype_bytes: float = 2.0) -> MemoryPlan:
+    """The plan CheckpointLoader would make for a model folder, from its configs alone (no
+    weights read): for ``ditgraph explain`` and the editor, before anything loads."""
+    needs = [need_of(module, name, role, storage_bytes if role == "transformer" and storage_bytes else dtype_bytes)
+             for name, (module, role) in checkpoint_parts(folder).items()]
     budget, reserve = budget_of(memory or {}, device or torch.device("cpu"))
     return plan_memory(needs, budget, reserve, _requested(needs, offload))
+
+
+def describe_checkpoint(folder, offload: str, storage: str, dtype: torch.dtype, device: torch.device,
+                        memory: dict | None) -> dict:
+    """CheckpointLoader's VRAM plan for a model folder as data and as lines for people (the one
+    description ``ditgraph explain``, the HTTP API and the editor show)."""
+    from app.models.storage import bytes_per_param
+
+    stored = bytes_per_param(storage, dtype) if storage != "auto" else None
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return describe(plan_checkpoint(folder, offload, memory, device, stored, dtype_bytes))
 
 
 def _requested(needs: list[ModelNeed], offload: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Regional compilation of a MODEL: ``torch.compile`` on each repeated transformer block.
 
 The blocks to compile are the classes the model declares in diffusers' ``_repeated_blocks``
-(what ``compile_repeated_blocks`` compiles), else the block stack the cache accelerators hook.
+(what ``compile_repeated_blocks`` compiles), else the block stack the cache accelerators hook
+plus the blocks they leave alone (HiDream's double-stream blocks).
 Each block's *forward* is compiled rather than its ``__call__`` (``nn.Module.compile``, which
 ``compile_repeated_blocks`` uses): diffusers' block hooks (cache accelerators) replace
 ``forward`` and call the original, so their Python stays eager around the compiled block
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from app.core.memo import SHARES_STORAGE_WITH
-from app.models.accelerators.runtime import stack_blocks
+from app.models.accelerators.runtime import BLOCK_LISTS, stack_blocks
 from app.models.events import emit, warn
 from app.models.handles import ModelCall, ModelHandle, ModelPatch, SamplingRun, is_group_offloaded
 from app.models.residency import same_device
@@ -79,6 +80,7 @@ class CompileOptions:
         return options
 
 
+COMPILED_LISTS = ("double_stream_blocks", *BLOCK_LISTS)  # the cache stack and HiDream's double-stream blocks
 _VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[CompileOptions, nn.Module]] = weakref.WeakKeyDictionary()
 
 
@@ -86,7 +88,7 @@ def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The blocks to compile: instances of the classes in ``_repeated_blocks``, else the block stack."""
     names = set(getattr(type(transformer), "_repeated_blocks", None) or ())
     blocks = [m for m in transformer.modules() if type(m).__name__ in names] if names else []
-    return blocks or stack_blocks(transformer)
+    return blocks or stack_blocks(transformer, COMPILED_LISTS)
 
 
 def shared_copy(module: nn.Module) -> nn.Module:

@@ -50,9 +50,12 @@ def _free_id(nodes: dict, wanted: str) -> str:
     return node_id
 
 
-def insert_fast_nodes(workflow_doc: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """A copy of ``workflow_doc`` with the fast chain after each checkpoint loader's MODEL.
-    Loaders whose MODEL already feeds a QuantizeModel or CompileModel are left as they are."""
+def insert_fast_nodes(workflow_doc: dict[str, Any], device: torch.device | str,
+                      plan: list[dict] | None = None) -> dict[str, Any]:
+    """A copy of ``workflow_doc`` with the fast chain (``plan``, default :func:`fast_plan`) after
+    each checkpoint loader's MODEL. Loaders whose MODEL already feeds a QuantizeModel or
+    CompileModel are left as they are."""
+    plan = fast_plan(device) if plan is None else plan
     doc = copy.deepcopy(workflow_doc)
     nodes: dict[str, dict] = doc.setdefault("nodes", {})
     for loader_id, loader in list(nodes.items()):
@@ -66,7 +69,7 @@ def insert_fast_nodes(workflow_doc: dict[str, Any], device: torch.device | str) 
         if any(nodes[node_id]["type"] in FAST_TYPES for node_id, _ in consumers):
             continue
         upstream = source
-        for step in fast_plan(device):
+        for step in plan:
             node_id = _free_id(nodes, f"{loader_id}_{step['type']}")
             nodes[node_id] = {"type": step["type"], "inputs": {"model": {"from": upstream}, **step["inputs"]}}
             upstream = [node_id, "model"]

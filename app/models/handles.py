@@ -87,7 +87,6 @@ from app.models.residency import (  # noqa: F401  (re-exported: loaders and node
 from app.models.text_encoders import TextEncoders  # noqa: F401  (re-exported)
 from app.models.vae import VAEHandle, fit_preview_projection  # noqa: F401  (re-exported)
 
-
 # ---------------------------------------------------------------------------------------------
 # patches and runs
 
@@ -161,10 +160,12 @@ class ModelHandle(Resident):
     scheduler_config: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # manifest defaults (steps, cfg, shift, width, height)
     source: str = ""
+    pipeline: str = ""  # the diffusers pipeline class of its folder (or config folder), from model_index.json
     residency: str = "resident"
     transformer_2: torch.nn.Module | None = None  # Wan 2.2: the low-noise expert (shared like transformer)
     boundary_ratio: float | None = None  # ... used below this fraction of the training timesteps
     preview_vae: Any = field(default=None, repr=False)  # the VAE it came with: fits the preview projection
+    cfg_patches: tuple = ()  # how CFG combines (CFGNorm, FreSca: app/models/sampling/guidance.py)
     _sigma_table: torch.Tensor | None = field(default=None, repr=False)
     _active: list = field(default_factory=list, repr=False)  # stack of open SamplingRuns
     _cache: dict = field(default_factory=dict, repr=False)  # small derived tensors (position ids)
@@ -173,6 +174,10 @@ class ModelHandle(Resident):
     def with_patch(self, patch: Any) -> ModelHandle:
         """A new view with ``patch`` appended; this handle is left unchanged."""
         return replace(self, patches=(*self.patches, patch), _active=[])
+
+    def with_cfg_patch(self, patch: Any) -> ModelHandle:
+        """A new view whose CFG combination also applies ``patch`` (app/models/sampling/guidance.py)."""
+        return replace(self, cfg_patches=(*self.cfg_patches, patch), _active=[])
 
     def without_patches(self) -> ModelHandle:
         return replace(self, patches=(), _active=[])
@@ -391,9 +396,22 @@ def batchable(conds: Sequence[Any]) -> bool:
             return False
         if (c.pooled is None) != (first.pooled is None) or (c.mask is None) != (first.mask is None):
             return False
-        if (c.extras or {}) != (first.extras or {}):
+        extras, first_extras = c.extras or {}, first.extras or {}
+        if extras.keys() != first_extras.keys() or not all(_same(extras[k], first_extras[k]) for k in extras):
             return False
     return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal conditioning extras; tensors (reference latents, also inside tuples) only when they are
+    the same tensor: comparing two would compare element by element."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def cat_conds(conds: Sequence[Any]) -> Any:

@@ -52,6 +52,11 @@ def format_size(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB"
 
 
+def human_size(nbytes: float) -> str:
+    """GiB with two decimals, MiB below one GiB (a small model is not "0.01 GiB")."""
+    return format_size(nbytes) if abs(nbytes) >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 @dataclass(frozen=True)
 class ModelNeed:
     """What one model needs: ``block_params`` is the total over its ``blocks`` repeated blocks."""
@@ -100,12 +105,14 @@ class Placement:
     peak_bytes: int  # held while it runs (includes resident_bytes)
     resident_blocks: int = 0
     reason: str = ""
+    blocks: int = 0  # of the model's block list (the unit streamed)
+    work_bytes: int = 0  # the working memory counted in peak_bytes
 
     def as_dict(self) -> dict:
         return {"name": self.name, "mode": self.mode, "weights": format_size(self.weight_bytes),
                 "resident": format_size(self.resident_bytes), "peak": format_size(self.peak_bytes),
-                "resident_blocks": self.resident_blocks, "reason": self.reason,
-                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes}
+                "resident_blocks": self.resident_blocks, "blocks": self.blocks, "reason": self.reason,
+                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes, "work_bytes": self.work_bytes}
 
 
 @dataclass
@@ -132,11 +139,42 @@ class MemoryPlan:
                 "peak": format_size(self.peak), "models": [p.as_dict() for p in self.placements]}
 
 
+MODE_WORDS = {"resident": "resident", "model": "offload between uses", "stream": "stream blocks",
+              "blocks": "stream blocks"}
+
+
+def describe(plan: MemoryPlan) -> dict:
+    """A plan as data (:meth:`MemoryPlan.as_dict`) plus ``lines`` saying per model its mode and
+    estimate (what ``ditgraph explain`` prints and the editor shows)."""
+    if plan.budget > 0:
+        lines = [f"VRAM budget {human_size(plan.budget)}, reserve {human_size(plan.reserve)}: "
+                 f"{human_size(plan.available)} for models; estimated peak {human_size(plan.peak)}"]
+    else:
+        lines = ["no VRAM budget (no --vram, and no CUDA device to measure): models resident unless offload says otherwise"]
+    for p in plan.placements:
+        mode = MODE_WORDS.get(p.mode, p.mode)
+        if p.mode in ("stream", "blocks"):
+            mode += f", {p.resident_blocks}/{p.blocks} resident"
+        on_gpu = p.peak_bytes - p.work_bytes
+        weights = (human_size(p.weight_bytes) if on_gpu == p.weight_bytes
+                   else f"{human_size(on_gpu)} of its {human_size(p.weight_bytes)}") + " weights"
+        lines.append(f"{p.name}: {mode}: {human_size(p.peak_bytes)} while it runs ({weights} + "
+                     f"{human_size(p.work_bytes)} working), {human_size(p.resident_bytes) if p.resident_bytes else 'nothing'} "
+                     f"kept between uses" + (f"; {p.reason}" if plan.budget > 0 or "requested" in p.reason else ""))
+    return {**plan.as_dict(), "lines": lines}
+
+
 def min_need(need: ModelNeed) -> int:
     """The least VRAM a model can run in: streamed one block ahead, or whole when it has no blocks."""
     if need.blocks:
         return need.rest_bytes + 2 * need.block_bytes + need.work
     return need.weight_bytes + need.work
+
+
+def _stream_peak(need: ModelNeed, keep: int) -> int:
+    """VRAM while a model with ``keep`` blocks resident runs: those, the rest and up to two
+    blocks in flight (only one when all but one are kept)."""
+    return need.rest_bytes + min(need.blocks, keep + 2) * need.block_bytes + need.work
 
 
 def _streamed(need: ModelNeed, free: int, later: int = 0) -> Placement | None:
@@ -148,9 +186,9 @@ def _streamed(need: ModelNeed, free: int, later: int = 0) -> Placement | None:
     keep = max(0, min(need.blocks - 1, (free - max(min_need(need), later)) // max(need.block_bytes, 1)))
     mode = "stream" if keep else "blocks"
     kept = keep * need.block_bytes
-    reason = (f"{format_size(need.weight_bytes)} of weights do not fit {format_size(free)} free: "
+    reason = (f"{human_size(need.weight_bytes)} of weights do not fit {human_size(free)} free: "
               f"{keep}/{need.blocks} blocks resident, the rest streamed")
-    return Placement(need.name, mode, need.weight_bytes, kept, kept + min_need(need), keep, reason)
+    return Placement(need.name, mode, need.weight_bytes, kept, _stream_peak(need, keep), keep, reason)
 
 
 def _forced(need: ModelNeed, mode: str, free: int) -> Placement:
@@ -165,7 +203,7 @@ def _forced(need: ModelNeed, mode: str, free: int) -> Placement:
         raise BudgetError(f"{need.name}: offload={mode} needs a model with a block list")
     keep = 0 if mode == "blocks" else max(0, min(need.blocks - 1, (free - min_need(need)) // max(need.block_bytes, 1)))
     kept = keep * need.block_bytes
-    return Placement(need.name, "stream" if keep else "blocks", need.weight_bytes, kept, kept + min_need(need), keep,
+    return Placement(need.name, "stream" if keep else "blocks", need.weight_bytes, kept, _stream_peak(need, keep), keep,
                      f"{mode} (requested)")
 
 
@@ -181,9 +219,9 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
     requested = requested or {}
     plan = MemoryPlan(budget, reserve)
     if budget <= 0:
-        plan.placements = [_forced(n, requested.get(n.name, "auto"), 0) if requested.get(n.name, "auto") != "auto"
-                           else Placement(n.name, "resident", n.weight_bytes, n.weight_bytes, n.weight_bytes + n.work,
-                                          0, "no VRAM budget set") for n in needs]
+        plan.placements = [_sized(_forced(n, requested.get(n.name, "auto"), 0) if requested.get(n.name, "auto") != "auto"
+                                  else Placement(n.name, "resident", n.weight_bytes, n.weight_bytes,
+                                                 n.weight_bytes + n.work, 0, "no VRAM budget set"), n) for n in needs]
         return plan
     avail = budget - reserve
     order = sorted(needs, key=lambda n: (ROLE_PRIORITY.get(n.role, 3), -n.weight_bytes))
@@ -198,7 +236,7 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
         resident += need.weight_bytes
         placed[need.name] = Placement(need.name, "resident", need.weight_bytes, need.weight_bytes,
                                       need.weight_bytes + need.work, 0,
-                                      f"fits: {format_size(resident)} resident of {format_size(avail)}")
+                                      f"fits: {human_size(resident)} resident of {human_size(avail)}")
         pending.pop(0)
     for i, need in enumerate(pending):
         # what runs while this model's kept blocks stay resident: the later models and the placed ones' work
@@ -207,15 +245,20 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
         free = avail - resident
         if need.weight_bytes + need.work <= free:
             placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,
-                                          f"fits only while it runs ({format_size(free)} free beside the residents)")
+                                          f"fits only while it runs ({human_size(free)} free beside the residents)")
             continue
         streamed = _streamed(need, free, later)
         if streamed is None:
             raise BudgetError(_no_fit_message(need, free, plan, placed))
         placed[need.name] = streamed
         resident += streamed.resident_bytes
-    plan.placements = [placed[n.name] for n in needs]
+    plan.placements = [_sized(placed[n.name], n) for n in needs]
     return plan
+
+
+def _sized(placement: Placement, need: ModelNeed) -> Placement:
+    placement.blocks, placement.work_bytes = need.blocks, need.work
+    return placement
 
 
 def _no_fit_message(need: ModelNeed, free: int, plan: MemoryPlan, placed: dict[str, Placement]) -> str:

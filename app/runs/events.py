@@ -1,4 +1,5 @@
-"""Run events and outputs as plain JSON: previews as PNG data URLs, saved files located and confined.
+"""Run events and outputs as plain JSON: previews as PNG data URLs, saved files located and confined
+(and told apart: videos, images, other files).
 
 Shared by the HTTP server, the CLI's --json mode and the Ray workers.
 """
@@ -9,7 +10,7 @@ import base64
 import contextlib
 import io
 import logging
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +24,97 @@ log = logging.getLogger(__name__)
 
 def temp_root() -> Path:
     """Where preview nodes write (UI entries of type "temp"): $DITGRAPH_TEMP or <outputs>/../temp."""
-    env = os.environ.get("DITGRAPH_TEMP")
-    return Path(env).expanduser().resolve() if env else paths.output_dir().parent / "temp"
+    return paths.temp_dir()
 
 
-def _file_entries(value: Any, depth: int = 0):
-    """The dicts with a "filename" inside a node's UI data."""
+MOVIE_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")  # files a browser shows with <video>, never <img>
+MEDIA_KEYS = {"videos": "video", "images": "image"}  # a node's UI data key -> what its files are
+
+
+def _file_entries(value: Any, depth: int = 0, media: str | None = None):
+    """(dict with a "filename", "video"|"image"|None) inside a node's UI data; the media kind is
+    the key the entry is listed under ("videos", "images")."""
     if depth > 8:
         return
     if isinstance(value, dict):
         if isinstance(value.get("filename"), str) and value["filename"]:
-            yield value
+            yield value, media
             return
-        for child in value.values():
-            yield from _file_entries(child, depth + 1)
+        for key, child in value.items():
+            yield from _file_entries(child, depth + 1, MEDIA_KEYS.get(key, media))
     elif isinstance(value, list):
         for child in value:
-            yield from _file_entries(child, depth + 1)
+            yield from _file_entries(child, depth + 1, media)
+
+
+def _annotate(entry: dict, run_dir: Path, output_root: Path) -> None:
+    if "path" in entry:
+        return
+    sub = entry.get("subfolder") if isinstance(entry.get("subfolder"), str) else ""
+    if entry.get("type") == "temp":
+        root = base = temp_root()
+    else:
+        root, base = output_root, run_dir
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        candidate = (base / sub / entry["filename"]).resolve()
+        if candidate.is_file():
+            entry["path"] = candidate.relative_to(Path(root).resolve()).as_posix()
 
 
 def annotate_files(ui: Any, run_dir: Path, output_root: Path) -> None:
     """Add ``path`` (relative to the output root, or to the temp root for "temp" files) to each file
-    a node just saved (``filename``/``subfolder`` are relative to the run's own folder).
+    a node just saved (``filename``/``subfolder`` are relative to the run's own folder), and to
+    a video's ``poster``.
 
     The UI dict is the one the memo cache keeps, so a later cache hit still finds the file the
     run that executed the node wrote, whichever run folder that was.
     """
-    for entry in _file_entries(ui):
-        if "path" in entry:
-            continue
-        sub = entry.get("subfolder") if isinstance(entry.get("subfolder"), str) else ""
-        if entry.get("type") == "temp":
-            root = base = temp_root()
-        else:
-            root, base = output_root, run_dir
-        with contextlib.suppress(OSError, ValueError):
-            candidate = (base / sub / entry["filename"]).resolve()
-            if candidate.is_file():
-                entry["path"] = candidate.relative_to(Path(root).resolve()).as_posix()
+    for entry, _media in _file_entries(ui):
+        _annotate(entry, run_dir, output_root)
+        if isinstance(entry.get("poster"), dict) and isinstance(entry["poster"].get("filename"), str):
+            _annotate(entry["poster"], run_dir, output_root)
 
 
-def file_locations(ui: Any, output_root: Path) -> list[tuple[dict, str, Path]]:
-    """(entry, kind "output"|"temp", real path) for each existing, confined file a run's UI data names."""
+def _locate(entry: dict, output_root: Path) -> tuple[str, Path] | None:
+    """(kind "output"|"temp", real path) of an annotated entry's existing, confined file."""
+    kind = "temp" if entry.get("type") == "temp" else "output"
+    root = temp_root() if kind == "temp" else Path(output_root)
+    relative = entry.get("path")
+    if not isinstance(relative, str):
+        return None
+    with contextlib.suppress(paths.PathRefused, OSError):
+        target = paths.confine(root, relative)
+        if target.is_file():
+            return kind, target
+    return None
+
+
+@dataclass
+class OutputFile:
+    """A file a run's UI data names, found on disk: ``kind`` is the folder ("output"|"temp"),
+    ``media`` what it is ("video"|"image"|"file"), ``poster`` a video's still (temp path) if any."""
+
+    entry: dict
+    kind: str
+    target: Path
+    media: str
+    poster: str | None = None
+
+
+def saved_outputs(ui: Any, output_root: Path) -> list[OutputFile]:
+    """Each existing, confined file a run's (or a node's) UI data names."""
     found = []
-    for entry in _file_entries(ui):
-        kind = "temp" if entry.get("type") == "temp" else "output"
-        root = temp_root() if kind == "temp" else Path(output_root)
-        relative = entry.get("path")
-        if not isinstance(relative, str):
+    for entry, media in _file_entries(ui):
+        located = _locate(entry, output_root)
+        if located is None:
             continue
-        with contextlib.suppress(paths.PathRefused, OSError):
-            target = paths.confine(root, relative)
-            if target.is_file():
-                found.append((entry, kind, target))
+        if Path(entry["filename"]).suffix.lower() in MOVIE_SUFFIXES:
+            media = "video"  # SaveAnimated's MP4 and runs recorded before videos had their own key
+        poster = entry.get("poster")
+        poster_path = None
+        if media == "video" and isinstance(poster, dict) and _locate(poster, output_root) is not None:
+            poster_path = poster["path"]
+        found.append(OutputFile(entry, located[0], located[1], media or "file", poster_path))
     return found
 
 

@@ -51,9 +51,10 @@ class BatchHooks:
 
 def run_batch(address: str, registry, workflows: list[tuple[int | None, Workflow]], targets: list[str] | None,
               out_root: Path, hooks: BatchHooks, *, device: str | None = None, workers: int | None = None,
-              log_to_driver: bool = True) -> list[str]:
+              log_to_driver: bool = True, engine_options: dict | None = None) -> list[str]:
     """Each workflow's final status, in order. Output goes where a local run puts it (batch line k ->
-    OUTPUT_DIR/batch-000k/). Raises RayUnavailable when no worker could start."""
+    OUTPUT_DIR/batch-000k/); each worker's engine gets ``engine_options`` (VRAM budget, cache policy).
+    Raises RayUnavailable when no worker could start."""
     tmp = Path(tempfile.mkdtemp(prefix="ditgraph-ray-"))
     store = RunStore(tmp / "queue.sqlite3")
     pool = queue = None
@@ -61,7 +62,8 @@ def run_batch(address: str, registry, workflows: list[tuple[int | None, Workflow
     changed = threading.Event()
     try:
         try:
-            pool = RayPool.create(address, registry, device=device, workers=workers, log_to_driver=log_to_driver)
+            pool = RayPool.create(address, registry, device=device, workers=workers, log_to_driver=log_to_driver,
+                                  engine_options=engine_options)
         except ConnectionError as exc:
             raise RayUnavailable(f"--ray {address}: {exc}") from None
         # a new private store: another process's staged runs in out_root are not its to settle

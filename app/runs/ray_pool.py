@@ -47,7 +47,8 @@ class WorkerSlot:
     def describe(self) -> dict:
         return {"name": self.name, "ready": self.ready, "error": self.error, "running": self.running,
                 "runs": self.runs, "busy_seconds": round(self.busy_seconds, 3), "restarts": self.restarts,
-                "cached_keys": len(self.keys), **{k: self.info.get(k) for k in ("pid", "host", "device", "gpu")}}
+                "cached_keys": len(self.keys),
+                **{k: self.info.get(k) for k in ("pid", "host", "device", "gpu", "vram", "reserve_vram", "cache_policy")}}
 
 
 class RayPool:
@@ -55,11 +56,12 @@ class RayPool:
 
     def __init__(self, registry, *, workers: int | None = None, device: str | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
-                 owns_ray: bool = False, address: str | None = None, extra_sys_path: list[str] | None = None):
+                 owns_ray: bool = False, address: str | None = None, extra_sys_path: list[str] | None = None,
+                 engine_options: dict | None = None):
         self.registry = registry
         self.address = address
         self.owns_ray = owns_ray
-        self.config = worker_config(registry, device, extra_sys_path)
+        self.config = worker_config(registry, device, extra_sys_path, engine_options)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if device in (None, "") or str(device).startswith("cuda") else 0
         if gpus_per_worker is None:

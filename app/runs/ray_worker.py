@@ -133,9 +133,12 @@ def plugin_specs(registry) -> list[str]:
     return specs
 
 
-def worker_config(registry, device: str | None = None, extra_sys_path: list[str] | None = None) -> dict:
-    """Everything a worker needs to behave like this process: node modules, folders, device."""
+def worker_config(registry, device: str | None = None, extra_sys_path: list[str] | None = None,
+                  engine_options: dict | None = None) -> dict:
+    """Everything a worker needs to behave like this process: node modules, folders, device, and
+    the engine options (VRAM budget, cache policy: plain data from the CLI's ``engine_options``)."""
     return {
+        "engine": dict(engine_options or {}),
         "plugins": plugin_specs(registry),
         "paths": {"models": str(paths.models_dir()), "inputs": str(paths.input_dir()),
                   "outputs": str(paths.output_dir())},
@@ -171,7 +174,7 @@ class EngineWorker:
         self.name = name
         self.registry = make_registry(config.get("plugins") or [])
         self.engine = Engine(self.registry, device=config.get("device") or None,
-                             output_dir=worker_paths.output_dir())
+                             output_dir=worker_paths.output_dir(), **config.get("engine", {}))
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.costs: dict[str, float] = {}  # cache key -> seconds it took to compute
@@ -184,6 +187,8 @@ class EngineWorker:
         return {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_ip": ray.util.get_node_ip_address(), "device": str(device), "device_type": device.type,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "vram": self.engine.memory.get("vram"), "reserve_vram": self.engine.memory.get("reserve"),
+                "cache_policy": self.engine.cache.policy.describe(),
                 "nodes": len(self.registry.nodes),
                 "load_errors": [f"{e.source}: {e.message}" for e in self.registry.load_errors]}
 

@@ -38,6 +38,7 @@ const enc = encodeURIComponent;
 export const api = {
   nodes: () => request("GET", "/api/nodes"),
   validate: (workflow) => request("POST", "/api/validate", { workflow }),
+  explain: (workflow) => request("POST", "/api/explain", { workflow }),
   queue: (workflow, clientId, targets = null, options = null) =>
     request("POST", "/api/runs", { workflow, client_id: clientId, ...(targets ? { targets } : {}), ...(options ? { options } : {}) }),
   runs: () => request("GET", "/api/runs"),

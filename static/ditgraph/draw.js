@@ -1,5 +1,5 @@
 // What the editor draws on top of litegraph's nodes: run state frames, problem marks,
-// images (latent previews, outputs), text outputs, our progress bar and problem messages.
+// images and videos (latent previews, outputs), text outputs, our progress bar and problem messages.
 // Installed on the Editor's prototype (editor.js).
 import { LiteGraph } from "/static/vendor/litegraph/litegraph.es.js";
 import { BYPASS_MODE, STATE_COLOURS, wrapText } from "./nodes.js";
@@ -33,6 +33,20 @@ function markProblemInputs(node, ctx, errors) {
   }
 }
 
+/** [width, height] of an image or a video element (0 until it has a frame). */
+function mediaSize(m) {
+  return m instanceof HTMLVideoElement ? (m.readyState >= 2 ? [m.videoWidth, m.videoHeight] : [0, 0]) : [m.naturalWidth, m.naturalHeight];
+}
+
+/** What a node shows: its latent preview while sampling, else its videos (each its current frame,
+ * or its poster until the first frame is decoded) and images. */
+function shownMedia(node) {
+  if (node.previewImage) return [node.previewImage];
+  const videos = (node.outputVideos ?? []).map((v) => (v.el.readyState >= 2 ? v.el : v.posterImage)).filter(Boolean);
+  const images = (node.outputImages ?? []).filter((img) => img.complete);
+  return [...videos, ...images].filter((m) => mediaSize(m)[0] > 0);
+}
+
 function drawImages(node, ctx, images, body) {
   const w = node.size[0];
   const cols = Math.ceil(Math.sqrt(images.length));
@@ -40,14 +54,18 @@ function drawImages(node, ctx, images, body) {
   const cw = (w - 20) / cols;
   const ch = (body.h - 8) / rows;
   images.forEach((img, i) => {
-    const scale = Math.min(cw / img.naturalWidth, ch / img.naturalHeight);
-    const iw = img.naturalWidth * scale;
-    const ih = img.naturalHeight * scale;
+    const [mw, mh] = mediaSize(img);
+    const scale = Math.min(cw / mw, ch / mh);
+    const iw = mw * scale;
+    const ih = mh * scale;
     const x = 10 + (i % cols) * cw + (cw - iw) / 2;
     const y = body.y + Math.floor(i / cols) * ch + (ch - ih) / 2;
     // latent previews are tiny: smooth them; outputs shown smaller than they are: smooth too
-    ctx.imageSmoothingEnabled = node.previewImage === img || img.naturalWidth > iw;
+    ctx.imageSmoothingEnabled = node.previewImage === img || mw > iw;
     ctx.drawImage(img, x, y, iw, ih);
+    if (img instanceof HTMLVideoElement || (node.outputVideos ?? []).some((v) => v.posterImage === img)) {
+      node.videoFramesDrawn = (node.videoFramesDrawn ?? 0) + 1;
+    }
   });
 }
 
@@ -101,7 +119,7 @@ export const drawMethods = {
     }
     markProblemInputs(node, ctx, errors);
     const body = this.freeArea(node);
-    const images = (node.previewImage ? [node.previewImage] : node.outputImages ?? []).filter((img) => img.complete && img.naturalWidth);
+    const images = shownMedia(node);
     if (images.length && body.h > 20) drawImages(node, ctx, images, body);
     else if (node.outputText && body.h > 10) {
       ctx.fillStyle = this.theme.text;

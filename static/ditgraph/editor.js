@@ -346,7 +346,7 @@ class Editor {
       else extra.push({ content: "Convert selected nodes to a subgraph", callback: () => this.convertToSubgraph(this.selectedNodes().length ? this.selectedNodes() : [node]) });
       const file = inputFileWidget(node);
       if (file && node.outputs?.some((o) => o.type === "MASK")) extra.push({ content: "Paint mask…", callback: () => this.openMaskEditor(node, file) });
-      else if (node.outputUrls?.length) extra.push({ content: "Paint a mask on this image…", callback: () => this.maskOutput(node) });
+      else if (node.outputImages?.length && node.outputUrls?.length) extra.push({ content: "Paint a mask on this image…", callback: () => this.maskOutput(node) });
       options.unshift(...extra, null);
       return options;
     };
@@ -804,6 +804,9 @@ class Editor {
       progress: node.dgProgress ?? null,
       images: (node.outputImages ?? []).filter((i) => i.complete && i.naturalWidth).length,
       imageUrls: node.outputUrls ?? [],
+      videos: (node.outputVideos ?? []).map((v) => ({ tag: v.el.tagName, url: v.url, poster: v.poster, posterLoaded: !!v.posterImage,
+        readyState: v.el.readyState, playing: !v.el.paused, width: v.el.videoWidth, height: v.el.videoHeight })),
+      videoFramesDrawn: node.videoFramesDrawn ?? 0,
       text: node.outputText,
       problems: this.problemsFor(node),
       bypass: node.mode === BYPASS_MODE,

@@ -1,6 +1,6 @@
-// Files in and out: export/import of workflow JSON, PNGs with an embedded workflow, images
-// uploaded into Load Image nodes (file picker or drop) and their previews. Installed on the
-// Editor's prototype.
+// Files in and out: export/import of workflow JSON, PNGs and videos (MP4/WebM/WebP saved by
+// SaveVideo) with an embedded workflow, images uploaded into Load Image nodes (file picker or
+// drop) and their previews. Installed on the Editor's prototype.
 import { api, workflowFromPngBytes } from "./api.js";
 import { FORMAT } from "./convert.js";
 import { el } from "./palette.js";
@@ -43,7 +43,22 @@ export const fileMethods = {
         return;
       }
       let doc;
-      if (file.type === "image/png" || file.name?.toLowerCase().endsWith(".png")) {
+      const name = file.name?.toLowerCase() ?? "";
+      if (/^video\//.test(file.type) || /\.(mp4|webm|mov|mkv|webp)$/.test(name)) {
+        // the server reads the container's metadata (ffmpeg) or the WebP's EXIF
+        let answer;
+        try {
+          answer = await api.workflowFromPng(file);
+        } catch (error) {
+          this.toast(`${file.name}: ${error.message}`, "error");
+          return;
+        }
+        doc = answer?.workflow;
+        if (!doc || doc.format !== FORMAT) {
+          this.toast(`${file.name}: no ditgraph workflow in this file`, "error");
+          return;
+        }
+      } else if (file.type === "image/png" || name.endsWith(".png")) {
         try {
           const answer = await api.workflowFromPng(file);
           doc = answer?.workflow ?? answer;

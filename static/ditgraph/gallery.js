@@ -1,11 +1,24 @@
-// History and gallery: every finished run with its time, duration, seeds and thumbnails;
-// filter by workflow; click a thumbnail to open the image, "Load" to open the run's workflow
-// (with its images) in a new tab; "Delete" forgets the run (GET/DELETE /api/history).
+// History and gallery: every finished run with its time, duration, seeds and thumbnails (a video
+// is a <video> with its poster frame, playing while the pointer is on it); filter by workflow;
+// click a thumbnail to open it large, "Load" to open the run's workflow (with its images and
+// videos) in a new tab; "Delete" forgets the run (GET/DELETE /api/history).
 import { api } from "./api.js";
 import { el } from "./palette.js";
 import { duration } from "./runs.js";
 
-const isVideo = (url) => /\.(mp4|webm)(\?|$)/i.test(url);
+const isMovie = (url) => /\.(mp4|webm|mov|mkv)(\?|$)/i.test(url);
+
+/** A history thumbnail: a <video> (poster frame, plays on hover) for a movie, else an <img>. */
+function thumb(output, open) {
+  if (!isMovie(output.url)) return el("img", { src: output.url, loading: "lazy", "data-testid": "history-thumb", onclick: open });
+  const video = el("video", { src: output.url, preload: output.poster ? "none" : "metadata", "data-testid": "history-video",
+    title: [output.frames && `${output.frames} frames`, output.fps && `${output.fps} fps`].filter(Boolean).join(" · "), onclick: open });
+  if (output.poster) video.poster = output.poster;
+  Object.assign(video, { muted: true, loop: true, playsInline: true });
+  video.addEventListener("mouseenter", () => video.play().catch(() => null));
+  video.addEventListener("mouseleave", () => video.pause());
+  return video;
+}
 
 export const galleryMethods = {
   async openHistory(filter = "") {
@@ -41,8 +54,8 @@ export const galleryMethods = {
   },
 
   historyCard(r, body, workflow) {
-    const urls = (r.outputs ?? []).map((o) => o.url);
-    const images = urls.filter((u) => !isVideo(u));
+    const outputs = (r.outputs ?? []).filter((o) => o.kind !== "file");
+    const urls = outputs.map((o) => o.url);
     const when = r.finished ? new Date(r.finished * 1000).toLocaleString() : "";
     const remove = async () => {
       await api.deleteHistory(r.run_id).catch((e) => this.toast(e.message, "error"));
@@ -54,9 +67,9 @@ export const galleryMethods = {
       el(
         "div",
         { class: "dg-thumbs" },
-        ...(images.length
-          ? images.slice(0, 4).map((url) => el("img", { src: url, loading: "lazy", "data-testid": "history-thumb", onclick: () => this.showImages(urls) }))
-          : [el("div", { class: "dg-muted" }, r.status === "success" ? (urls.length ? "video" : "no images") : r.status)]),
+        ...(outputs.length
+          ? outputs.slice(0, 4).map((o) => thumb(o, () => this.showImages(urls)))
+          : [el("div", { class: "dg-muted" }, r.status === "success" ? "no images" : r.status)]),
       ),
       el("div", { class: "dg-card-name" }, r.name || "untitled"),
       el("div", { class: "dg-muted" }, [when, duration(r.duration), r.seeds?.length ? `seed ${r.seeds.join(", ")}` : ""].filter(Boolean).join(" · ")),

@@ -169,6 +169,7 @@ export function registerCatalogue(catalogue, editor) {
         this.progress = undefined;
         this.previewImage = null; // latent preview during sampling
         this.outputImages = []; // images from the node's "ui"
+        this.outputVideos = []; // videos from the node's "ui": {url, poster, el: <video>, posterImage}
         this.outputText = null;
         for (const input of def.inputs) {
           if (input.widget) {

@@ -1,6 +1,8 @@
 // HTML over the canvas: tooltips from the node declarations, and the text editor of
 // multi-line prompts. Installed on the Editor's prototype.
 import { LiteGraph } from "/static/vendor/litegraph/litegraph.es.js";
+import { api } from "./api.js";
+import { workflowId } from "./convert.js";
 import { el } from "./palette.js";
 
 function describeWidget(widget) {
@@ -31,6 +33,7 @@ export const overlayMethods = {
 
   /** What the declaration says about the thing under the pointer (input, output, widget, node). */
   tooltipAt(clientX, clientY) {
+    this.tooltipEstimate = null;
     const [x, y] = this.clientToGraph(clientX, clientY);
     const node = this.graph.getNodeOnPos(x, y, this.canvas.visible_nodes);
     const def = node?.def ?? node?.constructor?.def;
@@ -54,8 +57,26 @@ export const overlayMethods = {
       const h = widget.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4;
       if (widget.y !== undefined && local >= widget.y && local < widget.y + h && widget.inputDef) return describeWidget(widget);
     }
-    if (local < 0) return `${def.display_name || def.type} (${def.type})${def.description ? `\n${def.description}` : ""}`;
+    if (local < 0) {
+      if (def.estimates) this.tooltipEstimate = node; // a loader: its VRAM plan follows (appendEstimate)
+      return `${def.display_name || def.type} (${def.type})${def.description ? `\n${def.description}` : ""}`;
+    }
     return null;
+  },
+
+  /** A loader's VRAM plan under the server's budget, from /api/explain, below its title tooltip. */
+  async appendEstimate(node, text) {
+    this.tooltip.textContent = `${text}\n\nVRAM plan: estimating…`;
+    let lines;
+    try {
+      const estimate = (await api.explain(this.workflow())).estimates?.[workflowId(node)];
+      lines = estimate?.lines ?? ["VRAM plan: not estimated (no output needs this node)"];
+    } catch (error) {
+      lines = [`VRAM plan unavailable: ${error.message}`];
+    }
+    if (this.tooltip.style.display !== "none" && this.tooltipEstimate === node) {
+      this.tooltip.textContent = `${text}\n\n${lines.join("\n")}`;
+    }
   },
 
   showTooltip(clientX, clientY) {
@@ -64,9 +85,11 @@ export const overlayMethods = {
     if (!text) return;
     const rect = this.app.getBoundingClientRect();
     this.tooltip.textContent = text;
+    this.tooltip.classList.toggle("wide", !!this.tooltipEstimate);
     this.tooltip.style.left = `${clientX - rect.left + 14}px`;
     this.tooltip.style.top = `${clientY - rect.top + 16}px`;
     this.tooltip.style.display = "block";
+    if (this.tooltipEstimate) this.appendEstimate(this.tooltipEstimate, text);
   },
 
   editText(node, widget) {

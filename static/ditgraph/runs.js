@@ -22,15 +22,42 @@ export function clientId() {
   return id;
 }
 
-function imageUrls(ui) {
-  const urls = [];
+const isMovie = (url) => /\.(mp4|webm|mov|mkv)(\?|$)/i.test(url);
+const tempUrl = (path) => `/api/temp/${path.split("/").map(encodeURIComponent).join("/")}`;
+
+function entryUrl(item) {
+  if (typeof item === "string") return item.startsWith("data:") || item.startsWith("/") ? item : api.outputUrl(item);
+  if (item?.url) return item.url;
+  if (item?.path) return item.type === "temp" ? tempUrl(item.path) : api.outputUrl(item.path);
+  return null; // bare {filename, subfolder, type} entries are resolved by the server when the run ends (fetchOutputs)
+}
+
+/**
+ * What a node's "ui" (an engine event's, a run's outputs grouped by node, or a tab's remembered
+ * ones) shows: image URLs and videos ({url, poster}). Videos come under "videos"; a movie file
+ * under "images" (SaveAnimated's MP4, runs recorded before videos had their own kind) is one too.
+ */
+export function mediaOf(ui) {
+  const images = [];
+  const videos = [];
   for (const item of ui?.images ?? []) {
-    if (typeof item === "string") urls.push(item.startsWith("data:") || item.startsWith("/") ? item : api.outputUrl(item));
-    else if (item?.url) urls.push(item.url);
-    else if (item?.path) urls.push(item.type === "temp" ? `/api/temp/${item.path.split("/").map(encodeURIComponent).join("/")}` : api.outputUrl(item.path));
-    // bare {filename, subfolder, type} entries are resolved by the server when the run ends (fetchOutputs)
+    const url = entryUrl(item);
+    if (url) (isMovie(url) ? videos.push({ url, poster: item?.poster ?? null }) : images.push(url));
   }
-  return urls;
+  for (const item of ui?.videos ?? []) {
+    const url = entryUrl(item);
+    if (!url) continue;
+    const poster = typeof item.poster === "string" ? item.poster : item.poster?.path ? tempUrl(item.poster.path) : null;
+    // animated WebP/GIF play in an <img>; MP4/WebM need a <video>
+    if (isMovie(url)) videos.push({ url, poster });
+    else images.push(url);
+  }
+  return { images, videos };
+}
+
+/** A node's outputs as a tab remembers them (plain JSON, autosaved with the tab). */
+function remembered(media, text) {
+  return { images: media.images.map((url) => ({ url })), videos: media.videos, ...(text ? { text } : {}) };
 }
 
 function clock(seconds) {
@@ -114,6 +141,7 @@ export const runMethods = {
     node.errorMessage = null;
     if (!keepImages) {
       node.outputImages = [];
+      this.setNodeVideos(node, []);
       node.outputUrls = [];
       node.outputText = null;
     }
@@ -134,17 +162,16 @@ export const runMethods = {
     this.refreshQueue();
   },
 
-  /** Show a node's "ui" (images, text) and remember it in the tab, so undo and reloads keep it. */
+  /** Show a node's "ui" (images, videos, text) and remember it in the tab, so undo and reloads keep it. */
   setNodeUi(node, ui, tab = this.tabs.active) {
     if (!ui) return;
-    const urls = imageUrls(ui);
+    const media = mediaOf(ui);
+    const urls = [...media.videos.map((v) => v.url), ...media.images];
     const text = ui.text ? (Array.isArray(ui.text) ? ui.text.join("\n") : String(ui.text)) : null;
-    if (tab && (urls.length || text)) tab.outputs[workflowId(node)] = { images: urls.map((url) => ({ url })), ...(text ? { text } : {}) };
-    const isVideo = (url) => /\.(mp4|webm)(\?|$)/i.test(url);
-    node.outputVideos = urls.filter(isVideo);
-    if (node.outputVideos.length) node.outputText = `▶ ${node.outputVideos.length} video(s): double-click to play`;
+    if (tab && (urls.length || text)) tab.outputs[workflowId(node)] = remembered(media, text);
     if (urls.length) {
-      node.outputImages = urls.filter((url) => !isVideo(url)).map((url) => {
+      this.setNodeVideos(node, media.videos);
+      node.outputImages = media.images.map((url) => {
         const img = new Image();
         img.onload = () => {
           this.ensureImageSpace(node, img);
@@ -159,6 +186,55 @@ export const runMethods = {
       node.outputText = text;
       this.ensureTextSpace(node);
     }
+  },
+
+  /**
+   * Videos on a node: each a muted, looping <video> element drawn on the canvas (so it zooms,
+   * clips and stacks with the node) over its poster frame until the first frame is decoded.
+   * Double-click opens them with controls. The old elements are stopped and let go.
+   */
+  setNodeVideos(node, videos) {
+    for (const old of node.outputVideos ?? []) {
+      old.el.pause();
+      old.el.removeAttribute("src");
+      old.el.load();
+    }
+    node.outputVideos = videos.map(({ url, poster }) => {
+      const video = document.createElement("video");
+      Object.assign(video, { muted: true, loop: true, playsInline: true, preload: "auto" });
+      video.dataset.testid = "node-video";
+      if (poster) video.poster = poster;
+      const shown = { url, poster, el: video, posterImage: null };
+      if (poster) {
+        const img = new Image();
+        img.onload = () => {
+          shown.posterImage = img;
+          this.ensureImageSpace(node, img);
+          this.canvas.setDirty(true, true);
+        };
+        img.src = poster;
+      }
+      video.addEventListener("loadedmetadata", () => {
+        this.ensureImageSpace(node, { naturalWidth: video.videoWidth, naturalHeight: video.videoHeight });
+        this.canvas.setDirty(true, true);
+      });
+      // redraw the canvas for each new frame while it plays (only then: an idle canvas stays idle)
+      const onFrame = () => {
+        if (!node.outputVideos?.includes(shown)) return;
+        if (this.graph.getNodeById(node.id) !== node) {
+          // the node left the canvas (deleted, undone, another tab shown): stop decoding
+          this.setNodeVideos(node, []);
+          return;
+        }
+        this.canvas.setDirty(true, false);
+        video.requestVideoFrameCallback(onFrame);
+      };
+      if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(onFrame);
+      else video.addEventListener("timeupdate", () => this.canvas.setDirty(true, false));
+      video.src = url;
+      video.play().catch(() => null); // muted autoplay is allowed; a refusal leaves the poster and first frame
+      return shown;
+    });
   },
 
   /** Put a tab's remembered outputs back on its nodes (after undo, a tab switch, a reload). */
@@ -188,8 +264,8 @@ export const runMethods = {
     const tab = this.tabs.byId(run.tabId);
     if (!tab) return;
     if ((event.type === "node_finished" || event.type === "node_cached") && event.ui && event.node != null) {
-      const urls = imageUrls(event.ui);
-      if (urls.length || event.ui.text) tab.outputs[String(event.node)] = { images: urls.map((url) => ({ url })), text: event.ui.text ?? undefined };
+      const media = mediaOf(event.ui);
+      if (media.images.length || media.videos.length || event.ui.text) tab.outputs[String(event.node)] = remembered(media, event.ui.text);
     }
     if (ENDED[event.type]) {
       run.status = ENDED[event.type];
@@ -325,13 +401,15 @@ export const runMethods = {
     const tab = (run && this.tabs.byId(run.tabId)) ?? this.tabs.active;
     const byNode = new Map();
     for (const output of record?.outputs ?? []) {
-      if (!byNode.has(String(output.node))) byNode.set(String(output.node), []);
-      byNode.get(String(output.node)).push({ url: output.url });
+      if (!byNode.has(String(output.node))) byNode.set(String(output.node), { images: [], videos: [] });
+      const ui = byNode.get(String(output.node));
+      if (output.kind === "video") ui.videos.push({ url: output.url, poster: output.poster ?? null });
+      else ui.images.push({ url: output.url });
     }
-    for (const [id, images] of byNode) {
+    for (const [id, ui] of byNode) {
       const node = tab === this.tabs.active ? nodeByWorkflowId(this.graph, id) : null;
-      if (node) this.setNodeUi(node, { images }, tab);
-      else if (tab) tab.outputs[id] = { ...(tab.outputs[id] ?? {}), images };
+      if (node) this.setNodeUi(node, ui, tab);
+      else if (tab) tab.outputs[id] = { ...(tab.outputs[id] ?? {}), ...remembered(mediaOf(ui), null) };
     }
     if (run) {
       run.fetched = true;

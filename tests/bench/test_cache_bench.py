@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -35,3 +36,20 @@ def test_pareto_png(tmp_path):
     bench.pareto_png(_report(), path)
     with Image.open(path) as img:
         assert img.size[0] == 2 * 560 and img.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_pareto_front_marks_the_undominated_rows():
+    rows = [{"speedup": 2.0, "rel_l2": 0.01}, {"speedup": 1.5, "rel_l2": 0.02}, {"speedup": 3.0, "rel_l2": 0.05},
+            {"error": "boom"}]
+    bench.pareto_front(rows)
+    assert [r.get("pareto") for r in rows] == [True, False, True, None]
+
+
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def test_video_rows_on_tiny_models():
+    result = bench.video_family("wan", torch.device("cpu"), torch.float32, tiny=True, steps=4,
+                                settings=[("fora", {"interval": 2}), ("pab", {"start": 0.0, "end": 1.0}), ("fora", {"nope": 1})])
+    fora, pab, bad = result["runs"]
+    assert fora["skipped_calls"] > 0 and fora["predicted_speedup"] > 1 and 0 < fora["rel_l2"] < 0.2
+    assert pab["attention_reused"] > 0 and pab["blocks_skipped"] == 0
+    assert "error" in bad and result["tokens"] == 5 * 8 * 8 and result["uncached_s"] > 0

@@ -231,3 +231,50 @@ def test_workflow_by_name_and_stdin(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(count_workflow(steps=6))))
     code, out, _ = run(capsys, "run", "-")
     assert code == 0 and "node 4: 6" in out
+
+
+SHAPES_GRAPH = str(REPO / "graphs" / "shapes-txt2img.json")
+
+
+def test_explain_shows_the_loaders_vram_plan_for_each_budget(capsys):
+    """Planned from shapes-dit's configs for CUDA (bf16) on any machine: budgets around its
+    ~0.3 GiB need pick each mode; too small a budget is said, not raised."""
+    def modes(*flags):
+        code, out, err = run(capsys, "explain", SHAPES_GRAPH, "--device", "cuda", *flags, "--json")
+        assert code == 0, err
+        plan = json.loads(out)["estimates"]["1"]
+        return {m["name"]: (m["mode"], m["resident_blocks"]) for m in plan["models"]}
+
+    assert modes("--vram", "1GB", "--reserve-vram", "100MB") == {
+        "transformer": ("resident", 0), "minilm": ("resident", 0), "vae": ("resident", 0)}
+    assert modes("--vram", "290MB") == {"transformer": ("model", 0), "minilm": ("stream", 1), "vae": ("model", 0)}
+    assert modes("--vram", "286MB")["minilm"] == ("blocks", 0)
+    assert modes("--vram", "1GB", "--set", "1.offload=blocks")["transformer"] == ("blocks", 0)
+
+    code, out, err = run(capsys, "explain", SHAPES_GRAPH, "--device", "cuda", "--vram", "290MB")
+    assert code == 0, err
+    assert "node 1 (CheckpointLoader)" in out
+    assert "VRAM budget 290.0 MiB, reserve 0.0 MiB: 290.0 MiB for models" in out
+    assert "minilm: stream blocks, 1/6 resident: " in out and "transformer: offload between uses: 271.0 MiB" in out
+    code, out, _ = run(capsys, "explain", SHAPES_GRAPH, "--device", "cuda", "--vram", "100MB")
+    assert code == 0 and "cannot estimate: transformer needs at least" in out and "raise --vram" in out
+    code, out, _ = run(capsys, "explain", SHAPES_GRAPH, "--device", "cpu")
+    assert "no VRAM budget" in out and "transformer: resident: " in out
+    code, _, err = run(capsys, "explain", SHAPES_GRAPH, "--vram", "1GB", "--server", "http://127.0.0.1:1")
+    assert code == 2 and "--server" in err
+
+
+def test_serve_with_ray_gives_the_workers_the_engine_options(capsys, monkeypatch, tmp_path):
+    """`serve --ray auto --vram 12GB`: the options that build a local engine travel to the workers."""
+    import app.fronts.http.app as http_app
+    from bench.harness import free_port
+
+    seen = {}
+    monkeypatch.setattr(http_app, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    code, _, err = run(capsys, "serve", "--port", str(free_port()), "--db", str(tmp_path / "q.sqlite3"),
+                       "--workflows-dir", str(tmp_path / "wf"), "--ray", "auto", "--vram", "12GB",
+                       "--reserve-vram", "1GB", "--cache", "lru:8G")
+    assert code == 0, err
+    options = {"memory": {"vram": 12 << 30, "reserve": 1 << 30}, "cache_policy": "lru:8G"}
+    assert seen["settings"].ray_engine == options
+    assert seen["engine"].device.type == "cpu" and seen["engine"].memory["vram"] == 12 << 30

@@ -178,6 +178,6 @@ def test_server_reads_editor_format_from_png_and_webp(tmp_path):
             answer = client.post("/api/workflow-from-png", files={"file": (name, data, "application/octet-stream")})
             assert answer.status_code == 200, answer.text
             assert answer.json()["source"] == "comfyui" and answer.json()["workflow"]["nodes"]["11"]["type"] == "SamplerCustom"
-        ui["nodes"][0]["widgets_values"] = ["hidream_i1_full_fp16.safetensors", "default"]
+        ui["nodes"][0]["widgets_values"] = ["hidream_e1_full_bf16.safetensors", "default"]  # an editing model not run here
         refused = client.post("/api/workflow-from-png", files={"file": ("b.png", _png({"workflow": json.dumps(ui)}), "image/png")})
         assert refused.status_code == 422 and "HiDream" in refused.text

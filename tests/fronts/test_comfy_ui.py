@@ -268,9 +268,9 @@ def test_controlnet_on_conditioning_becomes_a_model_patch(registry):
 @pytest.mark.parametrize("loader,value,family", [
     ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, "Stable Diffusion 1.x"),
     ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, "SDXL"),
-    ("UNETLoader", {"unet_name": "hidream_i1_full_fp16.safetensors"}, "HiDream"),
+    ("UNETLoader", {"unet_name": "hidream_e1_full_bf16.safetensors"}, "HiDream-E1"),
     ("UNETLoader", {"unet_name": "flux2_dev_fp8mixed.safetensors"}, "Flux.2"),
-    ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors"}, "Flux.1 Kontext"),
+    ("UNETLoader", {"unet_name": "flux1-fill-dev.safetensors"}, "Flux.1 Fill"),
     ("CLIPLoader", {"clip_name": "t5.safetensors", "type": "cosmos"}, "Cosmos"),
     ("CheckpointLoaderSimple", {"ckpt_name": "hunyuan_dit_1.2.safetensors"}, "HunyuanDiT"),
 ])
@@ -286,9 +286,12 @@ def test_families_ditgraph_cannot_run_are_refused_in_one_line(loader, value, fam
 @pytest.mark.parametrize("loader,value", [
     ("UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}),
     ("CheckpointLoaderSimple", {"ckpt_name": "AuraFlow-v0.3.safetensors"}),
+    ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}),
+    ("UNETLoader", {"unet_name": "hidream_i1_full_fp16.safetensors", "weight_dtype": "default"}),
 ])
 def test_families_added_since_are_no_longer_refused(loader, value, registry):
-    """Qwen-Image and AuraFlow run now (app/models/families): their files import like any runnable family's."""
+    """Qwen-Image, AuraFlow, Flux.1 Kontext and HiDream-I1 run now (app/models/families): their files
+    import like any runnable family's."""
     api, _, _ = to_api(flux_custom_sampler())
     api["1"] = {"class_type": loader, "inputs": value}
     document = convert(api, registry)

@@ -52,7 +52,7 @@ def test_imported_two_expert_wan_workflow_runs_like_one_sampler(engine):  # noqa
     imported = engine.run(document, targets=["10"]).raise_for_status().output("10").samples
     native = engine.run(_native("wan", 1234, 2, 4.0), targets=["sample"]).raise_for_status().output("sample").samples
     assert imported.shape == native.shape and torch.allclose(imported, native, atol=1e-5)
-    assert engine.run(document).raise_for_status().ui["14"]["images"][0]["format"] == "mp4"
+    assert engine.run(document).raise_for_status().ui["14"]["videos"][0]["format"] == "mp4"
 
 
 def test_imported_ltx_workflow_runs_like_the_native_one(engine):  # noqa: F811

@@ -77,6 +77,21 @@ def test_page_loads_local_files_and_default_workflow(tab: BrowserPage):
     assert not [e for e in tab.errors if "404" not in e], tab.errors
 
 
+@pytest.mark.skipif(not BLUEPRINT.is_file(), reason="graphs/shapes-txt2img.json is not shipped")
+def test_hovering_a_loaders_title_shows_its_vram_plan(tab: BrowserPage):
+    tab.js("ed.openExample('shapes-txt2img')")
+    tab.wait("ed.nodesOfType('CheckpointLoader').length === 1")
+    loader = tab.js("ed.nodesOfType('CheckpointLoader')[0]")
+    tab.js("ed.fitNodes([arg], 1)", loader)
+    tab.page.mouse.move(*tab.js("ed.titleClientPos(arg)", loader))
+    tip = tab.page.locator('[data-testid="tooltip"]')
+    tip.wait_for(state="visible")
+    tab.wait("document.querySelector('[data-testid=tooltip]').textContent.includes('transformer: ')")
+    text = tip.inner_text()  # the server runs on the CPU without --vram: no budget, all resident
+    assert "Checkpoint" in text and "no VRAM budget" in text and "minilm: resident: " in text
+    tab.shot("02c_vram_plan_tooltip")
+
+
 def test_core_graph_by_mouse_then_reseed_reruns_only_descendants(tab: BrowserPage):
     new_canvas(tab)
     ids = build_core_graph(tab)

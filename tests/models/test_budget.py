@@ -122,15 +122,20 @@ def test_decode_tiles_when_the_budget_leaves_too_little():
     assert decode_needs_tiles(1024, 1024, cpu, memory_settings("24GB", "22GB"))  # the reserve counts
 
 
-def test_plan_from_configs_alone_matches_the_loaders_plan(sd3):
-    from app.models.budget import plan_checkpoint
+@pytest.mark.parametrize("which", ["sd3", "shapes-dit"])
+def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
+    """Same parts, names, sizes and modes as the loader's plan, without reading a weight."""
+    from app.models.budget import describe_checkpoint
 
-    (model, _, _), events = _load_under(sd3, {"vram": GIB})
+    folder = sd3 if which == "sd3" else Path(loaders.__file__).parents[1] / "models" / "shapes-dit"
+    memory = {"vram": GIB} if which == "sd3" else {"vram": 330 << 20}  # shapes-dit in fp32: moved whole, streamed
+    (model, _, _), events = _load_under(folder, memory)
     loaded = {p["name"]: p for p in events[-1]["plan"]["models"]}
-    estimated = plan_checkpoint(sd3, memory={"vram": GIB}, dtype_bytes=4).as_dict()["models"]
-    by_folder = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_l", "text_encoder_2": "clip_g",
-                 "text_encoder_3": "t5"}
-    assert {by_folder[p["name"]] for p in estimated} == set(loaded)
-    for p in estimated:
-        assert p["weight_bytes"] == loaded[by_folder[p["name"]]]["weight_bytes"]
-        assert p["mode"] == loaded[by_folder[p["name"]]]["mode"]
+    estimated = describe_checkpoint(folder, "auto", "auto", torch.float32, torch.device("cpu"), memory)
+    assert [p["name"] for p in estimated["models"]] == list(loaded)
+    for p in estimated["models"]:
+        for field in ("weight_bytes", "mode", "resident_blocks", "peak_bytes"):
+            assert p[field] == loaded[p["name"]][field], (p["name"], field)
+    assert estimated["lines"] == events[-1]["plan"]["lines"]
+    if which == "shapes-dit":
+        assert [p["mode"] for p in estimated["models"]] == ["model", "stream", "model"]

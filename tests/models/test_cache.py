@@ -12,14 +12,7 @@ import torch
 
 from app.models import accelerators as hooks
 from app.models.handles import ModelPatch
-from tests.fixtures.cache_models import (  # noqa: F401 - summaries is a pytest fixture
-    FAMILIES,
-    METHODS,
-    STEPS,
-    no_cache_hooks,
-    summaries,
-    tiny,
-)
+from tests.fixtures.cache_models import FAMILIES, METHODS, STEPS, no_cache_hooks, skipped, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -31,14 +24,14 @@ def test_never_skip_is_exact_and_aggressive_skips_the_same_every_run(family, met
     never, aggressive = METHODS[method]
     exact = t.sample(t.handle.with_patch(hooks.CachePatch(never)))
     assert torch.equal(exact, t.reference), f"{method} at never-skip settings changed the output"
-    assert summaries[-1]["blocks_skipped"] == 0
+    assert skipped(summaries[-1]) == 0
     model = t.handle.with_patch(hooks.CachePatch(aggressive))  # one MODEL value, sampled twice
     first = t.sample(model)
     second = t.sample(model)
     a, b = summaries[-2], summaries[-1]
-    assert a["blocks_skipped"] > 0, f"{method} skipped nothing at aggressive settings"
+    assert skipped(a) > 0, f"{method} skipped nothing at aggressive settings"
     assert torch.isfinite(first).all()
-    assert (a["blocks_skipped"], a["skipped_steps"]) == (b["blocks_skipped"], b["skipped_steps"])
+    assert (skipped(a), a["skipped_steps"]) == (skipped(b), b["skipped_steps"])
     assert torch.equal(first, second)
     assert not torch.equal(first, t.reference)
     assert no_cache_hooks(t.handle) and t.handle.patches == ()

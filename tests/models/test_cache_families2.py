@@ -12,7 +12,7 @@ from app.models.handles import ModelHandle
 from app.models.latents import Latent
 from app.models.sampling import compute_sigmas, sample
 from nodes.text import Conditioning
-from tests.fixtures.cache_models import METHODS, no_cache_hooks, summaries  # noqa: F401 (fixture)
+from tests.fixtures.cache_models import METHODS, no_cache_hooks, skipped
 from tests.fixtures.new_families import FAMILIES, tiny_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -55,10 +55,10 @@ def test_cache_never_skip_is_exact_and_aggressive_skips(family, method, summarie
         return
     never, aggressive = METHODS[method]
     assert torch.equal(_sample(handle.with_patch(hooks.CachePatch(never)), pos, neg, latent, sigmas), reference)
-    assert summaries[-1]["blocks_skipped"] == 0
+    assert skipped(summaries[-1]) == 0
     model = handle.with_patch(hooks.CachePatch(aggressive))
     first, second = (_sample(model, pos, neg, latent, sigmas) for _ in range(2))
-    assert summaries[-2]["blocks_skipped"] > 0, f"{method} skipped nothing on {family}"
+    assert skipped(summaries[-2]) > 0, f"{method} skipped nothing on {family}"
     assert torch.isfinite(first).all() and torch.equal(first, second) and not torch.equal(first, reference)
     assert no_cache_hooks(handle) and handle.patches == ()
 

@@ -7,6 +7,7 @@ from app.models.memory import (
     GIB,
     BudgetError,
     ModelNeed,
+    describe,
     evict_for,
     need_of,
     parse_size,
@@ -104,6 +105,27 @@ def test_plan_shows_in_explain_as_plain_data():
     assert data["budget"] == "12.00 GiB"
     assert {m["name"] for m in data["models"]} == {"flux", "t5", "clip", "vae"}
     assert all(m["reason"] for m in data["models"])
+
+
+def test_describe_says_each_mode_and_estimate():
+    """The lines explain and the editor show: per model its mode (with blocks kept) and bytes."""
+    plan = plan_memory(RUN, 12 * GIB)  # Flux partly resident, T5 every block streamed, CLIP and VAE moved whole
+    lines = describe(plan)["lines"]
+    assert lines[0].startswith("VRAM budget 12.00 GiB, reserve 0.0 MiB: 12.00 GiB for models; estimated peak")
+    assert lines[3].startswith("flux: stream blocks, 22/57 resident: 11.76 GiB while it runs (9.76 GiB of its "
+                               "22.17 GiB weights + 2.00 GiB working), 8.27 GiB kept between uses")
+    assert lines[1].startswith("t5: stream blocks, 0/24 resident: ")
+    assert lines[2].startswith("clip: offload between uses: 362.6 MiB while it runs (234.6 MiB weights + "
+                               "128.0 MiB working), nothing kept between uses")
+    assert describe(plan_memory([VAE], 12 * GIB))["lines"][1].startswith("vae: resident: ")
+    assert describe(plan_memory(RUN, 0))["lines"][0].startswith("no VRAM budget")
+    assert "0/57 resident" in describe(plan_memory(RUN, 80 * GIB, requested={"flux": "blocks"}))["lines"][3]
+
+
+def test_streaming_all_but_one_block_needs_no_more_than_the_whole_model():
+    keep_all_but_one = plan_memory([FLUX], 80 * GIB, requested={"flux": "stream"}).by_name()["flux"]
+    assert keep_all_but_one.resident_blocks == 56
+    assert keep_all_but_one.peak_bytes == FLUX.weight_bytes + FLUX.work  # one block in flight, not two
 
 
 def test_lru_eviction_before_loading():

@@ -92,3 +92,20 @@ def test_few_step_schedules_match_diffusers():
     turbo = compute_sigmas(sd3, "turbo", 4)
     assert float(turbo[0]) == 1.0 and float(turbo[-1]) == 0.0 and 0 < float(turbo[-2]) < 0.05
     assert not math.isclose(float(turbo[1]), float(compute_sigmas(sd3, "shifted", 4)[1]))
+
+
+def test_qwen_image_edit_variants_from_pipeline_config_and_name():
+    """Qwen-Image-Edit vs Edit-2509/2511 (same transformer class): the folder's pipeline class, the
+    2511 transformer's zero_cond_t, else the file name; the base model is no variant."""
+    def name(config=None, source="", pipeline=""):
+        found = detect_variant("qwen-image", config or {}, {}, source, None, pipeline)
+        return found.name if found else None
+
+    assert name(pipeline="QwenImageEditPipeline", source="/m/my-model") == "qwen-image-edit"
+    assert name(pipeline="QwenImageEditPlusPipeline", source="/m/my-model") == "qwen-image-edit-plus"
+    assert name({"zero_cond_t": True}) == "qwen-image-edit-plus"  # 2511
+    assert name(source="/m/qwen_image_edit_2509_fp8_e4m3fn.safetensors") == "qwen-image-edit-plus"
+    assert name(source="/m/qwen_image_edit_fp8_e4m3fn.safetensors") == "qwen-image-edit"
+    assert name(source="/m/qwen_image_fp8_e4m3fn.safetensors", pipeline="QwenImagePipeline") is None
+    edit = detect_variant("qwen-image", {}, {}, "", None, "QwenImageEditPipeline")
+    assert not edit.guidance_distilled and (edit.steps, edit.cfg) == (50, 4.0)  # the pipeline's own settings

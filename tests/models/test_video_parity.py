@@ -58,8 +58,8 @@ def run_pipeline(family: str, folder, sigmas: torch.Tensor, noise: torch.Tensor)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_video_family_matches_diffusers_pipeline(family, engine, models_root, tmp_path):
-    saved = engine.run(workflow(family)).raise_for_status().ui["save"]["images"][0]
+def test_video_family_matches_diffusers_pipeline(family, engine, models_root, tmp_path):  # noqa: F811 (fixture)
+    saved = engine.run(workflow(family)).raise_for_status().ui["save"]["videos"][0]
     result = engine.run(workflow(family), targets=["decode", "ckpt", "empty"]).raise_for_status()
     assert result.executed == []  # everything memoized
     video = result.output("decode")
@@ -84,7 +84,7 @@ def test_video_family_matches_diffusers_pipeline(family, engine, models_root, tm
     assert read_workflow(path)["nodes"]["pos"]["inputs"]["text"] == PROMPT
 
 
-def test_tiled_video_decode_matches_the_whole_decode(engine):
+def test_tiled_video_decode_matches_the_whole_decode(engine):  # noqa: F811 (fixture)
     """VAEDecodeVideo tiled=True goes through the VAE's own tiled_decode (tiles smaller than the video)."""
     result = engine.run(workflow("wan"), targets=["ckpt", "sample"]).raise_for_status()
     vae, latent = result.output("ckpt", 2), result.output("sample")

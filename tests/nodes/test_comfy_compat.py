@@ -7,12 +7,17 @@ import torch
 
 from nodes.comfy_compat import (
     Canny,
+    FluxKontextImageScale,
+    ImageFromBatch,
     ImageScale,
     ImageScaleBy,
     ImageSize,
+    ImageStitch,
     ManualSigmas,
     MathExpression,
+    ResolutionSelector,
     ScaleToMegapixels,
+    ScaleToSide,
     StringConcatenate,
 )
 
@@ -64,3 +69,31 @@ def test_image_scale_by_keeps_the_aspect_ratio():
     image = torch.rand(2, 30, 40, 3)
     assert ImageScaleBy(image, "bilinear", 0.5).shape == (2, 15, 20, 3)
     assert torch.equal(ImageScaleBy(image, "nearest-exact", 1.0), image)
+
+
+def test_scale_to_side_and_kontext_size():
+    image = torch.rand(1, 30, 40, 3)
+    assert ScaleToSide(image, "bilinear", "longer", 80).shape == (1, 60, 80, 3)
+    assert ScaleToSide(image, "bilinear", "shorter", 15).shape == (1, 15, 20, 3)
+    assert FluxKontextImageScale(image).shape == (1, 880, 1184, 3)  # 4:3 -> the nearest Kontext size, 1184x880
+    assert FluxKontextImageScale(torch.rand(1, 50, 10, 3)).shape == (1, 1568, 672, 3)  # cropped to the tallest one
+
+
+def test_image_stitch_places_resizes_pads_and_spaces():
+    red, blue = torch.zeros(1, 4, 6, 3), torch.zeros(2, 8, 4, 3)
+    red[..., 0], blue[..., 2] = 1.0, 1.0
+    right = ImageStitch(red, blue, "right", True, 0, "white")
+    assert right.shape == (2, 4, 8, 3) and right[0, 0, 0, 0] == 1 and right[0, 0, -1, 2] == 1  # blue scaled to 4 high
+    left = ImageStitch(red, blue, "left", False, 2, "black")  # padded to 8 high, 2 black pixels between
+    assert left.shape == (2, 8, 12, 3) and left[1, 0, 0, 2] == 1 and left[1, 0, 4:6].sum() == 0 and left[1, 0, 6].sum() == 0
+    down = ImageStitch(red, torch.ones(1, 2, 6, 4), "down", True, 0, "white")  # an alpha channel: red gets alpha 1
+    assert down.shape == (1, 6, 6, 4) and down[0, 0, 0, 3] == 1
+    assert ImageStitch(red, None) is red
+
+
+def test_resolution_selector_and_image_from_batch():
+    assert ResolutionSelector("16:9 (Widescreen)", 1.0, 8) == (1368, 768)  # what ComfyUI computes
+    assert ResolutionSelector("1:1 (Square)", 2.0, 16) == (1456, 1456)
+    batch = torch.arange(5.0)[:, None, None, None].expand(5, 2, 2, 3)
+    assert ImageFromBatch(batch, 1, 2)[:, 0, 0, 0].tolist() == [1.0, 2.0]
+    assert ImageFromBatch(batch, 9, 3)[:, 0, 0, 0].tolist() == [4.0]  # past the end: the last one (as ComfyUI)

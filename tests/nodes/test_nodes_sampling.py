@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -96,6 +99,25 @@ def test_flux_dynamic_schedule_matches_diffusers():
     assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
 
 
+@pytest.mark.parametrize("scheduler", ["dynamic", "shifted"])
+def test_shift_terminal_schedules_match_diffusers(scheduler):
+    """Qwen-Image's released scheduler stretches its schedule to end at shift_terminal 0.02
+    (LTX-Video's at 0.1); "shifted" is the same config with a static shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from app.models.families import dynamic_mu
+
+    config = {"shift": 3.1, "use_dynamic_shifting": scheduler == "dynamic", "base_shift": 0.5, "max_shift": 0.9,
+              "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02}
+    qwen = ModelHandle(components("sd3")["transformer"], "qwen-image", scheduler_config=config)  # config is all it reads
+    ours = compute_sigmas(qwen, scheduler, 20, shift=3.1 if scheduler == "shifted" else 0.0, latent_hw=(128, 96))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=dynamic_mu(64 * 48, config))
+    assert torch.allclose(ours, sched.sigmas.float(), atol=1e-6)
+    assert abs(float(ours[-2]) - 0.02) < 1e-6
+
+
 def test_wiring_mistakes_get_clear_errors(model):
     with pytest.raises(ValueError, match="expects 4"):
         Sampler(model, cond(1), Latent(torch.zeros(1, 16, 8, 8)))
@@ -125,3 +147,70 @@ def test_previews_never_wait_for_a_pending_copy(model, monkeypatch):
     final = previews(4, 4, x0[3])
     assert final.shape == image.shape
     assert Previewer(model, enabled=False)(4, 4, x0[3]) is None
+
+
+def test_cfg_norm_and_fresca_adjust_how_cfg_combines(model):
+    from types import SimpleNamespace
+
+    from app.models import families
+    from app.models.sampling.guidance import CFGNorm as Norm
+    from app.models.sampling.guidance import renorm_of
+    from nodes.sampling import CFGNorm, FreSca
+
+    g = torch.Generator().manual_seed(1)
+    x, v_c, v_u = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    s = torch.full((1, 1, 1, 1), 0.6)
+    plain = v_u + 4 * (v_c - v_u)
+    assert renorm_of(model) is None and model.cfg_patches == ()
+    norm = renorm_of(CFGNorm(model, 1.0, False))(x, s, v_c, v_u, 4.0)
+    x0, x0_c, x0_n = x - s * plain, x - s * v_c, x - s * norm
+    # the guided x0 is scaled down, never up, to the conditional x0's norm over the channels
+    assert torch.allclose(x0_n.norm(dim=1), torch.minimum(x0.norm(dim=1), x0_c.norm(dim=1)), atol=1e-4)
+    pre = renorm_of(CFGNorm(model, 1.0, True))(x, s, v_c, v_u, 4.0)
+    assert torch.allclose(pre.norm(dim=1), v_c.norm(dim=1), atol=1e-4)  # rescaled up or down
+    # FreSca with one scale everywhere scales the whole guidance difference by it
+    assert torch.allclose(renorm_of(FreSca(model, 1.0, 1.0, 2))(x, s, v_c, v_u, 4.0), plain, atol=1e-5)
+    assert torch.allclose(renorm_of(FreSca(model, 2.0, 2.0, 2))(x, s, v_c, v_u, 4.0), v_u + 8 * (v_c - v_u), atol=1e-4)
+    # on a family with its own renormalisation (Lumina 2, Qwen-Image), CFGNorm replaces it
+    lumina = SimpleNamespace(info=families.get("lumina2"), cfg_patches=(Norm(1.0, True),))
+    assert torch.allclose(renorm_of(lumina)(x, s, v_c, v_u, 4.0), pre, atol=1e-5)
+    # and it steers a real sampling run
+    latent = Latent(torch.randn(1, 4, 8, 8, generator=g))
+    sigmas = compute_sigmas(model, "auto", 2, 3.0, (8, 8))
+    runs = [sample(m, latent, cond(2), cond(3), sigmas, 0, 4.0, "cfg", "euler", progress=_quiet).samples
+            for m in (model, CFGNorm(model, 0.5, False))]
+    assert not torch.allclose(*runs)
+
+
+def _turbo_graph(cfg: float, negative: bool, graph: str = "shapes-turbo.json") :
+    from app.core import workflow as wf
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "graphs" / graph).read_text())
+    sampler = doc["nodes"]["5"]["inputs"]
+    sampler["cfg"] = cfg
+    if negative:
+        doc["nodes"]["neg"] = {"type": "TextEncode", "inputs": {"text_encoder": {"from": ["1", "text_encoder"]}, "text": ""}}
+        sampler["negative"] = {"from": ["neg", "conditioning"]}
+    return wf.loads(json.dumps(doc))
+
+
+@pytest.mark.parametrize("cfg,negative,graph,warned", [
+    (4.0, True, "shapes-turbo.json", True),     # CFG on the distilled student: warned, on its cfg input
+    (1.0, True, "shapes-turbo.json", False),    # no CFG
+    (4.0, False, "shapes-turbo.json", False),   # no negative: cfg is ignored
+    (4.0, True, "shapes-txt2img.json", False),  # the base model takes CFG
+])
+def test_validation_warns_of_cfg_on_a_guidance_distilled_checkpoint(cfg, negative, graph, warned):
+    """The Sampler reads the variant from the checkpoint folder's configs at validation time,
+    before anything loads, and warns (it does not refuse: a user may want it)."""
+    from app.core.registry import default_registry
+    from app.core.validation import validate
+
+    problems = [p for p in validate(_turbo_graph(cfg, negative, graph), default_registry()) if p.kind == "check"]
+    if not warned:
+        assert problems == []
+        return
+    assert len(problems) == 1
+    problem = problems[0]
+    assert (problem.node, problem.input, problem.severity) == ("5", "cfg", "warning")
+    assert "shapes-dit-turbo" in problem.message and "guidance-distilled" in problem.message

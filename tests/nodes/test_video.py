@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from app.core import paths
 from app.core.executor import Engine
@@ -22,6 +23,7 @@ def inputs(tmp_path, monkeypatch):
     folder = tmp_path / "input"
     folder.mkdir()
     monkeypatch.setitem(paths._overrides, "inputs", folder)
+    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
     ramp = torch.linspace(0, 1, N)[:, None, None, None].expand(N, H, W, 3).clone()  # frame i is grey level i/(N-1)
     write_video(folder / "clip.mp4", Video(ramp, FPS))
     return folder
@@ -41,9 +43,14 @@ def test_save_video_reopens_with_its_frames_and_workflow(fmt, inputs, tmp_path):
                                                  "format": fmt}},
     }
     result = Engine(device="cpu", output_dir=tmp_path / "out").run(_doc(nodes)).raise_for_status()
-    entry = result.ui["save"]["images"][0]
+    assert set(result.ui["save"]) == {"videos"}  # a video output, not an image one
+    entry = result.ui["save"]["videos"][0]
     path = tmp_path / "out" / "clips" / entry["filename"]
-    assert entry["filename"] == f"out_00001.{fmt}" and entry["frames"] == N
+    assert entry["filename"] == f"out_00001.{fmt}" and (entry["frames"], entry["width"], entry["height"]) == (N, W, H)
+    poster = paths.temp_dir() / entry["poster"]["subfolder"] / entry["poster"]["filename"]
+    assert entry["poster"]["type"] == "temp" and poster.name == "out_00001_00001.png"
+    with Image.open(poster) as still:  # the first frame (black: the clip ramps up from grey level 0)
+        assert still.size == (W, H) and still.convert("L").getextrema()[1] < 8
     video = read_video(path)
     assert tuple(video.frames.shape) == (N, H, W, 3)
     assert video.fps == pytest.approx(FPS, rel=0.05)  # GIF stores 10 ms units

@@ -35,6 +35,8 @@ from app.runs.store import RunRecord, RunStore  # noqa: E402
 
 REPO = paths.REPO_ROOT
 FINISHED = ("success", "failed", "cancelled")
+GIB = 1 << 30
+ENGINE_OPTIONS = {"memory": {"vram": 8 * GIB, "reserve": GIB}, "cache_policy": "lru:1G"}
 
 
 def workflow(seed: int = 0, size: int = 32, steps: int = 4, step_seconds: float = 0.0, load_seconds: float = 0.3) -> dict:
@@ -107,8 +109,9 @@ def registry(registry_and_cluster):
 def pool(cluster, registry):
     from app.runs.ray_pool import RayPool
 
-    # half a CPU each, so the CLI test's own pool fits beside this one on the 2-CPU cluster
-    pool = RayPool(registry, workers=2, cpus_per_worker=0.5, device="cpu")
+    # half a CPU each, so the CLI test's own pool fits beside this one on the 2-CPU cluster; the
+    # engine options are what `--vram 8GB --reserve-vram 1GB --cache lru:1G` make
+    pool = RayPool(registry, workers=2, cpus_per_worker=0.5, device="cpu", engine_options=ENGINE_OPTIONS)
     pool.start()
     try:
         assert pool.wait_ready(timeout=120) == 2, pool.describe()
@@ -185,6 +188,12 @@ def test_batch_fans_out_with_outputs_identical_to_one_process(make_queue, regist
     assert started["worker"] == records[3].worker
     finished_node = next(e for e in mine if e["type"] == "node_finished" and e["node"] == "3")
     assert finished_node["ui"]["images"][0]["path"].startswith(ids[3] + "/")
+
+
+def test_workers_engines_get_the_budget_and_cache_policy(pool):
+    """`serve|run --ray --vram ...`: each worker's Engine is built with the same options as a local one."""
+    for worker in pool.describe()["workers"]:
+        assert (worker["vram"], worker["reserve_vram"], worker["cache_policy"]) == (8 * GIB, GIB, f"lru:{GIB}")
 
 
 def test_repeated_runs_of_a_workflow_go_to_the_worker_holding_its_cache(make_queue, pool):
@@ -295,8 +304,13 @@ def test_cli_run_batch_on_ray(cluster, pool, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DITGRAPH_RAY_WORKERS", "2")
     monkeypatch.setenv("DITGRAPH_RAY_CPUS_PER_WORKER", "0.5")
     out = tmp_path / "cli-out"
+    from app.runs.ray_pool import RayPool
+
+    made, create = {}, RayPool.create.__func__
+    monkeypatch.setattr(RayPool, "create", classmethod(lambda cls, *a, **kw: (made.update(kw), create(cls, *a, **kw))[1]))
     code = cli_main(["run", str(graph), "--batch", str(batch), "--plugin", "tests.fixtures.ray_nodes", "--output-dir", str(out),
-                     "--json", "--ray", "auto"])
+                     "--json", "--ray", "auto", "--vram", "8GB", "--reserve-vram", "1GB", "--cache", "lru:1G"])
+    assert made["engine_options"] == ENGINE_OPTIONS
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert code == 0, lines[-3:]
     results = sorted((r for r in lines if r["type"] == "result"), key=lambda r: r["batch"])
@@ -324,10 +338,11 @@ def test_serve_with_ray_dispatches_the_queue_to_the_workers(pool, registry, tmp_
     monkeypatch.setattr(pool, "close", lambda: None)  # the module's pool outlives this server
     engine = Engine(registry, MemoCache(max_device_bytes=0), device="cpu", output_dir=tmp_path / "out")
     state = AppState(engine, Settings(db_path=tmp_path / "q.sqlite3", workflows_dir=tmp_path / "workflows",
-                                      ray="10.1.2.3:6379", ray_device="cpu"))
+                                      ray="10.1.2.3:6379", ray_device="cpu", ray_engine=ENGINE_OPTIONS))
     state.start()
     try:
-        assert asked == {"address": "10.1.2.3:6379", "registry": registry, "device": "cpu"}
+        assert asked == {"address": "10.1.2.3:6379", "registry": registry, "device": "cpu",
+                         "engine_options": ENGINE_OPTIONS}
         status = state.queue.dispatcher.describe()
         assert status["kind"] == "ray" and len(status["workers"]) == 2
         record = wait_all(state.queue, [state.queue.submit(workflow(seed=11, size=24)).id])[0]

@@ -17,7 +17,7 @@ from app.fronts.comfy.table import NO_OUTPUT, TABLE, ComfyImportError, Translate
 
 # the ComfyUI nodes that only hand a MODEL on (for following ModelSampling* shifts to samplers)
 _SHIFT_SETTERS = {"ModelSamplingSD3", "ModelSamplingAuraFlow"}
-_MODEL_PASSING = {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingFlux", "ComfySwitchNode"}
+_MODEL_PASSING = {"LoraLoader", "LoraLoaderModelOnly", "ModelSamplingFlux", "ComfySwitchNode", "CFGNorm"}
 _SHIFT_TAKERS = {"KSampler", "BasicScheduler", "KSamplerAdvanced"}
 
 
@@ -203,14 +203,15 @@ def convert_api(document: dict, registry, notes: list[str]) -> dict[str, dict]:
             ctx.note(node_id, raw, mapping.note)
         if mapping.target is None or (mapping.select and mapping.select(raw)):  # consumers are linked past it
             continue
+        target = mapping.pick(raw) if mapping.pick else mapping.target
         if mapping.expand is not None:
             extra, inputs = mapping.expand(node_id, raw, ctx)
             nodes.update(extra)
         else:
-            inputs = _convert_inputs(node_id, raw, registry.get(mapping.target), ctx)
-        if ctx.shift(node_id) is not None and "shift" in registry.get(mapping.target).inputs:
+            inputs = _convert_inputs(node_id, raw, registry.get(target), ctx)
+        if ctx.shift(node_id) is not None and "shift" in registry.get(target).inputs:
             inputs.setdefault("shift", ctx.shift(node_id))
-        entry: dict[str, Any] = {"type": mapping.target, "inputs": {k: v for k, v in inputs.items() if v is not None}}
+        entry: dict[str, Any] = {"type": target, "inputs": {k: v for k, v in inputs.items() if v is not None}}
         title = (raw.get("_meta") or {}).get("title") if isinstance(raw.get("_meta"), dict) else None
         if isinstance(title, str) and title and title != raw["class_type"]:
             entry["title"] = title

@@ -30,6 +30,15 @@ def negative_only(node_id: str, nodes: dict, notes: list, available: set) -> Non
         nodes[node_id]["type"] = "TextEncodeNegative"
 
 
+def constant_inputs(**values: Any):
+    """A fixup giving our node inputs the ComfyUI type implies (TextEncodeQwenImageEdit: mode "edit")."""
+
+    def fixup(node_id: str, nodes: dict, notes: list, available: set) -> None:
+        nodes[node_id]["inputs"].update(values)
+
+    return fixup
+
+
 _WIRED = {"EmptyLatent": ("model", "vae"), "EmptyVideoLatent": ("model",)}
 
 
@@ -56,12 +65,15 @@ def wire_empty_latent(node_id: str, nodes: dict, notes: list, available: set) ->
         notes.append(f"node {node_id} ({kind}): could not tell which {' and '.join(missing)} to use; connect it")
 
 
+COMBINE_SLOTS = ("first", "second", "third", "fourth")  # CombineTextEncoders' inputs
+
+
 def clip_loaders(count: int):
-    """DualCLIPLoader / TripleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
+    """Dual/Triple/QuadrupleCLIPLoader: one TextEncoderLoader per file, merged by CombineTextEncoders."""
 
     def expand(node_id: str, raw: dict, ctx: Any) -> tuple[dict[str, dict], dict[str, Any]]:
         extra, inputs = {}, {}
-        for index, slot in zip(range(1, count + 1), ("first", "second", "third"), strict=False):
+        for index, slot in zip(range(1, count + 1), COMBINE_SLOTS, strict=False):
             name = ctx.value(node_id, raw, f"clip_name{index}")
             extra[f"{node_id}.{index}"] = {"type": "TextEncoderLoader", "inputs": {"text_encoder": name}}
             inputs[slot] = {"from": [f"{node_id}.{index}", "text_encoder"]}
@@ -327,3 +339,75 @@ def frame_rate_pair(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
                for _, consumer in _consumers(ctx, node_id) for v in (consumer.get("inputs") or {}).values())
     extra = {f"{node_id}.1": {"type": "ConditioningFrameRate", "inputs": negative}} if used else {}
     return extra, {"conditioning": ctx.value(node_id, raw, "positive"), "frame_rate": rate}
+
+
+# -- utilities of the official templates (issue 23) -----------------------------------------------
+
+RESIZE_WIDGETS = {  # ResizeImageMaskNode: each resize_type's sub-widgets, and the node of ours doing it
+    "scale dimensions": ("width", "height", "crop"), "scale by multiplier": ("multiplier",),
+    "scale longer dimension": ("longer_size",), "scale shorter dimension": ("shorter_size",), "scale width": ("width",),
+    "scale height": ("height",), "scale total pixels": ("megapixels",), "match size": ("crop",),
+    "scale to multiple": ("multiple",),
+}
+_RESIZE_NODES = {"scale by multiplier": "ImageScaleBy", "scale total pixels": "ScaleToMegapixels",
+                 "scale longer dimension": "ScaleToSide", "scale shorter dimension": "ScaleToSide"}
+SAVE_FORMAT_WIDGETS = {"png": ("bit_depth", "input_color_space"), "exr": ("bit_depth", "input_color_space"),
+                       "avif": ("bit_depth", "input_color_space", "crf", "save_mode")}
+
+
+def resize_kind(raw: dict) -> str:
+    """The node of ours a ResizeImageMaskNode becomes (ImageScale for sizes, the others by resize_type)."""
+    return _RESIZE_NODES.get((raw.get("inputs") or {}).get("resize_type"), "ImageScale")
+
+
+def resize_image(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ResizeImageMaskNode (one dynamic node for every way to resize) -> ImageScale, ImageScaleBy,
+    ScaleToMegapixels or ScaleToSide; "match size" -> ImageScale fed by an ImageSize of the match."""
+    from app.fronts.comfy.table import UPSCALE
+
+    kind = ctx.value(node_id, raw, "resize_type", "scale dimensions")
+    if kind not in RESIZE_WIDGETS or kind == "scale to multiple":
+        ctx.fail(node_id, raw, f"resize_type {kind!r} has no ditgraph node "
+                               f"(it has: {', '.join(k for k in RESIZE_WIDGETS if k != 'scale to multiple')})")
+    method, note = UPSCALE(ctx.value(node_id, raw, "scale_method", "area"))
+    if note:
+        ctx.note(node_id, raw, note)
+
+    def sub(name: str, default: Any = None) -> Any:
+        return ctx.value(node_id, raw, f"resize_type.{name}", default)
+
+    inputs, extra = {"image": ctx.value(node_id, raw, "input"), "method": method}, {}
+    if kind == "scale dimensions":
+        inputs.update(width=sub("width", 512), height=sub("height", 512), crop=sub("crop", "center"))
+    elif kind in ("scale width", "scale height"):
+        inputs.update(width=sub("width", 0) if kind == "scale width" else 0, height=sub("height", 0) if kind == "scale height" else 0)
+    elif kind == "match size":
+        extra[f"{node_id}.1"] = {"type": "ImageSize", "inputs": {"image": sub("match")}}
+        inputs.update(width={"from": [f"{node_id}.1", "width"]}, height={"from": [f"{node_id}.1", "height"]},
+                      crop=sub("crop", "center"))
+    elif kind == "scale by multiplier":
+        inputs["scale_by"] = sub("multiplier", 1.0)
+    elif kind == "scale total pixels":
+        inputs["megapixels"] = sub("megapixels", 1.0)
+    elif "longer" in kind:
+        inputs["size"] = sub("longer_size", 512)  # ScaleToSide's default side (as ImageScaleToMaxDimension imports)
+    else:
+        inputs.update(side="shorter", size=sub("shorter_size", 512))
+    return extra, inputs
+
+
+def save_image_advanced(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """SaveImageAdvanced -> SaveImage (an 8-bit PNG with the workflow embedded, whatever format it asked for)."""
+    fmt = ctx.value(node_id, raw, "format", ctx.value(node_id, raw, "file_format", "png"))
+    depth = ctx.value(node_id, raw, "format.bit_depth", ctx.value(node_id, raw, "bit_depth", "8-bit"))
+    if (fmt, depth) != ("png", "8-bit"):
+        ctx.note(node_id, raw, f"saved as an 8-bit PNG (ComfyUI would write {fmt}, {depth})")
+    return {}, {"images": ctx.value(node_id, raw, "images"), "filename_prefix": ctx.value(node_id, raw, "filename_prefix", "ComfyUI")}
+
+
+def attention_backend(node_id: str, raw: dict, ctx: Any) -> tuple[dict, dict]:
+    """ModelAttentionBackend -> AttentionBackend 'auto' (ComfyUI's backends are its own kernels)."""
+    chosen = ctx.value(node_id, raw, "attention")
+    if chosen is not None:
+        ctx.note(node_id, raw, f"attention {chosen!r} is ComfyUI's own; ditgraph picks its backend ('auto')")
+    return {}, {"model": ctx.value(node_id, raw, "model"), "backend": "auto"}

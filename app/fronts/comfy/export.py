@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.fronts.comfy.decompose import COMBINE_SLOTS
 from app.fronts.comfy.regroup import inline
 from app.fronts.comfy.table import SCHEDULERS, TABLE, NodeMap
 
@@ -25,7 +26,7 @@ NOT_EXPORTED = {"EmptyLatent": {"model", "vae"}, "Sampler": {"shift", "guidance"
                 "VAEDecode": {"tiled"}, "CheckpointLoader": {"config", "dtype", "device", "offload"},
                 "TextEncoderLoader": {"role", "dtype", "device"}, "SaveAnimated": {"format", "loop"},
                 "ApplyControlNet": {"model", "mode"}, "EmptyVideoLatent": {"model"}, "ImageToVideo": {"model"},
-                "SaveVideo": {"quality"}}
+                "SaveVideo": {"quality"}, "TextEncodeImageEdit": {"mode", "family"}}
 # inputs ComfyUI's node requires that ours lacks
 EXPORT_DEFAULTS = {"SaveAnimatedWEBP": {"lossless": False, "quality": 80, "method": "default"}, "SaveVideo": {"codec": "auto"}}
 VALUES_BACK = {"scheduler": {ours: comfy for comfy, ours in reversed(list(SCHEDULERS.items()))} | {"auto": "simple",
@@ -83,8 +84,8 @@ class _Exporter:
         self.add(f"{node_id}.shift", "ModelSamplingSD3", {"model": self.value(model), "shift": shift})
         return [f"{node_id}.shift", 0]
 
-    def generic(self, node_id: str, node: dict) -> None:
-        comfy, mapping = REVERSE[node["type"]]
+    def generic(self, node_id: str, node: dict, comfy: str | None = None) -> None:
+        comfy, mapping = (comfy, TABLE[comfy]) if comfy else REVERSE[node["type"]]
         back = {ours: theirs for theirs, ours in mapping.inputs.items()}
         skip = NOT_EXPORTED.get(node["type"], set())
         inputs = {}
@@ -100,6 +101,11 @@ class _Exporter:
             inputs.update(tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)
         self.add(node_id, comfy, {**EXPORT_DEFAULTS.get(comfy, {}), **inputs}, node.get("title"))
 
+    def image_edit(self, node_id: str, node: dict) -> None:
+        """TextEncodeImageEdit -> ComfyUI's Qwen edit node of its mode (auto: the Plus one, 2509/2511's)."""
+        mode = node.get("inputs", {}).get("mode")
+        self.generic(node_id, node, "TextEncodeQwenImageEdit" if mode == "edit" else "TextEncodeQwenImageEditPlus")
+
     def frame_rate(self, node_id: str, node: dict) -> None:
         """ConditioningFrameRate -> LTXVConditioning on that conditioning alone (its output 0)."""
         conditioning = self.value(node.get("inputs", {}).get("conditioning"))
@@ -111,6 +117,17 @@ class _Exporter:
         inputs = {("expression" if name == "expression" else f"values.{name}"): self.value(value)
                   for name, value in node.get("inputs", {}).items()}
         self.add(node_id, "ComfyMathExpression", inputs, node.get("title"))
+
+    def scale_to_side(self, node_id: str, node: dict) -> None:
+        """ScaleToSide -> ImageScaleToMaxDimension (longer side), or ResizeImageMaskNode's shorter side."""
+        inputs = node.get("inputs", {})
+        image, method, size = self.value(inputs.get("image")), inputs.get("method", "bicubic"), self.value(inputs.get("size", 1024))
+        if inputs.get("side", "longer") == "longer":
+            self.add(node_id, "ImageScaleToMaxDimension", {"image": image, "upscale_method": method, "largest_size": size},
+                     node.get("title"))
+        else:
+            self.add(node_id, "ResizeImageMaskNode", {"input": image, "resize_type": "scale shorter dimension",
+                                                      "resize_type.shorter_size": size, "scale_method": method}, node.get("title"))
 
     def sampler_custom(self, node_id: str, node: dict) -> None:
         """Ours is one node; ComfyUI's SamplerCustomAdvanced takes noise, guider and sampler nodes."""
@@ -131,9 +148,9 @@ class _Exporter:
             "sigmas": self.value(inputs.get("sigmas")), "latent_image": self.value(inputs.get("latent"))}, node.get("title"))
 
     def combine(self, node_id: str, node: dict) -> None:
-        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/TripleCLIPLoader."""
+        """CombineTextEncoders fed by TextEncoderLoaders -> ComfyUI's Dual/Triple/QuadrupleCLIPLoader."""
         inputs = node.get("inputs", {})
-        loaders = [inputs.get(slot) for slot in ("first", "second", "third") if inputs.get(slot) is not None]
+        loaders = [inputs.get(slot) for slot in COMBINE_SLOTS if inputs.get(slot) is not None]
         files = {}
         for index, link in enumerate(loaders, 1):
             source = self.nodes.get(link["from"][0]) if isinstance(link, dict) else None
@@ -141,7 +158,8 @@ class _Exporter:
                 raise ComfyExportError(f"node {node_id} (CombineTextEncoders): ComfyUI can only merge text encoder "
                                        "files loaded next to it", ["CombineTextEncoders"])
             files[f"clip_name{index}"] = source["inputs"].get("text_encoder")
-        self.add(node_id, "DualCLIPLoader" if len(files) == 2 else "TripleCLIPLoader", files, node.get("title"))
+        loader = {2: "DualCLIPLoader", 3: "TripleCLIPLoader"}.get(len(files), "QuadrupleCLIPLoader")
+        self.add(node_id, loader, files, node.get("title"))
 
 
 def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
@@ -165,7 +183,8 @@ def _controlnets_on_conditioning(nodes: dict[str, dict]) -> dict[str, dict]:
 
 
 SPECIAL = {"SamplerCustom": _Exporter.sampler_custom, "CombineTextEncoders": _Exporter.combine,
-           "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression}
+           "ConditioningFrameRate": _Exporter.frame_rate, "MathExpression": _Exporter.math_expression,
+           "TextEncodeImageEdit": _Exporter.image_edit, "ScaleToSide": _Exporter.scale_to_side}
 
 
 def export_comfy(workflow: dict) -> dict[str, dict]:
@@ -184,6 +203,6 @@ def export_comfy(workflow: dict) -> dict[str, dict]:
                              for other in nodes.values() if other.get("type") != "CombineTextEncoders"
                              for v in other.get("inputs", {}).values())
         if node_id in combined and not used_elsewhere:
-            continue  # folded into the Dual/TripleCLIPLoader
+            continue  # folded into the Dual/Triple/QuadrupleCLIPLoader
         (SPECIAL.get(node["type"]) or _Exporter.generic)(exporter, node_id, node)
     return exporter.out

@@ -3,8 +3,10 @@
 Evidence, most specific first: the model files its loaders name, node types that exist for
 one family only, and (only when nothing else tells) the ``type`` of its CLIP loaders. A
 family is runnable when app.models.families knows it; the keys here are those names. Variants
-of a runnable family that need conditioning ditgraph lacks (Flux Fill/Kontext, Wan VACE, Wan 2.1
-CLIP-vision I2V, LTX-2 audio+video, ...) have keys of their own that it does not know.
+of a runnable family that need conditioning ditgraph lacks (Flux Fill, Wan VACE, Wan 2.1
+CLIP-vision I2V, LTX-2 audio+video, ...) have keys of their own that it does not know; a variant
+in ``RUNS_AS`` (Flux.1 Kontext) runs once its family has the capability it needs. Node types in
+``NEEDS`` (ControlNet, ReferenceLatent) are refused on a family without that capability.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ NAMES = {
     "sd2": "Stable Diffusion 2.x (a UNet)", "sdxl": "SDXL (a UNet)", "stable-cascade": "Stable Cascade",
     "svd": "Stable Video Diffusion (a UNet)", "auraflow": "AuraFlow", "qwen-image": "Qwen-Image", "cosmos": "Cosmos",
     "hunyuan-dit": "HunyuanDiT", "hunyuan-video": "HunyuanVideo", "hunyuan-image": "HunyuanImage", "hunyuan3d": "Hunyuan3D",
-    "hidream": "HiDream", "mochi": "Mochi", "z-image": "Z-Image", "omnigen2": "OmniGen2", "ace-step": "ACE-Step (audio)",
+    "hidream": "HiDream", "hidream-e1": "HiDream-E1 (instruction editing)", "hidream-o1": "HiDream-O1",
+    "mochi": "Mochi", "z-image": "Z-Image", "omnigen2": "OmniGen2", "ace-step": "ACE-Step (audio)",
     "stable-audio": "Stable Audio", "kandinsky": "Kandinsky", "ovis": "Ovis-Image", "longcat": "LongCat-Image",
     "anima": "Anima", "lotus": "Lotus (depth/normal estimation)", "ltx2": "LTX-2 (audio+video)",
     "ltx-guides": "LTX-Video image-to-video (guide frames)", "wan-5b": "Wan 2.2 TI2V-5B (its 16x VAE)",
@@ -34,15 +37,50 @@ NAMES = {
     "wan-dancer": "Wan Dancer", "wan-ar": "Wan causal-forcing (autoregressive)", "bernini": "Bernini-R",
     "llm": "text generation (an LLM, not a diffusion model)",
 }
+# -- models that share a runnable family's file names or nodes but are not it (issue 23) --------
+# Their workflows would otherwise pass for Qwen-Image, Chroma or Flux ones, or (when their loaders
+# name nothing known) import as "unknown" although ditgraph cannot run them.
+NAMES.update({
+    "qwen-image-2.1": "Qwen-Image 2.1 (Qwen3-VL text encoder, its own VAE)", "krea2": "Krea 2",
+    "qwen-image-layered": "Qwen-Image-Layered (RGBA layers)", "marigold": "Marigold v2 (depth/normal/albedo estimation)",
+    "chroma-radiance": "Chroma Radiance (pixel space)", "ming": "Ming-Image", "boogu": "Boogu-Image", "lens": "Lens",
+    "mage-flow": "Mage-Flow", "minimax-h3": "MiniMax H3", "newbie": "NewBie-Image", "pixeldit": "PixelDiT",
+    "capybara": "Capybara", "joyimage": "JoyImage", "fibo": "FIBO", "moss": "MOSS-Image",
+})
+DISTINCT_MODEL_FILES: tuple[tuple[str, str], ...] = (
+    ("qwen_image_2.1", "qwen-image-2.1"), ("qwen_image_layered", "qwen-image-layered"), ("radiance", "chroma-radiance"),
+    ("krea2", "krea2"), ("ming_image", "ming"), ("boogu", "boogu"), ("lens_", "lens"), ("mage_flow", "mage-flow"),
+    ("minimax_h3", "minimax-h3"), ("fasth3", "minimax-h3"), ("newbie", "newbie"), ("pixeldit", "pixeldit"),
+    ("capybara", "capybara"), ("joyai_image", "joyimage"), ("fibo", "fibo"), ("moss_image", "moss"),
+)
+DISTINCT_VAE_FILES: tuple[tuple[str, str], ...] = (("marigold", "marigold"),)
+DISTINCT_NODE_TYPES = {
+    "TextEncodeQwenImage21": "qwen-image-2.1", "QwenImage21Cache": "qwen-image-2.1",
+    "EmptyQwenImageLayeredLatentImage": "qwen-image-layered", "MarigoldV2PostProcess": "marigold",
+    "ChromaRadianceOptions": "chroma-radiance", "TextEncodeMingImageEdit": "ming",
+}
+# variants that run as a family ditgraph runs once it has the capability (a Family attribute) they need
+RUNS_AS = {"flux-kontext": ("flux", "reference_latents")}
+# node types that need a capability (a Family attribute) of the family the workflow is for: without
+# it the workflow is refused in one line ("Qwen-Image workflow needs a ControlNet ...")
+NEEDS = {
+    "ReferenceLatent": ("reference_latents", "reference images (in-context editing)"),
+    "ControlNetApply": ("controlnet_class", "a ControlNet"),
+    "ControlNetApplyAdvanced": ("controlnet_class", "a ControlNet"),
+    "ControlNetApplySD3": ("controlnet_class", "a ControlNet"),
+}
 # substrings of model file names (lower case) -> family; the first match wins, so variants come first
 MODEL_FILES: tuple[tuple[str, str], ...] = (
+    *DISTINCT_MODEL_FILES,
     ("kontext", "flux-kontext"), ("flux1-fill", "flux-fill"), ("fill-dev", "flux-fill"), ("flux1-canny", "flux-canny"),
     ("flux1-depth-dev.", "flux-depth"), ("flux1-depth-dev-f", "flux-depth"), ("redux", "flux-redux"),
     ("flux2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux3", "flux2"), ("chroma", "chroma"),
     ("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("pixart", "pixart"), ("sana", "sana"),
     ("lumina", "lumina2"), ("netayume", "lumina2"), ("aura", "auraflow"), ("qwen", "qwen-image"), ("cosmos", "cosmos"),
     ("hunyuan3d", "hunyuan3d"), ("hunyuan_video", "hunyuan-video"), ("hunyuanvideo", "hunyuan-video"),
-    ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"), ("hidream", "hidream"),
+    ("hunyuan_dit", "hunyuan-dit"), ("hunyuandit", "hunyuan-dit"), ("hunyuan", "hunyuan-image"),
+    ("hidream_e1", "hidream-e1"), ("hidream-e1", "hidream-e1"), ("hidream_o1", "hidream-o1"), ("hidream-o1", "hidream-o1"),
+    ("hidream", "hidream"),
     ("ti2v_5b", "wan-5b"), ("wan_animate", "wan-animate"), ("wan2", "wan"), ("wan_2", "wan"), ("wan21", "wan"),
     ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"), ("ltx", "ltx"), ("mochi", "mochi"), ("z_image", "z-image"),
     ("z-image", "z-image"), ("omnigen", "omnigen2"), ("ace_step", "ace-step"), ("stable_audio", "stable-audio"),
@@ -52,6 +90,7 @@ MODEL_FILES: tuple[tuple[str, str], ...] = (
 )
 # VAE files that come with one family only (many names, such as ae.safetensors, say nothing)
 VAE_FILES: tuple[tuple[str, str], ...] = (
+    *DISTINCT_VAE_FILES,
     ("vae-ft-mse", "sd1"), ("kl-f8-anime", "sd1"), ("orangemix", "sd1"), ("sdxl_vae", "sdxl"), ("sdxl-vae", "sdxl"),
 )
 MODEL_INPUTS = {"ckpt_name", "unet_name", "model_name"}  # loader inputs that name the diffusion model
@@ -71,9 +110,9 @@ NODE_TYPES = {
     "EmptyFlux2LatentImage": "flux2", "Flux2Scheduler": "flux2", "EmptyHunyuanImageLatent": "hunyuan-image",
     "CLIPTextEncodeSDXL": "sdxl", "CLIPTextEncodeSDXLRefiner": "sdxl", "EmptyMochiLatentVideo": "mochi",
     "StableCascade_EmptyLatentImage": "stable-cascade", "InstructPixToPixConditioning": "flux-depth",
-    "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "ReferenceLatent": "flux-kontext",
-    "FluxKontextMultiReferenceLatentMethod": "flux-kontext", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
+    "StyleModelApply": "flux-redux", "USOStyleReference": "flux-uso", "LotusConditioning": "lotus", "QuadrupleCLIPLoader": "hidream", "EmptyHunyuanLatentVideo": None,
 }
+NODE_TYPES.update(DISTINCT_NODE_TYPES)
 CLIP_TYPES = {
     "sd3": "sd3", "flux": "flux", "pixart": "pixart", "chroma": "chroma", "hidream": "hidream", "qwen_image": "qwen-image",
     "wan": "wan", "ltxv": "ltx", "cosmos": "cosmos", "hunyuan_video": "hunyuan-video", "mochi": "mochi", "sdxl": "sdxl",
@@ -127,12 +166,23 @@ def detect(api: dict[str, dict]) -> dict[str, str]:
 
 
 def runnable(name: str) -> bool:
-    """Whether app.models.families knows this family (so its workflows can run here)."""
-    return name in FAMILIES
+    """Whether app.models.families knows this family, or it is a variant (RUNS_AS) of one that has
+    the capability the variant needs (so its workflows can run here)."""
+    return family_of(name) is not None
+
+
+def family_of(name: str):
+    """The app.models.families Family a detected key runs as, or None when ditgraph cannot run it."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    base, capability = RUNS_AS.get(name, (None, ""))
+    family = FAMILIES.get(base)
+    return family if family is not None and getattr(family, capability, None) else None
 
 
 def check(api: dict[str, dict]) -> dict[str, str]:
-    """The detected families; raises ComfyImportError (one line) when one of them cannot run here."""
+    """The detected families; raises ComfyImportError (one line) when one of them cannot run here,
+    or when a node needs a capability the family lacks (a ControlNet, reference images)."""
     found = detect(api)
     refused = [key for key in found if not runnable(key)]
     if refused:
@@ -140,6 +190,12 @@ def check(api: dict[str, dict]) -> dict[str, str]:
         evidence = "; ".join(found[f] for f in refused)
         can = ", ".join(name_of(f) for f in FAMILIES if f in NAMES)
         raise ComfyImportError(f"{names} workflow (from {evidence}): ditgraph runs {can}, not {names}")
+    for key in found:
+        for node_id, raw in sorted(api.items(), key=lambda item: str(item[0])):
+            capability, what = NEEDS.get(raw.get("class_type"), (None, ""))
+            if capability and not getattr(family_of(key), capability, None):
+                raise ComfyImportError(f"{name_of(key)} workflow needs {what} (node {node_id}, {raw['class_type']}): "
+                                       f"ditgraph's {name_of(key)} has no support for it")
     return found
 
 

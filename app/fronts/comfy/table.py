@@ -54,6 +54,13 @@ class NodeMap:
     folded: bool = False  # no node of its own: the consumer that takes its output reads its inputs
     requires: str = ""  # where ``target`` comes from when this installation lacks it
     note: str = ""
+    # a ComfyUI dynamic combo (DynamicCombo) widget: its name -> {option: the sub-widgets that option
+    # shows}; in the editor format their values follow the combo's, in the API format they are
+    # inputs "<combo>.<sub>"
+    dynamic: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    # (raw node) -> the ditgraph type when it depends on a value (ResizeImageMaskNode's resize_type);
+    # every type it may pick is ``target`` or in ``creates``
+    pick: Callable[[dict], str] | None = None
 
 
 def choice(table: dict[str, str], default: str, what: str) -> Translate:
@@ -66,7 +73,8 @@ def choice(table: dict[str, str], default: str, what: str) -> Translate:
 
 
 SAMPLERS = {"euler": "euler", "euler_ancestral": "euler", "euler_cfg_pp": "euler", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
-            "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_2m_sde_gpu": "dpmpp_2m"}
+            "dpmpp_2m_sde": "dpmpp_2m", "dpmpp_2m_sde_gpu": "dpmpp_2m",
+            "lcm": "lcm"}  # HiDream Dev/Fast: x0, then re-noised to the next sigma (ComfyUI's and ours alike)
 SCHEDULERS = {"karras": "karras", "normal": "auto", "simple": "auto", "sgm_uniform": "auto", "beta": "auto",
               "linear_quadratic": "linear", "ddim_uniform": "discrete"}
 sampler_name = choice(SAMPLERS, "euler", "sampler")
@@ -107,6 +115,10 @@ TABLE: dict[str, NodeMap] = {
                               expand=d.clip_loaders(2), creates=("TextEncoderLoader",)),
     "TripleCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",), widgets=("clip_name1", "clip_name2", "clip_name3"),
                                 expand=d.clip_loaders(3), creates=("TextEncoderLoader",)),
+    # HiDream: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B, merged as one TEXT_ENCODER
+    "QuadrupleCLIPLoader": NodeMap("CombineTextEncoders", ("text_encoder",),
+                                   widgets=("clip_name1", "clip_name2", "clip_name3", "clip_name4"),
+                                   expand=d.clip_loaders(4), creates=("TextEncoderLoader",)),
     "VAELoader": NodeMap("VAELoader", ("vae",), {"vae_name": "vae"}, widgets=("vae_name",)),
     "LoraLoaderModelOnly": NodeMap("LoraLoader", ("model",), {"lora_name": "lora", "strength_model": "strength"},
                                    widgets=("lora_name", "strength_model")),
@@ -229,4 +241,36 @@ TABLE: dict[str, NodeMap] = {
                                 note="dissolved: ditgraph's DiT text encoders use their family's own layer"),
     "ImageScaleBy": NodeMap("ImageScaleBy", ("image",), {"upscale_method": "method"}, widgets=("upscale_method", "scale_by"),
                             values={"method": UPSCALE}),
+    # -- guidance patches, Flux.1 Kontext and utilities of the official templates (issue 23) ----------
+    "CFGNorm": NodeMap("CFGNorm", ("model",), widgets=("strength", "pre_cfg")),
+    "FreSca": NodeMap("FreSca", ("model",), widgets=("scale_low", "scale_high", "freq_cutoff")),
+    "T5TokenizerOptions": NodeMap(None, (), widgets=("min_padding", "min_length"), passthrough={0: "clip"},
+                                  note="dissolved: ditgraph pads and masks T5 prompts as the family's diffusers "
+                                       "pipeline does (ChromaPipeline keeps one padding token)"),
+    "ReferenceLatent": NodeMap("ReferenceLatent", ("conditioning",)),
+    "FluxKontextMultiReferenceLatentMethod": NodeMap(
+        None, (), widgets=("reference_latents_method",), passthrough={0: "conditioning"},
+        note="dissolved: ditgraph places one reference image as Flux.1 Kontext does (ComfyUI's 'offset'/'index'); "
+             "other placements follow the model's diffusers config"),
+    "FluxKontextImageScale": NodeMap("FluxKontextImageScale", ("image",)),
+    "ImageStitch": NodeMap("ImageStitch", ("image",), widgets=("direction", "match_image_size", "spacing_width",
+                                                               "spacing_color")),
+    "ImageScaleToMaxDimension": NodeMap("ScaleToSide", ("image",), {"upscale_method": "method", "largest_size": "size"},
+                                        widgets=("upscale_method", "largest_size"), values={"method": UPSCALE}),
+    "ResizeImageMaskNode": NodeMap("ImageScale", ("image",), widgets=("resize_type", "scale_method"),
+                                   dynamic={"resize_type": d.RESIZE_WIDGETS}, pick=d.resize_kind, expand=d.resize_image,
+                                   creates=("ImageScaleBy", "ScaleToMegapixels", "ScaleToSide", "ImageSize")),
+    "ResolutionSelector": NodeMap("ResolutionSelector", ("width", "height"),
+                                  widgets=("aspect_ratio", "megapixels", "multiple", "minimum"), drop=frozenset({"minimum"})),
+    "SaveImageAdvanced": NodeMap("SaveImage", (), widgets=("filename_prefix", "format"),
+                                 dynamic={"format": d.SAVE_FORMAT_WIDGETS}, expand=d.save_image_advanced,
+                                 passthrough={0: "images"}),
+    "ImageFromBatch": NodeMap("ImageFromBatch", ("image",), {"batch_index": "index"}, widgets=("batch_index", "length")),
+    "ModelAttentionBackend": NodeMap("AttentionBackend", ("model",), widgets=("attention",), expand=d.attention_backend),
+    # Qwen-Image-Edit: one TextEncodeImageEdit (nodes/text.py) whose mode is the ComfyUI type's
+    "TextEncodeQwenImageEdit": NodeMap("TextEncodeImageEdit", ("conditioning",), {"clip": "text_encoder", "prompt": "text"},
+                                       widgets=("prompt",), fixup=d.constant_inputs(mode="edit")),
+    "TextEncodeQwenImageEditPlus": NodeMap("TextEncodeImageEdit", ("conditioning",),
+                                           {"clip": "text_encoder", "prompt": "text", "image1": "image"},
+                                           widgets=("prompt",), fixup=d.constant_inputs(mode="edit-plus")),
 }

@@ -195,7 +195,13 @@ def _widget_inputs(node: dict) -> dict[str, Any]:
     mapping = TABLE.get(node.get("type"))
     if mapping is None or not isinstance(values, list):
         return {}
-    return {name: value for name, value in zip(mapping.widgets, values, strict=False) if not name.startswith("$")}
+    names = list(mapping.widgets)
+    for index, name in enumerate(mapping.widgets):  # a dynamic combo's sub-widgets follow it, for its value
+        options = mapping.dynamic.get(name)
+        if options and index < len(values) and isinstance(values[index], str):
+            names[index + 1:index + 1] = [f"{name}.{sub}" for sub in options.get(values[index], ())]
+            break
+    return {name: value for name, value in zip(names, values, strict=False) if not name.startswith("$")}
 
 
 def _look(node: dict, offset: tuple[float, float]) -> dict[str, Any]:

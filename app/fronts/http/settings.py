@@ -35,6 +35,7 @@ class Settings:
     keep_history: int = 10000
     ray: str | None = None  # dispatch to Ray workers at this address ("auto", HOST:PORT); None: in this process
     ray_device: str | None = None  # the Ray workers' device (default: one GPU each when the cluster has GPUs)
+    ray_engine: dict = field(default_factory=dict)  # the workers' engine options (VRAM budget, cache policy)
 
     def __post_init__(self) -> None:
         if self.token is None:

@@ -62,7 +62,8 @@ class AppState:
             from app.runs.ray_dispatch import RayDispatcher  # Ray is imported only in this mode
 
             dispatcher = RayDispatcher.from_engine(self.engine, self.settings.ray, self.output_root(),
-                                                   device=self.settings.ray_device)
+                                                   device=self.settings.ray_device,
+                                                   engine_options=self.settings.ray_engine)
         else:
             dispatcher = LocalDispatcher(self.engine, self.output_root())
         self.queue = RunQueue(self.store, dispatcher, self.engine.validate,

@@ -12,6 +12,14 @@ settings (with the node's widget ranges and tooltips as field metadata) and its 
   cgtaylor   forecast block 0 and the residual; skip the rest if block 0's forecast error < gate
   deltadit   Δ-DiT: cache the rear blocks' deviation early, the front blocks' late
   fora       static: recompute every N calls, reuse the residual between
+  pab        Pyramid Attention Broadcast: reuse self/cross attention outputs for N/M calls
+  fastercache  FasterCache's attention reuse: extrapolate self attention from its last two outputs
+
+Block methods skip whole blocks; attention methods (subclasses of :class:`AttentionMethod`) run
+every block and reuse attention outputs inside them. Every method works on the image families
+and on the video transformers (Wan 2.1/2.2 with both experts, LTX-Video). Attention methods keep
+one output (FasterCache: two) per attention module and CFG branch: on a large video model that
+is several GB.
 
 Adding an accelerator
 ---------------------
@@ -24,10 +32,13 @@ Adding an accelerator
    to skip them. Keep history in ``slot.m`` (per run, per CFG branch), never on ``self``.
    Override ``store`` to keep more than the residual; subclass :class:`HeadGatedMethod` and
    override ``after_head`` to decide after block 0 ran. ``rt.may_skip(slot)`` applies the
-   common start/end/max_skips gates.
+   common start/end/max_skips gates. A method acting inside the blocks subclasses
+   :class:`AttentionMethod` and implements ``attention(rt, slot, key, module, args, kwargs,
+   forward)`` instead, returning (output, reused?); ``rt.in_window(slot)`` is its start/end gate.
 3. A text widget resolved per family (like TeaCache's coefficients) uses
    ``setting(..., widget=(str, "auto"))`` and a ``from_widgets`` classmethod.
-4. Add a never-skip and an aggressive setting to ``METHODS`` in ``tests/models/test_cache.py``.
+4. Add a never-skip and an aggressive setting to ``METHODS`` in ``tests/fixtures/cache_models.py``
+   (tests/models/test_cache*.py run them on every image and video family).
 This package discovers the module; ``nodes/cache.py`` makes its node from the dataclass.
 """
 
@@ -42,7 +53,15 @@ from app.models.accelerators.calibration import (
     fit_teacache,
     magcache_ratios_from_records,
 )
-from app.models.accelerators.method import METHODS, CacheMethod, HeadGatedMethod, register, setting, widget_parameters
+from app.models.accelerators.method import (
+    METHODS,
+    AttentionMethod,
+    CacheMethod,
+    HeadGatedMethod,
+    register,
+    setting,
+    widget_parameters,
+)
 from app.models.accelerators.runtime import (
     HOOK_PREFIX,
     CachePatch,
@@ -76,7 +95,7 @@ from app.models.accelerators.magcache import magcache_ratios  # noqa: E402 (afte
 from app.models.accelerators.teacache import teacache_coefficients, teacache_domain  # noqa: E402
 
 __all__ = [
-    "HOOK_PREFIX", "METHODS", "CacheMethod", "CachePatch", "CacheRun", "HeadGatedMethod", "MagCacheCalibration",
+    "HOOK_PREFIX", "METHODS", "AttentionMethod", "CacheMethod", "CachePatch", "CacheRun", "HeadGatedMethod", "MagCacheCalibration",
     "Plan", "Slot", "TeaCacheCalibration", "add_listener", "block_arg", "fit_teacache", "magcache_ratios",
     "magcache_ratios_from_records", "modulated_input", "poly", "register", "rel_l1", "resample_nearest", "setting",
     "stack_blocks", "teacache_coefficients", "teacache_domain", "widget_parameters",

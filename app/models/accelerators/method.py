@@ -8,6 +8,7 @@ A method is one frozen dataclass. Its fields are its settings; each field declar
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -53,6 +54,7 @@ class CacheMethod:
     name: ClassVar[str] = "cache"
     node_name: ClassVar[str] = ""  # the node type; empty for methods without a node (calibration)
     display_name: ClassVar[str] = ""
+    hooks_attention: ClassVar[bool] = False  # also hook the blocks' attention modules (see attention())
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -78,6 +80,24 @@ class CacheMethod:
 
     def skip(self, rng: tuple[int, int], residual: tuple, label: str = "") -> Plan:
         return Plan(skip=rng, residual=residual, label=label)
+
+    def attention(self, rt: CacheRun, slot: Slot, key: tuple, module: nn.Module, args: tuple, kwargs: dict,
+                  forward: Callable) -> tuple[Any, bool]:
+        """One attention call (methods with ``hooks_attention``): (its output, whether it was reused)."""
+        return forward(*args, **kwargs), False
+
+
+@dataclass(frozen=True)
+class AttentionMethod(CacheMethod):
+    """A method that reuses attention outputs inside the blocks (every block still runs): it
+    implements :meth:`attention`; the block plan computes everything and records nothing.
+    ``start``/``end`` bound where reuse is allowed; its own intervals bound reuse in a row."""
+
+    max_skips: int = 0  # not a widget: the method's intervals bound consecutive reuse
+    hooks_attention = True
+
+    def plan(self, rt: CacheRun, slot: Slot, block0: nn.Module, args: tuple, kwargs: dict) -> Plan:
+        return Plan()
 
 
 @dataclass(frozen=True)

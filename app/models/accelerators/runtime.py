@@ -2,10 +2,17 @@
 the MODEL patch and the run listeners.
 
 The transformer's block stack (SD3/shapes-dit ``transformer_blocks``; Flux
-``transformer_blocks`` + ``single_transformer_blocks``; PixArt and Sana ``transformer_blocks``;
-Lumina 2 ``layers``) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``),
-installed in ``begin_run`` and removed in ``end_run``. A block's *streams* are its image tokens
-and, for joint blocks that return ``(encoder_hidden_states, hidden_states)``, its text tokens.
+``transformer_blocks`` + ``single_transformer_blocks``; PixArt, Sana and LTX-Video
+``transformer_blocks``; Lumina 2 ``layers``; Wan ``blocks``; HiDream ``single_stream_blocks`` only:
+its double-stream blocks return (image, text) and are fed a new text sequence each, so they always
+run) gets one diffusers :class:`ModelHook` per block (``diffusers.hooks.HookRegistry``), installed
+in ``begin_run`` and removed in ``end_run``. A model with two experts (Wan 2.2) has both stacks
+hooked; each expert's calls get slots of their own, so one expert never reuses the other's
+residuals. Methods that act inside blocks (attention broadcast) also hook the blocks' attention
+modules (:meth:`CacheMethod.attention`).
+
+A block's *streams* are its image tokens and, for joint blocks that return
+``(encoder_hidden_states, hidden_states)``, its text tokens.
 Before block 0 runs, the method *plans* the call: compute everything, or skip a contiguous range
 ``[a, b)`` of blocks. Skipped blocks pass their inputs through unchanged and the last one adds
 the range's residual (cached or forecast), so whatever the model does *between* blocks
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOOK_PREFIX = "ditgraph_cache"
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "single_stream_blocks", "blocks")
 IDENTITY_POLY = [1.0, 0.0]
 
 
@@ -47,16 +54,16 @@ IDENTITY_POLY = [1.0, 0.0]
 # the block stack
 
 
-def stack_blocks(transformer: nn.Module) -> list[nn.Module]:
+def stack_blocks(transformer: nn.Module, lists: Sequence[str] = BLOCK_LISTS) -> list[nn.Module]:
     """The transformer's main blocks in execution order (Flux: double then single blocks)."""
     blocks: list[nn.Module] = []
-    for name in BLOCK_LISTS:
+    for name in lists:
         modules = getattr(transformer, name, None)
         if isinstance(modules, nn.ModuleList):
             blocks.extend(modules)
     if not blocks:
         raise ValueError(f"{type(transformer).__name__}: no transformer block list found "
-                         f"(looked for {', '.join(BLOCK_LISTS)}); cache accelerators cannot hook it")
+                         f"(looked for {', '.join(lists)}); cache accelerators cannot hook it")
     return blocks
 
 
@@ -81,25 +88,30 @@ def block_arg(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
 def modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """Block 0's timestep-modulated, normalised input (TeaCache's indicator).
 
-    adaLN-Zero blocks (SD3, Flux, Lumina 2): ``norm1(h, emb=temb)[0]``; adaLN-single blocks
-    (PixArt, Sana): ``norm1(h) * (1 + scale) + shift`` from the block's scale-shift table.
+    adaLN-Zero blocks (SD3, Flux, Lumina 2): ``norm1(h, emb=temb)[0]``; blocks with a
+    scale-shift table (PixArt, Sana: ``timestep`` (B, K*D); LTX-Video: ``temb`` (B, 1 or N, K*D);
+    Wan: ``temb`` (B, K, D) or per token (B, N, K, D)): ``norm1(h) * (1 + scale) + shift``.
     Falls back to the raw hidden states.
     """
     hidden = block_arg(block, "hidden_states", args, kwargs)
     temb = block_arg(block, "temb", args, kwargs)
     norm = getattr(block, "norm1", None) or getattr(block, "norm", None)
-    if temb is not None and norm is not None:
+    table = getattr(block, "scale_shift_table", None)
+    if temb is not None and norm is not None and table is None:
         try:
             out = norm(hidden, emb=temb)
             return out[0] if isinstance(out, tuple) else out
         except TypeError:
             pass
-    timestep = block_arg(block, "timestep", args, kwargs)
-    table = getattr(block, "scale_shift_table", None)
-    if timestep is not None and table is not None and norm is not None and timestep.dim() == 2:
+    modulation = block_arg(block, "timestep", args, kwargs) if temb is None else temb
+    if modulation is not None and table is not None and norm is not None:
+        k, d = table.shape[-2], table.shape[-1]
         b = hidden.shape[0]
-        shift, scale = (table[None] + timestep.reshape(b, table.shape[0], -1)).chunk(table.shape[0], dim=1)[:2]
-        return norm(hidden) * (1 + scale) + shift
+        if modulation.numel() % (b * k * d) == 0:
+            # (B, tokens or 1, K, D) + the table; rows 0 and 1 are the first shift and scale
+            values = table.reshape(1, 1, k, d).to(modulation.dtype) + modulation.reshape(b, -1, k, d)
+            shift, scale = values[:, :, 0], values[:, :, 1]
+            return norm(hidden) * (1 + scale) + shift
     return hidden
 
 
@@ -166,19 +178,26 @@ class CacheRun:
     def __init__(self, method: CacheMethod, run: SamplingRun):
         self.method = method
         self.run = run
-        self.blocks = stack_blocks(run.transformer)
+        self.experts = experts(run)
+        self.stacks = [stack_blocks(expert) for expert in self.experts]
+        self.blocks = self.stacks[0]
         self.n = len(self.blocks)
+        if any(len(stack) != self.n for stack in self.stacks):
+            raise ValueError(f"the model's experts have different block counts ({[len(s) for s in self.stacks]}); "
+                             "cache accelerators need the same stack in each")
         self.pairs: dict[int, bool] = {}  # block index -> returns (encoder, hidden)
         self.enc_none: dict[int, bool] = {}  # block index -> its encoder output is None (SD3 last)
         self.slots: dict[Any, Slot] = {}
         self.slot: Slot | None = None
         self._last_step: int | None = None
         self._call_in_step = 0
+        self._hooked: list[nn.Module] = []
         self.hook_name = f"{HOOK_PREFIX}_{method.name}_{id(self):x}"
         # block cost ~ its parameter count (same tokens per block): Flux's double blocks weigh
         # ~2.4x its single blocks, which a block count alone would hide
         self.weights = [sum(p.numel() for p in block.parameters()) or 1 for block in self.blocks]
-        self.stats = {"calls": 0, "skipped_calls": 0, "blocks": 0, "blocks_skipped": 0, "work": 0, "work_skipped": 0}
+        self.stats = {"calls": 0, "skipped_calls": 0, "blocks": 0, "blocks_skipped": 0, "work": 0, "work_skipped": 0,
+                      "attention_calls": 0, "attention_skipped": 0}
         self.skipped_steps: set[int] = set()
         self.records: list[dict] = []  # calibration data (per computed call)
 
@@ -186,42 +205,52 @@ class CacheRun:
     def install(self) -> None:
         from diffusers.hooks import HookRegistry
 
-        for block in self.blocks:
+        for block in (b for stack in self.stacks for b in stack):
             existing = getattr(block, "_diffusers_hook", None)
             if existing is not None and any(name.startswith(HOOK_PREFIX) for name in existing.hooks):
                 raise ValueError("this model already carries a cache accelerator in the running sampler; "
                                  "chain at most one cache node per MODEL")
-        installed = []
+        targets: list[tuple[nn.Module, Any]] = []
+        for stack in self.stacks:
+            for index, block in enumerate(stack):
+                targets.append((block, BlockCacheHook(self, index)))
+                if self.method.hooks_attention:
+                    targets += [(module, AttentionCacheHook(self, (index, name)))
+                                for name, module in attention_modules(block)]
         try:
-            for index, block in enumerate(self.blocks):
-                registry = HookRegistry.check_if_exists_or_initialize(block)
-                registry.register_hook(BlockCacheHook(self, index), self.hook_name)
-                installed.append(block)
+            for module, hook in targets:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.hook_name)
+                self._hooked.append(module)
         except Exception:
-            self._remove(installed)
+            self.remove()
             raise
 
     def remove(self) -> None:
-        self._remove(self.blocks)
-
-    def _remove(self, blocks: list[nn.Module]) -> None:
-        for block in blocks:
-            registry = getattr(block, "_diffusers_hook", None)
+        for module in self._hooked:
+            registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and self.hook_name in registry.hooks:
                 registry.remove_hook(self.hook_name, recurse=False)
+        self._hooked = []
 
     # -- calls ---------------------------------------------------------------------------------
     def begin_call(self, call: ModelCall) -> None:
         step = call.run.step
         if step != self._last_step:
             self._last_step, self._call_in_step = step, 0
-        key = (self._call_in_step, tuple(call.latents.shape))
+        # a call's slot: its expert (Wan 2.2), its place in the step (CFG branch), its shape
+        expert = 0 if len(self.experts) == 1 else self._expert(call)
+        key = (expert, self._call_in_step, tuple(call.latents.shape))
         self._call_in_step += 1
         slot = self.slots.setdefault(key, Slot())
         slot.step = step
         slot.sigma = self._sigma(call, step)
         slot.plan = Plan()
         self.slot = slot
+
+    def _expert(self, call: ModelCall) -> int:
+        handle = self.run.handle
+        chosen = handle.info.pick_transformer(handle, call.sigma_host if call.sigma_host is not None else call.sigma.cpu())
+        return next((i for i, expert in enumerate(self.experts) if expert is chosen), 0)
 
     def _sigma(self, call: ModelCall, step: int) -> float:
         # reading a CUDA tensor would sync every call and stall the kernel queue; the
@@ -247,6 +276,8 @@ class CacheRun:
         if skipped:
             a, b = slot.plan.skip
             self.stats["work_skipped"] += sum(self.weights[a:b])
+        if slot.m.pop(ATTENTION_SKIPPED, False):
+            self.skipped_steps.add(slot.step)
         if skipped:
             slot.streak += 1
             slot.since_compute += 1
@@ -264,14 +295,16 @@ class CacheRun:
         total = self.run.total_steps
         return None if total <= 0 else slot.step / total
 
+    def in_window(self, slot: Slot) -> bool:
+        """Inside [start, end) of the schedule."""
+        frac = self.step_fraction(slot)
+        return frac is not None and self.method.start - 1e-9 <= frac < self.method.end - 1e-9
+
     def may_skip(self, slot: Slot) -> bool:
         """Inside [start, end) of the schedule, under the consecutive-skip limit, with history."""
+        if slot.calls == 0 or not self.in_window(slot):
+            return False
         m = self.method
-        frac = self.step_fraction(slot)
-        if frac is None or slot.calls == 0:
-            return False
-        if frac < m.start - 1e-9 or frac >= m.end - 1e-9:
-            return False
         return not (m.max_skips > 0 and slot.streak >= m.max_skips)
 
     # -- the block hook body -------------------------------------------------------------------
@@ -308,6 +341,18 @@ class CacheRun:
             self._track(slot, index, track, (h_in, e_in), (h_out, e_out))
         if index == 0 and plan.deferred:
             self.method.after_head(self, slot, h_in, h_out)
+        return out
+
+    def attention(self, key: tuple, module: nn.Module, args: tuple, kwargs: dict, forward: Callable) -> Any:
+        """An attention module's call inside a hooked block: the method computes or reuses it."""
+        slot = self.slot
+        if slot is None:
+            return forward(*args, **kwargs)
+        out, skipped = self.method.attention(self, slot, key, module, args, kwargs, forward)
+        self.stats["attention_calls"] += 1
+        if skipped:
+            self.stats["attention_skipped"] += 1
+            slot.m[ATTENTION_SKIPPED] = True
         return out
 
     def _format(self, index: int, h: torch.Tensor, e: torch.Tensor | None) -> Any:
@@ -352,6 +397,8 @@ class CacheRun:
             "blocks": s["blocks"],
             "blocks_skipped": s["blocks_skipped"],
             "skipped_steps": sorted(self.skipped_steps),
+            "attention_calls": s["attention_calls"],
+            "attention_skipped": s["attention_skipped"],
             "work_skipped": (s["work_skipped"] / s["work"]) if s["work"] else 0.0,
             # of the block stack alone: embeddings, final layer and sampler are not counted
             "predicted_speedup": (s["work"] / computed) if computed else float("inf"),
@@ -380,6 +427,57 @@ def BlockCacheHook(rt: CacheRun, index: int) -> Any:  # noqa: N802 (a class made
 
 
 _HOOK_CLASS: type | None = None
+
+
+def AttentionCacheHook(rt: CacheRun, key: tuple) -> Any:  # noqa: N802 (a class made on first use)
+    """The diffusers ModelHook on one attention module (key: block index, name in the block)."""
+    global _ATTENTION_HOOK_CLASS
+    if _ATTENTION_HOOK_CLASS is None:
+        from diffusers.hooks import ModelHook
+
+        class _AttentionCacheHook(ModelHook):
+            _is_stateful = False
+
+            def __init__(self, rt: CacheRun, key: tuple):
+                super().__init__()
+                self.rt, self.key = rt, key
+
+            def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return self.rt.attention(self.key, module, args, kwargs, self.fn_ref.original_forward)
+
+        _ATTENTION_HOOK_CLASS = _AttentionCacheHook
+    return _ATTENTION_HOOK_CLASS(rt, key)
+
+
+_ATTENTION_HOOK_CLASS: type | None = None
+ATTENTION_SKIPPED = "_attention_skipped"  # Slot.m key: this call reused an attention output
+
+
+def experts(run: SamplingRun) -> list[nn.Module]:
+    """The transformers a run may call: the model, and Wan 2.2's low-noise expert."""
+    second = getattr(run.handle, "transformer_2", None)
+    return [run.transformer] + ([second] if second is not None else [])
+
+
+def attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The diffusers attention modules of a block (outermost only), by their name in the block."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in block.named_modules():
+        if isinstance(module, (Attention, AttentionModuleMixin)) and not any(name.startswith(f"{n}.") for n, _ in found):
+            found.append((name, module))
+    return found
+
+
+def is_cross_attention(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether an attention call attends to text: diffusers' ``is_cross_attention`` where the module
+    has it, else whether it was given ``encoder_hidden_states`` (LTX-Video's attention)."""
+    flag = getattr(module, "is_cross_attention", None)
+    if flag is not None:
+        return bool(flag)
+    return block_arg(module, "encoder_hidden_states", args, kwargs) is not None
 
 
 

@@ -21,6 +21,9 @@ Adding a family
      ``timestep``, ``unpack_output``, ``normalise_latents``/``denormalise_latents`` (VAE
      statistics), ``matches_state_dict``, ``convert_lora``/``lora_name_table``,
      ``image_to_video_condition``, ``pick_transformer`` only where the defaults do not fit;
+     editing models set ``reference_latents`` (input images' latents as extra tokens, read with
+     ``base.references_of(cond)``) and ``edit_modes`` with ``encode_text_with_images`` /
+     ``reference_images`` (the TextEncodeImageEdit node; Qwen-Image-Edit);
    - ``FAMILY = YourFamily()`` at the bottom.
 2. Set ``detect_priority`` above a family whose detection yours refines (shapes-dit > sd3).
 3. Add a parity test against the family's diffusers pipeline with a tiny random model

@@ -57,9 +57,10 @@ class Family:
     distilled_guidance: ClassVar[float | None] = None  # Flux-dev's guidance embedding default
     # -- patches -----------------------------------------------------------------------------------
     controlnet_class: ClassVar[str | None] = None  # the diffusers ControlNet class that can steer this family
-    reference_latents: ClassVar[bool] = False  # Flux Kontext: an input image's latents as extra tokens
-    joint_attention: ClassVar[bool] = False
-    cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it  # SD3-type joint text+image blocks (condition tokens attach there)
+    reference_latents: ClassVar[bool] = False  # Flux Kontext, Qwen-Image-Edit: input images' latents as extra tokens
+    edit_modes: ClassVar[tuple[str, ...]] = ()  # image-conditioned text recipes (encode_text_with_images)
+    joint_attention: ClassVar[bool] = False  # SD3-type joint text+image blocks (condition tokens attach there)
+    cache_refused: ClassVar[tuple[str, ...]] = ()  # cache methods (accelerators' names) that cannot hook it
     # -- detection -------------------------------------------------------------------------------
     detect_priority: ClassVar[int] = 0  # higher is asked first (a specific family before its base)
     state_dict_aliases: ClassVar[tuple[str, ...]] = ()  # state-dict guesses that also fit this family
@@ -185,12 +186,14 @@ class Family:
         return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
 
     # -- text --------------------------------------------------------------------------------------
-    def text_pipeline(self, encoders: Any) -> Any:
-        """A diffusers pipeline object holding only the text components (no weights copied)."""
+    def text_pipeline(self, encoders: Any, pipeline: str | None = None, **components: Any) -> Any:
+        """A diffusers pipeline object (``pipeline``, default the family's) holding only the text
+        components plus ``components`` (e.g. a processor); no weights are copied."""
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class)
+        cls = getattr(diffusers, pipeline or self.pipeline_class)
         kwargs: dict[str, Any] = {n: None for n in inspect.signature(cls.__init__).parameters if n != "self"}
+        kwargs.update(components)
         for slot, component in self.pipeline_text_slots.items():
             if slot in encoders.slots:
                 tokenizer, model = encoders.slots[slot]
@@ -209,6 +212,16 @@ class Family:
     def encode_negative(self, encoders: Any, prompts: list[str], max_length: int = 0) -> tuple:
         """The negative side; differs from :meth:`encode_text` only when ``negative_differs``."""
         return self.encode_text(encoders, prompts, max_length)
+
+    def encode_text_with_images(self, encoders: Any, prompts: list[str], images: list[torch.Tensor],
+                                mode: str = "auto") -> tuple:
+        """(embeds, pooled | None, mask | None) of an edit instruction that sees ``images`` (each
+        (1, H, W, 3) in [0, 1]) through the text encoder; ``mode`` is one of ``edit_modes``."""
+        raise ValueError(f"{self.name} has no image-conditioned text encoding (Qwen-Image-Edit has)")
+
+    def reference_images(self, images: list[torch.Tensor], mode: str = "auto") -> list[torch.Tensor]:
+        """The images as the family's edit pipeline VAE-encodes them into reference latents."""
+        return images
 
     def text_options(self, transformer: torch.nn.Module) -> dict:
         """Options the text encoders need from the transformer (SD3 without T5: the pad width)."""
@@ -264,6 +277,11 @@ def masked_text(family: Family, encoders: Any, prompts: list[str], max_length: i
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=encoders.device,
                                             **kw, **extra)
     return embeds, None, mask
+
+
+def references_of(cond: Any) -> tuple[torch.Tensor, ...]:
+    """The input images' latents a conditioning carries (ReferenceLatent, TextEncodeImageEdit)."""
+    return tuple((getattr(cond, "extras", None) or {}).get("reference_latents") or ())
 
 
 def call_default(pipe: Any, name: str) -> Any:

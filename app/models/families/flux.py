@@ -2,7 +2,8 @@
 
 Flux.1 Kontext (FluxKontextPipeline) is the same transformer given the input image's latents as
 extra tokens (position ids with first coordinate 1); a conditioning carries them in
-``extras["reference_latent"]`` (the ReferenceLatent node) and only the generated tokens come back.
+``extras["reference_latents"]`` (the ReferenceLatent node; Kontext takes one) and only the
+generated tokens come back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from app.models.families.base import Family, convert_lora_with
+from app.models.families.base import Family, convert_lora_with, references_of
 
 
 class Flux(Family):
@@ -42,9 +43,12 @@ class Flux(Family):
         b, c, h, w = x_in.shape
         packed = pack_latents(x_in)
         img_ids = handle.cached(("img_ids", h // 2, w // 2), lambda: image_ids(h // 2, w // 2))
-        reference = (getattr(cond, "extras", None) or {}).get("reference_latent")
-        if reference is not None:  # Kontext: the input image's tokens follow the generated ones
-            reference = reference.to(device, x_in.dtype)
+        references = references_of(cond)
+        if len(references) > 1:
+            raise ValueError(f"Flux.1 Kontext takes one reference image; this conditioning has {len(references)} "
+                             "(use one ReferenceLatent)")
+        if references:  # Kontext: the input image's tokens follow the generated ones
+            reference = references[0].to(device, x_in.dtype)
             rh, rw = reference.shape[-2] // 2, reference.shape[-1] // 2
             packed = torch.cat([packed, pack_latents(reference.expand(b, *reference.shape[1:]))], dim=1)
             img_ids = torch.cat([img_ids, handle.cached(("ref_ids", rh, rw), lambda: image_ids(rh, rw, index=1))])

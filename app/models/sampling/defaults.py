@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from app.core.context import current
@@ -15,7 +16,28 @@ log = logging.getLogger(__name__)
 def model_variant(model: ModelHandle) -> Variant | None:
     """The few-step / guidance-distilled variant of ``model`` (None: the family's base model)."""
     manifest = {"variant": model.defaults["variant"], "defaults": model.defaults} if model.defaults.get("variant") else None
-    return detect_variant(model.family, dict(model.config), model.scheduler_config, model.source, manifest)
+    return detect_variant(model.family, dict(model.config), model.scheduler_config, model.source, manifest,
+                          model.pipeline)
+
+
+def checkpoint_variant(folder: str | Path) -> Variant | None:
+    """The variant of a checkpoint *folder* from its configs alone (no weights read): what
+    validation knows before a run. Single files name no config: None."""
+    from app.models import families
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    family = families.detect_folder_family(folder)
+    read = families.read_json
+    configs = [folder / "transformer" / "config.json", folder / "config.json"]
+    config = next((read(c) for c in configs if c.is_file()), {})
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    manifest = folder / "ditgraph.json"
+    index = folder / "model_index.json"
+    return detect_variant(family, config, read(scheduler) if scheduler.is_file() else {}, str(folder),
+                          read(manifest) if manifest.is_file() else None,
+                          read(index).get("_class_name", "") if index.is_file() else "")
 
 
 def sampling_defaults(model: ModelHandle) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Guidance: turn conditional/unconditional velocities into a denoised pair (x0, noise).
 
 Methods: CFG, CFG++ (Chung et al.), CFG-Zero* and APG (Sadat et al.); see :func:`guide`.
+Plain CFG's combination can be adjusted: a family's own renormalisation (Lumina 2, Qwen-Image
+pipelines), or adjustments a MODEL carries (``ModelHandle.cfg_patches``: :class:`CFGNorm`,
+:class:`FreSca`, as ComfyUI's nodes of those names); :func:`renorm_of` gives the combination.
 """
 
 from __future__ import annotations
@@ -53,10 +56,9 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
     if v_u is None:
         return velocity_pair(x, s, v_c)
     if method == "cfg":
-        v = v_u + cfg * (v_c - v_u)
-        if renorm is not None:  # the family's renormalisation (Lumina 2, Qwen-Image pipelines)
-            v = renorm(v, v_c)
-        return velocity_pair(x, s, v)
+        if renorm is not None:  # the family's renormalisation, or the model's CFG adjustments
+            return velocity_pair(x, s, renorm(x, s, v_c, v_u, cfg))
+        return velocity_pair(x, s, v_u + cfg * (v_c - v_u))
     if method == "cfg++":
         v = v_u + cfg * (v_c - v_u)
         return Denoised(x - s * v, x + (1 - s) * v_u)
@@ -90,6 +92,68 @@ def guide(method: str, x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u:
 GUIDANCE = ["cfg", "cfg++", "cfg_zero_star", "apg"]
 
 
+@dataclass(frozen=True)
+class CFGNorm:
+    """ComfyUI's CFGNorm. Default: the guided x0 is scaled down (never up) to the conditional x0's
+    norm over channels at each position, then by ``strength``. ``pre_cfg``: the guided velocity is
+    rescaled to the conditional one's norm (up or down), blended with plain CFG by ``strength``."""
+
+    strength: float = 1.0
+    pre_cfg: bool = False
+
+    def after(self, x: torch.Tensor, s: torch.Tensor, v: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
+        if self.pre_cfg:
+            norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+            ratio = torch.where(norm > 0, torch.linalg.vector_norm(v_c, dim=1, keepdim=True) / norm.clamp(min=1e-12), 1.0)
+            return self.strength * v * ratio + (1 - self.strength) * v
+        x0, x0_c = x - s * v, x - s * v_c
+        scale = (torch.linalg.vector_norm(x0_c, dim=1, keepdim=True)
+                 / (torch.linalg.vector_norm(x0, dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+        return (x - x0 * scale * self.strength) / s.clamp(min=1e-6)
+
+
+@dataclass(frozen=True)
+class FreSca:
+    """ComfyUI's FreSca (frequency-dependent guidance scaling): the guidance difference v_c - v_u is
+    scaled by ``scale_low`` on the central (low) frequencies of its centred 2-D spectrum, up to
+    ``freq_cutoff`` indices from the centre along each axis after the channels (as ComfyUI's mask
+    does), and by ``scale_high`` elsewhere, before CFG combines."""
+
+    scale_low: float = 1.0
+    scale_high: float = 1.25
+    freq_cutoff: int = 20
+
+    def before(self, v_c: torch.Tensor, v_u: torch.Tensor) -> torch.Tensor:
+        diff = (v_c - v_u).float()
+        spectrum = torch.fft.fftshift(torch.fft.fftn(diff, dim=(-2, -1)), dim=(-2, -1))
+        mask = torch.full(diff.shape, float(self.scale_high), device=diff.device)
+        centre = mask
+        for dim in range(2, diff.dim()):
+            half = diff.shape[dim] // 2
+            cut = min(self.freq_cutoff, half)
+            centre = centre.narrow(dim, half - cut, 2 * cut)
+        centre.fill_(float(self.scale_low))
+        filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * mask, dim=(-2, -1)), dim=(-2, -1)).real
+        return v_u + filtered.to(v_c.dtype)
+
+
 def renorm_of(model: Any) -> Callable | None:
-    """The family's guided-velocity renormalisation, or None when its pipeline does none."""
-    return model.info.renorm_guided if model.info.cfg_renorm else None
+    """How plain CFG combines for this model: ``(x, s, v_c, v_u, cfg) -> guided velocity``, or None
+    for ``v_u + cfg (v_c - v_u)``. The model's CFG adjustments (CFGNorm, FreSca) apply in order; a
+    CFGNorm replaces the family's own renormalisation (as it does in ComfyUI, which has none)."""
+    patches = tuple(getattr(model, "cfg_patches", ()) or ())
+    family = model.info.renorm_guided if model.info.cfg_renorm else None
+    if not patches and family is None:
+        return None
+
+    def combine(x: torch.Tensor, s: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, cfg: float) -> torch.Tensor:
+        for patch in patches:
+            if hasattr(patch, "before"):
+                v_c = patch.before(v_c, v_u)
+        v = v_u + cfg * (v_c - v_u)
+        after = [patch for patch in patches if hasattr(patch, "after")]
+        for patch in after:
+            v = patch.after(x, s, v, v_c)
+        return family(v, v_c) if family is not None and not after else v
+
+    return combine

@@ -1,4 +1,5 @@
-"""Latent previews for progress events (a cheap linear projection of the latent channels)."""
+"""Latent previews for progress events (a cheap linear projection of the latent channels); a video
+latent previews as a strip of a few of its frames side by side (first to last)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,36 @@ import torch
 from app.models.handles import ModelHandle
 
 PREVIEW_INTERVAL = 0.25  # seconds between latent previews
+STRIP_FRAMES = 4  # latent frames in a video's preview strip
+STRIP_GAP = 2  # white pixels between them
 
 _PREVIEW_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _preview_latent(x0: torch.Tensor, max_size: int) -> torch.Tensor:
-    """The first item of ``x0``, subsampled to at most ``max_size`` pixels a side (on its device)."""
-    latent = x0[0] if x0.dim() == 4 else x0[0, :, 0]  # videos: the first frame
-    step = max(1, math.ceil(max(latent.shape[-2:]) / max_size))
-    return latent[:, ::step, ::step].float()
+    """The first item of ``x0``, subsampled to at most ``max_size`` pixels a side (on its device):
+    (c, h, w) for an image; (c, k, h, w) for a video, k <= STRIP_FRAMES frames evenly spaced."""
+    step = max(1, math.ceil(max(x0.shape[-2:]) / max_size))
+    if x0.dim() == 4:
+        return x0[0, :, ::step, ::step].float()
+    frames = x0.shape[2]
+    picked = torch.linspace(0, frames - 1, min(frames, STRIP_FRAMES)).round().long().unique().tolist()
+    return x0[0, :, picked, ::step, ::step].float()
+
+
+def _to_rgb(model: ModelHandle, latent: torch.Tensor) -> np.ndarray:
+    """RGB uint8 of a small CPU latent: an image (c, h, w), or a strip of video frames (c, k, h, w)
+    projected together (one colour scale) and laid side by side with white gaps."""
+    if latent.dim() == 3:
+        return _preview_rgb(model, latent)
+    c, k, h, w = latent.shape
+    joined = _preview_rgb(model, latent.permute(0, 2, 1, 3).reshape(c, h, k * w))
+    if k == 1:
+        return joined
+    strip = np.full((h, k * w + (k - 1) * STRIP_GAP, 3), 255, np.uint8)
+    for i in range(k):
+        strip[:, i * (w + STRIP_GAP): i * (w + STRIP_GAP) + w] = joined[:, i * w: (i + 1) * w]
+    return strip
 
 
 def _preview_rgb(model: ModelHandle, latent: torch.Tensor) -> np.ndarray:
@@ -48,13 +70,14 @@ def _preview_rgb(model: ModelHandle, latent: torch.Tensor) -> np.ndarray:
 
 
 def preview_image(model: ModelHandle, x0: torch.Tensor, max_size: int = 64) -> np.ndarray:
-    """A cheap RGB preview of a latent: a fixed linear projection of the channels (uint8 HxWx3).
+    """A cheap RGB preview of a latent: a fixed linear projection of the channels (uint8 HxWx3;
+    a video's is a strip of up to STRIP_FRAMES of its frames).
 
     The projection is fitted once per model from its VAE (``ModelHandle.preview_projection``,
     when the checkpoint came with one), else a manifest's ``preview_rgb`` matrix, else a fixed
     pseudo-random orthogonal projection (normalised per image) so colours are at least stable.
     """
-    return _preview_rgb(model, _preview_latent(x0, max_size).cpu())
+    return _to_rgb(model, _preview_latent(x0, max_size).cpu())
 
 
 class Previewer:
@@ -81,14 +104,14 @@ class Previewer:
             return preview_image(self.model, x0, self.max_size)
         image = None
         if self._pending is not None and self._pending[1]():
-            image = _preview_rgb(self.model, self._pending[0])
+            image = _to_rgb(self.model, self._pending[0])
             self._pending = None
         now = time.perf_counter()
         if self._pending is None and now - self._last >= self.interval:
             self._last = now
             host, ready = self._start_copy(_preview_latent(x0, self.max_size))
             if ready():
-                image = _preview_rgb(self.model, host)
+                image = _to_rgb(self.model, host)
             else:
                 self._pending = (host, ready)
         return image

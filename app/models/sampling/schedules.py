@@ -42,12 +42,23 @@ def _with_zero(s: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.cat([torch.as_tensor(s, dtype=torch.float64).flatten(), torch.zeros(1, dtype=torch.float64)])
 
 
+def _to_terminal(model: ModelHandle, s: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``shift_terminal`` (Qwen-Image 0.02, LTX-Video 0.1): stretch the shifted
+    schedule so that its last nonzero sigma is exactly that value (the final 0 stays)."""
+    terminal = model.scheduler_config.get("shift_terminal")
+    if not terminal:
+        return s
+    one_minus = 1 - s[:-1]
+    return torch.cat([1 - one_minus / (one_minus[-1] / (1 - float(terminal))), s[-1:]])
+
+
 def model_shift(model: ModelHandle, shift: float = 0.0) -> float:
-    """``shift`` if > 0, else the model's default (manifest, scheduler config, family)."""
+    """``shift`` if > 0, else the model's default (manifest, variant, scheduler config, family)."""
     if shift and shift > 0:
         return float(shift)
     config = model.scheduler_config
-    for value in (model.defaults.get("shift"), config.get("shift"), config.get("flow_shift")):
+    variant = sampling_defaults(model).get("shift")  # e.g. HiDream-Dev's 6 from a file named *dev*
+    for value in (model.defaults.get("shift"), variant, config.get("shift"), config.get("flow_shift")):
         if value:
             return float(value)
     return float(model.info.default_shift)
@@ -71,18 +82,19 @@ def auto_scheduler(model: ModelHandle) -> str:
 @schedule("shifted")
 def shifted(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -> torch.Tensor:
     """s = 1 - i/n, then s' = shift*s/(1+(shift-1)s) (static shift; shapes-dit, SD3)."""
-    return _shift(_ramp(n), model_shift(model, shift))
+    return _to_terminal(model, _shift(_ramp(n), model_shift(model, shift)))
 
 
 @schedule("dynamic")
 def dynamic(model: ModelHandle, n: int, shift: float, latent_hw: tuple | None) -> torch.Tensor:
-    """Flux/SD3.5 resolution-dependent exponential shift, mu from the token count."""
+    """Flux/SD3.5/Qwen-Image resolution-dependent exponential shift, mu from the token count."""
     t = _ramp(n)
     if shift and shift > 0:  # an explicit shift overrides the resolution rule
-        return _shift(t, shift)
+        return _to_terminal(model, _shift(t, shift))
     dims = latent_hw or (model.defaults.get("height", 1024) // 8, model.defaults.get("width", 1024) // 8)
     mu = families.dynamic_mu(model.image_seq_len(*dims), model.scheduler_config)
-    return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1)), torch.zeros_like(t))
+    shifted = torch.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1)), torch.zeros_like(t))
+    return _to_terminal(model, shifted)
 
 
 @schedule("linear")

@@ -36,7 +36,8 @@ def routes(state: AppState) -> APIRouter:
         problems = state.engine.validate(workflow, targets_of(body.targets))
         return JSONResponse({"valid": not errors(problems), "problems": [p.to_dict() for p in problems]})
 
-    @router.post("/explain", summary="Execution order and, per node, whether it would be a cache hit and why not")
+    @router.post("/explain", summary="Execution order, per node whether it would be a cache hit and why not, and "
+                 "per loader its VRAM plan (estimates)")
     def post_explain(body: ValidateRequest) -> JSONResponse:
         try:
             workflow = Workflow.from_dict(body.workflow)
@@ -49,8 +50,18 @@ def routes(state: AppState) -> APIRouter:
         try:
             targets, order = state.engine.plan(workflow, targets)
             reasons = state.engine.explain(workflow)
+            estimates = state.engine.estimates(workflow, targets, _run_device(state))
         except paths.PathRefused as exc:  # a file vanished since validation
             return error(400, str(exc))
-        return JSONResponse({"targets": targets, "order": order, "reasons": reasons})
+        return JSONResponse({"targets": targets, "order": order, "reasons": reasons, "estimates": estimates})
 
     return router
+
+
+def _run_device(state: AppState) -> str | None:
+    """Where runs execute, for loaders' VRAM plans: the Ray workers' device (this engine only
+    validates then), else None (the engine's own)."""
+    if not state.settings.ray:
+        return None
+    workers = state.run_queue().dispatcher.describe().get("workers") or []
+    return next((w["device"] for w in workers if w.get("device")), state.settings.ray_device)

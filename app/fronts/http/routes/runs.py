@@ -13,7 +13,7 @@ from app.core.workflow import WorkflowError
 from app.fronts.http.bodies import api_router
 from app.fronts.http.responses import JSONResponse, error, problems_response, targets_of
 from app.fronts.http.state import AppState
-from app.runs.events import file_locations, make_jsonable
+from app.runs.events import make_jsonable, saved_outputs
 
 
 class RunRequest(BaseModel):
@@ -23,14 +23,25 @@ class RunRequest(BaseModel):
     front: bool = Field(False, description="queue it ahead of every queued run (it runs next)")
 
 
+VIDEO_FIELDS = ("format", "frames", "fps", "width", "height")
+
+
 def output_files(record, root: Path) -> list[dict]:
-    """The files a run's UI data names, with their URLs (/api/outputs/... or /api/temp/...)."""
+    """The files a run's UI data names, with their URLs (/api/outputs/... or /api/temp/...) and
+    what they are (``kind``: "image", "video" or "file"); a video also gets its ``poster`` URL
+    (when its still is there), format, frame count, fps and size."""
     found = []
     for node_id, ui in (record.ui or {}).items():
-        for entry, kind, _target in file_locations(ui, root):
-            relative = entry["path"]
-            url = f"/api/{'temp' if kind == 'temp' else 'outputs'}/" + quote(relative)
-            found.append({"node": node_id, "filename": entry["filename"], "type": kind, "path": relative, "url": url})
+        for file in saved_outputs(ui, root):
+            relative = file.entry["path"]
+            url = f"/api/{'temp' if file.kind == 'temp' else 'outputs'}/" + quote(relative)
+            item = {"node": node_id, "filename": file.entry["filename"], "type": file.kind, "path": relative,
+                    "url": url, "kind": file.media}
+            if file.media == "video":
+                item.update({k: file.entry[k] for k in VIDEO_FIELDS if k in file.entry})
+                if file.poster:
+                    item["poster"] = "/api/temp/" + quote(file.poster)
+            found.append(item)
     return found
 
 

@@ -1,4 +1,4 @@
-"""Uploads into the input folder, and the workflow embedded in a PNG."""
+"""Uploads into the input folder, and the workflow embedded in a PNG, WebP or video."""
 
 from __future__ import annotations
 
@@ -73,11 +73,13 @@ def safe_stem(name: str) -> str:
 
 def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse:
     raw = texts.get("workflow")
+    if raw is None and texts.get("comment", "").lstrip().startswith("{"):
+        raw = texts["comment"]  # ditgraph's SaveVideo: the MP4/WebM comment tag (app.core.media)
     if raw is not None:
         try:
             document = parse(raw)
         except JSONRefused as exc:
-            return error(422, f"the PNG's 'workflow' text is refused: {exc}")
+            return error(422, f"the file's embedded workflow is refused: {exc}")
         if isinstance(document, dict) and document.get("format") == FORMAT:
             try:
                 Workflow.from_dict(document)
@@ -94,7 +96,7 @@ def _workflow_from_texts(texts: dict[str, str], state: AppState) -> JSONResponse
         except ValueError as exc:
             return error(422, f"this file carries a ComfyUI workflow that cannot be imported: {exc}")
         return JSONResponse({"workflow": workflow, "source": "comfyui"})
-    return error(422, "this PNG carries no ditgraph workflow (no 'workflow' text chunk)")
+    return error(422, "this file carries no ditgraph workflow (no 'workflow' text chunk or video tag)")
 
 
 def routes(state: AppState) -> APIRouter:

@@ -1,0 +1,54 @@
+"""``ditgraph run`` of a video workflow (a tiny Wan model): a per-step progress bar on a terminal,
+and the saved video reported as one (frames, fps, size), also in --json."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+
+import pytest
+
+from app.core import paths
+from app.fronts.cli import main
+from tests.fixtures.tiny_video import STEPS, save_video_family, workflow
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal (the progress line is drawn only on a TTY)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def wan_workflow(tmp_path, monkeypatch):
+    saved = dict(paths._overrides)
+    save_video_family("wan", tmp_path / "models" / "checkpoints" / "tiny-wan")
+    monkeypatch.setenv("DITGRAPH_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
+    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
+    path = tmp_path / "wan.json"
+    path.write_text(json.dumps(workflow("wan")))
+    yield str(path)
+    paths._overrides.clear()
+    paths._overrides.update(saved)
+
+
+def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["run", wan_workflow, "--device", "cpu"]) == 0
+    drawn = terminal.getvalue().split("\r\x1b[K")
+    bars = [line for line in drawn if "sample Sampler" in line and "[" in line]
+    # the sampler's line shows a bar and the step count, the last step always drawn
+    assert bars and all(re.search(rf"\[[#.]{{24}}\] \d+/{STEPS}", line) for line in bars), drawn
+    assert any(f"[{'#' * 24}] {STEPS}/{STEPS}" in line for line in bars)
+    out = capsys.readouterr().out
+    saved = [line for line in out.splitlines() if line.startswith("saved ")]
+    assert len(saved) == 1 and saved[0].endswith(".mp4 (video: 9 frames at 8 fps, 16x16)"), out
+    assert main(["run", wan_workflow, "--device", "cpu", "--json"]) == 0
+    result = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"type": "result"' in line][-1]
+    (path, info), = result["videos"].items()
+    assert path in result["files"] and info == {"frames": 9, "fps": 8.0, "width": 16, "height": 16, "format": "mp4"}
