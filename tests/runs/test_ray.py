@@ -194,6 +194,15 @@ def test_workers_engines_get_the_budget_and_cache_policy(pool):
     """`serve|run --ray --vram ...`: each worker's Engine is built with the same options as a local one."""
     for worker in pool.describe()["workers"]:
         assert (worker["vram"], worker["reserve_vram"], worker["cache_policy"]) == (8 * GIB, GIB, f"lru:{GIB}")
+        assert worker["memo_max_bytes"] == GIB  # a size given is the worker's own; only the default is shared
+
+
+def test_workers_on_one_machine_share_its_default_memo_ram_budget():
+    from app.runs.ray_worker import ram_share
+
+    assert ram_share({"CPU": 1.0, "GPU": 1.0}, {"CPU": 64.0, "GPU": 8.0}) == 1 / 8  # one GPU of eight
+    assert ram_share({"CPU": 0.5}, {"CPU": 2.0}) == 0.25  # CPU workers: their CPUs of the node's
+    assert ram_share({}, {"CPU": 2.0}) == 1.0
 
 
 def test_repeated_runs_of_a_workflow_go_to_the_worker_holding_its_cache(make_queue, pool):
