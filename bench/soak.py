@@ -7,13 +7,15 @@ A real ``ditgraph serve`` (CPU) runs graphs/shapes-txt2img.json (shapes-dit) at 
 step and a fresh seed per run, so every run samples, decodes and saves (the model and prompt
 stay cached, as in real use). Each client submits a run, waits for it over HTTP, and submits
 the next. Reported: errors (non-2xx answers and runs not ending in success), the server's RSS
-after warm-up and at the end, queue latency (submit -> start) and run time percentiles.
+after warm-up and at the end, queue latency (submit -> start) and run time percentiles, and
+``samples``: RSS and the memo cache's size every 5% of the runs (a plateau, or a leak?).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -80,6 +82,20 @@ def client_loop(server: Server, numbers: list[int], results: list, lock: threadi
                         "run_seconds": record["finished"] - record["started"]})
 
 
+def sample_memory(server: Server, done: list, samples: list, stop: threading.Event, every: int) -> None:
+    """Every ``every`` finished runs: (runs, server RSS, memo cache bytes and entries), to tell a
+    plateau (the cache filling to its budget) from a leak."""
+    next_at = 0
+    while not stop.wait(0.2):
+        if len(done) < next_at:
+            continue
+        status, answer = request(server, "GET", "/api/status")
+        memo = answer.get("memo", {}) if status == 200 else {}
+        samples.append({"runs": len(done), "rss_mb": round(rss_bytes(server.process.pid) / 2**20, 1),
+                        "memo_mb": round(memo.get("bytes", 0) / 2**20, 1), "memo_entries": memo.get("entries")})
+        next_at = len(done) + every
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -88,6 +104,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str | None = None) -> dict:
+    load_before = os.getloadavg()  # the machine may be shared: its load explains slow latencies
     with tempfile.TemporaryDirectory(prefix="ditgraph-soak-") as tmp:
         server = Server(Path(tmp), ("--cache", cache) if cache else ())
         try:
@@ -98,10 +115,16 @@ def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str
             rss_after_warmup = rss_bytes(server.process.pid)
             results.clear()
             numbers = list(range(warmup, warmup + runs))
+            samples, stop = [], threading.Event()
+            sampler = threading.Thread(target=sample_memory, args=(server, results, samples, stop, max(1, runs // 20)))
             started = time.perf_counter()
+            sampler.start()
             phase(server, numbers, results, lock, clients, size, steps)
             seconds = time.perf_counter() - started
+            stop.set()
+            sampler.join()
             rss_end = rss_bytes(server.process.pid)
+            memo = request(server, "GET", "/api/status")[1].get("memo", {})
         finally:
             server.stop()
     ok = [r for r in results if "error" not in r]
@@ -115,6 +138,10 @@ def soak(runs: int, clients: int, warmup: int, size: int, steps: int, cache: str
         "rss_growth_mb": round((rss_end - rss_after_warmup) / 2**20, 1),
         "queue_latency_p50_s": percentile(latency, 0.5), "queue_latency_p95_s": percentile(latency, 0.95),
         "run_seconds_p50": percentile(run_seconds, 0.5), "run_seconds_p95": percentile(run_seconds, 0.95),
+        "memo_end": {k: memo.get(k) for k in ("policy", "entries", "bytes", "ram_bytes", "max_bytes", "versions",
+                                              "evictions", "superseded", "hits", "misses")},
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "samples": samples,
     }
 
 

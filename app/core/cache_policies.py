@@ -2,12 +2,13 @@
 
 | name | spec | keeps |
 |---|---|---|
-| ``lru`` | ``lru`` or ``lru:8G`` | least-recently-used entries within a byte budget (the default) |
-| ``workflows`` | ``workflows:3`` | the results of the last N workflows run (by name), within the byte budget |
+| ``lru`` | ``lru`` or ``lru:8G`` | least-recently-used entries within a RAM budget (the default) |
+| ``workflows`` | ``workflows:3`` | the results of the last N workflows run (by name), within the RAM budget |
 | ``ram`` | ``ram:0.2`` | entries while at least that fraction of system RAM stays free (LRU out first) |
 | ``none`` | ``none`` | nothing between runs (a run still reuses its own values) |
 
-Every policy also honours the cache's VRAM budget (cold GPU entries move to CPU first).
+Every policy also honours the cache's VRAM budget (cold GPU entries move to CPU first) and its
+versions per node (app.core.memo).
 """
 
 from __future__ import annotations

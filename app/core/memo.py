@@ -1,16 +1,25 @@
-"""The memo cache: node outputs by content key, bounded in bytes, GPU entries under a budget.
+"""The memo cache: node outputs by content key, bounded in RAM bytes, GPU entries under a budget,
+and a bounded number of versions per node.
 
 Entries are kept in least-recently-used order across all workflows, so switching between
 workflows keeps both sets of results while they fit. Sizes are measured by tensor storage
 (each storage counted once, however many views share it; wrapper tensor subclasses such as
 quantized weights by their inner tensors; a module that declares :data:`SHARES_STORAGE_WITH`
-only by what its base does not hold). When accelerator bytes exceed
-the VRAM budget, the coldest accelerator entries are moved to CPU first; when the total
-exceeds the byte budget, the coldest entries are dropped.
+only by what its base does not hold). Each memory has its own budget: when accelerator bytes
+exceed the VRAM budget, the coldest accelerator entries are moved to CPU; when the bytes in RAM
+exceed the RAM budget (by default a fraction of this machine's RAM), the coldest entries are
+dropped. So a model resident on the GPU never competes with results in RAM.
+
+Versions: each node of each workflow (a *slot*: run scope and node id, or list element) keeps
+at most ``versions`` results; storing one more drops its oldest unless another slot still uses
+it. A workflow re-run with a new seed each time thus holds a bounded set of results, however
+many runs it makes; without this the cache grows with the run count until the byte budget,
+which on a large machine is never (the soak benchmark, bench/soak.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -140,21 +149,36 @@ class Entry:
         self.device_bytes = self.nbytes - self.sizes.get("cpu", 0)
 
 
-class MemoCache:
-    """LRU of node outputs, bounded by ``max_bytes`` in all and ``max_device_bytes`` on accelerators."""
+Slot = tuple  # (run scope, node id) or (run scope, node id, list element index)
 
-    def __init__(self, max_bytes: int = 8 << 30, max_device_bytes: int | None = None,
-                 policy: CachePolicy | str | None = None):
+
+class MemoCache:
+    """LRU of node outputs, bounded by ``max_bytes`` in RAM, ``max_device_bytes`` on accelerators
+    and ``versions`` results per slot (see the module docstring)."""
+
+    def __init__(self, max_bytes: int | None = None, max_device_bytes: int | None = None,
+                 policy: CachePolicy | str | None = None, versions: int = 8, max_slots: int = 20_000):
         self.policy = parse_cache_policy(policy)
-        self.max_bytes = self.policy.max_bytes or max_bytes
+        self.max_bytes = self.policy.max_bytes or (max_bytes if max_bytes is not None else default_ram_budget())
         self.scope: str | None = None
         self.max_device_bytes = max_device_bytes if max_device_bytes is not None else default_vram_budget()
+        if versions < 1:
+            raise ValueError("versions must be >= 1")
+        self.versions, self.max_slots = versions, max_slots
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        # slot -> its keys, oldest first; key -> how many slots name it (kept while any does)
+        self._slots: OrderedDict[Slot, list[str]] = OrderedDict()
+        self._slot_refs: dict[str, int] = {}
         self._lock = threading.RLock()
         # running totals, so a put costs O(1) rather than a pass over every entry
         self.nbytes = 0
         self.device_bytes = 0
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "spills": 0}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "spills": 0, "superseded": 0}
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes held in RAM (everything not on an accelerator): what ``max_bytes`` bounds."""
+        return self.nbytes - self.device_bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,7 +200,8 @@ class MemoCache:
         self.nbytes -= entry.nbytes
         self.device_bytes -= entry.device_bytes
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str, slot: Slot | None = None) -> Entry | None:
+        """The entry under ``key`` (a hit refreshes it, and makes it ``slot``'s newest version)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -185,23 +210,56 @@ class MemoCache:
             self._entries.move_to_end(key)
             entry.scope = self.scope
             self.stats["hits"] += 1
+            if slot is not None:
+                self._version(slot, key)
             return entry
 
     def peek(self, key: str) -> Entry | None:
         """An entry without counting a hit or refreshing its recency (for explanations)."""
         return self._entries.get(key)
 
-    def put(self, key: str, outputs: tuple, ui: dict | None = None) -> bool:
-        """Store outputs; returns False when the entry alone exceeds the byte budget."""
+    def put(self, key: str, outputs: tuple, ui: dict | None = None, slot: Slot | None = None) -> bool:
+        """Store outputs as ``slot``'s newest version; returns False when the entry alone exceeds
+        the RAM budget (or the policy refuses it)."""
         entry = Entry(outputs, ui, measure(outputs), self.scope)
         with self._lock:
-            if entry.nbytes > self.max_bytes or not self.policy.admit(self, key, entry):
+            if entry.nbytes - entry.device_bytes > self.max_bytes or not self.policy.admit(self, key, entry):
                 return False
             self._store(key, entry)
             self._entries.move_to_end(key)
+            if slot is not None:
+                self._version(slot, key)
             self._enforce(protect=key)
             self.policy.after_put(self, key)
             return True
+
+    def _version(self, slot: Slot, key: str) -> None:
+        """Make ``key`` the newest version of ``slot``; drop the versions past ``versions`` that
+        no other slot uses (the slots themselves are bounded too, least recently used out)."""
+        keys = self._slots.get(slot)
+        if keys is None:
+            keys = self._slots[slot] = []
+        self._slots.move_to_end(slot)
+        if key in keys:
+            keys.remove(key)
+        else:
+            self._slot_refs[key] = self._slot_refs.get(key, 0) + 1
+        keys.append(key)
+        while len(keys) > self.versions:
+            self._release(keys.pop(0), drop=True)
+        while len(self._slots) > self.max_slots:  # a forgotten slot's entries stay, under the byte budget
+            for old in self._slots.popitem(last=False)[1]:
+                self._release(old, drop=False)
+
+    def _release(self, key: str, drop: bool) -> None:
+        count = self._slot_refs.get(key, 0) - 1
+        if count > 0:
+            self._slot_refs[key] = count
+            return
+        self._slot_refs.pop(key, None)
+        if drop and key in self._entries:
+            self._drop(key)
+            self.stats["superseded"] += 1
 
     def begin_run(self, scope: str) -> None:
         """A run of workflow ``scope`` starts (entries it uses are tagged with it)."""
@@ -235,10 +293,10 @@ class MemoCache:
                     break
                 if key != protect and self._entries[key].device_bytes:
                     self._spill(key)
-        if self.nbytes <= self.max_bytes:
+        if self.ram_bytes <= self.max_bytes:
             return
         for key in list(self._entries):
-            if self.nbytes <= self.max_bytes:
+            if self.ram_bytes <= self.max_bytes:
                 break
             if key != protect:
                 self._drop(key)
@@ -282,12 +340,32 @@ class MemoCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._slots.clear()
+            self._slot_refs.clear()
             self.nbytes = self.device_bytes = 0
 
     def summary(self) -> dict:
-        return {"entries": len(self), "bytes": self.nbytes, "device_bytes": self.device_bytes,
-                "policy": self.policy.describe(),
-                "max_bytes": self.max_bytes, "max_device_bytes": self.max_device_bytes, **self.stats}
+        return {"entries": len(self), "bytes": self.nbytes, "ram_bytes": self.ram_bytes,
+                "device_bytes": self.device_bytes, "policy": self.policy.describe(), "max_bytes": self.max_bytes,
+                "max_device_bytes": self.max_device_bytes, "versions": self.versions, **self.stats}
+
+
+RAM_FRACTION = 0.5  # of physical RAM: the default RAM budget (models included, on a CPU device)
+FALLBACK_RAM_BUDGET = 8 << 30  # where the machine's RAM cannot be read
+
+
+def physical_ram() -> int | None:
+    """This machine's physical RAM in bytes (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_ram_budget() -> int:
+    """:data:`RAM_FRACTION` of the physical RAM measured on this machine (8 GiB where unknown)."""
+    total = physical_ram()
+    return int(total * RAM_FRACTION) if total else FALLBACK_RAM_BUDGET
 
 
 def default_vram_budget() -> int:

@@ -119,7 +119,7 @@ class Scheduler:
             state.values[node_id] = self._bypass_outputs(inst, nd)
             result.reasons[node_id] = "bypassed"
             return
-        entry = None if nd.always_run else self.engine.cache.get(found.key)
+        entry = None if nd.always_run else self.engine.cache.get(found.key, slot=(state.scope, node_id))
         if entry is not None and isinstance(entry.outputs, Manifest):  # a mapped node: rebuild from its elements
             rebuilt = from_manifest(nd, entry.outputs, self.engine.cache.get)
             if rebuilt is not None:
@@ -186,17 +186,17 @@ class Scheduler:
 
     def _execute_mapped(self, node_id: str, nd: NodeDef, found: NodeKey, kwargs: dict, ctx: RunContext, count: int) -> None:
         """One call per list element, each memoized under its element key: only misses run."""
-        cache, result = self.engine.cache, self.state.result
+        cache, result, scope = self.engine.cache, self.state.result, self.state.scope
         keys = element_keys(nd, kwargs, found.parts, count)
         done: dict[int, tuple] = {}
         for index, key in enumerate(keys):
-            entry = None if nd.always_run else cache.get(key)
+            entry = None if nd.always_run else cache.get(key, slot=(scope, node_id, index))
             if entry is not None:
                 done[index] = (entry.outputs, entry.ui)
         missing = [index for index in range(count) if index not in done]
         if not missing:
             self._hit(node_id, *combine(nd, [done[i] for i in range(count)], keys), "cache hit (every list element)")
-            cache.put(found.key, Manifest(tuple(keys)))
+            cache.put(found.key, Manifest(tuple(keys)), slot=(scope, node_id))
             return
         result.reasons[node_id] += f" ({len(missing)} of {count} list elements run)"
         self.state.emit({"type": "node_started", "run_id": result.run_id, "node": node_id, "node_type": nd.type})
@@ -205,7 +205,7 @@ class Scheduler:
 
         def complete(returned: list) -> tuple:
             for index, (outputs, ui) in zip(missing, returned, strict=True):
-                cache.put(keys[index], outputs, ui)
+                cache.put(keys[index], outputs, ui, slot=(scope, node_id, index))
                 done[index] = (outputs, ui)
             return combine(nd, [done[i] for i in range(count)], keys)
 
@@ -223,10 +223,11 @@ class Scheduler:
             outputs = self._run_expansion(node_id, nd, outputs)
         elapsed = time.perf_counter() - started
         state.values[node_id] = outputs
+        slot = (state.scope, node_id)  # one of a bounded number of versions of this node (app.core.memo)
         if manifest is not None:
-            self.engine.cache.put(found.key, manifest)
+            self.engine.cache.put(found.key, manifest, slot=slot)
         else:
-            self.engine.cache.put(found.key, outputs, ui)
+            self.engine.cache.put(found.key, outputs, ui, slot=slot)
         result.executed.append(node_id)
         result.timings[node_id] = elapsed
         if ui is not None:

@@ -66,7 +66,8 @@ def run_batch(address: str, registry, workflows: list[tuple[int | None, Workflow
                                   engine_options=engine_options)
         except ConnectionError as exc:
             raise RayUnavailable(f"--ray {address}: {exc}") from None
-        queue = RunQueue(store, RayDispatcher(pool, out_root), validator=lambda workflow, wanted: [])
+        # a new private store: another process's staged runs in out_root are not its to settle
+        queue = RunQueue(store, RayDispatcher(pool, out_root, recover=False), validator=lambda workflow, wanted: [])
         queue.subscribe(_listener(numbers, changed, hooks))
         for number, workflow in workflows:
             record = RunRecord(id=f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.urandom(3).hex()}",

@@ -2,6 +2,11 @@
 
 Runs stay ``queued`` in the store until a worker is idle, so they can be cancelled and reordered
 like local runs. A worker lost mid-run sends its run back to the queue (``retries`` + 1).
+
+Outputs are exactly-once, by the same mechanism as local runs (app.runs.outputs): a worker
+writes into the run's staging folder, each try starts by dropping what an earlier try left,
+and the staged files are published (one rename) before the store records the end. The output
+folder must be one the workers share with the driver (as it already had to be).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from app.core import paths
+from app.runs import outputs
 from app.runs.queue import RunQueue
 from app.runs.ray_pool import RayPool, WorkerSlot
 from app.runs.ray_worker import WorkerLost
@@ -25,8 +31,11 @@ class RayDispatcher:
     """Dispatches queued runs to a :class:`RayPool` (the Dispatcher protocol of app.runs.queue)."""
 
     def __init__(self, pool: RayPool, output_root: str | Path | None = None, poll_seconds: float = 1.0,
-                 close_pool: bool = True):
+                 close_pool: bool = True, recover: bool = True):
+        """``recover``: at start, settle the staging folders an earlier process left (off for a
+        private, new store, whose runs cannot have left any: others' folders are not its own)."""
         self.pool = pool
+        self.recover = recover
         self.output_root = Path(output_root) if output_root else None
         self.poll_seconds = poll_seconds
         self.close_pool = close_pool
@@ -51,6 +60,8 @@ class RayDispatcher:
     def start(self, queue: RunQueue) -> None:
         self._queue = queue
         self._stopping.clear()
+        if self.recover:
+            outputs.recover(self._root(), queue.store)
         self._thread = threading.Thread(target=self._loop, name="ditgraph-ray-dispatch", daemon=True)
         self._thread.start()
 
@@ -133,16 +144,23 @@ class RayDispatcher:
         thread.start()
         return True
 
-    def _out_dirs(self, record: RunRecord) -> tuple[Path, Path]:
-        root = Path(self.output_root or paths.output_dir())
-        sub = record.output_subfolder
-        return (root if sub == "." else root / (sub or record.id)), root
+    def _root(self) -> Path:
+        return Path(self.output_root or paths.output_dir())
+
+    @staticmethod
+    def _subfolder(record: RunRecord) -> str:
+        return record.output_subfolder or record.id
 
     def _execute(self, record: RunRecord, slot: WorkerSlot) -> None:
         queue = self._queue
-        out_dir, root = self._out_dirs(record)
+        root, subfolder = self._root(), self._subfolder(record)
+        outputs.reset(root, subfolder, record.id)  # what an earlier, unrecorded try of this run left
+        # the worker writes into the staging folder; file paths in events are relative to the
+        # staging root, which are the run folder's paths once published
+        staging = outputs.staging_dir(root, subfolder)
         try:
-            summary = self.pool.execute(slot, record.id, record.workflow, record.targets, out_dir, root,
+            summary = self.pool.execute(slot, record.id, record.workflow, record.targets, staging,
+                                        outputs.staging_root(root),
                                         on_event=lambda event: queue.publish(record.client_id, event))
         except WorkerLost as exc:
             self._lost(record, slot, str(exc), counts=exc.started)
@@ -150,7 +168,7 @@ class RayDispatcher:
         except Exception as exc:
             log.exception("run %s failed on %s", record.id, slot.name)
             error = {"message": f"internal error: {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
-            queue.complete(record, "failed", error=error, worker=slot.name)
+            self._complete(record, "failed", error=error, worker=slot.name)
             queue.publish(record.client_id, {"type": "run_failed", "run_id": record.id, "error": error})
             self._release(record, slot)
             return
@@ -159,17 +177,27 @@ class RayDispatcher:
         finally:
             self._release(record, slot)
 
+    def _complete(self, record: RunRecord, status: str, **fields) -> None:
+        """Publish the run's staged files, then record its end (the order app.runs.outputs needs)."""
+        outputs.publish(self._root(), self._subfolder(record))
+        self._queue.complete(record, status, **fields)
+
+    def _requeue(self, record: RunRecord, retry: bool = False) -> None:
+        """Back to the queue; what this try staged is thrown away (the next try starts afresh)."""
+        self._queue.store.requeue(record.id, retry=retry)
+        outputs.discard(self._root(), self._subfolder(record))
+
     def _finish(self, record: RunRecord, slot: WorkerSlot, summary: dict) -> None:
         queue = self._queue
         status, error = summary["status"], summary.get("error")
         if status == "cancelled":
             if self._stopping.is_set() and record.id not in self._user_cancelled:
-                queue.store.requeue(record.id)  # interrupted by shutdown, not by a user: run it again later
+                self._requeue(record)  # interrupted by shutdown, not by a user: run it again later
                 return
             error = {"message": "cancelled"}
         if "ui" not in summary:  # the worker could not run it at all (invalid there, internal error)
             queue.publish(record.client_id, {"type": "run_failed", "run_id": record.id, "error": error})
-        queue.complete(record, status, ui=summary.get("ui") or {}, error=error, timings=summary.get("timings") or {},
+        self._complete(record, status, ui=summary.get("ui") or {}, error=error, timings=summary.get("timings") or {},
                        reasons=summary.get("reasons") or {}, executed=summary.get("executed") or [],
                        cached=summary.get("cached") or [])
 
@@ -182,16 +210,16 @@ class RayDispatcher:
             self._user_cancelled.discard(record.id)
         self.pool.replace(slot, reason)
         if user_cancelled:
-            queue.complete(record, "cancelled", error={"message": "cancelled (its worker died while stopping)"})
+            self._complete(record, "cancelled", error={"message": "cancelled (its worker died while stopping)"})
             queue.publish(record.client_id, {"type": "run_cancelled", "run_id": record.id, "node": None})
         elif self._stopping.is_set() or not counts:
-            queue.store.requeue(record.id)  # not the run's fault: it had not started there
+            self._requeue(record)  # not the run's fault: it had not started there
         elif record.retries >= queue.max_retries:
             error = {"message": f"{reason}; the run was tried {record.retries + 1} times, not retrying it again"}
-            queue.complete(record, "failed", error=error)
+            self._complete(record, "failed", error=error)
             queue.publish(record.client_id, {"type": "run_failed", "run_id": record.id, "error": error})
         else:
-            queue.store.requeue(record.id, retry=True)
+            self._requeue(record, retry=True)
             queue.publish(record.client_id, {"type": "run_retrying", "run_id": record.id, "worker": slot.name,
                                              "retry": record.retries + 1, "reason": reason})
             queue.publish(None, {"type": "queue", **_counts(queue.store)})

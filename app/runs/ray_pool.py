@@ -48,7 +48,8 @@ class WorkerSlot:
         return {"name": self.name, "ready": self.ready, "error": self.error, "running": self.running,
                 "runs": self.runs, "busy_seconds": round(self.busy_seconds, 3), "restarts": self.restarts,
                 "cached_keys": len(self.keys),
-                **{k: self.info.get(k) for k in ("pid", "host", "device", "gpu", "vram", "reserve_vram", "cache_policy")}}
+                **{k: self.info.get(k) for k in ("pid", "host", "device", "gpu", "vram", "reserve_vram", "cache_policy",
+                                                 "memo_max_bytes")}}
 
 
 class RayPool:

@@ -156,6 +156,26 @@ def node_keys(engine, workflow: Workflow, targets: list[str] | None = None) -> d
     return engine.node_keys(workflow, targets)
 
 
+def ram_share(assigned: dict, node: dict) -> float:
+    """The part of its node's memo RAM budget a worker takes: its GPUs of the node's, else its CPUs
+    of the node's. Workers sharing a machine thus split the default budget (half its RAM) rather
+    than each taking all of it."""
+    for kind in ("GPU", "CPU"):
+        if assigned.get(kind) and node.get(kind):
+            return min(1.0, assigned[kind] / node[kind])
+    return 1.0
+
+
+def _node_share() -> float:
+    """:func:`ram_share` of this actor on its node (1 outside an actor or without the cluster's view)."""
+    try:
+        context = ray.get_runtime_context()
+        node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == context.get_node_id())
+        return ram_share(context.get_assigned_resources(), node)
+    except Exception:
+        return 1.0
+
+
 class EngineWorker:
     """One Engine in one Ray actor process (one GPU, or some CPUs)."""
 
@@ -175,6 +195,8 @@ class EngineWorker:
         self.registry = make_registry(config.get("plugins") or [])
         self.engine = Engine(self.registry, device=config.get("device") or None,
                              output_dir=worker_paths.output_dir(), **config.get("engine", {}))
+        if self.engine.cache.policy.max_bytes is None:  # the default RAM budget is the machine's: take a share
+            self.engine.cache.max_bytes = int(self.engine.cache.max_bytes * _node_share())
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.costs: dict[str, float] = {}  # cache key -> seconds it took to compute
@@ -188,7 +210,7 @@ class EngineWorker:
                 "node_ip": ray.util.get_node_ip_address(), "device": str(device), "device_type": device.type,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "vram": self.engine.memory.get("vram"), "reserve_vram": self.engine.memory.get("reserve"),
-                "cache_policy": self.engine.cache.policy.describe(),
+                "cache_policy": self.engine.cache.policy.describe(), "memo_max_bytes": self.engine.cache.max_bytes,
                 "nodes": len(self.registry.nodes),
                 "load_errors": [f"{e.source}: {e.message}" for e in self.registry.load_errors]}
 

@@ -15,7 +15,7 @@ import nodes.core
 from app.core import paths
 from app.core import workflow as graph
 from app.core.executor import Engine
-from app.core.memo import MemoCache, measure
+from app.core.memo import RAM_FRACTION, MemoCache, measure, physical_ram
 from app.core.registry import Registry
 from app.core.workflow import Workflow, WorkflowError
 from tests.fixtures import engine_nodes
@@ -273,6 +273,44 @@ def test_oversized_entry_is_not_cached_but_the_run_succeeds(registry):
     result = engine.run(blob_workflow(1, kilobytes=64))
     assert result.status == "success" and result.ui["s"] == {"sum": 64 * 256.0}
     assert "b" in engine.run(blob_workflow(1, kilobytes=64)).executed
+
+
+def versioned_workflow(seed: int, name: str = "test") -> dict:
+    """A "model" that never changes beside a result that changes with the seed (as in the soak)."""
+    return wf({"m": {"type": "Blob", "inputs": {"kilobytes": 64, "seed": 99}},
+               "sm": {"type": "LatentSink", "inputs": {"latent": link("m", "latent")}},
+               "b": {"type": "Blob", "inputs": {"kilobytes": 1, "seed": seed}},
+               "s": {"type": "LatentSink", "inputs": {"latent": link("b", "latent")}}}, name)
+
+
+def test_each_node_keeps_a_bounded_number_of_versions(registry):
+    cache = MemoCache(max_bytes=1 << 30, max_device_bytes=0, versions=3)
+    engine = Engine(registry, cache, device="cpu")
+    for seed in range(20):
+        engine.run(versioned_workflow(seed))
+    assert len(cache) == 2 + 2 * 3  # the model and its sink, three versions of each seeded node
+    assert cache.stats["superseded"] == 2 * 17 and cache.stats["evictions"] == 0
+    assert engine.run(versioned_workflow(17)).executed == []  # the last three seeds are kept
+    assert engine.run(versioned_workflow(0)).executed == ["b", "s"]  # an old one was dropped, not the model
+
+
+def test_a_version_another_workflow_still_uses_is_kept(registry):
+    engine = Engine(registry, MemoCache(max_bytes=1 << 30, max_device_bytes=0, versions=2), device="cpu")
+    engine.run(versioned_workflow(100, name="a"))
+    for seed in (100, 101, 102, 103):  # b's versions in "b" move past seed 100
+        engine.run(versioned_workflow(seed, name="b"))
+    assert engine.run(versioned_workflow(100, name="a")).executed == []
+
+
+def test_the_default_ram_budget_is_a_fraction_of_this_machines_ram():
+    assert MemoCache().max_bytes == int(physical_ram() * RAM_FRACTION) > 0
+
+
+def test_accelerator_bytes_count_against_the_vram_budget_not_the_ram_budget():
+    cache = MemoCache(max_bytes=1_000, max_device_bytes=10_000)
+    model = FakeGpuValue(5_000)  # a GPU-resident model larger than the RAM budget is still kept
+    assert cache.put("model", (model,)) and cache.ram_bytes == 0 and cache.device_bytes == 5_000
+    assert not cache.put("too-big-for-ram", (torch.zeros(1_000),))
 
 
 def test_measure_counts_shared_storage_once():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.core import paths
-from app.core.images import ImageRefused, open_image, png_text_chunks
+from app.core.images import ImageRefused, open_image, png_text_chunks, verify_image
 from app.core.jsonlimits import JSONRefused, parse
 from tests.fixtures.hostile import png, png_chunk
 
@@ -19,6 +19,16 @@ def test_open_image_refuses_a_pixel_bomb_before_decoding(tmp_path):
     small = tmp_path / "small.png"
     small.write_bytes(png(4, 3))
     assert open_image(small).size == (4, 3)
+
+
+def test_the_pixel_limit_is_40_million():
+    with pytest.raises(ImageRefused) as over:
+        verify_image(png(8000, 5001))
+    assert over.value.too_large
+    try:
+        verify_image(png(8000, 5000))  # at the limit: not refused for its size
+    except ImageRefused as exc:
+        assert not exc.too_large, exc
 
 
 def test_png_text_total_is_capped():

@@ -153,13 +153,23 @@ def test_cli_caps_the_problem_list(tmp_path, capsys, monkeypatch):
     assert len(lines) <= 52 and re.fullmatch(r"\.\.\. and \d{3} more \(--json lists them all\)", lines[-2]), lines[-3:]
 
 
-@pytest.mark.parametrize("token", ["with space 1234", "semi;colon1234", "t\u00f6k\u20ac\u20ac\u20ac\u20ac\u20ac\u20ac"])
+@pytest.mark.parametrize("token", ["with space 1234", "semi;colon1234", "t\u00f6k\u20ac\u20ac\u20ac\u20ac\u20ac\u20ac",
+                                   "short12", 'quo"te12345', "com,ma12345", "back\\slash123"])
 def test_tokens_a_cookie_cannot_carry_are_refused_at_startup(token, capsys):
     from app.fronts.http.settings import ConfigError, Settings
 
     with pytest.raises(ConfigError):
         Settings(token=token).check()
     assert main(["serve", "--port", "1", "--token", token]) == 2
+
+
+def test_workflow_names_outside_the_documented_set_get_400(client):
+    document = count_workflow(steps=1)
+    assert client.put("/api/workflows/a/b/c/four (ok)", json=document).status_code == 200  # 4 parts: folders
+    assert client.delete("/api/workflows/a/b/c/four (ok)").status_code == 200
+    for bad in ("a/b/c/d/five", "semi;colon", "tag<b>", "star*", ".hidden", "a/.b"):
+        assert client.put(f"/api/workflows/{bad}", json=document).status_code == 400, bad
+    assert client.put("/api/workflows/new%0Aline", json=document).status_code == 404  # no route matches a newline
 
 
 def test_refused_websockets_get_an_http_403_handshake(server):
@@ -187,6 +197,19 @@ def test_allow_origin_trusts_exactly_the_named_origins():
     assert client.post("/api/x", headers={"Origin": "http://other.example"}).status_code == 403
     assert client.post("/api/x", headers={"Origin": "http://testserver"}).status_code == 200  # same origin
     assert client.post("/api/x", content=b"{}" * (9 << 20), headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_the_allow_origin_flag_reaches_the_guards_settings(monkeypatch, tmp_path):
+    import app.fronts.http.app as http_app
+    from app.core import paths
+    from bench.harness import free_port
+
+    monkeypatch.setattr(paths, "_overrides", dict(paths._overrides))  # serve sets folders for the process
+    seen = {}
+    monkeypatch.setattr(http_app, "serve", lambda *args, settings, **kwargs: seen.update(origins=settings.allowed_origins))
+    assert main(["serve", "--port", str(free_port()), "--device", "cpu", "--db", str(tmp_path / "q.sqlite3"),
+                 "--allow-origin", "http://trusted.example"]) == 0
+    assert seen["origins"] == ["http://trusted.example"]
 
 
 def test_a_non_latin_1_token_in_the_query_is_a_401_not_a_500():

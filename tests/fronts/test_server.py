@@ -236,6 +236,7 @@ def test_output_path_traversal_is_refused(server, tmp_path):
     secret.write_text("top secret")
     (server.output_dir / "ok.txt").write_text("fine")
     (server.output_dir / "page.html").write_text("<script>alert(1)</script>")
+    (server.output_dir / "image.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>")
     link = server.output_dir / "escape"
     if not link.exists():
         os.symlink(tmp_path, link)
@@ -249,6 +250,7 @@ def test_output_path_traversal_is_refused(server, tmp_path):
         "/api/outputs/%2Fetc%2Fpasswd",
         "/api/outputs/escape/secret.txt",
         f"/api/outputs/..%2f{secret.parent.name}%2fsecret.txt",
+        "/api/outputs/.", "/api/outputs/%2e", "/api/outputs/" + "x" * 300,  # sent as they are, not normalised
     ]
     for path in attempts:
         status, body = raw_get(server, path)
@@ -260,6 +262,7 @@ def test_output_path_traversal_is_refused(server, tmp_path):
         html = c.get("/api/outputs/page.html")
         assert html.headers["content-type"] == "application/octet-stream"
         assert "attachment" in html.headers.get("content-disposition", "")
+        assert c.get("/api/outputs/image.svg").headers["content-type"] == "application/octet-stream"  # any unknown type
 
 
 def test_uploads(server, client):
@@ -377,8 +380,12 @@ def test_token_is_required_everywhere(token_server):
     cookie = page.cookies.get("ditgraph_token")
     assert cookie == token_server.token
     assert httpx.get(base + "/api/status", cookies={"ditgraph_token": cookie}).status_code == 200
-    with pytest.raises(InvalidStatus):
+    # the token in the query also lets a request from another origin through
+    assert httpx.get(base + "/api/status", params={"token": token_server.token},
+                     headers={"Origin": "http://elsewhere"}).status_code == 200
+    with pytest.raises(InvalidStatus) as refused:
         connect(f"ws://127.0.0.1:{token_server.port}/api/events", open_timeout=5)
+    assert refused.value.response.status_code == 403  # refused at the handshake
     with connect(f"ws://127.0.0.1:{token_server.port}/api/events?token={token_server.token}", open_timeout=5) as ws:
         assert json.loads(ws.recv(timeout=5))["type"] == "hello"
 

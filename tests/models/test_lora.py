@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -282,6 +283,48 @@ def test_engine_lora_nodes_leave_the_memoized_model_clean(models_root, tmp_path,
     engine.cache.clear()
     rerun = engine.run(_workflow([]), targets=["sample"]).raise_for_status().output("sample").samples
     assert torch.equal(again.output("sample").samples, first) and torch.equal(rerun, first)
+
+
+def test_two_runs_at_once_on_one_engine_with_different_loras_each_get_their_own_result(models_root, tmp_path,
+                                                                                        monkeypatch):
+    """LoRA patches act on the shared transformer while a run samples, so one engine runs one
+    workflow at a time (docs/engine.md, "Concurrency"): a second run started while the first is
+    mid-sampling waits, and each gets exactly what it gets alone (one unfused, one fused)."""
+    monkeypatch.setitem(paths._overrides, "models", models_root)
+    engine = Engine(device="cpu", output_dir=tmp_path / "out")
+    graphs = {"one": _workflow([("one", 1.0, False)]), "two": _workflow([("two", 1.0, True)])}
+    alone = {name: engine.run(graph, targets=["sample"]).raise_for_status().output("sample").samples
+             for name, graph in graphs.items()}
+    for graph in graphs.values():  # both sample again, on the one cached model
+        engine.forget(graph, ["sample"])
+    one_mid_sampling, two_started = threading.Event(), threading.Event()
+    timeline, results = [], {}
+
+    def on_event(name):
+        def record(event):
+            timeline.append((name, event["type"]))
+            if name == "two" and event["type"] == "run_started":
+                two_started.set()
+            if name == "one" and event["type"] == "progress" and event["step"] == 1:
+                one_mid_sampling.set()
+                two_started.wait(1.5)  # give "two" every chance to start in the middle of "one"
+        return record
+
+    def run(name):
+        results[name] = engine.run(graphs[name], targets=["sample"], on_event=on_event(name))
+
+    first = threading.Thread(target=run, args=("one",))
+    first.start()
+    assert one_mid_sampling.wait(60)
+    second = threading.Thread(target=run, args=("two",))
+    second.start()
+    first.join(120)
+    second.join(120)
+    for name in graphs:
+        assert torch.equal(results[name].raise_for_status().output("sample").samples, alone[name]), name
+    assert not torch.allclose(alone["one"], alone["two"])
+    # the second run started only once the first had finished
+    assert timeline.index(("two", "run_started")) > timeline.index(("one", "run_finished"))
 
 
 def test_engine_reports_a_mismatched_lora(models_root, tmp_path, monkeypatch):

@@ -151,6 +151,18 @@ def test_load_image_with_alpha_gives_mask(tmp_path):
     assert no_alpha.eq(0).all()
 
 
+def test_load_image_nodes_refuse_a_pixel_bomb_before_decoding(tmp_path):
+    from app.core.images import ImageRefused
+    from nodes import mask as mask_nodes
+    from tests.fixtures.hostile import png
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png(16000, 11000))  # 1 KB on disk, 176 M pixels declared
+    for load in (image_nodes.LoadImage, mask_nodes.LoadImageMask):
+        with pytest.raises(ImageRefused, match="16000x11000"):
+            load(str(bomb))
+
+
 def test_save_animated_gif_and_mp4(tmp_path):
     import threading
 

@@ -194,6 +194,15 @@ def test_workers_engines_get_the_budget_and_cache_policy(pool):
     """`serve|run --ray --vram ...`: each worker's Engine is built with the same options as a local one."""
     for worker in pool.describe()["workers"]:
         assert (worker["vram"], worker["reserve_vram"], worker["cache_policy"]) == (8 * GIB, GIB, f"lru:{GIB}")
+        assert worker["memo_max_bytes"] == GIB  # a size given is the worker's own; only the default is shared
+
+
+def test_workers_on_one_machine_share_its_default_memo_ram_budget():
+    from app.runs.ray_worker import ram_share
+
+    assert ram_share({"CPU": 1.0, "GPU": 1.0}, {"CPU": 64.0, "GPU": 8.0}) == 1 / 8  # one GPU of eight
+    assert ram_share({"CPU": 0.5}, {"CPU": 2.0}) == 0.25  # CPU workers: their CPUs of the node's
+    assert ram_share({}, {"CPU": 2.0}) == 1.0
 
 
 def test_repeated_runs_of_a_workflow_go_to_the_worker_holding_its_cache(make_queue, pool):
@@ -245,6 +254,34 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_run_finishes_elsewhere(make
     # the dead actor was replaced by a fresh one
     assert pool.wait_ready(timeout=90) == 2
     assert victim.restarts == 1 and victim.info["pid"] != 0
+
+
+def test_a_run_retried_after_its_worker_saved_an_image_publishes_each_file_once(make_queue, pool, tmp_path):
+    """Killed after SaveImage wrote and before the run was recorded: the retry's files, once."""
+    queue, events = make_queue()
+    document = workflow(size=56, load_seconds=0)
+    document["nodes"].update({  # after node 3 saved: a slow second render, where the worker dies
+        "4": {"type": "FakeRender", "inputs": {"model": {"from": ["1", "model"]}, "seed": 1, "steps": 40,
+                                                "step_seconds": 0.1}},
+        "5": {"type": "SaveImage", "inputs": {"images": {"from": ["4", "image"]}, "filename_prefix": "second"}}})
+    saved = threading.Event()
+    queue.subscribe(lambda client, event: saved.set() if event.get("type") == "progress" and event.get("node") == "4"
+                    and event.get("step", 0) >= 2 else None)
+    run_id = queue.submit(document).id
+    assert saved.wait(60), "the second render never reported progress"
+    first_try = [e for _, e in events if e.get("type") == "node_finished" and e.get("node") == "3"]
+    assert len(first_try) == 1  # the first try had saved its image when its worker died
+    os.kill(next(s for s in pool.slots if s.name == queue.get(run_id).worker).info["pid"], signal.SIGKILL)
+
+    record = wait_all(queue, [run_id], timeout=90)[0]
+    assert record.status == "success" and record.retries == 1, record.error
+    run_dir = tmp_path / "out" / run_id
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ray_00001.png", "renders.txt", "second_00001.png"]
+    assert (run_dir / "renders.txt").read_text().split() == [run_id, run_id]  # the retry's two renders only
+    assert [entry["path"] for node in ("3", "5") for entry in record.ui[node]["images"]] == [
+        f"{run_id}/ray_00001.png", f"{run_id}/second_00001.png"]
+    assert not (tmp_path / "out" / ".staging" / run_id).exists()
+    assert pool.wait_ready(timeout=90) == 2
 
 
 def test_cancelling_a_run_on_a_worker_stops_it_at_a_step(make_queue, pool):
