@@ -640,17 +640,26 @@ def video_bench(args) -> dict:
         torch.set_num_threads(args.threads)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny, "families": {}}
+    def measure(family: str) -> dict:
+        return video_family(family, device, dtype, args.tiny, args.steps, VIDEO_SETTINGS)
+
+    return bench_families(args, device, report, "video", measure, print_video)
+
+
+def bench_families(args, device: torch.device, report: dict, key: str, measure, show) -> dict:
+    """``measure(family)`` for each of ``args.families`` into ``report``: a failure is that
+    family's result, and the report is written after every family so a time-out keeps the rest."""
     for family in args.families:
         started = time.perf_counter()
         try:
-            report["families"][family] = video_family(family, device, dtype, args.tiny, args.steps, VIDEO_SETTINGS)
+            report["families"][family] = measure(family)
         except Exception as exc:
             report["families"][family] = {"error": f"{type(exc).__name__}: {exc}"}
         report["families"][family]["total_s"] = time.perf_counter() - started
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print_video(family, report["families"][family])
-        write({"video": report}, args.out)  # after every family: a partial result survives a time-out
+        show(family, report["families"][family])
+        write({key: report}, args.out)
     return report
 
 
@@ -677,18 +686,8 @@ def gpu_bench(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "dtype": args.dtype, "tiny": args.tiny, "families": {}}
-    for family in args.families:
-        started = time.perf_counter()
-        try:
-            report["families"][family] = gpu_family(family, device, dtype, tiny=args.tiny)
-        except Exception as exc:
-            report["families"][family] = {"error": f"{type(exc).__name__}: {exc}"}
-        report["families"][family]["total_s"] = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        print_gpu(family, report["families"][family])
-        write({"gpu": report}, args.out)  # after every family: a partial result survives a time-out
-    return report
+    return bench_families(args, device, report, "gpu", lambda family: gpu_family(family, device, dtype, tiny=args.tiny),
+                          print_gpu)
 
 
 def print_gpu(family: str, r: dict) -> None:
