@@ -18,10 +18,14 @@ Architecture (diffusers 0.42 classes, so the engine's Wan family loads it as any
   the VAE gives for the image. Training: half the clips are image-to-video (loss on the other
   latent frames only), 10% caption dropout for classifier-free guidance.
 
-One invocation works for a wall-clock budget (the GPU machine gives 10 minutes a call):
-    python -m training.train_video --out $OUT/shapes-video --minutes 9 --vae-minutes 2.5      # call 1
-    python -m training.train_video --out $OUT/shapes-video --minutes 9 --resume models/shapes-video
-CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv
+One invocation works for a wall-clock budget (the GPU machine gives 10 minutes a call). The VAE
+comes first, in calls of its own, until its held-out reconstruction is at the targets; then the
+transformer (training/RUNS-video.md has the plan and the exact commands):
+    python -m training.train_video --out $OUT/shapes-video --vae-only --vae-minutes 7 --vae-batch 32
+    python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --vae-only --vae-minutes 7
+    python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --minutes 8.5 [--decoder-minutes 1]
+CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv; the VAE recipe on CPU:
+training/vae_probe.py.
 Output: a diffusers-layout folder (vae/, transformer/ = EMA weights, scheduler/, fp16 safetensors,
 ditgraph.json, train_state.json). Resuming continues from the saved fp16 weights with a fresh
 optimizer (what fits through the device tool's 64 MiB).
