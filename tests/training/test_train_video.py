@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from training import train_video as tv
@@ -26,16 +28,51 @@ def test_i2v_sampling_keeps_the_given_latent():
     assert not torch.equal(free[:, :, 0], first)
 
 
-def test_tiny_smoke_run_exports_and_resumes(tmp_path):
+def test_gaussian_kl_is_per_latent_element():
+    # mean 1, log-variance 0: KL = 0.5 per element. diffusers' .kl() sums dims 1-3 only, so call 1's
+    # ".kl().mean() / numel" gave 0.5 / 16 for (B, 8, 5, 16, 16) latents.
+    post = DiagonalGaussianDistribution(torch.cat([torch.ones(2, 8, 5, 16, 16), torch.zeros(2, 8, 5, 16, 16)], 1))
+    assert tv.gaussian_kl(post).item() == pytest.approx(0.5)
+
+
+def test_fresh_vae_starts_with_a_narrow_posterior():
+    # diffusers' default init gives a posterior std ~1, which drowns the encoder's signal (call 1)
+    x = torch.rand(1, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        std = tv.build_vae(tv.TINY_VAE, -6.0).encode(x).latent_dist.std
+        default_std = AutoencoderKLWan(**tv.TINY_VAE).encode(x).latent_dist.std
+        mean = tv.build_vae(tv.TINY_VAE, -6.0, calibrate=x).encode(x).latent_dist.mean  # unit-scale latents
+    assert std.max() < 0.2 and default_std.mean() > 0.5
+    assert mean.std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_save_model_leaves_the_trained_weights_in_fp32(tmp_path):
+    # saved every 150 s mid-training: converting the live module to fp16 and back rounded its weights
+    vae = tv.build_vae(tv.TINY_VAE, -6.0)
+    with torch.no_grad():
+        vae.quant_conv.bias.fill_(1 + 1e-5)  # not representable in fp16
+    tv.save_model(str(tmp_path / "m"), vae, None, {"vae_steps": 0})
+    assert (vae.quant_conv.bias == 1 + 1e-5).all() and vae.quant_conv.bias.dtype == torch.float32
+    saved = load_file(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert saved["quant_conv.bias"].dtype == torch.float16 and not (tmp_path / "m" / "transformer").exists()
+
+
+def test_tiny_smoke_run_vae_only_then_transformer_then_resume(tmp_path):
     out = tmp_path / "sv"
-    state = tv.main(["--tiny", "--steps", "3", "--out", str(out)])
-    assert state["dit_steps"] == 3 and {r["mode"] for r in state["final_eval"]} == {"t2v", "i2v"}
+    state = tv.main(["--tiny", "--steps", "2", "--vae-only", "--out", str(out)])
+    assert state["vae_steps"] == 2 and not (out / "transformer").exists()
+    vae = AutoencoderKLWan.from_pretrained(out / "vae")
+    assert len(vae.config.latents_std) == vae.config.z_dim
+    state = tv.main(["--tiny", "--steps", "3", "--out", str(out)])  # resumes the VAE, fresh transformer
+    assert state["dit_steps"] == 3 and state["vae_steps"] == 2
+    assert {r["mode"] for r in state["final_eval"]} == {"t2v", "i2v"}
     manifest = json.loads((out / "ditgraph.json").read_text())
     assert manifest["family"] == "shapes-video" and manifest["defaults"]["frames"] == 17
-    vae = AutoencoderKLWan.from_pretrained(out / "vae")
-    assert len(vae.config.latents_std) == vae.config.z_dim and (out / "README.md").exists()
+    assert (out / "README.md").exists()
     weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in weights.values()} == {torch.float16}
     assert WanTransformer3DModel.from_pretrained(out / "transformer").config.num_layers == 2
-    state = tv.main(["--tiny", "--steps", "1", "--out", str(out), "--final-cfgs", ""])  # resumes from --out
-    assert state["dit_steps"] == 4
+    with pytest.raises(SystemExit, match="decoder-minutes"):  # the transformer depends on the encoder
+        tv.main(["--tiny", "--steps", "1", "--out", str(out), "--vae-minutes", "1"])
+    state = tv.main(["--tiny", "--steps", "1", "--out", str(out), "--final-cfgs", "", "--decoder-minutes", "1"])
+    assert state["dit_steps"] == 4 and state["decoder_finetunes"][0]["steps"] == 1
