@@ -403,6 +403,21 @@ GPU_SETTINGS = [
 ]
 
 
+def build_transformer(cls, config: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, float]:
+    """A randomly initialised (seed 0) ``cls(**config)`` built directly on ``device`` in ``dtype``,
+    and the seconds it took."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    try:
+        with torch.device(device):
+            transformer = cls(**config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+    return transformer, time.perf_counter() - started
+
+
 def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> dict:
     import diffusers
 
@@ -422,17 +437,8 @@ def gpu_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bool
             config.update(num_layers=3, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
                           cross_attention_dim=16, sample_size=8)
         size, steps, text_len = 8, 6, 7
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    torch.manual_seed(0)
-    t_build = time.perf_counter()
-    try:
-        with torch.device(device):
-            cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.PixArtTransformer2DModel
-            transformer = cls(**config).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
-    build_s = time.perf_counter() - t_build
+    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.PixArtTransformer2DModel
+    transformer, build_s = build_transformer(cls, config, device, dtype)
     scheduler = ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                   "max_image_seq_len": 4096} if family == "flux" else {})
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=scheduler)
@@ -561,17 +567,8 @@ def video_family(family: str, device: torch.device, dtype: torch.dtype, tiny: bo
 
     config = {**VIDEO_CONFIGS[family], **(VIDEO_TINY[family] if tiny else {})}
     (frames, height, width), text_len, cfg = (VIDEO_TINY_SHAPES if tiny else VIDEO_SHAPES)[family]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    torch.manual_seed(0)
-    t_build = time.perf_counter()
-    try:
-        with torch.device(device):
-            cls = diffusers.WanTransformer3DModel if family == "wan" else diffusers.LTXVideoTransformer3DModel
-            transformer = cls(**config).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
-    build_s = time.perf_counter() - t_build
+    cls = diffusers.WanTransformer3DModel if family == "wan" else diffusers.LTXVideoTransformer3DModel
+    transformer, build_s = build_transformer(cls, config, device, dtype)
     scheduler = ({"shift": 3.0} if family == "wan" else
                  {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
                   "max_image_seq_len": 4096})
