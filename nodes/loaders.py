@@ -176,19 +176,6 @@ def load_text_encoder(folder: Path, tokenizer_folder: Path | None, dtype: torch.
     return slot, tokenizer, model.to(device).eval()
 
 
-def _scheduler_config(folder: Path) -> dict:
-    path = folder / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {}
-
-
-def _pipeline_class(folder: Path) -> str:
-    """The diffusers pipeline class a folder's model_index.json names ("" when it has none)."""
-    index = folder / "model_index.json"
-    return str(families.read_json(index).get("_class_name") or "") if index.is_file() else ""
-
-
 def _encoder_options(folder: Path, handle: ModelHandle) -> dict:
     """What a checkpoint's text encoders need to know of it: the checkpoint's variant (the edit
     text recipe follows it) and the image processor settings of a vision-language encoder."""
@@ -232,9 +219,9 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     transformer = _stored(transformer, storage, dtype, device)
-    handle = ModelHandle(transformer, family, device, dtype, scheduler_config=_scheduler_config(folder),
+    handle = ModelHandle(transformer, family, device, dtype, scheduler_config=families.scheduler_config(folder),
                          defaults=dict(manifest.get("defaults") or {}), source=str(folder),
-                         pipeline=_pipeline_class(folder), **_experts(folder, fam, dtype, device))
+                         pipeline=families.pipeline_class(folder), **_experts(folder, fam, dtype, device))
     vae = None
     if (folder / "vae" / "config.json").is_file():
         vae = VAEHandle(load_diffusers_component(folder / "vae", dtype, device), device, dtype, str(folder / "vae"))
@@ -328,8 +315,8 @@ def load_single_file(file: Path, config_dir: Path | None, dtype: torch.dtype, de
     model = _build_single(cls, config, file, config_dir, subfolder, keys, raw, scales, dtype, storage,
                           families.get(family))
     model = _stored(model, "auto" if file.suffix == ".gguf" else storage, dtype, device).to(device).eval()
-    handle = ModelHandle(model, family, device, dtype, scheduler_config=_scheduler_config(config_dir), source=str(file),
-                         pipeline=_pipeline_class(config_dir))
+    handle = ModelHandle(model, family, device, dtype, scheduler_config=families.scheduler_config(config_dir), source=str(file),
+                         pipeline=families.pipeline_class(config_dir))
     encoders, vae = _pipeline_extras(config_dir, transformer_cfg_dir, handle, dtype, device)
     return handle, encoders, vae
 

@@ -81,6 +81,18 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
 
 
+def scheduler_config(folder: str | Path) -> dict:
+    """A model folder's ``scheduler/scheduler_config.json`` ({} when it has none)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def pipeline_class(folder: str | Path) -> str:
+    """The diffusers pipeline class a folder's ``model_index.json`` names ("" when it has none)."""
+    index = Path(folder) / "model_index.json"
+    return str(read_json(index).get("_class_name") or "") if index.is_file() else ""
+
+
 def detect_config_family(config: dict) -> str | None:
     """The family of a transformer ``config.json`` (None when no family claims it)."""
     return next((f.name for f in _BY_PRIORITY if f.matches_config(config)), None)

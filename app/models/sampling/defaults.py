@@ -32,12 +32,9 @@ def checkpoint_variant(folder: str | Path) -> Variant | None:
     read = families.read_json
     configs = [folder / "transformer" / "config.json", folder / "config.json"]
     config = next((read(c) for c in configs if c.is_file()), {})
-    scheduler = folder / "scheduler" / "scheduler_config.json"
     manifest = folder / "ditgraph.json"
-    index = folder / "model_index.json"
-    return detect_variant(family, config, read(scheduler) if scheduler.is_file() else {}, str(folder),
-                          read(manifest) if manifest.is_file() else None,
-                          read(index).get("_class_name", "") if index.is_file() else "")
+    return detect_variant(family, config, families.scheduler_config(folder), str(folder),
+                          read(manifest) if manifest.is_file() else None, families.pipeline_class(folder))
 
 
 def sampling_defaults(model: ModelHandle) -> dict[str, Any]:
