@@ -25,10 +25,13 @@ def default_path() -> str:
 
 
 def load_text_encoder(path: str | None = None, device="cpu", dtype=torch.float32):
-    """(tokenizer, model) from a local MiniLM folder (default: the pip package's folder)."""
+    """(tokenizer, model) from a local MiniLM folder (default: the pip package's folder); a
+    `write_trimmed` folder is materialised first."""
     from transformers import AutoModel, AutoTokenizer
 
     path = path or default_path()
+    if os.path.exists(os.path.join(path, "trimmed.safetensors")):
+        path = materialise_trimmed(path, f"/tmp/minilm_full_{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
     return tokenizer, model

@@ -253,10 +253,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     log(f"DiT params {n_params / 1e6:.3f}M", fh)
 
-    minilm = args.minilm
-    if minilm and os.path.exists(os.path.join(minilm, "trimmed.safetensors")):
-        minilm = textenc.materialise_trimmed(minilm, "/tmp/minilm_full")
-    tok, te = textenc.load_text_encoder(minilm, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    tok, te = textenc.load_text_encoder(args.minilm, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
 
     ema = SD3Transformer2DModel.from_config(model.config).to(dev)
     ema.load_state_dict(model.state_dict())

@@ -77,11 +77,9 @@ def minilm_folder(base: str, arg: str | None) -> str | None:
         if spec.get("path"):
             candidates.append(os.path.join(base, spec["path"]))
     for folder in candidates:
-        if folder and os.path.isdir(folder):
-            if os.path.exists(os.path.join(folder, "trimmed.safetensors")):
-                return textenc.materialise_trimmed(folder, f"/tmp/minilm_full_{os.getpid()}")
-            if os.path.exists(os.path.join(folder, "config.json")):
-                return folder
+        if folder and os.path.isdir(folder) and any(
+                os.path.exists(os.path.join(folder, f)) for f in ("trimmed.safetensors", "config.json")):
+            return folder  # load_text_encoder materialises a trimmed folder
     return None
 
 

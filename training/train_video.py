@@ -427,10 +427,7 @@ def train(args, dev, fh, end_time):
         return vae, None, None, None, prev
     n_params = sum(p.numel() for p in model.parameters())
     log(f"transformer {n_params / 1e6:.2f}M params, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M", fh)
-    minilm = args.minilm
-    if minilm and os.path.exists(os.path.join(minilm, "trimmed.safetensors")):
-        minilm = textenc.materialise_trimmed(minilm, "/tmp/minilm_full")
-    tok, te = textenc.load_text_encoder(minilm, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    tok, te = textenc.load_text_encoder(args.minilm, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
     ema = WanTransformer3DModel.from_config(model.config).to(dev).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
     params, ema_params = list(model.parameters()), list(ema.parameters())
