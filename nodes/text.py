@@ -81,7 +81,8 @@ def encode_pair(encoders: TextEncoders, positive: str, negative: str, family: st
     family's pipeline encodes them alike (both padded to the same length). On a GPU, T5-XXL's
     forward is bound by Python overhead, so two prompts in one batch take about the time of one
     (H100: 51 ms for the pair, 48 + 48 ms as two calls; bench/results/gpu_parity_profile.json)."""
-    if families.get(family).negative_differs:  # e.g. negatives skip an instruction prefix: two passes
+    fam = families.get(family)
+    if fam.negative_differs or fam.own_length_prompts:  # e.g. negatives skip an instruction prefix: two passes
         return encode(encoders, [positive], family), encode_negative(encoders, [negative], family)
     both = encode(encoders, [positive, negative], family)
 

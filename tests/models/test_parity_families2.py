@@ -136,3 +136,20 @@ def test_flux_kontext_reference_latent_matches_kontext_pipeline(tmp_path, monkey
     nodes["sample"]["inputs"]["positive"] = {"from": ["pos", "conditioning"]}  # without the reference image
     plain = engine.run(graph, targets=["decode"]).raise_for_status().output("decode")
     assert rel_l2(plain, reference) > 1e-3
+
+
+def test_qwen_image_pair_keeps_each_prompt_at_its_own_length():
+    """QwenImagePipeline encodes each prompt alone, without a mask when every token counts; a padded,
+    masked pair would make the transformer take masked attention (9% slower on an H200)."""
+    from app.models.handles import TextEncoders
+    from nodes.text import encode, encode_pair
+
+    parts = tiny_components("qwen-image")
+    encoders = TextEncoders({"qwen2vl": (parts["tokenizer"], parts["text_encoder"])}, "qwen-image",
+                            torch.device("cpu"), torch.float32)
+    long_prompt = "a large red circle and a small blue square on a white background, " * 3
+    pos, neg = encode_pair(encoders, long_prompt, "", "qwen-image")
+    assert pos.mask is None and neg.mask is None
+    assert neg.embeds.shape[1] < pos.embeds.shape[1]
+    alone = encode(encoders, [""], "qwen-image")
+    assert torch.equal(neg.embeds, alone.embeds)

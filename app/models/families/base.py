@@ -45,6 +45,9 @@ class Family:
     pipeline_text_slots: ClassVar[dict[str, str]] = {}  # slot -> diffusers pipeline component
     manifest_text_encoder: ClassVar[bool] = False  # the text encoder is named by ditgraph.json
     negative_differs: ClassVar[bool] = False  # negatives are encoded differently (no batched pair)
+    # each prompt is encoded to its own length, without a mask when all its tokens count (Qwen-Image):
+    # a batched pair would pad the shorter prompt and force masked, slower attention
+    own_length_prompts: ClassVar[bool] = False
     # -- sampling defaults -----------------------------------------------------------------------
     default_scheduler: ClassVar[str] = "shifted"
     default_shift: ClassVar[float] = 3.0

@@ -50,6 +50,7 @@ class QwenImage(Family):
     text_slots = ("qwen2vl",)
     pipeline_text_slots = {"qwen2vl": "text_encoder"}
     batch_cfg = False  # cond and uncond prompts have different lengths; the pipeline makes two calls
+    own_length_prompts = True  # encode_prompt drops an all-ones mask: unmasked (flash) attention
     cfg_renorm = True
     default_scheduler = "dynamic"
     default_steps = 50  # QwenImagePipeline.__call__ defaults (true_cfg_scale 4)
