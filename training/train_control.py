@@ -11,7 +11,13 @@ output linears and input embedding, VAE latents of the outline map (drawn white 
 ``controlnet_cond``, pooled text kept (force_zeros_for_pooled_projection=False). Written with
 save_pretrained (fp16 safetensors + config.json): ControlNetLoader loads the folder.
 --kind tokens: app/models/patches/condition_tokens.py's adapter (condition-token LoRA + patch
-embedding), written as one safetensors file.
+embedding), written as one safetensors file; --image-lora-rank R adds a LoRA on the image tokens'
+attention (applied only with the condition), saved in the same file.
+
+Binding levers (both off by default, so earlier RUNS.md rows reproduce): --p-two raises the share
+of two-object scenes, the only scenes where a colour can land on the wrong shape; --object-weight
+weights the loss on object pixels, which a binding error changes but which are a small part of
+each image (the background dominates a plain mean).
 
 Training renders scenes on the fly (training/world.py, control=True), the base transformer is
 frozen, the loss is the base's flow-matching loss. The run ends with a held-out evaluation:
@@ -80,15 +86,15 @@ def make_controlnet(transformer, layers: int):
 class Control:
     """The adapter being trained, behind one call: velocity(transformer, inputs, control latents)."""
 
-    def __init__(self, kind: str, transformer, layers: int, rank: int):
+    def __init__(self, kind: str, transformer, layers: int, rank: int, image_rank: int = 0):
         self.kind = kind
         if kind == "controlnet":
             self.module = make_controlnet(transformer, layers)
         else:
             from app.models.patches.condition_tokens import ConditionAdapterModule, ConditionKV, install_processors
 
-            self.module = ConditionAdapterModule(transformer, rank=rank)
-            self.holder = ConditionKV()
+            self.module = ConditionAdapterModule(transformer, rank=rank, image_rank=image_rank)
+            self.holder = ConditionKV(self.module)
             install_processors(transformer, self.holder)
 
     def velocity(self, transformer, xt, t, h, p, cond, kv=None):
@@ -163,6 +169,13 @@ def evaluate_control(transformer, control, vae, tok, te, dev, n, steps, cfg, shi
     return out
 
 
+def object_weights(batch, size: tuple[int, int], weight: float) -> torch.Tensor:
+    """(B, 1, h, w) loss weights at latent resolution: 1 + weight x the share of each latent pixel
+    covered by an object (world.object_masks pooled to the latent grid)."""
+    masks = world.object_masks(batch).any(1, keepdim=True).float()
+    return 1 + weight * F.adaptive_avg_pool2d(masks, size)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.train_control", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="models/shapes-dit")
@@ -173,6 +186,11 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", default=None)
     ap.add_argument("--layers", type=int, default=2, help="controlnet: joint blocks copied from the base")
     ap.add_argument("--rank", type=int, default=32, help="tokens: LoRA rank of the condition branch")
+    ap.add_argument("--image-lora-rank", type=int, default=0,
+                    help="tokens: also a LoRA of this rank on the image tokens' attention q/k/v/out (0: none)")
+    ap.add_argument("--p-two", type=float, default=0.5, help="share of training scenes with two objects")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="extra loss weight on object pixels (loss weight 1 + W x object coverage)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (controlnet), 1e-3 (tokens)")
     ap.add_argument("--warmup", type=int, default=100)
@@ -189,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
+    if args.image_lora_rank and args.kind != "tokens":
+        ap.error("--image-lora-rank is an option of --kind tokens")
     if args.lr is None:
         args.lr = 3e-4 if args.kind == "controlnet" else 1e-3
     dev = device_of(args.device)
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
     log(f"device {dev}; args {vars(args)}")
     vae, transformer = load_base(args.base, dev)
     tok, te = load_text(args.base, args.minilm, dev)
-    control = Control(args.kind, transformer, args.layers, args.rank)
+    control = Control(args.kind, transformer, args.layers, args.rank, args.image_lora_rank)
     if args.init:
         from diffusers import SD3ControlNetModel
 
@@ -214,7 +234,8 @@ def main(argv=None) -> int:
     while time.time() - start < budget and not (args.max_steps and step >= args.max_steps):
         opt.param_groups[0]["lr"] = lr_at(step, (time.time() - start) / budget, args.lr, args.warmup)
         with torch.no_grad():
-            b = world.sample_scenes(args.batch, gen, dev, control=True, p_name_position=args.p_name_position)
+            b = world.sample_scenes(args.batch, gen, dev, control=True, p_two=args.p_two,
+                                    p_name_position=args.p_name_position)
             caps = drop_captions(world.captions(b), args.cfg_drop, gen, dev)
             h, p = textenc.encode_prompts(tok, te, caps)
             with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
@@ -227,7 +248,11 @@ def main(argv=None) -> int:
                 xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
             pred = control.velocity(transformer, xt, s * 1000, h.float(), p.float(), cond)
-        loss = F.mse_loss(pred.float(), target)
+        if args.object_weight:
+            weight = object_weights(b, x0.shape[-2:], args.object_weight)
+            loss = ((pred.float() - target) ** 2 * weight).mean() / weight.mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,7 +267,8 @@ def main(argv=None) -> int:
     control.module.eval()
     info = {"kind": f"shapes-dit outline control ({args.kind})", "steps": step, "seconds": round(seconds, 1),
             "batch": args.batch, "layers": args.layers if args.kind == "controlnet" else None,
-            "rank": args.rank if args.kind == "tokens" else None}
+            "rank": args.rank if args.kind == "tokens" else None,
+            "image_lora_rank": args.image_lora_rank or None, "p_two": args.p_two, "object_weight": args.object_weight}
     if args.kind == "controlnet":
         control.module.to(torch.float16).save_pretrained(args.out, safe_serialization=True, max_shard_size="12MB")
         control.module.float()

@@ -138,3 +138,70 @@ def test_adapter_file_round_trip(parts, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a condition-token adapter"):
         ct.load_condition_adapter(tmp_path / "plain.safetensors", torch.float32, torch.device("cpu"))
+
+
+def _image_lora_adapter(model, adapter):
+    """A copy of ``adapter`` that also carries a (non-zero) image-stream LoRA of rank 2."""
+    module = ct.ConditionAdapterModule(model.transformer, rank=4, image_rank=2)
+    module.load_state_dict(adapter.module.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in module.image_up.values():
+            p.normal_(0, 0.5)
+    return ct.ConditionAdapter(module.eval().requires_grad_(False), source="image-lora.safetensors")
+
+
+def test_image_lora_changes_the_image_stream_only_while_active(parts):
+    model, vae, adapter, image = parts
+    with_image = _image_lora_adapter(model, adapter)
+    assert with_image.module.has_image_lora and not adapter.module.has_image_lora
+    x, cond = torch.randn(1, 4, 16, 16), _cond()
+    tokens_only = _apply(model, adapter, image, vae).predict(x, 0.6, cond)
+    both = _apply(model, with_image, image, vae).predict(x, 0.6, cond)
+    assert not torch.allclose(both, tokens_only, atol=1e-4)
+    # the condition tokens' own K/V do not see the image LoRA
+    latents = vae.encode(image)
+    for (k, v), (k2, v2) in zip(adapter.module.kv(model.transformer, latents),
+                                with_image.module.kv(model.transformer, latents), strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    # strength 0 is still exactly the base model; a lower strength fades the image LoRA too
+    base = model.predict(x, 0.6, cond)
+    assert torch.equal(_apply(model, with_image, image, vae, strength=0.0).predict(x, 0.6, cond), base)
+    weak = _apply(model, with_image, image, vae, strength=1e-6).predict(x, 0.6, cond)
+    assert torch.allclose(weak, base, atol=1e-4)
+    with torch.no_grad():
+        for p in with_image.module.image_up.values():
+            p.zero_()
+    assert torch.allclose(_apply(model, with_image, image, vae).predict(x, 0.6, cond), tokens_only, atol=1e-6)
+
+
+def test_image_lora_file_round_trip_and_old_files(parts, tmp_path):
+    from safetensors import safe_open
+
+    model, vae, adapter, image = parts
+    with_image = _image_lora_adapter(model, adapter)
+    path = tmp_path / "image.safetensors"
+    ct.save_condition_adapter(with_image.module, path, dtype=torch.float32)
+    with safe_open(str(path), "pt") as fh:
+        keys = set(fh.keys())
+    assert "image.transformer_blocks.1.attn.to_out.0.lora_B.weight" in keys
+    loaded = ct.load_condition_adapter(path, torch.float32, torch.device("cpu"))
+    assert loaded.module.has_image_lora and loaded.module.config["image_rank"] == 2
+    x, cond = torch.randn(1, 4, 16, 16), _cond()
+    assert torch.equal(_apply(model, loaded, image, vae).predict(x, 0.6, cond),
+                       _apply(model, with_image, image, vae).predict(x, 0.6, cond))
+    # a file written before the image LoRA existed: no image_* config keys, no image.* tensors
+    old = tmp_path / "old.safetensors"
+    ct.save_condition_adapter(adapter.module, old, dtype=torch.float32)
+    with safe_open(str(old), "pt") as fh:
+        assert not any(k.startswith(ct.IMAGE_PREFIX) for k in fh.keys())
+        assert "image_rank" not in fh.metadata()["config"]
+    assert not ct.load_condition_adapter(old, torch.float32, torch.device("cpu")).module.has_image_lora
+    # a config that names an image LoRA whose tensors are missing says which
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(ct.IMAGE_PREFIX)}
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"broken.safetensors.*lacks .*image\.transformer_blocks"):
+        ct.load_condition_adapter(tmp_path / "broken.safetensors", torch.float32, torch.device("cpu"))

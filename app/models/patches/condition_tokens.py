@@ -18,6 +18,12 @@ first model call of a run and reused for every later call (EasyControl's KV cach
 ``strength`` adds log(strength) to the attention logits of the condition keys (OminiControl's
 attention bias); strength 0 is exactly the base model.
 
+Optionally (config ``image_rank`` > 0) the adapter also carries a LoRA on the *image* tokens'
+Q/K/V/out projections, applied only while the condition is active (scaled by min(strength, 1)).
+Condition tokens alone only add context; binding each shape's colour words to its outline
+needs the image tokens' own attention to change, which is where a ControlNet's residuals act.
+Adapter files without it load as before.
+
 The adapter file is one safetensors with metadata ``{"format": "ditgraph/condition-tokens",
 "config": {...}}``; :class:`ConditionAdapterModule` is also what training/train_control.py
 trains (``--kind tokens``).
@@ -40,6 +46,7 @@ from app.models.patches.controlnet import encode_image, repeat_to, step_active
 
 FORMAT = "ditgraph/condition-tokens"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+IMAGE_PREFIX = "image."  # file keys of the image-stream LoRA
 
 
 def _key(name: str) -> str:
@@ -51,31 +58,55 @@ class ConditionAdapterModule(torch.nn.Module):
     embedding for the condition latents (initialised from the transformer's)."""
 
     def __init__(self, transformer: torch.nn.Module | None = None, rank: int = 16, alpha: float | None = None,
-                 targets: tuple[str, ...] = DEFAULT_TARGETS, config: dict | None = None):
+                 targets: tuple[str, ...] = DEFAULT_TARGETS, config: dict | None = None, image_rank: int = 0,
+                 image_alpha: float | None = None):
         super().__init__()
         if config is None:
             c = transformer.config
             config = {"rank": rank, "alpha": float(alpha if alpha is not None else rank), "targets": list(targets),
                       "num_layers": len(transformer.transformer_blocks), "in_channels": c.in_channels,
                       "patch_size": c.patch_size, "dim": c.num_attention_heads * c.attention_head_dim}
+            if image_rank:
+                config.update(image_rank=image_rank, image_targets=list(DEFAULT_TARGETS),
+                              image_alpha=float(image_alpha if image_alpha is not None else image_rank))
         self.config = dict(config)
-        r, dim, p = self.config["rank"], self.config["dim"], self.config["patch_size"]
-        self.down = torch.nn.ParameterDict()
-        self.up = torch.nn.ParameterDict()
-        for i in range(self.config["num_layers"]):
-            for target in self.config["targets"]:
-                name = _key(f"transformer_blocks.{i}.attn.{target}")
-                down = torch.empty(r, dim)
-                torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-                self.down[name] = torch.nn.Parameter(down)
-                self.up[name] = torch.nn.Parameter(torch.zeros(dim, r))
+        dim, p = self.config["dim"], self.config["patch_size"]
+        self.down, self.up = self._lora(self.config["rank"], self.config["targets"])
+        # files written before the image LoRA existed have no image_* keys: no image LoRA
+        self.image_down, self.image_up = self._lora(self.config.get("image_rank", 0),
+                                                    self.config.get("image_targets", []))
         self.embed = torch.nn.Conv2d(self.config["in_channels"], dim, p, stride=p)
         if transformer is not None:
             self.embed.load_state_dict(transformer.pos_embed.proj.state_dict())
 
+    def _lora(self, rank: int, targets: list[str]) -> tuple[torch.nn.ParameterDict, torch.nn.ParameterDict]:
+        """(down, up) per block and target; up starts at zero so a fresh LoRA changes nothing."""
+        down, up = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        for i in range(self.config["num_layers"] if rank else 0):
+            for target in targets:
+                name = _key(f"transformer_blocks.{i}.attn.{target}")
+                d = torch.empty(rank, self.config["dim"])
+                torch.nn.init.kaiming_uniform_(d, a=math.sqrt(5))
+                down[name] = torch.nn.Parameter(d)
+                up[name] = torch.nn.Parameter(torch.zeros(self.config["dim"], rank))
+        return down, up
+
     @property
     def scale(self) -> float:
         return self.config["alpha"] / self.config["rank"]
+
+    @property
+    def has_image_lora(self) -> bool:
+        return len(self.image_down) > 0
+
+    def image_delta(self, index: int, target: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The image-stream LoRA's addition to block ``index``'s ``target`` projection of ``x`` (None if none)."""
+        key = _key(f"transformer_blocks.{index}.attn.{target}")
+        if key not in self.image_down:
+            return None
+        down, up = self.image_down[key], self.image_up[key]
+        scale = self.config["image_alpha"] / self.config["image_rank"]
+        return F.linear(F.linear(x.to(down.dtype), down), up) * scale
 
     def _linear(self, module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         out = module(x)
@@ -125,24 +156,33 @@ class ConditionAdapterModule(torch.nn.Module):
             c = c + gate_mlp.unsqueeze(1) * block.ff(n2)
         return out
 
-    def file_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for key in self.down:
-            name = key.replace("__", ".")
-            tensors[f"{name}.lora_A.weight"] = self.down[key].detach()
-            tensors[f"{name}.lora_B.weight"] = self.up[key].detach()
-        tensors["cond_embed.weight"] = self.embed.weight.detach()
-        tensors["cond_embed.bias"] = self.embed.bias.detach()
-        return tensors
+    def _file_params(self) -> dict[str, torch.nn.Parameter]:
+        """File key -> parameter. The image LoRA's keys carry the ``image.`` prefix."""
+        params = {}
+        for prefix, down, up in (("", self.down, self.up), (IMAGE_PREFIX, self.image_down, self.image_up)):
+            for key in down:
+                name = prefix + key.replace("__", ".")
+                params[f"{name}.lora_A.weight"] = down[key]
+                params[f"{name}.lora_B.weight"] = up[key]
+        params["cond_embed.weight"] = self.embed.weight
+        params["cond_embed.bias"] = self.embed.bias
+        return params
 
-    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self._file_params().items()}
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        params = self._file_params()
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: condition adapter file lacks {len(missing)} tensors its config names "
+                             f"(first: {missing[0]})")
         with torch.no_grad():
-            for key in self.down:
-                name = key.replace("__", ".")
-                self.down[key].copy_(tensors[f"{name}.lora_A.weight"])
-                self.up[key].copy_(tensors[f"{name}.lora_B.weight"])
-            self.embed.weight.copy_(tensors["cond_embed.weight"])
-            self.embed.bias.copy_(tensors["cond_embed.bias"])
+            for key, param in params.items():
+                if tensors[key].shape != param.shape:
+                    raise ValueError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, the config "
+                                     f"implies {tuple(param.shape)}")
+                param.copy_(tensors[key])
 
 
 def save_condition_adapter(module: ConditionAdapterModule, path: str | Path, info: dict | None = None,
@@ -161,9 +201,12 @@ def save_condition_adapter(module: ConditionAdapterModule, path: str | Path, inf
 class ConditionKV:
     """What the processors read during one transformer call: per-block K/V and the bias."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: ConditionAdapterModule | None = None, image_scale: float = 1.0) -> None:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.bias: float = 0.0
+        # the adapter whose image-stream LoRA applies while kv is set (None: no image LoRA)
+        self.image = module if module is not None and module.has_image_lora else None
+        self.image_scale = image_scale
 
 
 def split_heads(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norm_q, norm_k) -> tuple:
@@ -188,8 +231,8 @@ class ConditionAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         residual = hidden_states
         batch = hidden_states.shape[0]
-        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
-                                        attn.to_v(hidden_states), attn.norm_q, attn.norm_k)
+        query, key, value = split_heads(attn, *(self._image(attn, t, hidden_states, extra) for t in DEFAULT_TARGETS[:3]),
+                                        attn.norm_q, attn.norm_k)
         head_dim = key.shape[-1]
         if encoder_hidden_states is not None:
             eq, ek, ev = split_heads(attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
@@ -210,8 +253,17 @@ class ConditionAttnProcessor:
             out, context = out[:, : residual.shape[1]], out[:, residual.shape[1]:]
             if not attn.context_pre_only:
                 context = attn.to_add_out(context)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[1](self._image(attn, "to_out.0", out, extra))
         return (out, context) if encoder_hidden_states is not None else out
+
+    def _image(self, attn, target: str, x: torch.Tensor, holders: list[ConditionKV]) -> torch.Tensor:
+        """An image-stream projection plus the image LoRA of each active adapter that has one."""
+        out = attn.to_out[0](x) if target == "to_out.0" else getattr(attn, target)(x)
+        for holder in holders:
+            delta = holder.image.image_delta(self.index, target, x) if holder.image is not None else None
+            if delta is not None:
+                out = out + (delta * holder.image_scale).to(out.dtype)
+        return out
 
 
 def install_processors(transformer: torch.nn.Module, holder: ConditionKV) -> list:
@@ -287,7 +339,7 @@ def load_condition_adapter(path: str | Path, dtype: torch.dtype, device: torch.d
         raise ValueError(f"{path}: not a condition-token adapter (metadata format {meta.get('format')!r}, expected "
                          f"{FORMAT!r}); diffusers ControlNets are folders with a config.json")
     module = ConditionAdapterModule(config=json.loads(meta["config"]))
-    module.load_file_tensors(tensors)
+    module.load_file_tensors(tensors, str(path))
     module = module.to(device, dtype).eval().requires_grad_(False)
     return ConditionAdapter(module, device, dtype, str(path), json.loads(meta.get("info", "{}")))
 
@@ -311,7 +363,8 @@ class ConditionTokenPatch(ModelPatch):
         if self.strength == 0.0:
             return None
         self.adapter.ensure_device()
-        holder = ConditionKV()
+        # the image LoRA fades with strength below 1 so that strength -> 0 approaches the base model
+        holder = ConditionKV(self.adapter.module, min(self.strength, 1.0))
         holder.bias = math.log(self.strength)
         return {"holder": holder, "installed": install_processors(run.transformer, holder), "kv": {}}
 
