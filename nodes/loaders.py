@@ -217,6 +217,9 @@ def load_checkpoint_folder(folder: Path, dtype: torch.dtype, device: torch.devic
     fam = families.get(family)
     manifest = json.loads((folder / "ditgraph.json").read_text()) if (folder / "ditgraph.json").is_file() else {}
     transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    if manifest and not (transformer_dir / "config.json").is_file():  # e.g. a model still being trained
+        present = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()))
+        raise LoadFailed(f"{folder}: missing transformer/ (config.json and weights); the folder has {present}")
     transformer = load_diffusers_component(transformer_dir, dtype, device, expected=fam.transformer_class)
     transformer = _stored(transformer, storage, dtype, device)
     handle = ModelHandle(transformer, family, device, dtype, scheduler_config=families.scheduler_config(folder),

@@ -365,7 +365,8 @@ class ModelHandle(Resident):
         return t.to(self.device)
 
     def _to_velocity(self, out: torch.Tensor, call: ModelCall) -> torch.Tensor:
-        return self.info.to_velocity(out, call.latents, call.sigma, self.config)
+        v = self.info.to_velocity(out, call.latents, call.sigma, self.config)
+        return self.info.constrain_velocity(v, call.latents, call.sigma, call.cond)
 
 
 def _bind(wrap: Callable, state: Any, forward: Callable) -> Callable:

@@ -58,6 +58,8 @@ def test_detection_by_config_pipeline_and_folder(name, tmp_path):
     config = {"_class_name": fam.transformer_class}
     if name == "shapes-dit":  # the bundled model is an SD3 transformer with MiniLM-sized text inputs
         config.update(joint_attention_dim=384, pooled_projection_dim=384)
+    if name == "shapes-video":  # a Wan transformer with MiniLM-sized text inputs
+        config.update(text_dim=384)
     if name == "flux2-klein":  # Flux.2's transformer without the guidance embedding
         config.update(guidance_embeds=False)
     assert families.detect_config_family(config) == name

@@ -217,6 +217,11 @@ class Family:
         x0 = x / (1 - s).clamp(min=1e-12) - ve * out
         return out - x0
 
+    def constrain_velocity(self, v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The velocity under what ``cond`` holds fixed (Wan 2.2 TI2V: the given first latent frame,
+        whose velocity then points at it); default: unchanged."""
+        return v
+
     def renorm_guided(self, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``cfg_renorm`` families: the guided velocity rescaled to the conditional one's norm
         (Lumina 2's pipeline: over the last axis; packed families override per token)."""

@@ -3,12 +3,15 @@
 Wan 2.2's A14B models are two experts: ``transformer`` for high noise and ``transformer_2`` below
 ``boundary_ratio`` (of the 1000 training timesteps), as in diffusers' WanPipeline. Image-to-video
 models take the first frame's latents (plus a frame mask) as 20 extra input channels, carried by the
-conditioning's ``extras["concat_latent"]`` (see the WanImageToVideo node).
+conditioning's ``extras["concat_latent"]`` (see the ImageToVideo node). Families with
+``expand_timesteps`` (Wan 2.2 TI2V's mechanism, diffusers' ``expand_timesteps=True``) instead hold
+the image's clean latent as the first latent frame (``extras["first_latent"]``): the transformer
+sees it with timestep 0 on its tokens, and its velocity points at it, so every sampler ends there.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +37,7 @@ class Wan(Family):
     default_frames = 81
     default_fps = 16.0
     batch_cfg = False  # the pipeline evaluates cond and uncond as two calls
+    expand_timesteps: ClassVar[bool] = False  # image-to-video = a clean first latent frame (Wan 2.2 TI2V)
 
     def model_latent_channels(self, config: Any) -> int:
         return int(config.out_channels)  # image-to-video inputs carry 20 extra condition channels
@@ -50,6 +54,8 @@ class Wan(Family):
         if extras.get("concat_latent") is not None:
             concat = extras["concat_latent"].to(x_in.device, x_in.dtype)
             x_in = torch.cat([x_in, concat.expand(x_in.shape[0], *concat.shape[1:])], dim=1)
+        if extras.get("first_latent") is not None:
+            x_in, timestep = self._given_first_frame(handle.config, x_in, timestep, extras["first_latent"])
         kwargs = {"hidden_states": x_in.to(handle.dtype), "timestep": timestep, "encoder_hidden_states": embeds}
         if getattr(handle.config, "image_dim", None) is not None:  # Wan 2.1 I2V: CLIP image tokens
             if extras.get("image_embeds") is None:
@@ -57,6 +63,27 @@ class Wan(Family):
                                  "ditgraph does not compute yet; use a Wan 2.2 I2V model")
             kwargs["encoder_hidden_states_image"] = extras["image_embeds"].to(handle.device, handle.dtype)
         return kwargs
+
+    def _given_first_frame(self, config: Any, x_in: torch.Tensor, timestep: torch.Tensor,
+                           first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input with the given clean first latent frame, and per-token timesteps (B, tokens)
+        that are 0 on that frame's tokens (WanImageToVideoPipeline with ``expand_timesteps``)."""
+        first = _per_item(first, x_in).to(x_in.device, x_in.dtype)
+        x_in = torch.cat([first, x_in[:, :, 1:]], dim=2)
+        p, pt = self.patch_size(config), self.temporal_patch_size(config)
+        f, h, w = x_in.shape[2] // pt, x_in.shape[3] // p, x_in.shape[4] // p
+        t = timestep.reshape(-1, 1, 1).expand(x_in.shape[0], f, h * w).clone()
+        t[:, 0] = 0
+        return x_in, t.flatten(1)
+
+    def constrain_velocity(self, v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        first = (getattr(cond, "extras", None) or {}).get("first_latent")
+        if first is None:
+            return v
+        # x0 = x - s v is the given latent on the held frame: v = (x - first) / s there
+        s = sigma.reshape(-1, 1, 1, 1, 1).clamp(min=1e-12)
+        held = (x[:, :, :1] - _per_item(first, x).to(x.device, x.dtype)) / s
+        return torch.cat([held.to(v.dtype), v[:, :, 1:]], dim=2)
 
     def pick_transformer(self, handle: Any, sigma_host: torch.Tensor) -> torch.nn.Module:
         boundary = handle.boundary_ratio
@@ -67,6 +94,8 @@ class Wan(Family):
         return handle.transformer if high_noise else handle.transformer_2
 
     def image_to_video_condition(self, vae: Any, image: torch.Tensor, frames: int) -> dict:
+        if self.expand_timesteps:  # the causal VAE encodes frame 0 alone: the image's own latent
+            return {"first_latent": vae.encode_video(image[:, None])}
         # as WanImageToVideoPipeline.prepare_latents: the first frame, then grey frames (0 in [-1, 1])
         batch, height, width, _ = image.shape
         video = torch.cat([image[:, None], image.new_full((batch, frames - 1, height, width, 3), 0.5)], dim=1)
@@ -90,6 +119,13 @@ class Wan(Family):
 
     def denormalise_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         return z * channel_view(vae.config.latents_std, z) + channel_view(vae.config.latents_mean, z)
+
+
+def _per_item(latent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A conditioning latent (one per prompt) repeated to the batch of ``like`` (CFG batches, batch_size)."""
+    if like.shape[0] % latent.shape[0]:
+        raise ValueError(f"the image-to-video latent has batch {latent.shape[0]}, the video {like.shape[0]}")
+    return latent.repeat(like.shape[0] // latent.shape[0], *[1] * (latent.dim() - 1))
 
 
 FAMILY = Wan()

@@ -1,0 +1,155 @@
+"""shapes-video quality and speed, measured through ditgraph's shipped workflows.
+
+    python -m bench.shapes_video --n 128 --steps 8 28 --device cuda --out bench/results/shapes_video_quality.json
+    python -m bench.shapes_video --n 2 --steps 1 --device cpu --models DIR --out /tmp/sv.json   # smoke (tiny models)
+
+Held-out clips come from the video world's grammar with the evaluator's held-out seed (never used
+in training). Modes, each one run of a shipped graph per clip with the caption, seed (= clip index)
+and steps overridden, scored by training.evaluate_video (object / prompt / motion accuracy,
+temporal stability; image-to-video: PSNR of frame 0 to the given image):
+  t2v         graphs/shapes-t2v.json
+  i2v         graphs/shapes-i2v.json: shapes-dit draws the first frame from the frame-0 caption
+              (its own prompt accuracy is reported as given_prompt_accuracy)
+  i2v_render  the same graph given the world's rendered frame 0 (train_video's held-out i2v check)
+``--models DIR`` puts a models folder (checkpoints/shapes-video, checkpoints/shapes-dit) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.core import paths
+from app.core import workflow as graph
+from app.core.executor import Engine
+from app.core.memo import MemoCache
+from bench.common import write_result
+from training import evaluate, evaluate_video, world
+from training import video_world as vw
+
+HELD_OUT_SEED = 987_654_321  # training.evaluate_video.self_test's and train_video's held-out seed
+GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
+MODES = ("t2v", "i2v", "i2v_render")
+# node ids of the shipped graphs
+T2V = {"prompt": "2", "samplers": ("5",), "decode": "6", "loaders": ("1",)}
+I2V = {"prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "image": "6", "decode": "12", "i2v": "10",
+       "loaders": ("1", "7")}
+
+
+def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
+    """(video captions, frame-0 image captions, rendered frame 0 (N, 128, 128, 3) uint8)."""
+    batch = vw.sample_clips(n, HELD_OUT_SEED)
+    firsts = vw.first_frames(batch).permute(0, 2, 3, 1).numpy()
+    return vw.captions(batch), world.captions(batch.scenes), firsts
+
+
+def base_workflow(mode: str, device: str) -> graph.Workflow:
+    name = "shapes-t2v" if mode == "t2v" else "shapes-i2v"
+    document = json.loads((GRAPHS / f"{name}.json").read_text())
+    for node in (T2V if mode == "t2v" else I2V)["loaders"]:
+        document["nodes"][node]["inputs"]["device"] = device
+    if mode == "i2v_render":  # the rendered frame from the input folder instead of shapes-dit's
+        document["nodes"]["given"] = {"type": "LoadImage", "inputs": {"image": "0000.png"}}
+        document["nodes"][I2V["i2v"]]["inputs"]["start_image"] = {"from": ["given", "image"]}
+    return graph.loads(json.dumps(document))
+
+
+def generate(engine: Engine, base: graph.Workflow, mode: str, index: int, caption: str, image_caption: str,
+             steps: int, image_steps: int = 28) -> tuple[np.ndarray, np.ndarray | None]:
+    """One clip (17, 128, 128, 3) uint8 and, for i2v, the given first frame (128, 128, 3) uint8."""
+    ids = T2V if mode == "t2v" else I2V
+    workflow = base.copy()
+    workflow.nodes[ids["prompt"]].inputs["text"] = caption
+    for node in ids["samplers"]:
+        workflow.nodes[node].inputs.update(seed=index, steps=steps)
+    targets = [ids["decode"]]
+    if mode == "i2v":
+        workflow.nodes[ids["image_prompt"]].inputs["text"] = image_caption
+        workflow.nodes[ids["samplers"][0]].inputs["steps"] = image_steps  # the first frame: shapes-dit's own count
+        targets.append(ids["image"])
+    if mode == "i2v_render":
+        workflow.nodes["given"].inputs["image"] = f"{index:04d}.png"
+        targets.append("given")
+    result = engine.run(workflow, targets=targets).raise_for_status()
+    video = result.output(ids["decode"]).frames
+    given = result.output(targets[-1]) if mode != "t2v" else None
+    return _uint8(video), None if given is None else _uint8(given[0])
+
+
+def _uint8(pixels: torch.Tensor) -> np.ndarray:
+    return pixels.float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
+
+
+def run(args) -> dict:
+    if args.models:
+        paths.configure(models=args.models)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    captions, image_captions, rendered = held_out(args.n)
+    inputs = tempfile.TemporaryDirectory()
+    from PIL import Image
+
+    for i, frame in enumerate(rendered):
+        Image.fromarray(frame).save(Path(inputs.name) / f"{i:04d}.png")
+    paths.configure(inputs=inputs.name)
+    engine = Engine(cache=MemoCache(max_bytes=2 << 30), device=args.device)
+    rows = []
+    for mode in args.modes:
+        base = base_workflow(mode, args.device)
+        generate(engine, base, mode, 0, captions[0], image_captions[0], 1, 1)  # loads the models, outside the timings
+        for steps in args.steps:
+            videos, given, seconds = [], [], []
+            for i, caption in enumerate(captions):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                video, image = generate(engine, base, mode, i, caption, image_captions[i], steps, args.image_steps)
+                seconds.append(time.perf_counter() - start)
+                videos.append(video)
+                given.append(image)
+            scores = evaluate_video.score_clips(videos, captions, None if mode == "t2v" else given)
+            row = {"mode": mode, "steps": steps, "clips": len(videos),
+                   "seconds_per_clip": round(float(np.median(seconds)), 4),
+                   **{k: round(float(v), 4) for k, v in scores.items() if isinstance(v, float)}}
+            if mode == "i2v":
+                row["given_prompt_accuracy"] = round(float(evaluate.score_images(given, image_captions)["prompt_accuracy"]), 4)
+            if args.save_dir:
+                folder = Path(args.save_dir) / f"{mode}_steps{steps}"
+                folder.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(folder / "clips.npz", videos=np.stack(videos), captions=np.array(captions),
+                                    **({} if mode == "t2v" else {"images": np.stack(given)}))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    inputs.cleanup()
+    device = args.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(0)})"
+    return {"device": device, "held_out_seed": HELD_OUT_SEED, "n": args.n, "image_steps": args.image_steps,
+            "workflows": ["graphs/shapes-t2v.json", "graphs/shapes-i2v.json"], "rows": rows}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=128, help="held-out clips per mode and step count")
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 28])
+    parser.add_argument("--image-steps", type=int, default=28, help="shapes-dit steps for i2v's first frame")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["t2v", "i2v"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=None, help="a models folder to use (checkpoints/shapes-video, shapes-dit)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--save-dir", default=None, help="also write each mode's clips as an .npz (evaluate_video reads it)")
+    parser.add_argument("--out", default=None, help="default bench/results/shapes_video_quality.json")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(write_result("shapes_video_quality", result, args.out))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""bench/shapes_video.py stays runnable: 1 held-out clip, 1 step, t2v and i2v through the shipped
+graphs on tiny random models (train_video's tiny shapes-video, a 128 px shapes-dit). No timing asserted."""
+
+from __future__ import annotations
+
+import json
+
+from app.core import paths
+from tests.fixtures.shapes_video import save_tiny_shapes_video
+from tests.fixtures.tiny_models import tiny_base
+
+
+def test_shapes_video_bench_smoke(tmp_path):
+    from bench import shapes_video as bench
+
+    models = tmp_path / "models"
+    save_tiny_shapes_video(models / "checkpoints" / "shapes-video")
+    (models / "checkpoints" / "shapes-dit").mkdir(parents=True)
+    tiny_base(models / "checkpoints" / "shapes-dit")
+    saved = dict(paths._overrides)
+    try:
+        bench.main(["--n", "1", "--steps", "1", "--image-steps", "1", "--device", "cpu", "--models", str(models),
+                    "--modes", "t2v", "i2v", "i2v_render", "--out", str(tmp_path / "sv.json")])
+    finally:
+        paths._overrides.clear()
+        paths._overrides.update(saved)
+    written = json.loads((tmp_path / "sv.json").read_text())
+    assert written["device"] == "cpu" and written["held_out_seed"] == 987654321
+    assert [(r["mode"], r["steps"], r["clips"]) for r in written["rows"]] == [("t2v", 1, 1), ("i2v", 1, 1),
+                                                                               ("i2v_render", 1, 1)]
+    for row in written["rows"]:
+        for key in ("object_accuracy", "prompt_accuracy", "motion_accuracy", "temporal_stability"):
+            assert 0 <= row[key] <= 1, (row["mode"], key)
+        assert row["seconds_per_clip"] > 0
+        assert ("i2v_psnr_mean" in row) == (row["mode"] != "t2v")
+    assert "given_prompt_accuracy" in written["rows"][1]
+
+
+def test_held_out_clips_are_the_evaluators():
+    from bench.shapes_video import held_out
+    from training import video_world as vw
+
+    captions, image_captions, frames = held_out(3)
+    assert captions == vw.captions(vw.sample_clips(3, 987654321))
+    assert frames.shape == (3, 128, 128, 3)
+    for caption, image_caption in zip(captions, image_captions, strict=True):
+        assert vw.world.caption(vw.parse_caption(caption).scene) == image_caption  # frame 0 of that clip
