@@ -21,15 +21,23 @@ buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and
 - ``matmul_fraction``: FLOPs per step / time per step / the bf16 matmul ceiling measured in
   the same process (8192³ bf16 matmul); ``peak_gib`` (max allocated, including the bf16 base
   model kept for the drift reference) and ``weights_gib`` (the variant's transformer);
-- ``drift``: relative L2 of the final latent vs eager bf16, same seed.
+- ``drift``: relative L2 of the final latent vs eager bf16, same seed;
+- ``profile`` (``--profile``): one step under torch.profiler: device ms by kernel family
+  (attention, gemm, inductor's fused kernels, copies, eager elementwise, other), the busiest
+  kernels, and ``idle_ms`` (step time minus device busy time: launch/host overhead, syncs).
 
 Variants, in order (a time budget cuts the last): eager, compile (CompileModel's defaults, which
---fast uses), fp8+compile, compile-fused-qkv and fp8+compile-fused-qkv (diffusers'
+--fast uses), fp8+compile, fp8-tensor+compile, the CUDA-graph and scope variants below,
+compile-fused-qkv and fp8+compile-fused-qkv (diffusers'
 ``fuse_qkv_projections`` on a copy sharing the other weights; refused where the processors
 ignore it), compile-fullgraph, compile-max-autotune (max-autotune-no-cudagraphs, without
-coordinate descent), int8+compile, fp8-tensor+compile, fp8+cudnn+compile-fused-qkv (all of the
+coordinate descent), int8+compile, fp8+cudnn+compile-fused-qkv (all of the
 above that helped, at once), one per attention backend (AttentionBackend's patch on the
-eager model), compile-coordinate-descent. A refused variant (fp8 before Ada, flex on SD3's
+eager model), compile-coordinate-descent. The CUDA-graph and scope variants:
+compile-cudagraphs and fp8+compile-cudagraphs (reduce-overhead per block),
+fp8+compile-max-autotune (inductor's fp8 GEMM templates), fp8+compile-model (the whole
+transformer forward as one compiled region) and fp8+compile-model-cudagraphs (one CUDA graph per
+step). A refused variant (fp8 before Ada, flex on SD3's
 processors) is recorded with its reason. ``--quick`` (one 10-minute call per model on an
 H200): 3 timed runs per variant instead of 5, attention backends with one run, no
 flex/math/efficient, and no variant started after ``QUICK_BUDGET_S`` seconds. Results go to
@@ -258,6 +266,47 @@ class Setup:
             return times[1:], graphs_compiled() - graphs
 
 
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, patterns in KERNEL_KINDS if any(p in lowered for p in patterns)), "other")
+
+
+def profile_step(setup: Setup, model, wall_ms: float) -> dict:
+    """Where one step's time goes: device time by kernel family (:data:`KERNEL_KINDS`; on CPU
+    the aten ops' own time), the busiest kernels, and ``idle_ms`` = the unprofiled step time
+    minus the device's busy time, i.e. what launch overhead, host work and syncs leave the GPU
+    waiting (0 when the GPU is the bottleneck)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    evaluate = setup.evaluations(model)
+    cuda = setup.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with model.sampling_run(setup.sigmas):
+        evaluate()  # outside the profile: a CUDA-graph mode records here
+        sync(setup.device)
+        with profile(activities=activities) as prof:
+            evaluate()
+            sync(setup.device)
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.device_time_total
+        else:  # CPU: each aten op's own time, so nested ops are not counted twice
+            if not event.name.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + us / 1000
+        kernels[event.name] = kernels.get(event.name, 0.0) + us / 1000
+    busy = sum(kinds.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+    return {"busy_ms": busy, "idle_ms": max(0.0, wall_ms - busy) if cuda else None,
+            "ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": {name[:90]: ms for name, ms in top}}
+
+
 def fused_qkv(handle):
     """``handle`` with diffusers' fused QKV projections, on a copy sharing every other weight
     (the base stays unfused). The copy's separate q/k/v projections are removed, so processors
@@ -284,7 +333,22 @@ COMPILES = {
     "compile-fullgraph": {"fullgraph": True},
     "compile-max-autotune": {"mode": "max-autotune-no-cudagraphs"},  # GEMM template search, no cd tuning
     "compile-coordinate-descent": {"tuning": "coordinate-descent"},
+    # CUDA graphs: per block (57 recordings on Flux, one per block's weights) and one per step
+    "compile-cudagraphs": {"mode": "reduce-overhead"},
+    "compile-model": {"scope": "model"},
+    "compile-model-cudagraphs": {"scope": "model", "mode": "reduce-overhead"},
 }
+# GPU time of a profiled step by kernel family: the first pattern a kernel's (lower-cased) name
+# contains decides (attention before GEMM: cuDNN's and flash's kernels name both)
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
+    # inductor's fused pointwise/reduction kernels: norms, RoPE, gelu, fp8 activation scaling
+    ("inductor", ("triton_poi", "triton_red", "triton_per")),
+    # cuBLAS (nvjet/xmma/gemm), CUTLASS (torch's fp8 row-wise), inductor GEMM templates, int8 mm
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "f8f8", "matmul", "triton_tem", "linear", "mm")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "contiguous")),
+    ("eager-elementwise", ("elementwise", "reduce", "vectorized")),
+)
 
 
 def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
@@ -300,14 +364,14 @@ def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
         options = CompileOptions(**settings, **({"backend": "eager"} if tiny else {}))
         return lambda handle: compile_model(prepare(handle), options)
 
-    def quantized(method: str, fuse: bool = False, backend: str = "") -> Callable:
+    def quantized(method: str, fuse: bool = False, backend: str = "", **settings) -> Callable:
         def quantize(handle):
             handle = fused_qkv(handle) if fuse else handle
             if backend:
                 handle = attention.with_attention_backend(handle, backend)[0]
             return quantizers.quantize_model(handle, method, quantizers.SKIP_IO)
 
-        return compiled(quantize)
+        return compiled(quantize, **settings)
 
     def attend(backend: str) -> Callable:
         def make(handle):
@@ -319,11 +383,18 @@ def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
 
     chosen = [("eager", lambda h: h, repeats), ("compile", compiled(), repeats),
               ("fp8+compile", quantized("fp8-dynamic-row"), repeats),
+              # one scale per tensor: cuBLAS's fp8 GEMM instead of the row-wise CUTLASS one
+              ("fp8-tensor+compile", quantized("fp8-dynamic-tensor"), repeats),
+              ("compile-cudagraphs", compiled(**COMPILES["compile-cudagraphs"]), repeats),
+              ("fp8+compile-cudagraphs", quantized("fp8-dynamic-row", **COMPILES["compile-cudagraphs"]), repeats),
+              ("fp8+compile-max-autotune", quantized("fp8-dynamic-row", **COMPILES["compile-max-autotune"]), repeats),
+              ("fp8+compile-model", quantized("fp8-dynamic-row", **COMPILES["compile-model"]), repeats),
+              ("fp8+compile-model-cudagraphs", quantized("fp8-dynamic-row", **COMPILES["compile-model-cudagraphs"]),
+               repeats),
               ("compile-fused-qkv", compiled(fused_qkv), repeats),
               ("fp8+compile-fused-qkv", quantized("fp8-dynamic-row", fuse=True), repeats),
               *((name, compiled(**COMPILES[name]), repeats) for name in ("compile-fullgraph", "compile-max-autotune")),
               ("int8+compile", quantized("int8-dynamic"), repeats),
-              ("fp8-tensor+compile", quantized("fp8-dynamic-tensor"), repeats),
               # everything that measured faster at once: fp8 + fused QKV + cuDNN attention + compile
               ("fp8+cudnn+compile-fused-qkv", quantized("fp8-dynamic-row", fuse=True, backend="cudnn"), repeats)]
     for backend in attention.BACKENDS:
@@ -334,7 +405,8 @@ def variants(quick: bool, tiny: bool) -> list[tuple[str, Callable, int]]:
     return chosen
 
 
-def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, flops: int) -> dict:
+def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, flops: int,
+                    profiled: bool = False) -> dict:
     device = setup.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -356,6 +428,8 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
            "weights_gib": weights_gib(model), "key": repr(model)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profiled:
+        row["profile"] = profile_step(setup, model, ms)
     if setup.reference is None:
         setup.reference = final
     row["drift"] = float((final.float() - setup.reference.float()).norm() / setup.reference.float().norm())
@@ -378,7 +452,7 @@ def bench_model(name: str, args, device: torch.device, ceiling: float, result: d
             result["variants"][variant] = {"skipped": f"time budget of {args.max_seconds} s spent"}
             continue
         try:
-            row = measure_variant(setup, make, repeats, ceiling, flops)
+            row = measure_variant(setup, make, repeats, ceiling, flops, args.profile)
         except Exception as exc:  # a refusal or a failure is a result, and must not lose the others
             row = {"error": f"{type(exc).__name__}: {exc}"}
         eager = result["variants"].get("eager", {}).get("e2e_s")
@@ -386,7 +460,9 @@ def bench_model(name: str, args, device: torch.device, ceiling: float, result: d
             row["speedup"] = eager / row["e2e_s"]
         result["variants"][variant] = row
         print(f"{name} {variant}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                 for k, v in row.items() if k != "key"), flush=True)
+                                                 for k, v in row.items() if k not in ("key", "profile")), flush=True)
+        if "profile" in row:
+            print(f"{name} {variant} profile: {row['profile']}", flush=True)
         save()
 
 
@@ -396,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default="all", help="comma-separated variant names, or all")
     parser.add_argument("--quick", action="store_true", help="fewer runs; fits one 10-minute call for flux-dev")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per variant, one profiled step: device time by kernel family and the GPU's idle time")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 3)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help=f"per model: start no variant after this (--quick: {QUICK_BUDGET_S} s)")

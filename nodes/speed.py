@@ -15,7 +15,7 @@ from typing import Annotated
 from app.core.registry import NodeResult, node
 from app.core.types import MODEL, Spec
 from app.models import attention, quantizers
-from app.models.compile import BACKENDS, DYNAMIC, MODES, TUNINGS, CompileOptions, compile_model
+from app.models.compile import BACKENDS, DYNAMIC, MODES, SCOPES, TUNINGS, CompileOptions, compile_model
 from app.models.handles import ModelHandle
 from app.models.patches.lora import LoraPatch
 
@@ -39,12 +39,15 @@ def CompileModel(
                                 "'inherit' keeps the process setting (torchao turns it on), 'off' keeps "
                                 "compiles short, 'coordinate-descent' searches kernel launch configs "
                                 "(minutes longer).")] = "off",
+    scope: Annotated[str, Spec(choices=SCOPES, tooltip="blocks: each repeated block (fast to compile, works "
+                               "with cache accelerators); model: the whole transformer forward (longer first "
+                               "compile; with reduce-overhead one CUDA graph per step).")] = "blocks",
 ) -> ModelHandle:
     """Compile the repeated transformer blocks with torch.compile (regional compilation: one
     graph per block type, seconds to a few minutes on the first run, shown as a 'compiling'
     phase). Reused across runs and workflows: changing prompt, seed, steps or guidance does
     not recompile."""
-    return compile_model(model, CompileOptions(mode, fullgraph, DYNAMIC[dynamic], backend, tuning))
+    return compile_model(model, CompileOptions(mode, fullgraph, DYNAMIC[dynamic], backend, tuning, scope))
 
 
 @node(category=CATEGORY, outputs={"model": MODEL}, display_name="Quantize Model")

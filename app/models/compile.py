@@ -15,6 +15,13 @@ parameter and buffer with it (no second copy of the weights), with compiled forw
 copy's blocks. The base handle and its other views stay eager. Views are cached per
 (base transformer, options), so other workflows and re-runs with another prompt, seed,
 step count or guidance reuse the compiled code (no recompiles while shapes stay the same).
+
+``scope="model"`` compiles the whole transformer forward instead (embedders, RoPE and the
+output layer fused too, and with a CUDA-graph mode one graph per step instead of one per block);
+its first compile takes longer, and cache hooks or unfused LoRA make it run eagerly. The
+CUDA-graph modes (reduce-overhead, max-autotune) replay recorded graphs whose outputs live in a
+pool that the next replay overwrites: each transformer call marks a new step and returns a copy
+of its output, so samplers that keep earlier velocities (multistep, Heun) stay correct.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKENDS = ("inductor", "aot_eager", "eager")
 DYNAMIC = {"auto": None, "true": True, "false": False}
+SCOPES = ("blocks", "model")  # regional (each repeated block) or the whole transformer forward
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 # inductor knobs on top of the mode (torch.compile's ``options``, scoped to these compiles, not
 # the process): coordinate-descent tuning searches the launch configs of every generated
 # kernel, which torchao turns on globally on import (~220 s for Flux's first fp8 compile on
@@ -65,6 +74,16 @@ class CompileOptions:
     dynamic: bool | None = None
     backend: str = "inductor"
     tuning: str = "off"  # a key of TUNINGS
+    scope: str = "blocks"  # a member of SCOPES
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"CompileModel: unknown scope {self.scope!r}; expected one of {', '.join(SCOPES)}")
+
+    @property
+    def cudagraphs(self) -> bool:
+        """Whether the compiled code replays CUDA graphs (outputs overwritten by the next replay)."""
+        return self.backend == "inductor" and self.mode in CUDAGRAPH_MODES
 
     def kwargs(self) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
@@ -113,8 +132,11 @@ def compiled_transformer(transformer: nn.Module, options: CompileOptions) -> nn.
     view = views.get(options)
     if view is None:
         view = shared_copy(base)
-        for block in repeated_blocks(view):
-            block.forward = torch.compile(block.forward, **options.kwargs())
+        if options.scope == "model":
+            view.forward = torch.compile(view.forward, **options.kwargs())
+        else:
+            for block in repeated_blocks(view):
+                block.forward = torch.compile(block.forward, **options.kwargs())
         # a weak reference (the cache holds the view, the view must not keep the base alive) and
         # set past nn.Module.__setattr__, so the base is not registered as a submodule
         object.__setattr__(view, BASE_ATTR, weakref.ref(base))
@@ -162,8 +184,9 @@ class CompileReport(ModelPatch):
     def __init__(self, options: CompileOptions):
         self.options = options
         tuning = "" if options.tuning == "inherit" else f", tuning={options.tuning}"
+        scope = "" if options.scope == "blocks" else f", scope={options.scope}"  # blocks: keys as before
         self.key = (f"compile({options.mode}, fullgraph={options.fullgraph}, dynamic={options.dynamic}, "
-                    f"{options.backend}{tuning})")
+                    f"{options.backend}{tuning}{scope})")
 
     def begin_run(self, run: SamplingRun) -> dict:
         # after an offload and reload through another handle, tensors the view does not share
@@ -176,20 +199,26 @@ class CompileReport(ModelPatch):
 
     def wrap(self, state: dict, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
         if state["eager"] is None:  # decided at the first call: every patch has begun by then
-            state["eager"] = has_module_hooks(repeated_blocks(call.run.transformer))
+            blocks = repeated_blocks(call.run.transformer)
+            state["eager"] = has_module_hooks(blocks)
             if state["eager"]:
                 warn("the blocks carry forward hooks (an unfused LoRA?); running them eagerly for this run. "
                      "Fuse the LoRA to keep the compiled speed.", self.key)
+            elif self.options.scope == "model" and has_block_hooks(blocks):
+                # a whole-model graph would trace the hooks' per-step Python state (recompiles)
+                state["eager"] = True
+                warn("scope=model with a cache accelerator on the blocks: running eagerly for this run; "
+                     "use scope=blocks to combine compile and caching.", self.key)
         if state["eager"]:
             with torch.compiler.set_stance("force_eager"):
                 return forward(call)
         seen = call.run.transformer.__dict__.setdefault("_ditgraph_compiled_inputs", set())
         signature = _signature(call)
         if signature in seen:
-            return forward(call)
+            return self._call(call, forward)
         emit({"type": "phase", "phase": "compiling"})
         graphs, started = graphs_compiled(), time.perf_counter()
-        out = forward(call)
+        out = self._call(call, forward)
         seconds, new_graphs = time.perf_counter() - started, graphs_compiled() - graphs
         seen.add(signature)
         call.run.extras.setdefault("compile", []).append({"seconds": seconds, "graphs": new_graphs})
@@ -197,3 +226,17 @@ class CompileReport(ModelPatch):
         emit({"type": "phase", "phase": "compiled", "seconds": seconds, "graphs": new_graphs})
         return out
 
+
+    def _call(self, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
+        if not self.options.cudagraphs:
+            return forward(call)
+        # a new step for the CUDA-graph trees (else a replay may be refused or overwrite outputs
+        # still in use), and a copy of the output, which lives in the graphs' pool
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward(call).clone()
+
+
+def has_block_hooks(blocks: list[nn.Module]) -> bool:
+    """diffusers hooks (cache accelerators) on the blocks (a registry emptied by their removal
+    stays behind: count only hooks)."""
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for b in blocks for m in b.modules())

@@ -26,7 +26,8 @@ FP8_METHOD = "fp8-dynamic-row"
 # 134 ms, torchao fp8 104 ms), compiling in 20 s / 8 s. fullgraph changes no kernel when a
 # block has no graph break; max-autotune and fused QKV are measured by bench/gpu_speed.py
 # (compile-* variants) before they become the default.
-FAST_COMPILE = {"mode": "default", "fullgraph": False, "dynamic": "auto", "backend": "inductor", "tuning": "off"}
+FAST_COMPILE = {"mode": "default", "fullgraph": False, "dynamic": "auto", "backend": "inductor", "tuning": "off",
+                "scope": "blocks"}
 
 
 def torchao_installed() -> bool:

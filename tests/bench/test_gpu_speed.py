@@ -49,3 +49,42 @@ def test_models_all_and_variant_filter(tmp_path):
 def test_models_filter_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit):
         gpu_speed.main(["--tiny", "--models", "nope", "--out", str(tmp_path / "x.json")])
+
+
+def test_profile_and_cudagraph_variants_run_on_cpu(tmp_path):
+    """--profile adds one profiled step per variant; the CUDA-graph and scope variants run their
+    code path (fp8 ones are refused on CPU with the reason)."""
+    pytest.importorskip("torchao", reason="torchao (the 'fast' extra) is not installed")
+    new = ["compile-cudagraphs", "fp8+compile-cudagraphs", "fp8+compile-max-autotune", "fp8+compile-model",
+           "fp8+compile-model-cudagraphs"]
+    report = gpu_speed.main(["--tiny", "--models", "flux-dev", "--profile", "--variants", ",".join(["eager", *new]),
+                             "--out", str(tmp_path / "gpu_speed.json")])
+    variants = report["models"]["flux-dev"]["variants"]
+    assert set(variants) == {"eager", *new}
+    profile = variants["eager"]["profile"]
+    assert profile["busy_ms"] > 0 and profile["idle_ms"] is None  # idle time only means something on a GPU
+    assert profile["ms_by_kind"]["attention"] > 0 and profile["ms_by_kind"]["gemm"] > 0
+    assert sum(profile["ms_by_kind"].values()) == pytest.approx(profile["busy_ms"])
+    graphs = variants["compile-cudagraphs"]
+    assert graphs["drift"] < 1e-4 and graphs["step_graphs_compiled"] == 0 and "reduce-overhead" in graphs["key"]
+    for name in new[1:]:
+        assert "fp8-capable GPU" in variants[name]["error"], name
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >", "attention"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("void cutlass::device_kernel<f8f8bf16_rowwise_kernel>", "gemm"),
+    ("triton_tem_fused_mm_0", "gemm"),
+    ("triton_poi_fused__scaled_mm__to_copy_abs_amax_clamp_0", "inductor"),
+    ("triton_red_fused_native_layer_norm_1", "inductor"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "eager-elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>", "copy"),
+    ("Memset (Device)", "copy"),
+    ("aten::_int_mm", "gemm"),
+    ("some_other_kernel", "other"),
+])
+def test_kernel_kinds(name, kind):
+    assert gpu_speed.kernel_kind(name) == kind

@@ -66,3 +66,19 @@ def test_compile_tuning_goes_to_inductor_options_with_the_mode_spelled_out():
     assert "mode" not in options  # torch.compile takes mode or options, not both
     assert options["options"]["max_autotune"] is True and options["options"]["coordinate_descent_tuning"] is False
     assert "options" not in CompileOptions(backend="eager", tuning="coordinate-descent").kwargs()
+
+
+def test_compile_options_change_the_memo_key():
+    """A CompileModel whose scope or mode changes is a new node output (a new compiled view)."""
+    from app.core.keys import engine_salt, node_key
+    from app.core.workflow import Connection
+
+    spec = default_registry().get("CompileModel")
+    model = {"model": Connection("1", "model")}
+
+    def key(**inputs):
+        return node_key(spec, {**model, **fast.FAST_COMPILE, **inputs}, {"1": "loader"}, engine_salt("cpu")).key
+
+    base = key()
+    assert key() == base
+    assert len({base, key(scope="model"), key(mode="reduce-overhead"), key(scope="model", mode="reduce-overhead")}) == 4

@@ -329,3 +329,68 @@ def test_masked_pixart_call_is_detected_and_a_kernel_without_a_call_falls_back_w
     out, events = events_of(lambda: t.sample(model))
     assert torch.allclose(out, t.reference, atol=1e-4)
     assert [e for e in events if e.get("type") == "warning" and "re-ran" in e["message"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-graph modes and scope=model
+
+
+def test_cudagraph_modes_mark_each_call_a_step_and_return_a_copy(monkeypatch):
+    """reduce-overhead replays graphs whose outputs the next replay overwrites: each transformer
+    call marks a new step and hands back a copy, so a multistep sampler's kept velocities stay
+    right (the graphs themselves need CUDA: here the blocks trace with the eager backend)."""
+    from app.models import compile as compile_module
+
+    options = CompileOptions(mode="reduce-overhead")
+    assert options.cudagraphs and not EAGER.cudagraphs and not CompileOptions(mode="max-autotune-no-cudagraphs").cudagraphs
+    monkeypatch.setattr(CompileOptions, "kwargs", lambda self: {"backend": "eager"})
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    outputs = []
+    real_call = compile_module.CompileReport._call
+
+    def spy(self, call, forward):
+        out = real_call(self, call, lambda c: outputs.append(forward(c)) or outputs[-1])
+        assert out is not outputs[-1] and out.data_ptr() != outputs[-1].data_ptr()  # a copy, not the pool's tensor
+        return out
+
+    monkeypatch.setattr(compile_module.CompileReport, "_call", spy)
+    t = tiny("flux")
+    compiled = compile_model(t.handle, options)
+    assert "reduce-overhead" in repr(compiled)
+    out = t.sample(compiled, "dpmpp_2m")  # keeps the previous step's prediction
+    assert len(marks) == len(outputs) > 1  # one step mark per transformer call
+    assert torch.allclose(out, t.sample(t.handle, "dpmpp_2m"), atol=1e-5)
+
+
+def test_scope_model_compiles_the_whole_forward_without_recompiles_and_keys_apart():
+    t = tiny("flux")
+    options = CompileOptions(backend="eager", scope="model", dynamic=False)
+    compiled = compile_model(t.handle, options)
+    assert hasattr(compiled.transformer.forward, "_torchdynamo_orig_callable")
+    assert not any(hasattr(b.forward, "_torchdynamo_orig_callable") for b in repeated_blocks(compiled.transformer))
+    assert not hasattr(t.handle.transformer.forward, "_torchdynamo_orig_callable")  # the base stays eager
+    assert compiled.transformer is not compile_model(t.handle, EAGER).transformer
+    assert "scope=model" in repr(compiled) and "scope" not in repr(compile_model(t.handle, EAGER))
+    assert torch.allclose(t.sample(compiled), t.reference, atol=1e-5)
+    graphs = graphs_compiled()
+    from app.models.sampling import sample
+
+    sigmas = compute_sigmas(t.handle, "auto", 5)
+    out = sample(compiled, t.latent, t.pos, t.neg, sigmas, 3, 2.0, progress=lambda *a: None).samples
+    assert torch.isfinite(out).all() and graphs_compiled() == graphs, "another seed/steps/cfg recompiled"
+    with pytest.raises(ValueError, match="unknown scope"):
+        CompileOptions(scope="everything")
+
+
+def test_scope_model_with_a_cache_accelerator_runs_eagerly_with_a_warning():
+    t = tiny("flux")
+    fora = hooks.CachePatch(hooks.FORA(interval=2))
+    reference = t.sample(t.handle.with_patch(fora))
+    compiled = compile_model(t.handle, CompileOptions(backend="eager", scope="model"))
+    t.sample(compiled)
+    graphs = graphs_compiled()
+    out, events = events_of(lambda: t.sample(compiled.with_patch(fora)))
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert graphs_compiled() == graphs
+    assert any(e["type"] == "warning" and "scope=model" in e.get("message", "") for e in events), events
