@@ -141,3 +141,49 @@ def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
     assert estimated["lines"] == events[-1]["plan"]["lines"]
     if which == "shapes-dit":
         assert [p["mode"] for p in estimated["models"]] == ["model", "stream", "model"]
+
+
+def test_working_memory_follows_the_run_size_and_the_family(flux, sd3):
+    """Activations from the family's latent tokens at the run's size; Flux-dev's distilled
+    guidance runs one batch, SD3's CFG two; the VAE decode whole and tiled."""
+    from diffusers import FluxTransformer2DModel
+
+    from app.models.budget import needs_of, run_size, work_of
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux)
+    assert run_size({}, "flux") == (1024, 1024, 1) and run_size({"size": (768, 512)}, None) == (768, 512, 1)
+    at_1024, _ = work_of(transformer, "transformer", "flux", (1024, 1024, 1))
+    at_2048, _ = work_of(transformer, "transformer", "flux", (2048, 2048, 1))
+    assert at_2048 > at_1024
+    guided, _ = work_of(transformer, "transformer", "sd3", (1024, 1024, 1))
+    assert guided > at_1024  # same tokens and width, two batches
+    (model, encoders, vae), _ = _load_under(sd3, {})
+    whole, tiled = work_of(vae.vae, "vae", "sd3", (1024, 1024, 1), element_size=4)  # fp32 weights
+    assert tiled < whole
+    needs = {n.name: n for n in needs_of({"t5": (encoders.slots["t5"][1], "text_encoder"), "vae": (vae.vae, "vae")},
+                                         "sd3", {"size": (2048, 2048)})}
+    assert needs["vae"].work > whole and needs["vae"].tiled_work == tiled
+
+
+def test_text_encoder_loader_plans_alone(tmp_path, monkeypatch):
+    """A separately loaded text encoder over its share of the budget is off the GPU between uses
+    (the share is zeroed: a tiny T5 is far below a quarter of any budget its activations fit)."""
+    from app.models import memory
+    from tests.fixtures.tiny_models import components
+
+    monkeypatch.setattr(memory, "ENCODER_SHARE", 0.0)
+    parts = components("sd3")
+    folder = tmp_path / "t5"
+    parts["text_encoder_3"].save_pretrained(folder)
+    parts["tokenizer_3"].save_pretrained(folder)
+    for vram, residency in ((GIB, "offload"), (0, "resident")):
+        events = []
+        ctx = RunContext("r", "n", "TextEncoderLoader", torch.device("cpu"), Path("."), {}, events.append,
+                         threading.Event(), memory={"vram": vram})
+        token = set_current(ctx)
+        try:
+            encoders = loaders.TextEncoderLoader(str(folder), dtype="fp32", device="cpu")
+        finally:
+            reset_current(token)
+        assert encoders.residency == residency and events[-1]["type"] == "memory_plan"
+        assert encoders.memory and encoders.memory[0]["name"] == "t5"
