@@ -369,6 +369,12 @@ def _tiny_budget(parts: dict, cap_gib: float | None, size: int) -> int:
     return int(low + (high - low) * min(1.0, max(0.0, (cap_gib - 4) / 20)))
 
 
+def _reserve(args, budget: int) -> int:
+    """--reserve GiB under a GPU cap (the allocator's fragmentation and the CUDA caching slack
+    the plan does not model); on CPU (--tiny) none: the tiny budgets are a few MiB wide."""
+    return int(args.reserve * 2**30) if budget and not args.tiny else 0
+
+
 def _host_stats(device: torch.device) -> dict:
     import resource
 
@@ -391,7 +397,8 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
     parts = build_e2e(name, device, args.tiny, storage)
     row["build_s"] = time.perf_counter() - started
     budget = cap_memory(device, cap) if device.type == "cuda" else _tiny_budget(parts, cap, size)
-    memory = {"vram": budget, "size": (size, size)} if budget else {"size": (size, size)}
+    memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size)} if budget else {"size": (size, size)}
+    row["reserve_gib"] = memory.get("reserve", 0) / 2**30
     token = set_current(_context(memory, device))
     try:
         placing = time.perf_counter()
@@ -467,7 +474,7 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         target = Path(handle.name)
     command = [sys.executable, "-m", "bench.gpu_memory", "--e2e", "--one-row", f"{name}/{cap or 'none'}/{storage}/{plan}",
-               "--steps", str(args.steps), "--out", args.out, "--row-out", str(target)] + (["--tiny"] if args.tiny else [])
+               "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] + (["--tiny"] if args.tiny else [])
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
@@ -494,7 +501,7 @@ def e2e_switch(args, device: torch.device) -> dict:
     budget = cap_memory(device, args.switch_cap) if device.type == "cuda" else _tiny_budget(
         built["flux-dev"], args.switch_cap, size)
     cache = MemoCache(max_bytes=1 << 50, max_device_bytes=budget)
-    memory = {"vram": budget, "size": (size, size), "make_room": cache.make_room}
+    memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size), "make_room": cache.make_room}
     stages = []
     token = set_current(_context(memory, device))
     try:
@@ -565,6 +572,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plans", default=",".join(PLANS), help="--e2e grid: residency plans")
     parser.add_argument("--switch-cap", type=float, default=16.0, help="GiB for the switch test (0: skip it)")
     parser.add_argument("--switch-storage", default="bf16", help="--e2e switch test: the transformers' storage")
+    parser.add_argument("--reserve", type=float, default=1.0, help="--e2e: GiB of a cap the plan leaves free "
+                                                                     "(--reserve-vram; fragmentation headroom)")
     parser.add_argument("--e2e", action="store_true", help="end to end: text encoders + transformer + VAE")
     parser.add_argument("--rows", default="", help="--e2e: only these rows, model/cap/storage/plan comma-separated "
                                                      "(cap 'none'), e.g. flux-dev/12/fp8_e4m3/auto")

@@ -335,6 +335,13 @@ def _plan(needs: list[ModelNeed], budget: int, reserve: int = 0,
         later = max([min_need(n) for n in pending[i + 1:]]
                     + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
         free = avail - resident
+        # The transformer runs every step: blocks kept between images, with the few streamed
+        # ones overlapping compute, beat moving all of it in and out for each image.
+        kept = _streamed(need, free, later) if need.role == "transformer" else None
+        if kept is not None and kept.mode == "stream":
+            placed[need.name] = kept
+            resident += kept.resident_bytes
+            continue
         if need.weight_bytes + need.work <= free:
             placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,
                                           f"fits only while it runs ({human_size(free)} free beside the residents)")

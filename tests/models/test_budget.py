@@ -130,7 +130,7 @@ def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
     from app.models.budget import describe_checkpoint
 
     folder = sd3 if which == "sd3" else Path(loaders.__file__).parents[1] / "models" / "shapes-dit"
-    memory = {"vram": GIB} if which == "sd3" else {"vram": 360 << 20}  # shapes-dit in fp32: moved whole, streamed
+    memory = {"vram": GIB} if which == "sd3" else {"vram": 360 << 20}  # shapes-dit in fp32: streamed, moved whole
     (model, _, _), events = _load_under(folder, memory)
     loaded = {p["name"]: p for p in events[-1]["plan"]["models"]}
     estimated = describe_checkpoint(folder, "auto", "auto", torch.float32, torch.device("cpu"), memory)
@@ -140,7 +140,7 @@ def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
             assert p[field] == loaded[p["name"]][field], (p["name"], field)
     assert estimated["lines"] == events[-1]["plan"]["lines"]
     if which == "shapes-dit":
-        assert [p["mode"] for p in estimated["models"]] == ["model", "stream", "model"]
+        assert [p["mode"] for p in estimated["models"]] == ["stream", "blocks", "model"]
 
 
 def test_working_memory_follows_the_run_size_and_the_family(flux, sd3):

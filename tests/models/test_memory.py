@@ -243,3 +243,14 @@ def test_a_model_loaded_on_its_own_obeys_a_request():
     from app.models.memory import plan_alone
 
     assert plan_alone(T5, 12 * GIB, requested="resident").placements[0].mode == "resident"
+
+
+def test_a_transformer_that_fits_only_while_it_runs_keeps_blocks_instead():
+    """fp8 Flux-dev (11.1 GiB) under 12 GiB would fit whole only while it runs; moving it in
+    and out for every image loses to keeping 50+ blocks and streaming the rest."""
+    from app.models.memory import activation_work
+
+    flux = ModelNeed("flux", FLUX.params, 1.0, FLUX.blocks, FLUX.block_params,
+                     work_bytes=activation_work(FLUX_TOKENS, FLUX_WIDTH))
+    placement = plan_memory([T5, CLIP, flux, VAE], 12 * GIB).by_name()["flux"]
+    assert placement.mode == "stream" and placement.resident_blocks >= 50
