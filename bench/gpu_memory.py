@@ -250,14 +250,17 @@ E2E_TINY = {  # six transformer blocks and four T5 blocks, so that some can stre
                     "text_encoder_3": _TINY_T5, "vae": dict(_TINY_VAE, scaling_factor=1.5, shift_factor=0.06)},
 }
 E2E_SIZE, E2E_TINY_SIZE = 1024, 64
-# Measured-free estimate of one GPU row's wall time (seconds) on an H200, what the lead's
+# Estimated (not yet measured) wall seconds of one Flux-dev GPU row on an H200, which the lead's
 # commands are sized by: process start + imports ~10; building the random weights on the GPU
-# (Flux-dev: 12B transformer + 4.8B T5 + CLIP + VAE, ~34 GB bf16) and copying them to host
-# RAM ~15-25 (pageable copies at ~5-10 GB/s dominate); placing: pinning what streams (the
-# issue's offload=blocks setup: 34-53 s for 23.8 GB, so ~1.7 s/GB pinned); a 2-step warm-up
-# and one timed image (resident bf16 ~6 s, the 3.3x slower all-streamed ~17 s). SD3.5-large
-# is ~0.8x Flux's weights. Rows record build_s / place_s / row_s: re-estimate from them.
-ROW_SECONDS = {"resident": 45, "auto-12": 70, "auto-8": 90, "blocks": 120}
+# (12B transformer + 4.8B T5 + CLIP + VAE, ~34 GB bf16: seconds) and copying them to host RAM
+# with pageable copies at ~3-6 GB/s ~8-12 (+ the fp8/int8 cast, on the GPU: ~1); placing:
+# resident ~34 GB back at the same rate ~8, streamed parts pinned at the issue's measured
+# ~1.5-2.2 s/GB (offload=blocks: 34-53 s for 23.8 GB); a 2-step warm-up and one timed image
+# (resident bf16 ~6 s, more for each streamed GB per step). SD3.5-large: ~0.8x Flux's weights.
+# The switch test builds both models once (~40) and places three times. Each row records
+# build_s / place_s / row_s: re-estimate from those.
+ROW_SECONDS = {"bf16 resident": 45, "fp8 auto 12 GiB": 75, "fp8 auto 8 GiB": 85, "bf16 auto 12 GiB": 105,
+               "blocks": 120, "switch (both models)": 170}
 
 
 def _module(class_name: str, config: dict):
@@ -487,7 +490,7 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
     return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"}
 
 
-def e2e_switch(args, device: torch.device) -> dict:
+def e2e_switch(args, device: torch.device, report: dict | None = None, save=lambda: None) -> dict:
     """Flux-dev -> SD3.5-large -> Flux-dev under one cap in one process: each model's parts are
     one memo entry, the planner makes room by LRU before placing; the third stage reuses what
     the budget let stay (its entry, not rebuilt, not re-placed)."""
@@ -502,7 +505,10 @@ def e2e_switch(args, device: torch.device) -> dict:
         built["flux-dev"], args.switch_cap, size)
     cache = MemoCache(max_bytes=1 << 50, max_device_bytes=budget)
     memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size), "make_room": cache.make_room}
-    stages = []
+    stages: list[dict] = []
+    result = {"cap_gib": args.switch_cap, "storage": args.switch_storage, "stages": stages}
+    if report is not None:  # saved after every stage: a run cut short keeps the stages it finished
+        report["switch_e2e"] = result
     token = set_current(_context(memory, device))
     try:
         for step, name in enumerate(("flux-dev", "sd3.5-large", "flux-dev")):
@@ -533,12 +539,14 @@ def e2e_switch(args, device: torch.device) -> dict:
             stage["s"] = time.perf_counter() - started
             stage["memo_device_gib"] = cache.device_bytes / 2**30
             stages.append(stage)
+            result.update(_host_stats(device))
             print(f"switch {step}: {stage}", flush=True)
+            save()
     finally:
         reset_current(token)
         if device.type == "cuda":
             cap_memory(device, None)
-    return {"cap_gib": args.switch_cap, "storage": args.switch_storage, "stages": stages, **_host_stats(device)}
+    return result
 
 
 def main_e2e(args, device: torch.device, report: dict, save) -> None:
@@ -560,8 +568,7 @@ def main_e2e(args, device: torch.device, report: dict, save) -> None:
         print(f"{label}: {outcome}", flush=True)
         save()
     if args.switch_cap:
-        report["switch_e2e"] = e2e_switch(args, device)
-        save()
+        e2e_switch(args, device, report, save)
 
 
 def main(argv: list[str] | None = None) -> dict:
