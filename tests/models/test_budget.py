@@ -187,3 +187,30 @@ def test_text_encoder_loader_plans_alone(tmp_path, monkeypatch):
             reset_current(token)
         assert encoders.residency == residency and events[-1]["type"] == "memory_plan"
         assert encoders.memory and encoders.memory[0]["name"] == "t5"
+
+
+def test_the_run_size_reaches_the_loaders_plan():
+    """The largest constant width × height (× frames) of a workflow sizes the loaders' working
+    memory: a node running under the engine sees it in ``current().memory["size"]``."""
+    from app.core.context import current
+    from app.core.registry import Registry, node
+    from app.core.types import LATENT
+    from app.core.workflow import Workflow
+
+    seen = []
+
+    @node(category="test", outputs={"latent": LATENT}, name="SizedThing")
+    def sized_thing(width: int = 64, height: int = 64, frames: int = 1):
+        seen.append(current().memory.get("size"))
+        return None
+
+    registry = Registry()
+    registry.add(sized_thing)
+    engine = Engine(registry=registry, device="cpu", memory=memory_settings("8GB"))
+    nodes = {"a": {"type": "SizedThing", "inputs": {"width": 1024, "height": 768}},
+             "b": {"type": "SizedThing", "inputs": {"width": 832, "height": 480, "frames": 33}}}
+    workflow = {"format": "ditgraph/workflow", "version": 1, "nodes": nodes, "meta": {"name": "sized"}}
+    assert Workflow.from_dict(workflow).output_size() == (480, 832, 33)  # the most pixels × frames
+    engine.run(workflow, targets=["a", "b"]).raise_for_status()
+    assert seen == [(480, 832, 33)] * 2
+    assert Workflow.from_dict({**workflow, "nodes": {"c": {"type": "SizedThing", "inputs": {}}}}).output_size() is None
