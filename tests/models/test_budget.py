@@ -214,3 +214,30 @@ def test_the_run_size_reaches_the_loaders_plan():
     engine.run(workflow, targets=["a", "b"]).raise_for_status()
     assert seen == [(480, 832, 33)] * 2
     assert Workflow.from_dict({**workflow, "nodes": {"c": {"type": "SizedThing", "inputs": {}}}}).output_size() is None
+
+
+def test_a_model_moved_back_makes_room_first():
+    """A model used again after a switch asks the memo cache for room before its weights return
+    (the switch test's third stage); without a budget nothing is asked."""
+    from diffusers import AutoencoderKL
+
+    from app.models.handles import VAEHandle
+
+    def tiny_vae():
+        return AutoencoderKL(block_out_channels=[8], layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                             down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"])
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in tiny_vae().parameters())
+    asked = []
+    for memory, expected in (({"vram": GIB, "make_room": asked.append}, [weight_bytes]), ({"make_room": asked.append}, [])):
+        asked.clear()
+        vae = VAEHandle(tiny_vae(), torch.device("meta"), torch.float32)  # a device that is not the CPU
+        ctx = RunContext("r", "n", "VAEDecode", torch.device("cpu"), Path("."), {}, lambda e: None, threading.Event(),
+                         memory=memory)
+        token = set_current(ctx)
+        try:
+            vae.ensure_device()
+            vae.ensure_device()  # already there: nothing moves, nothing asked
+        finally:
+            reset_current(token)
+        assert asked == expected
