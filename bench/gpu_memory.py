@@ -2,8 +2,24 @@
 
     python -m bench.gpu_memory [--models flux-dev,sd3.5-large] [--caps none,12,8] [--out PATH]
     python -m bench.gpu_memory --tiny          # CPU smoke run of every code path (tiny configs)
+    python -m bench.gpu_memory --e2e [--rows flux-dev/none/bf16/resident,flux-dev/12/fp8_e4m3/auto]
+    python -m bench.gpu_memory --e2e --tiny    # CPU smoke run of the end-to-end rows
 
-Random full-size weights (bench/gpu_speed.py builds them on the GPU; a CPU master copy is kept),
+End to end (``--e2e``): text encoders + transformer + VAE (random full-size weights from the
+config dicts below, as bench/gpu_parity.py builds them), 1024², 28 steps: TextEncode(Pair) ->
+Sampler -> VAEDecode, every part placed by the planner as CheckpointLoader places it (storage
+applies to the transformer). Each row runs in a subprocess of its own on a GPU (the cap, the
+peak statistics and the pinned host RAM are then the row's alone; a row that hangs or dies is
+recorded and the next one runs); rows are written to the JSON as they finish. Per row: the plan
+(mode, resident blocks, tiled decode, estimates), ``peak_gib`` / ``reserved_gib``,
+``s_per_image`` (one timed image after a 2-step warm-up), ``drift`` (relative L2 of the final
+latent vs the model's bf16 resident uncapped row, which runs first and saves its latent beside
+the JSON), ``pinned_gib`` (the pinned host allocator's bytes), ``host_peak_gib`` (max RSS) and
+``build_s`` / ``place_s`` / ``row_s``. The end-to-end switch test runs all three stages in one
+process (reuse needs one). Wall time per GPU row is dominated by building and moving the
+random weights; see :data:`ROW_SECONDS`.
+
+Transformer only (without ``--e2e``): random full-size weights (bench/gpu_speed.py builds them on the GPU; a CPU master copy is kept),
 1024², bf16 compute, sampling only (no text encoders, no VAE). Per model, cap (GiB, via
 ``torch.cuda.set_per_process_memory_fraction``; "none" = the whole GPU), storage
 (bf16, fp8_e4m3 layerwise casting, int8 / float8 torchao weight-only) and plan (``auto``: the
@@ -187,12 +203,392 @@ def _cpu_setup(name: str, args, device: torch.device):
     return setup
 
 
+# ---------------------------------------------------------------------------------------------
+# end to end (--e2e): text encoders + transformer + VAE, each row in a subprocess on a GPU
+
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+SD3_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+# Per model: family, transformer class, and per diffusers component (class, config): the
+# released configs of Flux.1-dev (bench/gpu_parity.py's) and SD3.5-large.
+E2E_FULL = {
+    "flux-dev": ("flux", {
+        "transformer": ("FluxTransformer2DModel", {**gpu_speed.MODELS["flux-dev"][2]}),
+        "text_encoder": ("CLIPTextModel", CLIP_L), "text_encoder_2": ("T5EncoderModel", T5_XXL),
+        "vae": ("AutoencoderKL", {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159})}),
+    "sd3.5-large": ("sd3", {
+        "transformer": ("SD3Transformer2DModel", SD35_LARGE),
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL), "vae": ("AutoencoderKL", SD3_VAE)}),
+}
+_TINY_CLIP = dict(intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                  max_position_embeddings=77)
+_TINY_T5 = dict(d_model=32, d_ff=37, d_kv=8, num_layers=4, num_heads=4, vocab_size=100, relative_attention_num_buckets=8)
+_TINY_VAE = dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32)
+E2E_TINY = {  # six transformer blocks and four T5 blocks, so that some can stream
+    "flux-dev": {"transformer": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8]),
+                 "text_encoder": dict(_TINY_CLIP, hidden_size=32, projection_dim=32), "text_encoder_2": _TINY_T5,
+                 "vae": dict(_TINY_VAE, scaling_factor=0.4, shift_factor=0.1)},
+    "sd3.5-large": {"transformer": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                                        qk_norm="rms_norm"),
+                    "text_encoder": dict(_TINY_CLIP, hidden_size=16, projection_dim=16),
+                    "text_encoder_2": dict(_TINY_CLIP, hidden_size=16, projection_dim=16),
+                    "text_encoder_3": _TINY_T5, "vae": dict(_TINY_VAE, scaling_factor=1.5, shift_factor=0.06)},
+}
+E2E_SIZE, E2E_TINY_SIZE = 1024, 64
+# Estimated (not yet measured) wall seconds of one Flux-dev GPU row on an H200, which the lead's
+# commands are sized by: process start + imports ~10; building the random weights on the GPU
+# (12B transformer + 4.8B T5 + CLIP + VAE, ~34 GB bf16: seconds) and copying them to host RAM
+# with pageable copies at ~3-6 GB/s ~8-12 (+ the fp8/int8 cast, on the GPU: ~1); placing:
+# resident ~34 GB back at the same rate ~8, streamed parts pinned at the issue's measured
+# ~1.5-2.2 s/GB (offload=blocks: 34-53 s for 23.8 GB); a 2-step warm-up and one timed image
+# (resident bf16 ~6 s, more for each streamed GB per step). SD3.5-large: ~0.8x Flux's weights.
+# The switch test builds both models once (~40) and places three times. Each row records
+# build_s / place_s / row_s: re-estimate from those.
+ROW_SECONDS = {"bf16 resident": 45, "fp8 auto 12 GiB": 75, "fp8 auto 8 GiB": 85, "bf16 auto 12 GiB": 105,
+               "blocks": 120, "switch (both models)": 170}
+
+
+def _module(class_name: str, config: dict):
+    import diffusers
+    import transformers
+
+    if hasattr(diffusers, class_name):
+        return getattr(diffusers, class_name)(**config)
+    if class_name == "T5EncoderModel":
+        return transformers.T5EncoderModel(transformers.T5Config(**config, decoder_start_token_id=0, pad_token_id=0,
+                                                                 eos_token_id=1))
+    return getattr(transformers, class_name)(transformers.CLIPTextConfig(**config, bos_token_id=0, eos_token_id=1,
+                                                                         pad_token_id=1))
+
+
+def build_e2e(name: str, device: torch.device, tiny: bool, storage: str) -> dict:
+    """Every component of ``name`` with random weights (seeded per component: every row's
+    subprocess builds the same ones), built on ``device`` (fast), the transformer stored in
+    ``storage``, then moved to host RAM: the planner places them as the loader would."""
+    from app.models.storage import apply_storage
+    from bench.gpu_parity import clip_tokenizer, t5_tokenizer
+
+    family, full = E2E_FULL[name]
+    dtype = torch.float32 if tiny else torch.bfloat16
+    parts = {"family": family}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for seed, (component, (class_name, config)) in enumerate(full.items()):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                module = _module(class_name, E2E_TINY[name][component] if tiny else config)
+            parts[component] = module.to(dtype=dtype).eval().requires_grad_(False)
+            if component.startswith("text_encoder"):
+                tokenizer = t5_tokenizer() if class_name == "T5EncoderModel" else clip_tokenizer()
+                parts[component.replace("text_encoder", "tokenizer")] = tokenizer
+    finally:
+        torch.set_default_dtype(previous)
+    apply_storage(parts["transformer"], "auto" if storage == "bf16" else storage, dtype, device)
+    for key, module in parts.items():
+        if isinstance(module, torch.nn.Module):
+            parts[key] = module.to("cpu")
+    free(device)
+    return parts
+
+
+def place_e2e(parts: dict, storage: str, plan: str, memory: dict, device: torch.device):
+    """(model, text encoders, VAE, plan) placed as CheckpointLoader places a checkpoint."""
+    from app.models import families
+    from app.models.budget import place, plan_loaded
+    from app.models.handles import ModelHandle, TextEncoders, VAEHandle
+    from app.models.storage import bytes_per_param
+
+    family = parts["family"]
+    dtype = next(parts["vae"].parameters()).dtype
+    scheduler = dict(gpu_speed.MODELS[{"flux": "flux-dev", "sd3": "sd3.5-large"}[family]][6])
+    model = ModelHandle(parts["transformer"], family, device, dtype, scheduler_config=scheduler, source=f"random {family}")
+    slots = {slot: (parts[c.replace("text_encoder", "tokenizer")], parts[c])
+             for slot, c in families.get(family).pipeline_text_slots.items()}
+    encoders = TextEncoders(slots, family, device, dtype)
+    vae = VAEHandle(parts["vae"], device, dtype)
+    named = {"transformer": (model, model.transformer), **{s: (encoders, m) for s, (_, m) in slots.items()},
+             "vae": (vae, vae.vae)}
+    stored = None if storage == "bf16" else bytes_per_param(storage, dtype)
+    roles = {n: "transformer" if n == "transformer" else "vae" if n == "vae" else "text_encoder" for n in named}
+    chosen = plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, stored, family)
+    place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()}, device)
+    return model, encoders, vae, chosen
+
+
+def run_e2e(model, encoders, vae, size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latent, image): TextEncode(Pair) -> EmptyLatent -> Sampler -> VAEDecode, as a workflow runs them."""
+    from app.models import families
+    from nodes.latent import EmptyLatent, VAEDecode
+    from nodes.sampling import Sampler
+    from nodes.text import TextEncode, TextEncodePair
+
+    family = families.get(model.family)
+    guided = family.distilled_guidance is None
+    prompt = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
+    pos, neg = TextEncodePair(encoders, prompt, "") if guided else (TextEncode(encoders, prompt), None)
+    latent = EmptyLatent(model, vae, size, size, 1)
+    out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=family.default_cfg if guided else 1.0)
+    return out.samples, VAEDecode(vae, out)
+
+
+def _context(memory: dict, device: torch.device):
+    """A run context carrying the budget (VAEDecode reads it to decide on tiles)."""
+    import threading
+
+    from app.core.context import RunContext
+
+    return RunContext("bench", "e2e", "bench", device, Path.cwd(), {}, lambda e: None, threading.Event(), memory=memory)
+
+
+def _tiny_budget(parts: dict, cap_gib: float | None, size: int) -> int:
+    """--tiny on CPU: a cap scaled to the tiny models, as far from the least they run in towards
+    all of them resident as ``cap_gib`` is from 4 to 24 GiB (0: no cap)."""
+    from app.models.budget import needs_of
+    from app.models.memory import min_need
+
+    if not cap_gib:
+        return 0
+    modules = {k: (v, "transformer" if k == "transformer" else "vae" if k == "vae" else "text_encoder")
+               for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    needs = needs_of(modules, parts["family"], {"size": (size, size)})
+    low = max(min_need(n) for n in needs)
+    high = sum(n.weight_bytes for n in needs) + max(n.work for n in needs)
+    return int(low + (high - low) * min(1.0, max(0.0, (cap_gib - 4) / 20)))
+
+
+def _reserve(args, budget: int) -> int:
+    """--reserve GiB under a GPU cap (the allocator's fragmentation and the CUDA caching slack
+    the plan does not model); on CPU (--tiny) none: the tiny budgets are a few MiB wide."""
+    return int(args.reserve * 2**30) if budget and not args.tiny else 0
+
+
+def _host_stats(device: torch.device) -> dict:
+    import resource
+
+    stats = {"host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        stats["pinned_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
+    return stats
+
+
+def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device: torch.device) -> dict:
+    """One end-to-end row: build, cap, plan and place, a 2-step warm-up, one timed image."""
+    import time
+
+    from app.core.context import reset_current, set_current
+    from app.models.memory import describe
+
+    started = time.perf_counter()
+    size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
+    row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan}
+    parts = build_e2e(name, device, args.tiny, storage)
+    row["build_s"] = time.perf_counter() - started
+    budget = cap_memory(device, cap) if device.type == "cuda" else _tiny_budget(parts, cap, size)
+    memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size)} if budget else {"size": (size, size)}
+    row["reserve_gib"] = memory.get("reserve", 0) / 2**30
+    token = set_current(_context(memory, device))
+    try:
+        placing = time.perf_counter()
+        model, encoders, vae, chosen = place_e2e(parts, storage, plan, memory, device)
+        row["place_s"] = time.perf_counter() - placing
+        row["plan"] = {p["name"]: {k: p[k] for k in ("mode", "resident_blocks", "blocks", "tiled", "peak")}
+                       for p in describe(chosen)["models"]}
+        row["plan_lines"] = describe(chosen)["lines"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run_e2e(model, encoders, vae, size, 2)  # warm-up: pins, first copies, kernels
+        seconds, (final, image) = gpu_speed.timed(lambda: run_e2e(model, encoders, vae, size, args.steps), device)
+    finally:
+        reset_current(token)
+        if device.type == "cuda":
+            cap_memory(device, None)
+    row.update(s_per_image=seconds, finite=bool(torch.isfinite(final).all() and torch.isfinite(image).all()))
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        row["under_cap"] = not cap or row["reserved_gib"] <= cap
+    row.update(_host_stats(device))
+    reference = Path(args.out).with_name(f"gpu_memory_{name}_reference.pt")
+    final = final.float().cpu()
+    if cap is None and storage == "bf16" and plan == "resident":
+        torch.save(final, reference)
+    if reference.is_file():
+        ref = torch.load(reference, weights_only=True)
+        row["drift"] = float((final - ref).norm() / ref.norm())
+    row["row_s"] = time.perf_counter() - started
+    return row
+
+
+def parse_row(spec: str) -> tuple[str, float | None, str, str]:
+    """model/cap/storage/plan (cap "none": uncapped) -> a row."""
+    try:
+        name, cap, storage, plan = spec.strip().split("/")
+        return name, None if cap in ("none", "0", "") else float(cap), storage, plan
+    except ValueError:
+        raise SystemExit(f"--rows: {spec!r} is not model/cap/storage/plan (e.g. flux-dev/12/fp8_e4m3/auto)") from None
+
+
+def e2e_rows(args) -> list[tuple[str, float | None, str, str]]:
+    """(model, cap GiB or None, storage, plan) of every row asked for: ``--rows`` as
+    model/cap/storage/plan (cap "none"), else the grid of --models × caps × storages × plans,
+    each model's bf16 resident uncapped row first (the drift reference)."""
+    if args.rows:
+        rows = [parse_row(spec) for spec in args.rows.split(",")]
+    else:
+        rows = [(n, c, s, p) for n in args.models for c in [None, *args.caps] for s in args.storages for p in args.plans]
+    reference = [(n, None, "bf16", "resident") for n in dict.fromkeys(r[0] for r in rows)]
+    rows = reference + [r for r in rows if r not in reference]
+    bad = [r for r in rows if r[0] not in MODELS or r[2] not in STORAGES or r[3] not in PLANS]
+    if bad:
+        raise SystemExit(f"unknown rows {bad}; models: {', '.join(MODELS)}; storages: {', '.join(STORAGES)}; "
+                         f"plans: {', '.join(PLANS)}")
+    return rows
+
+
+def row_label(row: tuple[str, float | None, str, str]) -> str:
+    name, cap, storage, plan = row
+    return f"{name} cap={cap or 'none'} {storage} {plan}"
+
+
+def run_row_isolated(row: tuple, args, timeout: float) -> dict:
+    """One row in a subprocess of its own (``--one-row``): its cap, statistics and host RAM are
+    its own, and a crash or hang is a result rather than the end of the run."""
+    import json
+    import subprocess
+    import tempfile
+
+    name, cap, storage, plan = row
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        target = Path(handle.name)
+    command = [sys.executable, "-m", "bench.gpu_memory", "--e2e", "--one-row", f"{name}/{cap or 'none'}/{storage}/{plan}",
+               "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] + (["--tiny"] if args.tiny else [])
+    try:
+        done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    finally:
+        text = target.read_text() if target.is_file() else ""
+        target.unlink(missing_ok=True)
+    if text:
+        return json.loads(text)
+    return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"}
+
+
+def e2e_switch(args, device: torch.device, report: dict | None = None, save=lambda: None) -> dict:
+    """Flux-dev -> SD3.5-large -> Flux-dev under one cap in one process: each model's parts are
+    one memo entry, the planner makes room by LRU before placing; the third stage reuses what
+    the budget let stay (its entry, not rebuilt, not re-placed)."""
+    import time
+
+    from app.core.context import reset_current, set_current
+    from app.core.memo import MemoCache
+
+    size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
+    built = {name: build_e2e(name, device, args.tiny, args.switch_storage) for name in ("flux-dev", "sd3.5-large")}
+    budget = cap_memory(device, args.switch_cap) if device.type == "cuda" else _tiny_budget(
+        built["flux-dev"], args.switch_cap, size)
+    cache = MemoCache(max_bytes=1 << 50, max_device_bytes=budget)
+    memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size), "make_room": cache.make_room}
+    stages: list[dict] = []
+    result = {"cap_gib": args.switch_cap, "storage": args.switch_storage, "stages": stages}
+    if report is not None:  # saved after every stage: a run cut short keeps the stages it finished
+        report["switch_e2e"] = result
+    token = set_current(_context(memory, device))
+    try:
+        for step, name in enumerate(("flux-dev", "sd3.5-large", "flux-dev")):
+            stage: dict = {"model": name}
+            started = time.perf_counter()
+            try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                entry = cache.get(name)
+                if entry is None:
+                    model, encoders, vae, chosen = place_e2e(built[name], args.switch_storage, "auto", memory, device)
+                    cache.put(name, (model, encoders, vae))
+                    stage["plan"] = {p.name: p.mode for p in chosen.placements}
+                else:
+                    model, encoders, vae = entry.outputs
+                    stage["reused"] = True
+                    stage["resident_gib_before"] = (torch.cuda.memory_allocated(device) / 2**30
+                                                    if device.type == "cuda" else None)
+                    model.ensure_device()
+                final, image = run_e2e(model, encoders, vae, size, args.steps)
+                stage["finite"] = bool(torch.isfinite(final).all() and torch.isfinite(image).all())
+                if device.type == "cuda":
+                    stage["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    stage["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+                    stage["under_cap"] = stage["reserved_gib"] <= args.switch_cap
+            except Exception as exc:  # an OOM is the result this test exists to catch
+                stage["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            stage["s"] = time.perf_counter() - started
+            stage["memo_device_gib"] = cache.device_bytes / 2**30
+            stages.append(stage)
+            result.update(_host_stats(device))
+            print(f"switch {step}: {stage}", flush=True)
+            save()
+    finally:
+        reset_current(token)
+        if device.type == "cuda":
+            cap_memory(device, None)
+    return result
+
+
+def main_e2e(args, device: torch.device, report: dict, save) -> None:
+    rows = e2e_rows(args)
+    isolate = (device.type == "cuda" or args.isolate) and not args.in_process
+    result = report.setdefault("e2e", {"size": E2E_TINY_SIZE if args.tiny else E2E_SIZE, "steps": args.steps,
+                                       "isolated": isolate, "rows": {}})
+    for row in rows:
+        label = row_label(row)
+        if isolate:
+            outcome = run_row_isolated(row, args, args.row_timeout)
+        else:
+            try:
+                outcome = e2e_row(*row, args, device)
+            except Exception as exc:  # OOM or a refusal: a result, and the others still run
+                outcome = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            free(device)
+        result["rows"][label] = outcome
+        print(f"{label}: {outcome}", flush=True)
+        save()
+    if args.switch_cap:
+        e2e_switch(args, device, report, save)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--caps", default="12,8", help="GiB caps besides the uncapped run, comma-separated")
     parser.add_argument("--storages", default=",".join(STORAGES))
+    parser.add_argument("--plans", default=",".join(PLANS), help="--e2e grid: residency plans")
     parser.add_argument("--switch-cap", type=float, default=16.0, help="GiB for the switch test (0: skip it)")
+    parser.add_argument("--switch-storage", default="bf16", help="--e2e switch test: the transformers' storage")
+    parser.add_argument("--reserve", type=float, default=1.0, help="--e2e: GiB of a cap the plan leaves free "
+                                                                     "(--reserve-vram; fragmentation headroom)")
+    parser.add_argument("--e2e", action="store_true", help="end to end: text encoders + transformer + VAE")
+    parser.add_argument("--rows", default="", help="--e2e: only these rows, model/cap/storage/plan comma-separated "
+                                                     "(cap 'none'), e.g. flux-dev/12/fp8_e4m3/auto")
+    parser.add_argument("--row-timeout", type=float, default=420.0, help="--e2e on a GPU: seconds per row subprocess")
+    parser.add_argument("--in-process", action="store_true", help="--e2e on a GPU: rows in this process (no isolation)")
+    parser.add_argument("--isolate", action="store_true", help="--e2e: rows in subprocesses on CPU too (tests)")
+    parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
+    parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 2)")
     parser.add_argument("--out", default=str(RESULTS / "gpu_memory.json"))
@@ -200,17 +596,32 @@ def main(argv: list[str] | None = None) -> dict:
     args.steps = args.steps or (2 if args.tiny else 28)
     args.caps = [float(c) for c in args.caps.split(",") if c.strip()]
     args.storages = [s for s in args.storages.split(",") if s]
-    names = [n for n in args.models.split(",") if n]
-    if unknown := [n for n in names if n not in MODELS] + [s for s in args.storages if s not in STORAGES]:
-        parser.error(f"unknown {unknown}; models: {', '.join(MODELS)}; storages: {', '.join(STORAGES)}")
+    args.plans = [p for p in args.plans.split(",") if p]
+    args.models = [n for n in args.models.split(",") if n]
+    if unknown := [n for n in args.models if n not in MODELS] + [s for s in args.storages if s not in STORAGES] \
+            + [p for p in args.plans if p not in PLANS] + ([args.switch_storage] if args.switch_storage not in STORAGES else []):
+        parser.error(f"unknown {unknown}; models: {', '.join(MODELS)}; storages: {', '.join(STORAGES)}; "
+                     f"plans: {', '.join(PLANS)}")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.one_row:  # the subprocess of one --e2e row: its result goes to --row-out
+        import json
+
+        try:
+            row = e2e_row(*parse_row(args.one_row), args, device)
+        except Exception as exc:  # OOM or a refusal: a result
+            row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        Path(args.row_out).write_text(json.dumps(row))
+        return row
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "tiny": args.tiny, "versions": gpu_speed.versions(), "models": {}}
 
     def save() -> None:
         write_result("gpu_memory", {"gpu_memory": report}, args.out)
 
-    for name in names:
+    if args.e2e:
+        main_e2e(args, device, report, save)
+        return report
+    for name in args.models:
         result = report["models"][name] = {}
         try:
             bench_model(name, args, device, result, save)

@@ -85,6 +85,8 @@ def _tiled_needed(latent: torch.Tensor, vae: VAEHandle, mode: str) -> bool:
         return True
     if mode == "off":
         return False
+    if any(p.get("tiled") for p in getattr(vae, "memory", ())):  # the VRAM plan chose tiles at load time
+        return hasattr(vae.vae, "tiled_decode")
     h, w = latent.shape[-2:]
     too_big = h * w * vae.factor**2 > 2048 * 2048 or decode_needs_tiles(h * vae.factor, w * vae.factor, vae.device,
                                                                          current().memory)

@@ -24,7 +24,7 @@ from app.core.registry import node
 from app.core.types import MODEL, TEXT_ENCODER, VAE, Spec
 from app.models import families
 from app.models import storage as weight_storage
-from app.models.budget import describe_checkpoint, place, plan_loaded
+from app.models.budget import describe_checkpoint, place, plan_loaded, plan_part
 from app.models.handles import ModelHandle, TextEncoders, VAEHandle, resolve_device, resolve_dtype
 from app.models.memory import OFFLOAD_CHOICES as PLANNER_MODES
 from app.models.memory import describe
@@ -460,11 +460,27 @@ def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | N
     stored = weight_storage.bytes_per_param(storage, dt) if storage != "auto" else None
     ctx = current()
     try:
-        plan = plan_loaded(parts, offload, ctx.memory, dev, stored)
+        plan = plan_loaded(parts, offload, ctx.memory, dev, stored, model.family)
     except ValueError as exc:
         raise LoadFailed(str(exc)) from None
     place(plan, values, modules, dev)
     ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": describe(plan)})
+
+
+def _place_alone(value, module: torch.nn.Module, name: str, role: str, offload: str, dev: torch.device) -> None:
+    """Plan one model loaded on its own under the run's VRAM budget and put it where the plan says."""
+    ctx = current()
+    try:
+        plan = plan_part(module, name, role, offload, ctx.memory, dev)
+    except ValueError as exc:
+        raise LoadFailed(str(exc)) from None
+    place(plan, {name: value}, {name: module}, dev)
+    ctx.emit({"type": "memory_plan", "run_id": ctx.run_id, "node": ctx.node_id, "plan": describe(plan)})
+
+
+ALONE_OFFLOAD_TOOLTIP = ("auto: the VRAM planner decides from the budget (--vram); a text encoder over a quarter of it "
+                         "is on the GPU only while it encodes. resident / model (moved whole while it runs) / stream "
+                         "/ blocks as for CheckpointLoader.")
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
@@ -474,6 +490,7 @@ def TextEncoderLoader(
     role: Annotated[str, Spec(choices=TEXT_ENCODER_TYPES, tooltip="Which role it plays; auto: from its config.")] = "auto",
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
+    offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip=ALONE_OFFLOAD_TOOLTIP)] = "auto",
 ) -> TextEncoders:
     """Load one text encoder (CLIP-L/G, T5, Gemma, Llama, MiniLM) from a local folder; combine several
     with CombineTextEncoders (SD3 needs CLIP-L + CLIP-G + T5, Flux CLIP-L + T5, HiDream those three
@@ -483,11 +500,13 @@ def TextEncoderLoader(
     if not folder.is_dir():
         raise LoadFailed(f"{folder}: text encoders are loaded from folders (config.json, safetensors, tokenizer files)")
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
-    slot, tok, model = load_text_encoder(folder, tok_dir, dt, dev, role)
+    slot, tok, model = load_text_encoder(folder, tok_dir, dt, torch.device("cpu"), role)  # placed after planning
     options = {}
     if (folder / "preprocessor_config.json").is_file():  # a vision-language encoder's image settings (Qwen2.5-VL)
         options["image_processor"] = families.read_json(folder / "preprocessor_config.json")
-    return TextEncoders({slot: (tok, model)}, None, dev, dt, options, str(folder))
+    encoders = TextEncoders({slot: (tok, model)}, None, dev, dt, options, str(folder))
+    _place_alone(encoders, model, slot, "text_encoder", offload, dev)
+    return encoders
 
 
 @node(category="loaders", outputs={"text_encoder": TEXT_ENCODER})
@@ -508,6 +527,7 @@ def VAELoader(
                              tooltip="A diffusers VAE folder (config.json + safetensors).")],
     dtype: Annotated[str, Spec(choices=DTYPE_CHOICES)] = "auto",
     device: Annotated[str, Spec(choices=DEVICE_CHOICES)] = "auto",
+    offload: Annotated[str, Spec(choices=OFFLOAD_CHOICES, tooltip=ALONE_OFFLOAD_TOOLTIP)] = "auto",
 ) -> VAEHandle:
     """Load a VAE (AutoencoderKL for SD3/Flux/PixArt/Lumina 2/shapes-dit, AutoencoderDC for Sana)."""
     dev, dt = _device_dtype(device, dtype)
@@ -516,4 +536,6 @@ def VAELoader(
         folder = folder / "vae"
     if not folder.is_dir():
         raise LoadFailed(f"{folder}: VAEs are loaded from diffusers folders (config.json + safetensors)")
-    return VAEHandle(load_diffusers_component(folder, dt, dev), dev, dt, str(folder))
+    vae = VAEHandle(load_diffusers_component(folder, dt, torch.device("cpu")), dev, dt, str(folder))
+    _place_alone(vae, vae.vae, "vae", "vae", offload, dev)
+    return vae

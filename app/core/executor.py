@@ -216,7 +216,9 @@ class Engine:
         """Without running: node id -> what each node with an ``estimate`` hook would need (a
         loader's VRAM plan under this engine's budget), for ``device`` (default: the engine's)."""
         found, _ = self._keys(workflow, targets)
-        return estimates(self, found, torch.device(device) if device else self.device)
+        size = expand(workflow).output_size()  # as the run will size the plans
+        return estimates(self, found, torch.device(device) if device else self.device,
+                         {**self.memory, "size": size} if size else self.memory)
 
     def forget(self, workflow: Workflow | dict, node_ids: list[str]) -> list[str]:
         """Drop the memoized outputs of ``node_ids`` so the next run recomputes them (nodes

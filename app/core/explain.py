@@ -54,9 +54,10 @@ def static_keys(engine: Engine, flat: Workflow, targets: list[str]) -> tuple[dic
     return {n: k for n, k in found.items() if n in needed}, notes
 
 
-def estimates(engine: Engine, found: dict[str, NodeKey], device: Any) -> dict[str, dict]:
+def estimates(engine: Engine, found: dict[str, NodeKey], device: Any, memory: dict | None = None) -> dict[str, dict]:
     """Node id -> what its ``estimate`` hook says, for the nodes of ``found`` that have one and
-    whose inputs are all constants. An estimate is advice: its failure is reported, not raised."""
+    whose inputs are all constants, under ``memory`` (default: the engine's budget). An
+    estimate is advice: its failure is reported, not raised."""
     report: dict[str, dict] = {}
     for node_id, key in found.items():
         nd = engine.registry.get(key.parts["type"])
@@ -67,7 +68,7 @@ def estimates(engine: Engine, found: dict[str, NodeKey], device: Any) -> dict[st
             continue
         values = {**key.constants, **{name: str(path) for name, path in key.files.items()}}
         try:
-            report[node_id] = nd.estimate(values, engine.memory, device)
+            report[node_id] = nd.estimate(values, engine.memory if memory is None else memory, device)
         except Exception as exc:
             report[node_id] = {"error": str(exc), "lines": [f"cannot estimate: {exc}"]}
     return report

@@ -61,6 +61,8 @@ class Scheduler:
         self.engine, self.state, self.registry = engine, state, engine.registry
         self.pending: dict[str, _Pending] = {}
         self.follow = eager_inputs(self.registry, state.workflow)
+        size = state.workflow.output_size()  # the loaders' VRAM plans size activations for it
+        self.memory = {**engine.memory, "size": size} if size else engine.memory
 
     # -- driving ---------------------------------------------------------------------------------
     def run(self, targets: list[str], order: list[str]) -> None:
@@ -166,7 +168,7 @@ class Scheduler:
         except ValueError as exc:
             raise NodeFailed(node_id, nd.type, str(exc)) from None
         ctx = RunContext(result.run_id, node_id, nd.type, self.engine.device, state.output_dir, state.document,
-                         state.emit, state.cancel, memory=self.engine.memory)
+                         state.emit, state.cancel, memory=self.memory)
         if count is not None:
             self._execute_mapped(node_id, nd, found, kwargs, ctx, count)
             return

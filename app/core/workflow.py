@@ -256,6 +256,16 @@ class Workflow:
         """The nodes a run computes by default: every non-bypassed output node."""
         return output_nodes(self, registry)
 
+    def output_size(self) -> tuple[int, int, int] | None:
+        """The largest constant ``width`` × ``height`` (× ``frames``) any node asks for (the empty
+        latents): what the VRAM plan sizes working memory for; None when no node says."""
+        sizes = []
+        for inst in self.nodes.values():
+            width, height, frames = (inst.inputs.get(k) for k in ("width", "height", "frames"))
+            if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+                sizes.append((height, width, frames if isinstance(frames, int) and frames > 0 else 1))
+        return max(sizes, key=lambda s: s[0] * s[1] * s[2], default=None)
+
     def needed(self, targets: list[str], follow: Follow | None = None) -> set[str]:
         """``targets`` and every node they depend on (through the inputs ``follow`` accepts)."""
         return set(self._producers(targets, follow))

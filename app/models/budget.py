@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import torch
 
-from app.models.memory import MemoryPlan, ModelNeed, describe, need_of, parse_size, plan_memory, should_tile_vae
+from app.models.memory import (
+    MemoryPlan,
+    ModelNeed,
+    activation_work,
+    describe,
+    model_width,
+    need_of,
+    parse_size,
+    plan_alone,
+    plan_memory,
+    should_tile_vae,
+    vae_work,
+)
 from app.models.residency import apply_block_offload
 
 LEGACY_OFFLOAD = {"none": "resident", "cpu": "model"}  # the loader's choices before the planner
+# Text tokens beside the image in a joint transformer and a text encoder's prompt length: an
+# upper bound (Flux's T5 512, SD3 77 + 256, PixArt 300).
+TEXT_TOKENS = 512
 
 
 def memory_settings(vram: str | int | None = None, reserve: str | int | None = None) -> dict:
@@ -26,6 +41,68 @@ def memory_settings(vram: str | int | None = None, reserve: str | int | None = N
     if settings.get("vram") and settings.get("reserve", 0) >= settings["vram"]:
         raise ValueError(f"--reserve-vram ({reserve}) must be smaller than --vram ({vram})")
     return settings
+
+
+def run_size(memory: dict, family: str | None) -> tuple[int, int, int]:
+    """(height, width, frames) the plan sizes working memory for: ``memory["size"]`` when a
+    front knows the run's size, else the family's default (1024² for the image DiTs)."""
+    if memory.get("size"):
+        height, width, *frames = memory["size"]
+        return int(height), int(width), int(frames[0] if frames else 1)
+    from app.models import families
+
+    fam = families.get(family) if family else None
+    side = fam.default_size if fam else 1024
+    return side, side, fam.default_frames if fam else 1
+
+
+def work_of(module, role: str, family: str | None, size: tuple[int, int, int],
+            element_size: int = 2) -> tuple[int | None, int | None]:
+    """(working memory, tiled working memory) of a part for a run of ``size``: activations from
+    tokens × width (transformer: the family's latent tokens + text, CFG batched unless guidance
+    is distilled; text encoder: a positive/negative pair of prompts), a VAE's decode whole and
+    in tiles. None where the size is unknown (the planner's default applies)."""
+    height, width, frames = size
+    if role == "vae":
+        channels = int((getattr(module.config, "block_out_channels", None) or [128])[0])
+        tiles = hasattr(module, "tiled_decode")
+        return (vae_work(height, width, frames, element_size, channels=channels),
+                vae_work(height, width, frames, element_size, True, channels) if tiles else None)
+    hidden = model_width(module)
+    if not hidden:
+        return None, None
+    if role == "text_encoder":
+        positions = getattr(module.config, "max_position_embeddings", None)
+        tokens = min(positions, TEXT_TOKENS) if isinstance(positions, int) and positions > 0 else TEXT_TOKENS
+        return activation_work(tokens, hidden, 2, element_size), None
+    from app.models import families
+
+    if not family:
+        return None, None
+    fam = families.get(family)
+    try:
+        dims = fam.latent_shape(module.config, 1, width, height, frames)[2:]
+        tokens = fam.seq_len(module.config, dims) + TEXT_TOKENS
+    except (AttributeError, KeyError, TypeError, ValueError):  # a config the family cannot size: default
+        return None, None
+    batch = 2 if fam.batch_cfg and fam.distilled_guidance is None else 1
+    return activation_work(tokens, hidden, batch, element_size), None
+
+
+def needs_of(parts: dict[str, tuple[torch.nn.Module, str]], family: str | None, memory: dict,
+             transformer_bytes: float | None = None, dtype_bytes: float | None = None) -> list[ModelNeed]:
+    """The :class:`ModelNeed` of each part (name -> (module, role)), working memory sized for
+    the run (:func:`run_size`); ``transformer_bytes``: the storage format's bytes per parameter,
+    ``dtype_bytes``: every other part's (None: as its weights are now)."""
+    size = run_size(memory, family)
+    needs = []
+    for name, (module, role) in parts.items():
+        stored = transformer_bytes if role == "transformer" and transformer_bytes else dtype_bytes
+        first = next(module.parameters(), None)
+        compute = int(dtype_bytes or (first.element_size() if first is not None else 2))
+        work, tiled = work_of(module, role, family, size, max(2, compute) if role == "transformer" else compute)
+        needs.append(need_of(module, name, role, stored, work, tiled))
+    return needs
 
 
 def budget_of(memory: dict, device: torch.device) -> tuple[int, int]:
@@ -83,8 +160,10 @@ def plan_checkpoint(folder, offload: str = "auto", memory: dict | None = None, d
                     storage_bytes: float | None = None, dtype_bytes: float = 2.0) -> MemoryPlan:
     """The plan CheckpointLoader would make for a model folder, from its configs alone (no
     weights read): for ``ditgraph explain`` and the editor, before anything loads."""
-    needs = [need_of(module, name, role, storage_bytes if role == "transformer" and storage_bytes else dtype_bytes)
-             for name, (module, role) in checkpoint_parts(folder).items()]
+    from app.models import families
+
+    family = families.detect_folder_family(folder)
+    needs = needs_of(checkpoint_parts(folder), family, memory or {}, storage_bytes, dtype_bytes)
     budget, reserve = budget_of(memory or {}, device or torch.device("cpu"))
     return plan_memory(needs, budget, reserve, _requested(needs, offload))
 
@@ -120,16 +199,31 @@ def decode_needs_tiles(height: int, width: int, device: torch.device, memory: di
 
 
 def plan_loaded(parts: dict[str, tuple[torch.nn.Module, str]], offload: str, memory: dict, device: torch.device,
-                transformer_bytes: float | None = None) -> MemoryPlan:
-    """Plan ``parts`` (name -> (module, role)); ``offload`` other than "auto" is imposed on
-    every part. ``transformer_bytes`` is the storage format's bytes per parameter."""
-    needs: list[ModelNeed] = [need_of(module, name, role, transformer_bytes if role == "transformer" else None)
-                              for name, (module, role) in parts.items()]
+                transformer_bytes: float | None = None, family: str | None = None) -> MemoryPlan:
+    """Plan ``parts`` (name -> (module, role)) of a ``family`` checkpoint; ``offload`` other
+    than "auto" is imposed on every part. ``transformer_bytes`` is the storage format's bytes
+    per parameter."""
+    needs = needs_of(parts, family, memory, transformer_bytes)
     budget, reserve = budget_of(memory, device)  # an explicit budget applies on any device (and in tests)
     make_room = memory.get("make_room")
     if make_room is not None and budget:
         make_room(sum(n.weight_bytes for n in needs))  # LRU: colder cached models leave the GPU first
     return plan_memory(needs, budget, reserve, _requested(needs, offload))
+
+
+def plan_part(module: torch.nn.Module, name: str, role: str, offload: str, memory: dict,
+              device: torch.device) -> MemoryPlan:
+    """The plan of one model loaded on its own (TextEncoderLoader, VAELoader): see
+    :func:`app.models.memory.plan_alone`; colder memo entries leave the GPU first."""
+    (need,) = needs_of({name: (module, role)}, None, memory)
+    budget, reserve = budget_of(memory, device)
+    make_room = memory.get("make_room")
+    if make_room is not None and budget:
+        make_room(need.weight_bytes)
+    mode = LEGACY_OFFLOAD.get(offload, offload)
+    if mode in ("stream", "blocks") and not need.blocks:
+        mode = "model"
+    return plan_alone(need, budget, reserve, mode)
 
 
 def place(plan: MemoryPlan, values: dict[str, object], modules: dict[str, torch.nn.Module],

@@ -12,6 +12,10 @@ Modes, from fastest to least VRAM:
             CUDA stream from pinned RAM (diffusers group offloading, ``use_stream=True``)
   blocks    every block streamed (the old ``offload=blocks``: least VRAM, slowest)
 
+Working memory (activations) scales with the input: :func:`activation_work` from the tokens
+and width of a transformer or text encoder, :func:`vae_work` from the decoded pixels. A VAE
+whose untiled decode would cost residency elsewhere is planned tiled (``Placement.tiled``).
+
 Sizes: "12GB", "12G" and "12GiB" all mean 12 × 2**30 bytes — GPUs are sold by binary
 gigabytes (a "24 GB" card has 24 GiB), so that is what users mean.
 """
@@ -19,7 +23,7 @@ gigabytes (a "24 GB" card has 24 GiB), so that is what users mean.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GIB = 1 << 30
 MODES = ("resident", "model", "stream", "blocks")
@@ -30,6 +34,15 @@ STORAGE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8_e4m3": 1.0, "fp8_e5
 # Which models keep the GPU first when not all fit: the transformer runs every step, the
 # VAE once and is small, text encoders once and are the first to go (T5-XXL is 9.5 GB).
 ROLE_PRIORITY = {"transformer": 0, "vae": 1, "text_encoder": 2}
+WORK_FLOOR = GIB // 4  # allocator slack and small temporaries, whatever the input size
+# Live (batch, tokens, width) tensors at a block's peak: q/k/v, normed and rotated copies, the
+# 4x MLP hidden and its activation, residuals. Calibrated on Flux-dev at 1024² (4608 tokens of
+# 3072 wide), measured ~1 GiB reserved above its weights (issue 17).
+ACTIVATION_COPIES = 24
+VAE_TILE = 512  # pixels per side of a tiled decode (diffusers' AutoencoderKL tile_sample_min_size)
+# A text encoder loaded on its own (TextEncoderLoader) stays resident only below this share of
+# the budget: it runs once per prompt, and the transformer loaded beside it needs the VRAM.
+ENCODER_SHARE = 0.25
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -68,6 +81,7 @@ class ModelNeed:
     block_params: int = 0
     work_bytes: int | None = None  # activations while it runs; None: :func:`default_work`
     role: str = "transformer"
+    tiled_work: int | None = None  # a VAE's working memory when it decodes in tiles (None: cannot tile)
 
     @property
     def weight_bytes(self) -> int:
@@ -89,9 +103,39 @@ class ModelNeed:
 
 
 def default_work(need: ModelNeed) -> int:
-    """Working memory while a model runs: a rough 10% of its bf16 weights, 256 MiB to 3 GiB
-    (Flux-dev at 1024² peaks about 2 GiB above its weights)."""
-    return int(min(3 * GIB, max(GIB // 4, need.params * 2 * 0.1)))
+    """Working memory when the input size is unknown: a rough 10% of its bf16 weights, 256 MiB
+    to 3 GiB (the loaders pass :func:`activation_work` / :func:`vae_work` instead)."""
+    return int(min(3 * GIB, max(WORK_FLOOR, need.params * 2 * 0.1)))
+
+
+def activation_work(tokens: int, width: int, batch: int = 1, element_size: int = 2) -> int:
+    """Working memory of a transformer or text encoder running ``batch`` × ``tokens`` of
+    ``width`` features: the floor plus :data:`ACTIVATION_COPIES` live activations (Flux-dev at
+    1024², 4096 image + 512 text tokens of 3072: 0.9 GiB; at 2048²: 2.9 GiB)."""
+    return WORK_FLOOR + int(batch * tokens * width * element_size * ACTIVATION_COPIES)
+
+
+def vae_work(height: int, width: int, frames: int = 1, element_size: int = 2, tiled: bool = False,
+             channels: int = 128) -> int:
+    """Working memory of a VAE decode of ``height`` × ``width`` (× ``frames``) pixels, whole
+    or one :data:`VAE_TILE` tile at a time."""
+    if tiled:
+        height, width = min(height, VAE_TILE), min(width, VAE_TILE)
+    return WORK_FLOOR + vae_decode_bytes(height, width, frames, element_size, channels)
+
+
+def model_width(module) -> int:
+    """The hidden width of a diffusers or transformers model, from its config (0: unknown)."""
+    config = getattr(module, "config", None)
+    for key in ("d_model", "hidden_size", "inner_dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        return heads * head_dim
+    text = getattr(config, "text_config", None)  # CLIP-style composite configs
+    return int(getattr(text, "hidden_size", 0) or 0)
 
 
 @dataclass
@@ -107,12 +151,14 @@ class Placement:
     reason: str = ""
     blocks: int = 0  # of the model's block list (the unit streamed)
     work_bytes: int = 0  # the working memory counted in peak_bytes
+    tiled: bool = False  # a VAE planned to decode in tiles
 
     def as_dict(self) -> dict:
         return {"name": self.name, "mode": self.mode, "weights": format_size(self.weight_bytes),
                 "resident": format_size(self.resident_bytes), "peak": format_size(self.peak_bytes),
                 "resident_blocks": self.resident_blocks, "blocks": self.blocks, "reason": self.reason,
-                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes, "work_bytes": self.work_bytes}
+                "peak_bytes": self.peak_bytes, "weight_bytes": self.weight_bytes, "work_bytes": self.work_bytes,
+                "tiled": self.tiled}
 
 
 @dataclass
@@ -155,6 +201,8 @@ def describe(plan: MemoryPlan) -> dict:
         mode = MODE_WORDS.get(p.mode, p.mode)
         if p.mode in ("stream", "blocks"):
             mode += f", {p.resident_blocks}/{p.blocks} resident"
+        if p.tiled:
+            mode += ", decoded in tiles"
         on_gpu = p.peak_bytes - p.work_bytes
         weights = (human_size(p.weight_bytes) if on_gpu == p.weight_bytes
                    else f"{human_size(on_gpu)} of its {human_size(p.weight_bytes)}") + " weights"
@@ -213,9 +261,53 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
 
     Models are considered by role priority (transformer, VAE, text encoders) then size: each
     stays resident while the resident total plus the largest working memory fits; the others
-    move whole between uses when they fit beside the residents, else stream blocks. Raises
-    :class:`BudgetError` when some model fits in no mode. ``budget`` 0 means no GPU limit.
+    move whole between uses when they fit beside the residents, else stream blocks. A VAE that
+    can tile is planned tiled when its untiled decode would keep other weights off the GPU (or
+    fit nowhere). Raises :class:`BudgetError` when some model fits in no mode. ``budget`` 0
+    means no GPU limit.
     """
+    tileable = {n.name for n in needs if n.tiled_work is not None and n.tiled_work < n.work}
+    if budget <= 0 or not tileable:
+        return _plan(needs, budget, reserve, requested)
+    try:
+        whole = _plan(needs, budget, reserve, requested)
+    except BudgetError:
+        whole = None
+    tiled_needs = [replace(n, work_bytes=n.tiled_work) if n.name in tileable else n for n in needs]
+    try:
+        tiled = _plan(tiled_needs, budget, reserve, requested)
+    except BudgetError:
+        if whole is None:
+            raise
+        return whole
+    kept = lambda plan: sum(p.resident_bytes for p in plan.placements if p.name not in tileable)  # noqa: E731
+    if whole is not None and kept(whole) >= kept(tiled):
+        return whole
+    for p in tiled.placements:
+        if p.name in tileable:
+            p.tiled = True
+            p.reason += (f"; decoded in tiles ({human_size(p.work_bytes)} working instead of "
+                         f"{human_size(next(n.work for n in needs if n.name == p.name))})")
+    return tiled
+
+
+def plan_alone(need: ModelNeed, budget: int, reserve: int = 0, requested: str = "auto") -> MemoryPlan:
+    """Plan a model loaded on its own (TextEncoderLoader, VAELoader), not knowing what runs
+    beside it: a text encoder above :data:`ENCODER_SHARE` of the budget moves whole between
+    uses (T5-XXL is off the GPU before sampling), anything else as :func:`plan_memory` says."""
+    if requested == "auto" and budget > 0 and need.role == "text_encoder" \
+            and need.weight_bytes > ENCODER_SHARE * (budget - reserve):
+        if need.weight_bytes + need.work <= budget - reserve:
+            plan = plan_memory([need], budget, reserve, {need.name: "model"})
+            plan.placements[0].reason = (f"{human_size(need.weight_bytes)} is over {ENCODER_SHARE:.0%} of the budget: "
+                                         "on the GPU only while it encodes, so sampling has the VRAM")
+            return plan
+        return plan_memory([need], budget, reserve, {need.name: "stream"})
+    return plan_memory([need], budget, reserve, {} if requested == "auto" else {need.name: requested})
+
+
+def _plan(needs: list[ModelNeed], budget: int, reserve: int = 0,
+          requested: dict[str, str] | None = None) -> MemoryPlan:
     requested = requested or {}
     plan = MemoryPlan(budget, reserve)
     if budget <= 0:
@@ -243,6 +335,13 @@ def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
         later = max([min_need(n) for n in pending[i + 1:]]
                     + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
         free = avail - resident
+        # The transformer runs every step: blocks kept between images, with the few streamed
+        # ones overlapping compute, beat moving all of it in and out for each image.
+        kept = _streamed(need, free, later) if need.role == "transformer" else None
+        if kept is not None and kept.mode == "stream":
+            placed[need.name] = kept
+            resident += kept.resident_bytes
+            continue
         if need.weight_bytes + need.work <= free:
             placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,
                                           f"fits only while it runs ({human_size(free)} free beside the residents)")
@@ -291,10 +390,11 @@ def evict_for(incoming: int, loaded: list[tuple[str, int]], budget: int, reserve
     return evicted
 
 
-def vae_decode_bytes(height: int, width: int, frames: int = 1, element_size: int = 2) -> int:
-    """Peak bytes of an untiled VAE decode: its full-resolution 128-channel feature maps with
-    their intermediates (~1536 values per output pixel; ~3 GiB at 1024² in bf16)."""
-    return int(height * width * frames * 1536 * element_size)
+def vae_decode_bytes(height: int, width: int, frames: int = 1, element_size: int = 2, channels: int = 128) -> int:
+    """Peak bytes of an untiled VAE decode: its full-resolution feature maps of ``channels``
+    (the decoder's last block, 128 for SD/Flux-style VAEs) with their intermediates (~12 values
+    per channel and output pixel; ~3 GiB at 1024² in bf16)."""
+    return int(height * width * frames * 12 * channels * element_size)
 
 
 def should_tile_vae(height: int, width: int, free: int, frames: int = 1, element_size: int = 2) -> bool:
@@ -302,10 +402,12 @@ def should_tile_vae(height: int, width: int, free: int, frames: int = 1, element
     return free > 0 and vae_decode_bytes(height, width, frames, element_size) > free
 
 
-def need_of(module, name: str, role: str = "transformer", bytes_per_param: float | None = None) -> ModelNeed:
+def need_of(module, name: str, role: str = "transformer", bytes_per_param: float | None = None,
+            work_bytes: int | None = None, tiled_work: int | None = None) -> ModelNeed:
     """A :class:`ModelNeed` measured from a module: its parameters, its dtype's size (or
     ``bytes_per_param`` of the storage format it will be loaded in) and the blocks block
-    streaming would move (app/models/residency.py; none for a VAE, which moves whole)."""
+    streaming would move (app/models/residency.py; none for a VAE, which moves whole), with
+    the working memory estimated for the run's input (None: :func:`default_work`)."""
     from app.models.residency import stack_of, stream_root
 
     params = sum(p.numel() for p in module.parameters())
@@ -313,4 +415,4 @@ def need_of(module, name: str, role: str = "transformer", bytes_per_param: float
     size = bytes_per_param or (first.element_size() if first is not None else 2.0)
     blocks = [] if role == "vae" else stack_of(stream_root(module))
     block_params = sum(p.numel() for b in blocks for p in b.parameters())
-    return ModelNeed(name, params, size, len(blocks), block_params, role=role)
+    return ModelNeed(name, params, size, len(blocks), block_params, work_bytes, role, tiled_work)

@@ -134,9 +134,23 @@ class Resident:
                 m.to("cpu")
 
     def ensure_device(self) -> None:
-        for m in self._modules():
-            if is_group_offloaded(m):
-                for part in getattr(m, "_ditgraph_kept", ()):
-                    part.to(self.device)
-            elif not same_device(module_device(m), self.device):
-                m.to(self.device)
+        """Move the weights (a streamed model: its kept parts) back to ``device``. Under a VRAM
+        budget the run's ``make_room`` first moves colder cached values off the GPU: a model
+        used again after another workflow's models does not overrun the budget."""
+        moving = [part for m in self._modules()
+                  for part in (getattr(m, "_ditgraph_kept", ()) if is_group_offloaded(m) else (m,))
+                  if not same_device(module_device(part), self.device)]
+        if moving and torch.device(self.device).type != "cpu":
+            _make_room(sum(t.numel() * t.element_size() for part in moving for t in part.parameters()))
+        for part in moving:
+            part.to(self.device)
+
+
+def _make_room(nbytes: int) -> None:
+    """Ask the run's memo cache to spill least recently used GPU values until ``nbytes`` fit
+    (only when a VRAM budget is set: app/core/context.py's ``memory``)."""
+    from app.core.context import current
+
+    memory = current().memory
+    if memory.get("vram") and memory.get("make_room") is not None:
+        memory["make_room"](nbytes)

@@ -23,13 +23,17 @@ class TextEncoders(Resident):
     options: dict = field(default_factory=dict)  # e.g. shapes-dit max_length
     source: str = ""
     residency: str = "resident"
+    memory: list = field(default_factory=list)  # the VRAM plan's placements (app/models/budget.py place)
 
     def _modules(self) -> list[torch.nn.Module]:
         return [model for _, model in self.slots.values()]
 
     def merged(self, other: TextEncoders) -> TextEncoders:
+        # one value for both: it moves off after use if either part was planned to
+        residency = "offload" if "offload" in (self.residency, other.residency) else self.residency
         return replace(self, slots={**self.slots, **other.slots}, family=self.family or other.family,
-                       options={**other.options, **self.options})
+                       options={**other.options, **self.options}, residency=residency,
+                       memory=[*self.memory, *other.memory])
 
     def guess_family(self) -> str | None:
         if self.family:

@@ -35,12 +35,12 @@ def _client(registry, tmp_path, device: str, vram: str, ray: str | None = None) 
 
 
 def test_explain_returns_the_loaders_plan_under_the_servers_budget(registry, tmp_path):
-    client, _ = _client(registry, tmp_path, "cuda", "290MB")  # plans for CUDA without one here
+    client, _ = _client(registry, tmp_path, "cuda", "310MB")  # plans for CUDA without one here
     report = client.post("/api/explain", json={"workflow": SHAPES}).json()
     plan = report["estimates"]["1"]
-    assert plan["budget"] == "0.28 GiB"
-    assert {m["name"]: m["mode"] for m in plan["models"]} == {"transformer": "model", "minilm": "stream", "vae": "model"}
-    assert plan["lines"][0].startswith("VRAM budget 290.0 MiB") and len(plan["lines"]) == 4
+    assert plan["budget"] == "0.30 GiB"
+    assert {m["name"]: m["mode"] for m in plan["models"]} == {"transformer": "stream", "minilm": "blocks", "vae": "model"}
+    assert plan["lines"][0].startswith("VRAM budget 310.0 MiB") and len(plan["lines"]) == 4
     assert set(report["estimates"]) == {"1"}  # only nodes with an estimate hook
 
 

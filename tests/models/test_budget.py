@@ -80,11 +80,13 @@ def _predict(model) -> torch.Tensor:
 
 
 def test_loader_keeps_what_fits_and_streams_the_rest(flux):
-    (resident, _, _), _ = _load_under(flux, {})
+    (resident, _, _), events = _load_under(flux, {})
     need = need_of(resident.transformer, "transformer")
     assert need.blocks == 6
+    work = events[-1]["plan"]["models"][0]["work_bytes"]  # activations at the family's default size
+    assert work > default_work(need)  # 4096 image + 512 text tokens: more than the size-blind floor
     # the rest + two blocks in flight + two kept blocks + working memory
-    vram = need.rest_bytes + 4 * need.block_bytes + default_work(need)
+    vram = need.rest_bytes + 4 * need.block_bytes + work
     (model, _, _), events = _load_under(flux, {"vram": vram})
     placement = events[-1]["plan"]["models"][0]
     assert events[-1]["type"] == "memory_plan" and placement["mode"] == "stream"
@@ -128,7 +130,7 @@ def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
     from app.models.budget import describe_checkpoint
 
     folder = sd3 if which == "sd3" else Path(loaders.__file__).parents[1] / "models" / "shapes-dit"
-    memory = {"vram": GIB} if which == "sd3" else {"vram": 330 << 20}  # shapes-dit in fp32: moved whole, streamed
+    memory = {"vram": GIB} if which == "sd3" else {"vram": 360 << 20}  # shapes-dit in fp32: streamed, moved whole
     (model, _, _), events = _load_under(folder, memory)
     loaded = {p["name"]: p for p in events[-1]["plan"]["models"]}
     estimated = describe_checkpoint(folder, "auto", "auto", torch.float32, torch.device("cpu"), memory)
@@ -138,4 +140,104 @@ def test_plan_from_configs_alone_matches_the_loaders_plan(which, sd3):
             assert p[field] == loaded[p["name"]][field], (p["name"], field)
     assert estimated["lines"] == events[-1]["plan"]["lines"]
     if which == "shapes-dit":
-        assert [p["mode"] for p in estimated["models"]] == ["model", "stream", "model"]
+        assert [p["mode"] for p in estimated["models"]] == ["stream", "blocks", "model"]
+
+
+def test_working_memory_follows_the_run_size_and_the_family(flux, sd3):
+    """Activations from the family's latent tokens at the run's size; Flux-dev's distilled
+    guidance runs one batch, SD3's CFG two; the VAE decode whole and tiled."""
+    from diffusers import FluxTransformer2DModel
+
+    from app.models.budget import needs_of, run_size, work_of
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux)
+    assert run_size({}, "flux") == (1024, 1024, 1) and run_size({"size": (768, 512)}, None) == (768, 512, 1)
+    at_1024, _ = work_of(transformer, "transformer", "flux", (1024, 1024, 1))
+    at_2048, _ = work_of(transformer, "transformer", "flux", (2048, 2048, 1))
+    assert at_2048 > at_1024
+    guided, _ = work_of(transformer, "transformer", "sd3", (1024, 1024, 1))
+    assert guided > at_1024  # same tokens and width, two batches
+    (model, encoders, vae), _ = _load_under(sd3, {})
+    whole, tiled = work_of(vae.vae, "vae", "sd3", (1024, 1024, 1), element_size=4)  # fp32 weights
+    assert tiled < whole
+    needs = {n.name: n for n in needs_of({"t5": (encoders.slots["t5"][1], "text_encoder"), "vae": (vae.vae, "vae")},
+                                         "sd3", {"size": (2048, 2048)})}
+    assert needs["vae"].work > whole and needs["vae"].tiled_work == tiled
+
+
+def test_text_encoder_loader_plans_alone(tmp_path, monkeypatch):
+    """A separately loaded text encoder over its share of the budget is off the GPU between uses
+    (the share is zeroed: a tiny T5 is far below a quarter of any budget its activations fit)."""
+    from app.models import memory
+    from tests.fixtures.tiny_models import components
+
+    monkeypatch.setattr(memory, "ENCODER_SHARE", 0.0)
+    parts = components("sd3")
+    folder = tmp_path / "t5"
+    parts["text_encoder_3"].save_pretrained(folder)
+    parts["tokenizer_3"].save_pretrained(folder)
+    for vram, residency in ((GIB, "offload"), (0, "resident")):
+        events = []
+        ctx = RunContext("r", "n", "TextEncoderLoader", torch.device("cpu"), Path("."), {}, events.append,
+                         threading.Event(), memory={"vram": vram})
+        token = set_current(ctx)
+        try:
+            encoders = loaders.TextEncoderLoader(str(folder), dtype="fp32", device="cpu")
+        finally:
+            reset_current(token)
+        assert encoders.residency == residency and events[-1]["type"] == "memory_plan"
+        assert encoders.memory and encoders.memory[0]["name"] == "t5"
+
+
+def test_the_run_size_reaches_the_loaders_plan():
+    """The largest constant width × height (× frames) of a workflow sizes the loaders' working
+    memory: a node running under the engine sees it in ``current().memory["size"]``."""
+    from app.core.context import current
+    from app.core.registry import Registry, node
+    from app.core.types import LATENT
+    from app.core.workflow import Workflow
+
+    seen = []
+
+    @node(category="test", outputs={"latent": LATENT}, name="SizedThing")
+    def sized_thing(width: int = 64, height: int = 64, frames: int = 1):
+        seen.append(current().memory.get("size"))
+        return None
+
+    registry = Registry()
+    registry.add(sized_thing)
+    engine = Engine(registry=registry, device="cpu", memory=memory_settings("8GB"))
+    nodes = {"a": {"type": "SizedThing", "inputs": {"width": 1024, "height": 768}},
+             "b": {"type": "SizedThing", "inputs": {"width": 832, "height": 480, "frames": 33}}}
+    workflow = {"format": "ditgraph/workflow", "version": 1, "nodes": nodes, "meta": {"name": "sized"}}
+    assert Workflow.from_dict(workflow).output_size() == (480, 832, 33)  # the most pixels × frames
+    engine.run(workflow, targets=["a", "b"]).raise_for_status()
+    assert seen == [(480, 832, 33)] * 2
+    assert Workflow.from_dict({**workflow, "nodes": {"c": {"type": "SizedThing", "inputs": {}}}}).output_size() is None
+
+
+def test_a_model_moved_back_makes_room_first():
+    """A model used again after a switch asks the memo cache for room before its weights return
+    (the switch test's third stage); without a budget nothing is asked."""
+    from diffusers import AutoencoderKL
+
+    from app.models.handles import VAEHandle
+
+    def tiny_vae():
+        return AutoencoderKL(block_out_channels=[8], layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                             down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"])
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in tiny_vae().parameters())
+    asked = []
+    for memory, expected in (({"vram": GIB, "make_room": asked.append}, [weight_bytes]), ({"make_room": asked.append}, [])):
+        asked.clear()
+        vae = VAEHandle(tiny_vae(), torch.device("meta"), torch.float32)  # a device that is not the CPU
+        ctx = RunContext("r", "n", "VAEDecode", torch.device("cpu"), Path("."), {}, lambda e: None, threading.Event(),
+                         memory=memory)
+        token = set_current(ctx)
+        try:
+            vae.ensure_device()
+            vae.ensure_device()  # already there: nothing moves, nothing asked
+        finally:
+            reset_current(token)
+        assert asked == expected

@@ -154,3 +154,103 @@ def test_need_of_measures_blocks_and_dtype():
     assert need.blocks == 5 and need.bytes_per_param == 2
     assert 0 < need.block_params < need.params
     assert need_of(model, "x", bytes_per_param=1.0).weight_bytes == need.params
+
+
+# -- working memory from the input size, VAE tiling, models loaded on their own (issue 17) --------
+
+FLUX_TOKENS, FLUX_WIDTH = 4096 + 512, 3072  # Flux-dev at 1024²: latent tokens + T5 tokens, inner width
+
+
+def test_working_memory_scales_with_resolution_and_frames():
+    from app.models.memory import WORK_FLOOR, activation_work, vae_work
+
+    at_1024 = activation_work(FLUX_TOKENS, FLUX_WIDTH)
+    at_2048 = activation_work(4 * 4096 + 512, FLUX_WIDTH)
+    assert 0.7 * GIB < at_1024 < 1.2 * GIB  # calibrated: ~1 GiB above the weights, measured
+    assert at_2048 > 3 * (at_1024 - WORK_FLOOR)
+    assert activation_work(FLUX_TOKENS, FLUX_WIDTH, batch=2) > at_1024  # CFG batched doubles activations
+    assert WORK_FLOOR < activation_work(8, 16) < WORK_FLOOR + (1 << 20)  # tiny inputs: about the floor
+    assert vae_work(1024, 1024, frames=33) > 30 * vae_work(1024, 1024) - 30 * WORK_FLOOR
+    assert vae_work(2048, 2048, tiled=True) == vae_work(512, 512) < vae_work(1024, 1024)
+
+
+def _run_12gb(vae_tiles: bool):
+    from app.models.memory import activation_work, vae_work
+
+    flux = ModelNeed("flux", FLUX.params, 1.0, FLUX.blocks, FLUX.block_params,  # fp8 storage
+                     work_bytes=activation_work(FLUX_TOKENS, FLUX_WIDTH))
+    t5 = ModelNeed("t5", T5.params, 2.0, T5.blocks, T5.block_params, activation_work(512, 4096, 2),
+                   role="text_encoder")
+    vae = ModelNeed("vae", VAE.params, 2.0, role="vae", work_bytes=vae_work(1024, 1024),
+                    tiled_work=vae_work(1024, 1024, tiled=True) if vae_tiles else None)
+    return plan_memory([t5, CLIP, flux, vae], 12 * GIB, reserve=GIB // 2)
+
+
+def test_12gb_tiles_the_vae_rather_than_give_up_transformer_blocks():
+    tiled, whole = _run_12gb(vae_tiles=True).by_name(), _run_12gb(vae_tiles=False).by_name()
+    assert tiled["vae"].tiled and not whole["vae"].tiled
+    assert tiled["flux"].resident_blocks > whole["flux"].resident_blocks
+    assert "decoded in tiles" in tiled["vae"].reason
+    assert any("decoded in tiles" in line for line in describe(_run_12gb(True))["lines"])
+
+
+def test_12gb_moves_t5_off_before_sampling():
+    """T5-XXL keeps nothing on the GPU between uses: the transformer has the VRAM while it samples."""
+    plan = _run_12gb(vae_tiles=True)
+    t5, flux = plan.by_name()["t5"], plan.by_name()["flux"]
+    assert t5.mode in ("model", "blocks") and t5.resident_bytes == 0
+    assert flux.mode == "stream" and flux.resident_blocks > FLUX.blocks // 2
+    assert plan.peak <= 12 * GIB - GIB // 2
+
+
+def test_a_big_budget_decodes_whole():
+    from app.models.memory import vae_work
+
+    vae = ModelNeed("vae", VAE.params, 2.0, role="vae", work_bytes=vae_work(1024, 1024),
+                    tiled_work=vae_work(1024, 1024, tiled=True))
+    plan = plan_memory([T5, CLIP, FLUX, vae], 80 * GIB)
+    assert not plan.by_name()["vae"].tiled and set(_modes(plan).values()) == {"resident"}
+
+
+def test_a_vae_that_fits_only_tiled_is_tiled_and_one_that_cannot_tile_is_refused():
+    from app.models.memory import vae_work
+
+    big = dict(work_bytes=vae_work(4096, 4096))  # 24 GiB untiled
+    assert plan_memory([ModelNeed("vae", VAE.params, role="vae", tiled_work=vae_work(4096, 4096, tiled=True), **big)],
+                       8 * GIB).placements[0].tiled
+    with pytest.raises(BudgetError, match="vae needs at least"):
+        plan_memory([ModelNeed("vae", VAE.params, role="vae", **big)], 8 * GIB)
+
+
+@pytest.mark.parametrize("need,budget,mode", [
+    (T5, 12 * GIB, "model"),  # 8.9 GiB: over a quarter of the budget, on the GPU only while it encodes
+    (T5, 48 * GIB, "resident"),
+    (CLIP, 12 * GIB, "resident"),
+    (VAE, 12 * GIB, "resident"),
+    (T5, 0, "resident"),  # no budget
+    (T5, 6 * GIB, "stream"),  # does not fit whole: streamed blocks
+])
+def test_a_model_loaded_on_its_own(need, budget, mode):
+    from app.models.memory import plan_alone
+
+    placement = plan_alone(need, budget).placements[0]
+    assert placement.mode == mode
+    if mode == "model":
+        assert placement.resident_bytes == 0 and "only while it encodes" in placement.reason
+
+
+def test_a_model_loaded_on_its_own_obeys_a_request():
+    from app.models.memory import plan_alone
+
+    assert plan_alone(T5, 12 * GIB, requested="resident").placements[0].mode == "resident"
+
+
+def test_a_transformer_that_fits_only_while_it_runs_keeps_blocks_instead():
+    """fp8 Flux-dev (11.1 GiB) under 12 GiB would fit whole only while it runs; moving it in
+    and out for every image loses to keeping 50+ blocks and streaming the rest."""
+    from app.models.memory import activation_work
+
+    flux = ModelNeed("flux", FLUX.params, 1.0, FLUX.blocks, FLUX.block_params,
+                     work_bytes=activation_work(FLUX_TOKENS, FLUX_WIDTH))
+    placement = plan_memory([T5, CLIP, flux, VAE], 12 * GIB).by_name()["flux"]
+    assert placement.mode == "stream" and placement.resident_blocks >= 50
