@@ -214,6 +214,8 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
             emit_json({**event, **({} if number is None else {"batch": number})})
         elif event.get("type") == "run_retrying":
             err(f"{label(number)}{event.get('reason')}; running it again")
+        elif progress is not None:  # the workers' engine events, relayed by the queue: drawn as a local run's
+            progress(event, key=number, label=label(number))
 
     def on_result(number: int | None, record) -> None:
         duration = (record.finished - record.started) if record.finished and record.started else 0.0
@@ -226,7 +228,7 @@ def _run_on_ray(args, registry, workflows, targets, out_root: Path) -> list[str]
 
     def on_progress(done: int, total: int, running: int) -> None:
         if progress is not None:
-            progress.draw(f"ray: {done}/{total} done, {running} running", force=True)
+            progress.status(f"ray: {done}/{total} done, {running} running ·")
 
     hooks = BatchHooks(on_event=on_event, on_result=on_result, on_note=err, on_progress=on_progress, on_abort=_abort)
     try:

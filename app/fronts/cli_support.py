@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
@@ -69,54 +71,90 @@ def natural(text: str) -> tuple:
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
+@dataclass
+class _RunState:
+    """What the progress line knows of one run."""
+
+    label: str = ""
+    total_nodes: int = 0
+    done_nodes: int = 0
+    node: str = ""
+
+
 class ProgressLine:
-    """One self-updating status line on stderr (only on a TTY)."""
+    """One self-updating status line on stderr (only on a TTY): a run's nodes and its sampler's step bar.
+
+    Several runs may share it (a Ray batch): each event names its run (``key``) and the line shows
+    the run that sent the latest one, after ``prefix`` (the batch's counts). Events may arrive on
+    other threads than the one that sets the prefix, hence the lock.
+    """
 
     def __init__(self, stream, label: str = ""):
         self.stream = stream
         self.label = label
-        self.total_nodes = 0
-        self.done_nodes = 0
-        self.node = ""
+        self.prefix = ""
+        self.runs: dict[Any, _RunState] = {}
+        self.shown: Any = None  # the key of the run the line shows
+        self.detail = ""
         self.last_draw = 0.0
         self.visible = False
+        self._lock = threading.RLock()
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: dict, key: Any = None, label: str | None = None) -> None:
+        """Take one engine event of run ``key`` (labelled ``label``, else the line's own label)."""
         kind = event.get("type")
-        if kind == "run_started":
-            self.total_nodes = len(event.get("nodes") or [])
-            self.done_nodes = 0
-            self.draw("starting", force=True)
-        elif kind == "node_started":
-            self.node = f"{event.get('node')} {event.get('node_type', '')}".strip()
-            self.draw("", force=True)
-        elif kind in ("node_finished", "node_cached"):
-            self.done_nodes += 1
-            self.draw("", force=True)
-        elif kind == "progress":
-            step, total = event.get("step", 0), max(1, event.get("total") or 1)
-            width = 24
-            filled = int(width * step / total)
-            eta = event.get("eta")
-            # at most 10 redraws a second, but the first and the last step always show (a fast run
-            # of a few steps would otherwise show no bar at all)
-            self.draw(f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
-                      + (f" ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""), force=step in (1, total))
-        elif kind in ("run_finished", "run_failed", "run_cancelled"):
-            self.clear()
+        with self._lock:
+            run = self.runs.setdefault(key, _RunState(self.label if label is None else label))
+            if key != self.shown:
+                self.shown, self.detail = key, ""
+            if kind == "run_started":
+                run.total_nodes, run.done_nodes = len(event.get("nodes") or []), 0
+                self.draw("starting", force=True)
+            elif kind == "node_started":
+                run.node = f"{event.get('node')} {event.get('node_type', '')}".strip()
+                self.draw("", force=True)
+            elif kind in ("node_finished", "node_cached"):
+                run.done_nodes += 1
+                self.draw("", force=True)
+            elif kind == "progress":
+                step, total = event.get("step", 0), max(1, event.get("total") or 1)
+                width = 24
+                filled = int(width * step / total)
+                eta = event.get("eta")
+                # at most 10 redraws a second, but the first and the last step always show (a fast run
+                # of a few steps would otherwise show no bar at all)
+                self.draw(f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+                          + (f" ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""), force=step in (1, total))
+            elif kind in ("run_finished", "run_failed", "run_cancelled"):
+                self.runs.pop(key, None)
+                self.shown = None
+                self.clear()
+
+    def status(self, prefix: str) -> None:
+        """Set the text before the run's state (a batch's counts) and redraw at most 10 times a second."""
+        with self._lock:
+            self.prefix = prefix
+            self.draw(self.detail)
 
     def draw(self, detail: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        text = f"{self.label}nodes {self.done_nodes}/{self.total_nodes} {self.node} {detail}".rstrip()
-        self.stream.write("\r\x1b[K" + text[:200])
-        self.stream.flush()
-        self.visible = True
+        with self._lock:
+            self.detail = detail
+            now = time.monotonic()
+            if not force and now - self.last_draw < 0.1:
+                return
+            self.last_draw = now
+            run = self.runs.get(self.shown)
+            parts = [self.prefix]
+            if run is not None:
+                parts += [f"{run.label}nodes {run.done_nodes}/{run.total_nodes}", run.node, detail]
+            text = " ".join(part for part in parts if part)
+            self.stream.write("\r\x1b[K" + text[:200])
+            self.stream.flush()
+            self.visible = True
 
     def clear(self) -> None:
-        if self.visible:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.visible = False
+        with self._lock:
+            if self.visible:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self.visible = False

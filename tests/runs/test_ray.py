@@ -329,6 +329,33 @@ def test_cli_run_batch_on_ray(cluster, pool, tmp_path, capsys, monkeypatch):
         assert any(e.get("type") == "progress" and e.get("batch") == r["batch"] for e in lines)
 
 
+def test_cli_video_run_on_ray_draws_the_workers_step_bar(cluster, pool, tmp_path, capsys, monkeypatch):
+    """`ditgraph run --ray` of a tiny Wan video workflow on a terminal: the worker's step events,
+    relayed through the run queue, draw the same bar as a local run, after the batch's counts."""
+    from tests.fixtures.terminal import Terminal
+    from tests.fixtures.tiny_video import STEPS, save_video_family
+    from tests.fixtures.tiny_video import workflow as video_workflow
+
+    save_video_family("wan", tmp_path / "models" / "checkpoints" / "tiny-wan")
+    graph = tmp_path / "wan.json"
+    graph.write_text(json.dumps(video_workflow("wan")))
+    monkeypatch.setattr(paths, "_overrides", dict(paths._overrides))
+    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
+    monkeypatch.setenv("DITGRAPH_RAY_WORKERS", "1")
+    monkeypatch.setenv("DITGRAPH_RAY_CPUS_PER_WORKER", "0.5")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = cli_main(["run", str(graph), "--models", str(tmp_path / "models"), "--output-dir", str(tmp_path / "out"),
+                     "--device", "cpu", "--ray", "auto"])
+    out = capsys.readouterr().out
+    assert code == 0, (out, terminal.getvalue()[-2000:])
+    bars = [line for line in terminal.lines() if line.startswith("ray: 0/1 done, 1 running · nodes ")
+            and "sample Sampler [" in line]
+    assert any(f"[{'#' * 24}] {STEPS}/{STEPS}" in line for line in bars), terminal.lines()
+    assert any(line.startswith("saved ") and line.endswith(".mp4 (video: 9 frames at 8 fps, 16x16)")
+               for line in out.splitlines()), out
+
+
 def test_a_normal_run_does_not_import_ray(no_ray_check):
     _, stderr = no_ray_check.communicate(timeout=120)
     assert no_ray_check.returncode == 0, stderr[-2000:]
