@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from app.models.sampling.previews import STRIP_FRAMES, STRIP_GAP, Previewer, preview_image
+from app.models.sampling.previews import STRIP_FRAMES, STRIP_GAP, Previewer, _preview_latent, preview_image
 
 MODEL = SimpleNamespace(preview_projection=lambda: None, defaults={}, family="wan")
 
@@ -36,3 +36,25 @@ def test_previewer_sends_the_strip_and_subsamples_large_frames():
     latent = torch.randn(1, 16, 21, 60, 104)  # Wan 480p x 81 frames
     image = Previewer(MODEL, interval=0.0, max_size=64)(1, 10, latent)
     assert isinstance(image, np.ndarray) and image.shape[0] == 30 and image.shape[1] == 4 * 52 + 3 * STRIP_GAP
+
+
+def test_a_video_preview_takes_no_tensor_from_the_host():
+    """Picking the strip's frames builds no index tensor on the host: on a GPU that tensor is
+    copied in with a synchronisation, which would stall the sampler at every preview."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    latent = _video_latent(9)
+    ops = Ops()
+    with ops:
+        picked = _preview_latent(latent, 64)
+    assert not [n for n in ops.names if "lift_fresh" in n or n.startswith("aten.index.")], ops.names
+    assert torch.equal(picked, latent[0, :, [0, 3, 5, 8]])

@@ -111,4 +111,6 @@ def test_ltx_frame_rate_sets_the_time_scale_of_positions():
     slow = ltx.native_kwargs(handle, x, torch.zeros(1), SimpleNamespace(extras={"frame_rate": 8.0}))
     assert default["rope_interpolation_scale"] == (8 / 25, 32, 32) and slow["rope_interpolation_scale"][0] == 1.0
     assert tuple(default["hidden_states"].shape) == (1, 2 * 2 * 3, 8)  # packed tokens (F*H*W, C)
+    # contiguous, as the pipeline's: a strided view would send proj_in down a batched-matmul path
+    assert default["hidden_states"].is_contiguous()
     assert (default["num_frames"], default["height"], default["width"]) == (2, 2, 3)

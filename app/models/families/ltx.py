@@ -43,7 +43,11 @@ class LTXVideo(Family):
         p, pt = self.patch_size(handle.config), self.temporal_patch_size(handle.config)
         _, _, f, h, w = x_in.shape
         rate = float((getattr(cond, "extras", None) or {}).get("frame_rate", self.default_fps))
-        return {"hidden_states": LTXPipeline._pack_latents(x_in, p, pt).to(handle.dtype), "timestep": timestep,
+        # contiguous as the pipeline's (which packs once): the packed view of a (B, C, F, H, W) latent
+        # is strided, and proj_in would then take a slower batched-matmul path at every step
+        packed = LTXPipeline._pack_latents(x_in, p, pt)
+        tokens = torch.empty_like(packed, dtype=handle.dtype, memory_format=torch.contiguous_format).copy_(packed)
+        return {"hidden_states": tokens, "timestep": timestep,
                 "encoder_hidden_states": embeds, "encoder_attention_mask": mask,
                 "num_frames": f // pt, "height": h // p, "width": w // p,
                 "rope_interpolation_scale": (self.temporal_factor / rate, self.vae_factor, self.vae_factor)}

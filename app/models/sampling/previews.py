@@ -27,7 +27,9 @@ def _preview_latent(x0: torch.Tensor, max_size: int) -> torch.Tensor:
         return x0[0, :, ::step, ::step].float()
     frames = x0.shape[2]
     picked = torch.linspace(0, frames - 1, min(frames, STRIP_FRAMES)).round().long().unique().tolist()
-    return x0[0, :, picked, ::step, ::step].float()
+    # slices joined, not x0[..., picked, ...]: a list index is a host tensor that a GPU copies in
+    # with a synchronisation, stalling the sampler at every preview
+    return torch.cat([x0[0, :, i:i + 1, ::step, ::step] for i in picked], dim=1).float()
 
 
 def _to_rgb(model: ModelHandle, latent: torch.Tensor) -> np.ndarray:
