@@ -8,8 +8,10 @@ at 1024², 28 steps, bf16, on one GPU. Both sides share the very same modules in
 "ours" is text encode -> Sampler -> VAE decode run through the Engine (or, if the engine's
 dependencies are missing on the device, the same node functions called in order), "pipeline"
 is ``PixArtSigmaPipeline(...)`` / ``FluxPipeline(...)`` / ... with the same seed's initial noise.
-Reports end-to-end seconds (median of --repeats after a warm-up), the ratio ours/pipeline
-(target <= 1.03), the transformer's TFLOP per step (counted with torch's FlopCounterMode) and
+Reports end-to-end seconds (median of --repeats after a warm-up of each side; the sides
+interleaved, alternating which goes first, a full garbage collection before each run and the
+collections' pauses inside a run recorded), the spread, minima and per-stage medians (encode,
+sample, decode) of both sides, the ratio ours/pipeline (target <= 1.03), the transformer's TFLOP per step (counted with torch's FlopCounterMode) and
 the achieved TFLOP/s against the bf16 matmul ceiling measured on the same GPU in the same run
 (bench.gpu_speed.matmul_tflops, 8192³; until 2026-12-02 a 732 TFLOP/s H100 constant), and the
 relative L2 between the two decoded images.
@@ -24,6 +26,9 @@ pipelines with output_type "pt"); the relative L2 is over all frames. Same 28 st
 rows on both sides (the pipelines default to 50) and 33 rather than Wan's native 81 frames, so
 that ``--models wan,ltx --repeats 3`` (build, one warm-up and three runs per side) stays under
 250 s on one H200 (VIDEO_CHOICE, recorded in each video row; --frames overrides the frames).
+Without --repeats, a video row repeats until each side has about --timed-seconds of timed runs
+(3 to 15): LTX-Video's 2 s runs are bound by the host launching ~3000 kernels a step, so they
+vary with the host from run to run and need more of them than Wan's 11 s.
 
 Needs only torch, transformers and diffusers (plus this repository):
 
@@ -38,6 +43,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import platform
 import statistics
 import string
@@ -425,14 +431,63 @@ def pipeline_runner(family: str, parts: dict, size: int, steps: int, cfg: float,
     shape = dict(height=size, width=size)
     if video:
         shape = dict(height=video["height"], width=video["width"], num_frames=video["frames"])
+    clock = StageClock(parts["transformer"].device)
+    clock.wrap(pipe, "encode_prompt", "encode")  # an instance attribute: the class is untouched
+    clock.wrap(pipe.vae, "decode", "sample")  # the loop ends where the decode starts
 
     def run() -> torch.Tensor:
+        clock.start()
         with torch.no_grad():
             out = pipe(PROMPT, num_inference_steps=steps, output_type="pt", **shape, **kwargs)
         pixels = out.frames[0] if video else out.images  # (F or B, 3, H, W)
-        return pixels.permute(0, 2, 3, 1).float().cpu()
+        pixels = pixels.permute(0, 2, 3, 1).float().cpu()
+        clock.stop("decode")  # the decode, post-processing and the copy to the host, as ours' decode node
+        return pixels
 
+    run.timings = clock.timings
     return run
+
+
+class StageClock:
+    """Per-stage seconds of one pipeline call: ``wrap(obj, method, stage)`` ends ``stage`` when
+    ``method`` is entered (for "encode": when it returns), with the GPU synchronised there. Two
+    synchronisations a run, at points where the pipeline's next stage waits on the last anyway.
+    Only between ``start`` and ``stop``: ours calls the same VAE's decode."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self.active = False
+        self._last = 0.0
+
+    def start(self) -> None:
+        self.timings.clear()
+        self.active = True
+        self._last = time.perf_counter()
+
+    def stop(self, stage: str) -> None:
+        self.mark(stage)
+        self.active = False
+
+    def mark(self, stage: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 4)
+        self._last = now
+
+    def wrap(self, obj, method: str, stage: str) -> None:
+        inner = getattr(obj, method)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            if self.active and stage != "encode":
+                self.mark(stage)
+            out = inner(*args, **kwargs)
+            if self.active and stage == "encode":
+                self.mark(stage)
+            return out
+
+        setattr(obj, method, timed)
 
 
 def ours_runner(family: str, parts: dict, size: int, steps: int, cfg: float, seed: int, device: torch.device,
@@ -575,6 +630,58 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device) -> tuple[float, object, float]:
+    """(seconds, fn's result, seconds of Python garbage collection inside) of one run; a full
+    collection first, so that no side pays for the garbage the other left."""
+    gc.collect()
+    paused = [0.0, 0.0]  # seconds in collections, start of the current one
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            paused[1] = time.perf_counter()
+        else:
+            paused[0] += time.perf_counter() - paused[1]
+
+    sync(device)
+    gc.callbacks.append(watch)
+    try:
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        gc.callbacks.remove(watch)
+    return seconds, out, paused[0]
+
+
+def auto_repeats(run_seconds: float, timed_seconds: float, least: int = 3, most: int = 15) -> int:
+    """Timed runs per side: ``least``, or enough for about ``timed_seconds`` per side when a run is
+    short (LTX-Video's 2 s runs, bound by the host launching kernels, vary more than Wan's 11 s)."""
+    if timed_seconds <= 0 or run_seconds <= 0:
+        return least
+    return max(least, min(most, math.ceil(timed_seconds / run_seconds)))
+
+
+def spread(values: list[float]) -> dict:
+    """How much one side's run times vary: min, quartiles, max and (max - min) / median."""
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
+    median = statistics.median(ordered)
+    return {"min": round(ordered[0], 4), "q1": round(q[0], 4), "median": round(median, 4), "q3": round(q[2], 4),
+            "max": round(ordered[-1], 4), "range_over_median": round((ordered[-1] - ordered[0]) / median, 3)}
+
+
+def stage_medians(rows: list[dict]) -> dict:
+    """Median seconds of each stage over the runs of one side."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: round(statistics.median(row[name] for row in rows if name in row), 4) for name in names}
+
+
+def ratio_of(medians: dict, stage: str) -> float | None:
+    ours, pipe = medians["ours"].get(stage), medians["pipeline"].get(stage)
+    return round(ours / pipe, 4) if ours and pipe else None
+
+
 def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from app.models.sampling import make_noise
 
@@ -606,24 +713,26 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
     run_pipe = pipeline_runner(family, parts, size, steps, args.cfg, noise, video=video)
     run_ours, mode, timings = ours_runner(family, parts, size, steps, args.cfg, args.seed, device, dtype, video=video)
 
-    def timed(fn):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        return time.perf_counter() - start, out
-
-    # warm-up (allocator, kernels, cuBLAS handles) then interleave so drift hits both sides alike
-    timed(run_pipe)
-    timed(run_ours)
-    ours_s, pipe_s, sample_s = [], [], []
+    # each side warmed up (allocator, kernels, cuBLAS/cuDNN handles), then runs interleaved with the
+    # order alternating (pipeline first, then ours first, ...) so drift and position hit both alike
+    warm = {"pipeline": timed(run_pipe, device)[0], "ours": timed(run_ours, device)[0]}
+    repeats = args.repeats or auto_repeats(max(warm.values()), args.timed_seconds if video else 0.0)
+    runs = {"pipeline": [], "ours": []}
+    stages = {"pipeline": [], "ours": []}
+    sides = {"pipeline": (run_pipe, run_pipe.timings), "ours": (run_ours, timings)}
     image_ours = image_pipe = None
-    for _ in range(args.repeats):
-        t, image_pipe = timed(run_pipe)
-        pipe_s.append(t)
-        t, image_ours = timed(run_ours)
-        ours_s.append(t)
-        sample_s.append(timings.get("sample"))
+    for i in range(repeats):
+        for side in ("pipeline", "ours") if i % 2 == 0 else ("ours", "pipeline"):
+            fn, stage_timings = sides[side]
+            seconds, image, paused = timed(fn, device)
+            runs[side].append({"s": round(seconds, 4), "gc_s": round(paused, 4)})
+            stages[side].append(dict(stage_timings))
+            if side == "ours":
+                image_ours = image
+            else:
+                image_pipe = image
+    ours_s, pipe_s = [r["s"] for r in runs["ours"]], [r["s"] for r in runs["pipeline"]]
+    sample_s = [t.get("sample") for t in stages["ours"]]
     ours_med, pipe_med = statistics.median(ours_s), statistics.median(pipe_s)
     tflop = transformer_tflop_per_step(family, parts, size, guided, latent=shape)
     if image_ours.shape != image_pipe.shape:  # would broadcast silently in the difference
@@ -645,12 +754,24 @@ def bench_family(family: str, args, device: torch.device, dtype: torch.dtype) ->
         "ratio_target": 1.03,
         "ratio_ok": ours_med / pipe_med <= 1.03,
         "ours_stage_timings_s": dict(timings),
+        "repeats": repeats, "order": "interleaved, alternating which side runs first; gc.collect() before each run",
+        "warmup_s": {k: round(v, 4) for k, v in warm.items()},
+        "ours_min_s": round(min(ours_s), 4), "pipeline_min_s": round(min(pipe_s), 4),
+        "ratio_of_min_times": round(min(ours_s) / min(pipe_s), 4),
+        "spread": {side: spread([r["s"] for r in rows]) for side, rows in runs.items()},
+        "gc_pause_s": {side: round(sum(r["gc_s"] for r in rows), 4) for side, rows in runs.items()},
+        "stage_medians_s": {side: stage_medians(rows) for side, rows in stages.items()},
         "transformer_tflop_per_step": None if tflop is None else round(tflop, 3),
         "image_rel_l2_ours_vs_pipeline": round(diff, 5) if diff == diff else None,
     }
     if video:  # over every frame; issue 18's target for the video rows is 1.02
         result.update(size=None, **video, frames_decoded=image_ours.shape[0], video_choice=VIDEO_CHOICE,
                       ratio_target=VIDEO_RATIO_TARGET, ratio_ok=ours_med / pipe_med <= VIDEO_RATIO_TARGET)
+    # the loop alone (text encoding and decoding left out), and the decode alone
+    result["ratio_by_stage"] = {stage: ratio_of(result["stage_medians_s"], stage) for stage in ("sample", "decode")}
+    if result["ratio_by_stage"]["sample"] is not None:
+        result["sample_ms_per_step"] = {side: round(1000 * st["sample"] / steps, 2)
+                                        for side, st in result["stage_medians_s"].items() if "sample" in st}
     if tflop is not None:
         total = tflop * steps
         result["tflops_end_to_end_ours"] = round(total / ours_med, 1)
@@ -677,7 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="pixart,flux", help="comma list: pixart, flux, qwen-image, hidream, wan, ltx")
     parser.add_argument("--size", type=int, default=None, help="image size (default 1024; --tiny: 32)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 28; --tiny: 2)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per side (default 3; video rows: enough for --timed-seconds, 3 to 15)")
+    parser.add_argument("--timed-seconds", type=float, default=30.0,
+                        help="video rows without --repeats: about this many timed seconds per side")
     parser.add_argument("--cfg", type=float, default=4.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=None,

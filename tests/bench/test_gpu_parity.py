@@ -33,6 +33,10 @@ def test_tiny_video_rows(tmp_path):
         assert row["ours_mode"].startswith("Engine.run") and row["ratio_ours_over_pipeline"] > 0
         assert row["transformer_tflop_per_step"] is not None and "28 steps" in row["video_choice"]
         assert row["ours_stage_timings_s"]["sample"] > 0
+        # both sides' stages, over interleaved runs
+        assert row["repeats"] == 1 and set(row["stage_medians_s"]["pipeline"]) == {"encode", "sample", "decode"}
+        assert row["ratio_by_stage"]["sample"] > 0 and row["ratio_by_stage"]["decode"] > 0
+        assert row["spread"]["ours"]["min"] == row["ours_min_s"] and row["gc_pause_s"]["pipeline"] >= 0
     assert (wan["family"], ltx["family"]) == ("wan", "ltx")
     assert ltx["image_rel_l2_ours_vs_pipeline"] < 1e-4  # same schedule, same modules, fp32: the same frames
     # Wan's pipeline spaces timesteps 1000..1 (2 steps: sigmas 1, 0.009, 0), ours 1..0 (1, 0.75, 0): the frames
@@ -43,3 +47,8 @@ def test_tiny_video_rows(tmp_path):
 def test_frames_that_do_not_fit_the_vae_are_refused(tmp_path):
     with pytest.raises(ValueError, match="frames must be a multiple of 8 plus 1 for ltx"):
         gpu_parity.main(["--tiny", "--models", "ltx", "--frames", "12", "--out", str(tmp_path / "x.json")])
+
+
+def test_short_video_runs_get_more_repeats():
+    assert gpu_parity.auto_repeats(2.0, 30.0) == 15 and gpu_parity.auto_repeats(11.0, 30.0) == 3
+    assert gpu_parity.auto_repeats(8.0, 30.0) == 4 and gpu_parity.auto_repeats(2.0, 0.0) == 3
