@@ -25,7 +25,10 @@ transformer (training/RUNS-video.md has the plan and the exact commands):
     python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --vae-only --vae-minutes 7
     python -m training.train_video --out $OUT/shapes-video --resume models/shapes-video --minutes 8.5 [--decoder-minutes 1]
 CPU smoke test: python -m training.train_video --tiny --steps 3 --out /tmp/sv; the VAE recipe on CPU:
-training/vae_probe.py.
+training/vae_probe.py. Options added after V2 (all off by default, so earlier calls reproduce):
+--vae-edge-weight (loss weight near object edges: V2 lost shape accuracy to blurred edges),
+--vae-decay-frac, --vae-save-opt (AdamW state between VAE calls), --latent-reuse K (DiT: K steps per
+rendered and encoded batch), --compile (torch.compile of the training forwards).
 Output: a diffusers-layout folder (vae/, transformer/ = EMA weights, scheduler/, fp16 safetensors,
 ditgraph.json, train_state.json). Resuming continues from the saved fp16 weights with a fresh
 optimizer (what fits through the device tool's 64 MiB).
@@ -177,13 +180,13 @@ def fit_vae(vae, params, args, dev, fh, minutes: float, tag: str, seed: int, che
     """Train `params` of the VAE for `minutes` on random clips (warmup, then the lr decays linearly to
     10% over the last --vae-decay-frac of the call); returns (step count, optimizer). Logs the mean loss per 100
     steps (one batch's loss is too noisy to read); calls checkpoint(step, opt) every 150 s (a VAE-only
-    call then survives the device's time limit). opt_state: a saved AdamW state for `params` (no warmup)."""
+    call then survives the device's time limit). opt_state: a saved AdamW state for `params` (V2 restarted
+    with fresh moments and its loss spiked 0.039 -> 0.056 before recovering ~300 steps later; the warmup
+    still runs, since the lr itself also jumps back from the last call's decayed value)."""
     opt = torch.optim.AdamW(params, lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = args.vae_warmup
     if opt_state is not None:
         load_opt_state(opt, opt_state)
-        warmup = 1  # the moments are warm: a fresh warmup after a decayed lr cost V2 ~300 steps of loss spike
-        log(f"{tag}: AdamW state resumed (no warmup)", fh)
+        log(f"{tag}: AdamW state resumed", fh)
     gen = torch.Generator(device=dev).manual_seed(seed)
     start = time.time()
     deadline = start + minutes * 60
@@ -192,7 +195,7 @@ def fit_vae(vae, params, args, dev, fh, minutes: float, tag: str, seed: int, che
     while time.time() < deadline and (args.steps is None or step < args.steps):
         frac = (time.time() - start) / (minutes * 60)
         tail = max(0.0, frac - (1 - args.vae_decay_frac)) / max(args.vae_decay_frac, 1e-9)  # 0 -> 1 over the decay
-        lr = args.vae_lr * min(1.0, (step + 1) / warmup) * (1 - 0.9 * min(tail, 1.0))
+        lr = args.vae_lr * min(1.0, (step + 1) / args.vae_warmup) * (1 - 0.9 * min(tail, 1.0))
         for gp in opt.param_groups:
             gp["lr"] = lr
         batch, x = render_batch(args.vae_batch, gen, dev)
@@ -591,7 +594,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the VAE lr decays linearly to 10%% over this last fraction of each call (1: the whole call)")
     ap.add_argument("--vae-save-opt", action="store_true",
                     help=f"also save the VAE's AdamW state ({OPT_FILE}, bf16, 10 MB); a --resume folder holding one "
-                         "continues it without warmup")
+                         "continues it")
     ap.add_argument("--vae-eval-every", type=float, default=120, help="seconds between held-out recon checks (0: none)")
     ap.add_argument("--resume", default=None, help="model folder (vae/, transformer/, train_state.json) to continue")
     ap.add_argument("--minilm", default=None, help="MiniLM folder or training/text.py's trimmed copy")
