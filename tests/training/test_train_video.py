@@ -76,3 +76,74 @@ def test_tiny_smoke_run_vae_only_then_transformer_then_resume(tmp_path):
         tv.main(["--tiny", "--steps", "1", "--out", str(out), "--vae-minutes", "1"])
     state = tv.main(["--tiny", "--steps", "1", "--out", str(out), "--final-cfgs", "", "--decoder-minutes", "1"])
     assert state["dit_steps"] == 4 and state["decoder_finetunes"][0]["steps"] == 1
+
+
+def test_edge_weights_mark_only_pixels_near_object_edges():
+    batch, _ = tv.render_batch(2, torch.Generator().manual_seed(3), torch.device("cpu"))
+    w = tv.edge_weights(batch, 9.0)
+    assert w.shape == (2, 1, tv.FRAMES, tv.SIZE, tv.SIZE) and set(w.unique().tolist()) == {1.0, 10.0}
+    assert 0.005 < (w > 1).float().mean() < 0.15  # a thin band (4.3% of the pixels on held-out clips)
+    cx, cy = batch.scenes.cx[0, 0].item(), batch.scenes.cy[0, 0].item()
+    assert w[0, 0, 0, int(cy), int(cx)] == 1  # an object's centre is interior, not edge
+
+
+def test_vae_loss_edge_weight_keeps_the_scale_and_moves_the_focus():
+    torch.manual_seed(0)
+    batch, x = tv.render_batch(1, torch.Generator().manual_seed(4), torch.device("cpu"))
+    x = x[:, :, :5]
+    vae = tv.build_vae(tv.TINY_VAE, -6.0, x)
+    w = tv.edge_weights(batch, 9.0)[:, :, :5]
+    assert (w > 1).any()
+
+    def loss(weight):
+        torch.manual_seed(1)  # the same posterior sample
+        return tv.vae_loss(vae, x, 0.0, weight)[0].item()
+
+    assert loss(torch.ones_like(w)) == pytest.approx(loss(None), rel=1e-5)
+    assert loss(w) != pytest.approx(loss(None), rel=1e-3)
+
+
+def test_vae_optimizer_state_round_trips_in_bf16(tmp_path):
+    vae = tv.build_vae(tv.TINY_VAE, -6.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tv.save_opt_state(opt, str(tmp_path / tv.OPT_FILE))
+    fresh = torch.optim.AdamW(params)
+    tv.load_opt_state(fresh, torch.load(tmp_path / tv.OPT_FILE))
+    a, b = opt.state[params[0]], fresh.state[params[0]]
+    assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=1e-2) and b["exp_avg"].dtype == torch.float32
+    assert b["step"] == a["step"]
+    with pytest.raises(SystemExit, match="parameter tensors"):  # e.g. a decoder-only optimizer
+        tv.load_opt_state(torch.optim.AdamW(list(vae.decoder.parameters())), torch.load(tmp_path / tv.OPT_FILE))
+
+
+def test_vae_call_saves_and_resumes_its_optimizer(tmp_path, monkeypatch):
+    out = tmp_path / "sv"
+    tv.main(["--tiny", "--steps", "1", "--vae-only", "--vae-save-opt", "--vae-edge-weight", "9", "--out", str(out)])
+    assert (out / tv.OPT_FILE).exists()
+    loaded = []
+    monkeypatch.setattr(tv, "load_opt_state", lambda opt, saved: loaded.append(saved["n_params"]))
+    state = tv.main(["--tiny", "--steps", "1", "--vae-only", "--vae-minutes", "1", "--out", str(out)])
+    assert state["vae_steps"] == 2 and loaded == [len(list(AutoencoderKLWan(**tv.TINY_VAE).parameters()))]
+
+
+def test_dit_noised_draws_fresh_noise_and_drops_captions_to_unconditional():
+    x0, h, uncond = torch.randn(4, 4, 5, 16, 16), torch.randn(4, 40, 384), torch.zeros(1, 40, 384)
+    args = tv.parser().parse_args(["--out", "x", "--cfg-drop", "1.0"])
+    g = torch.Generator().manual_seed(0)
+    xt1, _, h1, _, _ = tv.dit_noised(args, x0, h, uncond, g, torch.device("cpu"))
+    xt2, *_ = tv.dit_noised(args, x0, h, uncond, g, torch.device("cpu"))
+    assert (h1 == 0).all() and not torch.equal(xt1, xt2)  # a reused batch still gets new noise
+
+
+def test_latent_reuse_encodes_once_per_k_steps(tmp_path, monkeypatch):
+    out = tmp_path / "sv"
+    tv.main(["--tiny", "--steps", "1", "--vae-only", "--out", str(out)])
+    calls = []
+    clean = tv.dit_clean
+    monkeypatch.setattr(tv, "dit_clean", lambda *a: calls.append(1) or clean(*a))
+    state = tv.main(["--tiny", "--steps", "5", "--latent-reuse", "2", "--final-cfgs", "", "--out", str(out)])
+    assert state["dit_steps"] == 5 and len(calls) == 3
