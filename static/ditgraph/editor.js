@@ -128,7 +128,15 @@ class Editor {
     this.canvas.show_info = false;
     this.canvas.low_quality_zoom_threshold = 0.4;
     this.settings.applyTheme();
-    this.canvas.showSearchBox = (event, opts) => this.openSearch(event, opts);
+    // litegraph opens the search itself only for a wire dropped on empty space (opts given); a
+    // double-click on empty canvas is the browser's own dblclick below, which follows the OS
+    // double-click time instead of litegraph's 300 ms timer (missed on a busy machine).
+    this.canvas.showSearchBox = (event, opts) => (opts ? this.openSearch(event, opts) : null);
+    this.canvasEl.addEventListener("dblclick", (event) => {
+      const [x, y] = this.canvas.convertEventToCanvasOffset(event);
+      if (this.graph.getNodeOnPos(x, y) || this.graph.getGroupOnPos(x, y)) return;
+      this.openSearch(event);
+    });
     this.canvas.getExtraMenuOptions = (_c, options) => this.extraCanvasMenu(options);
     this.canvas.onAfterChange = () => this.changed("after_change");
     this.canvas.onNodeDblClicked = (node) => {
