@@ -128,20 +128,22 @@ class Editor {
     this.canvas.show_info = false;
     this.canvas.low_quality_zoom_threshold = 0.4;
     this.settings.applyTheme();
-    // litegraph opens the search itself only for a wire dropped on empty space (opts given); a
-    // double-click on empty canvas is the browser's own dblclick below, which follows the OS
-    // double-click time instead of litegraph's 300 ms timer (missed on a busy machine).
+    // Double-clicks are the browser's own dblclick, which follows the OS double-click time, not
+    // litegraph's 300 ms timer (missed on a busy machine): on empty canvas it opens the search, on
+    // a node (not on a widget) its outputs. litegraph still opens the search for a wire dropped
+    // on empty space (opts given).
     this.canvas.showSearchBox = (event, opts) => (opts ? this.openSearch(event, opts) : null);
     this.canvasEl.addEventListener("dblclick", (event) => {
       const [x, y] = this.canvas.convertEventToCanvasOffset(event);
-      if (this.graph.getNodeOnPos(x, y) || this.graph.getGroupOnPos(x, y)) return;
-      this.openSearch(event);
+      const node = this.graph.getNodeOnPos(x, y);
+      if (node) {
+        if (!node.getWidgetOnPos(x, y) && node.outputUrls?.length) this.showImages(node.outputUrls);
+      } else if (!this.graph.getGroupOnPos(x, y)) {
+        this.openSearch(event);
+      }
     });
     this.canvas.getExtraMenuOptions = (_c, options) => this.extraCanvasMenu(options);
     this.canvas.onAfterChange = () => this.changed("after_change");
-    this.canvas.onNodeDblClicked = (node) => {
-      if (node.outputUrls?.length) this.showImages(node.outputUrls);
-    };
     this.canvas.onNodeMoved = () => this.changed("moved");
     this.graph.onNodeAdded = (node) => this.nodeAdded(node);
     this.graph.onNodeRemoved = () => this.changed("removed");

@@ -8,6 +8,7 @@ test places and wires every node itself. Screenshots go to test-artifacts/ui/.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -136,6 +137,16 @@ def test_build_txt2img_with_the_mouse_and_run(flow):
     lightbox.wait_for()
     tab.page.wait_for_function("document.querySelector('[data-testid=\"lightbox\"] img').naturalWidth > 0")
     tab.shot("24b_txt2img_lightbox")
+    tab.page.click('[data-testid="lightbox"]', position={"x": 5, "y": 5})
+    lightbox.wait_for(state="detached")
+    # a slow double-click (400 ms apart: within the OS double-click time, past litegraph's 300 ms) too
+    tab.page.mouse.move(*body)
+    tab.page.mouse.down(click_count=1)
+    tab.page.mouse.up(click_count=1)
+    time.sleep(0.4)
+    tab.page.mouse.down(click_count=2)
+    tab.page.mouse.up(click_count=2)
+    lightbox.wait_for()
     tab.page.click('[data-testid="lightbox"]', position={"x": 5, "y": 5})
     lightbox.wait_for(state="detached")
 
