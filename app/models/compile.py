@@ -226,7 +226,6 @@ class CompileReport(ModelPatch):
         emit({"type": "phase", "phase": "compiled", "seconds": seconds, "graphs": new_graphs})
         return out
 
-
     def _call(self, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
         if not self.options.cudagraphs:
             return forward(call)
