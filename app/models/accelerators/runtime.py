@@ -405,51 +405,41 @@ class CacheRun:
         }
 
 
-def BlockCacheHook(rt: CacheRun, index: int) -> Any:  # noqa: N802 (a class made on first use)
-    """The diffusers ModelHook on one block; all logic lives in the run's :class:`CacheRun`.
-    The class is built on first use so importing this module does not import diffusers."""
+def _cache_hook(route: Callable[[nn.Module, tuple, dict, Callable], Any]) -> Any:
+    """A diffusers ModelHook whose forward is ``route(module, args, kwargs, original_forward)``;
+    all logic lives in the run's :class:`CacheRun`. The class is built on first use so importing
+    this module does not import diffusers."""
     global _HOOK_CLASS
     if _HOOK_CLASS is None:
         from diffusers.hooks import ModelHook
 
-        class _BlockCacheHook(ModelHook):
+        class _CacheHook(ModelHook):
             _is_stateful = False
 
-            def __init__(self, rt: CacheRun, index: int):
+            def __init__(self, route: Callable):
                 super().__init__()
-                self.rt, self.index = rt, index
+                self.route = route
 
             def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return self.rt.block(self.index, module, args, kwargs, self.fn_ref.original_forward)
+                return self.route(module, args, kwargs, self.fn_ref.original_forward)
 
-        _HOOK_CLASS = _BlockCacheHook
-    return _HOOK_CLASS(rt, index)
+        _HOOK_CLASS = _CacheHook
+    return _HOOK_CLASS(route)
 
 
 _HOOK_CLASS: type | None = None
 
 
-def AttentionCacheHook(rt: CacheRun, key: tuple) -> Any:  # noqa: N802 (a class made on first use)
-    """The diffusers ModelHook on one attention module (key: block index, name in the block)."""
-    global _ATTENTION_HOOK_CLASS
-    if _ATTENTION_HOOK_CLASS is None:
-        from diffusers.hooks import ModelHook
-
-        class _AttentionCacheHook(ModelHook):
-            _is_stateful = False
-
-            def __init__(self, rt: CacheRun, key: tuple):
-                super().__init__()
-                self.rt, self.key = rt, key
-
-            def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return self.rt.attention(self.key, module, args, kwargs, self.fn_ref.original_forward)
-
-        _ATTENTION_HOOK_CLASS = _AttentionCacheHook
-    return _ATTENTION_HOOK_CLASS(rt, key)
+def BlockCacheHook(rt: CacheRun, index: int) -> Any:  # noqa: N802 (named as the hook it makes)
+    """The hook on one block."""
+    return _cache_hook(lambda module, args, kwargs, forward: rt.block(index, module, args, kwargs, forward))
 
 
-_ATTENTION_HOOK_CLASS: type | None = None
+def AttentionCacheHook(rt: CacheRun, key: tuple) -> Any:  # noqa: N802
+    """The hook on one attention module (key: block index, name in the block)."""
+    return _cache_hook(lambda module, args, kwargs, forward: rt.attention(key, module, args, kwargs, forward))
+
+
 ATTENTION_SKIPPED = "_attention_skipped"  # Slot.m key: this call reused an attention output
 
 
