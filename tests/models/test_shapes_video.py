@@ -6,7 +6,6 @@ evaluator scores what the workflows save."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 import re
 import sys
@@ -20,6 +19,7 @@ from app.core.executor import Engine
 from app.core.media import read_video
 from app.models import accelerators as hooks
 from tests.fixtures.shapes_video import T2V_PROMPT, load_reference, save_tiny_shapes_video
+from tests.fixtures.terminal import Terminal
 from tests.fixtures.tiny_models import save_family
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -152,11 +152,6 @@ def test_the_evaluator_scores_the_saved_clips(engine, tmp_path):
     assert summary["i2v_psnr_mean"] > 0
 
 
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_ditgraph_run_shapes_t2v_by_name(models_root, tmp_path, monkeypatch, capsys):
     """`ditgraph run shapes-t2v` finds the shipped workflow by name, draws the step bar, writes an MP4."""
     from app.fronts.cli import main
@@ -174,7 +169,7 @@ def test_ditgraph_run_shapes_t2v_by_name(models_root, tmp_path, monkeypatch, cap
         paths._overrides.clear()
         paths._overrides.update(saved)
     assert code == 0
-    assert any(re.search(r"\] 2/2", line) for line in terminal.getvalue().split("\r\x1b[K") if "Sampler" in line)
+    assert any(re.search(r"\] 2/2", line) for line in terminal.lines() if "Sampler" in line)
     out = capsys.readouterr().out
     assert re.search(r"saved .*shapes-t2v_\d+\.mp4 \(video: 5 frames at 8 fps, 32x32\)", out), out
 
