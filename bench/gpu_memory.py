@@ -602,7 +602,9 @@ def main(argv: list[str] | None = None) -> dict:
             + [p for p in args.plans if p not in PLANS] + ([args.switch_storage] if args.switch_storage not in STORAGES else []):
         parser.error(f"unknown {unknown}; models: {', '.join(MODELS)}; storages: {', '.join(STORAGES)}; "
                      f"plans: {', '.join(PLANS)}")
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    # an explicit index: set_per_process_memory_fraction refuses a bare "cuda"
+    device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device(
+        "cuda", torch.cuda.current_device())
     if args.one_row:  # the subprocess of one --e2e row: its result goes to --row-out
         import json
 

@@ -32,7 +32,7 @@ def routes(state: AppState) -> APIRouter:
             with contextlib.suppress(Exception):
                 import torch
 
-                free, total = torch.cuda.mem_get_info(engine.device)
+                free, total = torch.cuda.mem_get_info(engine.device.index)  # None: the current device; a bare "cuda" is refused
                 device.update(gpu=torch.cuda.get_device_name(engine.device), memory_free=free, memory_total=total)
         return JSONResponse({
             "version": app_package.__version__,
