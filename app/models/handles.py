@@ -17,6 +17,9 @@ tensor in the engine's flow convention (x_s = (1-s) x0 + s noise), ``cond`` a CO
 It returns the flow-matching velocity v = noise - x0 as float32, whatever the family's native
 convention (see app/models/families/). ``handle.predict_many(latents, sigma, [c1, c2])`` evaluates
 several conditionings at once (batched when the family's pipeline batches them, as CFG does).
+Inside a run, families and patches see each conditioning prepared once for the whole run:
+expanded to the batch, batched, on the device (``ModelHandle.prepared_conds``), so no step
+copies host tensors in (each such copy would synchronise the GPU).
 
 Sampling runs and per-run state
 -------------------------------
@@ -120,6 +123,8 @@ class SamplingRun:
     calls: int = 0
     states: list[Any] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
+    # the conditionings of this run's calls, made ready for the transformer once (ModelHandle.prepared_conds)
+    conds: dict = field(default_factory=dict, repr=False)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -310,13 +315,51 @@ class ModelHandle(Resident):
         else:  # a fill kernel, not a host->device copy (which would synchronise every step)
             sigma_t = torch.full((batch,), float(sigma), device=self.device)
             sigma_host = torch.full((batch,), float(sigma))
-        conds = [expand_cond(c, batch) for c in conds]
-        if len(conds) > 1 and self.info.batch_cfg and batchable(conds):
-            merged = cat_conds(conds)
+        prepared = self.prepared_conds(run, conds, batch)
+        if len(prepared) < len(conds):  # batched into one call (CFG)
             n = len(conds)
-            out = self._evaluate(latents.repeat(n, *[1] * (latents.dim() - 1)), sigma_t.repeat(n), sigma_host.repeat(n), merged, run)
+            out = self._evaluate(latents.repeat(n, *[1] * (latents.dim() - 1)), sigma_t.repeat(n), sigma_host.repeat(n),
+                                 prepared[0], run)
             return list(out.chunk(n))
-        return [self._evaluate(latents, sigma_t, sigma_host, c, run) for c in conds]
+        return [self._evaluate(latents, sigma_t, sigma_host, c, run) for c in prepared]
+
+    def prepared_conds(self, run: SamplingRun, conds: Sequence[Any], batch: int) -> list[Any]:
+        """``conds`` expanded to ``batch`` and on the device (embeds and pooled in the handle's
+        dtype, as :meth:`cond_tensors` gives them): one merged conditioning where the family batches
+        them (CFG), else one each. Made once per run and reused by every step: a copy from host
+        memory synchronises the GPU, so one per step left it idle while the host prepared each call."""
+        key = (batch, *map(id, conds))
+        if key not in run.conds:
+            if len(run.conds) >= PREPARED_PER_RUN:  # callers that make new conditionings every step
+                run.conds.pop(next(iter(run.conds)))
+            expanded = [expand_cond(c, batch) for c in conds]
+            if len(expanded) > 1 and self.info.batch_cfg and batchable(expanded):
+                expanded = [cat_conds(expanded)]
+            moved: dict[tuple, torch.Tensor] = {}  # a tensor two conditionings share is copied once
+            # the inputs are kept with their prepared forms, so their ids stay theirs during the run
+            run.conds[key] = (tuple(conds), [self._on_device(c, moved) for c in expanded])
+        return run.conds[key][1]
+
+    def _on_device(self, cond: Any, moved: dict[tuple, torch.Tensor]) -> Any:
+        """``cond`` with its tensors on the device (embeds and pooled also in the handle's dtype),
+        extras' tensors too (in their own dtype), for the family's model call."""
+        def move(value: Any, dtype: torch.dtype | None = None) -> Any:
+            if isinstance(value, (tuple, list)):
+                return type(value)(move(v) for v in value)
+            if not isinstance(value, torch.Tensor):
+                return value
+            key = (id(value), dtype or value.dtype)
+            if key not in moved:
+                moved[key] = value.to(self.device, key[1])
+            return moved[key]
+
+        fields = {"embeds": move(cond.embeds, self.dtype)}
+        for name, dtype in (("pooled", self.dtype), ("mask", None)):
+            if getattr(cond, name, None) is not None:
+                fields[name] = move(getattr(cond, name), dtype)
+        if getattr(cond, "extras", None):
+            fields["extras"] = {k: move(v) for k, v in cond.extras.items()}
+        return replace(cond, **fields)
 
     def _evaluate(self, latents: torch.Tensor, sigma: torch.Tensor, sigma_host: torch.Tensor, cond: Any,
                   run: SamplingRun) -> torch.Tensor:
@@ -367,6 +410,9 @@ class ModelHandle(Resident):
     def _to_velocity(self, out: torch.Tensor, call: ModelCall) -> torch.Tensor:
         v = self.info.to_velocity(out, call.latents, call.sigma, self.config)
         return self.info.constrain_velocity(v, call.latents, call.sigma, call.cond)
+
+
+PREPARED_PER_RUN = 8  # prepared conditionings a run keeps (samplers use one or two sets)
 
 
 def _bind(wrap: Callable, state: Any, forward: Callable) -> Callable:
