@@ -12,19 +12,26 @@ buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and
   pipeline does; no text encoders, no VAE), median of ``repeats`` runs after a warm-up run
   (which is where compilation happens: ``compile_s`` = warm-up time minus a normal run);
   ``e2e_ms_per_step`` / ``e2e_matmul_fraction``: the same per step (a cross-check);
-- ``ms_per_step``: one step's transformer evaluations timed directly, five steps inside one
-  open sampling run as the sampler makes them (the first run before them dropped);
-  ``step_graphs_compiled`` (0: the timed steps ran the compiled graphs built in the warm-up).
-  Until 2026-12-02 each timed step opened a sampling run of its own, whose setup (a
-  ``Module.to`` over the compiled view: ~10 ms on Flux, ~35 ms on PixArt fp8) was counted as
-  step time: compile 146 ms vs 136 ms end to end, PixArt compile seemingly no faster;
+- ``ms_per_step``: one step's transformer evaluations timed directly inside one open sampling
+  run, as the sampler makes them: six steps back to back, one synchronisation at the end, so the
+  host prepares the next step while the GPU runs this one; ``ms_per_step_synced``: the median
+  step timed between two synchronisations (five, the first dropped; what ``ms_per_step`` was
+  until 2026-12-02, when every step of a run also synchronised on its conditioning's copy from
+  host memory); ``host_ms_per_step``: the host's time per step in the back-to-back run (less
+  than ``ms_per_step``: the host keeps ahead of the GPU); ``step_graphs_compiled`` (0: the timed
+  steps ran the compiled graphs built in the warm-up). Before an earlier change each timed step
+  opened a sampling run of its own, whose setup (a ``Module.to`` over the compiled view: ~10 ms
+  on Flux, ~35 ms on PixArt fp8) was counted as step time;
 - ``matmul_fraction``: FLOPs per step / time per step / the bf16 matmul ceiling measured in
   the same process (8192³ bf16 matmul); ``peak_gib`` (max allocated, including the bf16 base
   model kept for the drift reference) and ``weights_gib`` (the variant's transformer);
 - ``drift``: relative L2 of the final latent vs eager bf16, same seed;
-- ``profile`` (``--profile``): one step under torch.profiler: device ms by kernel family
-  (attention, gemm, inductor's fused kernels, copies, eager elementwise, other), the busiest
-  kernels, and ``idle_ms`` (step time minus device busy time: launch/host overhead, syncs).
+- ``profile`` (``--profile``): three steps back to back under torch.profiler: device ms per
+  step by kernel family (attention, gemm, inductor's fused kernels, copies, eager elementwise,
+  other), the busiest kernels, ``idle_ms`` (``ms_per_step`` minus device busy time: launch/host
+  overhead, syncs; ``idle_synced_ms`` the same for ``ms_per_step_synced``), ``timeline`` (where
+  the GPU idled: before the first kernel, in kernel switches, the largest gaps and what was
+  around them) and ``host_syncs`` (host calls that waited for the GPU, per step, by op).
 
 Variants, in order (a time budget cuts the last): eager, compile (CompileModel's defaults, which
 --fast uses), fp8+compile, fp8-tensor+compile, the CUDA-graph and scope variants below,
@@ -247,23 +254,36 @@ class Setup:
         return run
 
     def evaluations(self, model) -> Callable[[], object]:
-        """One step's transformer evaluations inside an open sampling run (as the sampler makes them)."""
-        latents = torch.randn(self.latent.samples.shape, generator=torch.Generator().manual_seed(2))
+        """One step's transformer evaluations inside an open sampling run (as the sampler makes
+        them: on latents already on the device, whose copy in would synchronise every step)."""
+        latents = torch.randn(self.latent.samples.shape, generator=torch.Generator().manual_seed(2)).to(self.device)
         conds = [self.pos] if self.neg is None else [self.neg, self.pos]
         sigma = float(self.sigmas[len(self.sigmas) // 2])
         return lambda: model.predict_many(latents, sigma, conds)
 
-    def step_times(self, model, count: int = 6) -> tuple[list[float], int]:
-        """Seconds of ``count`` steps in one sampling run (the first dropped: the sampler opens
-        one run for all its steps, so per-run setup is not a step's cost) and the graphs dynamo
-        compiled meanwhile (0 when the timed steps run the compiled path already built)."""
+    def step_times(self, model, count: int = 6) -> dict:
+        """Steps in one sampling run (the sampler opens one run for all its steps, so per-run setup
+        is not a step's cost): ``synced`` seconds of ``count`` steps each between two
+        synchronisations (the first dropped), ``back_to_back`` mean seconds of ``count`` steps
+        run as the sampler runs them (one synchronisation at the end: the host prepares the next
+        step while the GPU runs this one), ``host`` the host's seconds per step in that run (before
+        the final synchronisation; below ``back_to_back``: the host keeps ahead of the GPU), and
+        ``graphs`` compiled meanwhile (0 when the timed steps run the compiled path built already)."""
         from app.models.compile import graphs_compiled
 
         evaluate = self.evaluations(model)
         with model.sampling_run(self.sigmas):
             graphs = graphs_compiled()
-            times = [timed(evaluate, self.device)[0] for _ in range(count)]
-            return times[1:], graphs_compiled() - graphs
+            synced = [timed(evaluate, self.device)[0] for _ in range(count)]
+            sync(self.device)
+            started = time.perf_counter()
+            for _ in range(count):
+                evaluate()
+            host = time.perf_counter() - started
+            sync(self.device)
+            back_to_back = time.perf_counter() - started
+            return {"synced": synced[1:], "back_to_back": back_to_back / count, "host": host / count,
+                    "graphs": graphs_compiled() - graphs}
 
 
 def kernel_kind(name: str) -> str:
@@ -271,12 +291,18 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, patterns in KERNEL_KINDS if any(p in lowered for p in patterns)), "other")
 
 
-def profile_step(setup: Setup, model, wall_ms: float) -> dict:
-    """Where one step's time goes: device time by kernel family (:data:`KERNEL_KINDS`; on CPU
-    the aten ops' own time), the busiest kernels, and ``idle_ms`` = the unprofiled step time
-    minus the device's busy time, i.e. what launch overhead, host work and syncs leave the GPU
-    waiting (0 when the GPU is the bottleneck)."""
-    from torch.profiler import ProfilerActivity, profile
+PROFILED_STEPS = 3  # back to back, as the sampler runs them
+
+
+def profile_step(setup: Setup, model, wall_ms: float, synced_ms: float | None = None) -> dict:
+    """Where a step's time goes, from :data:`PROFILED_STEPS` steps profiled back to back: device
+    time per step by kernel family (:data:`KERNEL_KINDS`; on CPU the aten ops' own time), the
+    busiest kernels, ``idle_ms`` = the unprofiled step time ``wall_ms`` minus the device's busy
+    time, i.e. what launch overhead, host work and syncs leave the GPU waiting (0 when the GPU is
+    the bottleneck; ``idle_synced_ms`` the same for a step between two synchronisations), and on
+    a GPU where that idle time lies (:func:`timeline`) and which host calls waited for the GPU
+    (:func:`host_syncs`)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     evaluate = setup.evaluations(model)
     cuda = setup.device.type == "cuda"
@@ -285,26 +311,96 @@ def profile_step(setup: Setup, model, wall_ms: float) -> dict:
         evaluate()  # outside the profile: a CUDA-graph mode records here
         sync(setup.device)
         with profile(activities=activities) as prof:
-            evaluate()
+            with record_function(STEPS_LABEL):
+                for _ in range(PROFILED_STEPS):
+                    evaluate()
             sync(setup.device)
+    events = list(prof.events())
+    device = device_events(events)
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}
-    for event in prof.events():
+    for event in device if cuda else events:
         if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
             us = event.device_time_total
         else:  # CPU: each aten op's own time, so nested ops are not counted twice
             if not event.name.startswith("aten::"):
                 continue
             us = event.self_cpu_time_total
-        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + us / 1000
-        kernels[event.name] = kernels.get(event.name, 0.0) + us / 1000
+        ms = us / 1000 / PROFILED_STEPS
+        kinds[kernel_kind(event.name)] = kinds.get(kernel_kind(event.name), 0.0) + ms
+        kernels[event.name] = kernels.get(event.name, 0.0) + ms
     busy = sum(kinds.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
-    return {"busy_ms": busy, "idle_ms": max(0.0, wall_ms - busy) if cuda else None,
-            "ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels": {name[:90]: ms for name, ms in top}}
+    row = {"busy_ms": busy, "idle_ms": max(0.0, wall_ms - busy) if cuda else None,
+           "ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+           "top_kernels": {name[:90]: ms for name, ms in top}}
+    if cuda:
+        if synced_ms is not None:
+            row["idle_synced_ms"] = max(0.0, synced_ms - busy)
+        steps = next(e for e in events if e.name == STEPS_LABEL and e.device_type == torch.autograd.DeviceType.CPU)
+        row["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in device],
+                                   steps.time_range.start, PROFILED_STEPS)
+        row["host_syncs"] = host_syncs(events, steps.time_range.start, steps.time_range.end, PROFILED_STEPS)
+    return row
+
+
+STEPS_LABEL = "ditgraph.profiled_steps"
+LAUNCH_GAP_US = 20.0  # a gap between two kernels below this: the GPU switching kernels, not waiting for the host
+
+
+def device_events(events: list) -> list:
+    """The device's activities (kernels, copies, memsets), without the GPU-side copies of
+    ``record_function`` ranges (which span whole stretches of the timeline)."""
+    return [e for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def timeline(intervals: list[tuple[float, float, str]], started_us: float, steps: int) -> dict:
+    """Where the GPU idles in a profiled window. ``intervals``: (start µs, end µs, name) of each
+    device activity; ``started_us``: when the host started the steps. ``lead_ms``: from then to
+    the first activity (the host preparing the first call with nothing queued); per step:
+    ``gap_ms`` all gaps between activities after that, ``launch_gap_ms`` the part in gaps under
+    :data:`LAUNCH_GAP_US` (kernel switches: fewer kernels or CUDA graphs shrink it); and the
+    ``largest_gaps`` with the activities around them: waits for the host, such as a
+    synchronisation or a stretch the host launches more slowly than the GPU runs it."""
+    spans = sorted(intervals)
+    if not spans:
+        return {"lead_ms": None, "gap_ms": 0.0, "launch_gap_ms": 0.0, "gaps_per_step": 0.0, "largest_gaps": []}
+    gaps = []
+    end, previous = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, previous, name))
+        if stop >= end:
+            end, previous = stop, name
+    largest = sorted(gaps, key=lambda g: -g[0])[:5]
+    return {"lead_ms": max(0.0, spans[0][0] - started_us) / 1000,
+            "gap_ms": sum(g[0] for g in gaps) / 1000 / steps,
+            "launch_gap_ms": sum(g[0] for g in gaps if g[0] < LAUNCH_GAP_US) / 1000 / steps,
+            "gaps_per_step": len(gaps) / steps,
+            "largest_gaps": [{"ms": us / 1000, "previous": a[:60], "next": b[:60]} for us, a, b in largest]}
+
+
+def host_syncs(events: list, started_us: float, ended_us: float, steps: int) -> dict:
+    """Host calls that waited for the GPU between ``started_us`` and ``ended_us`` (CUDA runtime
+    ``*Synchronize`` calls: a copy in from pageable host memory, ``.item()``, ``.cpu()``, an
+    explicit sync): per step, and by the ops that made them, "outermost > innermost aten op"
+    (``aten::to > aten::copy_``: a copy; ``aten::item > aten::_local_scalar_dense``: a value read)."""
+    found: dict[str, int] = {}
+    for event in events:
+        if not event.name.endswith("Synchronize") or event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if not started_us <= event.time_range.start <= ended_us:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and parent.name != STEPS_LABEL:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        inner = next((name for name in chain if name.startswith("aten::")), event.name)
+        outer = chain[-1] if chain else event.name
+        key = outer if outer == inner else f"{outer} > {inner}"
+        found[key] = found.get(key, 0) + 1
+    return {"per_step": sum(found.values()) / steps, "by_op": found}
 
 
 def fused_qkv(handle):
@@ -415,21 +511,22 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
     warmup_s, _ = timed(lambda: setup.sample(model), device)  # compiles here
     runs = [timed(lambda: setup.sample(model), device) for _ in range(repeats)]
     e2e = statistics.median(t for t, _ in runs)
-    step_times, step_graphs = setup.step_times(model)
-    ms = 1000 * statistics.median(step_times)
+    steps = setup.step_times(model)
+    ms, synced_ms = 1000 * steps["back_to_back"], 1000 * statistics.median(steps["synced"])
     e2e_ms = 1000 * e2e / (len(setup.sigmas) - 1)
     final = runs[0][1]
     row = {"e2e_s": e2e, "e2e_runs": len(runs), "warmup_s": warmup_s, "compile_s": max(0.0, warmup_s - e2e),
-           "ms_per_step": ms, "tflops": flops / (ms / 1000) / 1e12,
+           "ms_per_step": ms, "ms_per_step_synced": synced_ms, "host_ms_per_step": 1000 * steps["host"],
+           "tflops": flops / (ms / 1000) / 1e12,
            "matmul_fraction": flops / (ms / 1000) / 1e12 / ceiling,
            # the sampler's own per-step time (with its few ms of per-step bookkeeping): a cross-check
            "e2e_ms_per_step": e2e_ms, "e2e_matmul_fraction": flops / (e2e_ms / 1000) / 1e12 / ceiling,
-           "step_graphs_compiled": step_graphs,
+           "step_graphs_compiled": steps["graphs"],
            "weights_gib": weights_gib(model), "key": repr(model)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if profiled:
-        row["profile"] = profile_step(setup, model, ms)
+        row["profile"] = profile_step(setup, model, ms, synced_ms)
     if setup.reference is None:
         setup.reference = final
     row["drift"] = float((final.float() - setup.reference.float()).norm() / setup.reference.float().norm())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import gpu_speed
 
@@ -61,8 +62,11 @@ def test_profile_and_cudagraph_variants_run_on_cpu(tmp_path):
                              "--out", str(tmp_path / "gpu_speed.json")])
     variants = report["models"]["flux-dev"]["variants"]
     assert set(variants) == {"eager", *new}
-    profile = variants["eager"]["profile"]
+    eager = variants["eager"]
+    assert eager["ms_per_step"] > 0 and eager["ms_per_step_synced"] > 0 and eager["host_ms_per_step"] > 0
+    profile = eager["profile"]
     assert profile["busy_ms"] > 0 and profile["idle_ms"] is None  # idle time only means something on a GPU
+    assert "timeline" not in profile  # device activity: GPU only
     assert profile["ms_by_kind"]["attention"] > 0 and profile["ms_by_kind"]["gemm"] > 0
     assert sum(profile["ms_by_kind"].values()) == pytest.approx(profile["busy_ms"])
     graphs = variants["compile-cudagraphs"]
@@ -88,3 +92,35 @@ def test_profile_and_cudagraph_variants_run_on_cpu(tmp_path):
 ])
 def test_kernel_kinds(name, kind):
     assert gpu_speed.kernel_kind(name) == kind
+
+
+def test_timeline_splits_idle_time_into_lead_kernel_switches_and_waits():
+    # host starts at 0; kernels at 100-200, 205-300 (a 5 µs switch), 800-900 (a 500 µs wait), one
+    # nested inside another (no gap), over 2 steps
+    spans = [(100.0, 200.0, "a"), (205.0, 300.0, "b"), (210.0, 250.0, "nested"), (800.0, 900.0, "c")]
+    found = gpu_speed.timeline(spans, 0.0, 2)
+    assert found["lead_ms"] == pytest.approx(0.1)
+    assert found["gap_ms"] == pytest.approx(0.505 / 2) and found["launch_gap_ms"] == pytest.approx(0.005 / 2)
+    assert found["gaps_per_step"] == 1.0
+    assert found["largest_gaps"][0] == {"ms": pytest.approx(0.5), "previous": "b", "next": "c"}
+    assert gpu_speed.timeline([], 0.0, 1)["lead_ms"] is None
+
+
+def test_host_syncs_are_counted_per_step_by_the_ops_that_made_them():
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, parent=None, device=cpu):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start),
+                               cpu_parent=parent)
+
+    steps = event(gpu_speed.STEPS_LABEL, 0.0)
+    to = event("aten::to", 1.0, steps)
+    copy = event("aten::copy_", 2.0, event("aten::_to_copy", 1.5, to))
+    item = event("aten::item", 5.0, steps)
+    events = [event("cudaStreamSynchronize", 3.0, copy), event("cudaStreamSynchronize", 6.0, item),
+              event("cudaDeviceSynchronize", 50.0), event("cudaStreamSynchronize", 4.0, device=cuda),
+              event("cudaLaunchKernel", 4.0, copy)]
+    found = gpu_speed.host_syncs(events, 0.0, 10.0, 2)
+    assert found == {"per_step": 1.0, "by_op": {"aten::to > aten::copy_": 1, "aten::item": 1}}
