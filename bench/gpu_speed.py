@@ -337,10 +337,13 @@ def profile_step(setup: Setup, model, wall_ms: float, synced_ms: float | None = 
     if cuda:
         if synced_ms is not None:
             row["idle_synced_ms"] = max(0.0, synced_ms - busy)
-        steps = next(e for e in events if e.name == STEPS_LABEL and e.device_type == torch.autograd.DeviceType.CPU)
-        row["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in device],
-                                   steps.time_range.start, PROFILED_STEPS)
-        row["host_syncs"] = host_syncs(events, steps.time_range.start, steps.time_range.end, PROFILED_STEPS)
+        try:  # the breakdown must not lose the row's measurements
+            steps = next(e for e in events if e.name == STEPS_LABEL and e.device_type == torch.autograd.DeviceType.CPU)
+            row["timeline"] = timeline([(e.time_range.start, e.time_range.end, e.name) for e in device],
+                                       steps.time_range.start, PROFILED_STEPS)
+            row["host_syncs"] = host_syncs(events, steps.time_range.start, steps.time_range.end, PROFILED_STEPS)
+        except Exception as exc:
+            row["timeline_error"] = f"{type(exc).__name__}: {exc}"
     return row
 
 
@@ -351,8 +354,8 @@ LAUNCH_GAP_US = 20.0  # a gap between two kernels below this: the GPU switching 
 def device_events(events: list) -> list:
     """The device's activities (kernels, copies, memsets), without the GPU-side copies of
     ``record_function`` ranges (which span whole stretches of the timeline)."""
-    return [e for e in events
-            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != STEPS_LABEL
+            and not getattr(e, "is_user_annotation", False)]
 
 
 def timeline(intervals: list[tuple[float, float, str]], started_us: float, steps: int) -> dict:
@@ -388,7 +391,7 @@ def host_syncs(events: list, started_us: float, ended_us: float, steps: int) -> 
     (``aten::to > aten::copy_``: a copy; ``aten::item > aten::_local_scalar_dense``: a value read)."""
     found: dict[str, int] = {}
     for event in events:
-        if not event.name.endswith("Synchronize") or event.device_type != torch.autograd.DeviceType.CPU:
+        if "Synchronize" not in event.name or event.device_type != torch.autograd.DeviceType.CPU:
             continue
         if not started_us <= event.time_range.start <= ended_us:
             continue
@@ -526,7 +529,10 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if profiled:
-        row["profile"] = profile_step(setup, model, ms, synced_ms)
+        try:  # a profiler failure must not lose the timings above
+            row["profile"] = profile_step(setup, model, ms, synced_ms)
+        except Exception as exc:
+            row["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     if setup.reference is None:
         setup.reference = final
     row["drift"] = float((final.float() - setup.reference.float()).norm() / setup.reference.float().norm())

@@ -124,3 +124,7 @@ def test_host_syncs_are_counted_per_step_by_the_ops_that_made_them():
               event("cudaLaunchKernel", 4.0, copy)]
     found = gpu_speed.host_syncs(events, 0.0, 10.0, 2)
     assert found == {"per_step": 1.0, "by_op": {"aten::to > aten::copy_": 1, "aten::item": 1}}
+    # device activity: kernels, not the GPU-side span of the steps' label
+    kernel = SimpleNamespace(name="gemm", device_type=cuda, is_user_annotation=False)
+    label = SimpleNamespace(name=gpu_speed.STEPS_LABEL, device_type=cuda, is_user_annotation=True)
+    assert gpu_speed.device_events([kernel, label, steps]) == [kernel]
