@@ -94,15 +94,14 @@ def placed(setup, master: torch.nn.Module, storage: str, plan: str, budget: int,
     """A MODEL of ``master``'s weights in ``storage``, placed under ``budget`` by the planner."""
     from app.models.budget import place, plan_loaded
     from app.models.handles import ModelHandle
-    from app.models.storage import apply_storage, bytes_per_param
+    from app.models.storage import apply_storage
 
     transformer = copy.deepcopy(master)
     apply_storage(transformer, "auto" if storage == "bf16" else storage, setup.handle.dtype, setup.device)
     handle = ModelHandle(transformer, setup.family, setup.device, setup.handle.dtype,
                          scheduler_config=setup.handle.scheduler_config)
     memory = {"vram": budget, **({"make_room": make_room} if make_room else {})}
-    stored = None if storage == "bf16" else bytes_per_param(storage, setup.handle.dtype)
-    chosen = plan_loaded({"transformer": (transformer, "transformer")}, plan, memory, setup.device, stored)
+    chosen = plan_loaded({"transformer": (transformer, "transformer")}, plan, memory, setup.device)
     place(chosen, {"transformer": handle}, {"transformer": transformer}, setup.device)
     return handle, chosen.as_dict()["models"][0]
 
@@ -312,7 +311,6 @@ def place_e2e(parts: dict, storage: str, plan: str, memory: dict, device: torch.
     from app.models import families
     from app.models.budget import place, plan_loaded
     from app.models.handles import ModelHandle, TextEncoders, VAEHandle
-    from app.models.storage import bytes_per_param
 
     family = parts["family"]
     dtype = next(parts["vae"].parameters()).dtype
@@ -324,9 +322,8 @@ def place_e2e(parts: dict, storage: str, plan: str, memory: dict, device: torch.
     vae = VAEHandle(parts["vae"], device, dtype)
     named = {"transformer": (model, model.transformer), **{s: (encoders, m) for s, (_, m) in slots.items()},
              "vae": (vae, vae.vae)}
-    stored = None if storage == "bf16" else bytes_per_param(storage, dtype)
     roles = {n: "transformer" if n == "transformer" else "vae" if n == "vae" else "text_encoder" for n in named}
-    chosen = plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, stored, family)
+    chosen = plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, family=family)
     place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()}, device)
     return model, encoders, vae, chosen
 
