@@ -15,7 +15,11 @@ recorded and the next one runs); rows are written to the JSON as they finish. Pe
 ``s_per_image`` (one timed image after a 2-step warm-up), ``drift`` (relative L2 of the final
 latent vs the model's bf16 resident uncapped row, which runs first and saves its latent beside
 the JSON), ``pinned_gib`` (the pinned host allocator's bytes), ``host_peak_gib`` (max RSS) and
-``build_s`` / ``place_s`` / ``row_s``. The end-to-end switch test runs all three stages in one
+``build_s`` / ``place_s`` / ``row_s``, and ``stages``: per stage (build, plan, place, then encode,
+sample and decode of the warm-up and of the timed image) its seconds and the GiB allocated at its
+end, its peak and reserved. A failed row keeps its plan and stages and says ``failed_stage`` and
+``allocated_gib_at_error``; ``--memory-history`` adds an allocator snapshot (memory_viz) beside
+the JSON and ``live_by_place``. The end-to-end switch test runs all three stages in one
 process (reuse needs one). Wall time per GPU row is dominated by building and moving the
 random weights; see :data:`ROW_SECONDS`.
 
@@ -94,15 +98,14 @@ def placed(setup, master: torch.nn.Module, storage: str, plan: str, budget: int,
     """A MODEL of ``master``'s weights in ``storage``, placed under ``budget`` by the planner."""
     from app.models.budget import place, plan_loaded
     from app.models.handles import ModelHandle
-    from app.models.storage import apply_storage, bytes_per_param
+    from app.models.storage import apply_storage
 
     transformer = copy.deepcopy(master)
     apply_storage(transformer, "auto" if storage == "bf16" else storage, setup.handle.dtype, setup.device)
     handle = ModelHandle(transformer, setup.family, setup.device, setup.handle.dtype,
                          scheduler_config=setup.handle.scheduler_config)
     memory = {"vram": budget, **({"make_room": make_room} if make_room else {})}
-    stored = None if storage == "bf16" else bytes_per_param(storage, setup.handle.dtype)
-    chosen = plan_loaded({"transformer": (transformer, "transformer")}, plan, memory, setup.device, stored)
+    chosen = plan_loaded({"transformer": (transformer, "transformer")}, plan, memory, setup.device)
     place(chosen, {"transformer": handle}, {"transformer": transformer}, setup.device)
     return handle, chosen.as_dict()["models"][0]
 
@@ -250,17 +253,17 @@ E2E_TINY = {  # six transformer blocks and four T5 blocks, so that some can stre
                     "text_encoder_3": _TINY_T5, "vae": dict(_TINY_VAE, scaling_factor=1.5, shift_factor=0.06)},
 }
 E2E_SIZE, E2E_TINY_SIZE = 1024, 64
-# Estimated (not yet measured) wall seconds of one Flux-dev GPU row on an H200, which the lead's
-# commands are sized by: process start + imports ~10; building the random weights on the GPU
-# (12B transformer + 4.8B T5 + CLIP + VAE, ~34 GB bf16: seconds) and copying them to host RAM
-# with pageable copies at ~3-6 GB/s ~8-12 (+ the fp8/int8 cast, on the GPU: ~1); placing:
-# resident ~34 GB back at the same rate ~8, streamed parts pinned at the issue's measured
-# ~1.5-2.2 s/GB (offload=blocks: 34-53 s for 23.8 GB); a 2-step warm-up and one timed image
-# (resident bf16 ~6 s, more for each streamed GB per step). SD3.5-large: ~0.8x Flux's weights.
-# The switch test builds both models once (~40) and places three times. Each row records
-# build_s / place_s / row_s: re-estimate from those.
-ROW_SECONDS = {"bf16 resident": 45, "fp8 auto 12 GiB": 75, "fp8 auto 8 GiB": 85, "bf16 auto 12 GiB": 105,
-               "blocks": 120, "switch (both models)": 170}
+# Wall seconds of one Flux-dev GPU row on an H200, which the lead's commands are sized by.
+# Measured (session 6): the bf16 resident row 49 (process start + imports ~8, building the random
+# weights on the GPU and copying them to host RAM 35.5, placing 5.2, warm-up + one image ~6).
+# Estimated for the others: placing pins every streamed weight (the streamed transformer blocks
+# and T5's 8.9 GiB; kept blocks are not pinned) at the issue's ~1.5-2.2 s/GB, and each step
+# copies the streamed blocks again (~20-25 GB/s): fp8 under 12 GiB streams 4.9 GiB a step, under
+# 8 GiB 9.5, bf16 under 12 GiB 13.8. SD3.5-large: ~0.8x Flux's weights. The switch test builds
+# both models once (~70) and places three times. Rows record build_s / place_s / row_s and per
+# stage seconds: re-estimate from those.
+ROW_SECONDS = {"bf16 resident": 49, "fp8 auto 12 GiB": 90, "fp8 auto 8 GiB": 110, "bf16 auto 12 GiB": 130,
+               "blocks": 150, "switch (both models)": 220}
 
 
 def _module(class_name: str, config: dict):
@@ -279,7 +282,8 @@ def _module(class_name: str, config: dict):
 def build_e2e(name: str, device: torch.device, tiny: bool, storage: str) -> dict:
     """Every component of ``name`` with random weights (seeded per component: every row's
     subprocess builds the same ones), built on ``device`` (fast), the transformer stored in
-    ``storage``, then moved to host RAM: the planner places them as the loader would."""
+    ``storage``, then moved to host RAM: the planner places them as the loader would. On the
+    meta device: no weights, for their sizes."""
     from app.models.storage import apply_storage
     from bench.gpu_parity import clip_tokenizer, t5_tokenizer
 
@@ -300,6 +304,8 @@ def build_e2e(name: str, device: torch.device, tiny: bool, storage: str) -> dict
     finally:
         torch.set_default_dtype(previous)
     apply_storage(parts["transformer"], "auto" if storage == "bf16" else storage, dtype, device)
+    if device.type == "meta":  # sizes only (the tests plan the GPU rows from these)
+        return parts
     for key, module in parts.items():
         if isinstance(module, torch.nn.Module):
             parts[key] = module.to("cpu")
@@ -307,12 +313,10 @@ def build_e2e(name: str, device: torch.device, tiny: bool, storage: str) -> dict
     return parts
 
 
-def place_e2e(parts: dict, storage: str, plan: str, memory: dict, device: torch.device):
-    """(model, text encoders, VAE, plan) placed as CheckpointLoader places a checkpoint."""
+def handles_e2e(parts: dict, device: torch.device) -> tuple:
+    """(model, text encoders, VAE, parts by plan name -> (value, module)) as CheckpointLoader makes them."""
     from app.models import families
-    from app.models.budget import place, plan_loaded
     from app.models.handles import ModelHandle, TextEncoders, VAEHandle
-    from app.models.storage import bytes_per_param
 
     family = parts["family"]
     dtype = next(parts["vae"].parameters()).dtype
@@ -324,27 +328,127 @@ def place_e2e(parts: dict, storage: str, plan: str, memory: dict, device: torch.
     vae = VAEHandle(parts["vae"], device, dtype)
     named = {"transformer": (model, model.transformer), **{s: (encoders, m) for s, (_, m) in slots.items()},
              "vae": (vae, vae.vae)}
-    stored = None if storage == "bf16" else bytes_per_param(storage, dtype)
+    return model, encoders, vae, named
+
+
+def plan_e2e(named: dict, family: str, plan: str, memory: dict, device: torch.device):
+    """The loader's plan for the parts (measured as stored: build_e2e applied the storage)."""
+    from app.models.budget import plan_loaded
+
     roles = {n: "transformer" if n == "transformer" else "vae" if n == "vae" else "text_encoder" for n in named}
-    chosen = plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, stored, family)
-    place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()}, device)
-    return model, encoders, vae, chosen
+    return plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, family=family)
 
 
-def run_e2e(model, encoders, vae, size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final latent, image): TextEncode(Pair) -> EmptyLatent -> Sampler -> VAEDecode, as a workflow runs them."""
+def run_e2e(model, encoders, vae, size: int, steps: int, stage=None, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latent, image): TextEncode(Pair) -> EmptyLatent -> Sampler -> VAEDecode, as a workflow runs them;
+    ``stage`` (a :class:`Stages`) records each of encode, sample and decode under ``prefix``."""
+    import contextlib
+
     from app.models import families
     from nodes.latent import EmptyLatent, VAEDecode
     from nodes.sampling import Sampler
     from nodes.text import TextEncode, TextEncodePair
 
+    step = stage or (lambda name: contextlib.nullcontext())
     family = families.get(model.family)
     guided = family.distilled_guidance is None
     prompt = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
-    pos, neg = TextEncodePair(encoders, prompt, "") if guided else (TextEncode(encoders, prompt), None)
-    latent = EmptyLatent(model, vae, size, size, 1)
-    out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=family.default_cfg if guided else 1.0)
-    return out.samples, VAEDecode(vae, out)
+    with step(prefix + "encode"):
+        pos, neg = TextEncodePair(encoders, prompt, "") if guided else (TextEncode(encoders, prompt), None)
+    with step(prefix + "sample"):
+        latent = EmptyLatent(model, vae, size, size, 1)
+        out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=family.default_cfg if guided else 1.0)
+    with step(prefix + "decode"):
+        image = VAEDecode(vae, out)
+    return out.samples, image
+
+
+class Stages:
+    """Records a row's stages: per finished stage its seconds and, on CUDA, the GiB allocated at
+    its end, its peak and reserved (peak statistics reset at each start); ``row["stage"]`` names
+    the one running, so a failure says where it happened. ``save`` runs after each stage (a row
+    subprocess writes its partial result: a row that times out still says how far it got)."""
+
+    def __init__(self, device: torch.device, row: dict, save=lambda: None):
+        self.device, self.row, self.save = device, row, save
+        row["stages"] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def stage():
+            self.row["stage"] = name
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            started = time.perf_counter()
+            yield
+            entry = {"s": round(time.perf_counter() - started, 3)}
+            if cuda:
+                entry.update(allocated_gib=torch.cuda.memory_allocated(self.device) / 2**30,
+                             peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
+                             reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2**30)
+            self.row["stages"][name] = entry
+            del self.row["stage"]
+            self.save()
+
+        return stage()
+
+    def most(self, key: str, names: tuple[str, ...]) -> float | None:
+        """The largest ``key`` over the stages whose name ends with one of ``names``."""
+        values = [v[key] for k, v in self.row["stages"].items() if k.endswith(names) and key in v]
+        return max(values) if values else None
+
+
+SNAPSHOT_LIMIT = 14 * 2**20  # bytes: what a device run can send back
+
+
+def start_history(entries: int = 20000) -> None:
+    """Record the CUDA allocator's history (Python stacks, the last ``entries`` events) for :func:`dump_snapshot`."""
+    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=entries)
+
+
+def dump_snapshot(path: Path, limit: int = SNAPSHOT_LIMIT) -> dict:
+    """The allocator snapshot (pytorch.org/memory_viz reads it) pickled to ``path``, its event
+    history cut from the oldest end, then its stack frames dropped, until under ``limit``
+    bytes; returns where the live bytes were allocated (the largest 12 places)."""
+    import pickle
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    places = live_by_place(snapshot)  # before any stack frames are dropped
+    traces = snapshot.get("device_traces", [])
+    keep = max((len(t) for t in traces), default=0)
+    while True:
+        data = pickle.dumps({**snapshot, "device_traces": [t[-keep:] if keep else [] for t in traces]})
+        if len(data) <= limit:
+            break
+        if keep:
+            keep //= 2
+            continue
+        for segment in snapshot.get("segments", []):
+            for block in segment.get("blocks", []):
+                block.pop("frames", None)
+        data = pickle.dumps({**snapshot, "device_traces": []})
+        break
+    path.write_bytes(data)
+    return {"file": path.name, "bytes": len(data), "events_kept": keep, "live_by_place": places}
+
+
+def live_by_place(snapshot: dict, top: int = 12) -> list[dict]:
+    """GiB of live allocations grouped by the first stack frame outside torch (where they were made)."""
+    places: dict[str, int] = {}
+    for segment in snapshot.get("segments", []):
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [f for f in block.get("frames", []) if "/torch/" not in f.get("filename", "")]
+            where = f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "unknown"
+            places[where] = places.get(where, 0) + block.get("size", 0)
+    ranked = sorted(places.items(), key=lambda kv: -kv[1])[:top]
+    return [{"where": where, "gib": round(size / 2**30, 3)} for where, size in ranked]
 
 
 def _context(memory: dict, device: torch.device):
@@ -367,7 +471,9 @@ def _tiny_budget(parts: dict, cap_gib: float | None, size: int) -> int:
     modules = {k: (v, "transformer" if k == "transformer" else "vae" if k == "vae" else "text_encoder")
                for k, v in parts.items() if isinstance(v, torch.nn.Module)}
     needs = needs_of(modules, parts["family"], {"size": (size, size)})
-    low = max(min_need(n) for n in needs)
+    encoders = [n for n in needs if n.role == "text_encoder"]  # on the GPU together while they encode
+    low = max([min_need(n) for n in needs if n not in encoders]
+              + [sum(min_need(n) - n.work for n in encoders) + max(n.work for n in encoders)])
     high = sum(n.weight_bytes for n in needs) + max(n.work for n in needs)
     return int(low + (high - low) * min(1.0, max(0.0, (cap_gib - 4) / 20)))
 
@@ -387,41 +493,67 @@ def _host_stats(device: torch.device) -> dict:
     return stats
 
 
-def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device: torch.device) -> dict:
-    """One end-to-end row: build, cap, plan and place, a 2-step warm-up, one timed image."""
+def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device: torch.device,
+            save=lambda row: None) -> dict:
+    """One end-to-end row: build, cap, plan and place, a 2-step warm-up, one timed image. A row
+    that fails still returns how far it got: its plan (``plan``, ``plan_lines``), each finished
+    stage's seconds and GiB (``stages``), the stage it failed in (``failed_stage``), the GiB
+    allocated then, and the error; with --memory-history an allocator snapshot beside --out."""
     import time
 
     from app.core.context import reset_current, set_current
+    from app.models.budget import place
     from app.models.memory import describe
 
     started = time.perf_counter()
     size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
     row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan}
-    parts = build_e2e(name, device, args.tiny, storage)
-    row["build_s"] = time.perf_counter() - started
-    budget = cap_memory(device, cap) if device.type == "cuda" else _tiny_budget(parts, cap, size)
-    memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size)} if budget else {"size": (size, size)}
-    row["reserve_gib"] = memory.get("reserve", 0) / 2**30
-    token = set_current(_context(memory, device))
+    stage = Stages(device, row, lambda: save(row))
+    cuda = device.type == "cuda"
     try:
-        placing = time.perf_counter()
-        model, encoders, vae, chosen = place_e2e(parts, storage, plan, memory, device)
-        row["place_s"] = time.perf_counter() - placing
-        row["plan"] = {p["name"]: {k: p[k] for k in ("mode", "resident_blocks", "blocks", "tiled", "peak")}
-                       for p in describe(chosen)["models"]}
-        row["plan_lines"] = describe(chosen)["lines"]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        run_e2e(model, encoders, vae, size, 2)  # warm-up: pins, first copies, kernels
-        seconds, (final, image) = gpu_speed.timed(lambda: run_e2e(model, encoders, vae, size, args.steps), device)
-    finally:
-        reset_current(token)
-        if device.type == "cuda":
-            cap_memory(device, None)
+        with stage("build"):
+            parts = build_e2e(name, device, args.tiny, storage)
+        budget = cap_memory(device, cap) if cuda else _tiny_budget(parts, cap, size)
+        memory = {"vram": budget, "reserve": _reserve(args, budget), "size": (size, size)} if budget else {"size": (size, size)}
+        row["reserve_gib"] = memory.get("reserve", 0) / 2**30
+        if cuda and args.memory_history:
+            start_history()
+        token = set_current(_context(memory, device))
+        try:
+            with stage("plan"):
+                model, encoders, vae, named = handles_e2e(parts, device)
+                chosen = plan_e2e(named, parts["family"], plan, memory, device)
+                described = describe(chosen)
+                row["plan"] = {p["name"]: {k: p[k] for k in ("mode", "resident_blocks", "blocks", "tiled", "peak")}
+                               for p in described["models"]}
+                row["plan_lines"] = described["lines"]
+            with stage("place"):
+                place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()}, device)
+            run_e2e(model, encoders, vae, size, 2, stage, "warmup ")  # pins, first copies, kernels
+            seconds, (final, image) = gpu_speed.timed(lambda: run_e2e(model, encoders, vae, size, args.steps, stage),
+                                                      device)
+        finally:
+            reset_current(token)
+            if cuda:
+                cap_memory(device, None)
+    except Exception as exc:  # an OOM or a refusal is a result: say where, with what was on the GPU
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        row["failed_stage"] = row.pop("stage", None)
+        if cuda:
+            row["allocated_gib_at_error"] = torch.cuda.memory_allocated(device) / 2**30
+            if args.memory_history:
+                slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{cap}_{storage}_{plan}")
+                row["snapshot"] = dump_snapshot(Path(args.out).with_name(f"gpu_memory_{slug}_error.pickle"))
+        row.update(_host_stats(device))
+        row["row_s"] = time.perf_counter() - started
+        return row
+    if cuda and args.memory_history:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    row["build_s"], row["place_s"] = row["stages"]["build"]["s"], row["stages"]["place"]["s"]
     row.update(s_per_image=seconds, finite=bool(torch.isfinite(final).all() and torch.isfinite(image).all()))
-    if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    if cuda:
+        runs = ("encode", "sample", "decode")  # from the warm-up on, as before the stages were recorded
+        row["peak_gib"], row["reserved_gib"] = stage.most("peak_gib", runs), stage.most("reserved_gib", runs)
         row["under_cap"] = not cap or row["reserved_gib"] <= cap
     row.update(_host_stats(device))
     reference = Path(args.out).with_name(f"gpu_memory_{name}_reference.pt")
@@ -447,7 +579,10 @@ def parse_row(spec: str) -> tuple[str, float | None, str, str]:
 def e2e_rows(args) -> list[tuple[str, float | None, str, str]]:
     """(model, cap GiB or None, storage, plan) of every row asked for: ``--rows`` as
     model/cap/storage/plan (cap "none"), else the grid of --models × caps × storages × plans,
-    each model's bf16 resident uncapped row first (the drift reference)."""
+    each model's bf16 resident uncapped row first (the drift reference); "none": no rows (the
+    switch test alone)."""
+    if args.rows == "none":
+        return []
     if args.rows:
         rows = [parse_row(spec) for spec in args.rows.split(",")]
     else:
@@ -477,17 +612,22 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         target = Path(handle.name)
     command = [sys.executable, "-m", "bench.gpu_memory", "--e2e", "--one-row", f"{name}/{cap or 'none'}/{storage}/{plan}",
-               "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] + (["--tiny"] if args.tiny else [])
+               "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] \
+        + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else [])
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+        error = f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        done, error = None, f"timed out after {timeout:.0f} s"
     finally:
         text = target.read_text() if target.is_file() else ""
         target.unlink(missing_ok=True)
-    if text:
-        return json.loads(text)
-    return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"}
+    row = json.loads(text) if text else {}  # the subprocess writes its row after each stage
+    if done is None or ("error" not in row and "s_per_image" not in row):
+        row["error"] = error  # it hung or died: the stages it finished, and where it was
+        if "stage" in row:
+            row["failed_stage"] = row.pop("stage")
+    return row
 
 
 def e2e_switch(args, device: torch.device, report: dict | None = None, save=lambda: None) -> dict:
@@ -498,6 +638,8 @@ def e2e_switch(args, device: torch.device, report: dict | None = None, save=lamb
 
     from app.core.context import reset_current, set_current
     from app.core.memo import MemoCache
+    from app.models.budget import place
+    from app.models.memory import describe
 
     size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
     built = {name: build_e2e(name, device, args.tiny, args.switch_storage) for name in ("flux-dev", "sd3.5-large")}
@@ -514,28 +656,38 @@ def e2e_switch(args, device: torch.device, report: dict | None = None, save=lamb
         for step, name in enumerate(("flux-dev", "sd3.5-large", "flux-dev")):
             stage: dict = {"model": name}
             started = time.perf_counter()
+            record = Stages(device, stage)  # per phase: seconds, GiB allocated at its end and its peak
             try:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 entry = cache.get(name)
                 if entry is None:
-                    model, encoders, vae, chosen = place_e2e(built[name], args.switch_storage, "auto", memory, device)
+                    with record("plan"):
+                        model, encoders, vae, named = handles_e2e(built[name], device)
+                        chosen = plan_e2e(named, built[name]["family"], "auto", memory, device)
+                        stage["plan"] = {p.name: p.mode for p in chosen.placements}
+                        stage["plan_lines"] = describe(chosen)["lines"]
+                    with record("place"):
+                        place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()},
+                              device)
                     cache.put(name, (model, encoders, vae))
-                    stage["plan"] = {p.name: p.mode for p in chosen.placements}
                 else:
                     model, encoders, vae = entry.outputs
                     stage["reused"] = True
                     stage["resident_gib_before"] = (torch.cuda.memory_allocated(device) / 2**30
                                                     if device.type == "cuda" else None)
-                    model.ensure_device()
-                final, image = run_e2e(model, encoders, vae, size, args.steps)
+                    with record("place"):
+                        model.ensure_device()
+                final, image = run_e2e(model, encoders, vae, size, args.steps, record)
                 stage["finite"] = bool(torch.isfinite(final).all() and torch.isfinite(image).all())
                 if device.type == "cuda":
-                    stage["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    stage["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+                    phases = ("place", "encode", "sample", "decode")
+                    stage["peak_gib"], stage["reserved_gib"] = record.most("peak_gib", phases), record.most(
+                        "reserved_gib", phases)
                     stage["under_cap"] = stage["reserved_gib"] <= args.switch_cap
             except Exception as exc:  # an OOM is the result this test exists to catch
                 stage["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                stage["failed_stage"] = stage.pop("stage", None)
+                if device.type == "cuda":
+                    stage["allocated_gib_at_error"] = torch.cuda.memory_allocated(device) / 2**30
             stage["s"] = time.perf_counter() - started
             stage["memo_device_gib"] = cache.device_bytes / 2**30
             stages.append(stage)
@@ -583,10 +735,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      "(--reserve-vram; fragmentation headroom)")
     parser.add_argument("--e2e", action="store_true", help="end to end: text encoders + transformer + VAE")
     parser.add_argument("--rows", default="", help="--e2e: only these rows, model/cap/storage/plan comma-separated "
-                                                     "(cap 'none'), e.g. flux-dev/12/fp8_e4m3/auto")
+                                                     "(cap 'none'), e.g. flux-dev/12/fp8_e4m3/auto; 'none': no rows")
     parser.add_argument("--row-timeout", type=float, default=420.0, help="--e2e on a GPU: seconds per row subprocess")
     parser.add_argument("--in-process", action="store_true", help="--e2e on a GPU: rows in this process (no isolation)")
     parser.add_argument("--isolate", action="store_true", help="--e2e: rows in subprocesses on CPU too (tests)")
+    parser.add_argument("--memory-history", action="store_true",
+                        help="--e2e on a GPU: record the CUDA allocator's history; a failed row dumps a snapshot "
+                             "(under 14 MB) beside --out and lists where its live bytes were allocated")
     parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
@@ -608,11 +763,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one_row:  # the subprocess of one --e2e row: its result goes to --row-out
         import json
 
+        def write(row: dict) -> None:
+            Path(args.row_out).write_text(json.dumps(row))
+
         try:
-            row = e2e_row(*parse_row(args.one_row), args, device)
-        except Exception as exc:  # OOM or a refusal: a result
+            row = e2e_row(*parse_row(args.one_row), args, device, write)
+        except Exception as exc:  # e2e_row records its own failures; anything else is still a result
             row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        Path(args.row_out).write_text(json.dumps(row))
+        write(row)
         return row
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "tiny": args.tiny, "versions": gpu_speed.versions(), "models": {}}

@@ -443,13 +443,13 @@ def CheckpointLoader(
         config_dir = Path(config) if config else None  # resolved, confined and fingerprinted by the engine
         loaded = load_single_file(path, config_dir, dt, load_on, storage)
     model, encoders, vae = loaded
-    _place(model, encoders, vae, offload, storage, dev, dt)
+    _place(model, encoders, vae, offload, dev)
     model.preview_vae = vae  # latent previews are fitted from it on first use
     return loaded
 
 
-def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | None, offload: str, storage: str,
-           dev: torch.device, dt: torch.dtype) -> None:
+def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | None, offload: str,
+           dev: torch.device) -> None:
     """Plan the loaded parts under the run's VRAM budget and put each where the plan says."""
     parts = {"transformer": (model.transformer, "transformer")}
     values, modules = {"transformer": model}, {"transformer": model.transformer}
@@ -457,10 +457,9 @@ def _place(model: ModelHandle, encoders: TextEncoders | None, vae: VAEHandle | N
         parts[slot], values[slot], modules[slot] = (text_model, "text_encoder"), encoders, text_model
     if vae is not None:
         parts["vae"], values["vae"], modules["vae"] = (vae.vae, "vae"), vae, vae.vae
-    stored = weight_storage.bytes_per_param(storage, dt) if storage != "auto" else None
     ctx = current()
-    try:
-        plan = plan_loaded(parts, offload, ctx.memory, dev, stored, model.family)
+    try:  # the parts are measured as stored: the storage was applied when they loaded
+        plan = plan_loaded(parts, offload, ctx.memory, dev, model.family)
     except ValueError as exc:
         raise LoadFailed(str(exc)) from None
     place(plan, values, modules, dev)

@@ -90,18 +90,19 @@ def work_of(module, role: str, family: str | None, size: tuple[int, int, int],
 
 
 def needs_of(parts: dict[str, tuple[torch.nn.Module, str]], family: str | None, memory: dict,
-             transformer_bytes: float | None = None, dtype_bytes: float | None = None) -> list[ModelNeed]:
-    """The :class:`ModelNeed` of each part (name -> (module, role)), working memory sized for
-    the run (:func:`run_size`); ``transformer_bytes``: the storage format's bytes per parameter,
-    ``dtype_bytes``: every other part's (None: as its weights are now)."""
+             transformer_bytes: float | None = None) -> list[ModelNeed]:
+    """The :class:`ModelNeed` of each part (name -> (module, role)), measured as its weights are
+    stored now, working memory sized for the run (:func:`run_size`); ``transformer_bytes``: the
+    bytes per parameter of a storage format not applied to the transformer yet (None: measured)."""
     size = run_size(memory, family)
     needs = []
     for name, (module, role) in parts.items():
-        stored = transformer_bytes if role == "transformer" and transformer_bytes else dtype_bytes
+        stored = transformer_bytes if role == "transformer" else None
         first = next(module.parameters(), None)
-        compute = int(dtype_bytes or (first.element_size() if first is not None else 2))
-        work, tiled = work_of(module, role, family, size, max(2, compute) if role == "transformer" else compute)
-        needs.append(need_of(module, name, role, stored, work, tiled))
+        compute = first.element_size() if first is not None else 2
+        compute = max(2, compute) if role == "transformer" else compute  # fp8 storage computes in bf16
+        work, tiled = work_of(module, role, family, size, compute)
+        needs.append(need_of(module, name, role, stored, work, tiled, compute))
     return needs
 
 
@@ -157,13 +158,25 @@ def checkpoint_parts(folder) -> dict[str, tuple[object, str]]:
 
 
 def plan_checkpoint(folder, offload: str = "auto", memory: dict | None = None, device: torch.device | None = None,
-                    storage_bytes: float | None = None, dtype_bytes: float = 2.0) -> MemoryPlan:
+                    storage: str = "auto", dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
     """The plan CheckpointLoader would make for a model folder, from its configs alone (no
-    weights read): for ``ditgraph explain`` and the editor, before anything loads."""
+    weights read): for ``ditgraph explain`` and the editor, before anything loads. The parts
+    are built on the meta device in ``dtype``, the transformer in ``storage`` where that
+    applies to meta weights (fp8 casting, torchao), else sized at the format's bytes per parameter."""
     from app.models import families
+    from app.models.storage import apply_storage, bytes_per_param
 
     family = families.detect_folder_family(folder)
-    needs = needs_of(checkpoint_parts(folder), family, memory or {}, storage_bytes, dtype_bytes)
+    parts = checkpoint_parts(folder)
+    for module, _ in parts.values():
+        module.to(dtype)  # meta tensors: no memory, only the dtype the loader would give them
+    stored = None
+    if storage != "auto":
+        try:
+            apply_storage(parts["transformer"][0], storage, dtype, device or torch.device("cpu"))
+        except (ValueError, RuntimeError, ImportError, NotImplementedError, TypeError):
+            stored = bytes_per_param(storage, dtype)  # nf4, a quantizer refused here: the flat size
+    needs = needs_of(parts, family, memory or {}, stored)
     budget, reserve = budget_of(memory or {}, device or torch.device("cpu"))
     return plan_memory(needs, budget, reserve, _requested(needs, offload))
 
@@ -172,11 +185,7 @@ def describe_checkpoint(folder, offload: str, storage: str, dtype: torch.dtype, 
                         memory: dict | None) -> dict:
     """CheckpointLoader's VRAM plan for a model folder as data and as lines for people (the one
     description ``ditgraph explain``, the HTTP API and the editor show)."""
-    from app.models.storage import bytes_per_param
-
-    stored = bytes_per_param(storage, dtype) if storage != "auto" else None
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    return describe(plan_checkpoint(folder, offload, memory, device, stored, dtype_bytes))
+    return describe(plan_checkpoint(folder, offload, memory, device, storage, dtype))
 
 
 def _requested(needs: list[ModelNeed], offload: str) -> dict[str, str]:
@@ -199,11 +208,10 @@ def decode_needs_tiles(height: int, width: int, device: torch.device, memory: di
 
 
 def plan_loaded(parts: dict[str, tuple[torch.nn.Module, str]], offload: str, memory: dict, device: torch.device,
-                transformer_bytes: float | None = None, family: str | None = None) -> MemoryPlan:
-    """Plan ``parts`` (name -> (module, role)) of a ``family`` checkpoint; ``offload`` other
-    than "auto" is imposed on every part. ``transformer_bytes`` is the storage format's bytes
-    per parameter."""
-    needs = needs_of(parts, family, memory, transformer_bytes)
+                family: str | None = None) -> MemoryPlan:
+    """Plan ``parts`` (name -> (module, role)) of a ``family`` checkpoint, each measured as
+    loaded (its storage applied); ``offload`` other than "auto" is imposed on every part."""
+    needs = needs_of(parts, family, memory)
     budget, reserve = budget_of(memory, device)  # an explicit budget applies on any device (and in tests)
     make_room = memory.get("make_room")
     if make_room is not None and budget:

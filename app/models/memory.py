@@ -72,7 +72,12 @@ def human_size(nbytes: float) -> str:
 
 @dataclass(frozen=True)
 class ModelNeed:
-    """What one model needs: ``block_params`` is the total over its ``blocks`` repeated blocks."""
+    """What one model needs: ``block_params`` is the total over its ``blocks`` repeated blocks.
+
+    :func:`need_of` measures a loaded module: ``stored_bytes`` (all its weights as stored: fp8
+    layers, the layers a storage keeps in bf16, quantized tensors' inner data) and
+    ``block_sizes`` (each block's bytes, in run order: Flux's 19 double blocks are 2.7x its 38
+    single ones). Without them the sizes are ``params × bytes_per_param``, blocks equal."""
 
     name: str
     params: int
@@ -82,24 +87,35 @@ class ModelNeed:
     work_bytes: int | None = None  # activations while it runs; None: :func:`default_work`
     role: str = "transformer"
     tiled_work: int | None = None  # a VAE's working memory when it decodes in tiles (None: cannot tile)
+    block_sizes: tuple[int, ...] = ()  # bytes of each block in run order (empty: equal shares)
+    stored_bytes: int | None = None  # measured bytes of all weights (None: params × bytes_per_param)
+    cast_bytes: int = 0  # one narrow-stored layer upcast while it runs (fp8, quantized): added to work
 
     @property
     def weight_bytes(self) -> int:
-        return int(self.params * self.bytes_per_param)
+        return self.stored_bytes if self.stored_bytes is not None else int(self.params * self.bytes_per_param)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Bytes of each block (the unit streamed), in the order they run."""
+        if self.block_sizes:
+            return self.block_sizes
+        return (int(self.block_params / self.blocks * self.bytes_per_param),) * self.blocks if self.blocks else ()
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block (the unit streamed)."""
-        return int(self.block_params / self.blocks * self.bytes_per_param) if self.blocks else 0
+        """Bytes of the largest block."""
+        return max(self.sizes, default=0)
 
     @property
     def rest_bytes(self) -> int:
-        """Bytes outside the blocks (embedders, norms, final layer): always on the GPU when it runs."""
-        return self.weight_bytes - self.blocks * self.block_bytes
+        """Bytes outside the blocks (embedders, norms, final layer; T5's embedding): a streamed
+        model keeps them on the GPU with its kept blocks."""
+        return self.weight_bytes - sum(self.sizes)
 
     @property
     def work(self) -> int:
-        return self.work_bytes if self.work_bytes is not None else default_work(self)
+        return (self.work_bytes if self.work_bytes is not None else default_work(self)) + self.cast_bytes
 
 
 def default_work(need: ModelNeed) -> int:
@@ -152,6 +168,12 @@ class Placement:
     blocks: int = 0  # of the model's block list (the unit streamed)
     work_bytes: int = 0  # the working memory counted in peak_bytes
     tiled: bool = False  # a VAE planned to decode in tiles
+    role: str = "transformer"  # text encoders run together (one stage), every other model alone
+
+    @property
+    def held_bytes(self) -> int:
+        """Weights on the GPU while it runs beyond what stays resident (streamed blocks, a moved model)."""
+        return self.peak_bytes - self.resident_bytes - self.work_bytes
 
     def as_dict(self) -> dict:
         return {"name": self.name, "mode": self.mode, "weights": format_size(self.weight_bytes),
@@ -173,9 +195,10 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        """Resident bytes of all models plus the largest transient need of one running model."""
+        """Resident bytes of all models plus the largest transient need of one stage of the run
+        (the text encoders of a prompt together, every other model alone)."""
         resident = sum(p.resident_bytes for p in self.placements)
-        return resident + max((p.peak_bytes - p.resident_bytes for p in self.placements), default=0)
+        return resident + _demand([_entry(p) for p in self.placements])
 
     def by_name(self) -> dict[str, Placement]:
         return {p.name: p for p in self.placements}
@@ -215,44 +238,94 @@ def describe(plan: MemoryPlan) -> dict:
 def min_need(need: ModelNeed) -> int:
     """The least VRAM a model can run in: streamed one block ahead, or whole when it has no blocks."""
     if need.blocks:
-        return need.rest_bytes + 2 * need.block_bytes + need.work
+        return need.rest_bytes + _in_flight(need.sizes, 0) + need.work
     return need.weight_bytes + need.work
 
 
+def _in_flight(sizes: tuple[int, ...], keep: int) -> int:
+    """Streamed block bytes on the GPU at once when the first ``keep`` blocks stay: the block
+    running and the next one, prefetched on the copy stream (diffusers group offloading with
+    ``use_stream``), at the largest such pair; one when a single block streams."""
+    streamed = sizes[keep:]
+    if len(streamed) < 2:
+        return sum(streamed)
+    return max(streamed[i] + streamed[i + 1] for i in range(len(streamed) - 1))
+
+
 def _stream_peak(need: ModelNeed, keep: int) -> int:
-    """VRAM while a model with ``keep`` blocks resident runs: those, the rest and up to two
-    blocks in flight (only one when all but one are kept)."""
-    return need.rest_bytes + min(need.blocks, keep + 2) * need.block_bytes + need.work
+    """VRAM while a model with its first ``keep`` blocks resident runs: those, the rest and the
+    streamed blocks in flight."""
+    return need.rest_bytes + sum(need.sizes[:keep]) + _in_flight(need.sizes, keep) + need.work
+
+
+def _keep(need: ModelNeed, free: int, later: int = 0) -> int:
+    """The most blocks (never all: then it is resident) kept on the GPU such that the model runs
+    in ``free`` bytes and what stays between uses (the rest and the kept blocks) leaves
+    ``later`` bytes for the models still to run; 0 when none can stay."""
+    fits = [k for k in range(1, need.blocks)
+            if _stream_peak(need, k) <= free and need.rest_bytes + sum(need.sizes[:k]) + later <= free]
+    return max(fits, default=0)
+
+
+def _stream_placement(need: ModelNeed, keep: int, reason: str) -> Placement:
+    kept = need.rest_bytes + sum(need.sizes[:keep])
+    return _sized(Placement(need.name, "stream" if keep else "blocks", need.weight_bytes, kept,
+                            _stream_peak(need, keep), keep, reason), need)
 
 
 def _streamed(need: ModelNeed, free: int, later: int = 0) -> Placement | None:
-    """Partial residency in ``free`` bytes: the rest + two blocks in flight while it runs, and
-    as many blocks kept resident as leave ``later`` bytes for the models still to run; None
-    when not even one block in flight fits."""
+    """Partial residency in ``free`` bytes (:func:`_keep`); None when not even one block in
+    flight fits."""
     if not need.blocks or min_need(need) > free:
         return None
-    keep = max(0, min(need.blocks - 1, (free - max(min_need(need), later)) // max(need.block_bytes, 1)))
-    mode = "stream" if keep else "blocks"
-    kept = keep * need.block_bytes
+    keep = _keep(need, free, later)
     reason = (f"{human_size(need.weight_bytes)} of weights do not fit {human_size(free)} free: "
               f"{keep}/{need.blocks} blocks resident, the rest streamed")
-    return Placement(need.name, mode, need.weight_bytes, kept, _stream_peak(need, keep), keep, reason)
+    return _stream_placement(need, keep, reason)
 
 
 def _forced(need: ModelNeed, mode: str, free: int) -> Placement:
     """The placement a user asked for; ``free`` only sizes partial residency."""
     if mode == "resident":
-        return Placement(need.name, mode, need.weight_bytes, need.weight_bytes, need.weight_bytes + need.work, 0,
-                         "resident (requested)")
+        return _sized(Placement(need.name, mode, need.weight_bytes, need.weight_bytes, need.weight_bytes + need.work,
+                                0, "resident (requested)"), need)
     if mode == "model":
-        return Placement(need.name, mode, need.weight_bytes, 0, need.weight_bytes + need.work, 0,
-                         "moved to the GPU only while it runs (requested)")
+        return _sized(Placement(need.name, mode, need.weight_bytes, 0, need.weight_bytes + need.work, 0,
+                                "moved to the GPU only while it runs (requested)"), need)
     if not need.blocks:
         raise BudgetError(f"{need.name}: offload={mode} needs a model with a block list")
-    keep = 0 if mode == "blocks" else max(0, min(need.blocks - 1, (free - min_need(need)) // max(need.block_bytes, 1)))
-    kept = keep * need.block_bytes
-    return Placement(need.name, "stream" if keep else "blocks", need.weight_bytes, kept, _stream_peak(need, keep), keep,
-                     f"{mode} (requested)")
+    return _stream_placement(need, 0 if mode == "blocks" else _keep(need, free), f"{mode} (requested)")
+
+
+def _stage(role: str, name: str) -> str:
+    """Models that run together: a prompt's text encoders (each stays on the GPU until all have
+    encoded: they are one value), every other model alone."""
+    return "encode" if role == "text_encoder" else name
+
+
+def _entry(p: Placement) -> tuple[str, int, int]:
+    return _stage(p.role, p.name), p.held_bytes, p.work_bytes
+
+
+def _least(n: ModelNeed) -> tuple[str, int, int]:
+    """A model not placed yet at its least: streamed (its rest resident: :func:`_resident_least`) or moved whole."""
+    return _stage(n.role, n.name), min_need(n) - n.work - _resident_least(n), n.work
+
+
+def _resident_least(n: ModelNeed) -> int:
+    """What a model not placed yet keeps on the GPU at least: a streamed model its rest."""
+    return n.rest_bytes if n.blocks else 0
+
+
+def _demand(entries: list[tuple[str, int, int]]) -> int:
+    """The most VRAM beyond the residents that one stage needs while it runs: its models' held
+    weights together plus the largest working memory among them (they run one after another)."""
+    held: dict[str, int] = {}
+    work: dict[str, int] = {}
+    for stage, weights, working in entries:
+        held[stage] = held.get(stage, 0) + weights
+        work[stage] = max(work.get(stage, 0), working)
+    return max((held[s] + work[s] for s in held), default=0)
 
 
 def plan_memory(needs: list[ModelNeed], budget: int, reserve: int = 0,
@@ -311,8 +384,8 @@ def _plan(needs: list[ModelNeed], budget: int, reserve: int = 0,
     requested = requested or {}
     plan = MemoryPlan(budget, reserve)
     if budget <= 0:
-        plan.placements = [_sized(_forced(n, requested.get(n.name, "auto"), 0) if requested.get(n.name, "auto") != "auto"
-                                  else Placement(n.name, "resident", n.weight_bytes, n.weight_bytes,
+        plan.placements = [_forced(n, requested.get(n.name, "auto"), 0) if requested.get(n.name, "auto") != "auto"
+                           else _sized(Placement(n.name, "resident", n.weight_bytes, n.weight_bytes,
                                                  n.weight_bytes + n.work, 0, "no VRAM budget set"), n) for n in needs]
         return plan
     avail = budget - reserve
@@ -320,21 +393,26 @@ def _plan(needs: list[ModelNeed], budget: int, reserve: int = 0,
     placed = {n.name: _forced(n, requested[n.name], avail) for n in order if requested.get(n.name, "auto") != "auto"}
     resident = sum(p.resident_bytes for p in placed.values())
     pending = [n for n in order if n.name not in placed]
-    max_work = max((n.work for n in needs), default=0)
     while pending:  # residency in strict priority: a streamed transformer is never beside a resident T5
-        need, later = pending[0], max((min_need(n) for n in pending[1:]), default=0)
-        if resident + need.weight_bytes + max(max_work, later) > avail:
+        need = pending[0]
+        # while any stage runs: the others at their least (their embeddings resident) and this one's work
+        later = _demand([_entry(p) for p in placed.values()] + [_least(n) for n in pending[1:]]
+                        + [(_stage(need.role, need.name), 0, need.work)])
+        if resident + need.weight_bytes + sum(_resident_least(n) for n in pending[1:]) + later > avail:
             break
         resident += need.weight_bytes
-        placed[need.name] = Placement(need.name, "resident", need.weight_bytes, need.weight_bytes,
-                                      need.weight_bytes + need.work, 0,
-                                      f"fits: {human_size(resident)} resident of {human_size(avail)}")
+        placed[need.name] = _sized(Placement(need.name, "resident", need.weight_bytes, need.weight_bytes,
+                                             need.weight_bytes + need.work, 0,
+                                             f"fits: {human_size(resident)} resident of {human_size(avail)}"), need)
         pending.pop(0)
     for i, need in enumerate(pending):
-        # what runs while this model's kept blocks stay resident: the later models and the placed ones' work
-        later = max([min_need(n) for n in pending[i + 1:]]
-                    + [p.peak_bytes - p.resident_bytes for p in placed.values()], default=0)
-        free = avail - resident
+        stage = _stage(need.role, need.name)
+        others = [_entry(p) for p in placed.values()] + [_least(n) for n in pending[i + 1:]]
+        peers = [(held, work) for s, held, work in others if s == stage]  # run beside it (the other text encoders)
+        # bytes the models after it keep resident at least, and what its stage's peers hold while it runs
+        free = (avail - resident - sum(_resident_least(n) for n in pending[i + 1:]) - sum(h for h, _ in peers)
+                - max([0] + [w - need.work for _, w in peers]))
+        later = _demand([e for e in others if e[0] != stage])  # what runs while its kept blocks stay
         # The transformer runs every step: blocks kept between images, with the few streamed
         # ones overlapping compute, beat moving all of it in and out for each image.
         kept = _streamed(need, free, later) if need.role == "transformer" else None
@@ -343,26 +421,42 @@ def _plan(needs: list[ModelNeed], budget: int, reserve: int = 0,
             resident += kept.resident_bytes
             continue
         if need.weight_bytes + need.work <= free:
-            placed[need.name] = Placement(need.name, "model", need.weight_bytes, 0, need.weight_bytes + need.work, 0,
-                                          f"fits only while it runs ({human_size(free)} free beside the residents)")
+            placed[need.name] = _sized(Placement(need.name, "model", need.weight_bytes, 0,
+                                                 need.weight_bytes + need.work, 0,
+                                                 f"fits only while it runs ({human_size(free)} free beside the "
+                                                 "residents)"), need)
             continue
         streamed = _streamed(need, free, later)
         if streamed is None:
             raise BudgetError(_no_fit_message(need, free, plan, placed))
         placed[need.name] = streamed
         resident += streamed.resident_bytes
-    plan.placements = [_sized(placed[n.name], n) for n in needs]
+    _with_peers(placed.values())
+    plan.placements = [placed[n.name] for n in needs]
     return plan
 
 
+def _with_peers(placements) -> None:
+    """Text encoders are one value (budget.place): when one of them moves whole, all of them
+    leave the GPU after each use; their plan says so (nothing kept between uses)."""
+    encoders = [p for p in placements if p.role == "text_encoder"]
+    if not any(p.mode == "model" for p in encoders):
+        return
+    for p in encoders:
+        if p.resident_bytes:
+            p.mode = "model" if p.mode == "resident" else p.mode
+            p.resident_bytes = 0
+            p.reason += "; off the GPU between uses with the other text encoders"
+
+
 def _sized(placement: Placement, need: ModelNeed) -> Placement:
-    placement.blocks, placement.work_bytes = need.blocks, need.work
+    placement.blocks, placement.work_bytes, placement.role = need.blocks, need.work, need.role
     return placement
 
 
 def _no_fit_message(need: ModelNeed, free: int, plan: MemoryPlan, placed: dict[str, Placement]) -> str:
     residents = ", ".join(f"{p.name} {format_size(p.resident_bytes)}" for p in placed.values() if p.resident_bytes)
-    smallest = need.rest_bytes + 2 * need.block_bytes + need.work if need.blocks else need.weight_bytes + need.work
+    smallest = min_need(need)
     return (f"{need.name} needs at least {format_size(smallest)} of VRAM but only {format_size(free)} is free under "
             f"the budget of {format_size(plan.budget)} (reserve {format_size(plan.reserve)}"
             + (f"; resident: {residents}" if residents else "")
@@ -402,17 +496,59 @@ def should_tile_vae(height: int, width: int, free: int, frames: int = 1, element
     return free > 0 and vae_decode_bytes(height, width, frames, element_size) > free
 
 
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor really holds: a quantized tensor subclass (torchao) by its inner tensors
+    (its own ``element_size`` is the dtype it computes in), any other by numel × element size
+    (fp8; a GGUF parameter is stored as its bytes)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters as stored (tied weights once; buffers, position ids and
+    the like, are small and not counted)."""
+    return sum(tensor_bytes(t) for t in module.parameters())
+
+
+def cast_bytes(module, compute_bytes: int = 2) -> int:
+    """The transient of a module whose layers are stored narrower than they compute (fp8 with
+    diffusers' layerwise casting, torchao, GGUF): the largest such layer upcast to the compute
+    dtype, plus its re-stored copy (layerwise casting casts back before the upcast is freed).
+    One layer at a time is an assumption about those hooks, not a measurement; 0 when none."""
+    import torch
+
+    largest = 0
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or any(True for _ in layer.children()):
+            continue
+        logical = layer.in_features * layer.out_features if isinstance(layer, torch.nn.Linear) else weight.numel()
+        stored = tensor_bytes(weight)
+        if stored < logical * compute_bytes:
+            largest = max(largest, logical * compute_bytes + stored)
+    return largest
+
+
 def need_of(module, name: str, role: str = "transformer", bytes_per_param: float | None = None,
-            work_bytes: int | None = None, tiled_work: int | None = None) -> ModelNeed:
-    """A :class:`ModelNeed` measured from a module: its parameters, its dtype's size (or
-    ``bytes_per_param`` of the storage format it will be loaded in) and the blocks block
-    streaming would move (app/models/residency.py; none for a VAE, which moves whole), with
-    the working memory estimated for the run's input (None: :func:`default_work`)."""
+            work_bytes: int | None = None, tiled_work: int | None = None, compute_bytes: int = 2) -> ModelNeed:
+    """A :class:`ModelNeed` measured from a module: its parameters, their bytes as stored, each
+    block's bytes (the blocks block streaming would move: app/models/residency.py; none for a
+    VAE, which moves whole), the upcast of a narrow-stored layer (:func:`cast_bytes`) and the
+    working memory estimated for the run's input (None: :func:`default_work`). ``bytes_per_param``: a storage format not applied to the module yet
+    (planning from configs): every parameter at that size, an underestimate where the storage
+    keeps some layers wider (diffusers' fp8 casting keeps Flux's AdaLN layers in bf16)."""
     from app.models.residency import stack_of, stream_root
 
     params = sum(p.numel() for p in module.parameters())
-    first = next(module.parameters(), None)
-    size = bytes_per_param or (first.element_size() if first is not None else 2.0)
-    blocks = [] if role == "vae" else stack_of(stream_root(module))
+    measure = (lambda m: int(sum(p.numel() for p in m.parameters()) * bytes_per_param)) if bytes_per_param \
+        else module_bytes
+    root = stream_root(module)
+    blocks = [] if role == "vae" else stack_of(root)
     block_params = sum(p.numel() for b in blocks for p in b.parameters())
-    return ModelNeed(name, params, size, len(blocks), block_params, work_bytes, role, tiled_work)
+    stored = measure(module)
+    return ModelNeed(name, params, stored / max(params, 1), len(blocks), block_params, work_bytes, role, tiled_work,
+                     tuple(measure(b) for b in blocks), stored, cast_bytes(module, compute_bytes))

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,24 +65,51 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
     (diffusers group offloading: on CUDA the next block is copied from pinned RAM on a side
     stream while the current one computes). The first ``keep`` blocks stay on ``device``
     (partial residency: as many as the VRAM budget allows). Parts outside the block stack
-    (embeddings, a text encoder's final norm) live on ``device``."""
+    (embedders, final layers, a text encoder's embedding) live on ``device`` too."""
     from diffusers.hooks import HookRegistry, apply_group_offloading
 
     root = stream_root(module)
-    kept = _beside(module, root)
+    blocks = stack_of(root)[:keep]
+    kept = _beside(module, root) + blocks
     module.to("cpu")
     stream = device.type == "cuda"
-    apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
-                           record_stream=stream, non_blocking=stream)
-    for block in stack_of(root)[:keep]:  # unhooked before the first run: prefetching skips them
-        HookRegistry.check_if_exists_or_initialize(block).remove_hook("group_offloading", recurse=False)
-        kept.append(block)
+    with _hidden(root, blocks):  # diffusers pins, hooks and prefetches only the streamed blocks
+        apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
+                               record_stream=stream, non_blocking=stream)
+    rest = HookRegistry.check_if_exists_or_initialize(root).get_hook("group_offloading")
+    if rest is not None:
+        # diffusers would move the root's other children in and out on every call, synchronously
+        # from pageable RAM (a device sync per step); they stay instead. The hook stays: it
+        # starts the prefetch of the first streamed block.
+        kept += rest.group.modules
+        rest.group.modules = []
     for part in kept:
         part.to(device)
     setattr(module, GROUP_OFFLOAD_FLAG, True)
     module._ditgraph_kept = kept  # what stays on the device between runs (moved by offload/ensure_device)
     return module
+
+
+@contextlib.contextmanager
+def _hidden(root: torch.nn.Module, blocks: list[torch.nn.Module]) -> Iterator[None]:
+    """Take ``blocks`` out of ``root``'s block lists for a moment. Group offloading applied then
+    never sees them: no pinned RAM copy (the whole kept share of the model otherwise) and no
+    place in the prefetch chain that diffusers traces on the first CUDA run (a kept block whose
+    offload hook is removed afterwards keeps its tracker there and breaks that trace)."""
+    hidden = {id(b) for b in blocks}
+    lists = {name: child for name, child in root.named_children()
+             if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
+    try:
+        for name, child in lists.items():
+            shown = [b for b in child if id(b) not in hidden]
+            if len(shown) < len(child):
+                setattr(root, name, torch.nn.Sequential(*shown) if isinstance(child, torch.nn.Sequential)
+                        else torch.nn.ModuleList(shown))
+        yield
+    finally:
+        for name, child in lists.items():
+            setattr(root, name, child)
 
 
 def _beside(module: torch.nn.Module, root: torch.nn.Module) -> list[torch.nn.Module]:

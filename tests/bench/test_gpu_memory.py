@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import gpu_memory
 
@@ -56,6 +57,9 @@ def test_tiny_end_to_end_rows_and_switch(tmp_path):
     stages = report["switch_e2e"]["stages"]
     assert [s["model"] for s in stages] == ["flux-dev", "sd3.5-large", "flux-dev"]
     assert all("error" not in s and s["finite"] for s in stages) and stages[2].get("reused")
+    assert stages[0]["plan_lines"] and list(stages[2]["stages"]) == ["place", "encode", "sample", "decode"]
+    assert list(capped["stages"]) == ["build", "plan", "place", "warmup encode", "warmup sample", "warmup decode",
+                                      "encode", "sample", "decode"]
 
 
 def test_isolated_rows_record_their_result_or_their_timeout(tmp_path):
@@ -68,8 +72,93 @@ def test_isolated_rows_record_their_result_or_their_timeout(tmp_path):
     assert report["e2e"]["rows"]["sd3.5-large cap=none bf16 resident"]["error"].startswith("timed out")
 
 
+def test_rows_none_leaves_the_switch_test_alone():
+    from types import SimpleNamespace
+
+    assert gpu_memory.e2e_rows(SimpleNamespace(rows="none")) == []
+
+
 def test_bad_rows_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="model/cap/storage/plan"):
         _e2e(tmp_path, "--rows", "flux-dev/12/fp8")
     with pytest.raises(SystemExit, match="unknown rows"):
         _e2e(tmp_path, "--rows", "flux-dev/12/fp4/auto")
+
+
+def test_a_failed_row_keeps_its_plan_and_the_stage_it_failed_in(tmp_path, monkeypatch):
+    """The first GPU run's capped rows kept only their error: not the plan, nor where it failed."""
+    import nodes.sampling
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 46.00 MiB")
+
+    monkeypatch.setattr(nodes.sampling, "Sampler", out_of_memory)
+    report = _e2e(tmp_path, "--rows", "flux-dev/12/fp8_e4m3/auto", "--switch-cap", "0")
+    row = report["e2e"]["rows"]["flux-dev cap=12.0 fp8_e4m3 auto"]
+    assert row["error"].startswith("OutOfMemoryError") and row["failed_stage"] == "warmup sample"
+    assert row["plan"]["transformer"]["mode"] == "stream" and any(line.startswith("t5:") for line in row["plan_lines"])
+    assert list(row["stages"]) == ["build", "plan", "place", "warmup encode"]
+
+
+# The GPU rows' plans, sized on the meta device: what each stage of a row holds on the GPU,
+# measured from the modules, fits the budget (before: kept blocks sized as 57 equal ones at one
+# byte per parameter; fp8 Flux-dev under 12 GiB kept 12.8 GiB of blocks for a 9.5 GiB estimate).
+GPU_ROWS = [("flux-dev", 12, "fp8_e4m3"), ("flux-dev", 8, "fp8_e4m3"), ("flux-dev", 12, "bf16"),
+            ("sd3.5-large", 16, "bf16")]
+
+
+def _on_gpu(module, placement) -> tuple[int, int]:
+    """(bytes kept between uses, bytes while it runs) of a placed module, measured from it."""
+    from app.models.memory import module_bytes
+    from app.models.residency import stack_of, stream_root
+
+    total = module_bytes(module)
+    if placement.mode in ("resident", "model"):
+        return (total if placement.resident_bytes else 0), total
+    sizes = [module_bytes(b) for b in stack_of(stream_root(module))]
+    kept = total - sum(sizes) + sum(sizes[:placement.resident_blocks])
+    streamed = sizes[placement.resident_blocks:]
+    in_flight = max(a + b for a, b in zip(streamed, streamed[1:], strict=False)) if len(streamed) > 1 else sum(streamed)
+    return (kept if placement.resident_bytes else 0), kept + in_flight
+
+
+@pytest.mark.parametrize("name,cap,storage", GPU_ROWS)
+def test_the_gpu_rows_plans_fit_what_each_stage_holds(name, cap, storage):
+    from app.models.memory import GIB
+
+    parts = gpu_memory.build_e2e(name, torch.device("meta"), False, storage)
+    *_, named = gpu_memory.handles_e2e(parts, torch.device("cpu"))
+    memory = {"vram": cap * GIB, "reserve": GIB, "size": (1024, 1024)}
+    plan = gpu_memory.plan_e2e(named, parts["family"], "auto", memory, torch.device("cpu")).by_name()
+    held = {n: _on_gpu(module, plan[n]) for n, (_, module) in named.items()}
+    kept = sum(between for between, _ in held.values())
+    encoders = [n for n in named if n not in ("transformer", "vae")]
+    stages = {
+        "encode": kept + sum(held[n][1] - held[n][0] for n in encoders) + max(plan[n].work_bytes for n in encoders),
+        "sample": kept + held["transformer"][1] - held["transformer"][0] + plan["transformer"].work_bytes,
+        "decode": kept + held["vae"][1] - held["vae"][0] + plan["vae"].work_bytes,
+    }
+    assert max(stages.values()) <= (cap - 1) * GIB, {k: round(v / GIB, 2) for k, v in stages.items()}
+    assert plan["transformer"].mode == "stream"
+
+
+def test_an_allocator_snapshot_is_cut_to_what_a_device_run_can_return(tmp_path, monkeypatch):
+    """--memory-history on a failed GPU row: the snapshot is trimmed (oldest events first, then
+    stack frames) under the limit, and the live bytes are summed by the place that made them."""
+    frame = {"filename": "/site-packages/diffusers/hooks/group_offloading.py", "line": 208,
+             "name": "_transfer_tensor_to_device"}
+    torch_frame = {"filename": "/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_apply"}
+    blocks = [{"state": "active_allocated", "size": 3 << 30, "frames": [torch_frame, frame] * 20},
+              {"state": "active_allocated", "size": 1 << 30, "frames": []},
+              {"state": "inactive", "size": 5 << 30, "frames": [frame]}]
+    events = [{"action": "alloc", "addr": i, "frames": [{**frame, "line": i + j} for j in range(20)]} for i in range(400)]
+    snapshot = {"segments": [{"blocks": blocks}], "device_traces": [events]}
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: snapshot)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda **kwargs: None)
+    info = gpu_memory.dump_snapshot(tmp_path / "oom.pickle", limit=40_000)
+    assert (tmp_path / "oom.pickle").stat().st_size == info["bytes"] <= 40_000 and 0 < info["events_kept"] < 400
+    assert info["live_by_place"] == [{"where": "group_offloading.py:208 _transfer_tensor_to_device", "gib": 3.0},
+                                     {"where": "unknown", "gib": 1.0}]
+    tiny = gpu_memory.dump_snapshot(tmp_path / "tiny.pickle", limit=100)  # no events, no frames: as small as it gets
+    assert tiny["events_kept"] == 0 and tiny["live_by_place"] == info["live_by_place"]
+    assert "frames" not in blocks[0]

@@ -85,8 +85,9 @@ def test_loader_keeps_what_fits_and_streams_the_rest(flux):
     assert need.blocks == 6
     work = events[-1]["plan"]["models"][0]["work_bytes"]  # activations at the family's default size
     assert work > default_work(need)  # 4096 image + 512 text tokens: more than the size-blind floor
-    # the rest + two blocks in flight + two kept blocks + working memory
-    vram = need.rest_bytes + 4 * need.block_bytes + work
+    # the rest + the two (double) blocks kept + two (single, smaller) blocks in flight + working memory
+    assert need.sizes[0] > need.sizes[2] == need.sizes[-1]
+    vram = need.rest_bytes + sum(need.sizes[:4]) + work
     (model, _, _), events = _load_under(flux, {"vram": vram})
     placement = events[-1]["plan"]["models"][0]
     assert events[-1]["type"] == "memory_plan" and placement["mode"] == "stream"
