@@ -299,6 +299,24 @@ def signed_distance(batch: SceneBatch, size: int = SIZE) -> torch.Tensor:
     return torch.where(batch.valid[:, :, None, None], d, torch.full_like(d, 1e4))
 
 
+def vertex_distance(batch: SceneBatch, size: int = SIZE) -> torch.Tensor:
+    """(B, K, H, W) distance in px from each pixel centre to the object's nearest vertex (a square's 4
+    corners, a triangle's apex and 2 base corners; circles and absent objects: 1e4)."""
+    dev = batch.cx.device
+    coords = torch.arange(size, device=dev, dtype=torch.float32) + 0.5
+    cx, cy, r = (t.float() for t in (batch.cx, batch.cy, batch.radius))
+    h = 0.9 * r
+    sq = [(cx - h, cy - h), (cx + h, cy - h), (cx - h, cy + h), (cx + h, cy + h)]
+    hw = 0.55 * 1.85 * r  # the triangle's half-width at its base, y = cy + 0.85 r (see signed_distance)
+    tri = [(cx, cy - r), (cx - hw, cy + 0.85 * r), (cx + hw, cy + 0.85 * r), (cx, cy - r)]
+    vx = torch.stack([torch.where(batch.shape == 1, s[0], t[0]) for s, t in zip(sq, tri, strict=True)], -1)
+    vy = torch.stack([torch.where(batch.shape == 1, s[1], t[1]) for s, t in zip(sq, tri, strict=True)], -1)
+    d = torch.hypot(coords.view(1, 1, 1, size, 1) - vx[:, :, None, None, :],
+                    coords.view(1, 1, size, 1, 1) - vy[:, :, None, None, :]).amin(-1)
+    keep = (batch.valid & (batch.shape != 0))[:, :, None, None]
+    return torch.where(keep, d, torch.full_like(d, 1e4))
+
+
 def coverage(batch: SceneBatch, size: int = SIZE) -> torch.Tensor:
     """(B, K, H, W) anti-aliased coverage in [0, 1] of each object."""
     return (0.5 - signed_distance(batch, size)).clamp(0, 1)

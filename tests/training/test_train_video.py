@@ -9,6 +9,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from training import train_video as tv
+from training import video_world as vw
+from training import world
 
 
 def test_token_timesteps_zero_on_given_first_frame():
@@ -87,6 +89,24 @@ def test_edge_weights_mark_only_pixels_near_object_edges():
     assert w[0, 0, 0, int(cy), int(cx)] == 1  # an object's centre is interior, not edge
 
 
+def test_corner_weights_add_only_near_square_and_triangle_vertices():
+    batch, _ = tv.render_batch(4, torch.Generator().manual_seed(3), torch.device("cpu"))
+    base, w = tv.edge_weights(batch, 9.0), tv.edge_weights(batch, 9.0, 30.0)
+    assert torch.equal(tv.edge_weights(batch, 9.0, 0.0), base)  # off by default: V1-V3 reproduce
+    extra = w - base
+    assert set(extra.unique().tolist()) == {0.0, 30.0} and 0 < (extra > 0).float().mean() < 0.02
+    near = (world.vertex_distance(vw.frame_scenes(batch)) <= tv.CORNER_RADIUS).any(1).view_as(extra[:, 0])
+    assert torch.equal(extra[:, 0] > 0, near)
+    batch.scenes.shape[:] = 0  # all circles: no vertices, no corner weight
+    assert torch.equal(tv.edge_weights(batch, 9.0, 30.0), tv.edge_weights(batch, 9.0))
+
+
+def test_first_frame_weight_scales_frame_0_only():
+    batch, _ = tv.render_batch(2, torch.Generator().manual_seed(3), torch.device("cpu"))
+    base, w = tv.edge_weights(batch, 9.0, 30.0), tv.edge_weights(batch, 9.0, 30.0, first=4.0)
+    assert torch.equal(w[:, :, 0], 4 * base[:, :, 0]) and torch.equal(w[:, :, 1:], base[:, :, 1:])
+
+
 def test_vae_loss_edge_weight_keeps_the_scale_and_moves_the_focus():
     torch.manual_seed(0)
     batch, x = tv.render_batch(1, torch.Generator().manual_seed(4), torch.device("cpu"))
@@ -122,7 +142,8 @@ def test_vae_optimizer_state_round_trips_in_bf16(tmp_path):
 
 def test_vae_call_saves_and_resumes_its_optimizer(tmp_path, monkeypatch):
     out = tmp_path / "sv"
-    tv.main(["--tiny", "--steps", "1", "--vae-only", "--vae-save-opt", "--vae-edge-weight", "9", "--out", str(out)])
+    tv.main(["--tiny", "--steps", "1", "--vae-only", "--vae-save-opt", "--vae-edge-weight", "9", "--vae-corner-weight", "30",
+             "--vae-first-frame-weight", "4", "--out", str(out)])
     assert (out / tv.OPT_FILE).exists()
     loaded = []
     monkeypatch.setattr(tv, "load_opt_state", lambda opt, saved: loaded.append(saved["n_params"]))

@@ -85,6 +85,18 @@ def test_triangle_geometry():
     assert red[60:70].sum(1).max() > red[47:50].sum(1).max()  # wider at the bottom: apex up
 
 
+def test_vertex_distance_is_zero_at_corners_and_absent_for_circles():
+    objs = [SceneObject(shape=1, colour=0, size=0, cell=0, cx=20.5, cy=20.5, radius=10),  # corners at 11.5, 29.5
+            SceneObject(shape=2, colour=1, size=1, cell=8, cx=100.5, cy=100.5, radius=19)]  # apex at y 81.5
+    b = world.scenes_to_batch([Scene(background=6, objects=objs)])
+    v, d = world.vertex_distance(b), world.signed_distance(b)
+    for k, (y, x) in ((0, (11, 11)), (0, (29, 29)), (0, (11, 29)), (1, (81, 100))):
+        assert v[0, k, y, x] == pytest.approx(0, abs=1e-4) and abs(d[0, k, y, x]) < 1e-3  # on the outline
+    assert v[0, 0, 20, 20] == pytest.approx(9 * 2 ** 0.5, abs=1e-4)  # the centre: half-diagonal away
+    b.shape[0, 0] = 0  # a circle has no vertices
+    assert (world.vertex_distance(b)[0, 0] == 1e4).all()
+
+
 def test_outline_map_and_style():
     b = world.sample_scenes(16, seed=5, control=True)
     om = world.outline_map(b)
