@@ -47,6 +47,12 @@ POSITION_NAMES = [
     "bottom left", "bottom", "bottom right",
 ]
 CELL = SIZE / 3.0
+# shape geometry in units of the radius (the spec's): a square's half-side; a triangle's apex at
+# cy - r, base at cy + TRI_BASE r (height TRI_HEIGHT r), half-width TRI_SLOPE px per px below the apex
+SQUARE_HALF = 0.9
+TRI_BASE = 0.85
+TRI_HEIGHT = 1.85
+TRI_SLOPE = 0.55
 
 
 def cell_centre(cell: int) -> tuple[float, float]:
@@ -69,9 +75,9 @@ def nominal_area(shape: int, radius: float) -> float:
     if shape == 0:
         return math.pi * radius * radius
     if shape == 1:
-        return (1.8 * radius) ** 2
-    height = 1.85 * radius
-    return 0.55 * height * height  # half-width 0.55*h at the base: area = 0.5 * (2*0.55h) * h
+        return (2 * SQUARE_HALF * radius) ** 2
+    height = TRI_HEIGHT * radius
+    return TRI_SLOPE * height * height  # half-width TRI_SLOPE*h at the base: area = 0.5 * (2*TRI_SLOPE*h) * h
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,11 +294,11 @@ def signed_distance(batch: SceneBatch, size: int = SIZE) -> torch.Tensor:
     cx, cy, r = (t.float()[:, :, None, None] for t in (batch.cx, batch.cy, batch.radius))
     dx, dy = x - cx, y - cy
     d_circle = torch.sqrt(dx * dx + dy * dy) - r
-    d_square = torch.maximum(dx.abs(), dy.abs()) - 0.9 * r
+    d_square = torch.maximum(dx.abs(), dy.abs()) - SQUARE_HALF * r
     top = cy - r
-    k = 0.55
+    k = TRI_SLOPE
     d_side = (dx.abs() - k * (y - top)) / math.sqrt(1 + k * k)
-    d_base = y - (cy + 0.85 * r)
+    d_base = y - (cy + TRI_BASE * r)
     d_tri = torch.maximum(d_side, d_base)
     shp = batch.shape[:, :, None, None]
     d = torch.where(shp == 0, d_circle, torch.where(shp == 1, d_square, d_tri))
@@ -305,10 +311,10 @@ def vertex_distance(batch: SceneBatch, size: int = SIZE) -> torch.Tensor:
     dev = batch.cx.device
     coords = torch.arange(size, device=dev, dtype=torch.float32) + 0.5
     cx, cy, r = (t.float() for t in (batch.cx, batch.cy, batch.radius))
-    h = 0.9 * r
+    h = SQUARE_HALF * r
     sq = [(cx - h, cy - h), (cx + h, cy - h), (cx - h, cy + h), (cx + h, cy + h)]
-    hw = 0.55 * 1.85 * r  # the triangle's half-width at its base, y = cy + 0.85 r (see signed_distance)
-    tri = [(cx, cy - r), (cx - hw, cy + 0.85 * r), (cx + hw, cy + 0.85 * r), (cx, cy - r)]
+    hw = TRI_SLOPE * TRI_HEIGHT * r  # the triangle's half-width at its base
+    tri = [(cx, cy - r), (cx - hw, cy + TRI_BASE * r), (cx + hw, cy + TRI_BASE * r), (cx, cy - r)]
     vx = torch.stack([torch.where(batch.shape == 1, s[0], t[0]) for s, t in zip(sq, tri, strict=True)], -1)
     vy = torch.stack([torch.where(batch.shape == 1, s[1], t[1]) for s, t in zip(sq, tri, strict=True)], -1)
     d = torch.hypot(coords.view(1, 1, 1, size, 1) - vx[:, :, None, None, :],
