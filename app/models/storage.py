@@ -2,7 +2,7 @@
 
   auto       as the file stores them: a bf16 file in the chosen dtype, an fp8 file in fp8,
              a GGUF file quantized
-  fp8_e4m3 / fp8_e5m2   fp8 storage, upcast per layer while it runs (diffusers layerwise casting)
+  fp8_e4m3 / fp8_e5m2   fp8 storage, upcast per layer while it runs (:func:`cast_inline`)
   int8 / float8         torchao weight-only quantization (app/models/quantizers; float8 needs Ada+)
   nf4        bitsandbytes 4-bit (optional: ``pip install bitsandbytes``)
 
@@ -15,14 +15,26 @@ parametrization) and GGUF files (diffusers ``GGUFQuantizationConfig``; the ``ggu
 Every file is read with safetensors or gguf's reader (no pickles) and checked before use:
 a truncated file or a tensor whose claimed type does not match its bytes is refused with
 :class:`WeightFileError` naming the file and tensor.
+
+fp8 storage stores the layers diffusers' ``enable_layerwise_casting`` would (same layer types,
+skip patterns, biases too), but casts inline: the layer's forward runs on
+``weight.to(compute_dtype)`` and the stored fp8 tensor is never replaced. diffusers' hook instead
+calls ``Module.to(compute)`` before and ``Module.to(storage)`` after every call of every layer
+(Python per layer, two casts per weight, a new fp8 tensor after each call). Measured on an H200,
+1024², 28 steps end to end: SD3.5-large fp8 (32/38 blocks kept under 12 GiB) 10.56 s and Flux-dev
+fp8 (26/57 kept) 7.89 s with the hook, against 5.06 s and 4.84 s bf16 resident; on a CPU the hook
+added 15-32 ms per forward of a full-depth tiny Flux (43-67 ms) and the inline cast nothing
+measurable. ComfyUI's "manual cast" layers do the same.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -182,7 +194,7 @@ def apply_storage(model: nn.Module, storage: str, dtype: torch.dtype, device: to
     if storage == "auto":
         return model
     if storage in FP8:
-        model.enable_layerwise_casting(storage_dtype=FP8[storage], compute_dtype=dtype)
+        cast_inline(model, FP8[storage], dtype)
         return model
     if storage in TORCHAO:
         from torchao.quantization import quantize_
@@ -198,3 +210,96 @@ def apply_storage(model: nn.Module, storage: str, dtype: torch.dtype, device: to
         raise WeightFileError("nf4 storage needs bitsandbytes and a CUDA GPU (pip install bitsandbytes); "
                               "use int8, fp8_e4m3 or a GGUF Q4 file instead")
     raise WeightFileError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGES)}")
+
+
+# -- fp8 storage: layers that upcast their own weights -----------------------------------------
+
+
+class _Upcast:
+    """Mixin of the layers :func:`cast_inline` swaps in: parameters stay stored as they are
+    (fp8); each forward computes with copies in ``compute_dtype``."""
+
+    compute_dtype: torch.dtype
+
+    def _up(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.compute_dtype)
+
+
+class CastLinear(_Upcast, nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self._up(self.weight), self._up(self.bias))
+
+
+class _CastConv(_Upcast):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self._up(self.weight), self._up(self.bias))
+
+
+class CastConv1d(_CastConv, nn.Conv1d):
+    pass
+
+
+class CastConv2d(_CastConv, nn.Conv2d):
+    pass
+
+
+class CastConv3d(_CastConv, nn.Conv3d):
+    pass
+
+
+class CastEmbedding(_Upcast, nn.Embedding):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, self._up(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+CAST_LAYERS = {nn.Linear: CastLinear, nn.Conv1d: CastConv1d, nn.Conv2d: CastConv2d, nn.Conv3d: CastConv3d,
+               nn.Embedding: CastEmbedding}
+
+
+def layerwise_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers diffusers' ``enable_layerwise_casting`` would store narrow: its layer types,
+    skipping modules whose dotted name matches its default patterns, the model's
+    ``_keep_in_fp32_modules`` and ``_skip_layerwise_casting_patterns`` or peft's adapter names
+    (a skipped module's whole subtree; ``re.search`` on the name, as diffusers does)."""
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from diffusers.utils import is_peft_available
+
+    skip = [*DEFAULT_SKIP_MODULES_PATTERN, *(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_skip_layerwise_casting_patterns", None) or ())]
+    if is_peft_available():
+        from peft.tuners.loha.layer import LoHaLayer
+        from peft.tuners.lokr.layer import LoKrLayer
+        from peft.tuners.lora.layer import LoraLayer
+
+        skip += [name for layer in (LoHaLayer, LoKrLayer, LoraLayer) for name in layer.adapter_layer_names]
+
+    def walk(module: nn.Module, name: str) -> list[nn.Module]:
+        if any(re.search(pattern, name) for pattern in skip):
+            return []
+        if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+            return [module]
+        return [layer for child_name, child in module.named_children()
+                for layer in walk(child, f"{name}.{child_name}" if name else child_name)]
+
+    return list({id(layer): layer for layer in walk(model, "")}.values())  # a shared layer once
+
+
+def cast_inline(model: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Store :func:`layerwise_layers` in ``storage_dtype`` (weights and biases), each swapped to
+    its ``Cast*`` class (same parameters and state-dict keys) to compute in ``compute_dtype``;
+    returns how many. A layer type without a ``Cast*`` class (ConvTranspose, a subclass with its
+    own forward, an Embedding with ``max_norm``, which renorms its weight in place) keeps
+    diffusers' hook: none in the transformers ditgraph loads."""
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    layers = layerwise_layers(model)
+    for layer in layers:
+        if type(layer) in CAST_LAYERS and getattr(layer, "max_norm", None) is None:
+            layer.to(dtype=storage_dtype)
+            layer.__class__ = CAST_LAYERS[type(layer)]
+            layer.compute_dtype = compute_dtype
+        else:
+            apply_layerwise_casting_hook(layer, storage_dtype, compute_dtype, non_blocking=False)
+    return len(layers)
