@@ -515,10 +515,10 @@ def module_bytes(module) -> int:
 
 
 def cast_bytes(module, compute_bytes: int = 2) -> int:
-    """The transient of a module whose layers are stored narrower than they compute (fp8 with
-    diffusers' layerwise casting, torchao, GGUF): the largest such layer upcast to the compute
-    dtype, plus its re-stored copy (layerwise casting casts back before the upcast is freed).
-    One layer at a time is an assumption about those hooks, not a measurement; 0 when none."""
+    """The transient of a module whose layers are stored narrower than they compute (fp8 cast
+    inline, torchao, GGUF): the largest such layer's upcast copy in the compute dtype, beside
+    its stored weight (app/models/storage.py cast_inline). One layer at a time is an assumption
+    about those forwards, not a measurement; 0 when none."""
     import torch
 
     largest = 0
@@ -529,7 +529,7 @@ def cast_bytes(module, compute_bytes: int = 2) -> int:
         logical = layer.in_features * layer.out_features if isinstance(layer, torch.nn.Linear) else weight.numel()
         stored = tensor_bytes(weight)
         if stored < logical * compute_bytes:
-            largest = max(largest, logical * compute_bytes + stored)
+            largest = max(largest, logical * compute_bytes)
     return largest
 
 
@@ -540,7 +540,7 @@ def need_of(module, name: str, role: str = "transformer", bytes_per_param: float
     VAE, which moves whole), the upcast of a narrow-stored layer (:func:`cast_bytes`) and the
     working memory estimated for the run's input (None: :func:`default_work`). ``bytes_per_param``: a storage format not applied to the module yet
     (planning from configs): every parameter at that size, an underestimate where the storage
-    keeps some layers wider (diffusers' fp8 casting keeps Flux's AdaLN layers in bf16)."""
+    keeps some layers wider (fp8 storage keeps Flux's AdaLN layers in bf16)."""
     from app.models.residency import stack_of, stream_root
 
     params = sum(p.numel() for p in module.parameters())
