@@ -189,11 +189,15 @@ def test_streamed_fp8_blocks_compute_as_resident(copy_stream):  # noqa: F811
 
 
 def test_cast_compiles_without_graph_breaks():
-    """The cast is part of the layer's forward: a block compiles whole (diffusers' hook calls
-    ``Module.to`` around each layer instead)."""
+    """The cast is part of the layer's forward: a block of a compiled view (CompileModel's
+    weight-sharing copy) compiles whole; diffusers' hook broke it into 8 graphs (``Module.to``
+    makes Parameters)."""
+    from app.models.compile import shared_copy
+
     model, _ = _pair("flux")
-    block = model.single_transformer_blocks[0]
-    assert isinstance(block.proj_out, CastLinear)
+    view = shared_copy(model)
+    block = view.single_transformer_blocks[0]
+    assert isinstance(block.proj_out, CastLinear) and block.proj_out.weight is model.single_transformer_blocks[0].proj_out.weight
     gen = torch.Generator().manual_seed(3)
     args = (torch.randn(1, 16, 32, generator=gen).to(BF16), torch.randn(1, 8, 32, generator=gen).to(BF16),
             torch.randn(1, 32, generator=gen).to(BF16))
