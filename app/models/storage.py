@@ -219,7 +219,7 @@ class _Upcast:
     """Mixin of the layers :func:`cast_inline` swaps in: parameters stay stored as they are
     (fp8); each forward computes with copies in ``compute_dtype``."""
 
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype  # peft reads it too: adapters added later are kept in it, not in fp8
 
     def _up(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.to(self.compute_dtype)

@@ -177,6 +177,35 @@ def test_lora_on_fp8_storage_matches_layerwise_casting(fuse):
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == FP8
 
 
+def test_peft_lora_on_fp8_storage_matches_layerwise_casting():
+    """A peft adapter (training/train_lora.py) added before fp8 storage: its layers stay bf16 and
+    the wrapped base layer casts, as with diffusers' hook. Added after, it is kept in the compute
+    dtype too (peft reads a base layer's ``compute_dtype``); with the hook it became fp8 and the
+    forward failed ("mul_cpu_reduced_float" not implemented for fp8)."""
+    peft = pytest.importorskip("peft")
+
+    def with_lora(model):
+        torch.manual_seed(5)
+        model.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_mlp"], init_lora_weights=False))
+        return model
+
+    def fp8(model):
+        return apply_storage(model, "fp8_e4m3", BF16, torch.device("cpu"))
+
+    torch.manual_seed(0)
+    plain = _flux().to(BF16).eval()
+    reference = with_lora(copy.deepcopy(plain))
+    reference.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=BF16)
+    before, after = fp8(with_lora(copy.deepcopy(plain))), with_lora(fp8(copy.deepcopy(plain)))
+    for model in (before, after):
+        q = model.transformer_blocks[0].attn.to_q
+        assert isinstance(q.base_layer, CastLinear) and q.base_layer.weight.dtype == FP8
+        assert q.lora_A["default"].weight.dtype == BF16
+    output = _run("flux", before)
+    assert torch.equal(output, _run("flux", reference)) and torch.equal(output, _run("flux", after))
+    assert not torch.equal(output, _run("flux", fp8(copy.deepcopy(plain))))  # the adapter is in the output
+
+
 def test_streamed_fp8_blocks_compute_as_resident(copy_stream):  # noqa: F811
     from app.models.residency import apply_block_offload
 
