@@ -304,15 +304,19 @@ class MemoCache:
 
     def make_room(self, nbytes: int) -> list[str]:
         """Move the coldest GPU entries to CPU until ``nbytes`` more fit the VRAM budget
-        (called before loading a model); returns the keys moved."""
-        moved = []
+        (called before loading a model); returns the keys moved. What they held on CUDA goes
+        back to the driver (:func:`return_cached_memory`), so the model placed next starts
+        from free memory rather than from the cached segments of the one it replaces."""
+        moved, devices = [], set()
         with self._lock:
             for key in list(self._entries):
                 if self.device_bytes + nbytes <= self.max_device_bytes:
                     break
                 if self._entries[key].device_bytes:
+                    devices.update(self._entries[key].sizes)
                     self._spill(key)
                     moved.append(key)
+        return_cached_memory(devices)
         return moved
 
     def _spill(self, key: str) -> None:
@@ -348,6 +352,17 @@ class MemoCache:
         return {"entries": len(self), "bytes": self.nbytes, "ram_bytes": self.ram_bytes,
                 "device_bytes": self.device_bytes, "policy": self.policy.describe(), "max_bytes": self.max_bytes,
                 "max_device_bytes": self.max_device_bytes, "versions": self.versions, **self.stats}
+
+
+def return_cached_memory(devices: set[str]) -> None:
+    """Release the CUDA caching allocator's free segments when values just left a CUDA device.
+    Freed weights otherwise stay reserved by this process, cut to the old model's tensor
+    sizes, partly in the pools of its block-streaming side streams (usable only by
+    allocations on those streams): under a cap the next model is then placed into fragments
+    and runs out of memory with gigabytes reserved but unallocated (issue 17's switch test,
+    Flux -> SD3.5-large under 16 GiB)."""
+    if "cuda" in devices and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 RAM_FRACTION = 0.5  # of physical RAM: the default RAM budget (models included, on a CPU device)

@@ -41,6 +41,25 @@ def test_make_room_spills_least_recently_used_first():
     assert not old.on_gpu and new.on_gpu and cache.device_bytes == 4 * GIB
 
 
+def test_make_room_returns_the_allocators_cache_after_moving_cuda_values(monkeypatch):
+    """The switch test's OOM: Flux left the GPU but its segments stayed reserved, and SD3.5-large
+    was placed into their fragments. make_room empties the CUDA cache once, after its moves,
+    and only when something left a CUDA device."""
+    from app.core import memo
+
+    emptied = []
+    monkeypatch.setattr(memo.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memo.torch.cuda, "empty_cache", lambda: emptied.append(1))
+    cache = MemoCache(max_bytes=100 * GIB, max_device_bytes=10 * GIB)
+    for key in ("a", "b", "c"):
+        cache.put(key, (FakeGpuValue(4 * GIB),))  # the third put spills "a" through _enforce
+    emptied.clear()
+    assert cache.make_room(GIB) == [] and emptied == []  # nothing moved: the cache stays
+    assert cache.make_room(3 * GIB) == ["b"] and emptied == [1]
+    assert cache.make_room(10 * GIB) == ["c"] and emptied == [1, 1]
+    assert cache.make_room(10 * GIB) == [] and emptied == [1, 1]  # fits: nothing to move
+
+
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory) -> Path:
     return save_family("sd3", tmp_path_factory.mktemp("budget") / "tiny-sd3")
