@@ -53,6 +53,15 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 GROUP_OFFLOAD_FLAG = "_ditgraph_group_offload"
+# One copy stream per device for every streamed model, instead of diffusers' stream per
+# apply_group_offloading call. The CUDA caching allocator keeps a pool per stream: what one
+# model's copies freed (a streamed T5's blocks after encoding) can then serve the next model's
+# copies (the transformer's blocks while sampling) instead of staying reserved beside them,
+# which under a cap makes the allocator synchronise and free every cached segment to grow the
+# other pool (issue 17: fp8 Flux-dev under 12 GiB streamed without overlap, reserved at the
+# cap). Off until a GPU A/B (bench/gpu_memory.py --share-copy-stream) says it helps.
+SHARE_COPY_STREAM = False
+_COPY_STREAMS: dict[tuple[str, int], object] = {}
 
 
 def is_group_offloaded(module: torch.nn.Module) -> bool:
@@ -77,6 +86,8 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
         apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
                                record_stream=stream, non_blocking=stream)
+    if stream and SHARE_COPY_STREAM:
+        share_stream(root, copy_stream(device))
     rest = HookRegistry.check_if_exists_or_initialize(root).get_hook("group_offloading")
     if rest is not None:
         # diffusers would move the root's other children in and out on every call, synchronously
@@ -89,6 +100,30 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
     setattr(module, GROUP_OFFLOAD_FLAG, True)
     module._ditgraph_kept = kept  # what stays on the device between runs (moved by offload/ensure_device)
     return module
+
+
+def copy_stream(device: torch.device):
+    """The copy stream shared by the streamed models on ``device`` (:data:`SHARE_COPY_STREAM`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (device.type, index)
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(torch.device(device.type, index))
+    return _COPY_STREAMS[key]
+
+
+def share_stream(root: torch.nn.Module, stream) -> int:
+    """Point every streamed group under ``root`` at ``stream`` (diffusers reads ``group.stream``
+    at each onload and sync; the stream it was given only at application); returns how many."""
+    groups = {id(hook.group): hook.group for m in root.modules()
+              if (hook := _group_hook(m)) is not None and hook.group.stream is not None}
+    for group in groups.values():
+        group.stream = stream
+    return len(groups)
+
+
+def _group_hook(module: torch.nn.Module):
+    registry = getattr(module, "_diffusers_hook", None)  # no registry made for modules without one
+    return registry.get_hook("group_offloading") if registry is not None else None
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.models.residency import apply_block_offload, stack_of
+from app.models.residency import apply_block_offload, share_stream, stack_of
 
 
 def _flux():
@@ -75,3 +75,16 @@ def test_kept_blocks_stay_out_of_the_prefetch_chain_and_pinned_ram(copy_stream):
     assert pinned == {id(p) for b in blocks[3:] for p in b.parameters()}  # only the streamed blocks
     # the parts outside the blocks stay on the device with the kept blocks, not moved per call
     assert all(any(part is m for part in model._ditgraph_kept) for m in (model.x_embedder, model.proj_out))
+
+
+def test_streamed_models_can_share_one_copy_stream(copy_stream):
+    """SHARE_COPY_STREAM: every streamed group of two models points at one stream (on CUDA one
+    allocator pool for their copies, not one per model); the results do not change."""
+    reference = _run(_flux())
+    first, second = (apply_block_offload(_flux(), torch.device("cpu"), keep=keep) for keep in (0, 3))
+    shared = torch.cpu.Stream()
+    streamed = [g for g in copy_stream if g.stream is not None]
+    assert share_stream(first, shared) + share_stream(second, shared) == len(streamed) == 6 + 3
+    assert all(g.stream is shared for g in streamed)
+    for model in (first, second, first):
+        assert torch.allclose(_run(model), reference, atol=1e-5)
