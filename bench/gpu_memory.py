@@ -17,7 +17,14 @@ latent vs the model's bf16 resident uncapped row, which runs first and saves its
 the JSON), ``pinned_gib`` (the pinned host allocator's bytes), ``host_peak_gib`` (max RSS) and
 ``build_s`` / ``place_s`` / ``row_s``, and ``stages``: per stage (build, plan, place, then encode,
 sample and decode of the warm-up and of the timed image) its seconds and the GiB allocated at its
-end, its peak and reserved. A failed row keeps its plan and stages and says ``failed_stage`` and
+end, its peak, reserved (max, and at its end) and the allocator's trips to the driver
+(``alloc_retries``: at the cap, a sync and a free of every cached segment). ``--profile``: a
+short sampling run after the timed image under torch.profiler (``profile``: per step device
+busy ms by kernel kind, H2D copy ms and the share of it overlapped by kernels, GPU idle ms, host
+calls that synchronise or go to the driver, allocator counters; :func:`step_profile`).
+``--alloc-conf`` runs the rows under a PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True)
+and ``--share-copy-stream`` with one copy stream for all streamed models (residency's
+SHARE_COPY_STREAM), each recorded per row and in the row labels. A failed row keeps its plan and stages and says ``failed_stage`` and
 ``allocated_gib_at_error``; ``--memory-history`` adds an allocator snapshot (memory_viz) beside
 the JSON and ``live_by_place``. The end-to-end switch test runs all three stages in one
 process (reuse needs one). Wall time per GPU row is dominated by building and moving the
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app.models import residency  # noqa: E402
 from bench import gpu_speed  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 
@@ -344,28 +353,159 @@ def run_e2e(model, encoders, vae, size: int, steps: int, stage=None, prefix: str
     ``stage`` (a :class:`Stages`) records each of encode, sample and decode under ``prefix``."""
     import contextlib
 
-    from app.models import families
     from nodes.latent import EmptyLatent, VAEDecode
     from nodes.sampling import Sampler
-    from nodes.text import TextEncode, TextEncodePair
 
     step = stage or (lambda name: contextlib.nullcontext())
-    family = families.get(model.family)
-    guided = family.distilled_guidance is None
-    prompt = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
     with step(prefix + "encode"):
-        pos, neg = TextEncodePair(encoders, prompt, "") if guided else (TextEncode(encoders, prompt), None)
+        pos, neg, cfg = encode_e2e(model, encoders)
     with step(prefix + "sample"):
         latent = EmptyLatent(model, vae, size, size, 1)
-        out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=family.default_cfg if guided else 1.0)
+        out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=cfg)
     with step(prefix + "decode"):
         image = VAEDecode(vae, out)
     return out.samples, image
 
 
+def encode_e2e(model, encoders) -> tuple:
+    """(positive, negative or None, cfg) as the family's workflow encodes the bench prompt."""
+    from app.models import families
+    from nodes.text import TextEncode, TextEncodePair
+
+    family = families.get(model.family)
+    guided = family.distilled_guidance is None
+    prompt = "a photo of a red fox sitting in fresh snow, morning light, highly detailed"
+    pos, neg = TextEncodePair(encoders, prompt, "") if guided else (TextEncode(encoders, prompt), None)
+    return pos, neg, family.default_cfg if guided else 1.0
+
+
+# The CUDA caching allocator's counters (torch.cuda.memory_stats) that say it went to the driver:
+# a retry is an allocation that found no cached block of its stream and, at the cap, first had
+# to synchronise and free every cached segment (cudaFree syncs the device)
+ALLOCATOR_COUNTS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
+                    "device_frees": "num_device_free"}
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    stats = torch.cuda.memory_stats(device)
+    return {name: stats.get(key, 0) for name, key in ALLOCATOR_COUNTS.items()}
+
+
+# Host calls that wait for the GPU or go to the driver, counted per profiled step
+HOST_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaFree", "cudaMalloc")
+
+
+def profile_sampling(model, encoders, vae, size: int, device: torch.device, steps: int = gpu_speed.PROFILED_STEPS) -> dict:
+    """Where a sampling step's time goes with the row's placement under its cap: one sampling run
+    of ``steps`` + 1 steps under torch.profiler, measured from the end of its first step (the
+    run's setup and the first block's prefetch are not a step's cost) to the end of the device's
+    work; :func:`step_profile` per step, and the allocator's counters over those steps."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from app.core.context import current
+    from nodes.latent import EmptyLatent
+    from nodes.sampling import Sampler
+
+    cuda = device.type == "cuda"
+    pos, neg, cfg = encode_e2e(model, encoders)
+    latent = EmptyLatent(model, vae, size, size, 1)
+    ctx, window, counts = current(), record_function(gpu_speed.STEPS_LABEL), {}
+    emit = ctx.emit
+
+    def mark(event: dict) -> None:  # the sampler reports after each step: open the window after the first
+        if event.get("type") == "progress" and event["step"] in (1, event["total"]):
+            counts[event["step"]] = allocator_counts(device) if cuda else {}
+            if event["step"] == 1:
+                window.__enter__()
+            else:
+                window.__exit__(None, None, None)
+        emit(event)
+
+    ctx.emit = mark
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            Sampler(model, pos, latent, neg, seed=0, steps=steps + 1, cfg=cfg)
+            gpu_speed.sync(device)
+    finally:
+        ctx.emit = emit
+    row = step_profile(list(prof.events()), steps, cuda)
+    if cuda:
+        row["allocator_per_step"] = {k: (counts[steps + 1][k] - counts[1][k]) / steps for k in ALLOCATOR_COUNTS}
+    return row
+
+
+def step_profile(events: list, steps: int, cuda: bool) -> dict:
+    """Per step of a profiled window (the ``gpu_speed.STEPS_LABEL`` range): ``host_ms`` and
+    ``host_calls`` (:data:`HOST_CALLS`: count and host ms); on CUDA, from the device activities
+    that started in the window on: ``wall_ms`` (to the last one's end), ``busy_ms_by_kind``
+    (gpu_speed's kernel kinds, host-to-device copies as "h2d"), ``h2d_ms`` and
+    ``h2d_overlapped`` (the share of copy time that some kernel ran beside: 0 = the block
+    streaming hides nothing), ``idle_ms`` (no activity on any stream), ``pageable_h2d``
+    (copies from unpinned RAM: each synchronises), gpu_speed's ``timeline`` and ``host_syncs``."""
+    cpu = torch.autograd.DeviceType.CPU
+    window = next(e for e in events if e.name == gpu_speed.STEPS_LABEL and e.device_type == cpu)
+    start, end = window.time_range.start, window.time_range.end
+    calls = {name: {"per_step": 0.0, "ms": 0.0} for name in HOST_CALLS}
+    for event in events:
+        if event.name in calls and event.device_type == cpu and start <= event.time_range.start <= end:
+            calls[event.name]["per_step"] += 1 / steps
+            calls[event.name]["ms"] += (event.time_range.end - event.time_range.start) / 1000 / steps
+    row = {"steps": steps, "host_ms": (end - start) / 1000 / steps, "host_calls": calls}
+    if not cuda:
+        row["device"] = "skipped: a CPU run has no device timeline"
+        return row
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in gpu_speed.device_events(events)
+             if e.time_range.start >= start]
+    copies = [s for s in spans if "HtoD" in s[2]]
+    kernels = [s for s in spans if not s[2].startswith(("Memcpy", "Memset"))]
+    kinds: dict[str, float] = {}
+    for begin, stop, name in spans:
+        kind = "h2d" if "HtoD" in name else gpu_speed.kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + (stop - begin) / 1000 / steps
+    h2d = covered(copies)
+    row.update(wall_ms=(max((s[1] for s in spans), default=start) - start) / 1000 / steps,
+               busy_ms_by_kind=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), h2d_ms=h2d / 1000 / steps,
+               h2d_overlapped=overlap(copies, kernels) / h2d if h2d else None,
+               pageable_h2d=sum("Pageable" in s[2] for s in copies) / steps,
+               timeline=gpu_speed.timeline(spans, start, steps),
+               host_syncs=gpu_speed.host_syncs(events, start, end, steps))
+    row["idle_ms"] = row["wall_ms"] - covered(spans) / 1000 / steps
+    return row
+
+
+def merged(spans: list[tuple]) -> list[tuple[float, float]]:
+    """The union of (start, end, ...) intervals as disjoint (start, end), in order."""
+    out: list[list[float]] = []
+    for begin, stop, *_ in sorted(spans):
+        if out and begin <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        else:
+            out.append([begin, stop])
+    return [(a, b) for a, b in out]
+
+
+def covered(spans: list[tuple]) -> float:
+    """Time inside at least one of ``spans``."""
+    return sum(b - a for a, b in merged(spans))
+
+
+def overlap(first: list[tuple], second: list[tuple]) -> float:
+    """Time inside both some interval of ``first`` and some of ``second``."""
+    a, b, i, j, both = merged(first), merged(second), 0, 0, 0.0
+    while i < len(a) and j < len(b):
+        both += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return both
+
+
 class Stages:
     """Records a row's stages: per finished stage its seconds and, on CUDA, the GiB allocated at
-    its end, its peak and reserved (peak statistics reset at each start); ``row["stage"]`` names
+    its end, its peak and reserved (peak statistics reset at each start: ``reserved_gib`` is at
+    least what was reserved when it started), ``reserved_end_gib`` and the allocator's
+    :data:`ALLOCATOR_COUNTS` during the stage; ``row["stage"]`` names
     the one running, so a failure says where it happened. ``save`` runs after each stage (a row
     subprocess writes its partial result: a row that times out still says how far it got)."""
 
@@ -383,13 +523,16 @@ class Stages:
             cuda = self.device.type == "cuda"
             if cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
+                counts = allocator_counts(self.device)
             started = time.perf_counter()
             yield
             entry = {"s": round(time.perf_counter() - started, 3)}
             if cuda:
                 entry.update(allocated_gib=torch.cuda.memory_allocated(self.device) / 2**30,
                              peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
-                             reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2**30)
+                             reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2**30,
+                             reserved_end_gib=torch.cuda.memory_reserved(self.device) / 2**30,
+                             **{k: v - counts[k] for k, v in allocator_counts(self.device).items()})
             self.row["stages"][name] = entry
             del self.row["stage"]
             self.save()
@@ -507,7 +650,9 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
 
     started = time.perf_counter()
     size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
-    row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan}
+    row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan,
+                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # what this process's allocator read
+                 "share_copy_stream": residency.SHARE_COPY_STREAM}
     stage = Stages(device, row, lambda: save(row))
     cuda = device.type == "cuda"
     try:
@@ -532,6 +677,13 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
             run_e2e(model, encoders, vae, size, 2, stage, "warmup ")  # pins, first copies, kernels
             seconds, (final, image) = gpu_speed.timed(lambda: run_e2e(model, encoders, vae, size, args.steps, stage),
                                                       device)
+            if args.profile:  # after the timed image, whose time stays the profiler's-free one
+                try:  # the breakdown must not lose the row's measurements
+                    with stage("profile"):
+                        row["profile"] = profile_sampling(model, encoders, vae, size, device)
+                except Exception as exc:
+                    row["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    row.pop("stage", None)
         finally:
             reset_current(token)
             if cuda:
@@ -601,6 +753,11 @@ def row_label(row: tuple[str, float | None, str, str]) -> str:
     return f"{name} cap={cap or 'none'} {storage} {plan}"
 
 
+def variant(args) -> str:
+    """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream)."""
+    return (f" alloc={args.alloc_conf}" if args.alloc_conf else "") + (" shared-stream" if args.share_copy_stream else "")
+
+
 def run_row_isolated(row: tuple, args, timeout: float) -> dict:
     """One row in a subprocess of its own (``--one-row``): its cap, statistics and host RAM are
     its own, and a crash or hang is a result rather than the end of the run."""
@@ -613,9 +770,11 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
         target = Path(handle.name)
     command = [sys.executable, "-m", "bench.gpu_memory", "--e2e", "--one-row", f"{name}/{cap or 'none'}/{storage}/{plan}",
                "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] \
-        + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else [])
+        + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else []) \
+        + (["--profile"] if args.profile else []) + (["--share-copy-stream"] if args.share_copy_stream else [])
+    env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf} if args.alloc_conf else {})}
     try:
-        done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+        done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=env)
         error = f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"
     except subprocess.TimeoutExpired:
         done, error = None, f"timed out after {timeout:.0f} s"
@@ -655,6 +814,8 @@ def e2e_switch(args, device: torch.device, report: dict | None = None, save=lamb
     try:
         for step, name in enumerate(("flux-dev", "sd3.5-large", "flux-dev")):
             stage: dict = {"model": name}
+            if device.type == "cuda":  # the plan stage's reserved_end_gib: after make_room's eviction
+                stage["reserved_gib_before"] = torch.cuda.memory_reserved(device) / 2**30
             started = time.perf_counter()
             record = Stages(device, stage)  # per phase: seconds, GiB allocated at its end and its peak
             try:
@@ -707,7 +868,7 @@ def main_e2e(args, device: torch.device, report: dict, save) -> None:
     result = report.setdefault("e2e", {"size": E2E_TINY_SIZE if args.tiny else E2E_SIZE, "steps": args.steps,
                                        "isolated": isolate, "rows": {}})
     for row in rows:
-        label = row_label(row)
+        label = row_label(row) + variant(args)
         if isolate:
             outcome = run_row_isolated(row, args, args.row_timeout)
         else:
@@ -742,12 +903,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-history", action="store_true",
                         help="--e2e on a GPU: record the CUDA allocator's history; a failed row dumps a snapshot "
                              "(under 14 MB) beside --out and lists where its live bytes were allocated")
+    parser.add_argument("--profile", action="store_true",
+                        help="--e2e: after the timed image, profile sampling steps under the row's cap (profile_sampling)")
+    parser.add_argument("--alloc-conf", default="",
+                        help="PYTORCH_CUDA_ALLOC_CONF for the rows' subprocesses and this process (e.g. "
+                             "expandable_segments:True); recorded per row, and in the row labels")
+    parser.add_argument("--share-copy-stream", action="store_true",
+                        help="streamed models share one copy stream (app/models/residency.py SHARE_COPY_STREAM)")
     parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 2)")
     parser.add_argument("--out", default=str(RESULTS / "gpu_memory.json"))
     args = parser.parse_args(argv)
+    if args.alloc_conf:  # before CUDA starts: the allocator reads it once (in-process rows, the switch test)
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+    residency.SHARE_COPY_STREAM = args.share_copy_stream
     args.steps = args.steps or (2 if args.tiny else 28)
     args.caps = [float(c) for c in args.caps.split(",") if c.strip()]
     args.storages = [s for s in args.storages.split(",") if s]
@@ -773,7 +944,7 @@ def main(argv: list[str] | None = None) -> dict:
         write(row)
         return row
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "tiny": args.tiny, "versions": gpu_speed.versions(), "models": {}}
+                    "tiny": args.tiny, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "versions": gpu_speed.versions(), "models": {}}
 
     def save() -> None:
         write_result("gpu_memory", {"gpu_memory": report}, args.out)

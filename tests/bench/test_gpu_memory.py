@@ -162,3 +162,71 @@ def test_an_allocator_snapshot_is_cut_to_what_a_device_run_can_return(tmp_path, 
     tiny = gpu_memory.dump_snapshot(tmp_path / "tiny.pickle", limit=100)  # no events, no frames: as small as it gets
     assert tiny["events_kept"] == 0 and tiny["live_by_place"] == info["live_by_place"]
     assert "frames" not in blocks[0]
+
+
+def test_profiled_rows_under_an_alloc_conf_on_cpu(tmp_path, monkeypatch):
+    """--profile profiles sampling steps after the timed image (on CPU: the host side only, the
+    device side skipped explicitly); --alloc-conf (what the row's allocator read) and
+    --share-copy-stream are recorded in the row and its label."""
+    from app.models import residency
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets both; restored afterwards
+    monkeypatch.setattr(residency, "SHARE_COPY_STREAM", False)
+    report = _e2e(tmp_path, "--rows", "flux-dev/none/bf16/resident", "--switch-cap", "0", "--profile",
+                  "--alloc-conf", "expandable_segments:True", "--share-copy-stream")
+    assert report["alloc_conf"] == "expandable_segments:True"
+    row = report["e2e"]["rows"]["flux-dev cap=none bf16 resident alloc=expandable_segments:True shared-stream"]
+    assert "error" not in row and row["finite"] and row["alloc_conf"] == "expandable_segments:True"
+    assert row["share_copy_stream"] is True
+    profile = row["profile"]
+    assert profile["steps"] == 3 and profile["host_ms"] > 0 and "skipped" in profile["device"]
+    assert set(profile["host_calls"]) == set(gpu_memory.HOST_CALLS)
+    assert list(row["stages"])[-1] == "profile"
+
+
+def test_isolated_rows_get_the_alloc_conf_and_the_options(monkeypatch):
+    """A row's subprocess is where the alloc conf must take effect (its allocator starts there)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def run(command, **kwargs):
+        seen.update(command=command, env=kwargs["env"])
+        return SimpleNamespace(returncode=1, stderr="stopped", stdout="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    args = SimpleNamespace(steps=1, reserve=1.0, out="x.json", tiny=True, memory_history=False, profile=True,
+                           alloc_conf="expandable_segments:True", share_copy_stream=True)
+    row = gpu_memory.run_row_isolated(("flux-dev", 12.0, "fp8_e4m3", "auto"), args, 5)
+    assert {"--profile", "--share-copy-stream"} <= set(seen["command"])
+    assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert row["error"].startswith("exit 1")
+
+
+def _event(name, start, end, device="CPU", parent=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), cpu_parent=parent,
+                           device_type=getattr(torch.autograd.DeviceType, device), is_user_annotation=False)
+
+
+def test_step_profile_measures_copy_overlap_idle_and_host_calls():
+    """The CUDA side of --profile on a made-up timeline (µs), two steps: one H2D copy half under
+    a GEMM (20 of its 50 µs), one pageable copy alone; what ran before the window is not counted."""
+    from bench import gpu_speed
+
+    window = _event(gpu_speed.STEPS_LABEL, 0, 200)
+    events = [window, _event("gemm_kernel", -20, -5, "CUDA"), _event("gemm_kernel", 10, 60, "CUDA"),
+              _event("Memcpy HtoD (Pinned -> Device)", 40, 90, "CUDA"), _event("flash_fwd_kernel", 100, 150, "CUDA"),
+              _event("Memcpy HtoD (Pageable -> Device)", 160, 170, "CUDA"),
+              _event("cudaStreamSynchronize", 95, 99, parent=window), _event("cudaFree", 120, 125, parent=window),
+              _event("cudaFree", 250, 260, parent=None)]  # after the window
+    row = gpu_memory.step_profile(events, 2, cuda=True)
+    assert row["h2d_ms"] == pytest.approx(0.03) and row["h2d_overlapped"] == pytest.approx(20 / 60)
+    assert row["wall_ms"] == pytest.approx(0.085) and row["idle_ms"] == pytest.approx(0.015)
+    assert row["busy_ms_by_kind"] == pytest.approx({"h2d": 0.03, "gemm": 0.025, "attention": 0.025})
+    assert row["pageable_h2d"] == 0.5 and row["host_calls"]["cudaFree"]["per_step"] == 0.5
+    assert row["host_calls"]["cudaStreamSynchronize"] == pytest.approx({"per_step": 0.5, "ms": 0.002})
+    assert row["host_syncs"]["per_step"] == 0.5 and row["host_ms"] == 0.1
+    assert gpu_memory.overlap([(0, 10), (20, 30)], [(5, 25)]) == 10 and gpu_memory.covered([(0, 10), (5, 12)]) == 12
