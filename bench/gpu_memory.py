@@ -24,10 +24,12 @@ busy ms by kernel kind, H2D copy ms and the share of it overlapped by kernels, G
 calls that synchronise or go to the driver, allocator counters; :func:`step_profile`).
 ``--alloc-conf`` runs the rows under a PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True)
 and ``--share-copy-stream`` with one copy stream for all streamed models (residency's
-SHARE_COPY_STREAM), each recorded per row and in the row labels. A failed row keeps its plan and stages and says ``failed_stage`` and
-``allocated_gib_at_error``; ``--memory-history`` adds an allocator snapshot (memory_viz) beside
-the JSON and ``live_by_place``. The end-to-end switch test runs all three stages in one
-process (reuse needs one). Wall time per GPU row is dominated by building and moving the
+SHARE_COPY_STREAM), each recorded per row and in the row labels. A failed row keeps its plan
+and stages and says ``failed_stage`` and ``allocated_gib_at_error``; ``--memory-history`` adds
+an allocator snapshot (memory_viz) beside the JSON and ``live_by_place``. The end-to-end switch
+test runs all three stages in one process (reuse needs one); each stage records
+``reserved_gib_before`` (before make_room's eviction; its plan stage's ``reserved_end_gib``:
+after). Wall time per GPU row is dominated by building and moving the
 random weights; see :data:`ROW_SECONDS`.
 
 Transformer only (without ``--e2e``): random full-size weights (bench/gpu_speed.py builds them on the GPU; a CPU master copy is kept),
