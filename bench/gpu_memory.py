@@ -397,11 +397,13 @@ def allocator_counts(device: torch.device) -> dict[str, int]:
 HOST_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaFree", "cudaMalloc")
 
 
-def profile_sampling(model, encoders, vae, size: int, device: torch.device, steps: int = gpu_speed.PROFILED_STEPS) -> dict:
+def profile_sampling(model, encoders, vae, size: int, device: torch.device, streamed: int = 0,
+                     steps: int = gpu_speed.PROFILED_STEPS) -> dict:
     """Where a sampling step's time goes with the row's placement under its cap: one sampling run
     of ``steps`` + 1 steps under torch.profiler, measured from the end of its first step (the
     run's setup and the first block's prefetch are not a step's cost) to the end of the device's
-    work; :func:`step_profile` per step, and the allocator's counters over those steps."""
+    work; :func:`step_profile` per step, the allocator's counters over those steps, and with
+    ``streamed`` (the transformer's bytes the plan streams each step) the copy rate it got."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from app.core.context import current
@@ -433,6 +435,8 @@ def profile_sampling(model, encoders, vae, size: int, device: torch.device, step
     row = step_profile(list(prof.events()), steps, cuda)
     if cuda:
         row["allocator_per_step"] = {k: (counts[steps + 1][k] - counts[1][k]) / steps for k in ALLOCATOR_COUNTS}
+        row["streamed_gib_per_step"] = streamed / 2**30
+        row["h2d_gb_per_s"] = streamed / 1e9 / (row["h2d_ms"] / 1000) if streamed and row["h2d_ms"] else None
     return row
 
 
@@ -681,8 +685,10 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
                                                       device)
             if args.profile:  # after the timed image, whose time stays the profiler's-free one
                 try:  # the breakdown must not lose the row's measurements
+                    streamed = sum(p.weight_bytes - p.resident_bytes for p in chosen.placements
+                                   if p.name == "transformer" and p.mode in ("stream", "blocks"))
                     with stage("profile"):
-                        row["profile"] = profile_sampling(model, encoders, vae, size, device)
+                        row["profile"] = profile_sampling(model, encoders, vae, size, device, streamed)
                 except Exception as exc:
                     row["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     row.pop("stage", None)
