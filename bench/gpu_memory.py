@@ -35,7 +35,7 @@ random weights; see :data:`ROW_SECONDS`.
 Transformer only (without ``--e2e``): random full-size weights (bench/gpu_speed.py builds them on the GPU; a CPU master copy is kept),
 1024², bf16 compute, sampling only (no text encoders, no VAE). Per model, cap (GiB, via
 ``torch.cuda.set_per_process_memory_fraction``; "none" = the whole GPU), storage
-(bf16, fp8_e4m3 layerwise casting, int8 / float8 torchao weight-only) and plan (``auto``: the
+(bf16, fp8_e4m3 stored and upcast per layer (app/models/storage.py), int8 / float8 torchao weight-only) and plan (``auto``: the
 planner of app/models/memory.py under the cap; ``resident``; ``blocks``: everything streamed):
 the plan chosen (mode, resident blocks, estimate), ``peak_gib`` (max allocated), ``reserved_gib``,
 ``s_per_image``, ``drift`` (relative L2 of the final latent vs bf16 resident without a cap).
@@ -719,6 +719,7 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
     reference = Path(args.out).with_name(f"gpu_memory_{name}_reference.pt")
     final = final.float().cpu()
     if cap is None and storage == "bf16" and plan == "resident":
+        reference.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder not made yet
         torch.save(final, reference)
     if reference.is_file():
         ref = torch.load(reference, weights_only=True)
