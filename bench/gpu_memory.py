@@ -35,7 +35,8 @@ random weights; see :data:`ROW_SECONDS`.
 Transformer only (without ``--e2e``): random full-size weights (bench/gpu_speed.py builds them on the GPU; a CPU master copy is kept),
 1024², bf16 compute, sampling only (no text encoders, no VAE). Per model, cap (GiB, via
 ``torch.cuda.set_per_process_memory_fraction``; "none" = the whole GPU), storage
-(bf16, fp8_e4m3 stored and upcast per layer (app/models/storage.py), int8 / float8 torchao weight-only) and plan (``auto``: the
+(bf16, fp8_e4m3 stored and upcast per layer by app/models/storage.py, int8 / float8 torchao
+weight-only) and plan (``auto``: the
 planner of app/models/memory.py under the cap; ``resident``; ``blocks``: everything streamed):
 the plan chosen (mode, resident blocks, estimate), ``peak_gib`` (max allocated), ``reserved_gib``,
 ``s_per_image``, ``drift`` (relative L2 of the final latent vs bf16 resident without a cap).
