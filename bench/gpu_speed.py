@@ -19,7 +19,9 @@ buffers are computed as usual), 1024², 28 steps, bf16, one image. Per model and
   until 2026-12-02, when every step of a run also synchronised on its conditioning's copy from
   host memory); ``host_ms_per_step``: the host's time per step in the back-to-back run (less
   than ``ms_per_step``: the host keeps ahead of the GPU); ``step_graphs_compiled`` (0: the timed
-  steps ran the compiled graphs built in the warm-up). Before an earlier change each timed step
+  steps ran the compiled graphs built in the warm-up); ``recompile_limit_hits`` (empty: no
+  compiled region fell back to eager past dynamo's recompile limit in this variant; each hit
+  is dynamo's message). Before an earlier change each timed step
   opened a sampling run of its own, whose setup (a ``Module.to`` over the compiled view: ~10 ms
   on Flux, ~35 ms on PixArt fp8) was counted as step time;
 - ``matmul_fraction``: FLOPs per step / time per step / the bf16 matmul ceiling measured in
@@ -510,6 +512,9 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    from app.models.compile import LIMIT_HITS
+
+    hits = len(LIMIT_HITS.messages)
     model = make(setup.handle)
     warmup_s, _ = timed(lambda: setup.sample(model), device)  # compiles here
     runs = [timed(lambda: setup.sample(model), device) for _ in range(repeats)]
@@ -525,6 +530,7 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
            # the sampler's own per-step time (with its few ms of per-step bookkeeping): a cross-check
            "e2e_ms_per_step": e2e_ms, "e2e_matmul_fraction": flops / (e2e_ms / 1000) / 1e12 / ceiling,
            "step_graphs_compiled": steps["graphs"],
+           "recompile_limit_hits": [m.splitlines()[0] for m in LIMIT_HITS.messages[hits:]],
            "weights_gib": weights_gib(model), "key": repr(model)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

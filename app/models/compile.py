@@ -22,6 +22,17 @@ its first compile takes longer, and cache hooks or unfused LoRA make it run eage
 CUDA-graph modes (reduce-overhead, max-autotune) replay recorded graphs whose outputs live in a
 pool that the next replay overwrites: each transformer call marks a new step and returns a copy
 of its output, so samplers that keep earlier velocities (multistep, Heun) stay correct.
+
+Dynamo keeps one cache per code object: every compiled block of a class, in every view of the
+process, adds its entries to the one list of that class's ``forward``, one per distinct block
+structure (SD3.5-medium: dual-attention, plain, and the context_pre_only last block) and per
+view (other compile options, dtype, quantization). Past ``torch._dynamo.config.recompile_limit``
+(8) dynamo runs that code eagerly for the rest of the process, saying so in one log line
+(the H200 bench's third SD3.5-medium view, int8+compile, hit it; a CPU repro: the tests). So
+making a view raises the process-wide ``recompile_limit`` (and ``accumulated_recompile_limit``
+with it) to ``RECOMPILES_PER_STRUCTURE`` times the distinct (options, structure) pairs compiled
+on one code object so far: a setting of the whole process, only ever raised, never restored,
+and logged when it changes. A run that still meets the limit gets a warning event.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import CodeType
 from typing import Any
 
 import torch
@@ -110,6 +122,11 @@ def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     return blocks or stack_blocks(transformer, COMPILED_LISTS)
 
 
+def compiled_regions(transformer: nn.Module, scope: str) -> list[nn.Module]:
+    """The modules whose forward a view compiles: the whole transformer or each repeated block."""
+    return [transformer] if scope == "model" else repeated_blocks(transformer)
+
+
 def shared_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure whose parameters and buffers are the original tensors."""
     memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
@@ -132,11 +149,10 @@ def compiled_transformer(transformer: nn.Module, options: CompileOptions) -> nn.
     view = views.get(options)
     if view is None:
         view = shared_copy(base)
-        if options.scope == "model":
-            view.forward = torch.compile(view.forward, **options.kwargs())
-        else:
-            for block in repeated_blocks(view):
-                block.forward = torch.compile(block.forward, **options.kwargs())
+        regions = compiled_regions(view, options.scope)
+        allow_recompiles(regions, options)  # before anything compiles: a limit once hit stays hit
+        for region in regions:
+            region.forward = torch.compile(region.forward, **options.kwargs())
         # a weak reference (the cache holds the view, the view must not keep the base alive) and
         # set past nn.Module.__setattr__, so the base is not registered as a submodule
         object.__setattr__(view, BASE_ATTR, weakref.ref(base))
@@ -150,6 +166,66 @@ def compile_model(model: ModelHandle, options: CompileOptions) -> ModelHandle:
     view = compiled_transformer(model.transformer, options)
     patches = tuple(p for p in model.patches if not isinstance(p, CompileReport))
     return replace(model, transformer=view, patches=(*patches, CompileReport(options)), _active=[], _cache={})
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamo's recompile limit (see the module docstring)
+
+# each distinct structure gets the allowance dynamo's default gives one function (its first
+# graph, then new resolutions, batch sizes, attention patches)
+RECOMPILES_PER_STRUCTURE = 8
+# per compiled code object: the distinct (options, structure) compiled in this process
+_COMPILED: dict[CodeType, set[tuple]] = {}
+
+
+def structure(module: nn.Module) -> tuple:
+    """What dynamo's guards tell apart between modules of one class: the submodule tree and each
+    tensor's kind (torchao's quantized tensors are subclasses), dtype, device and shape."""
+    tensors = (*module.named_parameters(), *module.named_buffers())
+    return (tuple((name, type(m)) for name, m in module.named_modules()),
+            tuple((name, type(t), t.dtype, t.device.type, tuple(t.shape)) for name, t in tensors))
+
+
+def region_code(region: nn.Module) -> CodeType:
+    """The code object dynamo caches a compiled region's graphs on (its class's forward)."""
+    return type(region).forward.__code__
+
+
+def allow_recompiles(regions: list[nn.Module], options: CompileOptions) -> None:
+    """Raise dynamo's process-wide recompile limits to what the views compiled so far need."""
+    from torch._dynamo import config
+
+    for region in regions:
+        _COMPILED.setdefault(region_code(region), set()).add((options, structure(region)))
+    wanted = RECOMPILES_PER_STRUCTURE * max(len(compiled) for compiled in _COMPILED.values())
+    if config.recompile_limit < wanted:
+        log.info("torch._dynamo.config.recompile_limit %d -> %d for the process (%d distinct compiled "
+                 "regions share one code object)", config.recompile_limit, wanted, wanted // RECOMPILES_PER_STRUCTURE)
+        config.recompile_limit = wanted
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, config.recompile_limit)
+
+
+class RecompileLimitHits(logging.Handler):
+    """Keeps dynamo's "hit config.recompile_limit" warnings: past the limit it runs that code
+    eagerly for the rest of the process, and this log line is all it says."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "hit config." in message:
+            self.messages.append(message)
+
+    def about(self, codes: set[CodeType]) -> str:
+        """The first message about one of ``codes`` (they name the function by file:line), or ""."""
+        places = [f"{code.co_filename}:{code.co_firstlineno}" for code in codes]
+        return next((m for m in self.messages if any(place in m for place in places)), "")
+
+
+LIMIT_HITS = RecompileLimitHits()
+logging.getLogger("torch._dynamo.convert_frame").addHandler(LIMIT_HITS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +255,8 @@ class CompileReport(ModelPatch):
     """Announces a call that compiles (``{"type": "phase", "phase": "compiling"}``) and reports
     its duration (``"compiled"``, seconds, graphs) to the run's events and ``run.extras``.
     Runs the blocks eagerly for a run whose blocks carry module hooks (an unfused LoRA):
-    correct output at eager speed, with a warning (fused LoRA stays compiled)."""
+    correct output at eager speed, with a warning (fused LoRA stays compiled). Warns, once a
+    run, when dynamo's recompile limit was hit for the compiled regions' code."""
 
     def __init__(self, options: CompileOptions):
         self.options = options
@@ -195,10 +272,11 @@ class CompileReport(ModelPatch):
         devices = {t.device for t in (*run.transformer.parameters(), *run.transformer.buffers())}
         if any(not same_device(d, run.handle.device) for d in devices):
             run.transformer.to(run.handle.device)
-        return {"eager": None}
+        return {"eager": None, "limit_warned": False}
 
     def wrap(self, state: dict, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
         if state["eager"] is None:  # decided at the first call: every patch has begun by then
+            state["codes"] = {region_code(r) for r in compiled_regions(call.run.transformer, self.options.scope)}
             blocks = repeated_blocks(call.run.transformer)
             state["eager"] = has_module_hooks(blocks)
             if state["eager"]:
@@ -215,16 +293,27 @@ class CompileReport(ModelPatch):
         seen = call.run.transformer.__dict__.setdefault("_ditgraph_compiled_inputs", set())
         signature = _signature(call)
         if signature in seen:
-            return self._call(call, forward)
-        emit({"type": "phase", "phase": "compiling"})
-        graphs, started = graphs_compiled(), time.perf_counter()
-        out = self._call(call, forward)
-        seconds, new_graphs = time.perf_counter() - started, graphs_compiled() - graphs
-        seen.add(signature)
-        call.run.extras.setdefault("compile", []).append({"seconds": seconds, "graphs": new_graphs})
-        log.info("compiled %d graph(s) in %.1f s (%s)", new_graphs, seconds, self.key)
-        emit({"type": "phase", "phase": "compiled", "seconds": seconds, "graphs": new_graphs})
+            out = self._call(call, forward)
+        else:
+            emit({"type": "phase", "phase": "compiling"})
+            graphs, started = graphs_compiled(), time.perf_counter()
+            out = self._call(call, forward)
+            seconds, new_graphs = time.perf_counter() - started, graphs_compiled() - graphs
+            seen.add(signature)
+            call.run.extras.setdefault("compile", []).append({"seconds": seconds, "graphs": new_graphs})
+            log.info("compiled %d graph(s) in %.1f s (%s)", new_graphs, seconds, self.key)
+            emit({"type": "phase", "phase": "compiled", "seconds": seconds, "graphs": new_graphs})
+        if LIMIT_HITS.messages and not state["limit_warned"]:
+            self._warn_on_limit(state)
         return out
+
+    def _warn_on_limit(self, state: dict) -> None:
+        hit = LIMIT_HITS.about(state["codes"])
+        if hit:
+            state["limit_warned"] = True
+            warn(f"torch.compile hit dynamo's recompile limit for these blocks: those it had not compiled "
+                 f"before run eagerly (slower) until the process restarts. Dynamo said: {hit.splitlines()[0]}",
+                 self.key)
 
     def _call(self, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:
         if not self.options.cudagraphs:

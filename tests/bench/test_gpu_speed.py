@@ -33,6 +33,8 @@ def test_tiny_run_writes_every_variant(tmp_path):
         assert variants[name]["step_graphs_compiled"] == 0, name  # the timed steps reuse the warm-up's graphs
     assert "compile(max-autotune-no-cudagraphs" in variants["compile-max-autotune"]["key"]
     assert "tuning=coordinate-descent" in variants["compile-coordinate-descent"]["key"]
+    # a dozen compiled views of one block class in one process: none past dynamo's recompile limit
+    assert not [name for name, row in variants.items() if row.get("recompile_limit_hits")]
     fused = variants["compile-fused-qkv"]  # SD3's processors take fused projections or the variant says why not
     assert fused.get("drift", 1.0) < 1e-4 or "error" in fused
 

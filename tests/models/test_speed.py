@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from app.models.compile import CompileOptions, compile_model, graphs_compiled, r
 from app.models.handles import ModelPatch
 from app.models.patches.lora import LoraLayer, LoraPatch
 from app.models.sampling import compute_sigmas
-from tests.fixtures.cache_models import tiny
+from tests.fixtures.cache_models import Tiny, tiny
 from tests.fixtures.speed import EAGER, needs_torchao, rel  # noqa: F401
 
 
@@ -394,3 +395,81 @@ def test_scope_model_with_a_cache_accelerator_runs_eagerly_with_a_warning():
     assert torch.allclose(out, reference, atol=1e-5)
     assert graphs_compiled() == graphs
     assert any(e["type"] == "warning" and "scope=model" in e.get("message", "") for e in events), events
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamo's recompile limit
+
+
+def tiny_sd35_medium(block_class: type) -> Tiny:
+    """SD3.5-medium's block layout at CPU size: dual-attention blocks, plain blocks and the
+    context_pre_only last block, three structures of one class. Its blocks become
+    ``block_class``, a subclass of the test's own whose forward calls diffusers': a code object,
+    so a dynamo cache, that starts empty as in a fresh process (the cache of diffusers' forward
+    holds earlier tests' entries, and their other shapes make the first graphs shape-dynamic)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm").eval()
+    for block in transformer.transformer_blocks:
+        block.__class__ = block_class
+    return Tiny("sd3", (transformer, 32, True, False))
+
+
+def test_sd35_medium_blocks_all_compile_in_every_view_and_reruns_do_not_recompile():
+    """Dynamo keeps one cache per code object: every compiled view in the process adds its block
+    structures to the one list of the block class's forward. Three views (the GPU bench's
+    compile, fp8 and int8 ones) are nine entries, past dynamo's default limit of 8, after which
+    it ran the remaining blocks eagerly, saying so in one log line."""
+    from diffusers.models.attention import JointTransformerBlock as Block
+
+    class JointTransformerBlock(Block):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    t = tiny_sd35_medium(JointTransformerBlock)
+    structures = {(b.use_dual_attention, b.context_pre_only) for b in t.handle.transformer.transformer_blocks}
+    assert len(structures) == 3
+    for options in (EAGER, CompileOptions(backend="eager", dynamic=False), CompileOptions(backend="aot_eager")):
+        compiled = compile_model(t.handle, options)
+        graphs = graphs_compiled()
+        out, events = events_of(lambda: t.sample(compiled))  # noqa: B023 (called at once)
+        assert graphs_compiled() - graphs == len(structures), f"{options}: a block structure ran eagerly"
+        assert torch.allclose(out, t.reference, atol=1e-5)
+        assert not [e for e in events if e["type"] == "warning"]
+    # another prompt, seed, step count and guidance: nothing compiles
+    g = torch.Generator().manual_seed(9)
+    pos, neg = (replace(c, embeds=torch.randn(c.embeds.shape, generator=g)) for c in (t.pos, t.neg))
+    graphs = graphs_compiled()
+    from app.models.sampling import sample
+
+    def other_run():
+        return sample(compiled, t.latent, pos, neg, compute_sigmas(t.handle, "auto", 4), 11, 2.5,
+                      progress=lambda *a: None).samples
+
+    out, events = events_of(other_run)
+    assert graphs_compiled() == graphs, "another prompt / seed / step count / cfg recompiled"
+    assert torch.isfinite(out).all() and not [e for e in events if e["type"] in ("phase", "warning")]
+
+
+def test_a_run_past_the_recompile_limit_warns(monkeypatch):
+    """Past the limit dynamo runs the code eagerly for the rest of the process: the run says so."""
+    from diffusers.models.attention import JointTransformerBlock as Block
+
+    class JointTransformerBlock(Block):  # another code object: the eager fallback stays with it
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    t = tiny_sd35_medium(JointTransformerBlock)
+    compiled = compile_model(t.handle, EAGER)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # as if the process had used it up
+    out, events = events_of(lambda: t.sample(compiled))
+    assert torch.allclose(out, t.reference, atol=1e-5)  # eager blocks: right, only slower
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert len(warnings) == 1 and "recompile limit" in warnings[0], warnings
+    later = compile_model(t.handle, CompileOptions(backend="eager", dynamic=False))  # compiles nothing more
+    _, events = events_of(lambda: t.sample(later))
+    assert [e for e in events if e["type"] == "warning" and "recompile limit" in e["message"]]
