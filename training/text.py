@@ -56,10 +56,13 @@ def encode_prompts(tokenizer, model, prompts: list[str], max_length: int = MAX_L
 # ---- carrying a trimmed copy to the GPU machine (training only) -------------------------------
 
 def grammar_token_ids(tokenizer) -> list[int]:
-    from training import world
+    """Token ids of every word of the image (world) and video (video_world) caption grammars: a
+    trimmed copy zeroes the other rows, so a missing word would train on a zero embedding."""
+    from training import video_world, world
 
     words = (world.COLOUR_NAMES + world.SHAPE_NAMES + world.SIZE_NAMES + world.POSITION_NAMES
-             + ["a", "an", "at", "the", "in", "center", "on", "background", "and"])
+             + ["a", "an", "at", "the", "in", "center", "on", "background", "and"]
+             + video_world.MOTION_NAMES + ["moving", "staying", "from"])
     ids = set(tokenizer.all_special_ids)
     for w in words:
         ids.update(tokenizer(w, add_special_tokens=False)["input_ids"])
