@@ -512,7 +512,7 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    from app.models.compile import LIMIT_HITS
+    from app.models.compile import LIMIT_HITS, first_lines
 
     hits = len(LIMIT_HITS.messages)
     model = make(setup.handle)
@@ -530,7 +530,7 @@ def measure_variant(setup: Setup, make: Callable, repeats: int, ceiling: float, 
            # the sampler's own per-step time (with its few ms of per-step bookkeeping): a cross-check
            "e2e_ms_per_step": e2e_ms, "e2e_matmul_fraction": flops / (e2e_ms / 1000) / 1e12 / ceiling,
            "step_graphs_compiled": steps["graphs"],
-           "recompile_limit_hits": [m.splitlines()[0] for m in LIMIT_HITS.messages[hits:]],
+           "recompile_limit_hits": [first_lines(m) for m in LIMIT_HITS.messages[hits:]],
            "weights_gib": weights_gib(model), "key": repr(model)}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

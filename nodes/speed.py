@@ -47,7 +47,8 @@ def CompileModel(
     graph per block type, seconds to a few minutes on the first run, shown as a 'compiling'
     phase). Reused across runs and workflows: changing prompt, seed, steps or guidance does
     not recompile. Raises torch._dynamo's process-wide recompile limit to what the compiled
-    block structures need (never lowers it) and warns if a run still runs blocks eagerly past it."""
+    block structures need (never lowers it) and warns if a run still runs blocks eagerly past it
+    (with fullgraph, dynamo raises instead)."""
     return compile_model(model, CompileOptions(mode, fullgraph, DYNAMIC[dynamic], backend, tuning, scope))
 
 

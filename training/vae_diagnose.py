@@ -74,10 +74,16 @@ def profile_width(total: np.ndarray, count: np.ndarray) -> dict:
     p = total / np.maximum(count, 1)
 
     def crossing(level):  # first bin pair going from inside (high) to outside (low) across `level`
-        i = int(np.argmax((p[:-1] >= level) & (p[1:] < level)))
+        falls = (p[:-1] >= level) & (p[1:] < level)
+        if not falls.any():  # a profile that never crosses the level has no width
+            return float("nan")
+        i = int(np.argmax(falls))
         return centres[i] + (p[i] - level) / (p[i] - p[i + 1]) * PROFILE_BIN
 
-    return {"width_10_90": round(float(crossing(0.1) - crossing(0.9)), 2), "offset_50": round(float(crossing(0.5)), 2)}
+    def rounded(value):
+        return None if np.isnan(value) else round(float(value), 2)
+
+    return {"width_10_90": rounded(crossing(0.1) - crossing(0.9)), "offset_50": rounded(crossing(0.5))}
 
 
 def lost_pixels(gt_labels: torch.Tensor, rec_labels: torch.Tensor, fs: world.SceneBatch) -> dict:

@@ -27,8 +27,10 @@ Dynamo keeps one cache per code object: every compiled block of a class, in ever
 process, adds its entries to the one list of that class's ``forward``, one per distinct block
 structure (SD3.5-medium: dual-attention, plain, and the context_pre_only last block) and per
 view (other compile options, dtype, quantization). Past ``torch._dynamo.config.recompile_limit``
-(8) dynamo runs that code eagerly for the rest of the process, saying so in one log line
-(the H200 bench's third SD3.5-medium view, int8+compile, hit it; a CPU repro: the tests). So
+(8) dynamo builds no new graph for that code for the rest of the process: the graphs it has keep
+running, every other block runs eagerly, and one log line says so (with ``fullgraph=True`` it
+raises instead). The H200 bench's third SD3.5-medium view, int8+compile, hit it; a CPU repro:
+the tests. So
 making a view raises the process-wide ``recompile_limit`` (and ``accumulated_recompile_limit``
 with it) to ``RECOMPILES_PER_STRUCTURE`` times the distinct (options, structure) pairs compiled
 on one code object so far: a setting of the whole process, only ever raised, never restored,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -176,6 +179,7 @@ def compile_model(model: ModelHandle, options: CompileOptions) -> ModelHandle:
 RECOMPILES_PER_STRUCTURE = 8
 # per compiled code object: the distinct (options, structure) compiled in this process
 _COMPILED: dict[CodeType, set[tuple]] = {}
+_COMPILED_LOCK = threading.Lock()
 
 
 def structure(module: nn.Module) -> tuple:
@@ -195,9 +199,10 @@ def allow_recompiles(regions: list[nn.Module], options: CompileOptions) -> None:
     """Raise dynamo's process-wide recompile limits to what the views compiled so far need."""
     from torch._dynamo import config
 
-    for region in regions:
-        _COMPILED.setdefault(region_code(region), set()).add((options, structure(region)))
-    wanted = RECOMPILES_PER_STRUCTURE * max(len(compiled) for compiled in _COMPILED.values())
+    with _COMPILED_LOCK:  # views may be made from several threads (the server's workers)
+        for region in regions:
+            _COMPILED.setdefault(region_code(region), set()).add((options, structure(region)))
+        wanted = RECOMPILES_PER_STRUCTURE * max(len(compiled) for compiled in _COMPILED.values())
     if config.recompile_limit < wanted:
         log.info("torch._dynamo.config.recompile_limit %d -> %d for the process (%d distinct compiled "
                  "regions share one code object)", config.recompile_limit, wanted, wanted // RECOMPILES_PER_STRUCTURE)
@@ -206,8 +211,8 @@ def allow_recompiles(regions: list[nn.Module], options: CompileOptions) -> None:
 
 
 class RecompileLimitHits(logging.Handler):
-    """Keeps dynamo's "hit config.recompile_limit" warnings: past the limit it runs that code
-    eagerly for the rest of the process, and this log line is all it says."""
+    """Keeps dynamo's "hit config.recompile_limit" warnings: past the limit it compiles no new
+    graph for that code for the rest of the process, and this log line is all it says."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -220,8 +225,14 @@ class RecompileLimitHits(logging.Handler):
 
     def about(self, codes: set[CodeType]) -> str:
         """The first message about one of ``codes`` (they name the function by file:line), or ""."""
-        places = [f"{code.co_filename}:{code.co_firstlineno}" for code in codes]
+        # dynamo names the function as "(file:line)"; the ")" keeps line 12 from matching 123
+        places = [f"{code.co_filename}:{code.co_firstlineno})" for code in codes]
         return next((m for m in self.messages if any(place in m for place in places)), "")
+
+
+def first_lines(message: str) -> str:
+    """Dynamo's limit message up to the line naming the function (file:line)."""
+    return " ".join(line.strip() for line in message.splitlines()[:2])
 
 
 LIMIT_HITS = RecompileLimitHits()
@@ -312,7 +323,7 @@ class CompileReport(ModelPatch):
         if hit:
             state["limit_warned"] = True
             warn(f"torch.compile hit dynamo's recompile limit for these blocks: those it had not compiled "
-                 f"before run eagerly (slower) until the process restarts. Dynamo said: {hit.splitlines()[0]}",
+                 f"before run eagerly (slower) until the process restarts. Dynamo said: {first_lines(hit)}",
                  self.key)
 
     def _call(self, call: ModelCall, forward: Callable[[ModelCall], torch.Tensor]) -> torch.Tensor:

@@ -518,7 +518,9 @@ def cast_bytes(module, compute_bytes: int = 2) -> int:
     """The transient of a module whose layers are stored narrower than they compute (fp8 cast
     inline, torchao, GGUF): the largest such layer's upcast copy in the compute dtype, beside
     its stored weight (app/models/storage.py cast_inline). One layer at a time is an assumption
-    about those forwards, not a measurement; 0 when none."""
+    about those forwards, not a measurement; 0 when none. A layer left on diffusers' hook
+    (ConvTranspose; none in the transformers ditgraph loads) also re-stores a narrow copy after
+    each call, which this does not count."""
     import torch
 
     largest = 0

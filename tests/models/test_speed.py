@@ -419,7 +419,7 @@ def tiny_sd35_medium(block_class: type) -> Tiny:
     return Tiny("sd3", (transformer, 32, True, False))
 
 
-def test_sd35_medium_blocks_all_compile_in_every_view_and_reruns_do_not_recompile():
+def test_sd35_medium_blocks_all_compile_in_every_view_and_reruns_do_not_recompile(monkeypatch, request):
     """Dynamo keeps one cache per code object: every compiled view in the process adds its block
     structures to the one list of the block class's forward. Three views (the GPU bench's
     compile, fp8 and int8 ones) are nine entries, past dynamo's default limit of 8, after which
@@ -430,6 +430,16 @@ def test_sd35_medium_blocks_all_compile_in_every_view_and_reruns_do_not_recompil
         def forward(self, *args, **kwargs):
             return super().forward(*args, **kwargs)
 
+    # as in a fresh process: dynamo's default limit and no views counted yet (earlier tests in this
+    # process raised the limit, which would let this test pass whatever the counting did);
+    # config.patch, not monkeypatch: undoing a monkeypatch of a dynamo config value set since
+    # (allow_recompiles sets it) deletes it for the rest of the process
+    from app.models import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "_COMPILED", {})
+    limit = torch._dynamo.config.patch(recompile_limit=8)
+    limit.__enter__()
+    request.addfinalizer(lambda: limit.__exit__(None, None, None))
     t = tiny_sd35_medium(JointTransformerBlock)
     structures = {(b.use_dual_attention, b.context_pre_only) for b in t.handle.transformer.transformer_blocks}
     assert len(structures) == 3
@@ -455,7 +465,7 @@ def test_sd35_medium_blocks_all_compile_in_every_view_and_reruns_do_not_recompil
     assert torch.isfinite(out).all() and not [e for e in events if e["type"] in ("phase", "warning")]
 
 
-def test_a_run_past_the_recompile_limit_warns(monkeypatch):
+def test_a_run_past_the_recompile_limit_warns():
     """Past the limit dynamo runs the code eagerly for the rest of the process: the run says so."""
     from diffusers.models.attention import JointTransformerBlock as Block
 
@@ -465,11 +475,13 @@ def test_a_run_past_the_recompile_limit_warns(monkeypatch):
 
     t = tiny_sd35_medium(JointTransformerBlock)
     compiled = compile_model(t.handle, EAGER)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # as if the process had used it up
-    out, events = events_of(lambda: t.sample(compiled))
-    assert torch.allclose(out, t.reference, atol=1e-5)  # eager blocks: right, only slower
-    warnings = [e["message"] for e in events if e["type"] == "warning"]
-    assert len(warnings) == 1 and "recompile limit" in warnings[0], warnings
-    later = compile_model(t.handle, CompileOptions(backend="eager", dynamic=False))  # compiles nothing more
-    _, events = events_of(lambda: t.sample(later))
+    # config.patch, not monkeypatch: compile_model below sets the limit, and undoing a monkeypatch
+    # of a dynamo config value set since deletes it for the rest of the process
+    with torch._dynamo.config.patch(recompile_limit=1):  # as if the process had used it up
+        out, events = events_of(lambda: t.sample(compiled))
+        assert torch.allclose(out, t.reference, atol=1e-5)  # eager blocks: right, only slower
+        warnings = [e["message"] for e in events if e["type"] == "warning"]
+        assert len(warnings) == 1 and "recompile limit" in warnings[0], warnings
+        later = compile_model(t.handle, CompileOptions(backend="eager", dynamic=False))  # compiles nothing more
+        _, events = events_of(lambda: t.sample(later))
     assert [e for e in events if e["type"] == "warning" and "recompile limit" in e["message"]]
