@@ -29,7 +29,8 @@ def wan_workflow(tmp_path, monkeypatch):
     paths._overrides.update(saved)
 
 
-def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, monkeypatch, capsys):
+def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, capsys, monkeypatch):
+    # capsys before monkeypatch: torn down after it, so sys.stderr ends as it began, not as capsys's closed stream
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["run", wan_workflow, "--device", "cpu"]) == 0

@@ -152,7 +152,8 @@ def test_the_evaluator_scores_the_saved_clips(engine, tmp_path):
     assert summary["i2v_psnr_mean"] > 0
 
 
-def test_ditgraph_run_shapes_t2v_by_name(models_root, tmp_path, monkeypatch, capsys):
+def test_ditgraph_run_shapes_t2v_by_name(models_root, tmp_path, capsys, monkeypatch):
+    # capsys before monkeypatch: torn down after it, so sys.stderr ends as it began, not as capsys's closed stream
     """`ditgraph run shapes-t2v` finds the shipped workflow by name, draws the step bar, writes an MP4."""
     from app.fronts.cli import main
 
