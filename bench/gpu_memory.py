@@ -22,9 +22,11 @@ end, its peak, reserved (max, and at its end) and the allocator's trips to the d
 short sampling run after the timed image under torch.profiler (``profile``: per step device
 busy ms by kernel kind, H2D copy ms and the share of it overlapped by kernels, GPU idle ms, host
 calls that synchronise or go to the driver, allocator counters; :func:`step_profile`).
-``--alloc-conf`` runs the rows under a PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True)
-and ``--share-copy-stream`` with one copy stream for all streamed models (residency's
-SHARE_COPY_STREAM), each recorded per row and in the row labels. A failed row keeps its plan
+``--alloc-conf`` runs the rows under a PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True),
+``--share-copy-stream`` with one copy stream for all streamed models (residency's
+SHARE_COPY_STREAM) and ``--eager-cast`` with fp8 weights upcast by eager ``.to()`` instead of the
+compiled cast (storage's FAST_CAST; row ``fast_cast``; its kernels count as "inductor", eager's as
+"copy"), each recorded per row and in the row labels. A failed row keeps its plan
 and stages and says ``failed_stage`` and ``allocated_gib_at_error``; ``--memory-history`` adds
 an allocator snapshot (memory_viz) beside the JSON and ``live_by_place``. The end-to-end switch
 test runs all three stages in one process (reuse needs one); each stage records
@@ -62,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.models import residency  # noqa: E402
+from app.models import storage as weight_storage  # noqa: E402
 from bench import gpu_speed  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 
@@ -659,7 +662,7 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
     size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
     row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan,
                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # what this process's allocator read
-                 "share_copy_stream": residency.SHARE_COPY_STREAM}
+                 "share_copy_stream": residency.SHARE_COPY_STREAM, "fast_cast": weight_storage.FAST_CAST}
     stage = Stages(device, row, lambda: save(row))
     cuda = device.type == "cuda"
     try:
@@ -695,6 +698,7 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
                     row.pop("stage", None)
         finally:
             reset_current(token)
+            row["fast_cast"] = weight_storage.FAST_CAST  # as the row ends: a failed compile turns it off
             if cuda:
                 cap_memory(device, None)
     except Exception as exc:  # an OOM or a refusal is a result: say where, with what was on the GPU
@@ -764,8 +768,9 @@ def row_label(row: tuple[str, float | None, str, str]) -> str:
 
 
 def variant(args) -> str:
-    """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream)."""
-    return (f" alloc={args.alloc_conf}" if args.alloc_conf else "") + (" shared-stream" if args.share_copy_stream else "")
+    """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream, --eager-cast)."""
+    return (f" alloc={args.alloc_conf}" if args.alloc_conf else "") + (" shared-stream" if args.share_copy_stream else "") \
+        + (" eager-cast" if args.eager_cast else "")
 
 
 def run_row_isolated(row: tuple, args, timeout: float) -> dict:
@@ -781,7 +786,8 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
     command = [sys.executable, "-m", "bench.gpu_memory", "--e2e", "--one-row", f"{name}/{cap or 'none'}/{storage}/{plan}",
                "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] \
         + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else []) \
-        + (["--profile"] if args.profile else []) + (["--share-copy-stream"] if args.share_copy_stream else [])
+        + (["--profile"] if args.profile else []) + (["--share-copy-stream"] if args.share_copy_stream else []) \
+        + (["--eager-cast"] if args.eager_cast else [])
     env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf} if args.alloc_conf else {})}
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=env)
@@ -920,6 +926,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "expandable_segments:True); recorded per row, and in the row labels")
     parser.add_argument("--share-copy-stream", action="store_true",
                         help="streamed models share one copy stream (app/models/residency.py SHARE_COPY_STREAM)")
+    parser.add_argument("--eager-cast", action="store_true",
+                        help="fp8 weights upcast with eager .to(), not the compiled cast (app/models/storage.py FAST_CAST)")
     parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
@@ -929,6 +937,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.alloc_conf:  # before CUDA starts: the allocator reads it once (in-process rows, the switch test)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     residency.SHARE_COPY_STREAM = args.share_copy_stream
+    if args.eager_cast:
+        weight_storage.FAST_CAST = False
     args.steps = args.steps or (2 if args.tiny else 28)
     args.caps = [float(c) for c in args.caps.split(",") if c.strip()]
     args.storages = [s for s in args.storages.split(",") if s]

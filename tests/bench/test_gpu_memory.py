@@ -166,18 +166,19 @@ def test_an_allocator_snapshot_is_cut_to_what_a_device_run_can_return(tmp_path, 
 
 def test_profiled_rows_under_an_alloc_conf_on_cpu(tmp_path, monkeypatch):
     """--profile profiles sampling steps after the timed image (on CPU: the host side only, the
-    device side skipped explicitly); --alloc-conf (what the row's allocator read) and
-    --share-copy-stream are recorded in the row and its label."""
-    from app.models import residency
+    device side skipped explicitly); --alloc-conf (what the row's allocator read),
+    --share-copy-stream and --eager-cast are recorded in the row and its label."""
+    from app.models import residency, storage
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets both; restored afterwards
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets all three; restored afterwards
     monkeypatch.setattr(residency, "SHARE_COPY_STREAM", False)
+    monkeypatch.setattr(storage, "FAST_CAST", True)
     report = _e2e(tmp_path, "--rows", "flux-dev/none/bf16/resident", "--switch-cap", "0", "--profile",
-                  "--alloc-conf", "expandable_segments:True", "--share-copy-stream")
+                  "--alloc-conf", "expandable_segments:True", "--share-copy-stream", "--eager-cast")
     assert report["alloc_conf"] == "expandable_segments:True"
-    row = report["e2e"]["rows"]["flux-dev cap=none bf16 resident alloc=expandable_segments:True shared-stream"]
+    row = report["e2e"]["rows"]["flux-dev cap=none bf16 resident alloc=expandable_segments:True shared-stream eager-cast"]
     assert "error" not in row and row["finite"] and row["alloc_conf"] == "expandable_segments:True"
-    assert row["share_copy_stream"] is True
+    assert row["share_copy_stream"] is True and row["fast_cast"] is False and storage.FAST_CAST is False
     profile = row["profile"]
     assert profile["steps"] == 3 and profile["host_ms"] > 0 and "skipped" in profile["device"]
     assert set(profile["host_calls"]) == set(gpu_memory.HOST_CALLS)
@@ -197,9 +198,9 @@ def test_isolated_rows_get_the_alloc_conf_and_the_options(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", run)
     args = SimpleNamespace(steps=1, reserve=1.0, out="x.json", tiny=True, memory_history=False, profile=True,
-                           alloc_conf="expandable_segments:True", share_copy_stream=True)
+                           alloc_conf="expandable_segments:True", share_copy_stream=True, eager_cast=True)
     row = gpu_memory.run_row_isolated(("flux-dev", 12.0, "fp8_e4m3", "auto"), args, 5)
-    assert {"--profile", "--share-copy-stream"} <= set(seen["command"])
+    assert {"--profile", "--share-copy-stream", "--eager-cast"} <= set(seen["command"])
     assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert row["error"].startswith("exit 1")
 
