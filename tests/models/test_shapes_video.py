@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from app.core.executor import Engine
 from app.core.media import read_video
 from app.models import accelerators as hooks
 from tests.fixtures.shapes_video import T2V_PROMPT, load_reference, save_tiny_shapes_video
-from tests.fixtures.terminal import Terminal
+from tests.fixtures.terminal import run_cli_on_a_terminal
 from tests.fixtures.tiny_models import save_family
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -153,22 +152,10 @@ def test_the_evaluator_scores_the_saved_clips(engine, tmp_path):
 
 
 def test_ditgraph_run_shapes_t2v_by_name(models_root, tmp_path, capsys, monkeypatch):
-    # capsys before monkeypatch: torn down after it, so sys.stderr ends as it began, not as capsys's closed stream
     """`ditgraph run shapes-t2v` finds the shipped workflow by name, draws the step bar, writes an MP4."""
-    from app.fronts.cli import main
-
-    saved = dict(paths._overrides)
-    monkeypatch.setenv("DITGRAPH_MODELS", str(models_root))
-    monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
-    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    try:
-        code = main(["run", "shapes-t2v", "--device", "cpu", "--set", "4.width=32", "--set", "4.height=32",
-                     "--set", "4.frames=5", "--set", "5.steps=2"])
-    finally:
-        paths._overrides.clear()
-        paths._overrides.update(saved)
+    code, terminal = run_cli_on_a_terminal(["run", "shapes-t2v", "--device", "cpu", "--set", "4.width=32", "--set",
+                                            "4.height=32", "--set", "4.frames=5", "--set", "5.steps=2"],
+                                           tmp_path, monkeypatch, models=models_root)
     assert code == 0
     assert any(re.search(r"\] 2/2", line) for line in terminal.lines() if "Sampler" in line)
     out = capsys.readouterr().out

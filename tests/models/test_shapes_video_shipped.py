@@ -9,7 +9,6 @@ regresses fails here."""
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
@@ -17,9 +16,8 @@ from app.core import paths
 from app.core.executor import Engine
 from app.core.media import read_video
 from app.core.memo import MemoCache
-from app.fronts.cli import main
 from bench import shapes_video as bench
-from tests.fixtures.terminal import Terminal
+from tests.fixtures.terminal import run_cli_on_a_terminal
 from training import evaluate_video
 
 SHIPPED = paths.BUNDLED_MODELS / "shapes-video" / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -27,17 +25,7 @@ pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="shapes-video's tr
 
 
 def test_ditgraph_run_shapes_t2v_writes_a_clip_the_evaluator_reads(tmp_path, capsys, monkeypatch):
-    # capsys before monkeypatch: torn down after it, so sys.stderr ends as it began, not as capsys's closed stream
-    saved = dict(paths._overrides)
-    monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
-    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    try:
-        code = main(["run", "shapes-t2v", "--device", "cpu"])
-    finally:
-        paths._overrides.clear()
-        paths._overrides.update(saved)
+    code, terminal = run_cli_on_a_terminal(["run", "shapes-t2v", "--device", "cpu"], tmp_path, monkeypatch)
     assert code == 0
     assert any(re.search(r"\] 28/28", line) for line in terminal.lines() if "Sampler" in line)
     out = capsys.readouterr().out
