@@ -79,6 +79,11 @@ def bytes_per_param(storage: str, dtype: torch.dtype) -> float:
 # dtype), whatever the layer shapes. A compiled model (torch.compile) casts inside its own graphs.
 FAST_CAST = True  # off: always ``.to()``; turned off for the process if compiling it fails
 FAST_CAST_DEVICES = ("cuda",)  # device types the compiled cast runs on (tests add "cpu")
+# Smaller tensors (biases, norms, small layers) keep ``.to()``: a compiled call costs tens of µs of
+# host time (guards, wrapper) while the GPU time it saves grows with size (~5 ps an element at the
+# rates above: ~5 µs a million), so only large weights repay it (Flux-dev's are 9.4M-37.7M elements,
+# SD3.5-large's attention 5.9M); at least 2 also because dynamo specializes sizes 0 and 1.
+FAST_CAST_MIN_NUMEL = 1 << 20
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,11 +103,11 @@ def compiled_cast(cast):
 def _takes_fast_cast(tensor: torch.Tensor) -> bool:
     """Whether :func:`upcast` gives ``tensor`` to the compiled cast: fp8 on a device of
     :data:`FAST_CAST_DEVICES`, outside a compile, passed as a detached flat view (no gradient
-    wanted; a view's base would add a graph per rank), contiguous and of 2 elements or more
-    (dynamo specializes sizes 0 and 1: a graph each)."""
+    wanted; a view's base would add a graph per rank), contiguous and of at least
+    :data:`FAST_CAST_MIN_NUMEL` elements."""
     return (FAST_CAST and tensor.dtype in FP8_DTYPES and tensor.device.type in FAST_CAST_DEVICES
-            and tensor.numel() > 1 and tensor.is_contiguous() and not (tensor.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling())
+            and tensor.numel() >= max(FAST_CAST_MIN_NUMEL, 2) and tensor.is_contiguous()
+            and not (tensor.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
 
 
 def upcast(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:

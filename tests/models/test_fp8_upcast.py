@@ -31,6 +31,7 @@ def on_cpu():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(storage, "FAST_CAST", True)
         patch.setattr(storage, "FAST_CAST_DEVICES", ("cuda", "cpu"))
+        patch.setattr(storage, "FAST_CAST_MIN_NUMEL", 2)
         before = graphs(storage._cast), graphs(storage._cast_scaled)
         casts = {(fp8, dtype): upcast(PATTERNS[fp8], dtype) for fp8 in FP8S for dtype in TARGETS}
         scaled = {(fp8, dtype, scale): ScaledFP8(scale, dtype)(PATTERNS[fp8])
@@ -64,6 +65,7 @@ def test_compiled_cast_is_bit_identical_to_eager(on_cpu, fp8, dtype):
 def test_shapes_share_one_graph(on_cpu, monkeypatch):
     """Weights, biases and conv kernels of any shape go flattened through one dynamic-shape graph."""
     monkeypatch.setattr(storage, "FAST_CAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 2)
     gen = torch.Generator().manual_seed(1)
     shapes = [(64, 32), (3072,), (7, 5), (16, 8, 3, 3), (2, 3, 4), (8, 4, 1, 2, 2), (1, 9), (2,)]
     tensors = [torch.randn(shape, generator=gen).to(torch.float8_e4m3fn) for shape in shapes]
@@ -87,6 +89,7 @@ def fast_calls(monkeypatch):
 
     monkeypatch.setattr(storage, "compiled_cast", counting)
     monkeypatch.setattr(storage, "FAST_CAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 2)
     monkeypatch.setattr(storage, "FAST_CAST", True)
     return calls
 
@@ -106,11 +109,16 @@ def test_cast_layers_take_the_compiled_cast(on_cpu, fast_calls, monkeypatch):
 
 
 def test_what_takes_plain_to(fast_calls, monkeypatch):
-    """Not fp8, one element, not contiguous, a gradient wanted, a device it is not on for, or
-    inside a compile: ``.to()``."""
+    """Not fp8, one element, smaller than FAST_CAST_MIN_NUMEL, not contiguous, a gradient wanted, a
+    device it is not on for, or inside a compile: ``.to()``."""
     fp8 = torch.randn(6, 4).to(torch.float8_e4m3fn)
     for tensor in (fp8.to(torch.bfloat16), fp8[:1, :1], fp8.T):
         assert torch.equal(upcast(tensor, torch.float32), tensor.to(torch.float32))
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 25)
+    assert torch.equal(upcast(fp8, torch.float32), fp8.to(torch.float32)) and fast_calls == []
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 24)
+    assert torch.equal(upcast(fp8, torch.float32), fp8.to(torch.float32)) and fast_calls == [("_cast", (24,))]
+    fast_calls.clear()
     trained = torch.nn.Parameter(fp8.clone())
     assert upcast(trained, torch.float32).grad_fn is not None  # as .to() gives it
     monkeypatch.setattr(storage, "FAST_CAST_DEVICES", ("cuda",))
@@ -135,6 +143,7 @@ def test_a_failing_compile_falls_back_and_warns_once(monkeypatch, caplog):
 
     monkeypatch.setattr(storage, "compiled_cast", lambda cast: torch.compile(cast, dynamic=True, backend=broken))
     monkeypatch.setattr(storage, "FAST_CAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 2)
     monkeypatch.setattr(storage, "FAST_CAST", True)
     fp8 = torch.randn(6, 4).to(torch.float8_e5m2)
     with caplog.at_level(logging.WARNING, logger=storage.__name__):
