@@ -99,10 +99,11 @@ def _takes_fast_cast(tensor: torch.Tensor) -> bool:
     """Whether :func:`upcast` gives ``tensor`` to the compiled cast: fp8 on a device of
     :data:`FAST_CAST_DEVICES`, outside a compile, passed as a detached flat view (no gradient
     wanted; a view's base would add a graph per rank), contiguous and of 2 elements or more
-    (dynamo specializes sizes 0 and 1: a graph each)."""
-    return (FAST_CAST and tensor.dtype in FP8_DTYPES and tensor.device.type in FAST_CAST_DEVICES
-            and tensor.numel() > 1 and tensor.is_contiguous() and not (tensor.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling())
+    (dynamo specializes sizes 0 and 1: a graph each). The compile check comes first: dynamo guards
+    on the globals it reads, and a flag read while tracing would recompile every graph when it flips."""
+    return (not torch.compiler.is_compiling() and FAST_CAST and tensor.dtype in FP8_DTYPES
+            and tensor.device.type in FAST_CAST_DEVICES and tensor.numel() > 1 and tensor.is_contiguous()
+            and not (tensor.requires_grad and torch.is_grad_enabled()))
 
 
 def upcast(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
