@@ -104,10 +104,11 @@ def _takes_fast_cast(tensor: torch.Tensor) -> bool:
     """Whether :func:`upcast` gives ``tensor`` to the compiled cast: fp8 on a device of
     :data:`FAST_CAST_DEVICES`, outside a compile, passed as a detached flat view (no gradient
     wanted; a view's base would add a graph per rank), contiguous and of at least
-    :data:`FAST_CAST_MIN_NUMEL` elements."""
-    return (FAST_CAST and tensor.dtype in FP8_DTYPES and tensor.device.type in FAST_CAST_DEVICES
-            and tensor.numel() >= max(FAST_CAST_MIN_NUMEL, 2) and tensor.is_contiguous()
-            and not (tensor.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
+    :data:`FAST_CAST_MIN_NUMEL` elements. The compile check comes first: dynamo guards on the
+    globals it reads, and a flag read while tracing would recompile every graph when it flips."""
+    return (not torch.compiler.is_compiling() and FAST_CAST and tensor.dtype in FP8_DTYPES
+            and tensor.device.type in FAST_CAST_DEVICES and tensor.numel() >= max(FAST_CAST_MIN_NUMEL, 2)
+            and tensor.is_contiguous() and not (tensor.requires_grad and torch.is_grad_enabled()))
 
 
 def upcast(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
@@ -123,7 +124,7 @@ def upcast(tensor: torch.Tensor, dtype: torch.dtype, scale: float | None = None)
             raise  # the kernel's output did not fit: .to() would not either
         except Exception as exc:  # never fail a run for a faster cast
             FAST_CAST = False
-            log.warning("compiling the fp8 upcast failed; fp8 weights upcast with .to() for the rest of the "
+            log.warning("the compiled fp8 upcast failed (compiling or running it); fp8 weights upcast with .to() for the rest of the "
                         "process: %s", exc)
     return cast(tensor, *args)
 

@@ -137,6 +137,25 @@ def test_what_takes_plain_to(fast_calls, monkeypatch):
     assert fast_calls == [] and len(traced) == 1  # the outer compile traced the plain cast
 
 
+def test_a_compiled_model_does_not_guard_on_fast_cast(monkeypatch):
+    """Inside a compile the cast is the plain one whatever FAST_CAST says, so the traced graph must
+    not depend on it: turning it off (a failed cast compile) must not recompile every compiled block."""
+    monkeypatch.setattr(storage, "FAST_CAST", True)
+    monkeypatch.setattr(storage, "FAST_CAST_MIN_NUMEL", 2)
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    cast_inline(torch.nn.Sequential(model), torch.float8_e4m3fn, torch.bfloat16)
+
+    def forward(x):
+        return model(x)
+
+    compiled, x = torch.compile(forward, backend="eager"), torch.randn(2, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = compiled(x)
+        monkeypatch.setattr(storage, "FAST_CAST", False)
+        assert torch.equal(compiled(x), want)
+    assert len(_debug_get_cache_entry_list(forward.__code__)) == 1
+
+
 def test_a_failing_compile_falls_back_and_warns_once(monkeypatch, caplog):
     def broken(graph, inputs):
         raise RuntimeError("no C++ compiler")

@@ -3,7 +3,7 @@
 `ditgraph run shapes-t2v` at its defaults (17 frames, 128², 28 steps) writes an MP4 that the video
 evaluator reads; graphs/shapes-i2v.json (shapes-dit draws frame 0, shapes-video moves it) on two
 held-out captions keeps the given frame and moves its objects as the caption says. Fixed seeds on a
-CPU are deterministic, so the scores asserted are what these weights do; a retrained model that
+CPU thread are deterministic, so the scores asserted are what these weights do; a retrained model that
 regresses fails here."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 
 import pytest
 
-from app.core import paths
 from app.core.executor import Engine
 from app.core.media import read_video
 from app.core.memo import MemoCache
@@ -20,8 +19,8 @@ from bench import shapes_video as bench
 from tests.fixtures.terminal import run_cli_on_a_terminal
 from training import evaluate_video
 
-SHIPPED = paths.BUNDLED_MODELS / "shapes-video" / "transformer" / "diffusion_pytorch_model.safetensors"
-pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="shapes-video's transformer is not shipped")
+# one thread: the scores below are what these weights give on one thread, whatever the machine's cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ditgraph_run_shapes_t2v_writes_a_clip_the_evaluator_reads(tmp_path, capsys, monkeypatch):
