@@ -74,14 +74,14 @@ def bytes_per_param(storage: str, dtype: torch.dtype) -> float:
 # conversion kernel for float8 types is a non-vectorized elementwise one converting in software.
 # Measured on an H200 (Flux-dev, 1024², eager, per sampling step): 'copy' kernels took 88.5 ms in
 # fp8 under a 12 GiB cap against 24.0 ms bf16 resident (SD3.5-large: 154.8 against 27.1), the
-# extra ~64 ms being the upcast of ~11 GB of fp8 weights: ~0.5 TB/s where the device copies at
-# 4.2 TB/s. Compiled with dynamic shapes on flattened tensors: one graph per (fp8 dtype, compute
+# extra ~64 ms being the upcast of ~8.7 GB of fp8 weights: ~0.4 TB/s of traffic where the device
+# copies at 4.2 TB/s. Compiled with dynamic shapes on flattened tensors: one graph per (fp8 dtype, compute
 # dtype), whatever the layer shapes. A compiled model (torch.compile) casts inside its own graphs.
 FAST_CAST = True  # off: always ``.to()``; turned off for the process if compiling it fails
 FAST_CAST_DEVICES = ("cuda",)  # device types the compiled cast runs on (tests add "cpu")
 # Smaller tensors (biases, norms, small layers) keep ``.to()``: a compiled call costs tens of µs of
-# host time (guards, wrapper) while the GPU time it saves grows with size (~5 ps an element at the
-# rates above: ~5 µs a million), so only large weights repay it (Flux-dev's are 9.4M-37.7M elements,
+# host time (guards, wrapper) while the GPU time it saves grows with size (~7 ps an element at the
+# rates above: ~7 µs a million), so only large weights repay it (Flux-dev's are 9.4M-37.7M elements,
 # SD3.5-large's attention 5.9M); at least 2 also because dynamo specializes sizes 0 and 1.
 FAST_CAST_MIN_NUMEL = 1 << 20
 
