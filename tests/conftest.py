@@ -4,6 +4,20 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def path_overrides_undone():
+    """Each test ends with the path overrides it began with. The CLI's --models/--output-dir and
+    paths.configure set process-wide overrides; one left behind by an in-process ``main(["run", ...,
+    "--output-dir", ...])`` once sent a later test's video to the earlier test's folder. Taken after
+    the module fixtures' own overrides, so those stay for the module."""
+    from app.core import paths
+
+    saved = dict(paths._overrides)
+    yield
+    paths._overrides.clear()
+    paths._overrides.update(saved)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread; two spin-waiting threads on a busy 2-core box are far slower."""
