@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from app.core import paths
 from tests.fixtures.shapes_video import save_tiny_shapes_video
 from tests.fixtures.tiny_models import tiny_base
 
@@ -17,13 +16,8 @@ def test_shapes_video_bench_smoke(tmp_path):
     save_tiny_shapes_video(models / "checkpoints" / "shapes-video")
     (models / "checkpoints" / "shapes-dit").mkdir(parents=True)
     tiny_base(models / "checkpoints" / "shapes-dit")
-    saved = dict(paths._overrides)
-    try:
-        bench.main(["--n", "1", "--steps", "1", "--image-steps", "1", "--device", "cpu", "--models", str(models),
-                    "--modes", "t2v", "i2v", "i2v_render", "--out", str(tmp_path / "sv.json")])
-    finally:
-        paths._overrides.clear()
-        paths._overrides.update(saved)
+    bench.main(["--n", "1", "--steps", "1", "--image-steps", "1", "--device", "cpu", "--models", str(models),
+                "--modes", "t2v", "i2v", "i2v_render", "--out", str(tmp_path / "sv.json")])  # its overrides: conftest
     written = json.loads((tmp_path / "sv.json").read_text())
     assert written["device"] == "cpu" and written["held_out_seed"] == 987654321
     assert [(r["mode"], r["steps"], r["clips"]) for r in written["rows"]] == [("t2v", 1, 1), ("i2v", 1, 1),

@@ -8,22 +8,17 @@ import sys
 
 import pytest
 
-from app.core import paths
 from app.fronts.cli import main
 from tests.fixtures._server_helpers import REPO, TEST_NODES, count_workflow, workflow
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Own folders per test; the process-wide folder overrides the CLI sets are restored."""
-    saved = dict(paths._overrides)
+    """Own folders per test (the folder overrides the CLI sets are undone by tests/conftest.py)."""
     monkeypatch.setenv("DITGRAPH_PLUGINS", TEST_NODES)
     monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
     monkeypatch.setenv("DITGRAPH_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("DITGRAPH_INPUTS", str(tmp_path / "in"))
-    yield
-    paths._overrides.clear()
-    paths._overrides.update(saved)
 
 
 @pytest.fixture

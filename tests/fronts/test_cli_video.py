@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from app.core import paths
 from app.fronts.cli import main
 from tests.fixtures.terminal import Terminal
 from tests.fixtures.tiny_video import STEPS, save_video_family, workflow
@@ -17,16 +16,13 @@ from tests.fixtures.tiny_video import STEPS, save_video_family, workflow
 
 @pytest.fixture
 def wan_workflow(tmp_path, monkeypatch):
-    saved = dict(paths._overrides)
     save_video_family("wan", tmp_path / "models" / "checkpoints" / "tiny-wan")
     monkeypatch.setenv("DITGRAPH_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
     monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
     path = tmp_path / "wan.json"
     path.write_text(json.dumps(workflow("wan")))
-    yield str(path)
-    paths._overrides.clear()
-    paths._overrides.update(saved)
+    return str(path)
 
 
 def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, capsys, monkeypatch):

@@ -7,7 +7,6 @@ import json
 import pytest
 
 import nodes.core
-from app.core import paths
 from app.core.executor import Engine
 from app.core.memo import MemoCache
 from app.core.registry import Registry
@@ -140,30 +139,25 @@ def test_default_txt2img_graph_maps_onto_the_diffusion_nodes(tmp_path):
 
 
 def test_cli_import_then_run(tmp_path, capsys, monkeypatch):
-    saved = dict(paths._overrides)
     monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
-    try:
-        source = tmp_path / "api.json"
-        source.write_text(json.dumps(COMFY_PRIMITIVES))
-        target = tmp_path / "converted.json"
-        assert main(["import-comfy", str(source), "-o", str(target)]) == 0
-        assert json.loads(target.read_text())["nodes"]["4"]["type"] == "PreviewAny"
-        capsys.readouterr()
-        assert main(["run", str(target), "--set", "1.value=41"]) == 0
-        assert "node 4: 41" in capsys.readouterr().out
-        from PIL import Image, PngImagePlugin
+    source = tmp_path / "api.json"
+    source.write_text(json.dumps(COMFY_PRIMITIVES))
+    target = tmp_path / "converted.json"
+    assert main(["import-comfy", str(source), "-o", str(target)]) == 0
+    assert json.loads(target.read_text())["nodes"]["4"]["type"] == "PreviewAny"
+    capsys.readouterr()
+    assert main(["run", str(target), "--set", "1.value=41"]) == 0
+    assert "node 4: 41" in capsys.readouterr().out
+    from PIL import Image, PngImagePlugin
 
-        info = PngImagePlugin.PngInfo()
-        info.add_text("prompt", json.dumps(COMFY_PRIMITIVES))
-        Image.new("RGB", (2, 2)).save(tmp_path / "comfy.png", pnginfo=info)
-        assert main(["import-comfy", str(tmp_path / "comfy.png"), "-o", str(tmp_path / "from_png.json")]) == 0
-        assert json.loads((tmp_path / "from_png.json").read_text())["nodes"]["4"]["type"] == "PreviewAny"
-        source.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
-        assert main(["import-comfy", str(source)]) == 2
-        assert "NoSuchNode" in capsys.readouterr().err
-    finally:
-        paths._overrides.clear()
-        paths._overrides.update(saved)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(COMFY_PRIMITIVES))
+    Image.new("RGB", (2, 2)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert main(["import-comfy", str(tmp_path / "comfy.png"), "-o", str(tmp_path / "from_png.json")]) == 0
+    assert json.loads((tmp_path / "from_png.json").read_text())["nodes"]["4"]["type"] == "PreviewAny"
+    source.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    assert main(["import-comfy", str(source)]) == 2
+    assert "NoSuchNode" in capsys.readouterr().err
 
 
 def test_lora_loader_clip_output_passes_the_text_encoder_through():
