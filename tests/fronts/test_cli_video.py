@@ -5,31 +5,26 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 
 from app.fronts.cli import main
-from tests.fixtures.terminal import Terminal
+from tests.fixtures.terminal import Terminal, run_cli_on_a_terminal
 from tests.fixtures.tiny_video import STEPS, save_video_family, workflow
 
 
 @pytest.fixture
-def wan_workflow(tmp_path, monkeypatch):
+def wan_workflow(tmp_path):
     save_video_family("wan", tmp_path / "models" / "checkpoints" / "tiny-wan")
-    monkeypatch.setenv("DITGRAPH_MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("DITGRAPH_OUTPUTS", str(tmp_path / "out"))
-    monkeypatch.setenv("DITGRAPH_TEMP", str(tmp_path / "temp"))
     path = tmp_path / "wan.json"
     path.write_text(json.dumps(workflow("wan")))
     return str(path)
 
 
-def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, capsys, monkeypatch):
-    # capsys before monkeypatch: torn down after it, so sys.stderr ends as it began, not as capsys's closed stream
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    assert main(["run", wan_workflow, "--device", "cpu"]) == 0
+def test_video_run_draws_a_step_bar_and_reports_the_video(wan_workflow, tmp_path, capsys, monkeypatch):
+    code, terminal = run_cli_on_a_terminal(["run", wan_workflow, "--device", "cpu"], tmp_path, monkeypatch,
+                                           models=tmp_path / "models")
+    assert code == 0
     drawn = terminal.lines()
     bars = [line for line in drawn if "sample Sampler" in line and "[" in line]
     # the sampler's line shows a bar and the step count, the last step always drawn

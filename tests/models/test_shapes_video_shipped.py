@@ -31,7 +31,7 @@ def test_ditgraph_run_shapes_t2v_writes_a_clip_the_evaluator_reads(tmp_path, cap
     assert re.search(r"saved .*shapes-t2v_00001\.mp4 \(video: 17 frames at 8 fps, 128x128\)", out), out
     video = read_video(tmp_path / "out" / "shapes-t2v_00001.mp4")
     assert tuple(video.frames.shape) == (17, 128, 128, 3) and video.fps == 8
-    caption = "a large red circle moving right from the top left and a small blue square staying in the center on a white background"
+    caption = bench.base_workflow("t2v", "cpu").nodes[bench.T2V["prompt"]].inputs["text"]  # the shipped graph's
     score = evaluate_video.score_clip(bench._uint8(video.frames), caption)
     assert score["objects_total"] == 2 and score["background_right"]
 
