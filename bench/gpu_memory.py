@@ -24,9 +24,11 @@ busy ms by kernel kind, H2D copy ms and the share of it overlapped by kernels, G
 calls that synchronise or go to the driver, allocator counters; :func:`step_profile`).
 ``--alloc-conf`` runs the rows under a PYTORCH_CUDA_ALLOC_CONF (e.g. expandable_segments:True),
 ``--share-copy-stream`` with one copy stream for all streamed models (residency's
-SHARE_COPY_STREAM) and ``--eager-cast`` with fp8 weights upcast by eager ``.to()`` instead of the
-compiled cast (storage's FAST_CAST; row ``fast_cast``; its kernels count as "inductor", eager's as
-"copy"), each recorded per row and in the row labels. A failed row keeps its plan
+SHARE_COPY_STREAM), ``--fast-cast`` with fp8 weights upcast by the compiled cast instead of eager
+``.to()`` (storage's FAST_CAST, off by default; row ``fast_cast``; its kernels count as "inductor",
+eager's as "copy") and ``--prefix-resident`` with a streamed model's first blocks kept rather than spread
+among the streamed ones (the planner's SPREAD_RESIDENT; row ``spread_resident``), each recorded
+per row and in the row labels. A failed row keeps its plan
 and stages and says ``failed_stage`` and ``allocated_gib_at_error``; ``--memory-history`` adds
 an allocator snapshot (memory_viz) beside the JSON and ``live_by_place``. The end-to-end switch
 test runs all three stages in one process (reuse needs one); each stage records
@@ -63,6 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app.models import memory as memory_planner  # noqa: E402
 from app.models import residency  # noqa: E402
 from app.models import storage as weight_storage  # noqa: E402
 from bench import gpu_speed  # noqa: E402
@@ -662,7 +665,8 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
     size = E2E_TINY_SIZE if args.tiny else E2E_SIZE
     row: dict = {"model": name, "cap_gib": cap, "storage": storage, "plan_requested": plan,
                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # what this process's allocator read
-                 "share_copy_stream": residency.SHARE_COPY_STREAM, "fast_cast": weight_storage.FAST_CAST}
+                 "share_copy_stream": residency.SHARE_COPY_STREAM, "fast_cast": weight_storage.FAST_CAST,
+                 "spread_resident": memory_planner.SPREAD_RESIDENT}
     stage = Stages(device, row, lambda: save(row))
     cuda = device.type == "cuda"
     try:
@@ -768,9 +772,10 @@ def row_label(row: tuple[str, float | None, str, str]) -> str:
 
 
 def variant(args) -> str:
-    """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream, --eager-cast)."""
+    """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream, --fast-cast,
+    --prefix-resident)."""
     return (f" alloc={args.alloc_conf}" if args.alloc_conf else "") + (" shared-stream" if args.share_copy_stream else "") \
-        + (" eager-cast" if args.eager_cast else "")
+        + (" fast-cast" if args.fast_cast else "") + (" prefix-resident" if args.prefix_resident else "")
 
 
 def run_row_isolated(row: tuple, args, timeout: float) -> dict:
@@ -787,7 +792,7 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
                "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] \
         + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else []) \
         + (["--profile"] if args.profile else []) + (["--share-copy-stream"] if args.share_copy_stream else []) \
-        + (["--eager-cast"] if args.eager_cast else [])
+        + (["--fast-cast"] if args.fast_cast else []) + (["--prefix-resident"] if args.prefix_resident else [])
     env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf} if args.alloc_conf else {})}
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=env)
@@ -926,8 +931,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "expandable_segments:True); recorded per row, and in the row labels")
     parser.add_argument("--share-copy-stream", action="store_true",
                         help="streamed models share one copy stream (app/models/residency.py SHARE_COPY_STREAM)")
-    parser.add_argument("--eager-cast", action="store_true",
-                        help="fp8 weights upcast with eager .to(), not the compiled cast (app/models/storage.py FAST_CAST)")
+    parser.add_argument("--fast-cast", action="store_true",
+                        help="fp8 weights upcast by the compiled cast, not eager .to() (app/models/storage.py FAST_CAST)")
+    parser.add_argument("--prefix-resident", action="store_true",
+                        help="a streamed model keeps its first blocks, not blocks spread among the streamed ones "
+                             "(app/models/memory.py SPREAD_RESIDENT)")
     parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
@@ -937,8 +945,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.alloc_conf:  # before CUDA starts: the allocator reads it once (in-process rows, the switch test)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     residency.SHARE_COPY_STREAM = args.share_copy_stream
-    if args.eager_cast:
-        weight_storage.FAST_CAST = False
+    weight_storage.FAST_CAST = args.fast_cast
+    memory_planner.SPREAD_RESIDENT = not args.prefix_resident
     args.steps = args.steps or (2 if args.tiny else 28)
     args.caps = [float(c) for c in args.caps.split(",") if c.strip()]
     args.storages = [s for s in args.storages.split(",") if s]

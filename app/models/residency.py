@@ -72,13 +72,17 @@ def is_group_offloaded(module: torch.nn.Module) -> bool:
 def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int = 0) -> torch.nn.Module:
     """Keep ``module``'s blocks in RAM and stream them to ``device`` one block at a time
     (diffusers group offloading: on CUDA the next block is copied from pinned RAM on a side
-    stream while the current one computes). The first ``keep`` blocks stay on ``device``
-    (partial residency: as many as the VRAM budget allows). Parts outside the block stack
+    stream while the current one computes). ``keep`` blocks stay on ``device`` (partial
+    residency: as many as the VRAM budget allows), the ones the planner counted
+    (app/models/memory.py kept_blocks: spread among the streamed ones). Parts outside the block stack
     (embedders, final layers, a text encoder's embedding) live on ``device`` too."""
     from diffusers.hooks import HookRegistry, apply_group_offloading
 
+    from app.models.memory import kept_blocks
+
     root = stream_root(module)
-    blocks = stack_of(root)[:keep]
+    stack = stack_of(root)
+    blocks = [stack[i] for i in kept_blocks(len(stack), keep)]
     kept = _beside(module, root) + blocks
     module.to("cpu")
     stream = device.type == "cuda"

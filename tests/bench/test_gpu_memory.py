@@ -109,15 +109,16 @@ GPU_ROWS = [("flux-dev", 12, "fp8_e4m3"), ("flux-dev", 8, "fp8_e4m3"), ("flux-de
 
 def _on_gpu(module, placement) -> tuple[int, int]:
     """(bytes kept between uses, bytes while it runs) of a placed module, measured from it."""
-    from app.models.memory import module_bytes
+    from app.models.memory import kept_blocks, module_bytes
     from app.models.residency import stack_of, stream_root
 
     total = module_bytes(module)
     if placement.mode in ("resident", "model"):
         return (total if placement.resident_bytes else 0), total
     sizes = [module_bytes(b) for b in stack_of(stream_root(module))]
-    kept = total - sum(sizes) + sum(sizes[:placement.resident_blocks])
-    streamed = sizes[placement.resident_blocks:]
+    resident = set(kept_blocks(len(sizes), placement.resident_blocks))
+    kept = total - sum(sizes) + sum(s for i, s in enumerate(sizes) if i in resident)
+    streamed = [s for i, s in enumerate(sizes) if i not in resident]
     in_flight = max(a + b for a, b in zip(streamed, streamed[1:], strict=False)) if len(streamed) > 1 else sum(streamed)
     return (kept if placement.resident_bytes else 0), kept + in_flight
 
@@ -167,18 +168,21 @@ def test_an_allocator_snapshot_is_cut_to_what_a_device_run_can_return(tmp_path, 
 def test_profiled_rows_under_an_alloc_conf_on_cpu(tmp_path, monkeypatch):
     """--profile profiles sampling steps after the timed image (on CPU: the host side only, the
     device side skipped explicitly); --alloc-conf (what the row's allocator read),
-    --share-copy-stream and --eager-cast are recorded in the row and its label."""
-    from app.models import residency, storage
+    --share-copy-stream, --fast-cast and --prefix-resident are recorded in the row and its label."""
+    from app.models import memory, residency, storage
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets all three; restored afterwards
     monkeypatch.setattr(residency, "SHARE_COPY_STREAM", False)
-    monkeypatch.setattr(storage, "FAST_CAST", True)
+    monkeypatch.setattr(storage, "FAST_CAST", False)
+    monkeypatch.setattr(memory, "SPREAD_RESIDENT", True)
     report = _e2e(tmp_path, "--rows", "flux-dev/none/bf16/resident", "--switch-cap", "0", "--profile",
-                  "--alloc-conf", "expandable_segments:True", "--share-copy-stream", "--eager-cast")
+                  "--alloc-conf", "expandable_segments:True", "--share-copy-stream", "--fast-cast", "--prefix-resident")
     assert report["alloc_conf"] == "expandable_segments:True"
-    row = report["e2e"]["rows"]["flux-dev cap=none bf16 resident alloc=expandable_segments:True shared-stream eager-cast"]
+    row = report["e2e"]["rows"]["flux-dev cap=none bf16 resident alloc=expandable_segments:True shared-stream fast-cast "
+                                "prefix-resident"]
     assert "error" not in row and row["finite"] and row["alloc_conf"] == "expandable_segments:True"
-    assert row["share_copy_stream"] is True and row["fast_cast"] is False and storage.FAST_CAST is False
+    assert row["share_copy_stream"] is True and row["fast_cast"] is True and storage.FAST_CAST is True
+    assert row["spread_resident"] is False and memory.SPREAD_RESIDENT is False
     profile = row["profile"]
     assert profile["steps"] == 3 and profile["host_ms"] > 0 and "skipped" in profile["device"]
     assert set(profile["host_calls"]) == set(gpu_memory.HOST_CALLS)
@@ -198,9 +202,10 @@ def test_isolated_rows_get_the_alloc_conf_and_the_options(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", run)
     args = SimpleNamespace(steps=1, reserve=1.0, out="x.json", tiny=True, memory_history=False, profile=True,
-                           alloc_conf="expandable_segments:True", share_copy_stream=True, eager_cast=True)
+                           alloc_conf="expandable_segments:True", share_copy_stream=True, fast_cast=True,
+                           prefix_resident=True)
     row = gpu_memory.run_row_isolated(("flux-dev", 12.0, "fp8_e4m3", "auto"), args, 5)
-    assert {"--profile", "--share-copy-stream", "--eager-cast"} <= set(seen["command"])
+    assert {"--profile", "--share-copy-stream", "--fast-cast", "--prefix-resident"} <= set(seen["command"])
     assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert row["error"].startswith("exit 1")
 

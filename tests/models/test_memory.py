@@ -2,7 +2,10 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from app.models import memory
 from app.models.memory import (
     GIB,
     BudgetError,
@@ -10,6 +13,7 @@ from app.models.memory import (
     default_work,
     describe,
     evict_for,
+    kept_blocks,
     min_need,
     need_of,
     parse_size,
@@ -298,20 +302,60 @@ def test_need_of_counts_quantized_tensors_by_their_inner_data():
     assert int8.weight_bytes < 0.75 * bf16.weight_bytes  # int8 data (+ scales), not the bf16 it computes in
 
 
-def test_unequal_blocks_are_kept_by_their_real_sizes():
-    """Flux's 19 double blocks come first and are 2.7x its 38 single ones: keeping 49 of 57
-    "average" blocks was 9.48 GiB on paper and 12.77 GiB on the GPU (fp8 under 12 GiB)."""
-    double, single = 453 << 20, 170 << 20
-    sizes = (double,) * 19 + (single,) * 38
-    flux = ModelNeed("flux", 11_900_000_000, 1.0, 57, 11_840_000_000, GIB, block_sizes=sizes,
-                     stored_bytes=sum(sizes) + (80 << 20))
+# Flux-dev's blocks as stored in fp8: 19 double blocks first, 2.7x its 38 single ones.
+DOUBLE, SINGLE = 453 << 20, 170 << 20
+FLUX_FP8_SIZES = (DOUBLE,) * 19 + (SINGLE,) * 38
+FLUX_FP8 = ModelNeed("flux", 11_900_000_000, 1.0, 57, 11_840_000_000, GIB, block_sizes=FLUX_FP8_SIZES,
+                     stored_bytes=sum(FLUX_FP8_SIZES) + (80 << 20))
+
+
+def test_unequal_blocks_are_kept_by_their_real_sizes(monkeypatch):
+    """Keeping 49 of 57 "average" blocks was 9.48 GiB on paper and 12.77 GiB on the GPU (fp8
+    under 12 GiB). With the first blocks kept (the layout before the spread one)."""
+    monkeypatch.setattr(memory, "SPREAD_RESIDENT", False)
+    sizes, flux = FLUX_FP8_SIZES, FLUX_FP8
     placement = plan_memory([flux], 11 * GIB).by_name()["flux"]
     keep = placement.resident_blocks
     assert placement.mode == "stream" and 19 < keep < 57
     assert placement.resident_bytes == flux.rest_bytes + sum(sizes[:keep])
-    assert placement.peak_bytes == flux.rest_bytes + sum(sizes[:keep]) + 2 * single + flux.work <= 11 * GIB
-    assert placement.peak_bytes + single > 11 * GIB  # one more single block would not fit
-    assert min_need(flux) == flux.rest_bytes + 2 * double + flux.work  # two double blocks in flight
+    assert placement.peak_bytes == flux.rest_bytes + sum(sizes[:keep]) + 2 * SINGLE + flux.work <= 11 * GIB
+    assert placement.peak_bytes + SINGLE > 11 * GIB  # one more single block would not fit
+    assert min_need(flux) == flux.rest_bytes + 2 * DOUBLE + flux.work  # two double blocks in flight
+
+
+def test_spread_residency_counts_the_blocks_it_keeps_and_the_pair_in_flight():
+    """Spread, Flux-dev fp8 under 11 GiB streams double and single blocks, each after a kept
+    one: two double blocks in flight, and the plan keeps the count that keeps the most bytes."""
+    sizes, flux = FLUX_FP8_SIZES, FLUX_FP8
+    placement = plan_memory([flux], 11 * GIB).by_name()["flux"]
+    kept = kept_blocks(57, placement.resident_blocks)
+    assert placement.mode == "stream" and len(kept) == placement.resident_blocks
+    assert placement.resident_bytes == flux.rest_bytes + sum(sizes[i] for i in kept)
+    assert placement.peak_bytes == placement.resident_bytes + 2 * DOUBLE + flux.work <= 11 * GIB
+    streamed = [i for i in range(57) if i not in kept]
+    assert streamed[0] > 0 and streamed[0] < 19 and streamed[-1] == 56
+    assert all(b - a >= 2 for a, b in zip(streamed, streamed[1:], strict=False))
+    # no count that keeps more bytes fits
+    more = [k for k in range(1, 57) if sum(sizes[i] for i in kept_blocks(57, k)) > placement.resident_bytes - flux.rest_bytes]
+    assert more and all(memory._stream_peak(flux, k) > 11 * GIB for k in more)
+
+
+@given(st.integers(1, 80), st.data())
+def test_kept_blocks_spread_the_streamed_ones(count, data):
+    keep = data.draw(st.integers(0, count))
+    kept = kept_blocks(count, keep)
+    assert len(kept) == keep and list(kept) == sorted(set(kept)) and all(0 <= i < count for i in kept)
+    streamed = [i for i in range(count) if i not in kept]
+    if streamed and keep:
+        assert streamed[-1] == count - 1  # the last block streams: its copy overlaps the most compute
+        if keep >= len(streamed):  # enough kept blocks to put one before every streamed one
+            assert streamed[0] > 0 and all(b - a >= 2 for a, b in zip(streamed, streamed[1:], strict=False))
+
+
+def test_kept_blocks_spread_or_first(monkeypatch):
+    assert kept_blocks(6, 3) == (0, 2, 4) and kept_blocks(57, 56) == tuple(range(56))
+    monkeypatch.setattr(memory, "SPREAD_RESIDENT", False)  # the A/B control
+    assert kept_blocks(6, 3) == (0, 1, 2)
 
 
 def test_text_encoders_of_a_prompt_are_on_the_gpu_together():

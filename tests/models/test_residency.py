@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.models.memory import kept_blocks
 from app.models.residency import apply_block_offload, share_stream, stack_of
 
 
@@ -69,10 +70,11 @@ def test_kept_blocks_stay_out_of_the_prefetch_chain_and_pinned_ram(copy_stream):
     model = apply_block_offload(_flux(), torch.device("cpu"), keep=3)
     assert torch.allclose(_run(model), reference, atol=1e-5)  # the first call traces the order
     assert torch.allclose(_run(model), reference, atol=1e-5)  # the second prefetches along it
-    blocks = stack_of(model)
-    assert not any(hasattr(b, "_diffusers_hook") for b in blocks[:3])
+    blocks, kept = stack_of(model), kept_blocks(6, 3)
+    assert kept == (0, 2, 4)  # spread: streamed blocks between kept ones, in both of Flux's block lists
+    assert not any(hasattr(blocks[i], "_diffusers_hook") for i in kept)
     pinned = {id(t) for g in copy_stream for t in g.cpu_param_dict}
-    assert pinned == {id(p) for b in blocks[3:] for p in b.parameters()}  # only the streamed blocks
+    assert pinned == {id(p) for i in (1, 3, 5) for p in blocks[i].parameters()}  # only the streamed blocks
     # the parts outside the blocks stay on the device with the kept blocks, not moved per call
     assert all(any(part is m for part in model._ditgraph_kept) for m in (model.x_embedder, model.proj_out))
 
