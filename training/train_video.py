@@ -459,7 +459,7 @@ it stays fixed and its 64 tokens get timestep 0 (timestep shape (B, 320)); the c
 |---|---|---|---|---|---|---|
 {rows}
 
-Training: {state.get('dit_steps')} steps at batch {state.get('batch')}, {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
+Training: {state.get('dit_steps')} steps (batch {state.get('batch')} in the last call), {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
 (training/RUNS-video.md). VAE reconstruction on held-out clips: {state.get('vae_reconstruction')}.
 """
     with open(os.path.join(out, "README.md"), "w") as fh:
