@@ -12,7 +12,7 @@ from app.core.context import RunContext, reset_current, set_current
 from app.core.executor import Engine
 from app.core.memo import MemoCache
 from app.models.budget import memory_settings
-from app.models.memory import GIB, default_work, need_of
+from app.models.memory import GIB, default_work, kept_blocks, need_of
 from nodes import loaders
 from tests.fixtures.memo_values import FakeGpuValue
 from tests.fixtures.tiny_models import save_family
@@ -104,7 +104,8 @@ def test_loader_keeps_what_fits_and_streams_the_rest(flux):
     assert need.blocks == 6
     work = events[-1]["plan"]["models"][0]["work_bytes"]  # activations at the family's default size
     assert work > default_work(need)  # 4096 image + 512 text tokens: more than the size-blind floor
-    # the rest + the two (double) blocks kept + two (single, smaller) blocks in flight + working memory
+    # the rest + two blocks kept + two in flight + working memory: spread, a double and a single kept
+    # (blocks 0 and 3) and a double and a single in flight (1 and 2), as many bytes as the first four
     assert need.sizes[0] > need.sizes[2] == need.sizes[-1]
     vram = need.rest_bytes + sum(need.sizes[:4]) + work
     (model, _, _), events = _load_under(flux, {"vram": vram})
@@ -114,7 +115,9 @@ def test_loader_keeps_what_fits_and_streams_the_rest(flux):
     blocks = [*model.transformer.transformer_blocks, *model.transformer.single_transformer_blocks]
     hooked = [getattr(b, "_diffusers_hook", None) is not None and b._diffusers_hook.get_hook("group_offloading")
               is not None for b in blocks]
-    assert hooked == [False, False, True, True, True, True]
+    kept = kept_blocks(6, 2)
+    assert kept == (0, 3)  # spread: each streamed pair's copies overlap a kept block's compute
+    assert hooked == [i not in kept for i in range(6)]
     assert torch.allclose(_predict(model), _predict(resident), atol=1e-5)
     model.offload()  # a memo spill moves the kept blocks off too; ensure_device brings them back
     model.ensure_device()
