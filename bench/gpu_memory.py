@@ -669,6 +669,10 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
                  "spread_resident": memory_planner.SPREAD_RESIDENT}
     stage = Stages(device, row, lambda: save(row))
     cuda = device.type == "cuda"
+    if weight_storage.FAST_CAST and device.type in weight_storage.FAST_CAST_DEVICES:
+        # every fp8 bit pattern through the compiled cast against .to() on this device: whether a
+        # drift seen with --fast-cast is the kernel's (zeros: it is exact here)
+        row["fast_cast_mismatches"] = weight_storage.fast_cast_mismatches(device)
     try:
         with stage("build"):
             parts = build_e2e(name, device, args.tiny, storage)

@@ -171,3 +171,19 @@ def test_a_failing_compile_falls_back_and_warns_once(monkeypatch, caplog):
     assert storage.FAST_CAST is False
     warnings = [r for r in caplog.records if r.name == storage.__name__]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+def test_the_device_check_counts_bit_patterns_the_compiled_cast_changes(on_cpu, monkeypatch):
+    """fast_cast_mismatches (what bench/gpu_memory.py records on the GPU): zeros for the exact
+    kernel; a kernel that flushes e4m3's subnormals to zero is caught, pattern by pattern."""
+    assert storage.fast_cast_mismatches("cpu") == {"float8_e4m3fn": 0, "float8_e5m2": 0}
+
+    def flushing(cast):
+        def call(tensor, dtype):
+            out = tensor.to(dtype)
+            subnormal = (tensor.view(torch.uint8) & 0x78 == 0) & (tensor.view(torch.uint8) & 0x07 != 0)
+            return torch.where(subnormal & (tensor.dtype == torch.float8_e4m3fn), torch.zeros_like(out), out)
+        return call
+
+    monkeypatch.setattr(storage, "compiled_cast", flushing)
+    assert storage.fast_cast_mismatches("cpu") == {"float8_e4m3fn": 14, "float8_e5m2": 0}  # 7 mantissas × 2 signs
