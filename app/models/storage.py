@@ -83,8 +83,8 @@ def bytes_per_param(storage: str, dtype: torch.dtype) -> float:
 # Off by default since its GPU A/B (H200, session 9): it did not make a capped run faster (8.81 ->
 # 8.71 s Flux-dev under 12 GiB) and SD3.5-large's drift from bf16 rose from 0.043 (eager cast,
 # session 8) to 0.423 with it, while Flux-dev's stayed 0.018: unexplained, so not on by default
-# until a GPU run of tests/models/test_fp8_upcast.py (every fp8 bit pattern) says the Triton kernel
-# matches ``.to()`` there. ``bench.gpu_memory --fast-cast`` turns it on.
+# until :func:`fast_cast_mismatches` on a GPU (every fp8 bit pattern; ``bench.gpu_memory --fast-cast``
+# turns the cast on and records it) says the Triton kernel matches ``.to()`` there.
 FAST_CAST = False  # off: always ``.to()``; turned off for the process if compiling it fails
 FAST_CAST_DEVICES = ("cuda",)  # device types the compiled cast runs on (tests add "cpu")
 # Smaller tensors (biases, norms, small layers) keep ``.to()``: a compiled call costs tens of µs of
