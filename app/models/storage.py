@@ -141,13 +141,12 @@ def fast_cast_mismatches(device: str | torch.device, dtype: torch.dtype = torch.
     """Per fp8 dtype, how many of its 256 bit patterns the compiled cast on ``device`` turns into
     other bits than ``.to(dtype)`` (a NaN need only stay a NaN of its sign): all zeros when it is
     exact there. The GPU check that :data:`FAST_CAST` waits for (bench/gpu_memory.py records it)."""
-    result = {}
+    result, bits = {}, {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
     for fp8 in sorted(FP8_DTYPES, key=str):
         patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).to(device)
         want = patterns.to(dtype)
         with torch.no_grad():
             got = compiled_cast(_cast)(patterns, dtype)
-        bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
         nan = want.isnan()
         wrong = torch.where(nan, ~got.isnan() | (got.signbit() != want.signbit()), got.view(bits) != want.view(bits))
         result[str(fp8).removeprefix("torch.")] = int(wrong.sum())
