@@ -86,7 +86,7 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
     kept = _beside(module, root) + blocks
     module.to("cpu")
     stream = device.type == "cuda"
-    with _hidden(root, blocks):  # diffusers pins, hooks and prefetches only the streamed blocks
+    with _hidden(root, blocks), _anchored(root):  # diffusers pins, hooks and prefetches only the streamed blocks
         apply_group_offloading(root, onload_device=device, offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
                                record_stream=stream, non_blocking=stream)
@@ -95,10 +95,16 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
     rest = HookRegistry.check_if_exists_or_initialize(root).get_hook("group_offloading")
     if rest is not None:
         # diffusers would move the root's other children in and out on every call, synchronously
-        # from pageable RAM (a device sync per step); they stay instead. The hook stays: it
-        # starts the prefetch of the first streamed block.
-        kept += rest.group.modules
+        # through pageable RAM (their parameters, listed again in ``parameters``: a device-to-host
+        # copy and a sync per forward, ~20 tensors per step for Flux); they stay instead. Only
+        # the root's own tensors, outside any child, still move with the hook (none in the
+        # transformers ditgraph streams). The hook stays: it starts the prefetch of the first
+        # streamed block.
+        kept += [m for m in rest.group.modules if not isinstance(m, _PrefetchAnchor)]
         rest.group.modules = []
+        own = {id(t) for t in (*root.parameters(recurse=False), *root.buffers(recurse=False))}
+        rest.group.parameters = [p for p in rest.group.parameters if id(p) in own]
+        rest.group.buffers = [b for b in rest.group.buffers if id(b) in own]
     for part in kept:
         part.to(device)
     setattr(module, GROUP_OFFLOAD_FLAG, True)
@@ -149,6 +155,34 @@ def _hidden(root: torch.nn.Module, blocks: list[torch.nn.Module]) -> Iterator[No
     finally:
         for name, child in lists.items():
             setattr(root, name, child)
+
+
+class _PrefetchAnchor(torch.nn.Module):
+    """A stand-in child, without weights, for a stream root that has nothing but block lists."""
+
+    def forward(self, *args):  # never called: the root's own forward does not know it
+        raise RuntimeError("the prefetch anchor is not a layer")
+
+
+@contextlib.contextmanager
+def _anchored(root: torch.nn.Module) -> Iterator[None]:
+    """Give ``root`` a child outside its block lists for a moment, when it has none. diffusers
+    builds the prefetch chain (the hook on the root that traces the blocks' order on the first
+    run) only for a root with such a child or tensors of its own. Without the chain every
+    streamed block loads itself: its copy is queued on the side stream and its layers start on
+    the compute stream without waiting for it, reading whatever the new memory held (a CLIP
+    encoder's ``layers``, a BERT encoder's ``layer``: issue 17, SD3.5's CLIP-G streamed under
+    a 12 GiB cap gave embeddings 33% off, a different image each run)."""
+    needs = not any(True for _ in root.parameters(recurse=False)) and not any(True for _ in root.buffers(recurse=False)) \
+        and all(isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for c in root.children())
+    if not needs:
+        yield
+        return
+    root.add_module("_ditgraph_prefetch_anchor", _PrefetchAnchor())
+    try:
+        yield
+    finally:
+        del root._modules["_ditgraph_prefetch_anchor"]
 
 
 def _beside(module: torch.nn.Module, root: torch.nn.Module) -> list[torch.nn.Module]:
