@@ -13,8 +13,12 @@ peak statistics and the pinned host RAM are then the row's alone; a row that han
 recorded and the next one runs); rows are written to the JSON as they finish. Per row: the plan
 (mode, resident blocks, tiled decode, estimates), ``peak_gib`` / ``reserved_gib``,
 ``s_per_image`` (one timed image after a 2-step warm-up), ``drift`` (relative L2 of the final
-latent vs the model's bf16 resident uncapped row, which runs first and saves its latent beside
-the JSON), ``pinned_gib`` (the pinned host allocator's bytes), ``host_peak_gib`` (max RSS) and
+latent vs the model's bf16 resident uncapped row, which runs first and saves its latent and its
+encoded prompt beside the JSON; ``--reuse-reference`` skips it when they are there),
+``encode_drift`` (the same for the encoded prompt: the text encoders are bf16 in every row, so
+anything but 0 is a placement bug), ``repeat_drifts`` / ``repeats_equal`` with ``--repeat N``
+(the image N times: a placement must give the same bits each time; ``--serial-copies``, no copy
+overlapping compute, is the race control), ``pinned_gib`` (the pinned host allocator's bytes), ``host_peak_gib`` (max RSS) and
 ``build_s`` / ``place_s`` / ``row_s``, and ``stages``: per stage (build, plan, place, then encode,
 sample and decode of the warm-up and of the timed image) its seconds and the GiB allocated at its
 end, its peak, reserved (max, and at its end) and the allocator's trips to the driver
@@ -357,9 +361,11 @@ def plan_e2e(named: dict, family: str, plan: str, memory: dict, device: torch.de
     return plan_loaded({n: (m, roles[n]) for n, (_, m) in named.items()}, plan, memory, device, family=family)
 
 
-def run_e2e(model, encoders, vae, size: int, steps: int, stage=None, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def run_e2e(model, encoders, vae, size: int, steps: int, stage=None, prefix: str = "",
+            conditioning: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(final latent, image): TextEncode(Pair) -> EmptyLatent -> Sampler -> VAEDecode, as a workflow runs them;
-    ``stage`` (a :class:`Stages`) records each of encode, sample and decode under ``prefix``."""
+    ``stage`` (a :class:`Stages`) records each of encode, sample and decode under ``prefix``;
+    ``conditioning`` receives the encoded tensors (:func:`conditioning_tensors`)."""
     import contextlib
 
     from nodes.latent import EmptyLatent, VAEDecode
@@ -368,12 +374,24 @@ def run_e2e(model, encoders, vae, size: int, steps: int, stage=None, prefix: str
     step = stage or (lambda name: contextlib.nullcontext())
     with step(prefix + "encode"):
         pos, neg, cfg = encode_e2e(model, encoders)
+    if conditioning is not None:
+        conditioning.update(conditioning_tensors(pos, neg))
     with step(prefix + "sample"):
         latent = EmptyLatent(model, vae, size, size, 1)
         out = Sampler(model, pos, latent, neg, seed=0, steps=steps, cfg=cfg)
     with step(prefix + "decode"):
         image = VAEDecode(vae, out)
     return out.samples, image
+
+
+def conditioning_tensors(pos, neg) -> dict[str, torch.Tensor]:
+    """The encoded prompt's tensors on the CPU by name (positive/negative embeds and pooled)."""
+    return {f"{side}.{name}": value.float().cpu() for side, cond in (("positive", pos), ("negative", neg))
+            if cond is not None for name in ("embeds", "pooled") if (value := getattr(cond, name)) is not None}
+
+
+def relative_drift(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
 
 
 def encode_e2e(model, encoders) -> tuple:
@@ -693,8 +711,12 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
             with stage("place"):
                 place(chosen, {n: v for n, (v, _) in named.items()}, {n: m for n, (_, m) in named.items()}, device)
             run_e2e(model, encoders, vae, size, 2, stage, "warmup ")  # pins, first copies, kernels
-            seconds, (final, image) = gpu_speed.timed(lambda: run_e2e(model, encoders, vae, size, args.steps, stage),
-                                                      device)
+            conditioning: dict = {}
+            seconds, (final, image) = gpu_speed.timed(
+                lambda: run_e2e(model, encoders, vae, size, args.steps, stage, conditioning=conditioning), device)
+            # the same image again: a placement that overlaps copies with compute must give the
+            # same bits each time (an unequal repeat is a race, not fp8's rounding)
+            repeats = [run_e2e(model, encoders, vae, size, args.steps)[0].float().cpu() for _ in range(args.repeat - 1)]
             if args.profile:  # after the timed image, whose time stays the profiler's-free one
                 try:  # the breakdown must not lose the row's measurements
                     streamed = sum(p.weight_bytes - p.resident_bytes for p in chosen.placements
@@ -730,15 +752,40 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
         row["under_cap"] = not cap or row["reserved_gib"] <= cap
     row.update(_host_stats(device))
     reference = Path(args.out).with_name(f"gpu_memory_{name}_reference.pt")
+    reference_conditioning = reference.with_name(f"gpu_memory_{name}_reference_conditioning.pt")
     final = final.float().cpu()
     if cap is None and storage == "bf16" and plan == "resident":
         reference.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder not made yet
         torch.save(final, reference)
+        torch.save(conditioning, reference_conditioning)
     if reference.is_file():
         ref = torch.load(reference, weights_only=True)
-        row["drift"] = float((final - ref).norm() / ref.norm())
+        row["drift"] = relative_drift(final, ref)
+        if repeats:
+            row["repeat_drifts"] = [relative_drift(again, ref) for again in repeats]
+    if repeats:
+        row["repeats_equal"] = all(torch.equal(again, final) for again in repeats)
+    if reference_conditioning.is_file():  # the text encoders keep bf16 in every row: ~0 unless a copy raced
+        ref_cond = torch.load(reference_conditioning, weights_only=True)
+        row["encode_drift"] = {k: relative_drift(v, ref_cond[k]) for k, v in conditioning.items() if k in ref_cond}
     row["row_s"] = time.perf_counter() - started
     return row
+
+
+def serialise_copies() -> None:
+    """Make every diffusers group onload wait for all the device's queued work first (--serial-copies)."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    onload = ModuleGroup.onload_
+
+    def serial_onload(group) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        onload(group)
+        if group.stream is not None:
+            group.stream.synchronize()
+
+    ModuleGroup.onload_ = serial_onload
 
 
 def parse_row(spec: str) -> tuple[str, float | None, str, str]:
@@ -762,6 +809,8 @@ def e2e_rows(args) -> list[tuple[str, float | None, str, str]]:
     else:
         rows = [(n, c, s, p) for n in args.models for c in [None, *args.caps] for s in args.storages for p in args.plans]
     reference = [(n, None, "bf16", "resident") for n in dict.fromkeys(r[0] for r in rows)]
+    if args.reuse_reference:  # a reference latent already beside --out (same configs, --steps as it was)
+        reference = [r for r in reference if not Path(args.out).with_name(f"gpu_memory_{r[0]}_reference.pt").is_file()]
     rows = reference + [r for r in rows if r not in reference]
     bad = [r for r in rows if r[0] not in MODELS or r[2] not in STORAGES or r[3] not in PLANS]
     if bad:
@@ -777,9 +826,10 @@ def row_label(row: tuple[str, float | None, str, str]) -> str:
 
 def variant(args) -> str:
     """What the row labels add for the A/B options (--alloc-conf, --share-copy-stream, --fast-cast,
-    --prefix-resident)."""
+    --prefix-resident, --serial-copies)."""
     return (f" alloc={args.alloc_conf}" if args.alloc_conf else "") + (" shared-stream" if args.share_copy_stream else "") \
-        + (" fast-cast" if args.fast_cast else "") + (" prefix-resident" if args.prefix_resident else "")
+        + (" fast-cast" if args.fast_cast else "") + (" prefix-resident" if args.prefix_resident else "") \
+        + (" serial-copies" if args.serial_copies else "")
 
 
 def run_row_isolated(row: tuple, args, timeout: float) -> dict:
@@ -796,7 +846,8 @@ def run_row_isolated(row: tuple, args, timeout: float) -> dict:
                "--steps", str(args.steps), "--reserve", str(args.reserve), "--out", args.out, "--row-out", str(target)] \
         + (["--tiny"] if args.tiny else []) + (["--memory-history"] if args.memory_history else []) \
         + (["--profile"] if args.profile else []) + (["--share-copy-stream"] if args.share_copy_stream else []) \
-        + (["--fast-cast"] if args.fast_cast else []) + (["--prefix-resident"] if args.prefix_resident else [])
+        + (["--fast-cast"] if args.fast_cast else []) + (["--prefix-resident"] if args.prefix_resident else []) \
+        + (["--serial-copies"] if args.serial_copies else []) + ["--repeat", str(args.repeat)]
     env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf} if args.alloc_conf else {})}
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=env)
@@ -942,6 +993,15 @@ def main(argv: list[str] | None = None) -> dict:
                              "(app/models/memory.py SPREAD_RESIDENT)")
     parser.add_argument("--one-row", default="", help=argparse.SUPPRESS)  # a row's subprocess
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="--e2e: images per row after the timed one's first (repeat_drifts, repeats_equal: "
+                             "whether the placement gives the same bits each time)")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="--e2e: skip a model's bf16 resident uncapped row when its reference latent is already "
+                             "beside --out (from a run with the same --steps)")
+    parser.add_argument("--serial-copies", action="store_true",
+                        help="--e2e: the device finishes all queued work before each streamed block's copy "
+                             "starts (no copy overlaps compute: a race control)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (a smoke test of every path)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (28; --tiny: 2)")
     parser.add_argument("--out", default=str(RESULTS / "gpu_memory.json"))
@@ -949,6 +1009,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.alloc_conf:  # before CUDA starts: the allocator reads it once (in-process rows, the switch test)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     residency.SHARE_COPY_STREAM = args.share_copy_stream
+    if args.serial_copies:
+        serialise_copies()
     weight_storage.FAST_CAST = args.fast_cast
     memory_planner.SPREAD_RESIDENT = not args.prefix_resident
     args.steps = args.steps or (2 if args.tiny else 28)

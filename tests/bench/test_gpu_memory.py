@@ -72,6 +72,26 @@ def test_isolated_rows_record_their_result_or_their_timeout(tmp_path):
     assert report["e2e"]["rows"]["sd3.5-large cap=none bf16 resident"]["error"].startswith("timed out")
 
 
+def test_repeats_and_the_encoders_drift_say_whether_a_placement_raced(tmp_path, monkeypatch):
+    """--repeat: the same image again must give the same bits (on an H200 a race in streaming
+    SD3.5-large's CLIP-G gave three different images, drift 0.41 / 0.14 / 0.35); every row's
+    text encoders, bf16 in all rows, are compared with the reference row's (encode_drift);
+    --reuse-reference then skips the reference row whose latent is already beside --out."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    monkeypatch.setattr(ModuleGroup, "onload_", ModuleGroup.onload_)  # --serial-copies replaces it for the process
+    report = _e2e(tmp_path, "--rows", "sd3.5-large/8/fp8_e4m3/auto", "--repeat", "2", "--serial-copies",
+                  "--switch-cap", "0")
+    capped = report["e2e"]["rows"]["sd3.5-large cap=8.0 fp8_e4m3 auto serial-copies"]
+    assert capped["plan"]["transformer"]["mode"] == "stream"
+    assert capped["repeats_equal"] and capped["repeat_drifts"] == [capped["drift"]] and 0 < capped["drift"] < 0.2
+    assert set(capped["encode_drift"]) == {"positive.embeds", "positive.pooled", "negative.embeds", "negative.pooled"}
+    assert all(value == 0.0 for value in capped["encode_drift"].values())
+    report = _e2e(tmp_path, "--rows", "sd3.5-large/8/fp8_e4m3/auto", "--reuse-reference", "--switch-cap", "0")
+    assert list(report["e2e"]["rows"]) == ["sd3.5-large cap=8.0 fp8_e4m3 auto"]
+    assert report["e2e"]["rows"]["sd3.5-large cap=8.0 fp8_e4m3 auto"]["drift"] == capped["drift"]
+
+
 def test_rows_none_leaves_the_switch_test_alone():
     from types import SimpleNamespace
 
@@ -203,9 +223,10 @@ def test_isolated_rows_get_the_alloc_conf_and_the_options(monkeypatch):
     monkeypatch.setattr(subprocess, "run", run)
     args = SimpleNamespace(steps=1, reserve=1.0, out="x.json", tiny=True, memory_history=False, profile=True,
                            alloc_conf="expandable_segments:True", share_copy_stream=True, fast_cast=True,
-                           prefix_resident=True)
+                           prefix_resident=True, serial_copies=True, repeat=2)
     row = gpu_memory.run_row_isolated(("flux-dev", 12.0, "fp8_e4m3", "auto"), args, 5)
-    assert {"--profile", "--share-copy-stream", "--fast-cast", "--prefix-resident"} <= set(seen["command"])
+    assert {"--profile", "--share-copy-stream", "--fast-cast", "--prefix-resident", "--serial-copies"} <= set(seen["command"])
+    assert seen["command"][seen["command"].index("--repeat") + 1] == "2"
     assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert row["error"].startswith("exit 1")
 
