@@ -81,10 +81,11 @@ def bytes_per_param(storage: str, dtype: torch.dtype) -> float:
 # copies at 4.2 TB/s. Compiled with dynamic shapes on flattened tensors: one graph per (fp8 dtype, compute
 # dtype), whatever the layer shapes. A compiled model (torch.compile) casts inside its own graphs.
 # Off by default since its GPU A/B (H200, session 9): it did not make a capped run faster (8.81 ->
-# 8.71 s Flux-dev under 12 GiB) and SD3.5-large's drift from bf16 rose from 0.043 (eager cast,
-# session 8) to 0.423 with it, while Flux-dev's stayed 0.018: unexplained, so not on by default
-# until :func:`fast_cast_mismatches` on a GPU (every fp8 bit pattern; ``bench.gpu_memory --fast-cast``
-# turns the cast on and records it) says the Triton kernel matches ``.to()`` there.
+# 8.71 s Flux-dev under 12 GiB) and SD3.5-large's drift from bf16 rose from 0.043 to 0.423. Session
+# 10 cleared the kernel: :func:`fast_cast_mismatches` found it bit-identical to ``.to()`` on the
+# H200 for every fp8 bit pattern, and the drift was a streaming race that moved with the eager cast
+# too (app/models/residency.py ``_anchored``). Still off until a capped run after that fix says it
+# is faster (``bench.gpu_memory --fast-cast``).
 FAST_CAST = False  # off: always ``.to()``; turned off for the process if compiling it fails
 FAST_CAST_DEVICES = ("cuda",)  # device types the compiled cast runs on (tests add "cpu")
 # Smaller tensors (biases, norms, small layers) keep ``.to()``: a compiled call costs tens of µs of
