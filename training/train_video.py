@@ -30,7 +30,8 @@ training/vae_probe.py. Options added after V2 (all off by default, so earlier ca
 --vae-corner-weight (near vertices: V3's remaining errors are rounded corners),
 --vae-first-frame-weight (V3's weakest frame is frame 0), --vae-decay-frac,
 --vae-save-opt (AdamW state between VAE calls), --latent-reuse K (DiT: K steps per rendered and
-encoded batch), --compile (torch.compile of the training forwards).
+encoded batch), --compile (torch.compile of the training forwards), --compile-cache (its kernels
+from an earlier call; every --compile call leaves <logdir>/compile_cache.xz).
 Output: a diffusers-layout folder (vae/, transformer/ = EMA weights, scheduler/, fp16 safetensors,
 ditgraph.json, train_state.json). Resuming continues from the saved fp16 weights with a fresh
 optimizer (what fits through the device tool's 64 MiB).
@@ -167,6 +168,37 @@ def compile_modules(mode: str | None, *modules) -> None:
     if mode:
         for m in modules:
             m.compile(mode=None if mode == "default" else mode)
+
+
+COMPILE_CACHE = "compile_cache.xz"  # in --logdir: what the next call's --compile-cache loads
+
+
+def load_compile_cache(path: str | None) -> int:
+    """Hot-load torch.compile's kernels saved by an earlier call (:func:`save_compile_cache`):
+    on a fresh machine of the same kind (GPU, torch, triton) the first steps then skip inductor's
+    code generation, ~165 s of an 8.4-minute call in session 9. Returns how many artifacts it
+    loaded (0: none there)."""
+    import lzma
+    from pathlib import Path
+
+    if not path or not Path(path).is_file():
+        return 0
+    info = torch.compiler.load_cache_artifacts(lzma.decompress(Path(path).read_bytes()))
+    return sum(len(keys) for keys in info.artifacts.values()) if info is not None else 0
+
+
+def save_compile_cache(path: str) -> int:
+    """Write what torch.compile built or loaded in this process (its portable cache artifacts,
+    lzma-compressed: the device tool carries 64 MiB in all); returns the bytes written (0: none)."""
+    import lzma
+    from pathlib import Path
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return 0
+    data = lzma.compress(artifacts[0], preset=6)
+    Path(path).write_bytes(data)
+    return len(data)
 
 
 def eager():
@@ -623,6 +655,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--latent-reuse", type=int, default=1,
                     help="train K steps on each rendered+encoded batch (fresh noise/timesteps/i2v/dropout each step)")
+    ap.add_argument("--compile-cache", default=None, metavar="PATH",
+                    help="with --compile: load torch.compile's kernels from PATH (an earlier call's "
+                         f"<logdir>/{COMPILE_CACHE}; every --compile call writes one)")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile the training forwards (VAE encoder/decoder; DiT + the VAE encoder), "
                          "MODE as torch.compile's (default, max-autotune-no-cudagraphs, ...)")
@@ -662,7 +697,12 @@ def main(argv=None):
     fh = open(os.path.join(logdir, "train_log.txt"), "a")
     log(f"device {dev} args {vars(args)}", fh)
     end_time = time.time() + args.minutes * 60
+    if args.compile and args.compile_cache:
+        log(f"compile cache: {load_compile_cache(args.compile_cache)} artifacts loaded from {args.compile_cache}", fh)
     vae, ema, tok, te, state = train(args, dev, fh, end_time)
+    if args.compile:
+        log(f"compile cache: {save_compile_cache(os.path.join(logdir, COMPILE_CACHE))} bytes to "
+            f"{os.path.join(logdir, COMPILE_CACHE)}", fh)
     if ema is None:
         log(f"done (VAE only) in {time.time() - (end_time - args.minutes * 60):.0f}s", fh)
         return state

@@ -168,3 +168,44 @@ def test_latent_reuse_encodes_once_per_k_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(tv, "dit_clean", lambda *a: calls.append(1) or clean(*a))
     state = tv.main(["--tiny", "--steps", "5", "--latent-reuse", "2", "--final-cfgs", "", "--out", str(out)])
     assert state["dit_steps"] == 5 and len(calls) == 3
+
+
+def test_compile_cache_carries_the_kernels_to_a_fresh_process(tmp_path, monkeypatch):
+    """--compile-cache: what one call compiled, saved at its end, is a cache hit for the next
+    call's compile on an empty inductor cache (a fresh device machine), not a recompile."""
+    from torch._dynamo.utils import counters
+
+    from training.train_video import load_compile_cache, save_compile_cache
+
+    class Tiny(torch.nn.Module):  # a forward of its own: dynamo skips torch.nn's Sequential called through .compile()
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.gelu(self.a(x)))
+
+    def step(model: torch.nn.Module) -> None:
+        x = torch.randn(4, 8)
+        model(x).square().mean().backward()
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "first"))
+    torch._dynamo.reset()
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = Tiny()
+    model.compile()
+    step(model)
+    path = tmp_path / "compile_cache.xz"
+    assert save_compile_cache(str(path)) > 0 and path.stat().st_size > 0
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh"))  # the next machine's empty cache
+    torch._dynamo.reset()
+    torch.compiler.reset()
+    counters.clear()
+    assert load_compile_cache(str(path)) > 0
+    assert load_compile_cache(str(tmp_path / "none.xz")) == 0
+    again = Tiny()
+    again.compile()
+    step(again)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
