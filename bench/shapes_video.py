@@ -37,9 +37,9 @@ HELD_OUT_SEED = 987_654_321  # training.evaluate_video.self_test's and train_vid
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 MODES = ("t2v", "i2v", "i2v_render")
 # node ids of the shipped graphs
-T2V = {"prompt": "2", "samplers": ("5",), "decode": "6", "loaders": ("1",)}
-I2V = {"prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "image": "6", "decode": "12", "i2v": "10",
-       "loaders": ("1", "7")}
+T2V = {"prompt": "2", "samplers": ("5",), "video_sampler": "5", "decode": "6", "loaders": ("1",)}
+I2V = {"prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "video_sampler": "11", "image": "6", "decode": "12",
+       "i2v": "10", "loaders": ("1", "7")}
 
 
 def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
@@ -49,11 +49,15 @@ def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
     return vw.captions(batch), world.captions(batch.scenes), firsts
 
 
-def base_workflow(mode: str, device: str) -> graph.Workflow:
+def base_workflow(mode: str, device: str, cfg: float | None = None) -> graph.Workflow:
+    """The shipped graph of ``mode`` on ``device``; ``cfg``: the video sampler's guidance instead of the graph's."""
     name = "shapes-t2v" if mode == "t2v" else "shapes-i2v"
     document = json.loads((GRAPHS / f"{name}.json").read_text())
-    for node in (T2V if mode == "t2v" else I2V)["loaders"]:
+    ids = T2V if mode == "t2v" else I2V
+    for node in ids["loaders"]:
         document["nodes"][node]["inputs"]["device"] = device
+    if cfg is not None:
+        document["nodes"][ids["video_sampler"]]["inputs"]["cfg"] = cfg
     if mode == "i2v_render":  # the rendered frame from the input folder instead of shapes-dit's
         document["nodes"]["given"] = {"type": "LoadImage", "inputs": {"image": "0000.png"}}
         document["nodes"][I2V["i2v"]]["inputs"]["start_image"] = {"from": ["given", "image"]}
@@ -101,7 +105,8 @@ def run(args) -> dict:
     engine = Engine(cache=MemoCache(max_bytes=2 << 30), device=args.device)
     rows = []
     for mode in args.modes:
-        base = base_workflow(mode, args.device)
+        base = base_workflow(mode, args.device, args.cfg)
+        cfg = base.nodes[(T2V if mode == "t2v" else I2V)["video_sampler"]].inputs["cfg"]
         generate(engine, base, mode, 0, captions[0], image_captions[0], 1, 1)  # loads the models, outside the timings
         for steps in args.steps:
             videos, given, seconds = [], [], []
@@ -114,7 +119,7 @@ def run(args) -> dict:
                 videos.append(video)
                 given.append(image)
             scores = evaluate_video.score_clips(videos, captions, None if mode == "t2v" else given)
-            row = {"mode": mode, "steps": steps, "clips": len(videos),
+            row = {"mode": mode, "steps": steps, "cfg": cfg, "clips": len(videos),
                    "seconds_per_clip": round(float(np.median(seconds)), 4),
                    **{k: round(float(v), 4) for k, v in scores.items() if isinstance(v, float)}}
             if mode == "i2v":
@@ -138,6 +143,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=128, help="held-out clips per mode and step count")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 28])
+    parser.add_argument("--cfg", type=float, default=None, help="the video sampler's cfg (default: the shipped graph's)")
     parser.add_argument("--image-steps", type=int, default=28, help="shapes-dit steps for i2v's first frame")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["t2v", "i2v"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

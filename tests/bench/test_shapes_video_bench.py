@@ -39,3 +39,13 @@ def test_held_out_clips_are_the_evaluators():
     assert frames.shape == (3, 128, 128, 3)
     for caption, image_caption in zip(captions, image_captions, strict=True):
         assert vw.world.caption(vw.parse_caption(caption).scene) == image_caption  # frame 0 of that clip
+
+
+def test_cfg_override_reaches_only_the_video_sampler():
+    from bench.shapes_video import I2V, T2V, base_workflow
+
+    assert base_workflow("t2v", "cpu", 2.0).nodes[T2V["video_sampler"]].inputs["cfg"] == 2.0
+    shipped, swept = base_workflow("i2v", "cpu"), base_workflow("i2v", "cpu", 2.5)
+    assert swept.nodes[I2V["video_sampler"]].inputs["cfg"] == 2.5
+    image_sampler = I2V["samplers"][0]
+    assert swept.nodes[image_sampler].inputs["cfg"] == shipped.nodes[image_sampler].inputs["cfg"]  # shapes-dit's own
