@@ -47,7 +47,7 @@ VAE_TILE = 512  # pixels per side of a tiled decode (diffusers' AutoencoderKL ti
 ENCODER_SHARE = 0.25
 # Where a streamed model's kept blocks sit: spread (streamed blocks between kept ones) or the
 # first ones (a prefix, as before). Off is the control of the GPU A/B (bench/gpu_memory.py
-# --prefix-resident).
+# --prefix-resident; H200, session 10, Flux-dev fp8 under 12 GiB: 6.45 s spread, 6.64 s prefix).
 SPREAD_RESIDENT = True
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
