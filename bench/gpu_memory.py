@@ -144,7 +144,7 @@ def measure(setup, handle) -> dict:
         row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     if setup.reference is None:
         setup.reference = final
-    row["drift"] = float((final.float() - setup.reference.float()).norm() / setup.reference.float().norm())
+    row["drift"] = relative_drift(final, setup.reference)
     return row
 
 

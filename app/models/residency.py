@@ -97,12 +97,12 @@ def apply_block_offload(module: torch.nn.Module, device: torch.device, keep: int
         # diffusers would move the root's other children in and out on every call, synchronously
         # through pageable RAM (their parameters, listed again in ``parameters``: a device-to-host
         # copy and a sync per forward, ~20 tensors per step for Flux); they stay instead. Only
-        # the root's own tensors, outside any child, still move with the hook (none in the
-        # transformers ditgraph streams). The hook stays: it starts the prefetch of the first
-        # streamed block.
+        # the root's own tensors, outside any child, still move with the hook (PixArt's, Sana's
+        # and Wan's ``scale_shift_table``: a few KiB). The hook stays: it starts the prefetch of
+        # the first streamed block.
         kept += [m for m in rest.group.modules if not isinstance(m, _PrefetchAnchor)]
         rest.group.modules = []
-        own = {id(t) for t in (*root.parameters(recurse=False), *root.buffers(recurse=False))}
+        own = {id(t) for t in _own_tensors(root)}
         rest.group.parameters = [p for p in rest.group.parameters if id(p) in own]
         rest.group.buffers = [b for b in rest.group.buffers if id(b) in own]
     for part in kept:
@@ -157,6 +157,11 @@ def _hidden(root: torch.nn.Module, blocks: list[torch.nn.Module]) -> Iterator[No
             setattr(root, name, child)
 
 
+def _own_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters and buffers outside its children."""
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
 class _PrefetchAnchor(torch.nn.Module):
     """A stand-in child, without weights, for a stream root that has nothing but block lists."""
 
@@ -173,9 +178,7 @@ def _anchored(root: torch.nn.Module) -> Iterator[None]:
     the compute stream without waiting for it, reading whatever the new memory held (a CLIP
     encoder's ``layers``, a BERT encoder's ``layer``: issue 17, SD3.5's CLIP-G streamed under
     a 12 GiB cap gave embeddings 33% off, a different image each run)."""
-    needs = not any(True for _ in root.parameters(recurse=False)) and not any(True for _ in root.buffers(recurse=False)) \
-        and all(isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for c in root.children())
-    if not needs:
+    if _own_tensors(root) or not all(isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for c in root.children()):
         yield
         return
     root.add_module("_ditgraph_prefetch_anchor", _PrefetchAnchor())
