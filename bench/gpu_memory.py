@@ -751,7 +751,7 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
         row["peak_gib"], row["reserved_gib"] = stage.most("peak_gib", runs), stage.most("reserved_gib", runs)
         row["under_cap"] = not cap or row["reserved_gib"] <= cap
     row.update(_host_stats(device))
-    reference = Path(args.out).with_name(f"gpu_memory_{name}_reference.pt")
+    reference = reference_path(args.out, name)
     reference_conditioning = reference.with_name(f"gpu_memory_{name}_reference_conditioning.pt")
     final = final.float().cpu()
     if cap is None and storage == "bf16" and plan == "resident":
@@ -770,6 +770,11 @@ def e2e_row(name: str, cap: float | None, storage: str, plan: str, args, device:
         row["encode_drift"] = {k: relative_drift(v, ref_cond[k]) for k, v in conditioning.items() if k in ref_cond}
     row["row_s"] = time.perf_counter() - started
     return row
+
+
+def reference_path(out: str, name: str) -> Path:
+    """Where ``name``'s bf16 resident uncapped row keeps its final latent, beside --out."""
+    return Path(out).with_name(f"gpu_memory_{name}_reference.pt")
 
 
 def serialise_copies() -> None:
@@ -810,7 +815,7 @@ def e2e_rows(args) -> list[tuple[str, float | None, str, str]]:
         rows = [(n, c, s, p) for n in args.models for c in [None, *args.caps] for s in args.storages for p in args.plans]
     reference = [(n, None, "bf16", "resident") for n in dict.fromkeys(r[0] for r in rows)]
     if args.reuse_reference:  # a reference latent already beside --out (same configs, --steps as it was)
-        reference = [r for r in reference if not Path(args.out).with_name(f"gpu_memory_{r[0]}_reference.pt").is_file()]
+        reference = [r for r in reference if not reference_path(args.out, r[0]).is_file()]
     rows = reference + [r for r in rows if r not in reference]
     bad = [r for r in rows if r[0] not in MODELS or r[2] not in STORAGES or r[3] not in PLANS]
     if bad:
