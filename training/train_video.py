@@ -170,6 +170,45 @@ def compile_modules(mode: str | None, *modules) -> None:
             m.compile(mode=None if mode == "default" else mode)
 
 
+class PhaseTimer:
+    """Time per training step spent in each phase, on the device's clock (CUDA events: no host sync
+    until `report`, which the 100-step log line calls after its own `loss.item()` sync; on CPU the host
+    clock). Says which phase to shrink: the render + VAE encode (`--latent-reuse`), or the DiT step."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = timer._mark()
+
+            def __exit__(self, *exc):
+                timer.marks.append((name, self.t0, timer._mark()))
+
+        return _Phase()
+
+    def report(self, steps: int) -> str:
+        """'name ms/step' for each phase since the last report (then forgets them)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        total: dict[str, float] = {}
+        for name, a, b in self.marks:
+            total[name] = total.get(name, 0.0) + (a.elapsed_time(b) if self.cuda else (b - a) * 1e3)
+        self.marks.clear()
+        return ", ".join(f"{k} {v / max(steps, 1):.1f}" for k, v in total.items()) + " ms/step"
+
+
 COMPILE_CACHE = "compile_cache.xz"  # in --logdir: what the next call's --compile-cache loads
 
 
@@ -581,6 +620,7 @@ def train(args, dev, fh, end_time):
     state = {k: v for k, v in prev.items() if k not in ("dit_steps", "final_eval")}
     history, step, start = list(prev.get("history", [])), 0, time.time()
     t100, s100 = start, 0  # the rate over the last logged window (compile time only in the first)
+    timer = PhaseTimer(dev)
     train_end, last_eval, last_save = end_time - args.final_reserve, time.time(), time.time()
     while time.time() < train_end and (args.steps is None or step < args.steps):
         frac = (time.time() - start) / max(train_end - start, 1)
@@ -590,21 +630,25 @@ def train(args, dev, fh, end_time):
             gp["lr"] = lr
         with torch.no_grad():
             if step % args.latent_reuse == 0:  # render + encode (1.9 TFLOP for 96 clips) every K steps
-                x0, hc = dit_clean(args, vae, tok, te, gen, dev)
-            xt, t, h, target, weight = dit_noised(args, x0, hc, uncond, gen, dev)
-        with autocast(dev):
-            pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=h, return_dict=False)[0]
-        loss = ((pred.float() - target) ** 2 * weight).sum() / weight.expand_as(target).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step0 + step) / (10 + step0 + step)))
+                with timer.phase("render+encode"):
+                    x0, hc = dit_clean(args, vae, tok, te, gen, dev)
+            with timer.phase("noise"):
+                xt, t, h, target, weight = dit_noised(args, x0, hc, uncond, gen, dev)
+        with timer.phase("forward+backward"):
+            with autocast(dev):
+                pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=h, return_dict=False)[0]
+            loss = ((pred.float() - target) ** 2 * weight).sum() / weight.expand_as(target).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer.phase("optimizer+ema"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step0 + step) / (10 + step0 + step)))
         step += 1
         if step % 100 == 0 or args.steps:
             log(f"dit step {step0 + step} loss {loss.item():.4f} lr {lr:.2e} {step / (time.time() - start):.2f} it/s "
-                f"(last {step - s100}: {(step - s100) / (time.time() - t100):.2f})", fh)
+                f"(last {step - s100}: {(step - s100) / (time.time() - t100):.2f}; {timer.report(step - s100)})", fh)
             t100, s100 = time.time(), step
             history.append({"step": step0 + step, "loss": round(loss.item(), 5)})
         if time.time() - last_eval > args.eval_every:

@@ -1,6 +1,7 @@
 """train_video (training/train_video.py): per-token timesteps, i2v sampling, the --tiny smoke run."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -209,3 +210,17 @@ def test_compile_cache_carries_the_kernels_to_a_fresh_process(tmp_path, monkeypa
     again.compile()
     step(again)
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+
+
+def test_phase_timer_reports_each_phase_per_step_and_forgets_them():
+    timer = tv.PhaseTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer.phase("render+encode"):
+            time.sleep(0.02)
+        with timer.phase("forward+backward"):
+            pass
+    report = timer.report(2)
+    name, ms = report.split(",")[0].rsplit(" ", 1)
+    assert name == "render+encode" and float(ms) >= 20, report  # sleep waits at least that long
+    assert "forward+backward" in report and report.endswith(" ms/step")
+    assert timer.report(1) == " ms/step"  # nothing since the last report
