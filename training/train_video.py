@@ -40,6 +40,7 @@ optimizer (what fits through the device tool's 64 MiB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -186,17 +187,11 @@ class PhaseTimer:
             return e
         return time.perf_counter()
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t0 = timer._mark()
-
-            def __exit__(self, *exc):
-                timer.marks.append((name, self.t0, timer._mark()))
-
-        return _Phase()
+        start = self._mark()
+        yield
+        self.marks.append((name, start, self._mark()))
 
     def report(self, steps: int) -> str:
         """'name ms/step' for each phase since the last report (then forgets them)."""
