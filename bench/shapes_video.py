@@ -42,6 +42,11 @@ I2V = {"prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "video_sampl
        "i2v": "10", "loaders": ("1", "7")}
 
 
+def node_ids(mode: str) -> dict:
+    """The node ids of ``mode``'s shipped graph (i2v_render runs the i2v graph)."""
+    return T2V if mode == "t2v" else I2V
+
+
 def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
     """(video captions, frame-0 image captions, rendered frame 0 (N, 128, 128, 3) uint8)."""
     batch = vw.sample_clips(n, HELD_OUT_SEED)
@@ -53,7 +58,7 @@ def base_workflow(mode: str, device: str, cfg: float | None = None) -> graph.Wor
     """The shipped graph of ``mode`` on ``device``; ``cfg``: the video sampler's guidance instead of the graph's."""
     name = "shapes-t2v" if mode == "t2v" else "shapes-i2v"
     document = json.loads((GRAPHS / f"{name}.json").read_text())
-    ids = T2V if mode == "t2v" else I2V
+    ids = node_ids(mode)
     for node in ids["loaders"]:
         document["nodes"][node]["inputs"]["device"] = device
     if cfg is not None:
@@ -67,7 +72,7 @@ def base_workflow(mode: str, device: str, cfg: float | None = None) -> graph.Wor
 def generate(engine: Engine, base: graph.Workflow, mode: str, index: int, caption: str, image_caption: str,
              steps: int, image_steps: int = 28) -> tuple[np.ndarray, np.ndarray | None]:
     """One clip (17, 128, 128, 3) uint8 and, for i2v, the given first frame (128, 128, 3) uint8."""
-    ids = T2V if mode == "t2v" else I2V
+    ids = node_ids(mode)
     workflow = base.copy()
     workflow.nodes[ids["prompt"]].inputs["text"] = caption
     for node in ids["samplers"]:
@@ -106,7 +111,7 @@ def run(args) -> dict:
     rows = []
     for mode in args.modes:
         base = base_workflow(mode, args.device, args.cfg)
-        cfg = base.nodes[(T2V if mode == "t2v" else I2V)["video_sampler"]].inputs["cfg"]
+        cfg = base.nodes[node_ids(mode)["video_sampler"]].inputs["cfg"]
         generate(engine, base, mode, 0, captions[0], image_captions[0], 1, 1)  # loads the models, outside the timings
         for steps in args.steps:
             videos, given, seconds = [], [], []
