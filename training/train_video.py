@@ -93,9 +93,12 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
-def render_batch(n, gen, dev):
-    """n random clips: (ClipBatch, (n, 3, T, H, W) float renders in [-1, 1])."""
-    batch = vw.sample_clips(n, gen, dev)
+def render_batch(n, gen, dev, p_two: float = 0.5):
+    """n random clips: (ClipBatch, (n, 3, T, H, W) float renders in [-1, 1]).
+
+    p_two is the spec's share of two-object clips; only the transformer's training batches change it.
+    """
+    batch = vw.sample_clips(n, gen, dev, p_two=p_two)
     return batch, vw.render_clips(batch, out="float").permute(0, 2, 1, 3, 4)
 
 
@@ -534,7 +537,7 @@ Training: {state.get('dit_steps')} steps (batch {state.get('batch')} in the last
 
 def dit_clean(args, vae, tok, te, gen, dev):
     """A rendered training batch, encoded: (clean latents, caption states (B, 40, 384) float)."""
-    batch, x = render_batch(args.batch, gen, dev)
+    batch, x = render_batch(args.batch, gen, dev, args.p_two)
     h, _ = textenc.encode_prompts(tok, te, vw.captions(batch))
     with autocast(dev):
         x0 = encode(vae, x)
@@ -706,6 +709,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--p-i2v", type=float, default=0.5, help="fraction of image-to-video training clips")
+    ap.add_argument("--p-two", type=float, default=0.5,
+                    help="share of two-object training clips (0.5 is the spec's; evaluations keep it)")
     ap.add_argument("--t-bias", type=float, default=0.0, help="logit-normal timestep mean")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=float, default=150, help="seconds between held-out evaluations")

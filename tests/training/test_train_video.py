@@ -224,3 +224,9 @@ def test_phase_timer_reports_each_phase_per_step_and_forgets_them():
     assert name == "render+encode" and float(ms) >= 20, report  # sleep waits at least that long
     assert "forward+backward" in report and report.endswith(" ms/step")
     assert timer.report(1) == " ms/step"  # nothing since the last report
+
+
+def test_render_batch_p_two_sets_the_share_of_two_object_clips():
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    counts = [tv.render_batch(8, gen(), "cpu", p)[0].scenes.valid.sum(1).tolist() for p in (0.0, 1.0)]
+    assert counts == [[1] * 8, [2] * 8]
