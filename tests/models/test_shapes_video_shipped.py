@@ -44,7 +44,7 @@ def test_i2v_keeps_the_shapes_dit_frame_and_follows_the_motion():
     scores = evaluate_video.score_clips([c[0] for c in clips], captions, [c[1] for c in clips])
     assert scores["i2v_accuracy"] == 1.0 and scores["i2v_psnr_mean"] >= 30, scores
     # both clips' objects start where the given frame has them and move as the caption says; with D2's,
-    # D4's and D7's weights one of the two is read as another shape on frame 0 or 16 (shape accuracy 0.5),
+    # D4's, D7's and D9's weights one of the two is read as another shape on frame 0 or 16 (shape accuracy 0.5),
     # hence object accuracy 0.5
     assert scores["start_accuracy"] == scores["track_accuracy"] == scores["motion_accuracy"] == 1.0, scores
     assert scores["object_accuracy"] >= 0.5, scores
