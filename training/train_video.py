@@ -96,7 +96,7 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
 def render_batch(n, gen, dev, p_two: float = 0.5):
     """n random clips: (ClipBatch, (n, 3, T, H, W) float renders in [-1, 1]).
 
-    p_two is the spec's share of two-object clips; only the transformer's training batches change it.
+    p_two: the share of two-object clips (the spec's 0.5); only the transformer's training batches change it.
     """
     batch = vw.sample_clips(n, gen, dev, p_two=p_two)
     return batch, vw.render_clips(batch, out="float").permute(0, 2, 1, 3, 4)
