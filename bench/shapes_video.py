@@ -36,14 +36,14 @@ from training import video_world as vw
 HELD_OUT_SEED = 987_654_321  # training.evaluate_video.self_test's and train_video's held-out seed
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 MODES = ("t2v", "i2v", "i2v_render")
-# node ids of the shipped graphs
-T2V = {"prompt": "2", "samplers": ("5",), "video_sampler": "5", "decode": "6", "loaders": ("1",)}
-I2V = {"prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "video_sampler": "11", "image": "6", "decode": "12",
+# the shipped graphs: file name and node ids
+T2V = {"graph": "shapes-t2v", "prompt": "2", "samplers": ("5",), "video_sampler": "5", "decode": "6", "loaders": ("1",)}
+I2V = {"graph": "shapes-i2v", "prompt": "8", "image_prompt": "2", "samplers": ("5", "11"), "video_sampler": "11", "image": "6", "decode": "12",
        "i2v": "10", "loaders": ("1", "7")}
 
 
 def node_ids(mode: str) -> dict:
-    """The node ids of ``mode``'s shipped graph (i2v_render runs the i2v graph)."""
+    """``mode``'s shipped graph: its file name and node ids (i2v_render runs the i2v graph)."""
     return T2V if mode == "t2v" else I2V
 
 
@@ -56,9 +56,8 @@ def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
 
 def base_workflow(mode: str, device: str, cfg: float | None = None) -> graph.Workflow:
     """The shipped graph of ``mode`` on ``device``; ``cfg``: the video sampler's guidance instead of the graph's."""
-    name = "shapes-t2v" if mode == "t2v" else "shapes-i2v"
-    document = json.loads((GRAPHS / f"{name}.json").read_text())
     ids = node_ids(mode)
+    document = json.loads((GRAPHS / f"{ids['graph']}.json").read_text())
     for node in ids["loaders"]:
         document["nodes"][node]["inputs"]["device"] = device
     if cfg is not None:
