@@ -66,9 +66,11 @@ def test_tiny_smoke_run_vae_only_then_transformer_then_resume(tmp_path):
     assert state["vae_steps"] == 2 and not (out / "transformer").exists()
     vae = AutoencoderKLWan.from_pretrained(out / "vae")
     assert len(vae.config.latents_std) == vae.config.z_dim
-    state = tv.main(["--tiny", "--steps", "3", "--out", str(out)])  # resumes the VAE, fresh transformer
+    state = tv.main(["--tiny", "--steps", "3", "--out", str(out), "--eval-seed", "24680"])  # resumes the VAE
     assert state["dit_steps"] == 3 and state["vae_steps"] == 2
     assert {r["mode"] for r in state["final_eval"]} == {"t2v", "i2v"}
+    assert {r["seed"] for r in state["final_eval"]} == {24680}  # steering evaluations keep off the held-out set
+    assert "caption seed 24680: a validation seed" in (out / "README.md").read_text()
     manifest = json.loads((out / "ditgraph.json").read_text())
     assert manifest["family"] == "shapes-video" and manifest["defaults"]["frames"] == 17
     assert (out / "README.md").exists()
