@@ -2,11 +2,15 @@
 
     python -m bench.shapes_video --n 128 --steps 8 28 --device cuda --out bench/results/shapes_video_quality.json
     python -m bench.shapes_video --n 2 --steps 1 --device cpu --models DIR --out /tmp/sv.json   # smoke (tiny models)
+    python -m bench.shapes_video --caption-seed 24680 --modes t2v --steps 8 --variants graph shift=5 cfg=6,sampler=heun
 
 Held-out clips come from the video world's grammar with the evaluator's held-out seed (never used
-in training). Modes, each one run of a shipped graph per clip with the caption, seed (= clip index)
-and steps overridden, scored by training.evaluate_video (object / prompt / motion accuracy,
-temporal stability; image-to-video: PSNR of frame 0 to the given image):
+in training). ``--caption-seed`` draws another set (a validation set, to choose sampler settings
+without looking at the held-out one); ``--variants`` reruns each mode with the video sampler's
+inputs overridden ("graph": as shipped). Modes, each one run of a shipped graph per clip with the
+caption, seed (= clip index) and steps overridden, scored by training.evaluate_video (object /
+prompt / motion accuracy, temporal stability; image-to-video: PSNR of frame 0 to the given image):
+
   t2v         graphs/shapes-t2v.json
   i2v         graphs/shapes-i2v.json: shapes-dit draws the first frame from the frame-0 caption
               (its own prompt accuracy is reported as given_prompt_accuracy)
@@ -47,21 +51,42 @@ def node_ids(mode: str) -> dict:
     return T2V if mode == "t2v" else I2V
 
 
-def held_out(n: int) -> tuple[list[str], list[str], np.ndarray]:
-    """(video captions, frame-0 image captions, rendered frame 0 (N, 128, 128, 3) uint8)."""
-    batch = vw.sample_clips(n, HELD_OUT_SEED)
+def held_out(n: int, seed: int = HELD_OUT_SEED) -> tuple[list[str], list[str], np.ndarray]:
+    """(video captions, frame-0 image captions, rendered frame 0 (N, 128, 128, 3) uint8) of caption seed ``seed``."""
+    batch = vw.sample_clips(n, seed)
     firsts = vw.first_frames(batch).permute(0, 2, 3, 1).numpy()
     return vw.captions(batch), world.captions(batch.scenes), firsts
 
 
-def base_workflow(mode: str, device: str, cfg: float | None = None) -> graph.Workflow:
-    """The shipped graph of ``mode`` on ``device``; ``cfg``: the video sampler's guidance instead of the graph's."""
+def parse_variant(text: str) -> dict:
+    """"graph" -> {} (as shipped); "shift=5,sampler=heun" -> {"shift": 5, "sampler": "heun"}."""
+    if text == "graph":
+        return {}
+    variant = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--variants {text!r}: {item!r} is not NAME=VALUE")
+        try:
+            variant[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            variant[key.strip()] = value.strip()
+    return variant
+
+
+def base_workflow(mode: str, device: str, sampler_inputs: dict | None = None) -> graph.Workflow:
+    """The shipped graph of ``mode`` on ``device``, the video sampler's inputs updated by ``sampler_inputs``."""
     ids = node_ids(mode)
     document = json.loads((GRAPHS / f"{ids['graph']}.json").read_text())
     for node in ids["loaders"]:
         document["nodes"][node]["inputs"]["device"] = device
-    if cfg is not None:
-        document["nodes"][ids["video_sampler"]]["inputs"]["cfg"] = cfg
+    video_sampler = document["nodes"][ids["video_sampler"]]["inputs"]
+    settable = set(video_sampler) - {"model", "positive", "negative", "latent", "seed", "steps"}  # the bench sets those
+    unknown = sorted(set(sampler_inputs or {}) - settable)
+    if unknown:
+        raise ValueError(f"variant: {', '.join(unknown)}: not among {ids['graph']}'s video sampler inputs "
+                         f"{sorted(settable)}")
+    video_sampler.update(sampler_inputs or {})
     if mode == "i2v_render":  # the rendered frame from the input folder instead of shapes-dit's
         document["nodes"]["given"] = {"type": "LoadImage", "inputs": {"image": "0000.png"}}
         document["nodes"][I2V["i2v"]]["inputs"]["start_image"] = {"from": ["given", "image"]}
@@ -99,7 +124,8 @@ def run(args) -> dict:
         paths.configure(models=args.models)
     if args.threads:
         torch.set_num_threads(args.threads)
-    captions, image_captions, rendered = held_out(args.n)
+    variants = {text: parse_variant(text) for text in args.variants}  # bad ones fail before any model loads
+    captions, image_captions, rendered = held_out(args.n, args.caption_seed)
     inputs = tempfile.TemporaryDirectory()
     from PIL import Image
 
@@ -108,8 +134,8 @@ def run(args) -> dict:
     paths.configure(inputs=inputs.name)
     engine = Engine(cache=MemoCache(max_bytes=2 << 30), device=args.device)
     rows = []
-    for mode in args.modes:
-        base = base_workflow(mode, args.device, args.cfg)
+    for mode, (name, variant) in ((m, v) for m in args.modes for v in variants.items()):
+        base = base_workflow(mode, args.device, variant)
         cfg = base.nodes[node_ids(mode)["video_sampler"]].inputs["cfg"]
         generate(engine, base, mode, 0, captions[0], image_captions[0], 1, 1)  # loads the models, outside the timings
         for steps in args.steps:
@@ -123,13 +149,14 @@ def run(args) -> dict:
                 videos.append(video)
                 given.append(image)
             scores = evaluate_video.score_clips(videos, captions, None if mode == "t2v" else given)
-            row = {"mode": mode, "steps": steps, "cfg": cfg, "clips": len(videos),
+            row = {"mode": mode, "steps": steps, "cfg": cfg, **({"variant": name} if variant else {}),
+                   "clips": len(videos),
                    "seconds_per_clip": round(float(np.median(seconds)), 4),
                    **{k: round(float(v), 4) for k, v in scores.items() if isinstance(v, float)}}
             if mode == "i2v":
                 row["given_prompt_accuracy"] = round(float(evaluate.score_images(given, image_captions)["prompt_accuracy"]), 4)
             if args.save_dir:
-                folder = Path(args.save_dir) / f"{mode}_steps{steps}"
+                folder = Path(args.save_dir) / f"{mode}_steps{steps}{'_' + name if variant else ''}"
                 folder.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(folder / "clips.npz", videos=np.stack(videos), captions=np.array(captions),
                                     **({} if mode == "t2v" else {"images": np.stack(given)}))
@@ -139,7 +166,8 @@ def run(args) -> dict:
     device = args.device
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(0)})"
-    return {"device": device, "held_out_seed": HELD_OUT_SEED, "n": args.n, "image_steps": args.image_steps,
+    seed = {"held_out_seed": HELD_OUT_SEED} if args.caption_seed == HELD_OUT_SEED else {"caption_seed": args.caption_seed}
+    return {"device": device, **seed, "n": args.n, "image_steps": args.image_steps,
             "workflows": ["graphs/shapes-t2v.json", "graphs/shapes-i2v.json"], "rows": rows}
 
 
@@ -147,7 +175,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=128, help="held-out clips per mode and step count")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 28])
-    parser.add_argument("--cfg", type=float, default=None, help="the video sampler's cfg (default: the shipped graph's)")
+    parser.add_argument("--caption-seed", type=int, default=HELD_OUT_SEED, help="default: the held-out set")
+    parser.add_argument("--variants", nargs="+", default=["graph"],
+                        help='video sampler overrides, each "graph" (as shipped) or NAME=VALUE[,NAME=VALUE]')
     parser.add_argument("--image-steps", type=int, default=28, help="shapes-dit steps for i2v's first frame")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["t2v", "i2v"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.fixtures.shapes_video import save_tiny_shapes_video
 from tests.fixtures.tiny_models import tiny_base
 
@@ -41,11 +43,36 @@ def test_held_out_clips_are_the_evaluators():
         assert vw.world.caption(vw.parse_caption(caption).scene) == image_caption  # frame 0 of that clip
 
 
-def test_cfg_override_reaches_only_the_video_sampler():
-    from bench.shapes_video import I2V, T2V, base_workflow
+def test_variants_reach_only_the_video_sampler():
+    from bench.shapes_video import I2V, T2V, base_workflow, parse_variant
 
-    assert base_workflow("t2v", "cpu", 2.0).nodes[T2V["video_sampler"]].inputs["cfg"] == 2.0
-    shipped, swept = base_workflow("i2v", "cpu"), base_workflow("i2v", "cpu", 2.5)
+    assert parse_variant("graph") == {}
+    variant = parse_variant("cfg=2,shift=5.5,sampler=heun")
+    assert variant == {"cfg": 2, "shift": 5.5, "sampler": "heun"}
+    assert base_workflow("t2v", "cpu", variant).nodes[T2V["video_sampler"]].inputs["sampler"] == "heun"
+    shipped, swept = base_workflow("i2v", "cpu"), base_workflow("i2v", "cpu", {"cfg": 2.5})
     assert swept.nodes[I2V["video_sampler"]].inputs["cfg"] == 2.5
     image_sampler = I2V["samplers"][0]
     assert swept.nodes[image_sampler].inputs["cfg"] == shipped.nodes[image_sampler].inputs["cfg"]  # shapes-dit's own
+
+
+@pytest.mark.parametrize("text, message", [("shift", "not NAME=VALUE"), ("=3", "not NAME=VALUE"),
+                                           ("cfgg=3", "cfgg: not among shapes-t2v's video sampler inputs"),
+                                           ("steps=3", "steps: not among")])  # the bench sets steps itself
+def test_bad_variants_name_what_is_wrong(text, message):
+    from bench.shapes_video import base_workflow, parse_variant
+
+    with pytest.raises(ValueError, match=message):
+        base_workflow("t2v", "cpu", parse_variant(text))
+
+
+def test_a_validation_caption_seed_is_recorded_as_such(tmp_path):
+    from bench import shapes_video as bench
+
+    models = tmp_path / "models"
+    save_tiny_shapes_video(models / "checkpoints" / "shapes-video")
+    bench.main(["--n", "1", "--steps", "1", "--device", "cpu", "--models", str(models), "--modes", "t2v",
+                "--caption-seed", "24680", "--variants", "graph", "shift=5", "--out", str(tmp_path / "v.json")])
+    written = json.loads((tmp_path / "v.json").read_text())
+    assert written["caption_seed"] == 24680 and "held_out_seed" not in written
+    assert [r.get("variant") for r in written["rows"]] == [None, "shift=5"]
