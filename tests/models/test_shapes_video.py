@@ -102,6 +102,19 @@ def test_t2v_matches_train_video_and_saves_the_clip(engine, reference, tmp_path)
     assert tuple(video.frames.shape) == (17, 128, 128, 3) and video.fps == 8.0
 
 
+@pytest.mark.parametrize("guidance", ["cfg_zero_star", "apg", "cfg++"])
+def test_every_guidance_keeps_the_given_first_frame(engine, reference, guidance):
+    """CFG-Zero* scales and zeroes the velocity, APG projects it: the held frame must survive both."""
+    from training import train_video as tv
+
+    _, vae = reference
+    document = graph("shapes-i2v")
+    document["nodes"]["11"]["inputs"].update(guidance=guidance, cfg=6.0)
+    result = engine.run(document, targets=["6", "11"]).raise_for_status()
+    first = tv.encode(vae, result.output("6").permute(0, 3, 1, 2)[:, :, None] * 2 - 1)[:, :, 0]
+    assert torch.allclose(result.output("11").samples[:, :, 0], first, atol=1e-5), guidance
+
+
 def test_i2v_holds_the_shapes_dit_frame_and_matches_train_video(engine, reference):
     from training import train_video as tv
 

@@ -109,7 +109,11 @@ def integrate(
             d = guide(guidance, x_t, s_t, v_c, v_u, cfg, i, state, options, renorm)
             if controller is not None:
                 d = velocity_pair(x_t, s_t, controller(x_t, s, d.velocity, i))
-            return d
+            # The family's constraint again, on the guided velocity: each branch held it (a given first
+            # frame), but CFG-Zero*'s scaled and zeroed velocities and APG's projections do not keep it.
+            v = d.velocity
+            held = model.info.constrain_velocity(v, x_t, s_t, positive)
+            return d if held is v else velocity_pair(x_t, s_t, held)
 
         def callback(i: int, x_t: torch.Tensor, d: Denoised) -> None:
             progress(i + 1, steps, previews(i + 1, steps, d.x0))
