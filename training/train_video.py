@@ -421,9 +421,11 @@ def reconstruction_check(vae, dev, n):
 
 
 @torch.no_grad()
-def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, seed=0, first=None):
+def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, seed=0, first=None, zero_star=False):
     """Euler flow-matching sampling with CFG (batch of 2B). first: (B, z, H, W) clean latent of the
-    given first frame (image-to-video), kept fixed with timestep 0 on its tokens."""
+    given first frame (image-to-video), kept fixed with timestep 0 on its tokens. zero_star: CFG-Zero*
+    (Fan et al. 2025; the engine's guidance "cfg_zero_star" is tested against it): the unconditional
+    velocity scaled by its projection s* = <v_c, v_u> / |v_u|^2 per clip, and no move on the first step."""
     dev = hidden.device
     dtype = next(model.parameters()).dtype
     b = hidden.shape[0]
@@ -438,6 +440,11 @@ def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, s
         v = model(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([t, t]).to(dtype),
                   encoder_hidden_states=eh, return_dict=False)[0].float()
         v_u, v_c = v.chunk(2)
+        if zero_star:
+            dims = tuple(range(1, v.dim()))
+            v_u = v_u * ((v_c * v_u).sum(dims, keepdim=True) / ((v_u * v_u).sum(dims, keepdim=True) + 1e-8))
+            if i == 0:
+                continue
         x = x + (sig[i + 1] - sig[i]) * (v_u + cfg * (v_c - v_u))
         if first is not None:
             x[:, :, 0] = first

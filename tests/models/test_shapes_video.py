@@ -45,8 +45,8 @@ def reference(models_root):
     hidden, _ = textenc.encode_prompts(tok, te, [T2V_PROMPT])
     uncond, _ = textenc.encode_prompts(tok, te, [""])
 
-    def run(shape, first=None, steps=STEPS):
-        return tv.sample_latents(model, hidden.float(), uncond.float(), shape, steps, 4.0, 3.0, 0, first)
+    def run(shape, first=None, steps=STEPS, zero_star=False):
+        return tv.sample_latents(model, hidden.float(), uncond.float(), shape, steps, 4.0, 3.0, 0, first, zero_star)
 
     return run, vae
 
@@ -100,6 +100,17 @@ def test_t2v_matches_train_video_and_saves_the_clip(engine, reference, tmp_path)
     assert (saved["frames"], saved["fps"], saved["width"], saved["height"]) == (17, 8.0, 128, 128)
     video = read_video(tmp_path / "out" / saved["filename"])
     assert tuple(video.frames.shape) == (17, 128, 128, 3) and video.fps == 8.0
+
+
+def test_cfg_zero_star_matches_train_video(engine, reference):
+    """The engine's CFG-Zero* against train_video's own (the projection per clip, no move on step 0)."""
+    run, _ = reference
+    document = graph("shapes-t2v")
+    document["nodes"]["5"]["inputs"]["guidance"] = "cfg_zero_star"
+    latents = engine.run(document, targets=["5"]).raise_for_status().output("5").samples
+    error = rel_l2(latents, run(tuple(latents.shape[1:]), zero_star=True))
+    assert error <= 1e-4, f"relative L2 to train_video.sample_latents(zero_star=True) {error:.2e}"
+    assert rel_l2(latents, run(tuple(latents.shape[1:]))) > 1e-3  # and it is not plain CFG
 
 
 @pytest.mark.parametrize("guidance", ["cfg_zero_star", "apg", "cfg++"])
