@@ -502,7 +502,8 @@ def write_card(out: str, state: dict) -> None:
     rows = "\n".join(f"| {r['mode']} | {r['cfg']} | {r['object_accuracy']} | {r['prompt_accuracy']} | "
                      f"{r['motion_accuracy']} | {r['temporal_stability']} | {r.get('i2v_psnr_mean', '')} |"
                      for r in state.get("final_eval", []))
-    seed = (state.get("final_eval") or [{}])[0].get("seed", HELD_OUT_SEED)
+    last = (state.get("final_eval") or [{}])[0]
+    seed, steps = last.get("seed", HELD_OUT_SEED), last.get("steps", DEFAULTS["steps"])
     kind = ("the held-out seed, never trained on" if seed == HELD_OUT_SEED
             else "a validation seed; the bench uses the held-out one")
     text = f"""# shapes-video
@@ -533,7 +534,7 @@ it stays fixed and its 64 tokens get timestep 0 (timestep shape (B, 320)); the c
 
 {DEFAULTS['steps']} Euler steps, CFG {DEFAULTS['cfg']}, shift {DEFAULTS['shift']}, 17 frames at 128×128.
 
-## The last training call's scores (caption seed {seed}: {kind}; training/train_video.py's sampler, {(state.get("final_eval") or [{}])[0].get("steps", DEFAULTS["steps"])} steps)
+## The last training call's scores (caption seed {seed}: {kind}; training/train_video.py's sampler, {steps} steps)
 
 | mode | cfg | object acc | prompt acc | motion acc | stability | i2v PSNR |
 |---|---|---|---|---|---|---|
@@ -725,12 +726,12 @@ def parser() -> argparse.ArgumentParser:
                     help="share of two-object training clips (0.5 is the spec's; evaluations keep it)")
     ap.add_argument("--t-bias", type=float, default=0.0, help="logit-normal timestep mean")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=float, default=150, help="seconds between held-out evaluations")
+    ap.add_argument("--eval-every", type=float, default=150, help="seconds between evaluations (--eval-seed's captions)")
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=28)
     ap.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED,
                     help="caption seed of the in-run and final evaluations (default: the held-out one)")
-    ap.add_argument("--final-cfgs", default="2,4", help="final held-out evaluations (empty: none)")
+    ap.add_argument("--final-cfgs", default="2,4", help="cfgs of the final evaluations (empty: none)")
     ap.add_argument("--final-reserve", type=float, default=60, help="seconds kept for the final evaluation")
     ap.add_argument("--tiny", action="store_true", help="tiny configs, CPU smoke test")
     ap.add_argument("--steps", type=int, default=None, help="stop each phase after this many steps")
