@@ -194,7 +194,11 @@ export const runMethods = {
    * Double-click opens them with controls. The old elements are stopped and let go.
    */
   setNodeVideos(node, videos) {
-    for (const old of node.outputVideos ?? []) {
+    const current = node.outputVideos ?? [];
+    const same = videos.length === current.length &&
+      videos.every((v, i) => v.url === current[i].url && (v.poster ?? null) === (current[i].poster ?? null));
+    if (same) return; // node_finished, then the run's record: the same files keep playing, not reloaded
+    for (const old of current) {
       old.el.pause();
       old.el.removeAttribute("src");
       old.el.load();

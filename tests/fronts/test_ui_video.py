@@ -47,6 +47,11 @@ def test_finished_video_run_plays_on_the_node_and_in_history(tab: BrowserPage):
     assert (video["width"], video["height"]) == (64, 64)
     tab.wait("ed.nodeInfo('save').videos[0].posterLoaded && ed.nodeInfo('save').videoFramesDrawn > 0")
     assert tab.js("ed.nodeInfo('save').images") == 0  # the MP4 is not an image
+    # node_finished shows the video, then the run's record names the same file: it keeps playing, not reloaded
+    assert tab.js("(n => { const el = n.outputVideos[0].el;"
+                  " ed.setNodeVideos(n, n.outputVideos.map(({ url, poster }) => ({ url, poster })));"
+                  " return n.outputVideos[0].el === el && el.readyState >= 2; })"
+                  "(ed.graph._nodes.find(n => n.outputVideos?.length))")
     tab.shot("video_01_node")
 
     tab.page.click('[data-testid="btn-history"]')
