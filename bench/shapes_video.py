@@ -119,7 +119,9 @@ def _uint8(pixels: torch.Tensor) -> np.ndarray:
     return pixels.float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
 
 
-def run(args) -> dict:
+def run(args, write=None) -> dict:
+    """The bench's result; ``write(result)`` after every row, so a run cut short (a device call's
+    timeout) keeps the rows it finished."""
     if args.models:
         paths.configure(models=args.models)
     if args.threads:
@@ -133,7 +135,13 @@ def run(args) -> dict:
         Image.fromarray(frame).save(Path(inputs.name) / f"{i:04d}.png")
     paths.configure(inputs=inputs.name)
     engine = Engine(cache=MemoCache(max_bytes=2 << 30), device=args.device)
+    device = args.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(0)})"
+    seed = {"held_out_seed": HELD_OUT_SEED} if args.caption_seed == HELD_OUT_SEED else {"caption_seed": args.caption_seed}
     rows = []
+    result = {"device": device, **seed, "n": args.n, "image_steps": args.image_steps,
+              "workflows": ["graphs/shapes-t2v.json", "graphs/shapes-i2v.json"], "rows": rows}
     for mode, (name, variant) in ((m, v) for m in args.modes for v in variants.items()):
         base = base_workflow(mode, args.device, variant)
         cfg = base.nodes[node_ids(mode)["video_sampler"]].inputs["cfg"]
@@ -162,13 +170,10 @@ def run(args) -> dict:
                                     **({} if mode == "t2v" else {"images": np.stack(given)}))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if write:
+                write(result)
     inputs.cleanup()
-    device = args.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(0)})"
-    seed = {"held_out_seed": HELD_OUT_SEED} if args.caption_seed == HELD_OUT_SEED else {"caption_seed": args.caption_seed}
-    return {"device": device, **seed, "n": args.n, "image_steps": args.image_steps,
-            "workflows": ["graphs/shapes-t2v.json", "graphs/shapes-i2v.json"], "rows": rows}
+    return result
 
 
 def main(argv=None) -> dict:
@@ -186,7 +191,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--save-dir", default=None, help="also write each mode's clips as an .npz (evaluate_video reads it)")
     parser.add_argument("--out", default=None, help="default bench/results/shapes_video_quality.json")
     args = parser.parse_args(argv)
-    result = run(args)
+    result = run(args, write=lambda partial: write_result("shapes_video_quality", partial, args.out))
     print(write_result("shapes_video_quality", result, args.out))
     return result
 

@@ -3,6 +3,7 @@ graphs on tiny random models (train_video's tiny shapes-video, a 128 px shapes-d
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -76,3 +77,16 @@ def test_a_validation_caption_seed_is_recorded_as_such(tmp_path):
     written = json.loads((tmp_path / "v.json").read_text())
     assert written["caption_seed"] == 24680 and "held_out_seed" not in written
     assert [r.get("variant") for r in written["rows"]] == [None, "shift=5"]
+
+
+def test_each_finished_row_is_written_at_once(tmp_path):
+    """A run cut short (a device call's timeout) keeps the rows it finished."""
+    from bench import shapes_video as bench
+
+    models = tmp_path / "models"
+    save_tiny_shapes_video(models / "checkpoints" / "shapes-video")
+    seen = []
+    parsed = argparse.Namespace(models=str(models), threads=0, variants=["graph", "cfg=2"], n=1, caption_seed=24680,
+                                device="cpu", modes=["t2v"], steps=[1], image_steps=1, save_dir=None)
+    result = bench.run(parsed, write=lambda partial: seen.append(len(partial["rows"])))
+    assert seen == [1, 2] and len(result["rows"]) == 2
