@@ -65,12 +65,13 @@ def parse_variant(text: str) -> dict:
     variant = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
             raise ValueError(f"--variants {text!r}: {item!r} is not NAME=VALUE")
         try:
-            variant[key.strip()] = json.loads(value)
+            variant[key] = json.loads(value)
         except json.JSONDecodeError:
-            variant[key.strip()] = value.strip()
+            variant[key] = value
     return variant
 
 

@@ -3,7 +3,6 @@ graphs on tiny random models (train_video's tiny shapes-video, a 128 px shapes-d
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -79,14 +78,14 @@ def test_a_validation_caption_seed_is_recorded_as_such(tmp_path):
     assert [r.get("variant") for r in written["rows"]] == [None, "shift=5"]
 
 
-def test_each_finished_row_is_written_at_once(tmp_path):
+def test_each_finished_row_is_written_at_once(tmp_path, monkeypatch):
     """A run cut short (a device call's timeout) keeps the rows it finished."""
     from bench import shapes_video as bench
 
     models = tmp_path / "models"
     save_tiny_shapes_video(models / "checkpoints" / "shapes-video")
-    seen = []
-    parsed = argparse.Namespace(models=str(models), threads=0, variants=["graph", "cfg=2"], n=1, caption_seed=24680,
-                                device="cpu", modes=["t2v"], steps=[1], image_steps=1, save_dir=None)
-    result = bench.run(parsed, write=lambda partial: seen.append(len(partial["rows"])))
-    assert seen == [1, 2] and len(result["rows"]) == 2
+    written = []
+    monkeypatch.setattr(bench, "write_result", lambda name, data, path: written.append(len(data["rows"])))
+    bench.main(["--n", "1", "--steps", "1", "--device", "cpu", "--models", str(models), "--modes", "t2v",
+                "--caption-seed", "24680", "--variants", "graph", "cfg=2", "--out", str(tmp_path / "w.json")])
+    assert written == [1, 2, 2]  # after each row, then the whole result
