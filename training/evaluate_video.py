@@ -270,7 +270,7 @@ def _read_video(path: str) -> np.ndarray:
         return np.load(path)
     import imageio.v3 as iio
 
-    return np.asarray(iio.imread(path, index=None))[..., :3]
+    return np.asarray(iio.imread(path, index=...))[..., :3]  # every frame (index=None reads one with Pillow 13)
 
 
 def load_npz(path: str):

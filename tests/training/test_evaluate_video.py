@@ -52,3 +52,19 @@ def test_command_on_folder(tmp_path):
     (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
     s = ev.evaluate_path(str(tmp_path))
     assert s["n"] == 2 and s["object_accuracy"] == 1.0 and not s["skipped"]
+
+
+def test_command_on_animated_webp_and_gif(tmp_path):
+    """Animated files are read whole (every frame): Pillow 13 under imageio's index=None gave frame 0 only."""
+    import imageio.v3 as iio
+
+    b = vw.sample_clips(2, seed=10)
+    videos = vw.render_clips(b).permute(0, 1, 3, 4, 2).numpy()
+    rows = []
+    for i, (v, cap, ext) in enumerate(zip(videos, vw.captions(b), ("webp", "gif"), strict=True)):
+        iio.imwrite(tmp_path / f"c{i}.{ext}", v, **({"lossless": True} if ext == "webp" else {}), duration=125, loop=0)
+        rows.append(json.dumps({"file": f"c{i}.{ext}", "caption": cap}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    assert ev._read_video(str(tmp_path / "c0.webp")).shape == (vw.FRAMES, 128, 128, 3)
+    s = ev.evaluate_path(str(tmp_path))
+    assert s["n"] == 2 and not s["skipped"] and s["track_accuracy"] == 1.0, s
