@@ -421,31 +421,40 @@ def reconstruction_check(vae, dev, n):
 
 
 @torch.no_grad()
-def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, seed=0, first=None, zero_star=False):
-    """Euler flow-matching sampling with CFG (batch of 2B). first: (B, z, H, W) clean latent of the
+def sample_latents(model, hidden, uncond, shape, steps=28, cfg=4.0, shift=3.0, seed=0, first=None, zero_star=False,
+                   noise=None):
+    """Euler flow-matching sampling with CFG (batch of 2B); noise: the starting (B, *shape) noise (default:
+    drawn from ``seed``); cfg 1 skips the unconditional pass. first: (B, z, H, W) clean latent of the
     given first frame (image-to-video), kept fixed with timestep 0 on its tokens. zero_star: CFG-Zero*
     (Fan et al. 2025; the engine's guidance "cfg_zero_star" is tested against it): the unconditional
     velocity scaled by its projection s* = <v_c, v_u> / |v_u|^2 per clip, and no move on the first step."""
     dev = hidden.device
     dtype = next(model.parameters()).dtype
     b = hidden.shape[0]
-    x = torch.randn((b, *shape), generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+    if noise is None:
+        noise = torch.randn((b, *shape), generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+    x = noise.float().clone()
     given = torch.full((b,), first is not None, device=dev)
     if first is not None:
         x[:, :, 0] = first
-    eh = torch.cat([uncond.expand(b, -1, -1), hidden]).to(dtype)
+    guided = cfg != 1.0 or zero_star
+    eh = (torch.cat([uncond.expand(b, -1, -1), hidden]) if guided else hidden).to(dtype)
     sig = sampler.sigmas(steps, shift, dev)
     for i in range(steps):
         t = token_timesteps(sig[i].expand(b), given, x.shape)
-        v = model(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([t, t]).to(dtype),
-                  encoder_hidden_states=eh, return_dict=False)[0].float()
-        v_u, v_c = v.chunk(2)
-        if zero_star:
-            dims = tuple(range(1, v.dim()))
-            v_u = v_u * ((v_c * v_u).sum(dims, keepdim=True) / ((v_u * v_u).sum(dims, keepdim=True) + 1e-8))
-            if i == 0:
-                continue
-        x = x + (sig[i + 1] - sig[i]) * (v_u + cfg * (v_c - v_u))
+        if guided:
+            v = model(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([t, t]).to(dtype),
+                      encoder_hidden_states=eh, return_dict=False)[0].float()
+            v_u, v_c = v.chunk(2)
+            if zero_star:
+                dims = tuple(range(1, v.dim()))
+                v_u = v_u * ((v_c * v_u).sum(dims, keepdim=True) / ((v_u * v_u).sum(dims, keepdim=True) + 1e-8))
+                if i == 0:
+                    continue
+            v = v_u + cfg * (v_c - v_u)
+        else:  # cfg 1 (a guidance-distilled student): the conditional pass alone
+            v = model(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=eh, return_dict=False)[0]
+        x = x + (sig[i + 1] - sig[i]) * v.float()
         if first is not None:
             x[:, :, 0] = first
     return x
@@ -497,15 +506,33 @@ def _mb(path: str) -> float:
 
 
 def write_card(out: str, state: dict) -> None:
-    """models/shapes-video/README.md from the training record (sizes, conventions, held-out scores)."""
+    """models/shapes-video/README.md from the training record (sizes, conventions, defaults from the
+    folder's ditgraph.json, the last call's scores; for a distilled student, its distillation)."""
     tc = state.get("transformer_config", {})
-    rows = "\n".join(f"| {r['mode']} | {r['cfg']} | {r['object_accuracy']} | {r['prompt_accuracy']} | "
-                     f"{r['motion_accuracy']} | {r['temporal_stability']} | {r.get('i2v_psnr_mean', '')} |"
-                     for r in state.get("final_eval", []))
-    last = (state.get("final_eval") or [{}])[0]
-    seed, steps = last.get("seed", HELD_OUT_SEED), last.get("steps", DEFAULTS["steps"])
+    distilled = state.get("distillation")
+    evals = distilled["eval"] if distilled else state.get("final_eval", [])
+    rows = "\n".join(f"| {r.get('model', 'model')} | {r['mode']} | {r['steps']} | {r['cfg']} | {r['object_accuracy']} | "
+                     f"{r['prompt_accuracy']} | {r['motion_accuracy']} | {r['temporal_stability']} | "
+                     f"{r.get('i2v_psnr_mean', '')} |" for r in evals)
+    seed = (evals or [{}])[0].get("seed", HELD_OUT_SEED)
     kind = ("the held-out seed, never trained on" if seed == HELD_OUT_SEED
             else "a validation seed; the bench uses the held-out one")
+    with open(os.path.join(out, "ditgraph.json")) as fh:
+        d = json.load(fh)["defaults"]
+    guidance = ("CFG 1: guidance-distilled, one pass per step and no negative prompt (cfg > 1 warns)"
+                if d.get("guidance_distilled") else f"CFG {d['cfg']}")
+    if distilled:
+        runs = distilled["runs"]
+        pool = {k: sum(r["pool"][k] for r in runs) for k in ("generated", "kept", "generated_i2v", "kept_i2v")}
+        t = distilled["teacher"]
+        origin = (f"\n## Distillation (training/train_video_turbo.py)\n\nA few-step, guidance-free student of the CFG model "
+                  f"that training/train_video.py trained (the teacher: {t['steps']} Euler steps at CFG {t['cfg']}, shift "
+                  f"{t['shift']}), by {distilled['method']}: {pool['generated']:,} teacher pairs ({pool['generated_i2v']:,} "
+                  f"image-to-video), {pool['kept']:,} kept ({pool['kept_i2v']:,} image-to-video); {distilled['steps']:,} "
+                  f"student steps, {distilled['seconds'] / 60:.1f} GPU-minutes. The teacher's record stays in "
+                  "train_state.json, its weights in the git history (training/RUNS-video.md).\n")
+    else:
+        origin = ""
     text = f"""# shapes-video
 
 The small text-to-video and image-to-video model bundled with ditgraph: the shapes world of
@@ -519,7 +546,7 @@ blue square staying at the top right on a white background". Scored by `python -
 |---|---|---|
 | `transformer/` | `WanTransformer3DModel`, {tc.get('num_layers')} layers, {tc.get('num_attention_heads')}×{tc.get('attention_head_dim')} heads, patch (1, 2, 2), text_dim 384 (MiniLM), {state.get('n_params', 0) / 1e6:.2f}M params, EMA weights | {_mb(os.path.join(out, 'transformer')):.1f} MB |
 | `vae/` | `AutoencoderKLWan` 17×128×128×3 <-> 8×5×16×16 (spatial 8, temporal 4); `latents_mean`/`latents_std` in config.json | {_mb(os.path.join(out, 'vae')):.1f} MB |
-| `scheduler/` | `FlowMatchEulerDiscreteScheduler`, shift {DEFAULTS['shift']} | |
+| `scheduler/` | `FlowMatchEulerDiscreteScheduler`, shift {d['shift']} | |
 | `ditgraph.json` | manifest: family "shapes-video", text encoder, frames/fps, sampling defaults | |
 | `train_state.json` | training record | |
 
@@ -532,15 +559,15 @@ it stays fixed and its 64 tokens get timestep 0 (timestep shape (B, 320)); the c
 
 ## Defaults
 
-{DEFAULTS['steps']} Euler steps, CFG {DEFAULTS['cfg']}, shift {DEFAULTS['shift']}, 17 frames at 128×128.
+{d['steps']} Euler steps, {guidance}, shift {d['shift']}, 17 frames at 128×128.
+{origin}
+## The last training call's scores (caption seed {seed}: {kind}; the training scripts' sampler)
 
-## The last training call's scores (caption seed {seed}: {kind}; training/train_video.py's sampler, {steps} steps)
-
-| mode | cfg | object acc | prompt acc | motion acc | stability | i2v PSNR |
-|---|---|---|---|---|---|---|
+| model | mode | steps | cfg | object acc | prompt acc | motion acc | stability | i2v PSNR |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
-Training: {state.get('dit_steps')} steps (batch {state.get('batch')} in the last call), {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
+{"The teacher's training" if distilled else "Training"}: {state.get('dit_steps')} steps (batch {state.get('batch')} in the last call), {state.get('dit_seconds', 0) / 60:.1f} GPU-minutes
 (training/RUNS-video.md). VAE reconstruction on held-out clips: {state.get('vae_reconstruction')}.
 """
     with open(os.path.join(out, "README.md"), "w") as fh:
