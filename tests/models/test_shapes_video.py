@@ -45,8 +45,9 @@ def reference(models_root):
     hidden, _ = textenc.encode_prompts(tok, te, [T2V_PROMPT])
     uncond, _ = textenc.encode_prompts(tok, te, [""])
 
-    def run(shape, first=None, steps=STEPS, zero_star=False):
-        return tv.sample_latents(model, hidden.float(), uncond.float(), shape, steps, 4.0, 3.0, 0, first, zero_star)
+    def run(shape, first=None, steps=STEPS, zero_star=False, cfg=1.0):
+        """cfg 1: the shipped graphs' (shapes-video is guidance-distilled)."""
+        return tv.sample_latents(model, hidden.float(), uncond.float(), shape, steps, cfg, 3.0, 0, first, zero_star)
 
     return run, vae
 
@@ -76,7 +77,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_shipped_video_graphs_use_the_manifest_defaults():
-    manifest = {"steps": 28, "cfg": 4.0, "width": 128, "height": 128, "frames": 17}
+    manifest = json.loads((GRAPHS.parent / "models" / "shapes-video" / "ditgraph.json").read_text())["defaults"]
+    assert (manifest["cfg"], manifest["guidance_distilled"]) == (1.0, True)
     for name in ("shapes-t2v", "shapes-i2v", "shapes-t2v-cache"):
         nodes = json.loads((GRAPHS / f"{name}.json").read_text())["nodes"]
         video = [n for n in nodes.values() if n["type"] in ("EmptyVideoLatent", "ImageToVideo")][0]["inputs"]
@@ -102,15 +104,19 @@ def test_t2v_matches_train_video_and_saves_the_clip(engine, reference, tmp_path)
     assert tuple(video.frames.shape) == (17, 128, 128, 3) and video.fps == 8.0
 
 
-def test_cfg_zero_star_matches_train_video(engine, reference):
-    """The engine's CFG-Zero* against train_video's own (the projection per clip, no move on step 0)."""
+@pytest.mark.parametrize("zero_star", [False, True])
+def test_cfg_and_cfg_zero_star_match_train_video(engine, reference, zero_star):
+    """The engine's CFG at 4 (a CFG checkpoint such as the tiny one here) and CFG-Zero* (the projection
+    per clip, no move on step 0) against train_video's own."""
     run, _ = reference
     document = graph("shapes-t2v")
-    document["nodes"]["5"]["inputs"]["guidance"] = "cfg_zero_star"
+    document["nodes"]["5"]["inputs"].update(cfg=4.0, guidance="cfg_zero_star" if zero_star else "cfg")
     latents = engine.run(document, targets=["5"]).raise_for_status().output("5").samples
-    error = rel_l2(latents, run(tuple(latents.shape[1:]), zero_star=True))
-    assert error <= 1e-4, f"relative L2 to train_video.sample_latents(zero_star=True) {error:.2e}"
-    assert rel_l2(latents, run(tuple(latents.shape[1:]))) > 1e-3  # and it is not plain CFG
+    shape = tuple(latents.shape[1:])
+    error = rel_l2(latents, run(shape, zero_star=zero_star, cfg=4.0))
+    assert error <= 1e-4, f"relative L2 to train_video.sample_latents(cfg=4, zero_star={zero_star}) {error:.2e}"
+    assert rel_l2(latents, run(shape, zero_star=not zero_star, cfg=4.0)) > 1e-3  # the two differ
+    assert rel_l2(latents, run(shape)) > 1e-3  # and neither is the shipped cfg 1
 
 
 @pytest.mark.parametrize("guidance", ["cfg_zero_star", "apg", "cfg++"])
