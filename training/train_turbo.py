@@ -211,30 +211,44 @@ def load_student(args, dev: torch.device, teacher) -> tuple[torch.nn.Module, dic
 # ---------------------------------------------------------------------------------------------
 
 
-def train(args, student, ema, pool: PairPool, dev: torch.device, gen: torch.Generator) -> tuple[int, float, float]:
-    """Reflow steps until the time (or step) budget: (steps, seconds, mean loss of the last 100)."""
+def reflow_train(args, student, ema, batch_loss, after_step=None, report=log) -> tuple[int, float, float]:
+    """The student's optimisation loop (shared with train_video_turbo): AdamW on ``batch_loss()`` (a fresh
+    batch's loss each call), warmup and decay by ``lr_at``, grad clip 1, EMA ``args.ema``, until ``args.seconds``
+    (or ``args.steps``); ``after_step(step)`` runs after each step, ``report(line)`` logs. Returns (steps, seconds, mean loss of the last 100)."""
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    points = step_points(dev)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=params[0].is_cuda)
     start, step, recent = time.time(), 0, []
     while time.time() - start < args.seconds and not (args.steps and step >= args.steps):
         opt.param_groups[0]["lr"] = lr_at(step, (time.time() - start) / args.seconds, args.lr, args.warmup)
-        z, x0, hidden, pooled = pool.batch(args.batch)
-        loss = reflow_loss(student, z, x0, hidden, pooled, draw_sigmas(args.batch, points, args.grid_frac, gen))
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), student.parameters(), strict=True):
-                e.lerp_(p, 1 - args.ema)
+            torch._foreach_lerp_(list(ema.parameters()), params, 1 - args.ema)
         step += 1
         recent = (recent + [float(loss.detach())])[-100:]
+        if after_step:
+            after_step(step)
+        if step % 200 == 0 or (args.steps and step == args.steps):
+            report(f"step {step} loss {sum(recent) / len(recent):.4f} {step / (time.time() - start):.1f} it/s")
+    return step, time.time() - start, sum(recent) / max(1, len(recent))
+
+
+def train(args, student, ema, pool: PairPool, dev: torch.device, gen: torch.Generator) -> tuple[int, float, float]:
+    """Reflow steps on the pool, refreshed every ``args.refresh`` steps: (steps, seconds, mean loss of the last 100)."""
+    points = step_points(dev)
+
+    def batch_loss():
+        z, x0, hidden, pooled = pool.batch(args.batch)
+        return reflow_loss(student, z, x0, hidden, pooled, draw_sigmas(args.batch, points, args.grid_frac, gen))
+
+    def refresh(step):
         if step % args.refresh == 0:
             pool.fill(max(1, len(pool.z) // 8))
-        if step % 200 == 0 or (args.steps and step == args.steps):
-            log(f"step {step} loss {sum(recent) / len(recent):.4f} {step / (time.time() - start):.1f} it/s")
-    return step, time.time() - start, sum(recent) / max(1, len(recent))
+
+    return reflow_train(args, student, ema, batch_loss, refresh)
 
 
 def main(argv=None) -> int:

@@ -46,8 +46,7 @@ from training import text as textenc
 from training import train_video as tv
 from training import video_world as vw
 from training.train import log
-from training.train_lora import lr_at
-from training.train_turbo import draw_sigmas
+from training.train_turbo import draw_sigmas, reflow_train
 
 TEACHER = {"steps": 28, "cfg": 4.0, "shift": 3.0}
 STUDENT_STEPS = 8
@@ -195,26 +194,16 @@ def reflow_loss(student, z, x0, hidden, given, s) -> torch.Tensor:
 
 
 def train(args, student, ema, pool: TeacherPool, gen, dev, fh) -> dict:
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=dev.type == "cuda")
+    """Reflow steps on the kept pairs (train_turbo's loop): the run's steps, seconds and final loss."""
     tv.compile_modules(args.compile, student)
     points = step_points(dev)
-    start, step, recent = time.time(), 0, []
-    while time.time() - start < args.seconds and not (args.steps and step >= args.steps):
-        opt.param_groups[0]["lr"] = lr_at(step, (time.time() - start) / args.seconds, args.lr, args.warmup)
+
+    def batch_loss():
         z, x0, hidden, given = pool.batch(args.batch)
-        loss = reflow_loss(student, z, x0, hidden, given, draw_sigmas(args.batch, points, args.grid_frac, gen))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), params, 1 - args.ema)
-        step += 1
-        recent = (recent + [float(loss.detach())])[-100:]
-        if step % 200 == 0 or args.steps:
-            log(f"student step {step} loss {sum(recent) / len(recent):.4f} {step / (time.time() - start):.1f} it/s", fh)
-    return {"steps": step, "seconds": round(time.time() - start, 1), "loss": round(sum(recent) / max(1, len(recent)), 5)}
+        return reflow_loss(student, z, x0, hidden, given, draw_sigmas(args.batch, points, args.grid_frac, gen))
+
+    steps, seconds, loss = reflow_train(args, student, ema, batch_loss, report=lambda line: log(line, fh))
+    return {"steps": steps, "seconds": round(seconds, 1), "loss": round(loss, 5)}
 
 
 def evaluate(student, teacher, vae, tok, te, dev, n: int, seed: int) -> list[dict]:
