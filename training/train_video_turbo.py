@@ -119,14 +119,14 @@ class TeacherPool:
     @torch.no_grad()
     def _chunk(self, n: int, i2v: bool):
         """n teacher pairs of one mode: (z, x0, hidden, given, decoded uint8 clips, captions)."""
-        batch, x = tv.render_batch(n, self.gen, self.dev, self.args.p_two)
+        batch = vw.sample_clips(n, self.gen, self.dev, p_two=self.args.p_two)  # only i2v needs a render: frame 0
         caps = vw.captions(batch)
         hidden = textenc.encode_prompts(self.tok, self.te, caps)[0].float()
         c = self.vae.config
         shape = (c.z_dim, (tv.FRAMES - 1) // 4 + 1, tv.SIZE // 8, tv.SIZE // 8)
         z = torch.randn((n, *shape), generator=self.gen, device=self.dev)
         with tv.autocast(self.dev):
-            first = tv.encode(self.vae, x[:, :, :1])[:, :, 0] if i2v else None  # the image alone, as the engine does
+            first = tv.encode(self.vae, vw.first_frames(batch, out="float")[:, :, None])[:, :, 0] if i2v else None
             x0 = tv.sample_latents(self.teacher, hidden, self.uncond, shape, noise=z, first=first,
                                    **dict(TEACHER, steps=self.args.teacher_steps))
             clips = torch.cat([tv.decode(self.vae, part) for part in x0.split(64)]).cpu().numpy()
