@@ -594,10 +594,24 @@ def dit_noised(args, x0, h, uncond, gen, dev):
     noise = torch.randn(x0.shape, generator=gen, device=dev)
     xt = (1 - s.view(b, 1, 1, 1, 1)) * x0 + s.view(b, 1, 1, 1, 1) * noise
     given = torch.rand(b, generator=gen, device=dev) < args.p_i2v
+    weight = hold_given_frames(xt, x0, given)
+    return xt, token_timesteps(s, given, x0.shape), h, noise - x0, weight
+
+
+def hold_given_frames(xt: torch.Tensor, x0: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """Image-to-video in training (Wan 2.2 TI2V): latent frame 0 of the ``given`` clips becomes the clean
+    latent in ``xt`` (in place; token_timesteps gives its tokens timestep 0). Returns the loss weight
+    (B, 1, F, H, W): 0 on those frames, 1 elsewhere, for :func:`masked_mse`."""
+    b = len(x0)
     xt[:, :, 0] = torch.where(given.view(b, 1, 1, 1), x0[:, :, 0], xt[:, :, 0])
     weight = torch.ones_like(x0[:, :1])
-    weight[:, :, 0] = (~given).float().view(b, 1, 1, 1)  # no loss on a given frame
-    return xt, token_timesteps(s, given, x0.shape), h, noise - x0, weight
+    weight[:, :, 0] = (~given).float().view(b, 1, 1, 1)
+    return weight
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the elements ``weight`` keeps (the velocity loss of train and distillation)."""
+    return ((pred.float() - target) ** 2 * weight).sum() / weight.expand_as(target).sum()
 
 
 def load_or_build(args, dev, fh):
@@ -674,7 +688,7 @@ def train(args, dev, fh, end_time):
         with timer.phase("forward+backward"):
             with autocast(dev):
                 pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=h, return_dict=False)[0]
-            loss = ((pred.float() - target) ** 2 * weight).sum() / weight.expand_as(target).sum()
+            loss = masked_mse(pred, target, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         with timer.phase("optimizer+ema"):

@@ -184,13 +184,11 @@ def reflow_loss(student, z, x0, hidden, given, s) -> torch.Tensor:
     """MSE of the student's velocity against the slope of the line z -> x0, off the given first frames."""
     b = len(z)
     xs = (1 - s.view(b, 1, 1, 1, 1)) * x0 + s.view(b, 1, 1, 1, 1) * z
-    xs[:, :, 0] = torch.where(given.view(b, 1, 1, 1), x0[:, :, 0], xs[:, :, 0])
+    weight = tv.hold_given_frames(xs, x0, given)
     with tv.autocast(z.device):
         v = student(hidden_states=xs, timestep=tv.token_timesteps(s, given, x0.shape), encoder_hidden_states=hidden,
                     return_dict=False)[0]
-    weight = torch.ones_like(x0[:, :1])
-    weight[:, :, 0] = (~given).float().view(b, 1, 1, 1)
-    return ((v.float() - (z - x0)) ** 2 * weight).sum() / weight.expand_as(x0).sum()
+    return tv.masked_mse(v, z - x0, weight)
 
 
 def train(args, student, ema, pool: TeacherPool, gen, dev, fh) -> dict:
